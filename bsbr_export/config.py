@@ -1,0 +1,119 @@
+"""The BSBR model configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+POSITION_POLICIES = ("absolute", "chunk")
+META_INITS = ("qk", "random")
+COMPRESSION_INITS = ("random-orthogonal",)
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+
+
+def check_chunk_size(value) -> int:
+    """Chunk size must be a positive integer (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"chunk size must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"chunk size must be a positive integer, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class BSBRConfig:
+    """Shape of a GPT-2 and the BSBR options that replace its attention.
+
+    position_policy:
+      ``absolute``: GPT-2's learned positions for t < n_positions; beyond the
+        table, token t takes position ``n_positions - chunk_size + (t mod chunk_size)``,
+        so each chunk past the table reuses the table's last chunk-length window.
+      ``chunk``: positions restart every chunk (``t mod chunk_size``).
+      Both give GPT-2's own positions for t < chunk_size, so a sequence within one
+      chunk is computed exactly as by GPT-2.
+    meta_init: how the converter initialises the meta query/key projections
+      (``qk``: copies of the layer's query/key projections; ``random``: N(0, 0.02)).
+    compression: state compression factor kappa (None = off); chunk states are kept
+      as ``U^T F`` with U (d x d/kappa) orthonormal per head.
+    retrieval_scale: initial value of the per-head retrieval scale g.
+    """
+
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    chunk_size: int = 128
+    compression: int | None = None
+    position_policy: str = "absolute"
+    meta_init: str = "qk"
+    compression_init: str = "random-orthogonal"
+    retrieval_scale: float = 1.0
+    seed: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        check_chunk_size(self.chunk_size)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.chunk_size > self.n_positions:
+            raise ConfigError(
+                f"chunk size {self.chunk_size} exceeds the model's position table ({self.n_positions})")
+        if self.position_policy not in POSITION_POLICIES:
+            raise ConfigError(f"position policy must be one of {POSITION_POLICIES}, got {self.position_policy!r}")
+        if self.meta_init not in META_INITS:
+            raise ConfigError(f"meta init must be one of {META_INITS}, got {self.meta_init!r}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation_function!r}")
+        if self.compression is not None:
+            c = self.compression
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1 or self.head_dim % c:
+                raise ConfigError(
+                    f"compression must be a positive integer dividing the head dim {self.head_dim}, got {c!r}")
+            if self.compression_init not in COMPRESSION_INITS:
+                raise ConfigError(f"compression init must be one of {COMPRESSION_INITS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def state_dim(self) -> int:
+        """d': rows of a (compressed) chunk state."""
+        return self.head_dim // (self.compression or 1)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    def replace(self, **changes) -> "BSBRConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BSBRConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names - {"format", "bsbr_export_version"}
+        if unknown:
+            raise ConfigError(f"unknown BSBR config keys: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: Path) -> None:
+        from . import __version__
+
+        d = {"format": "bsbr-export", "bsbr_export_version": __version__, **self.to_dict()}
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")

@@ -1,0 +1,266 @@
+"""A GPT-2 whose attention is BSBR, in PyTorch.
+
+Parameter names follow HF GPT-2 with nn.Linear weights (out, in); the conversion
+lives in ``convert``. The model has two forward paths over the same weights:
+``impl="vectorised"`` (real work) and ``impl="reference"`` (loops, for tests), and
+a streaming path (``prefill`` / ``decode_step``) over a preallocated ``DecodeState``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import bsbr_attention, bsbr_attention_reference, num_chunks
+from .config import BSBRConfig
+from .errors import InputError
+
+
+def activation(name: str):
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return F.relu
+
+
+def position_ids(cfg: BSBRConfig, start: int, end: int, device=None) -> torch.Tensor:
+    """Positions of tokens start..end-1 under the configured policy: (end - start,)."""
+    t = torch.arange(start, end, device=device)
+    L, N = cfg.chunk_size, cfg.n_positions
+    if cfg.position_policy == "chunk":
+        return t % L
+    return torch.where(t < N, t, N - L + t % L)
+
+
+def last_token_index(T: int, L: int) -> torch.Tensor:
+    """last(j) = min((j+1)L, T) - 1 for every chunk j: (C,)."""
+    return (torch.arange(1, num_chunks(T, L) + 1) * L).clamp(max=T) - 1
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BSBRConfig):
+        super().__init__()
+        E, H = cfg.n_embd, cfg.n_head
+        self.cfg = cfg
+        self.c_attn = nn.Linear(E, 3 * E)
+        self.c_proj = nn.Linear(E, E)
+        self.meta_q = nn.Linear(E, E)  # r_i = W_r x_last(i-1) + b_r
+        self.meta_k = nn.Linear(E, E)  # h_j = W_h x_last(j) + b_h
+        self.g = nn.Parameter(torch.full((H,), float(cfg.retrieval_scale)))
+        if cfg.compression is not None:
+            self.register_buffer("U", torch.zeros(H, cfg.head_dim, cfg.state_dim))
+        else:
+            self.U = None
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, E) -> (B, H, N, d)."""
+        B, N, _ = x.shape
+        return x.view(B, N, self.cfg.n_head, self.cfg.head_dim).transpose(1, 2)
+
+    def qkv(self, x):
+        q, k, v = self.c_attn(x).split(self.cfg.n_embd, dim=-1)
+        return self.heads(q), self.heads(k), self.heads(v)  # (B, H, T, d) each
+
+    def meta(self, x: torch.Tensor):
+        """Meta queries r (chunk i from last(i-1)) and meta keys h: (B, H, C, d) each."""
+        L = self.cfg.chunk_size
+        xl = x[:, last_token_index(x.shape[1], L).to(x.device)]  # (B, C, E)
+        h = self.heads(self.meta_k(xl))
+        r_prev = self.heads(self.meta_q(xl))  # r_prev[:, :, j] serves chunk j + 1
+        r = torch.cat([torch.zeros_like(r_prev[:, :, :1]), r_prev[:, :, :-1]], dim=2)
+        return r, h
+
+    def forward(self, x: torch.Tensor, impl: str = "vectorised") -> torch.Tensor:
+        B, T, E = x.shape
+        q, k, v = self.qkv(x)
+        r, h = self.meta(x)
+        L = self.cfg.chunk_size
+        if impl == "reference":
+            o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U)
+        elif impl == "vectorised":
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U)
+        elif impl == "triton":
+            from .kernels import triton_chunk_attention
+
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=triton_chunk_attention)
+        else:
+            raise ValueError(f"unknown attention implementation {impl!r}")
+        return self.c_proj(o.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BSBRConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.inner_dim)
+        self.c_proj = nn.Linear(cfg.inner_dim, cfg.n_embd)
+        self.act = activation(cfg.activation_function)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BSBRConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, impl="vectorised"):
+        x = x + self.attn(self.ln_1(x), impl)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class DecodeState:
+    """Preallocated streaming state, one slot per layer.
+
+    k, v:   (n_layer, B, H, L, d)        the current chunk's keys and values
+    S:      (n_layer, B, H, d', d)       the current chunk's retrieved state
+    bank_h: (n_layer, B, H, C_max, d)    meta keys of completed chunks
+    bank_F: (n_layer, B, H, C_max, d', d) states of completed chunks
+    pos:    number of tokens consumed so far
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    S: torch.Tensor
+    bank_h: torch.Tensor
+    bank_F: torch.Tensor
+    pos: int = 0
+
+
+class BSBRGPT2(nn.Module):
+    """GPT-2 language model with BSBR attention; lm_head is tied to wte."""
+
+    def __init__(self, cfg: BSBRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+
+    # ------------------------------------------------------------------ full forward
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be an int64 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must have shape [batch, seq], got rank {input_ids.dim()}")
+        if input_ids.shape[1] < 1:
+            raise InputError("input_ids must hold at least one token")
+
+    def forward(self, input_ids, attention_mask=None, impl: str = "vectorised", output_hidden_states=False):
+        """Logits (B, T, V); with output_hidden_states also the residual stream after
+        the embeddings and after every block (the last one after ln_f, as in HF)."""
+        self.check_input_ids(input_ids)
+        if attention_mask is not None:
+            check_right_padded(attention_mask, input_ids.shape)
+        B, T = input_ids.shape
+        pos = position_ids(self.cfg, 0, T, input_ids.device)
+        x = self.wte(input_ids) + self.wpe(pos)  # (B, T, E)
+        hidden = [x]
+        for block in self.h:
+            x = block(x, impl)
+            hidden.append(x)
+        x = self.ln_f(x)
+        hidden[-1] = x
+        logits = x @ self.wte.weight.T  # (B, T, V)
+        return (logits, hidden) if output_hidden_states else logits
+
+    # ------------------------------------------------------------------ streaming
+    def new_state(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> DecodeState:
+        c = self.cfg
+        Cmax = num_chunks(max_len, c.chunk_size)
+        shape = (c.n_layer, batch, c.n_head)
+        z = lambda *s: torch.zeros(*shape, *s, dtype=dtype, device=device)  # noqa: E731
+        return DecodeState(k=z(c.chunk_size, c.head_dim), v=z(c.chunk_size, c.head_dim),
+                           S=z(c.state_dim, c.head_dim), bank_h=z(Cmax, c.head_dim),
+                           bank_F=z(Cmax, c.state_dim, c.head_dim))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, max_len: int):
+        """Full forward over the prompt, returning logits and the state after it."""
+        self.check_input_ids(input_ids)
+        B, T = input_ids.shape
+        if T > max_len:
+            raise InputError(f"prompt of {T} tokens exceeds max_len {max_len}")
+        c, L = self.cfg, self.cfg.chunk_size
+        st = self.new_state(B, max_len, device=input_ids.device)
+        n_done, n_cur = T // L, T % L  # completed chunks, tokens in the open chunk
+        x = self.wte(input_ids) + self.wpe(position_ids(c, 0, T, input_ids.device))
+        from .attention import chunk_states, retrieve
+
+        for i, block in enumerate(self.h):
+            a = block.attn
+            xa = block.ln_1(x)
+            q, k, v = a.qkv(xa)
+            r, h = a.meta(xa)
+            Fs = chunk_states(k, v, L, a.U)  # (B, H, C, d', d)
+            st.bank_h[i, :, :, :n_done] = h[:, :, :n_done]
+            st.bank_F[i, :, :, :n_done] = Fs[:, :, :n_done]
+            st.k[i, :, :, :n_cur] = k[:, :, n_done * L:]
+            st.v[i, :, :, :n_cur] = v[:, :, n_done * L:]
+            if n_cur:  # the open chunk n_done already has its S in the full computation
+                st.S[i] = retrieve(r, h, Fs)[:, :, n_done]
+            else:  # the prompt ended on a chunk boundary: build S for the next chunk
+                st.S[i] = self._next_state(a, xa[:, T - 1], st, i, n_done)
+            x = block(x)
+        st.pos = T
+        return self.lm_logits(x), st
+
+    def _next_state(self, a: Attention, x_last: torch.Tensor, st: DecodeState, layer: int, n_closed: int):
+        """S for the chunk after the ``n_closed``-th closed one: retrieval over the bank."""
+        d = self.cfg.head_dim
+        r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
+        hs = st.bank_h[layer, :, :, :n_closed]  # (B, H, n, d)
+        p = torch.softmax((hs @ r[..., None])[..., 0] / math.sqrt(d), dim=-1)  # (B, H, n)
+        return torch.einsum("bhn,bhnef->bhef", p, st.bank_F[layer, :, :, :n_closed])  # (B, H, d', d)
+
+    def lm_logits(self, x):
+        return self.ln_f(x) @ self.wte.weight.T
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, st: DecodeState):
+        """One token per sequence: token (B,) -> logits (B, V); updates ``st`` in place."""
+        c, L = self.cfg, self.cfg.chunk_size
+        t = st.pos
+        if t >= st.bank_h.shape[3] * L:
+            raise InputError(f"decode state is full ({t} tokens); allocate a larger max_len")
+        slot = t % L
+        x = self.wte(token[:, None]) + self.wpe(position_ids(c, t, t + 1, token.device))  # (B, 1, E)
+        for i, block in enumerate(self.h):
+            a = block.attn
+            xa = block.ln_1(x)
+            q, k, v = a.qkv(xa)  # (B, H, 1, d)
+            st.k[i, :, :, slot] = k[:, :, 0]
+            st.v[i, :, :, slot] = v[:, :, 0]
+            kk, vv = st.k[i, :, :, :slot + 1], st.v[i, :, :, :slot + 1]  # (B, H, n, d)
+            local = F.scaled_dot_product_attention(q, kk, vv)  # (B, H, 1, d)
+            qs = q if a.U is None else torch.einsum("bhtd,hde->bhte", q, a.U)
+            o = local + a.g.view(1, -1, 1, 1) * (qs @ st.S[i])  # (B, H, 1, d)
+            x = x + a.c_proj(o.transpose(1, 2).reshape(x.shape))
+            x = x + block.mlp(block.ln_2(x))
+            if slot == L - 1:  # the chunk closes: bank it, then build S for the next chunk
+                j = t // L
+                kc = kk if a.U is None else torch.einsum("bhnd,hde->bhne", kk, a.U)
+                st.bank_F[i, :, :, j] = kc.transpose(-1, -2) @ vv
+                st.bank_h[i, :, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
+                st.S[i] = self._next_state(a, xa[:, 0], st, i, j + 1)
+        st.pos = t + 1
+        return self.lm_logits(x)[:, 0]
+
+
+def check_right_padded(mask: torch.Tensor, shape) -> None:
+    """BSBR is causal, so right padding never reaches a real token; left padding would."""
+    if tuple(mask.shape) != tuple(shape):
+        raise InputError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(shape)}")
+    m = mask.to(torch.int64)
+    if ((m[:, 1:] - m[:, :-1]) > 0).any() or (m[:, 0] == 0).any():
+        raise InputError("attention_mask must be right-padded (1...1 0...0) with at least one real token")

@@ -1,0 +1,61 @@
+"""Plain PyTorch reference for the fused chunk-attention op.
+
+    o[b,h,t] = sum_{s in chunk(t), s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s
+               + g[h] * (q_t @ S[b,h,chunk(t)])          chunk(t) = t // L
+
+This is the definition every fast path (Triton kernel, TensorRT plugin) is
+tested against: one loop over chunks, fp32 arithmetic, no T x T tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_chunk_attention_args(q, k, v, S, g, chunk_size: int) -> None:
+    """Raise ValueError when the shapes of the op's arguments do not agree."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, T, d), got shape {tuple(q.shape)}")
+    B, H, T, d = q.shape
+    if T < 1:
+        raise ValueError("T must be >= 1")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    C = math.ceil(T / chunk_size)
+    if tuple(S.shape) != (B, H, C, d, d):
+        raise ValueError(
+            f"S must be (B, H, C, d, d) = {(B, H, C, d, d)} for T={T}, chunk_size={chunk_size}; got {tuple(S.shape)}"
+        )
+    if tuple(g.shape) != (H,):
+        raise ValueError(f"g must be (H,) = ({H},), got {tuple(g.shape)}")
+
+
+def chunk_attention_ref(q, k, v, S, g, chunk_size: int) -> torch.Tensor:
+    """Block-diagonal causal softmax attention plus the retrieval term g * q @ S.
+
+    q, k, v: (B, H, T, d); S: (B, H, C, d, d) with C = ceil(T / chunk_size); g: (H,).
+    Computes in fp32 and returns a tensor of q's dtype.
+    """
+    check_chunk_attention_args(q, k, v, S, g, chunk_size)
+    B, H, T, d = q.shape
+    qf, kf, vf, Sf = (x.float() for x in (q, k, v, S))
+    gf = g.float().view(1, H, 1, 1)  # (1, H, 1, 1)
+    scale = 1.0 / math.sqrt(d)
+    out = torch.empty(B, H, T, d, dtype=torch.float32, device=q.device)
+    for c, start in enumerate(range(0, T, chunk_size)):
+        end = min(start + chunk_size, T)
+        n = end - start
+        qc, kc, vc = qf[:, :, start:end], kf[:, :, start:end], vf[:, :, start:end]  # (B, H, n, d)
+        scores = (qc @ kc.transpose(-1, -2)) * scale  # (B, H, n, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        local = scores.softmax(dim=-1) @ vc  # (B, H, n, d)
+        retrieved = gf * (qc @ Sf[:, :, c])  # (B, H, n, d)
+        out[:, :, start:end] = local + retrieved
+    return out.to(q.dtype)

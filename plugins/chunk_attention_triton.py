@@ -1,0 +1,185 @@
+"""Fused chunk attention as one Triton kernel.
+
+    o[b,h,t] = sum_{s in chunk(t), s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s
+               + g[h] * (q_t @ S[b,h,chunk(t)])          chunk(t) = t // L
+
+One program handles one (batch*head, chunk, block of BLOCK_M queries): it
+streams the chunk's keys in blocks of BLOCK_N with an online softmax (causal
+inside the chunk, nothing outside it), then adds g * q @ S_chunk and writes
+the block once. No L x L (let alone T x T) matrix reaches global memory.
+T need not be a multiple of L, and L need not be a power of two: rows and
+keys past the chunk's end are masked.
+
+Triton is optional. Importing this module works without it; calling
+`chunk_attention_triton` then raises ImportError. On CPU the kernel runs under
+Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before
+triton is first imported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plugins.chunk_attention_ref import check_chunk_attention_args
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the wrapper reports it
+    triton = None
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_attention_kernel(
+        Q, K, V, S, G, O,
+        sq_b, sq_h, sq_t,
+        sk_b, sk_h, sk_t,
+        sv_b, sv_h, sv_t,
+        ss_b, ss_h, ss_c, ss_r,
+        so_b, so_h, so_t,
+        H, T, L, n_mblocks,
+        qk_scale,  # log2(e) / sqrt(d): the softmax runs in base 2
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_cm = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        c = pid_cm // n_mblocks
+        mb = pid_cm % n_mblocks
+        b = pid_bh // H
+        h = pid_bh % H
+        chunk_start = c * L
+        chunk_len = tl.minimum(L, T - chunk_start)  # last chunk may be short
+
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # query index inside the chunk
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < chunk_len
+        rows = chunk_start + offs_m
+
+        q_ptrs = Q + b * sq_b + h * sq_h + rows[:, None] * sq_t + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+
+        k_base = K + b * sk_b + h * sk_h + chunk_start * sk_t
+        v_base = V + b * sv_b + h * sv_h + chunk_start * sv_t
+        # Causal: this query block never looks past its own last row.
+        hi = tl.minimum((mb + 1) * BLOCK_M, chunk_len)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_ok = offs_n < chunk_len
+            k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            # Key 0 is always allowed, so every row has a finite max after the first block.
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # Retrieval term: g[h] * q @ S[b, h, c]
+        s_ptrs = S + b * ss_b + h * ss_h + c * ss_c + offs_d[:, None] * ss_r + offs_d[None, :]
+        state = tl.load(s_ptrs)  # (D, D)
+        g = tl.load(G + h).to(tl.float32)
+        retrieved = tl.dot(q.to(state.dtype), state, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
+
+        o = acc / l_i[:, None] + g * retrieved
+        o_ptrs = O + b * so_b + h * so_h + rows[:, None] * so_t + offs_d[None, :]
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def require_triton() -> None:
+    """Raise ImportError with the install command when Triton is missing."""
+    if triton is None:
+        raise ImportError("Triton is not installed: pip install triton (CPU tests use TRITON_INTERPRET=1)")
+
+
+def is_interpreted() -> bool:
+    """True when the kernel was built under Triton's CPU interpreter."""
+    return triton is not None and type(_chunk_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_kernel_args(q, k, v, S, g) -> None:
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim d={d} is not supported by the Triton kernel; use one of {SUPPORTED_HEAD_DIMS}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} not supported; use one of {SUPPORTED_DTYPES}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if S.dtype not in (q.dtype, torch.float32):
+        raise ValueError(f"S must be {q.dtype} or float32, got {S.dtype}")
+    if not g.dtype.is_floating_point:
+        raise ValueError(f"g must be a float tensor, got {g.dtype}")
+    devices = {x.device for x in (q, k, v, S, g)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type == "cpu" and not is_interpreted():
+        raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton")
+
+
+def _block_size(chunk_size: int) -> int:
+    """Query/key block: a power of two in [16, 64], no larger than the chunk needs."""
+    return max(16, min(64, triton.next_power_of_2(chunk_size)))
+
+
+def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused chunk attention (see module docstring); same contract as `chunk_attention_ref`.
+
+    q, k, v: (B, H, T, d) fp16/fp32, d in {16, 32, 64, 128}; S: (B, H, C, d, d) of q's dtype
+    or fp32; g: (H,). Any strides work as long as they can be given per dimension (the last
+    dimension is made contiguous if needed). `out`, if given, is a (B, H, T, d) tensor of
+    q's dtype with a contiguous last dimension that receives the result (used by the
+    TensorRT plugin). Launches on the current torch stream.
+    """
+    require_triton()
+    check_chunk_attention_args(q, k, v, S, g, chunk_size)
+    _check_kernel_args(q, k, v, S, g)
+    q, k, v, S = (_last_dim_contiguous(x) for x in (q, k, v, S))
+    g = g.contiguous()
+    B, H, T, d = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must match q's shape and dtype, with a contiguous last dimension")
+
+    block = _block_size(chunk_size)
+    n_mblocks = triton.cdiv(chunk_size, block)
+    n_chunks = triton.cdiv(T, chunk_size)
+    grid = (n_chunks * n_mblocks, B * H)
+    _chunk_attention_kernel[grid](
+        q, k, v, S, g, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        S.stride(0), S.stride(1), S.stride(2), S.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, T, chunk_size, n_mblocks,
+        _LOG2E / d**0.5,
+        D=d,
+        BLOCK_M=block,
+        BLOCK_N=block,
+        # Full fp32 products for fp32 inputs; TF32 (same mantissa as fp16) otherwise.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if d <= 64 else 8,
+        num_stages=2,
+    )
+    return out
