@@ -59,3 +59,26 @@ def chunk_attention_ref(q, k, v, S, g, chunk_size: int) -> torch.Tensor:
         retrieved = gf * (qc @ Sf[:, :, c])  # (B, H, n, d)
         out[:, :, start:end] = local + retrieved
     return out.to(q.dtype)
+
+
+def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 1e-5) -> dict:
+    """Distances of a low-precision fast path from the fp32 reference, against a baseline.
+
+    `ref32`: the reference on the original fp32 inputs. `ref_lowp`: the reference run on
+    the same low-precision inputs the fast path saw (its distance to `ref32` is the
+    baseline). The fast path passes when its max and mean absolute distances are at
+    most `factor` times the baseline's, plus `eps`. Returns the numbers and `ok`.
+    """
+    ref = ref32.float()
+    err = (out.float() - ref).abs()
+    base = (ref_lowp.float() - ref).abs()
+    nums = {
+        "err_max": err.max().item(),
+        "err_mean": err.mean().item(),
+        "base_max": base.max().item(),
+        "base_mean": base.mean().item(),
+    }
+    nums["limit_max"] = factor * nums["base_max"] + eps
+    nums["limit_mean"] = factor * nums["base_mean"] + eps
+    nums["ok"] = nums["err_max"] <= nums["limit_max"] and nums["err_mean"] <= nums["limit_mean"]
+    return nums

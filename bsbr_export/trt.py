@@ -1,0 +1,323 @@
+"""TensorRT path: the ChunkAttention plugin, ONNX -> engine, and an engine runner.
+
+Written against TensorRT 10.7+ and 11.x (Python API, strongly typed networks):
+
+* ``register_plugin()`` registers ``bsbr::ChunkAttention`` as a quickly deployable
+  Python plugin (``tensorrt.plugin``, TensorRT >= 10.7); its implementation launches
+  the Triton kernel of ``plugins.chunk_attention_triton`` on TensorRT's stream.
+* ``network_from_onnx()`` parses an exported model. Every attention layer there is a
+  node ``bsbr::ChunkAttention(q, k, v, S, g)`` with ``chunk_size`` and
+  ``plugin_namespace="bsbr"``: an ONNX local function with a standard-op body. When the
+  plugin is registered the parser imports the node as the plugin (TensorRT 10.7 lets a
+  plugin override a local function); otherwise it inlines the function body.
+* ``engine_from_onnx()`` builds and writes a serialized engine; ``TensorRTRunner`` runs it.
+
+``tensorrt`` is imported lazily: importing this module never needs it.
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the
+annotations of the plugin functions at runtime and needs real classes.
+"""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAMESPACE = "bsbr"
+PLUGIN_NAME = "ChunkAttention"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+MIN_VERSION = (10, 7)
+INSTALL_HINT = (
+    "pip install tensorrt (TensorRT >= 10.7, on a Linux or Windows machine with an NVIDIA GPU "
+    "that can reach NVIDIA's package index, https://pypi.nvidia.com)"
+)
+
+_registered = False
+_logger_instance = None
+
+
+class TensorRTNotInstalled(ImportError):
+    """TensorRT (or a recent enough version of it) is not importable."""
+
+
+class OnnxParseError(RuntimeError):
+    """TensorRT's ONNX parser rejected a model; the message lists every parser error."""
+
+
+def require_tensorrt():
+    """Import and return ``tensorrt`` (>= 10.7), or raise TensorRTNotInstalled saying how to install it."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTNotInstalled(f"TensorRT not installed: {INSTALL_HINT}") from exc
+    version = tuple(int(p) for p in trt.__version__.split(".")[:2])
+    if version < MIN_VERSION:
+        raise TensorRTNotInstalled(
+            f"TensorRT not installed: found {trt.__version__}, need >= 10.7 for plugin override; {INSTALL_HINT}"
+        )
+    return trt
+
+
+def _logger():
+    """One process-wide TensorRT logger (TensorRT 10.x/11.x expect a single ILogger)."""
+    global _logger_instance
+    if _logger_instance is None:
+        trt = require_tensorrt()
+        _logger_instance = trt.Logger(trt.Logger.WARNING)
+    return _logger_instance
+
+
+# ------------------------------------------------------------------ the plugin
+
+
+def register_plugin() -> None:
+    """Register ``bsbr::ChunkAttention`` with ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
+
+    Shape/dtype descriptor: one output shaped and typed like ``q``; attribute
+    ``chunk_size: int``. The JIT implementation (``@trtp.impl``) wraps TensorRT's
+    buffers as torch CUDA tensors (``__cuda_array_interface__``) and launches the
+    Triton kernel on TensorRT's stream, so an engine that uses the plugin needs this
+    function called (and Triton installed) in the process that deserializes it.
+    No AOT implementation: the kernel's grid and strides depend on T, which would
+    need symbolic launch parameters; the JIT path keeps one kernel for all backends.
+    """
+    global _registered
+    if _registered:
+        return
+    require_tensorrt()
+    import tensorrt.plugin as trtp
+
+    from plugins.chunk_attention_triton import require_triton
+
+    require_triton()
+
+    @trtp.register(PLUGIN_ID)
+    def _chunk_attention_desc(
+        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, S: trtp.TensorDesc, g: trtp.TensorDesc,
+        chunk_size: int,
+    ) -> trtp.TensorDesc:
+        if q.ndim != 4 or S.ndim != 5 or g.ndim != 1:
+            raise ValueError(f"{PLUGIN_ID}: expected q (B,H,T,d), S (B,H,C,d,d), g (H,)")
+        return q.like()  # o: (B, H, T, d), q's dtype
+
+    @trtp.impl(PLUGIN_ID)
+    def _chunk_attention_impl(
+        q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, S: trtp.Tensor, g: trtp.Tensor,
+        chunk_size: int, outputs: Tuple[trtp.Tensor], stream: int,
+    ) -> None:
+        import torch
+
+        from plugins.chunk_attention_triton import chunk_attention_triton
+
+        tq, tk, tv, tS, tg = (torch.as_tensor(t, device="cuda") for t in (q, k, v, S, g))
+        out = torch.as_tensor(outputs[0], device="cuda")
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            chunk_attention_triton(tq, tk, tv, tS, tg, chunk_size, out=out)
+
+    _registered = True
+
+
+def plugin_layer_count(network) -> int:
+    """Number of plugin (IPluginV3) layers in a parsed network: 0 means the function bodies were inlined."""
+    trt = require_tensorrt()
+    return sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+
+
+# ------------------------------------------------------------- ONNX -> engine
+
+
+def _parser_errors(parser, onnx_path) -> str:
+    """All parser errors as readable lines (node index, name, op, code, description)."""
+    lines = [f"TensorRT could not parse {onnx_path} ({parser.num_errors} error(s)):"]
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = []
+        for attr, label in (("node", "node"), ("node_name", "name"), ("node_operator", "op")):
+            fn = getattr(err, attr, None)  # node_name/node_operator exist from TensorRT 10.x
+            value = fn() if callable(fn) else None
+            if value not in (None, "", -1):
+                where.append(f"{label} {value}")
+        lines.append(f"  [{', '.join(where) or 'model'}] {err.code()}: {err.desc()}")
+    return "\n".join(lines)
+
+
+def network_from_onnx(onnx_path, plugin_override: bool = True):
+    """Parse an ONNX file into a strongly typed TensorRT network (TensorRT 10.7+ / 11.x).
+
+    With ``plugin_override`` the ChunkAttention plugin is registered and the parser
+    flag ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` is set, so every ``bsbr::ChunkAttention``
+    node becomes the plugin. Without it the function bodies are inlined, provided the
+    plugin was not registered earlier in this process (the registry is process-wide and
+    the nodes carry ``plugin_namespace``). Returns ``(builder, network, parser)``; keep the
+    parser alive until the engine is built (it owns the weights). Raises OnnxParseError.
+    """
+    trt = require_tensorrt()
+    if plugin_override:
+        register_plugin()
+    elif _registered:
+        log.warning("plugin_override=False, but %s is registered: TensorRT will still use it", PLUGIN_ID)
+    builder = trt.Builder(_logger())
+    # STRONGLY_TYPED: opt-in on 10.x, accepted and always on in 11.x.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, _logger())
+    if plugin_override:
+        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
+    if not parser.parse_from_file(str(onnx_path)):
+        raise OnnxParseError(_parser_errors(parser, onnx_path))
+    return builder, network, parser
+
+
+def atomic_write_bytes(path, data) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _set_input_profile(builder, network, config, min_seq, opt_seq, max_seq, max_batch, opt_batch) -> None:
+    """One optimization profile on ``input_ids`` [batch, seq] (TensorRT 10.x/11.x)."""
+    if not 1 <= min_seq <= opt_seq <= max_seq:
+        raise ValueError(f"need 1 <= min_seq <= opt_seq <= max_seq, got {min_seq}, {opt_seq}, {max_seq}")
+    if not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= opt_batch <= max_batch, got {opt_batch}, {max_batch}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if names != ["input_ids"]:
+        raise ValueError(f"expected one network input 'input_ids' [batch, seq], found {names}")
+    profile = builder.create_optimization_profile()
+    profile.set_shape("input_ids", (1, min_seq), (opt_batch, opt_seq), (max_batch, max_seq))
+    config.add_optimization_profile(profile)
+
+
+def _load_timing_cache(config, timing_cache_path) -> None:
+    """Attach a timing cache to ``config``, seeded from ``timing_cache_path`` if it exists (TensorRT 10.x/11.x)."""
+    data = b""
+    if timing_cache_path is not None and Path(timing_cache_path).is_file():
+        data = Path(timing_cache_path).read_bytes()
+    cache = config.create_timing_cache(data)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+
+def engine_from_onnx(
+    onnx_path, engine_path, min_seq: int, opt_seq: int, max_seq: int, max_batch: int,
+    timing_cache_path=None, plugin_override: bool = True, opt_batch: int = 1,
+) -> Path:
+    """Build a TensorRT engine (10.7+ / 11.x, strongly typed) from ONNX and write it atomically.
+
+    One optimization profile: ``input_ids`` from [1, min_seq] over [opt_batch, opt_seq]
+    to [max_batch, max_seq]. The timing cache at ``timing_cache_path`` (if given) is
+    loaded before and saved after the build. Returns ``engine_path``.
+    """
+    # `parser` stays referenced until the build is done: it owns the weights.
+    builder, network, parser = network_from_onnx(onnx_path, plugin_override=plugin_override)
+    log.info("parsed %s: %d layers, %d ChunkAttention plugin layers",
+             onnx_path, network.num_layers, plugin_layer_count(network))
+    config = builder.create_builder_config()
+    _set_input_profile(builder, network, config, min_seq, opt_seq, max_seq, max_batch, opt_batch)
+    _load_timing_cache(config, timing_cache_path)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
+    if timing_cache_path is not None:
+        atomic_write_bytes(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(engine_path, memoryview(serialized))
+    return Path(engine_path)
+
+
+# --------------------------------------------------------------------- runner
+
+
+def _torch_dtype(trt, dtype):
+    import torch
+
+    table = {
+        trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
+        trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8,
+    }
+    if dtype not in table:
+        raise TypeError(f"unsupported TensorRT I/O dtype {dtype}")
+    return table[dtype]
+
+
+class TensorRTRunner:
+    """Runs a serialized engine (TensorRT 10.x/11.x, ``execute_async_v3``) on torch CUDA tensors.
+
+    Context manager with ``infer(feeds) -> outputs``: feeds map input names to numpy
+    arrays (``input_ids``: int64 [B, T]); outputs map output names to numpy arrays
+    (``logits``: [B, T, V], floating outputs returned as float32).
+    """
+
+    def __init__(self, engine_path, register_plugins: bool = True):
+        self.engine_path = Path(engine_path)
+        self.register_plugins = register_plugins
+        self._engine = self._context = self._stream = None
+
+    def __enter__(self):
+        trt = require_tensorrt()
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("TensorRTRunner needs a CUDA GPU visible to torch")
+        if self.register_plugins:
+            register_plugin()
+        runtime = trt.Runtime(_logger())
+        self._engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self._engine is None:
+            raise RuntimeError(f"TensorRT could not deserialize {self.engine_path}; see the TensorRT log above")
+        self._context = self._engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+        self._trt = trt
+        return self
+
+    def __exit__(self, *exc):
+        self._context = self._engine = self._stream = None
+        return False
+
+    def _io_names(self, mode):
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        return [n for n in names if self._engine.get_tensor_mode(n) == mode]
+
+    def infer(self, feeds: dict) -> dict:
+        """Run one batch: set shapes and addresses, ``execute_async_v3`` on a private stream, copy back."""
+        import torch
+
+        if self._context is None:
+            raise RuntimeError("use TensorRTRunner as a context manager: with TensorRTRunner(path) as r: ...")
+        trt = self._trt
+        inputs = self._io_names(trt.TensorIOMode.INPUT)
+        if sorted(feeds) != sorted(inputs):
+            raise ValueError(f"feeds {sorted(feeds)} do not match the engine inputs {sorted(inputs)}")
+        keep, outputs = [], {}
+        with torch.cuda.stream(self._stream):
+            for name in inputs:
+                arr = np.ascontiguousarray(feeds[name])
+                t = torch.from_numpy(arr).to("cuda", _torch_dtype(trt, self._engine.get_tensor_dtype(name)))
+                if not self._context.set_input_shape(name, tuple(t.shape)):
+                    lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
+                    raise ValueError(f"input {name} shape {tuple(t.shape)} outside the engine profile {lo}..{hi}")
+                self._context.set_tensor_address(name, t.data_ptr())
+                keep.append(t)
+            for name in self._io_names(trt.TensorIOMode.OUTPUT):
+                shape = tuple(self._context.get_tensor_shape(name))
+                t = torch.empty(shape, dtype=_torch_dtype(trt, self._engine.get_tensor_dtype(name)), device="cuda")
+                self._context.set_tensor_address(name, t.data_ptr())
+                outputs[name] = t
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
+        self._stream.synchronize()
+        return {n: (t.float() if t.is_floating_point() else t).cpu().numpy() for n, t in outputs.items()}

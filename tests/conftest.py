@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random GPT-2 on disk and the bundled pretrained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "models" / "gpt2-pystdlib"
+
+
+def assert_close(actual, expected, atol, name="", rtol=0.0):
+    """One comparison helper: prints the measured error so logs show the margin."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    print(f"[assert_close] {name}: max|diff| = {err:.3e} (atol {atol:.1e})")
+    assert err <= atol + rtol * expected.abs().max().item(), f"{name}: max|diff| {err:.3e} > {atol:.1e}"
+    return err
+
+
+def make_tiny_hf(path: Path, seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=101, n_positions=256, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    model = GPT2LMHeadModel(cfg).eval()
+    # Larger-than-init weights so attention patterns are far from uniform.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "c_attn" in n and p.dim() == 2:
+                p.mul_(8.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    make_tiny_hf(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def bundled_dir():
+    assert (BUNDLED / "model.safetensors").is_file(), f"bundled model missing at {BUNDLED}"
+    return BUNDLED
+
+
+@pytest.fixture(scope="session")
+def bundled_hf(bundled_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(bundled_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def heldout_ids(bundled_dir):
+    import numpy as np
+
+    return np.load(bundled_dir / "heldout_ids.npy").astype("int64")

@@ -1,0 +1,34 @@
+"""The command line: convert works offline on the bundled model, errors are one line."""
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from bsbr_export.cli import main
+from bsbr_export.convert import load_bsbr
+
+
+def test_convert_bundled_model(bundled_dir, tmp_path):
+    out = tmp_path / "converted"
+    res = CliRunner().invoke(main, ["convert", str(bundled_dir), "--out", str(out), "--chunk-size", "64"])
+    assert res.exit_code == 0, res.output
+    assert load_bsbr(out).cfg.chunk_size == 64
+    assert (out / "tokenizer.json").is_file()
+    # An existing output is refused without --force, replaced with it.
+    res = CliRunner().invoke(main, ["convert", str(bundled_dir), "--out", str(out)])
+    assert res.exit_code != 0 and "already exists" in res.output
+    res = CliRunner().invoke(main, ["convert", str(bundled_dir), "--out", str(out), "--force"])
+    assert res.exit_code == 0 and load_bsbr(out).cfg.chunk_size == 128
+
+
+def test_bad_chunk_size_is_one_line(tiny_hf_dir, tmp_path):
+    res = CliRunner().invoke(main, ["convert", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--chunk-size", "0"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == ["error: chunk size must be a positive integer, got 0"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_console_script_help():
+    res = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "convert" in res.stdout and "--engine" in res.stdout

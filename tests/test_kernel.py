@@ -1,0 +1,263 @@
+"""Fused chunk attention: reference, vectorised torch path and Triton kernel.
+
+(a) the loop reference against a naive T x T masked computation (tiny shapes);
+(b) the Triton kernel under Triton's CPU interpreter against the reference, in
+    fp32 and fp16, for T in {1, L-1, L, L+1, 3L+5}, with and without retrieval
+    state. The interpreter must be switched on before triton is imported, so
+    these cases run in one subprocess (this file run as a script with
+    TRITON_INTERPRET=1); nothing leaks into the rest of the test session;
+(c) the compiled kernel on CUDA at a realistic shape (skipped without CUDA).
+
+fp16 tolerance comes from a measured baseline: the reference run on the same
+fp16 inputs, compared with the fp32 reference; the kernel may be at most 3x
+as far (plus a tiny epsilon). `_check` logs every number.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (pip install triton)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+# (chunk L, head dim d): one chunk that is not a power of two, one that is.
+CHUNK_DIMS = [(24, 16), (16, 32)]
+
+
+def _lengths(L: int) -> list[int]:
+    return [1, L - 1, L, L + 1, 3 * L + 5]
+
+
+def make_inputs(B, H, T, d, L, state: str, seed: int = 0, device="cpu"):
+    """fp32 inputs; `state` is "zero" (no retrieval) or "random" (S[:, :, 0] nonzero too)."""
+    gen = torch.Generator().manual_seed(seed)
+    C = math.ceil(T / L)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))  # (B, H, T, d)
+    S = torch.randn(B, H, C, d, d, generator=gen) / math.sqrt(d)  # (B, H, C, d, d)
+    if state == "zero":
+        S.zero_()
+    g = torch.rand(H, generator=gen) + 0.5  # (H,)
+    return [x.to(device) for x in (q, k, v, S, g)]
+
+
+def _check(name: str, out, ref32, ref_lowp, eps: float = 1e-5) -> None:
+    """Assert `out` is within 3x the baseline distance of `ref_lowp` from `ref32`; log the numbers."""
+    nums = compare_to_baseline(out, ref32, ref_lowp, eps=eps)
+    _check_numbers(name, nums)
+
+
+def _check_numbers(name: str, nums: dict) -> None:
+    msg = (
+        f"{name}: max err {nums['err_max']:.3e} (limit {nums['limit_max']:.3e}, baseline {nums['base_max']:.3e}); "
+        f"mean err {nums['err_mean']:.3e} (limit {nums['limit_mean']:.3e}, baseline {nums['base_mean']:.3e})"
+    )
+    log.info(msg)
+    assert nums["ok"], msg
+
+
+def _fp32_eps(ref) -> float:
+    return 1e-5 * (1.0 + ref.abs().max().item())
+
+
+# ---------------------------------------------------------------- (a) reference
+
+
+def naive_chunk_attention(q, k, v, S, g, L):
+    """Independent definition in float64 with a full T x T mask (tests only)."""
+    q, k, v, S, g = (x.double() for x in (q, k, v, S, g))
+    B, H, T, d = q.shape
+    t = torch.arange(T)
+    allowed = (t[None, :] <= t[:, None]) & (t[None, :] // L == t[:, None] // L)  # (T, T)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, T)
+    local = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (B, H, T, d)
+    S_t = S[:, :, t // L]  # (B, H, T, d, d): each token's chunk state
+    retrieved = g.view(1, H, 1, 1) * (q.unsqueeze(-2) @ S_t).squeeze(-2)  # (B, H, T, d)
+    return local + retrieved
+
+
+@pytest.mark.parametrize("state", ["zero", "random"])
+@pytest.mark.parametrize("L,d", CHUNK_DIMS)
+def test_reference_matches_naive(L, d, state):
+    for T in _lengths(L):
+        q, k, v, S, g = make_inputs(2, 2, T, d, L, state, seed=T)
+        out = chunk_attention_ref(q, k, v, S, g, L)
+        want = naive_chunk_attention(q, k, v, S, g, L)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5, msg=f"T={T}")
+
+
+def test_reference_is_causal_and_keeps_dtype():
+    L, T = 8, 29
+    q, k, v, S, g = make_inputs(1, 2, T, 16, L, "random")
+    out = chunk_attention_ref(q, k, v, S, g, L)
+    t = 13
+    k2, v2, q2 = k.clone(), v.clone(), q.clone()
+    for x in (k2, v2, q2):
+        x[:, :, t + 1 :] = torch.randn_like(x[:, :, t + 1 :])
+    out2 = chunk_attention_ref(q2, k2, v2, S, g, L)
+    assert (out[:, :, : t + 1] - out2[:, :, : t + 1]).abs().max() <= 1e-6
+    half = chunk_attention_ref(q.half(), k.half(), v.half(), S.half(), g, L)
+    assert half.dtype == torch.float16
+
+
+@pytest.mark.parametrize("L,d", CHUNK_DIMS)
+def test_vectorised_torch_path_matches_reference(L, d):
+    """bsbr_export.attention.chunk_attention (SDPA per chunk) computes the same op."""
+    from bsbr_export.attention import chunk_attention
+
+    for T in _lengths(L):
+        q, k, v, S, g = make_inputs(2, 2, T, d, L, "random", seed=T)
+        ref = chunk_attention_ref(q, k, v, S, g, L)
+        _check(f"torch fp32 L={L} T={T}", chunk_attention(q, k, v, S, g, L), ref, ref, eps=_fp32_eps(ref))
+
+
+def test_reference_rejects_bad_shapes():
+    q, k, v, S, g = make_inputs(1, 2, 10, 16, 4, "zero")
+    with pytest.raises(ValueError, match="S must be"):
+        chunk_attention_ref(q, k, v, S[:, :, :2], g, 4)
+    with pytest.raises(ValueError, match="g must be"):
+        chunk_attention_ref(q, k, v, S, g[:1], 4)
+
+
+# ------------------------------------------------------ (b) Triton interpreter
+
+
+def interpreter_cases() -> list[dict]:
+    cases = []
+    for L, d in CHUNK_DIMS:
+        for T in _lengths(L):
+            for state in ("zero", "random"):
+                for dtype in ("float32", "float16"):
+                    cases.append({"id": f"L{L}-d{d}-T{T}-S{state}-{dtype}", "L": L, "d": d, "T": T,
+                                  "state": state, "dtype": dtype, "layout": "contiguous"})
+    # q, k, v as strided views of a (B, T, H, d) tensor; and fp32 S with fp16 q.
+    cases.append({"id": "strided-fp16", "L": 24, "d": 16, "T": 77, "state": "random",
+                  "dtype": "float16", "layout": "bthd"})
+    cases.append({"id": "fp32-state-fp16-q", "L": 24, "d": 16, "T": 53, "state": "random",
+                  "dtype": "float16", "layout": "fp32_state"})
+    return cases
+
+
+def run_interpreter_case(case: dict) -> dict:
+    """Kernel vs reference for one case (runs inside the interpreter subprocess)."""
+    from plugins.chunk_attention_triton import chunk_attention_triton
+
+    L, d, T = case["L"], case["d"], case["T"]
+    dtype = getattr(torch, case["dtype"])
+    q, k, v, S, g = make_inputs(2, 2, T, d, L, case["state"], seed=T + d)
+    ref32 = chunk_attention_ref(q, k, v, S, g, L)
+    lq, lk, lv, lS = (x.to(dtype) for x in (q, k, v, S))
+    if case["layout"] == "bthd":
+        lq, lk, lv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (lq, lk, lv))
+        assert not lq.is_contiguous()
+    if case["layout"] == "fp32_state":
+        lS = S
+    ref_lowp = chunk_attention_ref(lq, lk, lv, lS, g, L)
+    out = chunk_attention_triton(lq, lk, lv, lS, g, L)
+    assert out.dtype == dtype and out.shape == q.shape
+    eps = _fp32_eps(ref32) if dtype == torch.float32 else 1e-5
+    return compare_to_baseline(out, ref32, ref_lowp, eps=eps)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve())],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+@pytest.mark.parametrize("case", interpreter_cases(), ids=lambda c: c["id"])
+def test_triton_interpreter_matches_reference(interpreter_results, case):
+    result = interpreter_results[case["id"]]
+    if "error" in result:
+        pytest.fail(f"{case['id']}: {result['error']}")
+    _check_numbers(f"triton-interp {case['id']}", result)
+
+
+@needs_triton
+def test_triton_wrapper_validates_inputs():
+    from plugins.chunk_attention_triton import chunk_attention_triton
+
+    q, k, v, S, g = make_inputs(1, 2, 10, 24, 4, "zero")
+    with pytest.raises(ValueError, match="head dim"):
+        chunk_attention_triton(q, k, v, S, g, 4)
+    q, k, v, S, g = make_inputs(1, 2, 10, 16, 4, "zero")
+    with pytest.raises(ValueError, match="same dtype|share a dtype"):
+        chunk_attention_triton(q.half(), k, v, S, g, 4)
+    with pytest.raises(ValueError, match="S must be"):
+        chunk_attention_triton(q, k, v, S[:, :, :1], g, 4)
+
+
+# ------------------------------------------------------------------ (c) CUDA
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_realistic_shape(dtype):
+    from plugins.chunk_attention_triton import chunk_attention_triton
+
+    B, H, T, d, L = 1, 12, 4096, 64, 128
+    q, k, v, S, g = make_inputs(B, H, T, d, L, "random", device="cuda")
+    ref32 = chunk_attention_ref(q, k, v, S, g, L)
+    lq, lk, lv, lS = (x.to(dtype) for x in (q, k, v, S))
+    ref_lowp = chunk_attention_ref(lq, lk, lv, lS, g, L)
+    out = chunk_attention_triton(lq, lk, lv, lS, g, L)
+    eps = _fp32_eps(ref32) if dtype == torch.float32 else 1e-5
+    _check(f"cuda {dtype} B{B} H{H} T{T} d{d} L{L}", out, ref32, ref_lowp, eps=eps)
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("L,d", [(100, 64), (128, 128), (24, 16)])
+def test_cuda_odd_lengths(L, d):
+    from plugins.chunk_attention_triton import chunk_attention_triton
+
+    for T in _lengths(L):
+        q, k, v, S, g = make_inputs(2, 3, T, d, L, "random", seed=T, device="cuda")
+        ref32 = chunk_attention_ref(q, k, v, S, g, L)
+        lq, lk, lv, lS = (x.half() for x in (q, k, v, S))
+        out = chunk_attention_triton(lq, lk, lv, lS, g, L)
+        _check(f"cuda fp16 L{L} d{d} T{T}", out, ref32, chunk_attention_ref(lq, lk, lv, lS, g, L))
+
+
+def _interpreter_worker() -> None:
+    """Entry point of the subprocess: run every interpreter case, print one JSON line."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from plugins.chunk_attention_triton import is_interpreted
+
+    assert is_interpreted(), "kernel is not running under the Triton interpreter"
+    torch.set_num_threads(1)
+    results = {}
+    for case in interpreter_cases():
+        try:
+            results[case["id"]] = run_interpreter_case(case)
+        except Exception as exc:  # reported per case by the parent test
+            results[case["id"]] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _interpreter_worker()
