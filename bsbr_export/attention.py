@@ -75,7 +75,10 @@ def chunk_attention(q, k, v, S_full, g, L: int) -> torch.Tensor:
     """
     B, H, T, d = q.shape
     qc, kc, vc = (_pad_to_chunks(t, L) for t in (q, k, v))  # (B, H, C, L, d)
-    local = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True)  # (B, H, C, L, d)
+    C = qc.shape[2]
+    # SDPA on 4-D (B, H*C, L, d) so that its fused kernels apply.
+    local = F.scaled_dot_product_attention(*(x.reshape(B, H * C, L, d) for x in (qc, kc, vc)),
+                                           is_causal=True).view(B, H, C, L, d)
     ret = qc @ S_full.to(q.dtype)  # (B, H, C, L, d)
     o = local + g.to(q.dtype).view(1, H, 1, 1, 1) * ret
     return o.view(B, H, -1, d)[:, :, :T]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .errors import BSBRExportError
 
@@ -88,6 +89,163 @@ def convert(model, out, force, allow_pickle, **opts):
     c = m.cfg
     click.echo(f"converted {model} -> {out}: {c.n_layer} layers, {c.n_head} heads, chunk {c.chunk_size}, "
                f"compression {c.compression or 'off'}, position policy {c.position_policy}")
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _case_line(case) -> None:
+    mark = "ok" if case.passed else "FAIL"
+    click.echo(f"    {case.source:7s} batch {case.batch} seq {case.seq:5d}  max|diff| {case.max_abs:.2e} "
+               f"(tol {case.atol:.1e})  top-1 {case.top1:.1%}  {mark}", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--engine", type=click.Choice(["onnx", "fp32", "fp16"]), default="onnx", show_default=True,
+              help="onnx: ONNX + ONNX Runtime parity. fp32/fp16: also a TensorRT engine (needs TensorRT); "
+                   "fp16 writes and checks the fp16 ONNX first.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (created atomically).")
+@click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
+@click.option("--inline", is_flag=True, help="Write the standard-ops-only graph (no bsbr::ChunkAttention function).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@conversion_options
+def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, **opts):
+    """Whole pipeline: convert, export, check parity, build (the default command).
+
+    \b
+    Writes into OUT:
+      bsbr/                 the converted checkpoint (config.json, model.safetensors, tokenizer)
+      model.onnx(.data)     prefill graph: input_ids -> logits (+ decode state)
+      decode.onnx(.data)    one-token decode graph over the explicit state
+      model_fp16.onnx       with --engine fp16
+      parity_*.json/.md     parity reports
+      manifest.json         versions, options, file hashes, parity summary
+    """
+    from .pipeline import run_pipeline
+    from .trt import TensorRTNotInstalled
+
+    if max_seq_len is not None and max_seq_len < 1:
+        fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    try:
+        manifest = run_pipeline(model, out, engine=engine, max_seq_len=max_seq_len, force=force,
+                                allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
+                                case_progress=_case_line, **_options(**opts))
+    except TensorRTNotInstalled as e:
+        fail(f"wrote {out} up to the {'fp16 ONNX' if engine == 'fp16' else 'ONNX'} graph; "
+             f"engine not built: {str(e).splitlines()[0]}", code=3)
+    except BSBRExportError as e:
+        fail(str(e))
+    _summary(manifest, out)
+
+
+def _summary(manifest: dict, out: Path) -> None:
+    click.echo(f"wrote {out} in {manifest['seconds']}s")
+    for key, p in manifest["parity"].items():
+        click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {p['cases']} cases, "
+                   f"worst max|diff| {p['worst_max_abs']:.2e}, min top-1 {p['min_top1']:.1%}")
+    if "engine_status" in manifest:
+        click.echo(f"  engine: {manifest['engine_status']}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the ONNX files.")
+@click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
+@click.option("--fp16", is_flag=True, help="Write the fp16 graph (LayerNorm and softmax kept in fp32).")
+@click.option("--inline", is_flag=True, help="Write the standard-ops-only graph.")
+@click.option("--no-decode", is_flag=True, help="Skip the decode graph.")
+@conversion_options
+def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opts):
+    """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""
+    from .convert import load_any
+    from .export import ExportSpec, export_onnx
+
+    if max_seq_len is not None and max_seq_len < 1:
+        fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
+    try:
+        m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
+        spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, inline=inline)
+        files = export_onnx(m, out, spec, decode=not no_decode, progress=_log)
+    except BSBRExportError as e:
+        fail(str(e))
+    for name in files:
+        click.echo(f"wrote {out / name}")
+
+
+def _changed(opts: dict) -> dict:
+    """Conversion options the user set away from their defaults (a converted model takes none)."""
+    defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
+                    retrieval_scale=1.0)
+    return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(path_type=Path))
+@click.option("--model", "model_src", required=True, help="The BSBR or HF model the ONNX came from.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Write parity JSON/Markdown here.")
+@click.option("--threads", type=int, default=None)
+@conversion_options
+def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts):
+    """Parity of an ONNX prefill graph against the PyTorch model on the sequence-length grid."""
+    from .check import markdown_table, write_report
+    from .convert import load_any, resolve_model_dir
+    from .pipeline import heldout_text, parity_onnx
+    from .runtime import ORTRunner
+
+    try:
+        m = load_any(model_src, allow_pickle=allow_pickle, **_changed(opts))
+        with ORTRunner(onnx_file, threads=threads) as r:
+            max_len = r.max_seq_len or m.cfg.n_positions
+        rep = parity_onnx(m, onnx_file, max_len, heldout_text(resolve_model_dir(model_src)), precision,
+                          threads, _case_line)
+    except BSBRExportError as e:
+        fail(str(e))
+    if report:
+        write_report(rep, report)
+    if not rep["passed"]:
+        click.echo(markdown_table(rep, only_failed=True), err=True)
+        fail(f"parity FAILED for {sum(not c['passed'] for c in rep['cases'])} of {len(rep['cases'])} cases")
+    click.echo(f"parity pass: {len(rep['cases'])} cases, worst max|diff| "
+               f"{max(c['max_abs'] for c in rep['cases']):.2e}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="onnx", show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(model_dir, prompt, backend, max_new_tokens, temperature, top_k, seed):
+    """Generate text from a pipeline output directory (MODEL_DIR as written by the main command)."""
+    from transformers import AutoTokenizer
+
+    from .convert import load_bsbr
+    from .generate import TorchStepper, generate as gen
+    from .runtime import ORTStepper
+
+    if not (model_dir / "bsbr" / "config.json").is_file() or not (model_dir / "model.onnx").is_file():
+        fail(f"{model_dir}: not an output directory of the main command (no bsbr/ or model.onnx)")
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir / "bsbr")
+        ids = np.asarray([tok(prompt)["input_ids"]], dtype=np.int64)
+        if ids.shape[1] == 0:
+            fail("the prompt is empty")
+        max_len = ids.shape[1] + max_new_tokens
+        if backend == "torch":
+            stepper = TorchStepper(load_bsbr(model_dir / "bsbr"), max_len)
+        else:
+            stepper = ORTStepper(model_dir, max_len=max_len)
+        out = gen(stepper, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                  stop_token=tok.eos_token_id)
+    except (BSBRExportError, OSError) as e:
+        fail(str(e))
+    click.echo(prompt + tok.decode(out[0].tolist()))
 
 
 if __name__ == "__main__":

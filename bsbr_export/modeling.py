@@ -85,9 +85,9 @@ class Attention(nn.Module):
         elif impl == "vectorised":
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U)
         elif impl == "triton":
-            from .kernels import triton_chunk_attention
+            from plugins.chunk_attention_triton import chunk_attention_triton
 
-            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=triton_chunk_attention)
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=chunk_attention_triton)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return self.c_proj(o.transpose(1, 2).reshape(B, T, E))  # (B, T, E)

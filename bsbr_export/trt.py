@@ -156,6 +156,8 @@ def network_from_onnx(onnx_path, plugin_override: bool = True):
     parser alive until the engine is built (it owns the weights). Raises OnnxParseError.
     """
     trt = require_tensorrt()
+    if not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
     if plugin_override:
         register_plugin()
     elif _registered:
@@ -166,8 +168,6 @@ def network_from_onnx(onnx_path, plugin_override: bool = True):
     parser = trt.OnnxParser(network, _logger())
     if plugin_override:
         parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
-    if not Path(onnx_path).is_file():
-        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
     if not parser.parse_from_file(str(onnx_path)):
         raise OnnxParseError(_parser_errors(parser, onnx_path))
     return builder, network, parser

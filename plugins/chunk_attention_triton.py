@@ -136,9 +136,23 @@ def _check_kernel_args(q, k, v, S, g) -> None:
         raise ValueError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing triton")
 
 
-def _block_size(chunk_size: int) -> int:
-    """Query/key block: a power of two in [16, 64], no larger than the chunk needs."""
-    return max(16, min(64, triton.next_power_of_2(chunk_size)))
+def block_size(chunk_size: int, d: int, dtype: torch.dtype) -> int:
+    """Query/key block: a power of two in [16, 64], no larger than the chunk needs.
+
+    fp32 with d = 128 uses 32, keeping shared memory under 100 KB on every recent GPU.
+    """
+    cap = 32 if (dtype == torch.float32 and d == 128) else 64
+    return max(16, min(cap, triton.next_power_of_2(chunk_size)))
+
+
+def launch_options(d: int, dtype: torch.dtype) -> dict:
+    """Compile-time options shared by the launch and the ahead-of-time compile check."""
+    return {
+        # Full fp32 products for fp32 inputs; TF32 (same mantissa as fp16) otherwise.
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": 4 if d <= 64 else 8,
+        "num_stages": 2,
+    }
 
 
 def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +175,7 @@ def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | N
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must match q's shape and dtype, with a contiguous last dimension")
 
-    block = _block_size(chunk_size)
+    block = block_size(chunk_size, d, q.dtype)
     n_mblocks = triton.cdiv(chunk_size, block)
     n_chunks = triton.cdiv(T, chunk_size)
     grid = (n_chunks * n_mblocks, B * H)
@@ -177,9 +191,6 @@ def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | N
         D=d,
         BLOCK_M=block,
         BLOCK_N=block,
-        # Full fp32 products for fp32 inputs; TF32 (same mantissa as fp16) otherwise.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if d <= 64 else 8,
-        num_stages=2,
+        **launch_options(d, q.dtype),
     )
     return out

@@ -6,7 +6,9 @@
     state. The interpreter must be switched on before triton is imported, so
     these cases run in one subprocess (this file run as a script with
     TRITON_INTERPRET=1); nothing leaks into the rest of the test session;
-(c) the compiled kernel on CUDA at a realistic shape (skipped without CUDA).
+(c) the kernel compiled to a cubin for sm_80/sm_90 (no GPU needed: catches what
+    the interpreter cannot, such as dot shapes and shared memory);
+(d) the compiled kernel on CUDA at a realistic shape (skipped without CUDA).
 
 fp16 tolerance comes from a measured baseline: the reference run on the same
 fp16 inputs, compared with the fp32 reference; the kernel may be at most 3x
@@ -174,17 +176,25 @@ def run_interpreter_case(case: dict) -> dict:
     return compare_to_baseline(out, ref32, ref_lowp, eps=eps)
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def run_worker(mode: str, interpret: bool) -> dict:
+    """Run this file as a script (`python test_kernel.py MODE`) and return its JSON result."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve())],
+        [sys.executable, str(Path(__file__).resolve()), mode],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+        pytest.fail(f"{mode} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict:
+    return run_worker("interpreter", interpret=True)
 
 
 @needs_triton
@@ -194,6 +204,23 @@ def test_triton_interpreter_matches_reference(interpreter_results, case):
     if "error" in result:
         pytest.fail(f"{case['id']}: {result['error']}")
     _check_numbers(f"triton-interp {case['id']}", result)
+
+
+def test_plugins_import_without_triton():
+    """`import plugins...` works without Triton; the wrapper then says what to install."""
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
+        "import torch, plugins.chunk_attention_triton as m\n"
+        "x = torch.zeros(1, 1, 4, 16)\n"
+        "try:\n"
+        "    m.chunk_attention_triton(x, x, x, torch.zeros(1, 1, 1, 16, 16), torch.ones(1), 4)\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install triton' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 @needs_triton
@@ -210,7 +237,64 @@ def test_triton_wrapper_validates_inputs():
         chunk_attention_triton(q, k, v, S[:, :, :1], g, 4)
 
 
-# ------------------------------------------------------------------ (c) CUDA
+# ------------------------------------- (c) compiled for real GPUs, without one
+
+# (q dtype, S dtype, d, chunk L, compute capability): what the interpreter cannot check
+# (dot shapes, shared memory, register allocation) is checked by compiling to a cubin.
+COMPILE_CASES = [
+    ("float16", "float16", 64, 128, 90),
+    ("float16", "float32", 128, 100, 90),
+    ("float32", "float32", 128, 128, 80),
+    ("float32", "float32", 16, 24, 80),
+]
+
+
+def _has_ptxas() -> bool:
+    if os.environ.get("TRITON_PTXAS_PATH"):
+        return True
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file()
+
+
+def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int) -> dict:
+    """Compile the kernel for one configuration to a cubin for sm_<cc> (no GPU needed)."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from plugins.chunk_attention_triton import _chunk_attention_kernel, block_size, launch_options
+
+    ptr = {"float16": "*fp16", "float32": "*fp32"}
+    opts = launch_options(d, getattr(torch, q_dtype))
+    block = block_size(L, d, getattr(torch, q_dtype))
+    constexprs = {"D": d, "BLOCK_M": block, "BLOCK_N": block, "DOT_PRECISION": opts["DOT_PRECISION"]}
+    signature = {}
+    for name in _chunk_attention_kernel.arg_names:
+        signature[name] = ("constexpr" if name in constexprs else ptr[q_dtype] if name in "QKVO"
+                           else ptr[s_dtype] if name == "S" else "*fp32" if name == "G"
+                           else "fp32" if name == "qk_scale" else "i32")
+    compiled = triton_compile(
+        ASTSource(_chunk_attention_kernel, signature, constexprs=constexprs),
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": opts["num_warps"], "num_stages": opts["num_stages"]},
+    )
+    return {"shared_bytes": compiled.metadata.shared, "has_cubin": "cubin" in compiled.asm}
+
+
+@needs_triton
+@pytest.mark.skipif(not _has_ptxas(), reason="no ptxas for Triton's NVIDIA backend")
+def test_kernel_compiles_for_gpus():
+    results = run_worker("compile", interpret=False)
+    for case in COMPILE_CASES:
+        result = results[str(case)]
+        assert "error" not in result, f"{case}: {result.get('error')}"
+        log.info("compiled %s: %s", case, result)
+        assert result["has_cubin"]
+        # Stay under 100 KB of shared memory: fits every GPU from sm_80 on.
+        assert result["shared_bytes"] <= 100 * 1024, (case, result)
+
+
+# ------------------------------------------------------------------ (d) CUDA
 
 
 @needs_cuda
@@ -243,21 +327,24 @@ def test_cuda_odd_lengths(L, d):
         _check(f"cuda fp16 L{L} d{d} T{T}", out, ref32, chunk_attention_ref(lq, lk, lv, lS, g, L))
 
 
-def _interpreter_worker() -> None:
-    """Entry point of the subprocess: run every interpreter case, print one JSON line."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+def _worker(mode: str) -> None:
+    """Subprocess entry point: run every case of `mode`, print one JSON line of results."""
     from plugins.chunk_attention_triton import is_interpreted
 
-    assert is_interpreted(), "kernel is not running under the Triton interpreter"
+    assert is_interpreted() == (mode == "interpreter"), f"wrong Triton mode for the {mode} worker"
     torch.set_num_threads(1)
+    if mode == "interpreter":
+        cases = {case["id"]: (run_interpreter_case, case) for case in interpreter_cases()}
+    else:
+        cases = {str(case): (lambda c: compile_case(*c), case) for case in COMPILE_CASES}
     results = {}
-    for case in interpreter_cases():
+    for key, (fn, case) in cases.items():
         try:
-            results[case["id"]] = run_interpreter_case(case)
+            results[key] = fn(case)
         except Exception as exc:  # reported per case by the parent test
-            results[case["id"]] = {"error": f"{type(exc).__name__}: {exc}"}
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    _interpreter_worker()
+    _worker(sys.argv[1])

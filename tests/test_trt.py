@@ -126,8 +126,8 @@ def _ids_to_logits_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-@needs_trt
 @needs_triton
+@needs_trt
 def test_plugin_is_registered():
     trt = bt.require_tensorrt()
     bt.register_plugin()
@@ -135,8 +135,8 @@ def test_plugin_is_registered():
     assert trt.get_plugin_registry().get_creator(bt.PLUGIN_NAME, "1", bt.PLUGIN_NAMESPACE) is not None
 
 
-@needs_trt
 @needs_cuda
+@needs_trt
 def test_parse_errors_are_readable(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
@@ -144,8 +144,8 @@ def test_parse_errors_are_readable(tmp_path):
         bt.network_from_onnx(bad, plugin_override=False)
 
 
-@needs_trt
 @needs_cuda
+@needs_trt
 def test_engine_from_onnx_profile_cache_and_runner(tmp_path):
     onnx_path, engine, cache = tmp_path / "m.onnx", tmp_path / "m.engine", tmp_path / "timing.cache"
     _ids_to_logits_onnx(onnx_path)
@@ -162,9 +162,9 @@ def test_engine_from_onnx_profile_cache_and_runner(tmp_path):
             runner.infer({"ids": ids})
 
 
-@needs_trt
 @needs_cuda
 @needs_triton
+@needs_trt
 def test_plugin_engine_matches_reference(tmp_path):
     from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline
 

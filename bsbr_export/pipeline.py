@@ -1,0 +1,195 @@
+"""The whole job behind ``bsbr-export MODEL --engine ...``: convert, export, check, build.
+
+Everything is written into a temporary directory beside ``out`` and renamed into
+place at the end, so an interrupted or failed run never leaves a directory that
+looks valid. ``manifest.json`` records versions, options, file hashes and the
+parity results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BSBRExportError, ConfigError
+
+ENGINES = ("onnx", "fp32", "fp16")
+
+
+class ParityError(BSBRExportError):
+    """A backend disagrees with PyTorch beyond tolerance; the message holds the failing cases."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from . import __version__
+
+    v = {"bsbr_export": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import tensorrt
+
+        v["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        v["tensorrt"] = None
+    return v
+
+
+def heldout_text(model_dir: Path | None) -> np.ndarray | None:
+    """Held-out token ids shipped with a model directory (the bundled model has them)."""
+    if model_dir is not None and (Path(model_dir) / "heldout_ids.npy").is_file():
+        return np.load(Path(model_dir) / "heldout_ids.npy").astype(np.int64)
+    return None
+
+
+class TorchHalfRunner:
+    """Torch in fp16: the measured low-precision baseline for fp16 tolerances."""
+
+    name = "torch fp16"
+
+    def __init__(self, model):
+        import copy
+
+        self.model = copy.deepcopy(model).half()
+
+    def infer(self, feeds):
+        import torch
+
+        with torch.no_grad():
+            return {"logits": self.model(torch.from_numpy(feeds["input_ids"])).float().numpy()}
+
+
+def parity_onnx(model, onnx_path, max_len, text_ids, precision="fp32", threads=None, progress=None,
+                lengths=None, batches=(1, 3)) -> dict:
+    """ORT vs torch fp32 on the grid. fp16 tolerance: 3x the torch-fp16 distance, measured per case."""
+    from .check import check_parity
+    from .runtime import ORTRunner, TorchRunner
+
+    cfg = model.cfg
+    ref = TorchRunner(model)
+    with ORTRunner(onnx_path, threads=threads) as cand:
+        kw = dict(chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size, text_ids=text_ids,
+                  precision=precision, progress=progress, lengths=lengths, batches=batches)
+        if precision == "fp32":
+            report = check_parity(ref, cand, **kw)
+        else:
+            report = check_parity(ref, cand, baseline=TorchHalfRunner(model), **kw)
+    report["candidate"] = f"onnxruntime {Path(onnx_path).name}"
+    return report
+
+
+def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
+                 allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
+                 log=print, case_progress=None, **options) -> dict:
+    """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ..."""
+    from .convert import convert, resolve_model_dir, save_bsbr
+    from .export import ExportSpec, export_onnx
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists (use --force to replace it)")
+    t0 = time.time()
+    step = iter(range(1, 10))
+    log(f"[{next(step)}] converting {source}")
+    src_dir = resolve_model_dir(source)
+    model = convert(src_dir, allow_pickle=allow_pickle, **options)
+    max_len = max_seq_len if max_seq_len is not None else model.cfg.n_positions
+    spec = ExportSpec(max_seq_len=max_len, inline=inline)
+    text_ids = heldout_text(src_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
+    manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
+                "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
+    tensorrt_missing = None
+    try:
+        save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
+        log(f"[{next(step)}] exporting ONNX (prefill + decode graphs, max {max_len} tokens)")
+        export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
+        log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
+        report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
+        _record(manifest, "onnx_fp32", report, tmp)
+        onnx_for_engine = tmp / "model.onnx"
+        if engine == "fp16":
+            log(f"[{next(step)}] exporting the fp16 graph (LayerNorm and softmax in fp32)")
+            export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
+                        progress=lambda m: log(f"    {m}"))
+            log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
+            report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads, case_progress)
+            _record(manifest, "onnx_fp16", report, tmp)
+            onnx_for_engine = tmp / "model_fp16.onnx"
+        if engine in ("fp32", "fp16"):
+            from .trt import TensorRTNotInstalled, require_tensorrt
+
+            try:
+                require_tensorrt()
+                log(f"[{next(step)}] building the TensorRT engine ({engine})")
+                _build_and_check(model, onnx_for_engine, tmp, engine, max_len, text_ids, manifest, case_progress)
+            except TensorRTNotInstalled as e:
+                tensorrt_missing = e
+                manifest["engine_status"] = f"not built: {e}"
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                manifest["files"][f.relative_to(tmp).as_posix()] = file_sha256(f)
+        manifest["seconds"] = round(time.time() - t0, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tensorrt_missing is not None:
+        raise tensorrt_missing
+    return manifest
+
+
+def _record(manifest: dict, key: str, report: dict, tmp: Path) -> None:
+    from .check import markdown_table, write_report
+
+    write_report(report, tmp, f"parity_{key}")
+    manifest["parity"][key] = {"passed": report["passed"], "precision": report["precision"],
+                               "worst_max_abs": max(c["max_abs"] for c in report["cases"]),
+                               "min_top1": min(c["top1"] for c in report["cases"]),
+                               "cases": len(report["cases"])}
+    if not report["passed"]:
+        raise ParityError(f"{report['candidate']} fails parity against torch fp32:\n"
+                          + markdown_table(report, only_failed=True))
+
+
+def _build_and_check(model, onnx_path, tmp, engine, max_len, text_ids, manifest, case_progress):
+    """Build the engine, then check it like any other runner (needs TensorRT and a GPU)."""
+    from .check import check_parity
+    from .runtime import TorchRunner
+    from .trt import TensorRTRunner, engine_from_onnx
+
+    path = engine_from_onnx(onnx_path, tmp / f"model_{engine}.engine", min_seq=1, opt_seq=min(512, max_len),
+                            max_seq=max_len, max_batch=8, timing_cache_path=tmp / "timing.cache")
+    cfg = model.cfg
+    with TensorRTRunner(path) as runner:
+        kw = dict(chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size, text_ids=text_ids,
+                  precision=engine, progress=case_progress)
+        baseline = TorchHalfRunner(model) if engine == "fp16" else None
+        report = check_parity(TorchRunner(model), runner, baseline=baseline, **kw)
+    report["candidate"] = f"TensorRT {path.name}"
+    _record(manifest, f"tensorrt_{engine}", report, tmp)
+    manifest["engine_status"] = f"built: {path.name}"

@@ -1,0 +1,220 @@
+"""Benchmark the fused chunk-attention kernel against PyTorch.
+
+Backends, all at the same (B, H, T, d) with chunk L:
+  fused   the Triton kernel (plugins/chunk_attention_triton.py)
+  chunked vectorised PyTorch: pad to C*L, SDPA is_causal on (B, H*C, L, d) chunks
+          (4-D, so SDPA may pick its flash kernel), einsum retrieval term
+  full    torch SDPA is_causal over the whole sequence: what BSBR replaces
+          (a different op, so timed without a parity check)
+
+Before timing a BSBR backend at a length, its output is compared with the fp32
+reference (plugins/chunk_attention_ref.py): at most 3x the distance of the
+reference run on the same low-precision inputs. A backend that fails is not
+timed at that length, and the script exits non-zero.
+
+GPU:  python scripts/bench_kernel.py --device cuda [--output docs/kernel_bench.md]
+CPU smoke test: python scripts/bench_kernel.py --device cpu --quick
+(the fused kernel joins on CPU only under Triton's interpreter: TRITON_INTERPRET=1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline  # noqa: E402
+
+
+def chunk_attention_torch(q, k, v, S, g, L: int) -> torch.Tensor:
+    """Vectorised chunk attention: SDPA is_causal per chunk plus g * q @ S_chunk."""
+    B, H, T, d = q.shape
+    C = S.shape[2]
+
+    def chunks(x):  # (B, H, T, d) -> (B, H*C, L, d); padded rows sit after the last token
+        return F.pad(x, (0, 0, 0, C * L - T)).reshape(B, H * C, L, d)
+
+    qc = chunks(q)
+    local = F.scaled_dot_product_attention(qc, chunks(k), chunks(v), is_causal=True)  # (B, H*C, L, d)
+    retrieved = torch.einsum("bnld,bnde->bnle", qc, S.reshape(B, H * C, d, d).to(q.dtype))  # (B, H*C, L, d)
+    gh = g.to(q.dtype).repeat_interleave(C).view(1, H * C, 1, 1)  # (1, H*C, 1, 1)
+    return (local + gh * retrieved).view(B, H, C * L, d)[:, :, :T]
+
+
+def full_causal_sdpa(q, k, v, S, g, L: int) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
+
+
+def fused_backend(device: str):
+    """The Triton kernel, or (None, reason) when it cannot run here."""
+    try:
+        from plugins.chunk_attention_triton import chunk_attention_triton, is_interpreted, require_triton
+
+        require_triton()
+    except ImportError as exc:
+        return None, str(exc)
+    if device == "cpu" and not is_interpreted():
+        return None, "on CPU the kernel needs TRITON_INTERPRET=1"
+    return chunk_attention_triton, ""
+
+
+def make_inputs(B, H, T, d, L, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))  # (B, H, T, d)
+    S = torch.randn(B, H, math.ceil(T / L), d, d, generator=gen) / math.sqrt(d)  # (B, H, C, d, d)
+    g = torch.rand(H, generator=gen) + 0.5  # (H,)
+    return [x.to(device) for x in (q, k, v, S, g)]
+
+
+def time_ms(fn, device: str, warmup: int, runs: int) -> float:
+    """Median wall time of `fn()` in ms: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_length(T, args, dtype, backends) -> dict:
+    """Parity-check, then time, every backend at one sequence length."""
+    q, k, v, S, g = make_inputs(1, args.heads, T, args.head_dim, args.chunk, args.device, seed=T)
+    ref32 = chunk_attention_ref(q, k, v, S, g, args.chunk)
+    low = [x.to(dtype) for x in (q, k, v, S)]
+    ref_low = chunk_attention_ref(*low, g, args.chunk)
+    row = {"T": T}
+    for name, fn, checked in backends:
+        if checked:
+            with torch.no_grad():
+                nums = compare_to_baseline(fn(*low, g, args.chunk), ref32, ref_low)
+            row[f"{name}_parity"] = nums
+            if not nums["ok"]:
+                row[name] = None
+                continue
+        with torch.no_grad():
+            row[name] = time_ms(lambda: fn(*low, g, args.chunk), args.device, args.warmup, args.runs)
+    del q, k, v, S, ref32, ref_low, low
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def header(args, dtype, fused_note: str) -> list[str]:
+    if args.device == "cuda":
+        where = f"GPU: {torch.cuda.get_device_name()}"
+    else:
+        where = f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        "# Fused chunk attention benchmark",
+        "",
+        f"- {where}",
+        f"- torch {torch.__version__}, triton {triton_version}",
+        f"- batch 1, {args.heads} heads, head dim {args.head_dim}, chunk {args.chunk}, {dtype}, "
+        f"median of {args.runs} runs after {args.warmup} warm-up runs",
+        "- parity: max/mean |out - fp32 reference| within 3x the reference's own low-precision distance",
+    ]
+    if fused_note:
+        lines.append(f"- fused kernel not run: {fused_note}")
+    return lines + [""]
+
+
+def fmt_ms(x) -> str:
+    return "parity FAILED" if x is None else ("-" if x == "-" else f"{x:.3f}")
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
+def table(rows) -> list[str]:
+    lines = [
+        "| T | fused (ms) | torch chunked (ms) | full causal SDPA (ms) | chunked / fused | SDPA / fused "
+        "| fused max err (limit) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fused, chunked, full = r.get("fused", "-"), r.get("chunked", "-"), r.get("full", "-")
+        p = r.get("fused_parity")
+        parity = f"{p['err_max']:.2e} ({p['limit_max']:.2e})" if p else "-"
+        lines.append(f"| {r['T']} | {fmt_ms(fused)} | {fmt_ms(chunked)} | {fmt_ms(full)} | "
+                     f"{ratio(chunked, fused)} | {ratio(full, fused)} | {parity} |")
+    return lines
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--output", type=Path, default=None, help="also write the Markdown here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.heads, args.head_dim, args.chunk = [64, 200], 2, 32, 48
+        args.runs, args.warmup = 5, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available (use --device cpu --quick)")
+    if args.runs < 10 and not args.quick:
+        p.error("--runs must be >= 10 for a reported number")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("float16" if args.device == "cuda" else "float32"))
+    fused, fused_note = fused_backend(args.device)
+    backends = [("chunked", chunk_attention_torch, True), ("full", full_causal_sdpa, False)]
+    if fused is not None:
+        backends.insert(0, ("fused", fused, True))
+    rows = []
+    for T in args.lengths:
+        rows.append(bench_length(T, args, dtype, backends))
+        print(f"T={T} done", file=sys.stderr, flush=True)
+    text = "\n".join(header(args, dtype, fused_note) + table(rows)) + "\n"
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    failed = [r["T"] for r in rows for name, _, checked in backends if checked and r.get(name, 0) is None]
+    if failed:
+        print(f"parity FAILED at T={sorted(set(failed))}: no speed reported there", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""ONNX export, ONNX Runtime inference and parity (the main command on the bundled model)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bsbr_export.check import check_parity, grid_lengths
+from bsbr_export.cli import main
+from bsbr_export.convert import convert
+from bsbr_export.errors import InputError, ModelLoadError
+from bsbr_export.export import DOMAIN, FUNCTION, ExportSpec, export_onnx
+from bsbr_export.generate import TorchStepper, generate
+from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner
+from conftest import assert_close
+
+
+@pytest.fixture(scope="module")
+def fp16_run(bundled_dir, tmp_path_factory):
+    """The full pipeline with --engine fp16 on the bundled model (no TensorRT here)."""
+    out = tmp_path_factory.mktemp("run") / "fp16"
+    res = CliRunner().invoke(main, [str(bundled_dir), "--engine", "fp16", "--out", str(out)])
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_hf_dir, tmp_path_factory):
+    """Tiny model with a chunk of 24 and the plain retrieval (g = 1) switched on."""
+    model = convert(tiny_hf_dir, chunk_size=24, retrieval_scale=1.0)
+    out = tmp_path_factory.mktemp("tiny_onnx")
+    export_onnx(model, out, ExportSpec(max_seq_len=200))
+    return model, out
+
+
+def test_function_graph_structure(tiny_export):
+    _, out = tiny_export
+    m = onnx.load(out / "model.onnx", load_external_data=False)
+    assert m.opset_import[0].version >= 18
+    assert [(f.domain, f.name) for f in m.functions] == [(DOMAIN, FUNCTION)]
+    nodes = [n for n in m.graph.node if n.op_type == FUNCTION]
+    assert len(nodes) == 2 and all(n.domain == DOMAIN for n in nodes)
+    attrs = {a.name: a for a in nodes[0].attribute}
+    assert attrs["chunk_size"].i == 24 and attrs["plugin_namespace"].s == b"bsbr"
+    assert (out / "model.onnx.data").is_file()  # weights as external data
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_tiny_parity_with_retrieval_on(tiny_hf_dir, tmp_path, inline):
+    """Random ids, a non-power-of-two chunk and retrieval at full scale: every grid point."""
+    model = convert(tiny_hf_dir, chunk_size=24, retrieval_scale=1.0, compression=None if inline else 2)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=200, inline=inline), decode=False)
+    if inline:
+        m = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+        assert not m.functions and all(n.domain == "" for n in m.graph.node)
+    with ORTRunner(tmp_path / "model.onnx") as r:
+        rep = check_parity(TorchRunner(model), r, chunk=24, max_len=200, vocab=101)
+    assert rep["passed"], rep
+    assert rep["lengths"] == [1, 23, 24, 25, 51, 96, 200]
+
+
+def test_main_command_fp16_without_tensorrt(fp16_run):
+    res, out = fp16_run
+    assert res.exit_code == 3, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: wrote") and "TensorRT not installed" in last
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["chunk_size"] == 128
+    assert manifest["engine_status"].startswith("not built: TensorRT not installed")
+    for name in ("model.onnx", "model.onnx.data", "decode.onnx", "model_fp16.onnx", "bsbr/model.safetensors"):
+        assert name in manifest["files"], name
+        assert (out / name).is_file()
+
+
+def test_bundled_fp32_parity_every_grid_point(fp16_run):
+    _, out = fp16_run
+    rep = json.loads((out / "parity_onnx_fp32.json").read_text())
+    assert rep["passed"]
+    assert rep["lengths"] == grid_lengths(128, 1024) == [1, 127, 128, 129, 259, 512, 1024]
+    assert {(c["source"], c["batch"]) for c in rep["cases"]} == {(s, b) for s in ("heldout", "random") for b in (1, 3)}
+    assert max(c["max_abs"] for c in rep["cases"]) <= 1e-4
+
+
+def test_bundled_fp16_graph_parity(fp16_run):
+    """fp16 ONNX vs torch fp32, tolerance 3x the measured torch-fp16 distance per case."""
+    _, out = fp16_run
+    rep = json.loads((out / "parity_onnx_fp16.json").read_text())
+    assert rep["passed"]
+    for c in rep["cases"]:
+        assert c["baseline_max_abs"] > 0 and c["max_abs"] <= 3 * c["baseline_max_abs"] + 1e-4
+    m = onnx.load(out / "model_fp16.onnx", load_external_data=False)
+    types = {i.data_type for i in m.graph.initializer if i.name.startswith("h.")}
+    assert types == {onnx.TensorProto.FLOAT16}
+
+
+def test_bundled_inlined_graph_parity(bundled_dir, heldout_ids, tmp_path):
+    from bsbr_export.pipeline import parity_onnx
+
+    model = convert(bundled_dir)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=1024, inline=True), decode=False)
+    rep = parity_onnx(model, tmp_path / "model.onnx", 1024, heldout_ids)
+    assert rep["passed"], [c for c in rep["cases"] if not c["passed"]]
+
+
+def test_greedy_generation_torch_equals_ort(fp16_run, bundled_dir, heldout_ids):
+    _, out = fp16_run
+    model = convert(bundled_dir)
+    prompt = heldout_ids[5000:5300][None]
+    a = generate(TorchStepper(model, 364), prompt, 64)
+    b = generate(ORTStepper(out, max_len=364), prompt, 64)
+    assert a.shape == (1, 64) and a.tolist() == b.tolist()
+
+
+def test_ort_decode_crosses_chunk_boundaries(tiny_export):
+    """Teacher-forced decode through many chunk closings matches the full forward."""
+    model, out = tiny_export
+    ids = np.random.default_rng(0).integers(0, 101, size=(2, 130))
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids)).numpy()
+    st = ORTStepper(out, max_len=130)
+    assert_close(torch.from_numpy(st.prefill(ids[:, :30])), torch.from_numpy(full[:, 29]), 1e-4, "prefill")
+    for t in range(30, 130):
+        assert_close(torch.from_numpy(st.decode(ids[:, t])), torch.from_numpy(full[:, t]), 1e-4, f"t={t}")
+
+
+def test_polygraphy_tools_accept_the_graph(tiny_export):
+    _, out = tiny_export
+    poly = shutil.which("polygraphy") or pytest.skip("polygraphy not installed")
+    r = subprocess.run([poly, "inspect", "model", str(out / "model.onnx")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "input_ids" in r.stdout
+    r = subprocess.run([poly, "run", str(out / "model.onnx"), "--onnxrt", "--val-range", "input_ids:[0,100]",
+                        "--input-shapes", "input_ids:[2,37]"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "PASSED" in r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_sequence_longer_than_export_is_refused_before_ort(tiny_export):
+    _, out = tiny_export
+    with ORTRunner(out / "model.onnx") as r:
+        with pytest.raises(InputError, match="exceeds the export's maximum of 200"):
+            r.infer({"input_ids": np.zeros((1, 201), dtype=np.int64)})
+
+
+@pytest.mark.parametrize("feeds,msg", [
+    ({"input_ids": np.zeros((1, 5), dtype=np.float32)}, "must be int64"),
+    ({"input_ids": np.zeros((5,), dtype=np.int64)}, "rank 1"),
+    ({"input_ids": np.zeros((1, 2, 3), dtype=np.int64)}, "rank 3"),
+    ({"input_ids": np.full((1, 3), 101, dtype=np.int64)}, r"must lie in \[0, 101\)"),
+    ({"ids": np.zeros((1, 3), dtype=np.int64)}, "expected exactly the feed 'input_ids'"),
+])
+def test_bad_feeds(tiny_export, feeds, msg):
+    _, out = tiny_export
+    with ORTRunner(out / "model.onnx") as r:
+        with pytest.raises(InputError, match=msg):
+            r.infer(feeds)
+
+
+def test_unreadable_onnx(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load it"):
+        with ORTRunner(tmp_path / "model.onnx"):
+            pass
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
+    (["--chunk-size", "-4"], "chunk size must be a positive integer"),
+])
+def test_main_command_bad_options(tiny_hf_dir, tmp_path, args, msg):
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 1 and msg in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_main_command_partial_model_dir(tiny_hf_dir, tmp_path):
+    d = tmp_path / "partial"
+    d.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", d)
+    res = CliRunner().invoke(main, [str(d), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "partial model directory" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
+
+
+def test_main_command_refuses_existing_output(tiny_hf_dir, tmp_path):
+    (tmp_path / "o").mkdir()
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "already exists (use --force" in res.output
+
+
+def test_interrupted_export_leaves_nothing_valid(tiny_hf_dir, tmp_path, monkeypatch):
+    import bsbr_export.export as ex
+
+    real = ex._save
+    calls = []
+
+    def dying_save(m, path):
+        calls.append(path.name)
+        if path.name == "decode.onnx":
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-export
+        real(m, path)
+
+    monkeypatch.setattr(ex, "_save", dying_save)
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--chunk-size", "24"])
+    assert res.exit_code == 1 and "Aborted" in res.output  # click's answer to Ctrl-C
+    assert calls == ["model.onnx", "decode.onnx"]
+    assert list(tmp_path.iterdir()) == []  # no output dir, no partial leftovers
