@@ -51,6 +51,9 @@ class ExportSpec:
     opset: int = OPSET
     inline: bool = False
     fp16: bool = False
+    # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
+    attention: str = "bsbr"
+    state_outputs: bool = True
     input_names: tuple = ("input_ids",)
     output_names: tuple = ("logits",)
     dynamic_axes: dict = field(default_factory=lambda: {"input_ids": ("batch", "seq"),
@@ -63,6 +66,8 @@ class ExportSpec:
 
         if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
             raise ConfigError(f"max sequence length must be an integer >= 1, got {self.max_seq_len!r}")
+        if self.attention not in ("bsbr", "full", "none"):
+            raise ConfigError(f"attention must be bsbr, full or none, got {self.attention!r}")
         if self.opset < 18:
             raise ConfigError(f"opset must be >= 18, got {self.opset}")
 
@@ -300,57 +305,31 @@ def prefill_graph(model, spec: ExportSpec):
     earlier = g.op("Less", g.op("Unsqueeze", j, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i
     closed = g.op("Less", j, n_done)  # (C,): chunk j complete
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
-    U = None
+    ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, closed=closed,
+               r_idx=r_idx)
     states = {n: [] for n in STATE_NAMES}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)
-        xl = g.op("Gather", xa, last, axis=1)  # (B, C, E)
-        h = _split_heads(g, g.linear(xl, W(p + "attn.meta_k.weight", True), W(p + "attn.meta_k.bias")), H, d)
-        rp = _split_heads(g, g.linear(xl, W(p + "attn.meta_q.weight", True), W(p + "attn.meta_q.bias")), H, d)
-        # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
-        r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
-                 g.op("Slice", rp, zero, g.op("Sub", C, one), g.const([2])), axis=2)  # (B, H, C, d)
-        # Chunk states F_j = phi(K_j)^T V_j.
-        pads = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, L1), T), zero)
-        chunked = g.cat(g.const([0, H]), C, g.const([L, d]))
-        kc = g.op("Reshape", g.op("Pad", k, pads), chunked)  # (B, H, C, L, d)
-        vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
-        if cfg.compression is not None:
-            U = W(p + "attn.U")  # (H, d, d')
-            U5 = g.op("Unsqueeze", U, g.const([0, 2]))  # (1, H, 1, d, d')
-            kc = g.op("MatMul", kc, U5)  # (B, H, C, L, d')
-        Fs = g.op("MatMul", g.op("Transpose", kc, perm=[0, 1, 2, 4, 3]), vc)  # (B, H, C, d', d)
-        Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * d])))  # (B, H, C, d'd)
-        scale = g.fconst(1.0 / math.sqrt(d))
-        sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C)
-        S = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc, earlier), Ff),
-                 g.cat(g.const([0, H]), C, g.const([dp, d])))  # (B, H, C, d', d)
-        S_full = g.op("MatMul", U5, S) if U is not None else S  # (B, H, C, d, d)
-        o = g.op(FUNCTION, q, k, v, S_full, W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
-        x = g.op("Add", x, g.linear(_merge_heads(g, o, E), W(p + "attn.c_proj.weight", True), W(p + "attn.c_proj.bias")))
+        if spec.attention == "bsbr":
+            o = _bsbr_layer(g, W, cfg, p, xa, q, k, v, ctx, states if spec.state_outputs else None)
+        elif spec.attention == "full":
+            o = _full_attention(g, q, k, v, T, d)
+        else:  # "none": the dense floor keeps every projection and skips attention itself
+            o = v
+        x = g.op("Add", x, g.linear(_merge_heads(g, o, E), W(p + "attn.c_proj.weight", True),
+                                    W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-        # Decode state after the prompt.
-        r_state = g.op("Gather", rp, r_idx, axis=2)  # (B, H, 1, d)
-        sc_state = g.op("Mul", g.op("MatMul", r_state, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)
-        S_state = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc_state, closed), Ff),
-                       g.const([0, H, dp, d]))  # (B, H, d', d)
-        open_k = [g.op("Pad", g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2])),
-                       g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)) for t_ in (k, v)]
-        states["state_k"].append(open_k[0])
-        states["state_v"].append(open_k[1])
-        states["state_S"].append(S_state)
-        states["state_bank_h"].append(g.op("Slice", h, zero, n_done, g.const([2])))
-        states["state_bank_F"].append(g.op("Slice", Fs, zero, n_done, g.const([2])))
     x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
     BT_E = g.op("Reshape", x, g.const([-1, E]))
     logits = g.op("Gemm", BT_E, W("wte.weight"), transB=1)
     logits = g.op("Reshape", logits, g.cat(g.dim(ids, 0), T, g.const([cfg.vocab_size])))
     g.op("Cast", logits, to=TensorProto.FLOAT, outputs=["logits"])
     for n, parts in states.items():
-        st = g.op("Concat", *[g.op("Unsqueeze", s_, zero) for s_ in parts], axis=0)
-        g.op("Cast", st, to=TensorProto.FLOAT, outputs=[n])
+        if parts:
+            st = g.op("Concat", *[g.op("Unsqueeze", s_, zero) for s_ in parts], axis=0)
+            g.op("Cast", st, to=TensorProto.FLOAT, outputs=[n])
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"])]
     nl = cfg.n_layer
@@ -360,7 +339,64 @@ def prefill_graph(model, spec: ExportSpec):
                helper.make_tensor_value_info("state_S", f, [nl, "batch", H, dp, d]),
                helper.make_tensor_value_info("state_bank_h", f, [nl, "batch", H, "closed_chunks", d]),
                helper.make_tensor_value_info("state_bank_F", f, [nl, "batch", H, "closed_chunks", dp, d])]
-    return g, inputs, outputs
+    return g, inputs, outputs if states["state_k"] else outputs[:1]
+
+
+def _bsbr_layer(g: Graph, W, cfg: BSBRConfig, p, xa, q, k, v, ctx, states):
+    """BSBR attention of one layer -> o (B, H, T, d); appends the decode state to ``states``."""
+    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
+    zero, one = g.const([0]), g.const([1])
+    T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
+    xl = g.op("Gather", xa, ctx["last"], axis=1)  # (B, C, E)
+    h = _split_heads(g, g.linear(xl, W(p + "attn.meta_k.weight", True), W(p + "attn.meta_k.bias")), H, d)
+    rp = _split_heads(g, g.linear(xl, W(p + "attn.meta_q.weight", True), W(p + "attn.meta_q.bias")), H, d)
+    # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
+    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
+             g.op("Slice", rp, zero, g.op("Sub", C, one), g.const([2])), axis=2)  # (B, H, C, d)
+    # Chunk states F_j = phi(K_j)^T V_j.
+    pads = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, L1), T), zero)
+    chunked = g.cat(g.const([0, H]), C, g.const([L, d]))
+    kc = g.op("Reshape", g.op("Pad", k, pads), chunked)  # (B, H, C, L, d)
+    vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
+    U5 = None
+    if cfg.compression is not None:
+        U5 = g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1, H, 1, d, d')
+        kc = g.op("MatMul", kc, U5)  # (B, H, C, L, d')
+    Fs = g.op("MatMul", g.op("Transpose", kc, perm=[0, 1, 2, 4, 3]), vc)  # (B, H, C, d', d)
+    Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * d])))  # (B, H, C, d'd)
+    scale = g.fconst(1.0 / math.sqrt(d))
+    hT = g.op("Transpose", h, perm=[0, 1, 3, 2])
+    sc = g.op("Mul", g.op("MatMul", r, hT), scale)  # (B, H, C, C)
+    S = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc, ctx["earlier"]), Ff),
+             g.cat(g.const([0, H]), C, g.const([dp, d])))  # (B, H, C, d', d)
+    S_full = g.op("MatMul", U5, S) if U5 is not None else S  # (B, H, C, d, d)
+    o = g.op(FUNCTION, q, k, v, S_full, W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
+    if states is None:
+        return o
+    # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
+    n_done, n_cur = ctx["n_done"], ctx["n_cur"]
+    r_state = g.op("Gather", rp, ctx["r_idx"], axis=2)  # (B, H, 1, d)
+    sc_state = g.op("Mul", g.op("MatMul", r_state, hT), scale)  # (B, H, 1, C)
+    S_state = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc_state, ctx["closed"]), Ff),
+                   g.const([0, H, dp, d]))  # (B, H, d', d)
+    for name, t_ in (("state_k", k), ("state_v", v)):
+        open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
+        states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
+    states["state_S"].append(S_state)
+    states["state_bank_h"].append(g.op("Slice", h, zero, n_done, g.const([2])))
+    states["state_bank_F"].append(g.op("Slice", Fs, zero, n_done, g.const([2])))
+    return o
+
+
+def _full_attention(g: Graph, q, k, v, T, d):
+    """Standard causal softmax attention over all T keys (T x T scores): the baseline graph."""
+    from onnx import helper
+
+    scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])),
+                  g.fconst(1.0 / math.sqrt(d)))  # (B, H, T, T)
+    ones = g.op("ConstantOfShape", g.cat(T, T), value=helper.make_tensor("one", 1, [1], [1.0]))
+    causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)
+    return g.op("MatMul", g.softmax(g.op("Where", causal, scores, g.fconst(NEG))), v)
 
 
 def decode_graph(model, spec: ExportSpec):
