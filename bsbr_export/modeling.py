@@ -84,13 +84,26 @@ class Attention(nn.Module):
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U)
         elif impl == "vectorised":
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U)
-        elif impl == "triton":
-            from plugins.chunk_attention_triton import chunk_attention_triton
-
-            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=chunk_attention_triton)
+        elif impl in ("triton", "fused"):
+            # "fused": the Triton kernel on CUDA, the vectorised path elsewhere.
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused_op(q, strict=impl == "triton"))
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return self.c_proj(o.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
+
+
+def fused_op(q: torch.Tensor, strict: bool):
+    """The Triton chunk-attention kernel when it can run on ``q``, else None (vectorised torch)."""
+    from plugins.chunk_attention_triton import chunk_attention_triton, is_interpreted, require_triton
+
+    if strict:
+        require_triton()
+        return chunk_attention_triton
+    try:
+        require_triton()
+    except ImportError:
+        return None
+    return chunk_attention_triton if (q.is_cuda or is_interpreted()) else None
 
 
 class MLP(nn.Module):

@@ -142,3 +142,31 @@ def test_positions_beyond_table_follow_policy(tiny):
     ids = torch.randint(0, 101, (1, 600))
     with torch.no_grad():
         assert torch.isfinite(tiny(ids)).all()
+
+
+FUSED_CHILD = r"""
+import json, sys, torch
+from bsbr_export.convert import convert
+model = convert(sys.argv[1], chunk_size=24)
+ids = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    a, b = model(ids, impl="fused"), model(ids)
+from plugins.chunk_attention_triton import is_interpreted
+print(json.dumps({"interpreted": is_interpreted(), "max_abs": (a - b).abs().max().item()}))
+"""
+
+
+def test_model_fused_kernel_under_interpreter(tiny_hf_dir):
+    """The model's fused path (Triton kernel, CPU interpreter here) matches the vectorised path."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="triton not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", FUSED_CHILD, str(tiny_hf_dir)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["interpreted"] and out["max_abs"] <= 1e-4, out
