@@ -12,6 +12,10 @@ from .errors import ConfigError
 POSITION_POLICIES = ("absolute", "chunk")
 META_INITS = ("qk", "random")
 COMPRESSION_INITS = ("random-orthogonal",)
+RETRIEVALS = ("plain", "normalised")
+FEATURE_MAPS = ("identity", "elu1", "relu")
+# Feature maps that keep every phi(x) >= 0, so a shared denominator never vanishes.
+POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
 
@@ -39,7 +43,17 @@ class BSBRConfig:
       (``qk``: copies of the layer's query/key projections; ``random``: N(0, 0.02)).
     compression: state compression factor kappa (None = off); chunk states are kept
       as ``U^T F`` with U (d x d/kappa) orthonormal per head.
-    retrieval_scale: initial value of the per-head retrieval scale g.
+    retrieval_scale: initial value of the per-head retrieval scale g (0 = block-local
+      attention only: the retrieval term vanishes).
+    retrieval: how the retrieved state enters the output.
+      ``plain``: ``o_t = a_t + g phi(q_t) S_c(t)`` (the design note's form; phi = identity).
+      ``normalised``: local and retrieved terms share one denominator, as in hybrid
+        local + linear attention:
+        ``o_t = (sum_s e^{q_t.k_s/sqrt d} v_s + g phi(q_t) S) / (sum_s e^{q_t.k_s/sqrt d} + g phi(q_t) Z)``
+        with ``Z_i = sum_j p_ij z_j``, ``z_j = sum_{s in chunk j} phi(k_s)``; needs g >= 0 and
+        a positive feature map.
+    feature_map: phi before compression: ``identity`` (plain only), ``elu1`` (elu(x) + 1),
+      ``relu``.
     """
 
     vocab_size: int
@@ -56,6 +70,8 @@ class BSBRConfig:
     meta_init: str = "qk"
     compression_init: str = "random-orthogonal"
     retrieval_scale: float = 1.0
+    retrieval: str = "plain"
+    feature_map: str = "identity"
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -77,6 +93,18 @@ class BSBRConfig:
             raise ConfigError(f"meta init must be one of {META_INITS}, got {self.meta_init!r}")
         if self.activation_function not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation_function!r}")
+        if self.retrieval not in RETRIEVALS:
+            raise ConfigError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ConfigError(f"feature map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.retrieval == "plain" and self.feature_map != "identity":
+            raise ConfigError(f"plain retrieval uses the identity feature map, got {self.feature_map!r}")
+        if self.retrieval == "normalised":
+            if self.feature_map not in POSITIVE_FEATURE_MAPS:
+                raise ConfigError(f"normalised retrieval needs a positive feature map {POSITIVE_FEATURE_MAPS}, "
+                                  f"got {self.feature_map!r}")
+            if not self.retrieval_scale >= 0:
+                raise ConfigError(f"normalised retrieval needs retrieval_scale >= 0, got {self.retrieval_scale!r}")
         if self.compression is not None:
             c = self.compression
             if isinstance(c, bool) or not isinstance(c, int) or c < 1 or self.head_dim % c:

@@ -561,6 +561,9 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
     Files are written and checked in a temporary directory next to ``out_dir``;
     only complete, checked files are moved in. Returns {file name: path}.
     """
+    if getattr(model.cfg, "retrieval", "plain") != "plain":
+        from .errors import ConfigError
+        raise ConfigError(f"ONNX export supports the plain retrieval only, not {model.cfg.retrieval!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))

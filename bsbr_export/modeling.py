@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import bsbr_attention, bsbr_attention_reference, num_chunks
+from .attention import (bsbr_attention, bsbr_attention_reference, feature, normalised_combine,
+                        num_chunks)
 from .config import BSBRConfig
 from .errors import InputError
 
@@ -80,13 +81,15 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x)
         r, h = self.meta(x)
         L = self.cfg.chunk_size
+        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.cfg.feature_map)
         if impl == "reference":
-            o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U)
-        elif impl == "vectorised":
-            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U)
+            o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
+        elif impl == "vectorised" or (impl == "fused" and self.cfg.retrieval != "plain"):
+            # The fused kernels implement the plain op only; "fused" falls back for other variants.
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl in ("triton", "fused"):
             # "fused": the Triton kernel on CUDA, the vectorised path elsewhere.
-            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused_op(q, strict=impl == "triton"))
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused_op(q, strict=impl == "triton"), **mode)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return self.c_proj(o.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
@@ -139,6 +142,8 @@ class DecodeState:
     bank_h: (n_layer, B, H, C_max, d)    meta keys of completed chunks
     bank_F: (n_layer, B, H, C_max, d', d) states of completed chunks
     pos:    number of tokens consumed so far
+    Z, bank_z: (n_layer, B, H, d') and (n_layer, B, H, C_max, d'): the retrieved and banked
+            normalisers of the ``normalised`` retrieval (None for ``plain``)
     """
 
     k: torch.Tensor
@@ -147,6 +152,8 @@ class DecodeState:
     bank_h: torch.Tensor
     bank_F: torch.Tensor
     pos: int = 0
+    Z: torch.Tensor | None = None
+    bank_z: torch.Tensor | None = None
 
 
 class BSBRGPT2(nn.Module):
@@ -193,9 +200,12 @@ class BSBRGPT2(nn.Module):
         Cmax = num_chunks(max_len, c.chunk_size)
         shape = (c.n_layer, batch, c.n_head)
         z = lambda *s: torch.zeros(*shape, *s, dtype=dtype, device=device)  # noqa: E731
-        return DecodeState(k=z(c.chunk_size, c.head_dim), v=z(c.chunk_size, c.head_dim),
-                           S=z(c.state_dim, c.head_dim), bank_h=z(Cmax, c.head_dim),
-                           bank_F=z(Cmax, c.state_dim, c.head_dim))
+        st = DecodeState(k=z(c.chunk_size, c.head_dim), v=z(c.chunk_size, c.head_dim),
+                         S=z(c.state_dim, c.head_dim), bank_h=z(Cmax, c.head_dim),
+                         bank_F=z(Cmax, c.state_dim, c.head_dim))
+        if c.retrieval == "normalised":
+            st.Z, st.bank_z = z(c.state_dim), z(Cmax, c.state_dim)
+        return st
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, max_len: int):
@@ -208,33 +218,55 @@ class BSBRGPT2(nn.Module):
         st = self.new_state(B, max_len, device=input_ids.device)
         n_done, n_cur = T // L, T % L  # completed chunks, tokens in the open chunk
         x = self.wte(input_ids) + self.wpe(position_ids(c, 0, T, input_ids.device))
-        from .attention import chunk_states, retrieve
+        from .attention import chunk_normalisers, chunk_states, retrieve
 
+        norm = c.retrieval == "normalised"
         for i, block in enumerate(self.h):
             a = block.attn
             xa = block.ln_1(x)
             q, k, v = a.qkv(xa)
             r, h = a.meta(xa)
-            Fs = chunk_states(k, v, L, a.U)  # (B, H, C, d', d)
+            Fs = chunk_states(k, v, L, a.U, c.feature_map)  # (B, H, C, d', d)
+            if norm:  # z_j rides along as an extra column of F_j
+                Fs = torch.cat([Fs, chunk_normalisers(k, L, a.U, c.feature_map)[..., None]], -1)
+                st.bank_z[i, :, :, :n_done] = Fs[:, :, :n_done, :, -1]
             st.bank_h[i, :, :, :n_done] = h[:, :, :n_done]
-            st.bank_F[i, :, :, :n_done] = Fs[:, :, :n_done]
+            st.bank_F[i, :, :, :n_done] = Fs[:, :, :n_done, :, :c.head_dim]
             st.k[i, :, :, :n_cur] = k[:, :, n_done * L:]
             st.v[i, :, :, :n_cur] = v[:, :, n_done * L:]
             if n_cur:  # the open chunk n_done already has its S in the full computation
-                st.S[i] = retrieve(r, h, Fs)[:, :, n_done]
+                SZ = retrieve(r, h, Fs)[:, :, n_done]  # (B, H, d', d [+ 1])
+                st.S[i] = SZ[..., :c.head_dim]
+                if norm:
+                    st.Z[i] = SZ[..., -1]
             else:  # the prompt ended on a chunk boundary: build S for the next chunk
-                st.S[i] = self._next_state(a, xa[:, T - 1], st, i, n_done)
+                self._next_state(a, xa[:, T - 1], st, i, n_done)
             x = block(x)
         st.pos = T
         return self.lm_logits(x), st
 
     def _next_state(self, a: Attention, x_last: torch.Tensor, st: DecodeState, layer: int, n_closed: int):
-        """S for the chunk after the ``n_closed``-th closed one: retrieval over the bank."""
+        """S (and Z) for the chunk after the ``n_closed``-th closed one: retrieval over the bank,
+        written into ``st``."""
         d = self.cfg.head_dim
         r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
         hs = st.bank_h[layer, :, :, :n_closed]  # (B, H, n, d)
         p = torch.softmax((hs @ r[..., None])[..., 0] / math.sqrt(d), dim=-1)  # (B, H, n)
-        return torch.einsum("bhn,bhnef->bhef", p, st.bank_F[layer, :, :, :n_closed])  # (B, H, d', d)
+        st.S[layer] = torch.einsum("bhn,bhnef->bhef", p, st.bank_F[layer, :, :, :n_closed])  # (B, H, d', d)
+        if st.Z is not None:
+            st.Z[layer] = torch.einsum("bhn,bhne->bhe", p, st.bank_z[layer, :, :, :n_closed])  # (B, H, d')
+
+    def _decode_normalised(self, a: Attention, q, kk, vv, S, Z):
+        """One query of the normalised retrieval: q (B, H, 1, d), kk/vv (B, H, n, d),
+        S (B, H, d', d), Z (B, H, d') -> (B, H, 1, d). Same op as chunk_attention_normalised,
+        the query sees all n keys."""
+        U, d = a.U, q.shape[-1]
+        S_full = S if U is None else torch.einsum("hde,bhef->bhdf", U, S)  # (B, H, d, d)
+        Z_full = Z if U is None else torch.einsum("hde,bhe->bhd", U, Z)  # (B, H, d)
+        scores = (q.float() @ kk.float().transpose(-1, -2)) / math.sqrt(d)  # (B, H, 1, n)
+        qf = feature(q.float(), self.cfg.feature_map)
+        o = normalised_combine(scores, vv.float(), qf, S_full.float(), Z_full.float(), a.g.float().view(1, -1, 1, 1))
+        return o.to(q.dtype)
 
     def lm_logits(self, x):
         return self.ln_f(x) @ self.wte.weight.T
@@ -255,17 +287,23 @@ class BSBRGPT2(nn.Module):
             st.k[i, :, :, slot] = k[:, :, 0]
             st.v[i, :, :, slot] = v[:, :, 0]
             kk, vv = st.k[i, :, :, :slot + 1], st.v[i, :, :, :slot + 1]  # (B, H, n, d)
-            local = F.scaled_dot_product_attention(q, kk, vv)  # (B, H, 1, d)
-            qs = q if a.U is None else torch.einsum("bhtd,hde->bhte", q, a.U)
-            o = local + a.g.view(1, -1, 1, 1) * (qs @ st.S[i])  # (B, H, 1, d)
+            if c.retrieval == "plain":
+                local = F.scaled_dot_product_attention(q, kk, vv)  # (B, H, 1, d)
+                qs = q if a.U is None else torch.einsum("bhtd,hde->bhte", q, a.U)
+                o = local + a.g.view(1, -1, 1, 1) * (qs @ st.S[i])  # (B, H, 1, d)
+            else:
+                o = self._decode_normalised(a, q, kk, vv, st.S[i], st.Z[i])  # (B, H, 1, d)
             x = x + a.c_proj(o.transpose(1, 2).reshape(x.shape))
             x = x + block.mlp(block.ln_2(x))
             if slot == L - 1:  # the chunk closes: bank it, then build S for the next chunk
                 j = t // L
-                kc = kk if a.U is None else torch.einsum("bhnd,hde->bhne", kk, a.U)
+                kc = feature(kk, c.feature_map)
+                kc = kc if a.U is None else torch.einsum("bhnd,hde->bhne", kc, a.U)
                 st.bank_F[i, :, :, j] = kc.transpose(-1, -2) @ vv
+                if st.bank_z is not None:
+                    st.bank_z[i, :, :, j] = kc.sum(-2)
                 st.bank_h[i, :, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
-                st.S[i] = self._next_state(a, xa[:, 0], st, i, j + 1)
+                self._next_state(a, xa[:, 0], st, i, j + 1)
         st.pos = t + 1
         return self.lm_logits(x)[:, 0]
 

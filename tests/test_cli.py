@@ -32,3 +32,13 @@ def test_bad_chunk_size_is_one_line(tiny_hf_dir, tmp_path):
 def test_console_script_help():
     res = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "convert" in res.stdout and "--engine" in res.stdout
+
+
+def test_hub_name_without_hub_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(main, ["gpt2", "--engine", "fp16", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("error: 'gpt2' is not a local directory and cannot be fetched from the HuggingFace hub")
+    assert "models/gpt2-pystdlib" in lines[-1]
+    assert not (tmp_path / "o").exists()

@@ -213,3 +213,15 @@ def test_interrupted_export_leaves_nothing_valid(tiny_hf_dir, tmp_path, monkeypa
     assert res.exit_code == 1 and "Aborted" in res.output  # click's answer to Ctrl-C
     assert calls == ["model.onnx", "decode.onnx"]
     assert list(tmp_path.iterdir()) == []  # no output dir, no partial leftovers
+
+
+def test_standard_attention_graph_equals_hf(tiny_hf_dir, tiny_hf, tmp_path):
+    """The benchmark's standard-attention graph computes HF GPT-2 exactly."""
+    model = convert(tiny_hf_dir, chunk_size=24)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=256, attention="full", state_outputs=False), decode=False)
+    ids = np.random.default_rng(1).integers(0, 101, size=(2, 150))
+    with ORTRunner(tmp_path / "model.onnx") as r:
+        out = r.infer({"input_ids": ids})["logits"]
+    with torch.no_grad():
+        ref = tiny_hf(torch.from_numpy(ids)).logits
+    assert_close(torch.from_numpy(out), ref, 1e-4, "full attention vs HF")
