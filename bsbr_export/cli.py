@@ -35,7 +35,7 @@ def conversion_options(f):
                      show_default=True, help="Positions for t >= n_positions (see README)."),
         click.option("--meta-init", type=click.Choice(["qk", "random"]), default="qk", show_default=True,
                      help="Initialisation of the meta query/key projections."),
-        click.option("--retrieval-scale", type=float, default=1.0, show_default=True,
+        click.option("--retrieval-scale", type=float, default=0.0, show_default=True,
                      help="Initial per-head retrieval scale g (0 = block-local attention only)."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
@@ -178,7 +178,7 @@ def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opt
 def _changed(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=1.0)
+                    retrieval_scale=0.0)
     return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
 
 
@@ -246,6 +246,100 @@ def generate(model_dir, prompt, backend, max_new_tokens, temperature, top_k, see
     except (BSBRExportError, OSError) as e:
         fail(str(e))
     click.echo(prompt + tok.decode(out[0].tolist()))
+
+
+def _int_list(text: str | None, name: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{name} must be comma-separated integers, got {text!r}")
+    if not vals or min(vals) < 1:
+        fail(f"{name} must be positive integers, got {text!r}")
+    return vals
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="CI smoke test: tiny random model, T in {16, 48}, 2 runs (seconds).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Directory for bench.json, bench.md and the plots [docs/bench/MODEL].")
+@click.option("--model", default=None,
+              help="gpt2-small-random (GPT2Config() shape, random weights) or a local HF GPT-2 directory "
+                   "[gpt2-small-random; --quick: tiny-random].")
+@click.option("--lengths", default=None, help="Prefill lengths T, comma-separated [128,...,8192].")
+@click.option("--decode-contexts", default=None, help="Decode contexts, comma-separated [256,...,8192]; 0 = skip.")
+@click.option("--throughput", default=None, help="Throughput point BATCHxT [8x256].")
+@click.option("--runs", type=int, default=None, help="Timed runs per case [5-7 by length].")
+@click.option("--threads", type=int, default=0, help="Threads for torch and ONNX Runtime [all cores].")
+@click.option("--chunk-size", type=int, default=None, help="BSBR chunk L [128; --quick: 16].")
+@click.option("--profile-len", type=int, default=None, help="T of the ORT op-type profiles [the longest T].")
+@click.option("--fragment", type=click.Path(path_type=Path), default=None,
+              help="Markdown fragment for docs/RESULTS.md [docs/results/bench.md; --quick: OUT/fragment.md].")
+@click.option("--work", type=click.Path(path_type=Path), default=None,
+              help="Keep models and ONNX exports here (several GB) instead of a temporary directory.")
+def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads, chunk_size, profile_len, fragment,
+          work):
+    """Prefill latency, throughput, peak memory, decode and scaling of every backend, in one run.
+
+    \b
+    Backends: HF GPT-2 (torch SDPA), BSBR (torch), standard GPT-2 (ONNX Runtime),
+    BSBR (ONNX Runtime), TensorRT (when present), and the dense floor (no attention).
+    A backend whose parity check fails is reported "parity FAILED" and not timed.
+    Each prefill case runs in its own child process (peak RSS per case). Run heavy
+    sweeps alone on the machine, e.g.:  flock /tmp/bsbr-cpu.lock bsbr-export bench
+    """
+    from .bench import BenchSpec, quick_spec, run_bench
+
+    root = Path(__file__).resolve().parents[1]
+    changes = {}
+    if model is not None:
+        changes["model"] = model
+    for key, val in (("lengths", _int_list(lengths, "--lengths")),):
+        if val is not None:
+            changes[key] = val
+    if decode_contexts is not None:
+        changes["decode_contexts"] = () if decode_contexts.strip() == "0" else _int_list(decode_contexts,
+                                                                                         "--decode-contexts")
+    if throughput is not None:
+        try:
+            bt, T = (int(v) for v in throughput.lower().split("x"))
+        except ValueError:
+            fail(f"--throughput must read BATCHxT, e.g. 8x256, got {throughput!r}")
+        changes["throughput"] = (bt, T)
+    if runs is not None:
+        if runs < 1:
+            fail(f"--runs must be >= 1, got {runs}")
+        changes["runs"] = runs
+    if chunk_size is not None:
+        changes["chunk_size"] = chunk_size
+    if profile_len is not None:
+        changes["profile_len"] = profile_len
+    if threads < 0:
+        fail(f"--threads must be >= 0, got {threads}")
+    changes["threads"] = threads
+    spec = quick_spec(**changes) if quick else BenchSpec(**changes)
+    tag = spec.model if spec.model in ("gpt2-small-random", "tiny-random") else Path(spec.model).name
+    out = out or root / "docs" / "bench" / tag
+    if fragment is None:
+        default = "bench.md" if tag == "gpt2-small-random" else f"bench-{tag}.md"
+        fragment = out / "fragment.md" if quick else root / "docs" / "results" / default
+    if spec.model not in ("gpt2-small-random", "tiny-random") and not (Path(spec.model) / "config.json").is_file():
+        fail(f"{spec.model}: not a local HF GPT-2 directory (no config.json) nor gpt2-small-random")
+    command = "bsbr-export bench" + "".join(
+        f" {flag}" if val is True else f" {flag} {val}" for flag, val in (
+            ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", lengths),
+            ("--decode-contexts", decode_contexts), ("--throughput", throughput), ("--runs", runs),
+            ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),
+            ("--fragment", fragment), ("--work", work)) if val)
+    try:
+        result = run_bench(spec, out, fragment=fragment, command=command, work_dir=work, log=_log)
+    except BSBRExportError as e:
+        fail(str(e))
+    for t in result["targets"]:
+        v = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
+        click.echo(f"  {t['status']:4s}  {t['description']}: {v} (need {t['comparison']} {t['threshold']:.2f})")
+    click.echo(f"wrote {out}/bench.json, bench.md and plots; fragment {fragment} ({result['seconds'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class BSBRConfig:
     position_policy: str = "absolute"
     meta_init: str = "qk"
     compression_init: str = "random-orthogonal"
-    retrieval_scale: float = 1.0
+    retrieval_scale: float = 0.0
     retrieval: str = "plain"
     feature_map: str = "identity"
     seed: int = 0
