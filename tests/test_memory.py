@@ -5,17 +5,25 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, torch
+import json, torch
 from bsbr_export.config import BSBRConfig
 from bsbr_export.modeling import BSBRGPT2
+
+def hwm_kib():
+    # VmHWM belongs to this process image: unlike ru_maxrss it does not inherit the
+    # high-water mark of the (large) pytest process that forked us.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 torch.manual_seed(0)
 cfg = BSBRConfig(vocab_size=101, n_positions=256, n_embd=32, n_layer=2, n_head=2, chunk_size=128)
 model = BSBRGPT2(cfg).eval()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kib()
 ids = torch.randint(0, 101, (1, 32768))
 with torch.no_grad():
     out = model(ids)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kib()
 print(json.dumps({"base_kib": base, "peak_kib": peak, "finite": bool(torch.isfinite(out).all())}))
 """
 
