@@ -164,11 +164,17 @@ class Graph:
 
 # --------------------------------------------------------------------------- the local function
 
-def chunk_attention_function(opset: int, float_dtype=np.float32):
-    """``bsbr::ChunkAttention(q, k, v, S, g) -> o``, attribute ``chunk_size``.
+FUNCTION_NORMALISED = "ChunkAttentionNormalised"
 
-    q, k, v: (B, H, T, d); S: (B, H, C, d, d); g: (H,); o: (B, H, T, d).
-    o_t = causal softmax over the keys of t's chunk + g * q_t S_{chunk(t)}.
+
+def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: bool = False):
+    """The fused op as an ONNX local function with attribute ``chunk_size``.
+
+    ``bsbr::ChunkAttention(q, k, v, S, g) -> o``:
+        o_t = causal softmax over the keys of t's chunk + g * q_t S_{chunk(t)}.
+    ``bsbr::ChunkAttentionNormalised(q, k, v, qf, S, Z, g) -> o`` (normalised retrieval):
+        o_t = (sum_s e^{s_ts} v_s + g qf_t S) / (sum_s e^{s_ts} + g qf_t . Z).
+    q, k, v, qf: (B, H, T, d); S: (B, H, C, d, d); Z: (B, H, C, d); g: (H,); o: (B, H, T, d).
     """
     from onnx import AttributeProto, helper
 
@@ -210,15 +216,50 @@ def chunk_attention_function(opset: int, float_dtype=np.float32):
     ones = g.op("ConstantOfShape", LL, value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32: Trilu has kernels
     causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)  # (L, L) bool, key <= query
     scores = g.op("Where", causal, scores, g.fconst(NEG))
-    local = g.op("MatMul", g.softmax(scores), vc)  # (B, H, C, L, d)
-    ret = g.op("MatMul", qc, "S")  # (B, H, C, L, d)
     gg = g.op("Reshape", "g", c([1, -1, 1, 1, 1]))
-    o = g.op("Add", local, g.op("Mul", gg, ret))
+    if normalised:
+        o = _normalised_combine(g, scores, vc, chunks("qf"), "S", g.op("Unsqueeze", "Z", c([-1])), gg)
+        inputs, name = ["q", "k", "v", "qf", "S", "Z", "g"], FUNCTION_NORMALISED
+    else:
+        local = g.op("MatMul", g.softmax(scores), vc)  # (B, H, C, L, d)
+        o = g.op("Add", local, g.op("Mul", gg, g.op("MatMul", qc, "S")))
+        inputs, name = ["q", "k", "v", "S", "g"], FUNCTION
     o = g.op("Reshape", o, g.cat(B_H, c([-1]), d))  # (B, H, C*L, d)
     g.op("Slice", o, zero, T, c([2]), outputs=["o"])
-    return helper.make_function(DOMAIN, FUNCTION, ["q", "k", "v", "S", "g"], ["o"], consts + g.nodes,
+    return helper.make_function(DOMAIN, name, inputs, ["o"], consts + g.nodes,
                                 [helper.make_opsetid("", opset)], attributes=["chunk_size"],
                                 doc_string="BSBR fused chunk attention (see bsbr_export.attention)")
+
+
+def _normalised_combine(g: Graph, scores, v, qf, S_full, Z_col, gg):
+    """(e^{LSE-M} a + g e^{-M} qf S) / (e^{LSE-M} + g e^{-M} qf Z), M = max(LSE, 0), in fp32.
+
+    scores (..., n_q, n_k) masked with NEG; v (..., n_k, d); qf (..., n_q, d);
+    S_full (..., d, d); Z_col (..., d, 1); gg broadcastable to (..., n_q, 1).
+    """
+    from onnx import TensorProto
+
+    f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
+    scores, v, qf, S_full, Z_col, gg = (f32(t) for t in (scores, v, qf, S_full, Z_col, gg))
+    zero32 = g.const([0.0], np.float32)
+    lse = g.op("ReduceLogSumExp", scores, g.const([-1]), keepdims=1)  # (..., n_q, 1)
+    local = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)
+    m = g.op("Max", lse, zero32)
+    wa = g.op("Exp", g.op("Sub", lse, m))
+    wb = g.op("Mul", gg, g.op("Exp", g.op("Neg", m)))
+    num = g.op("Add", g.op("Mul", wa, local), g.op("Mul", wb, g.op("MatMul", qf, S_full)))
+    den = g.op("Add", wa, g.op("Mul", wb, g.op("MatMul", qf, Z_col)))
+    o = g.op("Div", num, den)
+    return g.op("Cast", o, to=TensorProto.FLOAT16) if g.fdt == np.float16 else o
+
+
+def _feature(g: Graph, x, name: str):
+    """The feature map before compression: identity, elu(x) + 1 or relu(x)."""
+    if name == "elu1":
+        return g.op("Add", g.op("Elu", x), g.fconst(1.0))
+    if name == "relu":
+        return g.op("Relu", x)
+    return x
 
 
 # --------------------------------------------------------------------------- model graphs
@@ -272,6 +313,11 @@ def _qkv(g, W, cfg, p, xa):
     qkv = g.linear(xa, W(p + "attn.c_attn.weight", True), W(p + "attn.c_attn.bias"))
     q, k, v = g.op("Split", qkv, g.const([E, E, E]), axis=-1, outputs=3)
     return [_split_heads(g, t, H, d) for t in (q, k, v)]  # (B, H, N, d)
+
+
+def state_cols(cfg: BSBRConfig) -> int:
+    """Columns of a chunk state: d, plus one for the normaliser z of the normalised retrieval."""
+    return cfg.head_dim + (cfg.retrieval == "normalised")
 
 
 def _retrieval_softmax(g, scores, allowed):
@@ -332,13 +378,13 @@ def prefill_graph(model, spec: ExportSpec):
             g.op("Cast", st, to=TensorProto.FLOAT, outputs=[n])
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"])]
-    nl = cfg.n_layer
+    nl, dc = cfg.n_layer, state_cols(cfg)
     outputs = [helper.make_tensor_value_info("logits", f, ["batch", "seq", cfg.vocab_size]),
                helper.make_tensor_value_info("state_k", f, [nl, "batch", H, L, d]),
                helper.make_tensor_value_info("state_v", f, [nl, "batch", H, L, d]),
-               helper.make_tensor_value_info("state_S", f, [nl, "batch", H, dp, d]),
+               helper.make_tensor_value_info("state_S", f, [nl, "batch", H, dp, dc]),
                helper.make_tensor_value_info("state_bank_h", f, [nl, "batch", H, "closed_chunks", d]),
-               helper.make_tensor_value_info("state_bank_F", f, [nl, "batch", H, "closed_chunks", dp, d])]
+               helper.make_tensor_value_info("state_bank_F", f, [nl, "batch", H, "closed_chunks", dp, dc])]
     return g, inputs, outputs if states["state_k"] else outputs[:1]
 
 
@@ -356,21 +402,34 @@ def _bsbr_layer(g: Graph, W, cfg: BSBRConfig, p, xa, q, k, v, ctx, states):
     # Chunk states F_j = phi(K_j)^T V_j.
     pads = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, L1), T), zero)
     chunked = g.cat(g.const([0, H]), C, g.const([L, d]))
-    kc = g.op("Reshape", g.op("Pad", k, pads), chunked)  # (B, H, C, L, d)
+    norm = cfg.retrieval == "normalised"
+    dc = d + 1 if norm else d  # the normalised retrieval carries z_j as an extra column of F_j
+    # phi before padding: phi(0) need not be 0, padded rows must stay zero.
+    kc = g.op("Reshape", g.op("Pad", _feature(g, k, cfg.feature_map), pads), chunked)  # (B, H, C, L, d)
     vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
     U5 = None
     if cfg.compression is not None:
         U5 = g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1, H, 1, d, d')
         kc = g.op("MatMul", kc, U5)  # (B, H, C, L, d')
     Fs = g.op("MatMul", g.op("Transpose", kc, perm=[0, 1, 2, 4, 3]), vc)  # (B, H, C, d', d)
-    Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * d])))  # (B, H, C, d'd)
+    if norm:
+        z = g.op("ReduceSum", kc, g.const([-2]), keepdims=0)  # (B, H, C, d')
+        Fs = g.op("Concat", Fs, g.op("Unsqueeze", z, g.const([-1])), axis=-1)  # (B, H, C, d', d+1)
+    Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * dc])))  # (B, H, C, d'dc)
     scale = g.fconst(1.0 / math.sqrt(d))
     hT = g.op("Transpose", h, perm=[0, 1, 3, 2])
     sc = g.op("Mul", g.op("MatMul", r, hT), scale)  # (B, H, C, C)
-    S = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc, ctx["earlier"]), Ff),
-             g.cat(g.const([0, H]), C, g.const([dp, d])))  # (B, H, C, d', d)
-    S_full = g.op("MatMul", U5, S) if U5 is not None else S  # (B, H, C, d, d)
-    o = g.op(FUNCTION, q, k, v, S_full, W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
+    SZ = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc, ctx["earlier"]), Ff),
+              g.cat(g.const([0, H]), C, g.const([dp, dc])))  # (B, H, C, d', dc)
+    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
+    if norm:
+        S, Zc = g.op("Split", SZ, g.const([d, 1]), axis=-1, outputs=2)
+        Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
+        o = g.op(FUNCTION_NORMALISED, q, k, v, _feature(g, q, cfg.feature_map), expand(S), Z_full,
+                 W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
+    else:
+        o = g.op(FUNCTION, q, k, v, expand(SZ), W(p + "attn.g"), domain=DOMAIN, chunk_size=L,
+                 plugin_namespace=DOMAIN)
     if states is None:
         return o
     # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
@@ -378,7 +437,7 @@ def _bsbr_layer(g: Graph, W, cfg: BSBRConfig, p, xa, q, k, v, ctx, states):
     r_state = g.op("Gather", rp, ctx["r_idx"], axis=2)  # (B, H, 1, d)
     sc_state = g.op("Mul", g.op("MatMul", r_state, hT), scale)  # (B, H, 1, C)
     S_state = g.op("Reshape", g.op("MatMul", _retrieval_softmax(g, sc_state, ctx["closed"]), Ff),
-                   g.const([0, H, dp, d]))  # (B, H, d', d)
+                   g.const([0, H, dp, dc]))  # (B, H, d', dc)
     for name, t_ in (("state_k", k), ("state_v", v)):
         open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
         states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
@@ -428,12 +487,17 @@ def decode_graph(model, spec: ExportSpec):
         kk = g.op("Where", at_slot, k, own["state_k"])  # (B, H, L, d)
         vv = g.op("Where", at_slot, v, own["state_v"])
         sc = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kk, perm=[0, 1, 3, 2])), scale)  # (B, H, 1, L)
-        local = g.op("MatMul", g.softmax(g.op("Where", visible, sc, g.fconst(NEG))), vv)  # (B, H, 1, d)
-        qs = q
+        qs = _feature(g, q, cfg.feature_map)
         if cfg.compression is not None:
-            qs = g.op("MatMul", q, g.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, 1, d')
-        ret = g.op("MatMul", qs, own["state_S"])  # (B, H, 1, d)
-        o = g.op("Add", local, g.op("Mul", g.op("Reshape", W(p + "attn.g"), g.const([1, H, 1, 1])), ret))
+            qs = g.op("MatMul", qs, g.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, 1, d')
+        gH = g.op("Reshape", W(p + "attn.g"), g.const([1, H, 1, 1]))
+        if cfg.retrieval == "normalised":
+            S, Zc = g.op("Split", own["state_S"], g.const([d, 1]), axis=-1, outputs=2)  # (B,H,d',d), (B,H,d',1)
+            masked = g.op("Where", visible, sc, g.fconst(NEG))
+            o = _normalised_combine(g, masked, vv, qs, S, Zc, gH)  # (B, H, 1, d)
+        else:
+            local = g.op("MatMul", g.softmax(g.op("Where", visible, sc, g.fconst(NEG))), vv)  # (B, H, 1, d)
+            o = g.op("Add", local, g.op("Mul", gH, g.op("MatMul", qs, own["state_S"])))
         x = g.op("Add", x, g.linear(_merge_heads(g, o, E), W(p + "attn.c_proj.weight", True),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
@@ -461,8 +525,8 @@ def decode_graph(model, spec: ExportSpec):
         g.op("Cast", val, to=TensorProto.FLOAT, outputs=[n + "_out"])
     f = TensorProto.FLOAT
     shapes = {"state_k": [nl, "batch", H, L, d], "state_v": [nl, "batch", H, L, d],
-              "state_S": [nl, "batch", H, dp, d], "state_bank_h": [nl, "batch", H, "capacity", d],
-              "state_bank_F": [nl, "batch", H, "capacity", dp, d]}
+              "state_S": [nl, "batch", H, dp, state_cols(cfg)], "state_bank_h": [nl, "batch", H, "capacity", d],
+              "state_bank_F": [nl, "batch", H, "capacity", dp, state_cols(cfg)]}
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
               helper.make_tensor_value_info("position", TensorProto.INT64, [])]
     inputs += [helper.make_tensor_value_info(n, f, s) for n, s in shapes.items()]
@@ -492,9 +556,13 @@ def _close_chunk_branch(g: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
         own = {n: b.op("Squeeze", b.op("Gather", state_in[n], li, axis=0), zero)
                for n in ("state_bank_h", "state_bank_F")}
         kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]
+        kk = _feature(b, kk, cfg.feature_map)
         if cfg.compression is not None:
             kk = b.op("MatMul", kk, b.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, L, d')
         Fj = b.op("MatMul", b.op("Transpose", kk, perm=[0, 1, 3, 2]), vv)  # (B, H, d', d)
+        if cfg.retrieval == "normalised":  # z_j as the extra column
+            zj = b.op("Transpose", b.op("ReduceSum", kk, b.const([-2]), keepdims=1), perm=[0, 1, 3, 2])  # (B,H,d',1)
+            Fj = b.op("Concat", Fj, zj, axis=-1)  # (B, H, d', d+1)
         hj = _split_heads(b, b.linear(xa, W(p + "attn.meta_k.weight", True), W(p + "attn.meta_k.bias")), H, d)
         bank_h = b.op("Where", at_j_h, hj, own["state_bank_h"])  # (B, H, cap, d)
         bank_F = b.op("Where", at_j_F, b.op("Unsqueeze", Fj, b.const([2])), own["state_bank_F"])
@@ -502,8 +570,8 @@ def _close_chunk_branch(g: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
         sc = b.op("Mul", b.op("MatMul", r, b.op("Transpose", bank_h, perm=[0, 1, 3, 2])),
                   b.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, cap)
         pj = _retrieval_softmax(b, sc, upto_j)
-        Fflat = b.op("Reshape", bank_F, b.const([0, H, -1, dp * d]))
-        S = b.op("Reshape", b.op("MatMul", pj, Fflat), b.const([0, H, dp, d]))  # (B, H, d', d)
+        Fflat = b.op("Reshape", bank_F, b.const([0, H, -1, dp * state_cols(cfg)]))
+        S = b.op("Reshape", b.op("MatMul", pj, Fflat), b.const([0, H, dp, state_cols(cfg)]))  # (B, H, d', dc)
         out["state_S"].append(S)
         out["state_bank_h"].append(bank_h)
         out["state_bank_F"].append(bank_F)
@@ -527,7 +595,7 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
     graph = helper.make_graph(g.nodes, name, inputs, outputs,
                               [numpy_helper.from_array(a, n) for n, a in g.inits.items()])
     opsets = [helper.make_opsetid("", spec.opset), helper.make_opsetid(DOMAIN, 1)]
-    fn = chunk_attention_function(spec.opset, g.fdt)
+    fn = chunk_attention_function(spec.opset, g.fdt, normalised=cfg.retrieval == "normalised")
     m = helper.make_model(graph, opset_imports=opsets, functions=[fn], producer_name="bsbr-export",
                           ir_version=10)
     meta = {"bsbr_export_version": __version__, "max_seq_len": spec.max_seq_len, "config": cfg.to_dict(),
@@ -561,9 +629,6 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
     Files are written and checked in a temporary directory next to ``out_dir``;
     only complete, checked files are moved in. Returns {file name: path}.
     """
-    if getattr(model.cfg, "retrieval", "plain") != "plain":
-        from .errors import ConfigError
-        raise ConfigError(f"ONNX export supports the plain retrieval only, not {model.cfg.retrieval!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))

@@ -225,3 +225,23 @@ def test_standard_attention_graph_equals_hf(tiny_hf_dir, tiny_hf, tmp_path):
     with torch.no_grad():
         ref = tiny_hf(torch.from_numpy(ids)).logits
     assert_close(torch.from_numpy(out), ref, 1e-4, "full attention vs HF")
+
+
+@pytest.mark.parametrize("compression,fmap", [(None, "elu1"), (2, "relu")])
+def test_normalised_retrieval_exports(tiny_hf_dir, tmp_path, compression, fmap):
+    """The normalised variant: prefill grid parity and decode through chunk closings."""
+    model = convert(tiny_hf_dir, chunk_size=24, compression=compression, retrieval="normalised",
+                    feature_map=fmap, retrieval_scale=1.0)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=200))
+    m = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+    assert [f.name for f in m.functions] == ["ChunkAttentionNormalised"]
+    with ORTRunner(tmp_path / "model.onnx") as r:
+        rep = check_parity(TorchRunner(model), r, chunk=24, max_len=200, vocab=101)
+    assert rep["passed"], [c for c in rep["cases"] if not c["passed"]]
+    ids = np.random.default_rng(2).integers(0, 101, size=(2, 100))
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids)).numpy()
+    st = ORTStepper(tmp_path, max_len=100)
+    assert_close(torch.from_numpy(st.prefill(ids[:, :24])), torch.from_numpy(full[:, 23]), 1e-4, "prefill")
+    for t in range(24, 100):
+        assert_close(torch.from_numpy(st.decode(ids[:, t])), torch.from_numpy(full[:, t]), 1e-4, f"t={t}")

@@ -12,7 +12,7 @@ from conftest import assert_close
 
 L = 20  # not a power of two
 VARIANTS = {
-    "plain": dict(retrieval="plain"),
+    "plain": dict(retrieval="plain", retrieval_scale=1.0),
     "local": dict(retrieval="plain", retrieval_scale=0.0),
     "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=1.0),
     "normalised-relu": dict(retrieval="normalised", feature_map="relu", retrieval_scale=0.5),
@@ -121,9 +121,3 @@ def test_variant_options_are_validated():
     cfg = BSBRConfig(**base, retrieval="normalised", feature_map="elu1")
     assert BSBRConfig.from_dict(cfg.to_dict()) == cfg
 
-
-def test_onnx_export_refuses_normalised(models, tmp_path):
-    from bsbr_export.export import export_onnx
-
-    with pytest.raises(ConfigError, match="plain retrieval only"):
-        export_onnx(models[("normalised", None)], tmp_path / "x")
