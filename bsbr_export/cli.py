@@ -37,6 +37,11 @@ def conversion_options(f):
                      help="Initialisation of the meta query/key projections."),
         click.option("--retrieval-scale", type=float, default=0.0, show_default=True,
                      help="Initial per-head retrieval scale g (0 = block-local attention only)."),
+        click.option("--retrieval", type=click.Choice(["plain", "normalised"]), default="plain", show_default=True,
+                     help="plain: o = a + g q S. normalised: local and retrieved terms share one softmax "
+                          "denominator (needs a positive --feature-map)."),
+        click.option("--feature-map", type=click.Choice(["identity", "elu1", "relu"]), default="identity",
+                     show_default=True, help="Feature map phi on keys and queries of the retrieval."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -45,9 +50,9 @@ def conversion_options(f):
     return f
 
 
-def _options(chunk_size, compression, position_policy, meta_init, retrieval_scale) -> dict:
+def _options(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map) -> dict:
     return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
-                meta_init=meta_init, retrieval_scale=retrieval_scale)
+                meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map)
 
 
 def fail(msg: str, code: int = 1):
@@ -178,7 +183,7 @@ def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opt
 def _changed(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=0.0)
+                    retrieval_scale=0.0, retrieval="plain", feature_map="identity")
     return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
 
 
