@@ -324,6 +324,12 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
         fail(f"--threads must be >= 0, got {threads}")
     changes["threads"] = threads
     spec = quick_spec(**changes) if quick else BenchSpec(**changes)
+    command = "bsbr-export bench" + "".join(
+        f" {flag}" if val is True else f" {flag} {val}" for flag, val in (
+            ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", lengths),
+            ("--decode-contexts", decode_contexts), ("--throughput", throughput), ("--runs", runs),
+            ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),
+            ("--fragment", fragment), ("--work", work)) if val)
     tag = spec.model if spec.model in ("gpt2-small-random", "tiny-random") else Path(spec.model).name
     out = out or root / "docs" / "bench" / tag
     if fragment is None:
@@ -331,12 +337,6 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
         fragment = out / "fragment.md" if quick else root / "docs" / "results" / default
     if spec.model not in ("gpt2-small-random", "tiny-random") and not (Path(spec.model) / "config.json").is_file():
         fail(f"{spec.model}: not a local HF GPT-2 directory (no config.json) nor gpt2-small-random")
-    command = "bsbr-export bench" + "".join(
-        f" {flag}" if val is True else f" {flag} {val}" for flag, val in (
-            ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", lengths),
-            ("--decode-contexts", decode_contexts), ("--throughput", throughput), ("--runs", runs),
-            ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),
-            ("--fragment", fragment), ("--work", work)) if val)
     try:
         result = run_bench(spec, out, fragment=fragment, command=command, work_dir=work, log=_log)
     except BSBRExportError as e:

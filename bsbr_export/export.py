@@ -13,13 +13,20 @@ Prefill graph (``model.onnx``)
              state_S            [n_layer, batch, H, d', d]  retrieved state of the open chunk
              state_bank_h       [n_layer, batch, H, n_closed, d]
              state_bank_F       [n_layer, batch, H, n_closed, d', d]
-Decode graph (``decode.onnx``)
+Decode graph (``decode.onnx``), every token
     inputs:  input_ids int64 [batch, 1], position int64 [] (tokens already consumed),
-             the five state tensors, banks padded to a fixed capacity [.., C_max, ..]
-    outputs: logits float32 [batch, vocab] and the five updated state tensors.
-    The chunk-closing step (slot position % L == L - 1) runs inside an ``If`` node:
-    the chunk's state F and meta key h enter the bank at index position // L, and the
-    retrieved state S for the next chunk is computed once.
+             state_k, state_v, state_S
+    outputs: logits float32 [batch, vocab], state_k_out, state_v_out (the token written
+             at slot position % L), state_xa_out [n_layer, batch, 1, E] (the token's ln_1
+             output per layer, needed only when the chunk closes)
+Chunk-closing graph (``close.onnx``), once per chunk, after the token at slot L - 1
+    inputs:  position, state_k, state_v, state_xa, state_bank_h, state_bank_F
+             (banks padded to a fixed capacity [.., C_max, ..])
+    outputs: state_S_out (retrieved state of the next chunk), state_bank_h_out,
+             state_bank_F_out (chunk position // L's F and meta key h written in)
+    Splitting the closing step out keeps the banks out of the per-token graph: they are
+    read and written once per chunk instead of being copied through every step.
+The normalised retrieval carries the normaliser z as one extra column of every F and S.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ FUNCTION = "ChunkAttention"
 OPSET = 18
 NEG = -30000.0  # masked score: far below any real score, finite in fp16
 STATE_NAMES = ("state_k", "state_v", "state_S", "state_bank_h", "state_bank_F")
+DECODE_INPUTS = ("state_k", "state_v", "state_S")
+CLOSE_INPUTS = ("state_k", "state_v", "state_xa", "state_bank_h", "state_bank_F")
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,26 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name or self.name(op_type),
                                            domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
+
+    def input(self, name):
+        """A float32 graph input in the graph's precision (no Cast in fp32 graphs)."""
+        from onnx import TensorProto
+
+        return self.op("Cast", name, to=self.fproto) if self.fdt == np.float16 else name
+
+    def output(self, value, name):
+        """Expose ``value`` as the float32 graph output ``name``. In fp32 graphs the producing
+        node's output is renamed rather than copied through a Cast."""
+        from onnx import TensorProto
+
+        if self.fdt == np.float16:
+            return self.op("Cast", value, to=TensorProto.FLOAT, outputs=[name])
+        for node in self.nodes:
+            for seq in (node.output, node.input):
+                for i, n in enumerate(seq):
+                    if n == value:
+                        seq[i] = name
+        return name
 
     def weight(self, name, array, dtype=None):
         """An initializer in the graph's float type (or ``dtype``)."""
@@ -371,11 +400,11 @@ def prefill_graph(model, spec: ExportSpec):
     BT_E = g.op("Reshape", x, g.const([-1, E]))
     logits = g.op("Gemm", BT_E, W("wte.weight"), transB=1)
     logits = g.op("Reshape", logits, g.cat(g.dim(ids, 0), T, g.const([cfg.vocab_size])))
-    g.op("Cast", logits, to=TensorProto.FLOAT, outputs=["logits"])
+    g.output(logits, "logits")
     for n, parts in states.items():
         if parts:
             st = g.op("Concat", *[g.op("Unsqueeze", s_, zero) for s_ in parts], axis=0)
-            g.op("Cast", st, to=TensorProto.FLOAT, outputs=[n])
+            g.output(st, n)
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"])]
     nl, dc = cfg.n_layer, state_cols(cfg)
@@ -476,12 +505,12 @@ def decode_graph(model, spec: ExportSpec):
     at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), one)  # (L, 1)
     visible = g.op("Unsqueeze", g.op("LessOrEqual", slots, slot), zero)  # (1, L)
     scale = g.fconst(1.0 / math.sqrt(d))
-    state_in = {n: g.op("Cast", n, to=g.fproto) for n in STATE_NAMES}
+    state_in = {n: g.input(n) for n in DECODE_INPUTS}
     layer = {n: [] for n in ("k", "v", "xa")}
     for i in range(nl):
         p = f"h.{i}."
         li = g.const([i])
-        own = {n: g.op("Squeeze", g.op("Gather", state_in[n], li, axis=0), zero) for n in STATE_NAMES}
+        own = {n: g.op("Squeeze", g.op("Gather", state_in[n], li, axis=0), zero) for n in DECODE_INPUTS}
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)  # (B, H, 1, d)
         kk = g.op("Where", at_slot, k, own["state_k"])  # (B, H, L, d)
@@ -508,40 +537,59 @@ def decode_graph(model, spec: ExportSpec):
     def stack(parts):
         return g.op("Concat", *[g.op("Unsqueeze", s_, zero) for s_ in parts], axis=0)
 
-    new_k, new_v = stack(layer["k"]), stack(layer["v"])
-    # The chunk-closing step, only when this token fills the chunk's last slot.
-    then_g = _close_chunk_branch(g, W, cfg, layer, state_in, chunk)
-    keep = Graph(g.fdt, prefix="keep_")
-    for n in ("state_S", "state_bank_h", "state_bank_F"):
-        keep.op("Identity", state_in[n], outputs=[f"keep_{n}"])
-    else_g = helper.make_graph(keep.nodes, "keep", [], [helper.make_tensor_value_info(f"keep_{n}", g.fproto, None)
-                                                        for n in ("state_S", "state_bank_h", "state_bank_F")])
-    closes = g.op("Squeeze", g.op("Equal", slot, g.const([L - 1])), zero)
-    S_new, bh_new, bF_new = g.op("If", closes, outputs=3, then_branch=then_g, else_branch=else_g)
     x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
     logits = g.op("Gemm", g.op("Reshape", x, g.const([-1, E])), W("wte.weight"), transB=1)  # (B, V)
-    g.op("Cast", logits, to=TensorProto.FLOAT, outputs=["logits"])
-    for n, val in zip(STATE_NAMES, (new_k, new_v, S_new, bh_new, bF_new)):
-        g.op("Cast", val, to=TensorProto.FLOAT, outputs=[n + "_out"])
+    g.output(logits, "logits")
+    for n in ("k", "v", "xa"):
+        g.output(stack(layer[n]), f"state_{n}_out")
     f = TensorProto.FLOAT
-    shapes = {"state_k": [nl, "batch", H, L, d], "state_v": [nl, "batch", H, L, d],
-              "state_S": [nl, "batch", H, dp, state_cols(cfg)], "state_bank_h": [nl, "batch", H, "capacity", d],
-              "state_bank_F": [nl, "batch", H, "capacity", dp, state_cols(cfg)]}
+    shapes = state_shapes(cfg)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
               helper.make_tensor_value_info("position", TensorProto.INT64, [])]
-    inputs += [helper.make_tensor_value_info(n, f, s) for n, s in shapes.items()]
+    inputs += [helper.make_tensor_value_info(n, f, shapes[n]) for n in DECODE_INPUTS]
     outputs = [helper.make_tensor_value_info("logits", f, ["batch", cfg.vocab_size])]
-    outputs += [helper.make_tensor_value_info(n + "_out", f, s) for n, s in shapes.items()]
+    outputs += [helper.make_tensor_value_info(n + "_out", f, shapes[n]) for n in ("state_k", "state_v", "state_xa")]
     return g, inputs, outputs
 
 
-def _close_chunk_branch(g: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
-    """Then-branch of the closing ``If``: bank F_j and h_j at j = chunk, build S for chunk j+1."""
-    from onnx import helper
+def state_shapes(cfg: BSBRConfig) -> dict:
+    nl, H, L, d, dp, dc = cfg.n_layer, cfg.n_head, cfg.chunk_size, cfg.head_dim, cfg.state_dim, state_cols(cfg)
+    return {"state_k": [nl, "batch", H, L, d], "state_v": [nl, "batch", H, L, d],
+            "state_S": [nl, "batch", H, dp, dc], "state_bank_h": [nl, "batch", H, "capacity", d],
+            "state_bank_F": [nl, "batch", H, "capacity", dp, dc], "state_xa": [nl, "batch", 1, cfg.n_embd]}
 
-    E, H, d, dp, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
-    b = Graph(g.fdt, prefix="close_")
-    b.inits = g.inits  # initializers live in the main graph; subgraphs see outer-scope names
+
+def close_graph(model, spec: ExportSpec):
+    """The ``close.onnx`` graph, run once per chunk after the token that fills its last slot.
+
+    inputs: position (of that token), state_k/state_v (the full chunk), state_xa (that token's
+    ln_1 output per layer), state_bank_h/state_bank_F; outputs: state_S for the next chunk and
+    the banks with chunk position // L written in.
+    """
+    from onnx import TensorProto, helper
+
+    cfg: BSBRConfig = model.cfg
+    g = Graph(np.float16 if spec.fp16 else np.float32)
+    W = _Weights(g, model)
+    zero = g.const([0])
+    chunk = g.op("Div", g.op("Reshape", "position", g.const([1])), g.const([cfg.chunk_size]))  # (1,)
+    state_in = {n: g.input(n) for n in CLOSE_INPUTS}
+    layer = {n: [g.op("Squeeze", g.op("Gather", state_in[f"state_{n}"], g.const([i]), axis=0), zero)
+                 for i in range(cfg.n_layer)] for n in ("k", "v", "xa")}
+    outs = _close_chunk(g, W, cfg, layer, state_in, chunk)
+    for n, val in zip(("state_S", "state_bank_h", "state_bank_F"), outs):
+        g.output(val, n + "_out")
+    f, shapes = TensorProto.FLOAT, state_shapes(cfg)
+    inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, [])]
+    inputs += [helper.make_tensor_value_info(n, f, shapes[n]) for n in CLOSE_INPUTS]
+    outputs = [helper.make_tensor_value_info(n + "_out", f, shapes[n])
+               for n in ("state_S", "state_bank_h", "state_bank_F")]
+    return g, inputs, outputs
+
+
+def _close_chunk(b: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
+    """Bank F_j and h_j at j = chunk, build S for chunk j+1: (S, bank_h, bank_F), all layers."""
+    H, d, dp = cfg.n_head, cfg.head_dim, cfg.state_dim
     zero, one = b.const([0]), b.const([1])
     cap = b.dim(state_in["state_bank_h"], 3)
     jj = b.op("Range", b.const(0), b.op("Squeeze", cap, zero), b.const(1))  # (cap,)
@@ -555,7 +603,7 @@ def _close_chunk_branch(g: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
         li = b.const([i])
         own = {n: b.op("Squeeze", b.op("Gather", state_in[n], li, axis=0), zero)
                for n in ("state_bank_h", "state_bank_F")}
-        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]
+        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, L, d), (B, H, L, d), (B, 1, E)
         kk = _feature(b, kk, cfg.feature_map)
         if cfg.compression is not None:
             kk = b.op("MatMul", kk, b.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, L, d')
@@ -575,11 +623,7 @@ def _close_chunk_branch(g: Graph, W, cfg: BSBRConfig, layer, state_in, chunk):
         out["state_S"].append(S)
         out["state_bank_h"].append(bank_h)
         out["state_bank_F"].append(bank_F)
-    names = []
-    for n, parts in out.items():
-        names.append(b.op("Concat", *[b.op("Unsqueeze", s_, zero) for s_ in parts], axis=0))
-    return helper.make_graph(b.nodes, "close_chunk", [],
-                             [helper.make_tensor_value_info(nm, g.fproto, None) for nm in names])
+    return [b.op("Concat", *[b.op("Unsqueeze", s_, zero) for s_ in parts], axis=0) for parts in out.values()]
 
 
 # --------------------------------------------------------------------------- writing
@@ -637,6 +681,7 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
         jobs = [(onnx_name("model", spec), prefill_graph, "bsbr_prefill")]
         if decode:
             jobs.append((onnx_name("decode", spec), decode_graph, "bsbr_decode"))
+            jobs.append((onnx_name("close", spec), close_graph, "bsbr_close_chunk"))
         for fname, build, gname in jobs:
             if progress:
                 progress(f"building {fname}")

@@ -127,10 +127,12 @@ class ORTRunner:
 
 
 class ORTStepper:
-    """Generation through ONNX Runtime: the prefill graph, then the decode graph.
+    """Generation through ONNX Runtime: the prefill graph, then the decode graph per token
+    and the chunk-closing graph once per chunk.
 
-    After the prompt, the banks of completed chunks are zero-padded to a fixed
-    capacity ceil(max_len / L) so that every decode step has the same shapes.
+    ``state`` holds the five state arrays of ``export.STATE_NAMES``; after the prompt the
+    banks of completed chunks are zero-padded to a fixed capacity ceil(max_len / L) so
+    that every step has the same shapes.
     """
 
     def __init__(self, onnx_dir, max_len: int | None = None, threads: int | None = None):
@@ -140,6 +142,7 @@ class ORTStepper:
         self.names = STATE_NAMES
         self.prefill_sess = session_from_onnx(d / "model.onnx", threads)
         self.decode_sess = session_from_onnx(d / "decode.onnx", threads)
+        self.close_sess = session_from_onnx(d / "close.onnx", threads)
         meta = onnx_metadata(self.prefill_sess)
         self.chunk = meta["config"]["chunk_size"]
         self.max_len = max_len or meta["max_seq_len"]
@@ -162,12 +165,16 @@ class ORTStepper:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         if self.pos >= self.capacity * self.chunk:
             raise InputError(f"decode state is full ({self.pos} tokens); use a larger max_len")
-        feeds = {"input_ids": tokens.astype(np.int64)[:, None], "position": np.array(self.pos, dtype=np.int64),
-                 **self.state}
-        out = self.decode_sess.run(None, feeds)
-        self.state = dict(zip(self.names, out[1:]))
+        st, position = self.state, np.array(self.pos, dtype=np.int64)
+        logits, st["state_k"], st["state_v"], xa = self.decode_sess.run(None, {
+            "input_ids": tokens.astype(np.int64)[:, None], "position": position,
+            "state_k": st["state_k"], "state_v": st["state_v"], "state_S": st["state_S"]})
+        if self.pos % self.chunk == self.chunk - 1:  # this token closed its chunk
+            st["state_S"], st["state_bank_h"], st["state_bank_F"] = self.close_sess.run(None, {
+                "position": position, "state_k": st["state_k"], "state_v": st["state_v"], "state_xa": xa,
+                "state_bank_h": st["state_bank_h"], "state_bank_F": st["state_bank_F"]})
         self.pos += 1
-        return out[0]
+        return logits
 
 
 def default_threads() -> int:

@@ -1,0 +1,81 @@
+"""The benchmark's CI smoke test: ``bsbr-export bench --quick`` in a temp dir, then its JSON schema.
+
+Every case must carry a median and a peak memory, or an explicit skip / parity-failed reason.
+"""
+
+import json
+import math
+
+from click.testing import CliRunner
+
+from bsbr_export.bench import BACKENDS, DECODE_BACKENDS, SCHEMA, loglog_slope, schedule, BenchSpec
+from bsbr_export.cli import main
+
+
+def _num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_quick_bench_schema(tmp_path):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "bench.json").read_text())
+    assert r["schema"] == SCHEMA and r["complete"] is True and r["quick"] is True
+    for key in ("command", "date", "machine", "versions", "model", "spec", "backends", "prefill", "decode",
+                "scaling", "speedups", "vs_floor", "targets", "profiles", "seconds"):
+        assert key in r, key
+    assert r["machine"]["cores"] >= 1 and isinstance(r["machine"]["cpu"], str)
+    assert set(r["backends"]) == set(BACKENDS)
+    for b, info in r["backends"].items():
+        assert info["parity"]["status"] in ("pass", "FAILED", "none", "skipped"), b
+        if info["parity"]["status"] in ("pass", "FAILED"):
+            assert _num(info["parity"]["max_abs"]) and info["parity"]["reference"]
+        else:
+            assert info["parity"]["reason"], b
+    # Every (backend, batch, T) case: timed with median and peak memory, or an explicit reason.
+    plan = {(1, T) for T in r["spec"]["lengths"]} | {tuple(r["spec"]["throughput"])}
+    seen = {(c["backend"], c["batch"], c["seq"]) for c in r["prefill"]}
+    assert seen == {(b, bt, T) for b in BACKENDS for bt, T in plan}
+    for c in r["prefill"]:
+        assert c["status"] in ("ok", "skipped", "parity_failed", "failed")
+        if c["status"] == "ok":
+            assert _num(c["median_ms"]) and c["median_ms"] > 0 and c["runs"] == len(c["times_ms"]) >= 1
+            assert isinstance(c["peak_rss_bytes"], int) and c["peak_rss_bytes"] > 0
+            assert _num(c["tokens_per_s"])
+        else:
+            assert isinstance(c["reason"], str) and c["reason"]
+            assert "median_ms" not in c  # no speed for a skipped or red backend
+    timed = {c["backend"] for c in r["prefill"] if c["status"] == "ok"}
+    assert {"hf-torch", "bsbr-torch", "std-ort", "bsbr-ort", "floor-ort"} <= timed
+    assert r["backends"]["floor-ort"]["parity"]["status"] == "none"
+    # Decode: every backend at every context, with per-token latency and state bytes.
+    assert {(c["backend"], c["context"]) for c in r["decode"]} == {
+        (b, cx) for b in DECODE_BACKENDS for cx in r["spec"]["decode_contexts"]}
+    for c in r["decode"]:
+        assert c["status"] == "ok", c
+        assert _num(c["per_token_mean_ms"]) and _num(c["per_token_median_ms"]) and c["state_bytes"] > 0
+    kv = {c["context"]: c["state_bytes"] for c in r["decode"] if c["backend"] == "hf-torch"}
+    assert kv[48] == 3 * kv[16]  # a KV cache grows with every token
+    for t in r["targets"]:
+        assert t["status"] in ("pass", "miss", "n/a") and t["comparison"] in ("<=", ">=") and _num(t["threshold"])
+        assert t["measured"] is None or _num(t["measured"])
+    assert len(r["targets"]) == 8
+    assert all(_num(s["exponent"]) for s in r["scaling"].values()) and "bsbr-ort" in r["scaling"]
+    assert r["profiles"]["bsbr-ort"]["status"] == "ok" and r["profiles"]["bsbr-ort"]["op_types_ms"]
+    # Markdown, fragment and plots.
+    md = (out / "bench.md").read_text()
+    assert "### Targets" in md and "Parity gate" in md
+    frag = (out / "fragment.md").read_text()
+    assert frag.startswith("## Benchmark") and "- command: `bsbr-export bench --quick" in frag
+    assert "- machine:" in frag and "- versions:" in frag and "- date:" in frag
+    for png in ("latency.png", "speedup.png", "memory.png", "decode.png"):
+        assert (out / png).stat().st_size > 1000 and f"{png})" in frag
+
+
+def test_slope_and_schedule():
+    p, r2 = loglog_slope([1024, 2048, 4096, 8192], [3.0 * t ** 1.5 for t in (1024, 2048, 4096, 8192)])
+    assert abs(p - 1.5) < 1e-9 and r2 > 0.999
+    full = BenchSpec()
+    assert all(schedule(1, t, full)["runs"] >= 5 for t in (128, 1024, 8192))
+    assert schedule(1, 8192, full)["warmup_seq"] < 8192 and schedule(1, 128, full)["warmup_seq"] == 128
