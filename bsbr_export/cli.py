@@ -125,6 +125,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, *
       bsbr/                 the converted checkpoint (config.json, model.safetensors, tokenizer)
       model.onnx(.data)     prefill graph: input_ids -> logits (+ decode state)
       decode.onnx(.data)    one-token decode graph over the explicit state
+      close.onnx(.data)     the chunk-closing step, run once per chunk while decoding
       model_fp16.onnx       with --engine fp16
       parity_*.json/.md     parity reports
       manifest.json         versions, options, file hashes, parity summary
