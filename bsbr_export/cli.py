@@ -35,13 +35,16 @@ def conversion_options(f):
                      show_default=True, help="Positions for t >= n_positions (see README)."),
         click.option("--meta-init", type=click.Choice(["qk", "random"]), default="qk", show_default=True,
                      help="Initialisation of the meta query/key projections."),
-        click.option("--retrieval-scale", type=float, default=0.0, show_default=True,
-                     help="Initial per-head retrieval scale g (0 = block-local attention only)."),
-        click.option("--retrieval", type=click.Choice(["plain", "normalised"]), default="plain", show_default=True,
+        click.option("--retrieval-scale", type=float, default=None,
+                     help="Initial per-head retrieval scale g [normalised: 0.03; plain: 0, i.e. "
+                          "block-local attention only]."),
+        click.option("--retrieval", type=click.Choice(["plain", "normalised"]), default="normalised",
+                     show_default=True,
                      help="plain: o = a + g q S. normalised: local and retrieved terms share one softmax "
                           "denominator (needs a positive --feature-map)."),
-        click.option("--feature-map", type=click.Choice(["identity", "elu1", "relu"]), default="identity",
-                     show_default=True, help="Feature map phi on keys and queries of the retrieval."),
+        click.option("--feature-map", type=click.Choice(["identity", "elu1", "relu"]), default=None,
+                     help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
+                          "plain: identity]."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -184,7 +187,7 @@ def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opt
 def _changed(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=0.0, retrieval="plain", feature_map="identity")
+                    retrieval_scale=None, retrieval="normalised", feature_map=None)
     return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
 
 

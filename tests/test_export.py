@@ -31,8 +31,8 @@ def fp16_run(bundled_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_hf_dir, tmp_path_factory):
-    """Tiny model with a chunk of 24 and the plain retrieval (g = 1) switched on."""
-    model = convert(tiny_hf_dir, chunk_size=24, retrieval_scale=1.0)
+    """Tiny model with a chunk of 24 and the plain retrieval at g = 1."""
+    model = convert(tiny_hf_dir, chunk_size=24, retrieval="plain", retrieval_scale=1.0)
     out = tmp_path_factory.mktemp("tiny_onnx")
     export_onnx(model, out, ExportSpec(max_seq_len=200))
     return model, out
@@ -54,7 +54,8 @@ def test_function_graph_structure(tiny_export):
 @pytest.mark.parametrize("inline", [False, True])
 def test_tiny_parity_with_retrieval_on(tiny_hf_dir, tmp_path, inline):
     """Random ids, a non-power-of-two chunk and retrieval at full scale: every grid point."""
-    model = convert(tiny_hf_dir, chunk_size=24, retrieval_scale=1.0, compression=None if inline else 2)
+    model = convert(tiny_hf_dir, chunk_size=24, retrieval="plain", retrieval_scale=1.0,
+                    compression=None if inline else 2)
     export_onnx(model, tmp_path, ExportSpec(max_seq_len=200, inline=inline), decode=False)
     if inline:
         m = onnx.load(tmp_path / "model.onnx", load_external_data=False)

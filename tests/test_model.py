@@ -147,7 +147,7 @@ def test_positions_beyond_table_follow_policy(tiny):
 FUSED_CHILD = r"""
 import json, sys, torch
 from bsbr_export.convert import convert
-model = convert(sys.argv[1], chunk_size=24)
+model = convert(sys.argv[1], chunk_size=24, retrieval="plain", retrieval_scale=1.0)
 ids = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     a, b = model(ids, impl="fused"), model(ids)
