@@ -478,26 +478,34 @@ def kv_cache_bytes(n_layer: int, batch: int, n_head: int, context: int, head_dim
 def bsbr_state_bytes(cfg, batch: int, context: int, itemsize: int = 4) -> int:
     """BSBR decode state holding ``context`` tokens (see modeling.DecodeState): open chunk k, v
     (L rows), S, and the bank (h, F) of the ``context // L`` closed chunks."""
+    from .export import state_cols
+
     L, d, dp, H, nl = cfg.chunk_size, cfg.head_dim, cfg.state_dim, cfg.n_head, cfg.n_layer
+    dc = state_cols(cfg)  # d, plus the normaliser column of the normalised retrieval
     closed = context // L
-    per_head = 2 * L * d + dp * d + closed * (d + dp * d)
+    per_head = 2 * L * d + dp * dc + closed * (d + dp * dc)
     return nl * batch * H * per_head * itemsize
 
 
 def random_state(cfg, context: int, capacity: int, rng) -> dict:
     """The five decode-state arrays (``export.STATE_NAMES`` order and shapes, batch 1) of a state
     holding ``context`` tokens, random values in the slots it uses, banks at ``capacity`` chunks."""
+    from .export import state_cols
+
     L, d, dp, H, nl = cfg.chunk_size, cfg.head_dim, cfg.state_dim, cfg.n_head, cfg.n_layer
+    dc = state_cols(cfg)
     closed, cur = context // L, context % L
     z = lambda *s: np.zeros((nl, 1, H, *s), np.float32)  # noqa: E731
-    st = {"state_k": z(L, d), "state_v": z(L, d), "state_S": z(dp, d), "state_bank_h": z(capacity, d),
-          "state_bank_F": z(capacity, dp, d)}
+    st = {"state_k": z(L, d), "state_v": z(L, d), "state_S": z(dp, dc), "state_bank_h": z(capacity, d),
+          "state_bank_F": z(capacity, dp, dc)}
     rnd = lambda a: rng.standard_normal(a.shape, dtype=np.float32)  # noqa: E731
     st["state_k"][:, :, :, :cur] = rnd(st["state_k"][:, :, :, :cur])  # (nl, 1, H, L, d)
     st["state_v"][:, :, :, :cur] = rnd(st["state_v"][:, :, :, :cur])
     st["state_S"][:] = rnd(st["state_S"])  # (nl, 1, H, d', d)
     st["state_bank_h"][:, :, :, :closed] = rnd(st["state_bank_h"][:, :, :, :closed])  # (nl, 1, H, cap, d)
     st["state_bank_F"][:, :, :, :closed] = rnd(st["state_bank_F"][:, :, :, :closed]) * math.sqrt(L)
+    for n in ("state_S", "state_bank_F"):  # normalisers (the extra column) are positive sums
+        st[n][..., d:] = np.abs(st[n][..., d:])
     return st
 
 
@@ -552,9 +560,14 @@ def _decoder(backend: str, model, paths: dict, context: int, max_len: int, threa
         import torch
 
         st = model.new_state(1, max_len)
-        arrays = random_state(model.cfg, context, st.bank_h.shape[3], rng)
-        for name, t in zip(arrays, (st.k, st.v, st.S, st.bank_h, st.bank_F)):
-            t.copy_(torch.from_numpy(arrays[name]))
+        arrays = {n: torch.from_numpy(a) for n, a in random_state(model.cfg, context, st.bank_h.shape[3], rng).items()}
+        d = model.cfg.head_dim
+        for t, a in ((st.k, arrays["state_k"]), (st.v, arrays["state_v"]), (st.S, arrays["state_S"][..., :d]),
+                     (st.bank_h, arrays["state_bank_h"]), (st.bank_F, arrays["state_bank_F"][..., :d])):
+            t.copy_(a)
+        if st.Z is not None:  # the normalised retrieval keeps its normalisers apart in torch
+            st.Z.copy_(arrays["state_S"][..., d].abs())
+            st.bank_z.copy_(arrays["state_bank_F"][..., d].abs())
         st.pos = context
         return (lambda tok: model.decode_step(torch.tensor([tok]), st)), bsbr_state_bytes(model.cfg, 1, context)
     from .runtime import ORTStepper
