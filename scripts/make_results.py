@@ -1,0 +1,124 @@
+"""Assemble docs/RESULTS.md from the fragments in docs/results/*.md (fixed order).
+
+    python scripts/make_results.py                     # assemble what exists
+    python scripts/make_results.py --run [--model M]   # run every study script first (full study)
+    python scripts/make_results.py --run --quick       # every script on tiny inputs (CI)
+
+Fragments: study_fidelity (tables 1, 2, 7), study_attention (3, 4), study_sweeps (5, 6),
+study_retrieval (8), study_calibration (9), study_external (10), then bench.md and
+platforms.md (written by the benchmark and platform jobs), then any other fragment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
+         "study_external", "bench", "platforms"]
+# Run order: calibration before the scripts that also evaluate its checkpoints.
+RUN_ORDER = ["study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
+             "study_external"]
+USES_CALIBRATED = ("study_sweeps", "study_retrieval")
+
+INTRO = """# BSBR conversion study: results
+
+Every table below is written by a script in `scripts/` (the command, model, data and
+machine stand above each table) and every figure under `docs/figures/` by
+`scripts/study_attention.py`. This file is assembled from the fragments in
+`docs/results/` by `python scripts/make_results.py`; `python scripts/make_results.py --run`
+reruns the whole study first (defaults: the full study, about two hours on 2 CPU cores),
+`--run --quick` runs every script on tiny inputs. Every script takes `--model`, a local
+GPT-2 directory or a hub name such as `gpt2` where the hub is reachable. Sample counts in
+each table's header are the ones of that run.
+
+## Definitions
+
+- **Original**: the HF GPT-2 as loaded; **converted**: the same weights with BSBR attention
+  (docs/bsbr-math.md), chunk `L`, meta projections initialised from the layer's query/key.
+- **Variants.** (a) `plain`: `o_t = a_t + g φ(q_t) S_c(t)` with `g = 1`, `φ` = identity;
+  (b) `local`: `g = 0`, block-local attention only; (c) `normalised`: the local softmax and the
+  retrieval share one denominator,
+  `o_t = (Σ_s e^{q_t·k_s/√d} v_s + g φ(q_t) S_c(t)) / (Σ_s e^{q_t·k_s/√d} + g φ(q_t) Z_c(t))`,
+  `Z_i = Σ_{j<i} p_ij z_j`, `z_j = Σ_{s∈j} φ(k_s)`, `φ(x) = elu(x) + 1`, initial `g = 0.03`
+  (picked from the sweep of initial g in table 1); (d) calibrated models (table 9). All are
+  causal and exactly GPT-2 for sequences within one chunk (`tests/test_variants.py`).
+- **Position policy** beyond the original's table: `absolute` (default) keeps GPT-2's
+  positions below `n_positions` and reuses the table's last `L` positions per chunk beyond;
+  `chunk` restarts positions every chunk.
+- **Cosine similarity** of hidden states at each position, `a·b / (|a||b|)`; layer `i` is the
+  residual stream after block `i`, *final* is after `ln_f`. **MSE**: mean over hidden dims of
+  the squared difference. **KL**: `KL(P_original ‖ P_converted)` of the next-token
+  distributions (softmax of the logits), in nats. Each is averaged over the positions of a
+  window; tables give mean ± sample standard deviation over windows.
+- **Top-k agreement**: the share of positions where the original's top-1 token is among the
+  converted model's k highest logits (top-1: both pick the same token).
+- **Perplexity**: `exp(mean NLL)` of the next token over every prediction of every window.
+- **Attention density**: the share of the causal query-key pairs `T(T+1)/2` that the local
+  softmax scores.
+- **ROUGE-N / ROUGE-L**: F1 of clipped n-gram overlap / of the longest common subsequence.
+
+The functions are in `bsbr_export/metrics.py`; `tests/test_metrics.py` checks each on a
+hand-computed case.
+"""
+
+
+def fragments(results: Path) -> list[Path]:
+    have = {p.stem: p for p in sorted(results.glob("*.md"))}
+    ordered = [have.pop(n) for n in ORDER if n in have]
+    return ordered + list(have.values())
+
+
+def assemble(results: Path, out: Path) -> Path:
+    parts = [INTRO]
+    for p in fragments(results):
+        text = p.read_text().strip()
+        # Fragments link figures relative to docs/; RESULTS.md lives in docs/ too.
+        parts.append(text)
+    out.write_text("\n\n".join(parts).rstrip() + "\n")
+    print(f"wrote {out} from {len(parts) - 1} fragments")
+    return out
+
+
+def run_all(args) -> None:
+    common = ["--model", args.model, "--out", str(args.results), "--figures", str(args.figures)]
+    if args.quick:
+        common.append("--quick")
+    if args.data:
+        common += ["--data", args.data]
+    save = args.results / ".calibrated" if args.quick else ROOT / "out" / "study"
+    for name in RUN_ORDER:
+        cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *common]
+        if name == "study_calibration":
+            cmd += ["--save", str(save)]
+        if name in USES_CALIBRATED:
+            cals = sorted(p for p in save.glob("calibrated-*") if p.is_dir()) if save.is_dir() else []
+            if cals:
+                cmd += ["--calibrated", *map(str, cals)]
+        t0 = time.time()
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="store_true", help="run every study script first")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default="models/gpt2-pystdlib")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
+    ap.add_argument("--output", type=Path, default=None, help="default: RESULTS.md next to the results folder")
+    args = ap.parse_args(argv)
+    if args.run:
+        run_all(args)
+    assemble(args.results, args.output or args.results.parent / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Study tables 1, 2 and 7: output distribution comparison, next-token agreement, perplexity.
+
+    python scripts/study_fidelity.py [--model models/gpt2-pystdlib] [--windows N] [--quick]
+
+Every conversion variant (plain, block-local, normalised; plus the normalised form at
+other initial retrieval scales) is compared with the original model on held-out windows.
+Writes docs/results/study_fidelity.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+import studylib as S
+from bsbr_export import metrics as M
+
+
+def options():
+    ap = S.parser(__doc__)
+    ap.add_argument("--chunk-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=1024, help="window length of tables 1 and 2")
+    ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
+    ap.add_argument("--short", type=int, nargs="*", default=[512, 1024], help="perplexity lengths, both models")
+    ap.add_argument("--long", type=int, nargs="*", default=[2048, 4096, 8192], help="BSBR-only lengths")
+    ap.add_argument("--long-windows", type=int, default=None, help="windows per long length (default: all)")
+    ap.add_argument("--g-sweep", type=float, nargs="*", default=[0.01, 0.1, 1.0],
+                    help="extra initial retrieval scales for the normalised variant")
+    a = ap.parse_args()
+    if a.quick:
+        a.chunk_size, a.seq_len, a.windows, a.short, a.long, a.long_windows = 16, 64, 2, [32, 64], [128, 256], 1
+        a.g_sweep = [0.1]
+    return a
+
+
+def variants(args):
+    out = dict(S.VARIANTS)
+    for g in args.g_sweep:
+        out[f"normalised g={g:g}"] = {**S.VARIANTS["normalised"], "retrieval_scale": g}
+    for n in ("local", "normalised"):  # the position policy that restarts every chunk
+        out[f"{n}, chunk positions"] = {**S.VARIANTS[n], "position_policy": "chunk"}
+    return out
+
+
+def bucket_rows(per_pos, L, T, bucket):
+    """Top-1 agreement averaged per chunk index and per position-inside-chunk bucket."""
+    pos = torch.arange(T)
+    by_chunk = {c: per_pos[:, pos // L == c].mean().item() for c in range(-(-T // L))}
+    by_slot = {b: per_pos[:, (pos % L) // bucket == b].mean().item() for b in range(-(-L // bucket))}
+    return by_chunk, by_slot
+
+
+def main():
+    args = options()
+    S.setup(args)
+    t_start = time.time()
+    hf, model_dir = S.load_original(args.model)
+    ids, data_desc = S.heldout(args, model_dir)
+    L, T = args.chunk_size, args.seq_len
+    vs = variants(args)
+    models = {n: S.load_converted(args.model, chunk_size=L, **o) for n, o in vs.items()}
+    wins = S.windows(ids, T, args.windows)
+    per = {n: [] for n in vs}
+    top1_pos = {n: [] for n in vs}
+    for x in wins:
+        inp, tgt = x[:, :-1], x[:, 1:]
+        ref_logits, ref_hidden = S.original_outputs(hf, inp)
+        for n, m in models.items():
+            logits, hidden = S.converted_outputs(m, inp)
+            r = S.compare(ref_logits, ref_hidden, logits, hidden, tgt)
+            per[n].append(r)
+            top1_pos[n].append(r["top1"])
+    summ = {n: S.summarise(per[n]) for n in vs}
+    n_layer = hf.config.n_layer
+    desc = f"{data_desc}; {len(wins)} windows of {T} tokens ({len(wins) * T:,} predictions), chunk {L}"
+
+    out = ["## Behaviour preservation (tables 1, 2, 7)", ""]
+    out.append("Variants: " + "; ".join(f"**{n}**: {S.VARIANT_NOTES[n]}" for n in S.VARIANTS)
+               + "; `normalised g=x`: the normalised variant at another initial g; `…, chunk positions`: the "
+               "position policy that restarts positions every chunk (default: absolute). "
+               "None is calibrated here (see table 9).\n")
+    # ---------------------------------------------------------------- table 1
+    out += ["### Table 1: output distribution comparison", "", S.provenance(args, desc)]
+    hdr = ["variant"] + [f"cos layer {i}" for i in range(1, n_layer)] + ["cos final", "MSE final", "KL (nats)"]
+    rows = []
+    for n in vs:
+        s = summ[n]
+        rows.append([n] + [S.fmt(s[f"cos_layer{i}"]) for i in range(1, n_layer)]
+                    + [S.fmt(s["cos_final"]), S.fmt(s["mse"]), S.fmt(s["kl"])])
+    out += [S.md_table(hdr, rows),
+            "Mean ± standard deviation over windows of the per-window mean. Cosine and MSE are over hidden "
+            "states at every position (layer i: the residual stream after block i; final: after ln_f); KL is "
+            "KL(original ‖ converted) of the next-token distributions.", ""]
+    # ---------------------------------------------------------------- table 2
+    out += ["### Table 2: next-token agreement", "", S.provenance(args, desc)]
+    rows = [[n] + [S.pct(summ[n][f"top{k}"]) for k in (1, 5, 10)] for n in vs]
+    out += [S.md_table(["variant", "top-1", "top-5", "top-10"], rows),
+            "Top-k agreement: the share of positions where the original model's top-1 token is among the "
+            "converted model's k highest logits (mean ± std over windows).", ""]
+    bucket = max(1, L // 8)
+    tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
+    rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]
+    out += ["Top-1 agreement by chunk index (chunk 0 is exact by construction):", "",
+            S.md_table(["chunk"] + list(vs), rows)]
+    rows = [[f"{b * bucket}-{min(L, (b + 1) * bucket) - 1}"] + [f"{100 * tabs[n][1][b]:.2f}%" for n in vs]
+            for b in tabs[next(iter(vs))][1]]
+    out += ["Top-1 agreement by position inside the chunk (all chunks pooled):", "",
+            S.md_table(["position in chunk"] + list(vs), rows)]
+    # ---------------------------------------------------------------- table 7
+    out += perplexity_tables(args, hf, model_dir, ids, data_desc, vs)
+    out.append(f"_study_fidelity wall time: {time.time() - t_start:.0f} s_\n")
+    S.write_fragment(args, "fidelity", "\n".join(out))
+
+
+@torch.no_grad()
+def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
+    L = args.chunk_size
+    N = hf.config.n_positions
+    names = [n for n in vs if not n.startswith("normalised g=") and "chunk positions" not in n]
+    out = ["### Table 7: perplexity", "",
+           S.provenance(args, f"{data_desc}; non-overlapping windows spread over the stream; chunk {L}")]
+    rows = []
+    for T in args.short:
+        wins = S.windows(ids, T, args.windows)
+        nll = {"original": []} | {n: [] for n in names}
+        for x in wins:
+            inp, tgt = x[:, :-1], x[:, 1:]
+            nll["original"].append(M.nll(hf(input_ids=inp).logits[0], tgt[0]))
+            for n in names:
+                m = load_cached(n, args, vs)
+                nll[n].append(M.nll(m(inp)[0], tgt[0]))
+        ref = M.perplexity(nll["original"])
+        rows.append([T, len(wins), f"{ref:.3f}"]
+                    + [f"{M.perplexity(nll[n]):.3f} ({100 * (M.perplexity(nll[n]) / ref - 1):+.1f}%)" for n in names])
+    out += [S.md_table(["T", "windows", "original"] + names, rows),
+            "Perplexity exp(mean NLL) over every prediction of every window; in brackets the change against "
+            "the original on the same windows.", ""]
+    # Beyond the original's position table: the same tokens scored as one long window (BSBR)
+    # and as consecutive windows of the original's maximum length.
+    rows = []
+    for T in args.long:
+        wins = S.windows(ids, T, args.long_windows)
+        if not wins:
+            continue
+        acc = {"orig@N": []}
+        for x in wins:
+            tgt = x[:, 1:]
+            pieces = [(s, min(s + N, T)) for s in range(0, T, N)]
+            acc["orig@N"].append(torch.cat([M.nll(hf(input_ids=x[:, a:b]).logits[0], tgt[0, a:b]) for a, b in pieces]))
+            for n in names:
+                for policy in ("absolute", "chunk"):
+                    m = load_cached(n, args, vs, position_policy=policy)
+                    acc.setdefault(f"{n}@T/{policy}", []).append(M.nll(m(x[:, :-1])[0], tgt[0]))
+                m = load_cached(n, args, vs)
+                acc.setdefault(f"{n}@N", []).append(
+                    torch.cat([M.nll(m(x[:, a:b])[0], tgt[0, a:b]) for a, b in pieces]))
+        for n in names:
+            rows.append([T, len(wins), n, f"{M.perplexity(acc['orig@N']):.3f}", f"{M.perplexity(acc[f'{n}@N']):.3f}",
+                         f"{M.perplexity(acc[f'{n}@T/absolute']):.3f}", f"{M.perplexity(acc[f'{n}@T/chunk']):.3f}"])
+    if rows:
+        out += [f"Beyond the original's {N}-position limit (the original cannot run one window of T tokens):", "",
+                S.md_table(["T", "windows", "variant", f"original, {N}-token pieces",
+                            f"BSBR, {N}-token pieces", "BSBR, one window (absolute positions)",
+                            "BSBR, one window (chunk positions)"], rows),
+                f"All columns score the same tokens. Position policies: `absolute` keeps GPT-2's positions below "
+                f"{N} and reuses the table's last {L} positions per chunk beyond; `chunk` restarts positions "
+                f"every chunk.", ""]
+    return out
+
+
+_CACHE = {}
+
+
+def load_cached(name, args, vs, **extra):
+    key = (name, tuple(sorted(extra.items())))
+    if key not in _CACHE:
+        _CACHE[key] = S.load_converted(args.model, chunk_size=args.chunk_size, **vs[name], **extra)
+    return _CACHE[key]
+
+
+
+if __name__ == "__main__":
+    main()

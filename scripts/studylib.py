@@ -1,0 +1,309 @@
+"""Shared plumbing of the conversion-study scripts (scripts/study_*.py).
+
+Each study script parses the common options here, loads the original model and its
+conversions, evaluates on held-out windows and writes one Markdown fragment
+``docs/results/study_<name>.md`` whose every table has the command, model, data and
+machine above it. ``scripts/make_results.py`` assembles the fragments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bsbr_export import metrics as M  # noqa: E402
+from bsbr_export.convert import convert, resolve_model_dir  # noqa: E402
+
+DEFAULT_MODEL = "models/gpt2-pystdlib"
+EOT = "<|endoftext|>"
+
+# The conversions compared throughout: name -> converter options.
+VARIANTS = {
+    "plain": dict(retrieval="plain", retrieval_scale=1.0),
+    "local": dict(retrieval="plain", retrieval_scale=0.0),
+    # Initial g from the sweep of table 1 (g = 0.01 .. 1 on the bundled model); calibration trains it.
+    "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=0.03),
+}
+VARIANT_NOTES = {
+    "plain": "(a) g = 1, phi = identity, raw retrieved state added to the softmax output",
+    "local": "(b) retrieval scale g = 0: block-local attention only",
+    "normalised": "(c) local softmax and retrieval share one denominator, phi = elu + 1, initial g = 0.03",
+}
+
+
+# --------------------------------------------------------------------------- options
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="HF GPT-2 directory or hub name (e.g. gpt2) [%(default)s]")
+    ap.add_argument("--data", default=None,
+                    help="held-out token ids (.npy); default: the model's heldout_ids.npy, else the held-out "
+                         "stdlib files of the bundled manifest tokenised with the model's tokenizer")
+    ap.add_argument("--quick", action="store_true", help="tiny inputs, for CI")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="fragment directory")
+    ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures", help="figure directory")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def setup(args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def command_line() -> str:
+    """The command as run, with the script path relative to the repository root."""
+    script = Path(sys.argv[0])
+    try:
+        script = script.resolve().relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} CPUs visible), "
+            f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def provenance(args, data_desc: str, cmd: str | None = None) -> str:
+    """The block above every table: command, model, data, machine."""
+    return "\n".join([
+        f"- command: `{cmd or command_line()}`",
+        f"- model: `{args.model}`",
+        f"- data: {data_desc}",
+        f"- machine: {machine()}",
+        f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        "",
+    ])
+
+
+def write_fragment(args, name: str, text: str) -> Path:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"study_{name}.md"
+    path.write_text(text.rstrip() + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def figure_path(args, name: str) -> Path:
+    args.figures.mkdir(parents=True, exist_ok=True)
+    return args.figures / name
+
+
+def rel_to_out(args, path: Path) -> str:
+    """A figure's path as seen from docs/RESULTS.md (one directory above the fragments)."""
+    return os.path.relpath(path, args.out.parent)
+
+
+# --------------------------------------------------------------------------- models and data
+
+def load_original(model: str):
+    from transformers import GPT2LMHeadModel
+
+    d = resolve_model_dir(model)
+    return GPT2LMHeadModel.from_pretrained(d, attn_implementation="eager").eval(), d
+
+
+def load_converted(model: str, **options):
+    return convert(model, **options).eval()
+
+
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.model_max_length = 1 << 30  # whole files are tokenised, then cut into windows
+    return tok
+
+
+def manifest_path(model_dir: Path) -> Path:
+    own = Path(model_dir) / "corpus_manifest.json"
+    return own if own.is_file() else ROOT / DEFAULT_MODEL / "corpus_manifest.json"
+
+
+def stdlib_stream(model_dir: Path, split: str, max_tokens: int | None = None, seed: int | None = None):
+    """Token ids of the ``split`` files of this machine's stdlib, joined by <|endoftext|>.
+
+    Files in manifest order, or shuffled with ``seed``; stops once ``max_tokens`` are reached."""
+    tok = tokenizer(model_dir)
+    eot = tok.convert_tokens_to_ids(EOT)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [e["path"] for e in json.loads(manifest_path(model_dir).read_text()) if e["split"] == split]
+    if seed is not None:
+        np.random.default_rng(seed).shuffle(files)
+    ids: list[int] = []
+    for rel in files:
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        ids.extend(tok(text)["input_ids"])
+        ids.append(eot)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return np.asarray(ids, dtype=np.int64)
+
+
+def heldout(args, model_dir: Path) -> tuple[np.ndarray, str]:
+    """(held-out token stream, description)."""
+    if args.data:
+        return np.load(args.data).astype(np.int64), f"`{args.data}`"
+    own = Path(model_dir) / "heldout_ids.npy"
+    if own.is_file():
+        ids = np.load(own).astype(np.int64)
+        return ids, f"`{args.model}/heldout_ids.npy` (held-out stdlib files, {len(ids):,} tokens)"
+    ids = stdlib_stream(model_dir, "heldout")
+    return ids, f"held-out stdlib files of the bundled manifest, tokenised by the model's tokenizer ({len(ids):,} tokens)"
+
+
+def windows(ids: np.ndarray, T: int, n: int | None) -> list[torch.Tensor]:
+    """Up to ``n`` non-overlapping windows of T + 1 tokens (inputs + shifted targets), spread
+    evenly over the stream (all of them when n is None)."""
+    total = (len(ids) - 1) // T
+    if total < 1:
+        return []
+    idx = np.arange(total) if n is None or n >= total else np.linspace(0, total - 1, n).round().astype(int)
+    return [torch.from_numpy(ids[i * T: i * T + T + 1].copy())[None] for i in idx]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def original_outputs(hf, x: torch.Tensor):
+    """(logits (1, T, V), hidden states: embeddings, after each block, final after ln_f)."""
+    out = hf(input_ids=x, output_hidden_states=True)
+    return out.logits, list(out.hidden_states)
+
+
+@torch.no_grad()
+def converted_outputs(model, x: torch.Tensor):
+    return model(x, output_hidden_states=True)
+
+
+def compare(ref_logits, ref_hidden, logits, hidden, targets, L: int | None = None) -> dict:
+    """Per-position metrics of one window, as 1-D tensors over positions."""
+    r = {"kl": M.kl_next_token(ref_logits[0], logits[0]),
+         "mse": M.mse(ref_hidden[-1][0], hidden[-1][0]),
+         "cos_final": M.cosine(ref_hidden[-1][0], hidden[-1][0]),
+         "nll_ref": M.nll(ref_logits[0], targets[0]),
+         "nll": M.nll(logits[0], targets[0])}
+    for i in range(1, len(hidden) - 1):
+        r[f"cos_layer{i}"] = M.cosine(ref_hidden[i][0], hidden[i][0])
+    for k in (1, 5, 10):
+        r[f"top{k}"] = M.topk_agreement(ref_logits[0], logits[0], k)
+    return r
+
+
+def summarise(per_window: list[dict]) -> dict:
+    """Mean +- std over windows of each window's mean; perplexities over all predictions."""
+    out = {}
+    for key in per_window[0]:
+        if key.startswith("nll"):
+            continue
+        out[key] = M.mean_std([w[key].mean().item() for w in per_window])
+    out["ppl_ref"] = M.perplexity([w["nll_ref"] for w in per_window])
+    out["ppl"] = M.perplexity([w["nll"] for w in per_window])
+    return out
+
+
+def fmt(ms, digits=4) -> str:
+    m, s = ms
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def pct(ms) -> str:
+    m, s = ms
+    return f"{100 * m:.2f}% ± {100 * s:.2f}"
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def state_bytes(model, max_len: int) -> int:
+    """Bytes of the preallocated decode state for batch 1 and ``max_len`` tokens."""
+    st = model.new_state(1, max_len)
+    return sum(t.numel() * t.element_size() for t in (st.k, st.v, st.S, st.bank_h, st.bank_F, st.Z, st.bank_z)
+               if t is not None)
+
+
+def kv_cache_bytes(n_layer: int, n_embd: int, T: int) -> int:
+    """A GPT-2 KV cache for T tokens, fp32, batch 1."""
+    return 2 * n_layer * n_embd * T * 4
+
+
+# --------------------------------------------------------------------------- shared evaluations
+
+class Reference:
+    """The original model's outputs on a fixed set of windows, computed once."""
+
+    def __init__(self, hf, wins: list[torch.Tensor]):
+        self.wins = wins
+        self.outs = [original_outputs(hf, x[:, :-1]) for x in wins]
+
+
+@torch.no_grad()
+def evaluate(ref: Reference, model) -> tuple[dict, torch.Tensor]:
+    """(summary of tables 1-2 metrics and perplexity, top-1 agreement per window and position)."""
+    per = []
+    for x, (rl, rh) in zip(ref.wins, ref.outs):
+        logits, hidden = converted_outputs(model, x[:, :-1])
+        per.append(compare(rl, rh, logits, hidden, x[:, 1:]))
+    return summarise(per), torch.stack([r["top1"] for r in per])
+
+
+@torch.no_grad()
+def long_perplexity(hf, model, ids: np.ndarray, T: int, n: int | None) -> dict | None:
+    """Perplexities of the same tokens: the original and the model in pieces of n_positions
+    tokens, and the model over one window of T tokens. None when the stream is too short."""
+    N = hf.config.n_positions
+    wins = windows(ids, T, n)
+    if not wins:
+        return None
+    acc = {"orig_pieces": [], "pieces": [], "window": []}
+    for x in wins:
+        tgt = x[:, 1:]
+        pieces = [(s, min(s + N, T)) for s in range(0, T, N)]
+        acc["orig_pieces"].append(torch.cat([M.nll(hf(input_ids=x[:, a:b]).logits[0], tgt[0, a:b]) for a, b in pieces]))
+        acc["pieces"].append(torch.cat([M.nll(model(x[:, a:b])[0], tgt[0, a:b]) for a, b in pieces]))
+        acc["window"].append(M.nll(model(x[:, :-1])[0], tgt[0]))
+    out = {k: M.perplexity(v) for k, v in acc.items()}
+    out["windows"] = len(wins)
+    return out
