@@ -121,12 +121,17 @@ def test_greedy_generation_torch_equals_ort(fp16_run, bundled_dir, heldout_ids):
 def test_ort_decode_crosses_chunk_boundaries(tiny_export):
     """Teacher-forced decode through many chunk closings matches the full forward."""
     model, out = tiny_export
-    ids = np.random.default_rng(0).integers(0, 101, size=(2, 130))
+    check_ort_decode(model, out, np.random.default_rng(0).integers(0, 101, size=(2, 130)), prompt=30)
+
+
+def check_ort_decode(model, onnx_dir, ids, prompt: int):
+    """Prefill ``prompt`` tokens, then teacher-forced decode of the rest: ORT vs torch full forward."""
     with torch.no_grad():
         full = model(torch.from_numpy(ids)).numpy()
-    st = ORTStepper(out, max_len=130)
-    assert_close(torch.from_numpy(st.prefill(ids[:, :30])), torch.from_numpy(full[:, 29]), 1e-4, "prefill")
-    for t in range(30, 130):
+    st = ORTStepper(onnx_dir, max_len=ids.shape[1])
+    assert_close(torch.from_numpy(st.prefill(ids[:, :prompt])), torch.from_numpy(full[:, prompt - 1]), 1e-4,
+                 "prefill")
+    for t in range(prompt, ids.shape[1]):
         assert_close(torch.from_numpy(st.decode(ids[:, t])), torch.from_numpy(full[:, t]), 1e-4, f"t={t}")
 
 
@@ -239,10 +244,4 @@ def test_normalised_retrieval_exports(tiny_hf_dir, tmp_path, compression, fmap):
     with ORTRunner(tmp_path / "model.onnx") as r:
         rep = check_parity(TorchRunner(model), r, chunk=24, max_len=200, vocab=101)
     assert rep["passed"], [c for c in rep["cases"] if not c["passed"]]
-    ids = np.random.default_rng(2).integers(0, 101, size=(2, 100))
-    with torch.no_grad():
-        full = model(torch.from_numpy(ids)).numpy()
-    st = ORTStepper(tmp_path, max_len=100)
-    assert_close(torch.from_numpy(st.prefill(ids[:, :24])), torch.from_numpy(full[:, 23]), 1e-4, "prefill")
-    for t in range(24, 100):
-        assert_close(torch.from_numpy(st.decode(ids[:, t])), torch.from_numpy(full[:, t]), 1e-4, f"t={t}")
+    check_ort_decode(model, tmp_path, np.random.default_rng(2).integers(0, 101, size=(2, 100)), prompt=24)
