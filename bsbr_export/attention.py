@@ -147,7 +147,6 @@ def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int) -> torch.
     B, H, T, d = q.shape
     out_dtype = q.dtype
     qc, kc, vc, qfc = (_pad_to_chunks(t.float(), L) for t in (q, k, v, qf))  # (B, H, C, L, d)
-    C = qc.shape[2]
     scores = (qc @ kc.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, L, L)
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))

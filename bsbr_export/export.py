@@ -108,8 +108,6 @@ class Graph:
 
     def input(self, name):
         """A float32 graph input in the graph's precision (no Cast in fp32 graphs)."""
-        from onnx import TensorProto
-
         return self.op("Cast", name, to=self.fproto) if self.fdt == np.float16 else name
 
     def output(self, value, name):
@@ -492,13 +490,12 @@ def decode_graph(model, spec: ExportSpec):
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
-    E, H, d, dp, L, nl = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size, cfg.n_layer
+    E, H, d, L, nl = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.chunk_size, cfg.n_layer
     g = Graph(np.float16 if spec.fp16 else np.float32)
     W = _Weights(g, model)
     zero, one = g.const([0]), g.const([1])
     pos = g.op("Reshape", "position", one)  # (1,)
     slot = g.op("Mod", pos, g.const([L]))
-    chunk = g.op("Div", pos, g.const([L]))
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
              g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), zero))  # (B, 1, E)
     slots = g.op("Range", g.const(0), g.const(L), g.const(1))  # (L,)

@@ -123,10 +123,7 @@ def mass_table(hf, wins, L):
 
 def main():
     args = options()
-    S.setup(args)
-    t0 = time.time()
-    hf, model_dir = S.load_original(args.model)
-    ids, data_desc = S.heldout(args, model_dir)
+    t0, hf, model_dir, ids, data_desc = S.start(args)
     L, T = args.chunk_size, args.seq_len
     model = S.load_converted(args.model, chunk_size=L, **S.VARIANTS[args.variant])
     wins = S.windows(ids, T, args.windows)

@@ -49,10 +49,7 @@ def options():
 
 def main():
     args = options()
-    S.setup(args)
-    t_start = time.time()
-    hf, model_dir = S.load_original(args.model)
-    ids, data_desc = S.heldout(args, model_dir)
+    t_start, hf, model_dir, ids, data_desc = S.start(args)
     L, T = args.chunk_size, args.seq_len
     train_ids = S.stdlib_stream(model_dir, "train", max_tokens=args.budget + T + 1, seed=0)
     train_wins = [x[:, :-1] for x in S.windows(train_ids, T, None)][: max(1, args.budget // T)]

@@ -83,9 +83,7 @@ def run(models, hf, tok, prompts, new_tokens, N):
 
 def main():
     args = options()
-    S.setup(args)
-    t0 = time.time()
-    hf, model_dir = S.load_original(args.model)
+    t0, hf, model_dir, _, _ = S.start(args, with_heldout=False)
     tok = S.tokenizer(model_dir)
     N = hf.config.n_positions
     models = {n: S.load_converted(args.model, chunk_size=args.chunk_size, **S.VARIANTS[n]) for n in args.variants}

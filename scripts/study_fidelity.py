@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 import studylib as S
@@ -54,10 +53,7 @@ def bucket_rows(per_pos, L, T, bucket):
 
 def main():
     args = options()
-    S.setup(args)
-    t_start = time.time()
-    hf, model_dir = S.load_original(args.model)
-    ids, data_desc = S.heldout(args, model_dir)
+    t_start, hf, model_dir, ids, data_desc = S.start(args)
     L, T = args.chunk_size, args.seq_len
     vs = variants(args)
     models = {n: S.load_converted(args.model, chunk_size=L, **o) for n, o in vs.items()}

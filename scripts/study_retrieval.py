@@ -101,10 +101,7 @@ def correct(logits, x, a, b):
 
 def main():
     args = options()
-    S.setup(args)
-    t0 = time.time()
-    hf, model_dir = S.load_original(args.model)
-    ids, data_desc = S.heldout(args, model_dir)
+    t0, hf, model_dir, ids, data_desc = S.start(args)
     tok = S.tokenizer(model_dir)
     L, N = args.chunk_size, hf.config.n_positions
     models = {n: S.load_converted(args.model, chunk_size=L, **S.VARIANTS[n]) for n in args.variants}

@@ -57,10 +57,7 @@ def speed(model, T: int, repeats: int, vocab: int) -> float:
 
 def main():
     args = options()
-    S.setup(args)
-    t0 = time.time()
-    hf, model_dir = S.load_original(args.model)
-    ids, data_desc = S.heldout(args, model_dir)
+    t0, hf, model_dir, ids, data_desc = S.start(args)
     T, Tl = args.seq_len, args.long_len
     V, N = hf.config.vocab_size, hf.config.n_positions
     ref = S.Reference(hf, S.windows(ids, T, args.windows))

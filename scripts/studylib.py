@@ -120,6 +120,16 @@ def rel_to_out(args, path: Path) -> str:
 
 # --------------------------------------------------------------------------- models and data
 
+def start(args, with_heldout: bool = True):
+    """The prologue every study script shares: setup, the clock, the original model and the
+    held-out data -> (t0, hf, model_dir, ids, data_desc); ids/data_desc are None without it."""
+    setup(args)
+    t0 = time.time()
+    hf, model_dir = load_original(args.model)
+    ids, data_desc = heldout(args, model_dir) if with_heldout else (None, None)
+    return t0, hf, model_dir, ids, data_desc
+
+
 def load_original(model: str):
     from transformers import GPT2LMHeadModel
 
