@@ -353,14 +353,25 @@ def _retrieval_softmax(g, scores, allowed):
     return g.op("Mul", p, g.op("Cast", allowed, to=g.fproto))
 
 
+def _graph_for(model, spec: ExportSpec):
+    """A graph builder in the export's precision and the namer of the model's weights."""
+    g = Graph(np.float16 if spec.fp16 else np.float32)
+    return g, _Weights(g, model)
+
+
+def _lm_head(g: Graph, W, cfg: BSBRConfig, x):
+    """ln_f, then logits against the tied embedding: (..., E) -> (rows, V)."""
+    x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
+    return g.op("Gemm", g.op("Reshape", x, g.const([-1, cfg.n_embd])), W("wte.weight"), transB=1)
+
+
 def prefill_graph(model, spec: ExportSpec):
     """The ``model.onnx`` graph: logits and the decode state after the prompt."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
     E, H, d, dp, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
-    g = Graph(np.float16 if spec.fp16 else np.float32)
-    W = _Weights(g, model)
+    g, W = _graph_for(model, spec)
     zero, one = g.const([0]), g.const([1])
     ids = "input_ids"
     T = g.dim(ids, 1)
@@ -394,9 +405,7 @@ def prefill_graph(model, spec: ExportSpec):
         x = g.op("Add", x, g.linear(_merge_heads(g, o, E), W(p + "attn.c_proj.weight", True),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-    x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
-    BT_E = g.op("Reshape", x, g.const([-1, E]))
-    logits = g.op("Gemm", BT_E, W("wte.weight"), transB=1)
+    logits = _lm_head(g, W, cfg, x)  # (B*T, V)
     logits = g.op("Reshape", logits, g.cat(g.dim(ids, 0), T, g.const([cfg.vocab_size])))
     g.output(logits, "logits")
     for n, parts in states.items():
@@ -491,8 +500,7 @@ def decode_graph(model, spec: ExportSpec):
 
     cfg: BSBRConfig = model.cfg
     E, H, d, L, nl = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.chunk_size, cfg.n_layer
-    g = Graph(np.float16 if spec.fp16 else np.float32)
-    W = _Weights(g, model)
+    g, W = _graph_for(model, spec)
     zero, one = g.const([0]), g.const([1])
     pos = g.op("Reshape", "position", one)  # (1,)
     slot = g.op("Mod", pos, g.const([L]))
@@ -534,8 +542,7 @@ def decode_graph(model, spec: ExportSpec):
     def stack(parts):
         return g.op("Concat", *[g.op("Unsqueeze", s_, zero) for s_ in parts], axis=0)
 
-    x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
-    logits = g.op("Gemm", g.op("Reshape", x, g.const([-1, E])), W("wte.weight"), transB=1)  # (B, V)
+    logits = _lm_head(g, W, cfg, x)  # (B, V)
     g.output(logits, "logits")
     for n in ("k", "v", "xa"):
         g.output(stack(layer[n]), f"state_{n}_out")
@@ -566,8 +573,7 @@ def close_graph(model, spec: ExportSpec):
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
-    g = Graph(np.float16 if spec.fp16 else np.float32)
-    W = _Weights(g, model)
+    g, W = _graph_for(model, spec)
     zero = g.const([0])
     chunk = g.op("Div", g.op("Reshape", "position", g.const([1])), g.const([cfg.chunk_size]))  # (1,)
     state_in = {n: g.input(n) for n in CLOSE_INPUTS}
