@@ -20,10 +20,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
          "study_external", "bench", "platforms"]
+LAST = ["regeneration"]
 # Run order: calibration before the scripts that also evaluate its checkpoints.
 RUN_ORDER = ["study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
              "study_external"]
 USES_CALIBRATED = ("study_sweeps", "study_retrieval")
+# The full study's sample counts, sized so that the whole run fits in two hours on 2 CPU
+# cores (measured: see the "Regeneration" section it writes). Each script alone defaults
+# to every window of the held-out text, for anyone with more time.
+FULL_ARGS = {
+    "study_fidelity": ["--windows", "64", "--long-windows", "2"],
+    "study_attention": ["--windows", "32"],
+    "study_calibration": ["--runs", "normalised:conversion", "normalised:full", "--budget", "65536",
+                          "--eval-windows", "32", "--long-windows", "1"],
+    "study_sweeps": ["--windows", "16", "--repeats", "3"],
+    "study_retrieval": ["--windows", "24"],
+    "study_external": [],
+}
 
 INTRO = """# BSBR conversion study: results
 
@@ -31,8 +44,9 @@ Every table below is written by a script in `scripts/` (the command, model, data
 machine stand above each table) and every figure under `docs/figures/` by
 `scripts/study_attention.py`. This file is assembled from the fragments in
 `docs/results/` by `python scripts/make_results.py`; `python scripts/make_results.py --run`
-reruns the whole study first (defaults: the full study, about two hours on 2 CPU cores),
-`--run --quick` runs every script on tiny inputs. Every script takes `--model`, a local
+reruns the whole study first (the sample counts of `FULL_ARGS` in that script, sized to
+fit two hours on 2 CPU cores; the measured time is in the last section), `--run --quick`
+runs every script on tiny inputs. Every script takes `--model`, a local
 GPT-2 directory or a hub name such as `gpt2` where the hub is reachable. Sample counts in
 each table's header are the ones of that run.
 
@@ -70,7 +84,8 @@ hand-computed case.
 def fragments(results: Path) -> list[Path]:
     have = {p.stem: p for p in sorted(results.glob("*.md"))}
     ordered = [have.pop(n) for n in ORDER if n in have]
-    return ordered + list(have.values())
+    last = [have.pop(n) for n in LAST if n in have]
+    return ordered + list(have.values()) + last
 
 
 def assemble(results: Path, out: Path) -> Path:
@@ -91,8 +106,12 @@ def run_all(args) -> None:
     if args.data:
         common += ["--data", args.data]
     save = args.results / ".calibrated" if args.quick else ROOT / "out" / "study"
+    times = []
+    t_all = time.time()
     for name in RUN_ORDER:
         cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *common]
+        if not args.quick:
+            cmd += FULL_ARGS[name]
         if name == "study_calibration":
             cmd += ["--save", str(save)]
         if name in USES_CALIBRATED:
@@ -102,7 +121,25 @@ def run_all(args) -> None:
         t0 = time.time()
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-        print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+        times.append((name, time.time() - t0))
+        print(f"  {name}: {times[-1][1]:.0f} s", flush=True)
+    write_regeneration(args, times, time.time() - t_all)
+
+
+def write_regeneration(args, times, total: float) -> None:
+    """The last section of RESULTS.md: how long the whole study took, script by script."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import studylib
+
+    flags = " --quick" if args.quick else ""
+    lines = ["## Regeneration", "",
+             f"- command: `python scripts/make_results.py --run{flags} --model {args.model}`",
+             f"- machine: {studylib.machine()}",
+             f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             "| script | wall time |", "|---|---|"]
+    lines += [f"| `{name}` | {sec / 60:.1f} min |" for name, sec in times]
+    lines.append(f"| **total** | **{total / 60:.1f} min** |")
+    (args.results / "regeneration.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None):

@@ -70,3 +70,13 @@ def test_every_study_script_and_assembly_quick(tiny_dir, tmp_path):
                   "Table 9", "table 10"):
         assert title.lower() in doc.lower(), title
     assert "](figures/attention_layer0.png)" in doc
+    # The run's own timing closes the document, one row per script plus the total.
+    tail = doc[doc.index("## Regeneration"):]
+    assert all(f"`{p.stem}`" in tail for p in SCRIPTS) and "**total**" in tail
+
+
+def test_full_profile_names_every_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_results
+
+    assert set(make_results.FULL_ARGS) == set(make_results.RUN_ORDER)
