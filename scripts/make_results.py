@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS, DEFAULT_FIGURES = ROOT / "docs" / "results", ROOT / "docs" / "figures"
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
          "study_external", "bench", "platforms"]
 LAST = ["regeneration"]
@@ -100,7 +101,12 @@ def assemble(results: Path, out: Path) -> Path:
 
 
 def run_all(args) -> None:
-    common = ["--model", args.model, "--out", str(args.results), "--figures", str(args.figures)]
+    common = ["--model", args.model]
+    # Only where they differ from the scripts' own defaults: the commands above the tables stay short.
+    if args.results != DEFAULT_RESULTS:
+        common += ["--out", str(args.results)]
+    if args.figures != DEFAULT_FIGURES:
+        common += ["--figures", str(args.figures)]
     if args.quick:
         common.append("--quick")
     if args.data:
@@ -112,8 +118,8 @@ def run_all(args) -> None:
         cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *common]
         if not args.quick:
             cmd += FULL_ARGS[name]
-        if name == "study_calibration":
-            cmd += ["--save", str(save)]
+        if name == "study_calibration" and args.quick:
+            cmd += ["--save", str(save)]  # the full run keeps the script's default, out/study
         if name in USES_CALIBRATED:
             cals = sorted(p for p in save.glob("calibrated-*") if p.is_dir()) if save.is_dir() else []
             if cals:
@@ -148,8 +154,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="models/gpt2-pystdlib")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
-    ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures")
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
     ap.add_argument("--output", type=Path, default=None, help="default: RESULTS.md next to the results folder")
     args = ap.parse_args(argv)
     if args.run:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bsbr_export import metrics as M  # noqa: E402
 from bsbr_export.convert import convert, resolve_model_dir  # noqa: E402
+from bsbr_export.errors import BSBRExportError  # noqa: E402
 
 DEFAULT_MODEL = "models/gpt2-pystdlib"
 EOT = "<|endoftext|>"
@@ -65,14 +66,20 @@ def setup(args) -> None:
     torch.manual_seed(0)
 
 
-def command_line() -> str:
-    """The command as run, with the script path relative to the repository root."""
-    script = Path(sys.argv[0])
+def _in_repo(arg: str) -> str:
+    """A path inside the repository, relative to its root; any other argument as it is."""
+    p = Path(arg)
+    if not p.is_absolute():
+        return arg
     try:
-        script = script.resolve().relative_to(ROOT)
+        return str(p.resolve().relative_to(ROOT))
     except ValueError:
-        pass
-    return " ".join(["python", str(script), *map(shlex.quote, sys.argv[1:])])
+        return arg
+
+
+def command_line() -> str:
+    """The command as run, with paths inside the repository relative to its root."""
+    return " ".join(["python", _in_repo(sys.argv[0]), *(shlex.quote(_in_repo(a)) for a in sys.argv[1:])])
 
 
 def machine() -> str:
@@ -125,7 +132,10 @@ def start(args, with_heldout: bool = True):
     held-out data -> (t0, hf, model_dir, ids, data_desc); ids/data_desc are None without it."""
     setup(args)
     t0 = time.time()
-    hf, model_dir = load_original(args.model)
+    try:
+        hf, model_dir = load_original(args.model)
+    except BSBRExportError as e:  # unreadable model or unreachable hub: one line, exit 1
+        raise SystemExit(f"error: {e}") from None
     ids, data_desc = heldout(args, model_dir) if with_heldout else (None, None)
     return t0, hf, model_dir, ids, data_desc
 

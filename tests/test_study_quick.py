@@ -80,3 +80,13 @@ def test_full_profile_names_every_script():
     import make_results
 
     assert set(make_results.FULL_ARGS) == set(make_results.RUN_ORDER)
+
+
+def test_study_script_bad_model_is_one_line(tmp_path):
+    missing = tmp_path / "no-such-model"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_external.py"), "--model", str(missing),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and str(missing.name) in res.stderr
+    assert not (tmp_path / "out").exists()
