@@ -31,7 +31,8 @@ phi = feature(.) U:
 
 i.e. o_t = (sum_s e^{score} v_s + g phi(q_t) S) / (sum_s e^{score} + g phi(q_t) Z). Its
 fused op is ``chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L)`` with
-qf = feature(q); the plain op is untouched.
+qf = feature(q) (ONNX function ``bsbr::ChunkAttentionNormalised``, the same Triton kernel
+with NORMALISED set); the plain op is untouched.
 """
 
 from __future__ import annotations
@@ -174,9 +175,8 @@ def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str 
     if retrieval == "plain":
         op = fused or chunk_attention
         return op(q, k, v, S_full, g, L)
-    if fused is not None:
-        raise NotImplementedError("no fused kernel for the normalised retrieval yet")
-    return chunk_attention_normalised(q, k, v, feature(q, feature_map), S_full, Z_full, g, L)
+    op = fused or chunk_attention_normalised
+    return op(q, k, v, feature(q, feature_map), S_full, Z_full, g, L)
 
 
 @torch.no_grad()

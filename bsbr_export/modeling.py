@@ -84,29 +84,32 @@ class Attention(nn.Module):
         mode = dict(retrieval=self.cfg.retrieval, feature_map=self.cfg.feature_map)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
-        elif impl == "vectorised" or (impl == "fused" and self.cfg.retrieval != "plain"):
-            # The fused kernels implement the plain op only; "fused" falls back for other variants.
+        elif impl == "vectorised":
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl in ("triton", "fused"):
             # "fused": the Triton kernel on CUDA, the vectorised path elsewhere.
-            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused_op(q, strict=impl == "triton"), **mode)
+            fused = fused_op(q, strict=impl == "triton", normalised=self.cfg.retrieval == "normalised")
+            o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused, **mode)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
         return self.c_proj(o.transpose(1, 2).reshape(B, T, E))  # (B, T, E)
 
 
-def fused_op(q: torch.Tensor, strict: bool):
-    """The Triton chunk-attention kernel when it can run on ``q``, else None (vectorised torch)."""
-    from plugins.chunk_attention_triton import chunk_attention_triton, is_interpreted, require_triton
+def fused_op(q: torch.Tensor, strict: bool, normalised: bool = False):
+    """The Triton kernel of the plain or the normalised op when it can run on ``q``, else None
+    (the vectorised torch path)."""
+    from plugins.chunk_attention_triton import (chunk_attention_normalised_triton, chunk_attention_triton,
+                                                is_interpreted, require_triton)
 
+    kernel = chunk_attention_normalised_triton if normalised else chunk_attention_triton
     if strict:
         require_triton()
-        return chunk_attention_triton
+        return kernel
     try:
         require_triton()
     except ImportError:
         return None
-    return chunk_attention_triton if (q.is_cuda or is_interpreted()) else None
+    return kernel if (q.is_cuda or is_interpreted()) else None
 
 
 class MLP(nn.Module):

@@ -2,11 +2,13 @@
 
 Written against TensorRT 10.7+ and 11.x (Python API, strongly typed networks):
 
-* ``register_plugin()`` registers ``bsbr::ChunkAttention`` as a quickly deployable
-  Python plugin (``tensorrt.plugin``, TensorRT >= 10.7); its implementation launches
-  the Triton kernel of ``plugins.chunk_attention_triton`` on TensorRT's stream.
+* ``register_plugin()`` registers ``bsbr::ChunkAttention`` and
+  ``bsbr::ChunkAttentionNormalised`` (the default conversion's op) as quickly deployable
+  Python plugins (``tensorrt.plugin``, TensorRT >= 10.7); their implementations launch
+  the Triton kernels of ``plugins.chunk_attention_triton`` on TensorRT's stream.
 * ``network_from_onnx()`` parses an exported model. Every attention layer there is a
-  node ``bsbr::ChunkAttention(q, k, v, S, g)`` with ``chunk_size`` and
+  node ``bsbr::ChunkAttention(q, k, v, S, g)`` (or ``bsbr::ChunkAttentionNormalised(q, k,
+  v, qf, S, Z, g)``) with ``chunk_size`` and
   ``plugin_namespace="bsbr"``: an ONNX local function with a standard-op body. When the
   plugin is registered the parser imports the node as the plugin (TensorRT 10.7 lets a
   plugin override a local function); otherwise it inlines the function body.
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 PLUGIN_NAMESPACE = "bsbr"
 PLUGIN_NAME = "ChunkAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+PLUGIN_NORMALISED_ID = f"{PLUGIN_NAMESPACE}::ChunkAttentionNormalised"  # the default conversion's op
 MIN_VERSION = (10, 7)
 INSTALL_HINT = (
     "pip install tensorrt (TensorRT >= 10.7, on a Linux or Windows machine with an NVIDIA GPU "
@@ -75,7 +78,8 @@ def _logger():
 
 
 def register_plugin() -> None:
-    """Register ``bsbr::ChunkAttention`` with ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
+    """Register ``bsbr::ChunkAttention`` and ``bsbr::ChunkAttentionNormalised`` with
+    ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
 
     Shape/dtype descriptor: one output shaped and typed like ``q``; attribute
     ``chunk_size: int``. The JIT implementation (``@trtp.impl``) wraps TensorRT's
@@ -117,6 +121,29 @@ def register_plugin() -> None:
         out = torch.as_tensor(outputs[0], device="cuda")
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             chunk_attention_triton(tq, tk, tv, tS, tg, chunk_size, out=out)
+
+    @trtp.register(PLUGIN_NORMALISED_ID)
+    def _chunk_attention_normalised_desc(
+        q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, qf: trtp.TensorDesc, S: trtp.TensorDesc,
+        Z: trtp.TensorDesc, g: trtp.TensorDesc, chunk_size: int,
+    ) -> trtp.TensorDesc:
+        if q.ndim != 4 or qf.ndim != 4 or S.ndim != 5 or Z.ndim != 4 or g.ndim != 1:
+            raise ValueError(f"{PLUGIN_NORMALISED_ID}: expected q, qf (B,H,T,d), S (B,H,C,d,d), Z (B,H,C,d), g (H,)")
+        return q.like()
+
+    @trtp.impl(PLUGIN_NORMALISED_ID)
+    def _chunk_attention_normalised_impl(
+        q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, qf: trtp.Tensor, S: trtp.Tensor, Z: trtp.Tensor,
+        g: trtp.Tensor, chunk_size: int, outputs: Tuple[trtp.Tensor], stream: int,
+    ) -> None:
+        import torch
+
+        from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+
+        ts = [torch.as_tensor(t, device="cuda") for t in (q, k, v, qf, S, Z, g)]
+        out = torch.as_tensor(outputs[0], device="cuda")
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            chunk_attention_normalised_triton(*ts, chunk_size, out=out)
 
     _registered = True
 

@@ -61,6 +61,39 @@ def chunk_attention_ref(q, k, v, S, g, chunk_size: int) -> torch.Tensor:
     return out.to(q.dtype)
 
 
+def check_chunk_attention_normalised_args(q, k, v, qf, S, Z, g, chunk_size: int) -> None:
+    """As `check_chunk_attention_args`, plus qf (like q) and Z (B, H, C, d)."""
+    check_chunk_attention_args(q, k, v, S, g, chunk_size)
+    if qf.shape != q.shape:
+        raise ValueError(f"qf must have q's shape {tuple(q.shape)}, got {tuple(qf.shape)}")
+    if tuple(Z.shape) != tuple(S.shape[:-1]):
+        raise ValueError(f"Z must be (B, H, C, d) = {tuple(S.shape[:-1])}, got {tuple(Z.shape)}")
+
+
+def chunk_attention_normalised_ref(q, k, v, qf, S, Z, g, chunk_size: int) -> torch.Tensor:
+    """The normalised op, one loop over chunks, fp64 sums (no max subtraction needed):
+
+        o_t = (sum_s e^{q_t.k_s/sqrt(d)} v_s + g qf_t S_c) / (sum_s e^{q_t.k_s/sqrt(d)} + g qf_t . Z_c)
+
+    over the keys s <= t of t's chunk c. Returns a tensor of q's dtype.
+    """
+    check_chunk_attention_normalised_args(q, k, v, qf, S, Z, g, chunk_size)
+    B, H, T, d = q.shape
+    q64, k64, v64, f64, S64, Z64 = (x.double() for x in (q, k, v, qf, S, Z))
+    g64 = g.double().view(1, H, 1, 1)
+    out = torch.empty(B, H, T, d, dtype=torch.float64, device=q.device)
+    for c, start in enumerate(range(0, T, chunk_size)):
+        end = min(start + chunk_size, T)
+        n = end - start
+        e = torch.exp(q64[:, :, start:end] @ k64[:, :, start:end].transpose(-1, -2) / math.sqrt(d))  # (B, H, n, n)
+        e = e * torch.ones(n, n, dtype=torch.float64, device=q.device).tril()
+        fc = f64[:, :, start:end]
+        num = e @ v64[:, :, start:end] + g64 * (fc @ S64[:, :, c])
+        den = e.sum(-1, keepdim=True) + g64 * (fc @ Z64[:, :, c, :, None])
+        out[:, :, start:end] = num / den
+    return out.to(q.dtype)
+
+
 def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 1e-5) -> dict:
     """Distances of a low-precision fast path from the fp32 reference, against a baseline.
 

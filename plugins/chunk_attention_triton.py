@@ -3,6 +3,13 @@
     o[b,h,t] = sum_{s in chunk(t), s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s
                + g[h] * (q_t @ S[b,h,chunk(t)])          chunk(t) = t // L
 
+The normalised op (``bsbr::ChunkAttentionNormalised``, the default conversion) shares one
+denominator between the two terms; the same kernel computes it with NORMALISED set:
+
+    o[b,h,t] = (sum_s e^{q_t.k_s/sqrt(d)} v_s + g[h] qf_t @ S) / (sum_s e^{q_t.k_s/sqrt(d)} + g[h] qf_t . Z)
+
+with qf = feature(q) and Z[b,h,chunk(t)] (d,), both scaled by e^{-M}, M = max(row max, 0).
+
 One program handles one (batch*head, chunk, block of BLOCK_M queries): it
 streams the chunk's keys in blocks of BLOCK_N with an online softmax (causal
 inside the chunk, nothing outside it), then adds g * q @ S_chunk and writes
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.chunk_attention_ref import check_chunk_attention_args
+from plugins.chunk_attention_ref import check_chunk_attention_args, check_chunk_attention_normalised_args
 
 try:
     import triton
@@ -37,18 +44,21 @@ if triton is not None:
 
     @triton.jit
     def _chunk_attention_kernel(
-        Q, K, V, S, G, O,
+        Q, K, V, S, G, O, QF, Z,
         sq_b, sq_h, sq_t,
         sk_b, sk_h, sk_t,
         sv_b, sv_h, sv_t,
         ss_b, ss_h, ss_c, ss_r,
         so_b, so_h, so_t,
+        sf_b, sf_h, sf_t,  # qf strides (normalised only)
+        sz_b, sz_h, sz_c,  # Z strides (normalised only)
         H, T, L, n_mblocks,
         qk_scale,  # log2(e) / sqrt(d): the softmax runs in base 2
         D: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        NORMALISED: tl.constexpr = False,
     ):
         pid_cm = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -91,13 +101,24 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
 
-        # Retrieval term: g[h] * q @ S[b, h, c]
         s_ptrs = S + b * ss_b + h * ss_h + c * ss_c + offs_d[:, None] * ss_r + offs_d[None, :]
         state = tl.load(s_ptrs)  # (D, D)
         g = tl.load(G + h).to(tl.float32)
-        retrieved = tl.dot(q.to(state.dtype), state, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
-
-        o = acc / l_i[:, None] + g * retrieved
+        if NORMALISED:
+            # (e^{m-M} acc + g e^{-M} qf S) / (e^{m-M} l + g e^{-M} qf . Z), M = max(m, 0), base 2.
+            qf_ptrs = QF + b * sf_b + h * sf_h + rows[:, None] * sf_t + offs_d[None, :]
+            qf = tl.load(qf_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+            z = tl.load(Z + b * sz_b + h * sz_h + c * sz_c + offs_d).to(tl.float32)  # (D,)
+            retrieved = tl.dot(qf.to(state.dtype), state, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
+            m_top = tl.maximum(m_i, 0.0)
+            wa = tl.exp2(m_i - m_top)
+            wb = g * tl.exp2(-m_top)
+            den = wa * l_i + wb * tl.sum(qf.to(tl.float32) * z[None, :], 1)
+            o = (wa[:, None] * acc + wb[:, None] * retrieved) / den[:, None]
+        else:
+            # Retrieval term: g[h] * q @ S[b, h, c]
+            retrieved = tl.dot(q.to(state.dtype), state, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
+            o = acc / l_i[:, None] + g * retrieved
         o_ptrs = O + b * so_b + h * so_h + rows[:, None] * so_t + offs_d[None, :]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
 
@@ -167,6 +188,26 @@ def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | N
     require_triton()
     check_chunk_attention_args(q, k, v, S, g, chunk_size)
     _check_kernel_args(q, k, v, S, g)
+    return _launch(q, k, v, S, g, chunk_size, out, None, None)
+
+
+def chunk_attention_normalised_triton(q, k, v, qf, S, Z, g, chunk_size: int,
+                                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The normalised op (module docstring); same contract as `chunk_attention_normalised_ref`.
+
+    As `chunk_attention_triton`, plus qf = feature(q) (B, H, T, d) of q's dtype and
+    Z: (B, H, C, d) of S's dtype; g >= 0. Accumulates in fp32 whatever the input dtype.
+    """
+    require_triton()
+    check_chunk_attention_normalised_args(q, k, v, qf, S, Z, g, chunk_size)
+    _check_kernel_args(q, k, v, S, g)
+    if qf.dtype != q.dtype or Z.dtype != S.dtype or qf.device != q.device or Z.device != q.device:
+        raise ValueError(f"qf must match q ({q.dtype}) and Z must match S ({S.dtype}), on q's device")
+    qf, Z = _last_dim_contiguous(qf), _last_dim_contiguous(Z)
+    return _launch(q, k, v, S, g, chunk_size, out, qf, Z)
+
+
+def _launch(q, k, v, S, g, chunk_size, out, qf, Z):
     q, k, v, S = (_last_dim_contiguous(x) for x in (q, k, v, S))
     g = g.contiguous()
     B, H, T, d = q.shape
@@ -174,23 +215,30 @@ def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | N
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must match q's shape and dtype, with a contiguous last dimension")
+    normalised = qf is not None
+    if not normalised:  # unused by the kernel: any valid pointer and zero strides
+        qf, Z = q, g
+    f_strides = (qf.stride(0), qf.stride(1), qf.stride(2)) if normalised else (0, 0, 0)
+    z_strides = (Z.stride(0), Z.stride(1), Z.stride(2)) if normalised else (0, 0, 0)
 
     block = block_size(chunk_size, d, q.dtype)
     n_mblocks = triton.cdiv(chunk_size, block)
     n_chunks = triton.cdiv(T, chunk_size)
     grid = (n_chunks * n_mblocks, B * H)
     _chunk_attention_kernel[grid](
-        q, k, v, S, g, out,
+        q, k, v, S, g, out, qf, Z,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         S.stride(0), S.stride(1), S.stride(2), S.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
+        *f_strides, *z_strides,
         H, T, chunk_size, n_mblocks,
         _LOG2E / d**0.5,
         D=d,
         BLOCK_M=block,
         BLOCK_N=block,
+        NORMALISED=normalised,
         **launch_options(d, q.dtype),
     )
     return out

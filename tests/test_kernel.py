@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline
+from plugins.chunk_attention_ref import chunk_attention_normalised_ref, chunk_attention_ref, compare_to_baseline
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +55,19 @@ def make_inputs(B, H, T, d, L, state: str, seed: int = 0, device="cpu"):
         S.zero_()
     g = torch.rand(H, generator=gen) + 0.5  # (H,)
     return [x.to(device) for x in (q, k, v, S, g)]
+
+
+def make_normalised_inputs(B, H, T, d, L, seed: int = 0, device="cpu"):
+    """fp32 inputs of the normalised op: qf = elu(q) + 1 > 0, Z > 0, one head with g = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    C = math.ceil(T / L)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))  # (B, H, T, d)
+    qf = torch.nn.functional.elu(q) + 1.0
+    S = torch.randn(B, H, C, d, d, generator=gen)  # (B, H, C, d, d)
+    Z = torch.rand(B, H, C, d, generator=gen) * L  # (B, H, C, d): sums of positive features
+    g = torch.rand(H, generator=gen) * 0.5
+    g[0] = 0.0
+    return [x.to(device) for x in (q, k, v, qf, S, Z, g)]
 
 
 def _check(name: str, out, ref32, ref_lowp, eps: float = 1e-5) -> None:
@@ -128,6 +141,21 @@ def test_vectorised_torch_path_matches_reference(L, d):
         _check(f"torch fp32 L={L} T={T}", chunk_attention(q, k, v, S, g, L), ref, ref, eps=_fp32_eps(ref))
 
 
+@pytest.mark.parametrize("L,d", CHUNK_DIMS)
+def test_normalised_reference_matches_vectorised_torch(L, d):
+    """The normalised op's loop reference (fp64) and the vectorised path (the model's) agree;
+    with g = 0 both reduce to block-local softmax attention."""
+    from bsbr_export.attention import chunk_attention_normalised
+
+    for T in _lengths(L):
+        q, k, v, qf, S, Z, g = make_normalised_inputs(2, 3, T, d, L, seed=T)
+        ref = chunk_attention_normalised_ref(q, k, v, qf, S, Z, g, L)
+        _check(f"torch normalised L={L} T={T}", chunk_attention_normalised(q, k, v, qf, S, Z, g, L), ref, ref,
+               eps=_fp32_eps(ref))
+        local = chunk_attention_ref(q, k, v, torch.zeros_like(S), torch.zeros_like(g), L)
+        torch.testing.assert_close(ref[:, 0], local[:, 0], rtol=0, atol=1e-5)
+
+
 def test_reference_rejects_bad_shapes():
     q, k, v, S, g = make_inputs(1, 2, 10, 16, 4, "zero")
     with pytest.raises(ValueError, match="S must be"):
@@ -152,12 +180,36 @@ def interpreter_cases() -> list[dict]:
                   "dtype": "float16", "layout": "bthd"})
     cases.append({"id": "fp32-state-fp16-q", "L": 24, "d": 16, "T": 53, "state": "random",
                   "dtype": "float16", "layout": "fp32_state"})
+    # The normalised op (the default conversion's): same lengths, both dtypes.
+    for L, d in CHUNK_DIMS:
+        for T in _lengths(L):
+            for dtype in ("float32", "float16"):
+                cases.append({"id": f"normalised-L{L}-d{d}-T{T}-{dtype}", "op": "normalised", "L": L, "d": d,
+                              "T": T, "dtype": dtype, "layout": "contiguous"})
     return cases
+
+
+def run_normalised_case(case: dict) -> dict:
+    from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+
+    L, d, T = case["L"], case["d"], case["T"]
+    dtype = getattr(torch, case["dtype"])
+    q, k, v, qf, S, Z, g = make_normalised_inputs(2, 3, T, d, L, seed=T + d)
+    ref32 = chunk_attention_normalised_ref(q, k, v, qf, S, Z, g, L)
+    low = [x.to(dtype) for x in (q, k, v, qf, S, Z)]
+    ref_lowp = chunk_attention_normalised_ref(*low, g, L)
+    out = chunk_attention_normalised_triton(*low, g, L)
+    assert out.dtype == dtype and out.shape == q.shape
+    eps = _fp32_eps(ref32) if dtype == torch.float32 else 1e-5
+    return compare_to_baseline(out, ref32, ref_lowp, eps=eps)
 
 
 def run_interpreter_case(case: dict) -> dict:
     """Kernel vs reference for one case (runs inside the interpreter subprocess)."""
     from plugins.chunk_attention_triton import chunk_attention_triton
+
+    if case.get("op") == "normalised":
+        return run_normalised_case(case)
 
     L, d, T = case["L"], case["d"], case["T"]
     dtype = getattr(torch, case["dtype"])
@@ -246,6 +298,8 @@ COMPILE_CASES = [
     ("float16", "float32", 128, 100, 90),
     ("float32", "float32", 128, 128, 80),
     ("float32", "float32", 16, 24, 80),
+    ("float16", "float16", 64, 128, 90, True),  # the normalised op
+    ("float32", "float32", 128, 100, 80, True),
 ]
 
 
@@ -256,7 +310,7 @@ def _has_ptxas() -> bool:
     return spec is not None and (Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file()
 
 
-def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int) -> dict:
+def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int, normalised: bool = False) -> dict:
     """Compile the kernel for one configuration to a cubin for sm_<cc> (no GPU needed)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
@@ -267,11 +321,12 @@ def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int) -> dict:
     ptr = {"float16": "*fp16", "float32": "*fp32"}
     opts = launch_options(d, getattr(torch, q_dtype))
     block = block_size(L, d, getattr(torch, q_dtype))
-    constexprs = {"D": d, "BLOCK_M": block, "BLOCK_N": block, "DOT_PRECISION": opts["DOT_PRECISION"]}
+    constexprs = {"D": d, "BLOCK_M": block, "BLOCK_N": block, "DOT_PRECISION": opts["DOT_PRECISION"],
+                  "NORMALISED": normalised}
     signature = {}
     for name in _chunk_attention_kernel.arg_names:
-        signature[name] = ("constexpr" if name in constexprs else ptr[q_dtype] if name in "QKVO"
-                           else ptr[s_dtype] if name == "S" else "*fp32" if name == "G"
+        signature[name] = ("constexpr" if name in constexprs else ptr[q_dtype] if name in ("Q", "K", "V", "O", "QF")
+                           else ptr[s_dtype] if name in ("S", "Z") else "*fp32" if name == "G"
                            else "fp32" if name == "qk_scale" else "i32")
     compiled = triton_compile(
         ASTSource(_chunk_attention_kernel, signature, constexprs=constexprs),
@@ -325,6 +380,22 @@ def test_cuda_odd_lengths(L, d):
         lq, lk, lv, lS = (x.half() for x in (q, k, v, S))
         out = chunk_attention_triton(lq, lk, lv, lS, g, L)
         _check(f"cuda fp16 L{L} d{d} T{T}", out, ref32, chunk_attention_ref(lq, lk, lv, lS, g, L))
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("L,d", [(128, 64), (100, 64)])
+def test_cuda_normalised(dtype, L, d):
+    from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+
+    for T in (L - 1, L + 1, 4096 + 5):
+        q, k, v, qf, S, Z, g = make_normalised_inputs(1, 12, T, d, L, seed=T, device="cuda")
+        ref32 = chunk_attention_normalised_ref(q, k, v, qf, S, Z, g, L)
+        low = [x.to(dtype) for x in (q, k, v, qf, S, Z)]
+        out = chunk_attention_normalised_triton(*low, g, L)
+        eps = _fp32_eps(ref32) if dtype == torch.float32 else 1e-5
+        _check(f"cuda normalised {dtype} L{L} T{T}", out, ref32, chunk_attention_normalised_ref(*low, g, L), eps=eps)
 
 
 def _worker(mode: str) -> None:

@@ -147,7 +147,7 @@ def test_positions_beyond_table_follow_policy(tiny):
 FUSED_CHILD = r"""
 import json, sys, torch
 from bsbr_export.convert import convert
-model = convert(sys.argv[1], chunk_size=24, retrieval="plain", retrieval_scale=1.0)
+model = convert(sys.argv[1], chunk_size=24, retrieval=sys.argv[2], retrieval_scale=1.0)
 ids = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     a, b = model(ids, impl="fused"), model(ids)
@@ -156,8 +156,10 @@ print(json.dumps({"interpreted": is_interpreted(), "max_abs": (a - b).abs().max(
 """
 
 
-def test_model_fused_kernel_under_interpreter(tiny_hf_dir):
-    """The model's fused path (Triton kernel, CPU interpreter here) matches the vectorised path."""
+@pytest.mark.parametrize("retrieval", ["plain", "normalised"])
+def test_model_fused_kernel_under_interpreter(tiny_hf_dir, retrieval):
+    """The model's fused path (Triton kernel, CPU interpreter here) matches the vectorised path,
+    for the plain and the normalised op, over 53 tokens = 2 chunks of 24 and a partial one."""
     import json
     import os
     import subprocess
@@ -165,7 +167,7 @@ def test_model_fused_kernel_under_interpreter(tiny_hf_dir):
 
     pytest.importorskip("triton", reason="triton not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", FUSED_CHILD, str(tiny_hf_dir)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", FUSED_CHILD, str(tiny_hf_dir), retrieval], capture_output=True, text=True,
                          env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -72,6 +72,48 @@ def test_entry_points_need_tensorrt(no_tensorrt, tmp_path):
             pass
 
 
+class _FakePluginAPI(types.ModuleType):
+    """Stands in for ``tensorrt.plugin``: records what register_plugin declares."""
+
+    TensorDesc = type("TensorDesc", (), {})
+    Tensor = type("Tensor", (), {})
+
+    def __init__(self):
+        super().__init__("tensorrt.plugin")
+        self.descs, self.impls = {}, {}
+
+    def register(self, plugin_id):
+        return lambda fn: self.descs.setdefault(plugin_id, fn)
+
+    def impl(self, plugin_id):
+        return lambda fn: self.impls.setdefault(plugin_id, fn)
+
+
+@needs_triton
+def test_plugins_match_the_exported_functions(monkeypatch):
+    """Without TensorRT: each plugin register_plugin declares has the ID, the inputs (in order)
+    and the attribute of the ONNX local function the exporter writes, so the parser's plugin
+    override can map the nodes to it; and the implementation takes the same inputs."""
+    import inspect
+
+    from bsbr_export import export as ex
+
+    fake = _FakePluginAPI()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.8.0", plugin=fake))
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", fake)
+    monkeypatch.setattr(bt, "_registered", False)
+    bt.register_plugin()
+    monkeypatch.setattr(bt, "_registered", False)
+    assert set(fake.descs) == set(fake.impls) == {bt.PLUGIN_ID, bt.PLUGIN_NORMALISED_ID}
+    for normalised, plugin_id in ((False, bt.PLUGIN_ID), (True, bt.PLUGIN_NORMALISED_ID)):
+        fn = ex.chunk_attention_function(18, normalised=normalised)
+        assert plugin_id == f"{fn.domain}::{fn.name}"
+        desc = list(inspect.signature(fake.descs[plugin_id]).parameters)
+        impl = list(inspect.signature(fake.impls[plugin_id]).parameters)
+        assert desc == list(fn.input) + list(fn.attribute), (plugin_id, desc)
+        assert impl == desc + ["outputs", "stream"], (plugin_id, impl)
+
+
 def test_atomic_write_replaces_or_leaves_old_file(tmp_path):
     path = tmp_path / "sub" / "x.bin"
     bt.atomic_write_bytes(path, b"first")
