@@ -130,9 +130,9 @@ block-local and normalised retrievals and the initial retrieval scale g (tables 
 position policies (tables 1, 2 and 7), chunk sizes 32 to 512 (table 5: larger chunks raise
 top-1 agreement, at the cost of a larger local softmax), calibration of only the conversion's
 parameters and a full fine-tune, both by KL distillation (table 9). Calibration lowers KL but
-leaves top-1 agreement about where the conversion put it: the retrieved term is a linear
-(elu + 1) summary of earlier chunks and cannot reproduce the sharp softmax weights GPT-2 puts
-on single earlier tokens. Not tried here: feature maps trained to match those softmax weights
+leaves top-1 agreement about where the conversion put it. A likely cause, not measured
+separately: the retrieved term is a linear (elu + 1) summary of earlier chunks, which cannot
+reproduce sharp softmax weights on single earlier tokens. Not tried here: feature maps trained to match those softmax weights
 (learned φ, as hybrid local + linear conversions use), attention-sink tokens kept in every
 chunk's local softmax, and local windows that overlap the previous chunk; each changes the
 fused op, so each would need the ONNX function, the kernel and the plugin to follow.
