@@ -1,9 +1,12 @@
 """Benchmark the fused chunk-attention kernel against PyTorch.
 
-Backends, all at the same (B, H, T, d) with chunk L:
+Backends, all at the same (B, H, T, d) with chunk L, for one op (--op): ``plain``
+(bsbr::ChunkAttention) or ``normalised`` (bsbr::ChunkAttentionNormalised, the default
+conversion's op):
   fused   the Triton kernel (plugins/chunk_attention_triton.py)
-  chunked vectorised PyTorch: pad to C*L, SDPA is_causal on (B, H*C, L, d) chunks
-          (4-D, so SDPA may pick its flash kernel), einsum retrieval term
+  chunked vectorised PyTorch: plain: pad to C*L, SDPA is_causal on (B, H*C, L, d) chunks
+          (4-D, so SDPA may pick its flash kernel), einsum retrieval term; normalised:
+          the model's own path (bsbr_export.attention.chunk_attention_normalised)
   full    torch SDPA is_causal over the whole sequence: what BSBR replaces
           (a different op, so timed without a parity check)
 
@@ -12,7 +15,7 @@ reference (plugins/chunk_attention_ref.py): at most 3x the distance of the
 reference run on the same low-precision inputs. A backend that fails is not
 timed at that length, and the script exits non-zero.
 
-GPU:  python scripts/bench_kernel.py --device cuda [--output docs/kernel_bench.md]
+GPU:  python scripts/bench_kernel.py --device cuda [--op normalised] [--output docs/kernel_bench.md]
 CPU smoke test: python scripts/bench_kernel.py --device cpu --quick
 (the fused kernel joins on CPU only under Triton's interpreter: TRITON_INTERPRET=1)
 """
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline  # noqa: E402
+from plugins.chunk_attention_ref import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
+                                        compare_to_baseline)
 
 
 def chunk_attention_torch(q, k, v, S, g, L: int) -> torch.Tensor:
@@ -51,29 +55,48 @@ def chunk_attention_torch(q, k, v, S, g, L: int) -> torch.Tensor:
     return (local + gh * retrieved).view(B, H, C * L, d)[:, :, :T]
 
 
-def full_causal_sdpa(q, k, v, S, g, L: int) -> torch.Tensor:
+def chunk_attention_normalised_torch(q, k, v, qf, S, Z, g, L: int) -> torch.Tensor:
+    from bsbr_export.attention import chunk_attention_normalised
+
+    return chunk_attention_normalised(q, k, v, qf, S, Z, g, L)
+
+
+def full_causal_sdpa(q, k, v, *_) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
 
 
-def fused_backend(device: str):
-    """The Triton kernel, or (None, reason) when it cannot run here."""
+def fused_backend(device: str, op: str):
+    """The Triton kernel of ``op``, or (None, reason) when it cannot run here."""
     try:
-        from plugins.chunk_attention_triton import chunk_attention_triton, is_interpreted, require_triton
+        from plugins import chunk_attention_triton as kt
 
-        require_triton()
+        kt.require_triton()
     except ImportError as exc:
         return None, str(exc)
-    if device == "cpu" and not is_interpreted():
+    if device == "cpu" and not kt.is_interpreted():
         return None, "on CPU the kernel needs TRITON_INTERPRET=1"
-    return chunk_attention_triton, ""
+    return (kt.chunk_attention_normalised_triton if op == "normalised" else kt.chunk_attention_triton), ""
 
 
-def make_inputs(B, H, T, d, L, device, seed=0):
+def make_inputs(B, H, T, d, L, device, seed=0, op: str = "plain"):
+    """The op's inputs, g last: plain (q, k, v, S, g); normalised (q, k, v, qf, S, Z, g)."""
     gen = torch.Generator().manual_seed(seed)
+    C = math.ceil(T / L)
     q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))  # (B, H, T, d)
-    S = torch.randn(B, H, math.ceil(T / L), d, d, generator=gen) / math.sqrt(d)  # (B, H, C, d, d)
+    S = torch.randn(B, H, C, d, d, generator=gen) / math.sqrt(d)  # (B, H, C, d, d)
+    if op == "normalised":
+        qf = F.elu(q) + 1.0
+        Z = torch.rand(B, H, C, d, generator=gen) * L  # sums of positive features
+        g = torch.rand(H, generator=gen) * 0.5
+        return [x.to(device) for x in (q, k, v, qf, S, Z, g)]
     g = torch.rand(H, generator=gen) + 0.5  # (H,)
     return [x.to(device) for x in (q, k, v, S, g)]
+
+
+OPS = {  # op -> (fp32 reference, vectorised torch path)
+    "plain": (chunk_attention_ref, chunk_attention_torch),
+    "normalised": (chunk_attention_normalised_ref, chunk_attention_normalised_torch),
+}
 
 
 def time_ms(fn, device: str, warmup: int, runs: int) -> float:
@@ -100,10 +123,11 @@ def time_ms(fn, device: str, warmup: int, runs: int) -> float:
 
 def bench_length(T, args, dtype, backends) -> dict:
     """Parity-check, then time, every backend at one sequence length."""
-    q, k, v, S, g = make_inputs(1, args.heads, T, args.head_dim, args.chunk, args.device, seed=T)
-    ref32 = chunk_attention_ref(q, k, v, S, g, args.chunk)
-    low = [x.to(dtype) for x in (q, k, v, S)]
-    ref_low = chunk_attention_ref(*low, g, args.chunk)
+    *inputs, g = make_inputs(1, args.heads, T, args.head_dim, args.chunk, args.device, seed=T, op=args.op)
+    reference = OPS[args.op][0]
+    ref32 = reference(*inputs, g, args.chunk)
+    low = [x.to(dtype) for x in inputs]
+    ref_low = reference(*low, g, args.chunk)
     row = {"T": T}
     for name, fn, checked in backends:
         if checked:
@@ -115,7 +139,7 @@ def bench_length(T, args, dtype, backends) -> dict:
                 continue
         with torch.no_grad():
             row[name] = time_ms(lambda: fn(*low, g, args.chunk), args.device, args.warmup, args.runs)
-    del q, k, v, S, ref32, ref_low, low
+    del inputs, ref32, ref_low, low
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -133,7 +157,7 @@ def header(args, dtype, fused_note: str) -> list[str]:
     except ImportError:
         triton_version = "not installed"
     lines = [
-        "# Fused chunk attention benchmark",
+        f"# Fused chunk attention benchmark: {args.op} op",
         "",
         f"- {where}",
         f"- torch {torch.__version__}, triton {triton_version}",
@@ -172,6 +196,8 @@ def table(rows) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--op", choices=sorted(OPS), default="plain",
+                   help="plain: bsbr::ChunkAttention; normalised: bsbr::ChunkAttentionNormalised")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     p.add_argument("--heads", type=int, default=12)
@@ -196,8 +222,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float16" if args.device == "cuda" else "float32"))
-    fused, fused_note = fused_backend(args.device)
-    backends = [("chunked", chunk_attention_torch, True), ("full", full_causal_sdpa, False)]
+    fused, fused_note = fused_backend(args.device, args.op)
+    backends = [("chunked", OPS[args.op][1], True), ("full", full_causal_sdpa, False)]
     if fused is not None:
         backends.insert(0, ("fused", fused, True))
     rows = []

@@ -398,6 +398,21 @@ def test_cuda_normalised(dtype, L, d):
         _check(f"cuda normalised {dtype} L{L} T{T}", out, ref32, chunk_attention_normalised_ref(*low, g, L), eps=eps)
 
 
+@needs_triton
+@pytest.mark.parametrize("op", ["plain", "normalised"])
+def test_kernel_benchmark_smoke(op, tmp_path):
+    """scripts/bench_kernel.py --quick under the interpreter: parity gate passes, table written."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO_ROOT)}
+    out = tmp_path / "kernel_bench.md"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "bench_kernel.py"), "--device", "cpu", "--quick",
+                           "--op", op, "--output", str(out)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert f"benchmark: {op} op" in text and "parity FAILED" not in text and "fused kernel not run" not in text
+    assert text.count("\n| ") >= 3  # header + the two quick lengths
+
+
 def _worker(mode: str) -> None:
     """Subprocess entry point: run every case of `mode`, print one JSON line of results."""
     from plugins.chunk_attention_triton import is_interpreted
