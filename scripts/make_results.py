@@ -32,7 +32,8 @@ USES_CALIBRATED = ("study_sweeps", "study_retrieval")
 FULL_ARGS = {
     "study_fidelity": ["--windows", "64", "--long-windows", "2"],
     "study_attention": ["--windows", "32"],
-    "study_calibration": ["--runs", "normalised:conversion", "normalised:full", "--budget", "65536",
+    "study_calibration": ["--runs", "normalised:conversion", "normalised:full", "normalised:conversion:4096",
+                          "--budget", "65536",
                           "--eval-windows", "32", "--long-windows", "1"],
     "study_sweeps": ["--windows", "16", "--repeats", "3"],
     "study_retrieval": ["--windows", "24"],
