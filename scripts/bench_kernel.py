@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bsbr_export.attention import chunk_attention_normalised  # noqa: E402
 from plugins.chunk_attention_ref import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
                                         compare_to_baseline)
 
@@ -53,12 +54,6 @@ def chunk_attention_torch(q, k, v, S, g, L: int) -> torch.Tensor:
     retrieved = torch.einsum("bnld,bnde->bnle", qc, S.reshape(B, H * C, d, d).to(q.dtype))  # (B, H*C, L, d)
     gh = g.to(q.dtype).repeat_interleave(C).view(1, H * C, 1, 1)  # (1, H*C, 1, 1)
     return (local + gh * retrieved).view(B, H, C * L, d)[:, :, :T]
-
-
-def chunk_attention_normalised_torch(q, k, v, qf, S, Z, g, L: int) -> torch.Tensor:
-    from bsbr_export.attention import chunk_attention_normalised
-
-    return chunk_attention_normalised(q, k, v, qf, S, Z, g, L)
 
 
 def full_causal_sdpa(q, k, v, *_) -> torch.Tensor:
@@ -95,7 +90,7 @@ def make_inputs(B, H, T, d, L, device, seed=0, op: str = "plain"):
 
 OPS = {  # op -> (fp32 reference, vectorised torch path)
     "plain": (chunk_attention_ref, chunk_attention_torch),
-    "normalised": (chunk_attention_normalised_ref, chunk_attention_normalised_torch),
+    "normalised": (chunk_attention_normalised_ref, chunk_attention_normalised),
 }
 
 

@@ -61,10 +61,14 @@ def main():
     long_ref = {Tl: None for Tl in args.long}
 
     rows9, rows7, targets = [], [], []
+    windows_of = {}  # training windows per length: tokenised once
+    untrained = {}  # pass 0 per starting conversion: evaluated once
     for run in args.runs:
         start, what, *rest = run.split(":")
         Tt = int(rest[0]) if rest else T
-        train_wins = training_windows(model_dir, args.budget, Tt)
+        if Tt not in windows_of:
+            windows_of[Tt] = training_windows(model_dir, args.budget, Tt)
+        train_wins = windows_of[Tt]
         budget = sum(x.numel() for x in train_wins)
         opts = dict(S.VARIANTS[start])
         model = S.load_converted(args.model, chunk_size=L, **opts)
@@ -73,9 +77,14 @@ def main():
         results = {}
 
         def record(k, m, label=label):
+            if k == 0 and start in untrained:
+                results[0] = untrained[start]
+                return
             summ, _ = S.evaluate(ref, m)
             longs = {Tl: S.long_perplexity(hf, m, ids, Tl, args.long_windows) for Tl in args.long}
             results[k] = (summ, longs)
+            if k == 0:
+                untrained[start] = results[0]
             print(f"[{label}] after {k} passes: top1 {summ['top1'][0]:.4f} KL {summ['kl'][0]:.4f} "
                   f"ppl {summ['ppl']:.3f} (orig {summ['ppl_ref']:.3f})", flush=True)
 
