@@ -3,6 +3,7 @@
     python scripts/make_results.py                     # assemble what exists
     python scripts/make_results.py --run [--model M]   # run every study script first (full study)
     python scripts/make_results.py --run --quick       # every script on tiny inputs (CI)
+    python scripts/make_results.py --run --bench       # also both benchmark sections (the whole document)
 
 Fragments: study_fidelity (tables 1, 2, 7), study_attention (3, 4), study_sweeps (5, 6),
 study_retrieval (8), study_calibration (9), study_external (10), then bench.md and
@@ -48,7 +49,9 @@ machine stand above each table) and every figure under `docs/figures/` by
 `docs/results/` by `python scripts/make_results.py`; `python scripts/make_results.py --run`
 reruns the whole study first (the sample counts of `FULL_ARGS` in that script, sized to
 fit two hours on 2 CPU cores; the measured time is in the last section), `--run --quick`
-runs every script on tiny inputs. Every script takes `--model`, a local
+runs every script on tiny inputs; `--bench` adds the two benchmark runs (sections
+"Benchmark: ...", whose headers give each run's wall time), so one command rebuilds the
+whole document. Every script takes `--model`, a local
 GPT-2 directory or a hub name such as `gpt2` where the hub is reachable. Sample counts in
 each table's header are the ones of that run.
 
@@ -130,7 +133,22 @@ def run_all(args) -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         times.append((name, time.time() - t0))
         print(f"  {name}: {times[-1][1]:.0f} s", flush=True)
+    if args.bench:
+        for name, cmd in bench_commands(args):
+            t0 = time.time()
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            times.append((name, time.time() - t0))
     write_regeneration(args, times, time.time() - t_all)
+
+
+def bench_commands(args) -> list[tuple[str, list[str]]]:
+    """The benchmark runs behind the "Benchmark" sections, each one process tree of its own."""
+    bench = [sys.executable, "-m", "bsbr_export.cli", "bench"]
+    if args.quick:
+        return [("bench --quick", bench + ["--quick", "--out", str(args.results / ".bench-quick"),
+                                           "--fragment", str(args.results / "bench.md")])]
+    return [("bench", bench), (f"bench --model {args.model}", bench + ["--model", args.model])]
 
 
 def write_regeneration(args, times, total: float) -> None:
@@ -138,7 +156,7 @@ def write_regeneration(args, times, total: float) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import studylib
 
-    flags = " --quick" if args.quick else ""
+    flags = (" --quick" if args.quick else "") + (" --bench" if args.bench else "")
     lines = ["## Regeneration", "",
              f"- command: `python scripts/make_results.py --run{flags} --model {args.model}`",
              f"- machine: {studylib.machine()}",
@@ -153,6 +171,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="store_true", help="run every study script first")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--bench", action="store_true", help="with --run: also rerun both benchmarks")
     ap.add_argument("--model", default="models/gpt2-pystdlib")
     ap.add_argument("--data", default=None)
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)

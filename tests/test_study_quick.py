@@ -55,7 +55,7 @@ def test_every_study_script_and_assembly_quick(tiny_dir, tmp_path):
     assert {p.stem for p in SCRIPTS} >= {"study_fidelity", "study_attention", "study_sweeps", "study_retrieval",
                                          "study_calibration", "study_external"}
     results, figures = tmp_path / "docs" / "results", tmp_path / "docs" / "figures"
-    cmd = [sys.executable, str(ROOT / "scripts" / "make_results.py"), "--run", "--quick", "--model", str(tiny_dir),
+    cmd = [sys.executable, str(ROOT / "scripts" / "make_results.py"), "--run", "--quick", "--bench", "--model", str(tiny_dir),
            "--results", str(results), "--figures", str(figures)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -72,7 +72,9 @@ def test_every_study_script_and_assembly_quick(tiny_dir, tmp_path):
     assert "](figures/attention_layer0.png)" in doc
     # The run's own timing closes the document, one row per script plus the total.
     tail = doc[doc.index("## Regeneration"):]
-    assert all(f"`{p.stem}`" in tail for p in SCRIPTS) and "**total**" in tail
+    assert all(f"`{p.stem}`" in tail for p in SCRIPTS) and "`bench --quick`" in tail and "**total**" in tail
+    # --bench: the benchmark section is rebuilt by the same command.
+    assert "## Benchmark" in doc and (results / ".bench-quick" / "bench.json").is_file()
 
 
 def test_full_profile_names_every_script():
