@@ -98,7 +98,7 @@ class Attention(nn.Module):
 def fused_op(q: torch.Tensor, strict: bool, normalised: bool = False):
     """The Triton kernel of the plain or the normalised op when it can run on ``q``, else None
     (the vectorised torch path)."""
-    from plugins.chunk_attention_triton import (chunk_attention_normalised_triton, chunk_attention_triton,
+    from bsbr_export.ops.kernel import (chunk_attention_normalised_triton, chunk_attention_triton,
                                                 is_interpreted, require_triton)
 
     kernel = chunk_attention_normalised_triton if normalised else chunk_attention_triton

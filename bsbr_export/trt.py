@@ -5,7 +5,7 @@ Written against TensorRT 10.7+ and 11.x (Python API, strongly typed networks):
 * ``register_plugin()`` registers ``bsbr::ChunkAttention`` and
   ``bsbr::ChunkAttentionNormalised`` (the default conversion's op) as quickly deployable
   Python plugins (``tensorrt.plugin``, TensorRT >= 10.7); their implementations launch
-  the Triton kernels of ``plugins.chunk_attention_triton`` on TensorRT's stream.
+  the Triton kernels of ``bsbr_export.ops.kernel`` on TensorRT's stream.
 * ``network_from_onnx()`` parses an exported model. Every attention layer there is a
   node ``bsbr::ChunkAttention(q, k, v, S, g)`` (or ``bsbr::ChunkAttentionNormalised(q, k,
   v, qf, S, Z, g)``) with ``chunk_size`` and
@@ -95,7 +95,7 @@ def register_plugin() -> None:
     require_tensorrt()
     import tensorrt.plugin as trtp
 
-    from plugins.chunk_attention_triton import require_triton
+    from bsbr_export.ops.kernel import require_triton
 
     require_triton()
 
@@ -115,7 +115,7 @@ def register_plugin() -> None:
     ) -> None:
         import torch
 
-        from plugins.chunk_attention_triton import chunk_attention_triton
+        from bsbr_export.ops.kernel import chunk_attention_triton
 
         tq, tk, tv, tS, tg = (torch.as_tensor(t, device="cuda") for t in (q, k, v, S, g))
         out = torch.as_tensor(outputs[0], device="cuda")
@@ -138,7 +138,7 @@ def register_plugin() -> None:
     ) -> None:
         import torch
 
-        from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+        from bsbr_export.ops.kernel import chunk_attention_normalised_triton
 
         ts = [torch.as_tensor(t, device="cuda") for t in (q, k, v, qf, S, Z, g)]
         out = torch.as_tensor(outputs[0], device="cuda")

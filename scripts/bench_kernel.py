@@ -3,7 +3,7 @@
 Backends, all at the same (B, H, T, d) with chunk L, for one op (--op): ``plain``
 (bsbr::ChunkAttention) or ``normalised`` (bsbr::ChunkAttentionNormalised, the default
 conversion's op):
-  fused   the Triton kernel (plugins/chunk_attention_triton.py)
+  fused   the Triton kernel (bsbr_export/ops/kernel.py)
   chunked vectorised PyTorch: plain: pad to C*L, SDPA is_causal on (B, H*C, L, d) chunks
           (4-D, so SDPA may pick its flash kernel), einsum retrieval term; normalised:
           the model's own path (bsbr_export.attention.chunk_attention_normalised)
@@ -11,7 +11,7 @@ conversion's op):
           (a different op, so timed without a parity check)
 
 Before timing a BSBR backend at a length, its output is compared with the fp32
-reference (plugins/chunk_attention_ref.py): at most 3x the distance of the
+reference (bsbr_export/ops/naive.py): at most 3x the distance of the
 reference run on the same low-precision inputs. A backend that fails is not
 timed at that length, and the script exits non-zero.
 
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export.attention import chunk_attention_normalised  # noqa: E402
-from plugins.chunk_attention_ref import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
+from bsbr_export.ops.naive import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
                                         compare_to_baseline)
 
 
@@ -63,7 +63,7 @@ def full_causal_sdpa(q, k, v, *_) -> torch.Tensor:
 def fused_backend(device: str, op: str):
     """The Triton kernel of ``op``, or (None, reason) when it cannot run here."""
     try:
-        from plugins import chunk_attention_triton as kt
+        from bsbr_export.ops import kernel as kt
 
         kt.require_triton()
     except ImportError as exc:

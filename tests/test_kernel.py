@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.chunk_attention_ref import chunk_attention_normalised_ref, chunk_attention_ref, compare_to_baseline
+from bsbr_export.ops.naive import chunk_attention_normalised_ref, chunk_attention_ref, compare_to_baseline
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def interpreter_cases() -> list[dict]:
 
 
 def run_normalised_case(case: dict) -> dict:
-    from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+    from bsbr_export.ops.kernel import chunk_attention_normalised_triton
 
     L, d, T = case["L"], case["d"], case["T"]
     dtype = getattr(torch, case["dtype"])
@@ -206,7 +206,7 @@ def run_normalised_case(case: dict) -> dict:
 
 def run_interpreter_case(case: dict) -> dict:
     """Kernel vs reference for one case (runs inside the interpreter subprocess)."""
-    from plugins.chunk_attention_triton import chunk_attention_triton
+    from bsbr_export.ops.kernel import chunk_attention_triton
 
     if case.get("op") == "normalised":
         return run_normalised_case(case)
@@ -259,10 +259,10 @@ def test_triton_interpreter_matches_reference(interpreter_results, case):
 
 
 def test_plugins_import_without_triton():
-    """`import plugins...` works without Triton; the wrapper then says what to install."""
+    """`import bsbr_export.ops.kernel` works without Triton; the wrapper then says what to install."""
     code = (
         "import sys; sys.modules['triton'] = None; sys.modules['triton.language'] = None\n"
-        "import torch, plugins.chunk_attention_triton as m\n"
+        "import torch, bsbr_export.ops.kernel as m\n"
         "x = torch.zeros(1, 1, 4, 16)\n"
         "try:\n"
         "    m.chunk_attention_triton(x, x, x, torch.zeros(1, 1, 1, 16, 16), torch.ones(1), 4)\n"
@@ -277,7 +277,7 @@ def test_plugins_import_without_triton():
 
 @needs_triton
 def test_triton_wrapper_validates_inputs():
-    from plugins.chunk_attention_triton import chunk_attention_triton
+    from bsbr_export.ops.kernel import chunk_attention_triton
 
     q, k, v, S, g = make_inputs(1, 2, 10, 24, 4, "zero")
     with pytest.raises(ValueError, match="head dim"):
@@ -316,7 +316,7 @@ def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int, normalised
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from plugins.chunk_attention_triton import _chunk_attention_kernel, block_size, launch_options
+    from bsbr_export.ops.kernel import _chunk_attention_kernel, block_size, launch_options
 
     ptr = {"float16": "*fp16", "float32": "*fp32"}
     opts = launch_options(d, getattr(torch, q_dtype))
@@ -356,7 +356,7 @@ def test_kernel_compiles_for_gpus():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_realistic_shape(dtype):
-    from plugins.chunk_attention_triton import chunk_attention_triton
+    from bsbr_export.ops.kernel import chunk_attention_triton
 
     B, H, T, d, L = 1, 12, 4096, 64, 128
     q, k, v, S, g = make_inputs(B, H, T, d, L, "random", device="cuda")
@@ -372,7 +372,7 @@ def test_cuda_realistic_shape(dtype):
 @needs_triton
 @pytest.mark.parametrize("L,d", [(100, 64), (128, 128), (24, 16)])
 def test_cuda_odd_lengths(L, d):
-    from plugins.chunk_attention_triton import chunk_attention_triton
+    from bsbr_export.ops.kernel import chunk_attention_triton
 
     for T in _lengths(L):
         q, k, v, S, g = make_inputs(2, 3, T, d, L, "random", seed=T, device="cuda")
@@ -387,7 +387,7 @@ def test_cuda_odd_lengths(L, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("L,d", [(128, 64), (100, 64)])
 def test_cuda_normalised(dtype, L, d):
-    from plugins.chunk_attention_triton import chunk_attention_normalised_triton
+    from bsbr_export.ops.kernel import chunk_attention_normalised_triton
 
     for T in (L - 1, L + 1, 4096 + 5):
         q, k, v, qf, S, Z, g = make_normalised_inputs(1, 12, T, d, L, seed=T, device="cuda")
@@ -415,7 +415,7 @@ def test_kernel_benchmark_smoke(op, tmp_path):
 
 def _worker(mode: str) -> None:
     """Subprocess entry point: run every case of `mode`, print one JSON line of results."""
-    from plugins.chunk_attention_triton import is_interpreted
+    from bsbr_export.ops.kernel import is_interpreted
 
     assert is_interpreted() == (mode == "interpreter"), f"wrong Triton mode for the {mode} worker"
     torch.set_num_threads(1)

@@ -151,7 +151,7 @@ model = convert(sys.argv[1], chunk_size=24, retrieval=sys.argv[2], retrieval_sca
 ids = torch.randint(0, 101, (2, 53), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     a, b = model(ids, impl="fused"), model(ids)
-from plugins.chunk_attention_triton import is_interpreted
+from bsbr_export.ops.kernel import is_interpreted
 print(json.dumps({"interpreted": is_interpreted(), "max_abs": (a - b).abs().max().item()}))
 """
 

@@ -208,7 +208,7 @@ def test_engine_from_onnx_profile_cache_and_runner(tmp_path):
 @needs_triton
 @needs_trt
 def test_plugin_engine_matches_reference(tmp_path):
-    from plugins.chunk_attention_ref import chunk_attention_ref, compare_to_baseline
+    from bsbr_export.ops.naive import chunk_attention_ref, compare_to_baseline
 
     B, H, T, d, L = 1, 2, 77, 16, 24
     onnx_path, engine = tmp_path / "ca.onnx", tmp_path / "ca.engine"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.chunk_attention_ref import check_chunk_attention_args, check_chunk_attention_normalised_args
+from bsbr_export.ops.naive import check_chunk_attention_args, check_chunk_attention_normalised_args
 
 try:
     import triton

@@ -1,0 +1,162 @@
+"""Small helpers every stage shares: atomic writes, timing, the machine, Markdown tables, KL.
+
+Torch-free (numpy only), so the runtime and the benchmark's parent process can use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+# --------------------------------------------------------------------------- atomic writes
+
+FILE_MODE = 0o644  # every file an export writes, whatever the writer's umask or tempfile's 0600
+DIR_MODE = 0o755
+
+
+@contextlib.contextmanager
+def atomic_dir(out, force: bool = False, tag: str = "partial"):
+    """Build a directory under a temporary name next to ``out``; rename it into place on success.
+
+    Yields the temporary path. On any exception (Ctrl-C included) the temporary directory is
+    removed and ``out`` is left as it was; with ``force`` an existing ``out`` is replaced only
+    once the new one is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}.", dir=out.parent))
+    try:
+        yield tmp
+        fix_modes(tmp)
+        if out.exists():
+            if not force:
+                raise FileExistsError(f"{out}: already exists (use --force to replace it)")
+            if out.is_dir() and not out.is_symlink():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fix_modes(root) -> None:
+    """Give every file below ``root`` FILE_MODE and every directory DIR_MODE (root included)."""
+    root = Path(root)
+    root.chmod(DIR_MODE)
+    for p in root.rglob("*"):
+        p.chmod(DIR_MODE if p.is_dir() else FILE_MODE)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+# --------------------------------------------------------------------------- timing
+
+def summarize(times_ms: list[float]) -> dict:
+    """Median, min, mean and spread of wall times in ms (the median is what tables report)."""
+    return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
+            "mean_ms": statistics.fmean(times_ms),
+            "stdev_ms": statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
+            "runs": len(times_ms), "times_ms": [round(t, 3) for t in times_ms]}
+
+
+def time_calls(fn, warmup: int, runs: int, warm_fn=None) -> dict:
+    """Wall time of ``fn()``: warm-up calls (of ``warm_fn`` if given), then ``runs`` timed calls; ms."""
+    for _ in range(warmup):
+        (warm_fn or fn)()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times) | {"warmup": warmup}
+
+
+def median_ms(fn, runs: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    return time_calls(fn, warmup, runs)["median_ms"]
+
+
+# --------------------------------------------------------------------------- the machine
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def machine_info() -> dict:
+    """CPU model, SIMD flags, cores and memory: recorded with every table of timings."""
+    model, flags, mem = None, "", None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    simd = [f for f in SIMD_FLAGS if f" {f}" in f" {flags} "]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model or platform.processor() or platform.machine() or "unknown", "cores": cores,
+            "cpu_count": os.cpu_count(), "simd": simd, "memory_bytes": mem, "platform": platform.platform()}
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line: 'CPU (flags), N cores, X GiB, platform'."""
+    m = info or machine_info()
+    mem = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
+    return (f"{m['cpu']} ({', '.join(m['simd']) or 'no AVX2'}), {m['cores']} cores{mem}, "
+            f"{m['platform']}")
+
+
+# --------------------------------------------------------------------------- Markdown
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub Markdown table, one line per row, ending in a newline."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- distributions
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def kl_from_logprobs(lp, lq):
+    """KL(P || Q) over the last axis in nats, from log-probabilities: numpy arrays or torch tensors
+    (the result has the inputs' type and precision)."""
+    p = lp.exp() if hasattr(lp, "exp") else np.exp(lp)
+    return (p * (lp - lq)).sum(-1)
