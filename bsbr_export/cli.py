@@ -235,7 +235,8 @@ def generate(model_dir, prompt, backend, max_new_tokens, temperature, top_k, see
     from transformers import AutoTokenizer
 
     from .convert import load_bsbr
-    from .generate import TorchStepper, generate as gen
+    from .generate import generate as gen
+    from .runtime import TorchStepper
     from .runtime import ORTStepper
 
     if not (model_dir / "bsbr" / "config.json").is_file() or not (model_dir / "model.onnx").is_file():

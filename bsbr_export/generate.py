@@ -11,23 +11,8 @@ so the PyTorch model and the ONNX Runtime sessions generate through the same loo
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .errors import InputError
-
-
-class TorchStepper:
-    """Streams a ``BSBRGPT2`` through its preallocated decode state."""
-
-    def __init__(self, model, max_len: int):
-        self.model, self.max_len, self.state = model, max_len, None
-
-    def prefill(self, input_ids: np.ndarray) -> np.ndarray:
-        logits, self.state = self.model.prefill(torch.as_tensor(input_ids, dtype=torch.int64), self.max_len)
-        return logits[:, -1].float().numpy()
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        return self.model.decode_step(torch.as_tensor(tokens, dtype=torch.int64), self.state).float().numpy()
 
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int | None = None,

@@ -23,7 +23,8 @@ import torch
 
 import studylib as S
 from bsbr_export import metrics as M
-from bsbr_export.generate import TorchStepper, generate
+from bsbr_export.generate import generate
+from bsbr_export.runtime import TorchStepper
 
 
 def options():

@@ -16,7 +16,8 @@ from bsbr_export.cli import main
 from bsbr_export.convert import convert
 from bsbr_export.errors import InputError, ModelLoadError
 from bsbr_export.export import DOMAIN, FUNCTION, ExportSpec, export_onnx
-from bsbr_export.generate import TorchStepper, generate
+from bsbr_export.generate import generate
+from bsbr_export.runtime import TorchStepper
 from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner
 from conftest import assert_close
 

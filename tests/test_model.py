@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bsbr_export.convert import convert
-from bsbr_export.generate import TorchStepper, generate
+from bsbr_export.generate import generate
+from bsbr_export.runtime import TorchStepper
 from conftest import assert_close
 
 
