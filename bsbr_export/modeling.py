@@ -3,22 +3,22 @@
 Parameter names follow HF GPT-2 with nn.Linear weights (out, in); the conversion
 lives in ``convert``. The model has two forward paths over the same weights:
 ``impl="vectorised"`` (real work) and ``impl="reference"`` (loops, for tests), and
-a streaming path (``prefill`` / ``decode_step``) over a preallocated ``DecodeState``.
+a streaming path (``prefill`` / ``decode_step``) over a preallocated ``ops.recurrent.DecodeState``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import (bsbr_attention, bsbr_attention_reference, feature, normalised_combine,
-                        num_chunks)
 from .config import BSBRConfig
 from .errors import InputError
+from .ops.chunk import bsbr_attention, chunk_states, num_chunks, retrieve
+from .ops.naive import bsbr_attention_reference
+from .ops.recurrent import DecodeState, close_chunk, retrieve_one, step_attention
+from .ops.state import StateSpec
 
 
 def activation(name: str):
@@ -98,7 +98,7 @@ class Attention(nn.Module):
 def fused_op(q: torch.Tensor, strict: bool, normalised: bool = False):
     """The Triton kernel of the plain or the normalised op when it can run on ``q``, else None
     (the vectorised torch path)."""
-    from bsbr_export.ops.kernel import (chunk_attention_normalised_triton, chunk_attention_triton,
+    from .ops.kernel import (chunk_attention_normalised_triton, chunk_attention_triton,
                                                 is_interpreted, require_triton)
 
     kernel = chunk_attention_normalised_triton if normalised else chunk_attention_triton
@@ -134,29 +134,6 @@ class Block(nn.Module):
     def forward(self, x, impl="vectorised"):
         x = x + self.attn(self.ln_1(x), impl)
         return x + self.mlp(self.ln_2(x))
-
-
-@dataclass
-class DecodeState:
-    """Preallocated streaming state, one slot per layer.
-
-    k, v:   (n_layer, B, H, L, d)        the current chunk's keys and values
-    S:      (n_layer, B, H, d', d)       the current chunk's retrieved state
-    bank_h: (n_layer, B, H, C_max, d)    meta keys of completed chunks
-    bank_F: (n_layer, B, H, C_max, d', d) states of completed chunks
-    pos:    number of tokens consumed so far
-    Z, bank_z: (n_layer, B, H, d') and (n_layer, B, H, C_max, d'): the retrieved and banked
-            normalisers of the ``normalised`` retrieval (None for ``plain``)
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    S: torch.Tensor
-    bank_h: torch.Tensor
-    bank_F: torch.Tensor
-    pos: int = 0
-    Z: torch.Tensor | None = None
-    bank_z: torch.Tensor | None = None
 
 
 class BSBRGPT2(nn.Module):
@@ -198,17 +175,12 @@ class BSBRGPT2(nn.Module):
         return (logits, hidden) if output_hidden_states else logits
 
     # ------------------------------------------------------------------ streaming
+    def state_spec(self) -> StateSpec:
+        return StateSpec.from_config(self.cfg)
+
     def new_state(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> DecodeState:
-        c = self.cfg
-        Cmax = num_chunks(max_len, c.chunk_size)
-        shape = (c.n_layer, batch, c.n_head)
-        z = lambda *s: torch.zeros(*shape, *s, dtype=dtype, device=device)  # noqa: E731
-        st = DecodeState(k=z(c.chunk_size, c.head_dim), v=z(c.chunk_size, c.head_dim),
-                         S=z(c.state_dim, c.head_dim), bank_h=z(Cmax, c.head_dim),
-                         bank_F=z(Cmax, c.state_dim, c.head_dim))
-        if c.retrieval == "normalised":
-            st.Z, st.bank_z = z(c.state_dim), z(Cmax, c.state_dim)
-        return st
+        spec = self.state_spec()
+        return DecodeState.zeros(spec, batch, spec.capacity(max_len), dtype, device)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, max_len: int):
@@ -218,58 +190,32 @@ class BSBRGPT2(nn.Module):
         if T > max_len:
             raise InputError(f"prompt of {T} tokens exceeds max_len {max_len}")
         c, L = self.cfg, self.cfg.chunk_size
+        norm = c.retrieval == "normalised"
         st = self.new_state(B, max_len, device=input_ids.device)
         n_done, n_cur = T // L, T % L  # completed chunks, tokens in the open chunk
         x = self.wte(input_ids) + self.wpe(position_ids(c, 0, T, input_ids.device))
-        from .attention import chunk_normalisers, chunk_states, retrieve
-
-        norm = c.retrieval == "normalised"
         for i, block in enumerate(self.h):
             a = block.attn
             xa = block.ln_1(x)
             q, k, v = a.qkv(xa)
             r, h = a.meta(xa)
-            Fs = chunk_states(k, v, L, a.U, c.feature_map)  # (B, H, C, d', d)
-            if norm:  # z_j rides along as an extra column of F_j
-                Fs = torch.cat([Fs, chunk_normalisers(k, L, a.U, c.feature_map)[..., None]], -1)
-                st.bank_z[i, :, :, :n_done] = Fs[:, :, :n_done, :, -1]
-            st.bank_h[i, :, :, :n_done] = h[:, :, :n_done]
-            st.bank_F[i, :, :, :n_done] = Fs[:, :, :n_done, :, :c.head_dim]
-            st.k[i, :, :, :n_cur] = k[:, :, n_done * L:]
-            st.v[i, :, :, :n_cur] = v[:, :, n_done * L:]
+            Fs = chunk_states(k, v, L, a.U, c.feature_map, norm)  # (B, H, C, d', dc)
+            st.bank_h[:, i, :, :n_done] = h[:, :, :n_done]
+            st.bank_F[:, i, :, :n_done] = Fs[:, :, :n_done]
+            st.k[:, i, :, :n_cur] = k[:, :, n_done * L:]
+            st.v[:, i, :, :n_cur] = v[:, :, n_done * L:]
             if n_cur:  # the open chunk n_done already has its S in the full computation
-                SZ = retrieve(r, h, Fs)[:, :, n_done]  # (B, H, d', d [+ 1])
-                st.S[i] = SZ[..., :c.head_dim]
-                if norm:
-                    st.Z[i] = SZ[..., -1]
+                st.S[:, i] = retrieve(r, h, Fs)[:, :, n_done]  # (B, H, d', dc)
             else:  # the prompt ended on a chunk boundary: build S for the next chunk
-                self._next_state(a, xa[:, T - 1], st, i, n_done)
+                st.S[:, i] = self._next_S(a, xa[:, T - 1], st, i, n_done)
             x = block(x)
         st.pos = T
         return self.lm_logits(x), st
 
-    def _next_state(self, a: Attention, x_last: torch.Tensor, st: DecodeState, layer: int, n_closed: int):
-        """S (and Z) for the chunk after the ``n_closed``-th closed one: retrieval over the bank,
-        written into ``st``."""
-        d = self.cfg.head_dim
+    def _next_S(self, a: Attention, x_last: torch.Tensor, st: DecodeState, layer: int, n_closed: int):
+        """S of the chunk after the ``n_closed``-th closed one, from the bank: (B, H, d', dc)."""
         r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
-        hs = st.bank_h[layer, :, :, :n_closed]  # (B, H, n, d)
-        p = torch.softmax((hs @ r[..., None])[..., 0] / math.sqrt(d), dim=-1)  # (B, H, n)
-        st.S[layer] = torch.einsum("bhn,bhnef->bhef", p, st.bank_F[layer, :, :, :n_closed])  # (B, H, d', d)
-        if st.Z is not None:
-            st.Z[layer] = torch.einsum("bhn,bhne->bhe", p, st.bank_z[layer, :, :, :n_closed])  # (B, H, d')
-
-    def _decode_normalised(self, a: Attention, q, kk, vv, S, Z):
-        """One query of the normalised retrieval: q (B, H, 1, d), kk/vv (B, H, n, d),
-        S (B, H, d', d), Z (B, H, d') -> (B, H, 1, d). Same op as chunk_attention_normalised,
-        the query sees all n keys."""
-        U, d = a.U, q.shape[-1]
-        S_full = S if U is None else torch.einsum("hde,bhef->bhdf", U, S)  # (B, H, d, d)
-        Z_full = Z if U is None else torch.einsum("hde,bhe->bhd", U, Z)  # (B, H, d)
-        scores = (q.float() @ kk.float().transpose(-1, -2)) / math.sqrt(d)  # (B, H, 1, n)
-        qf = feature(q.float(), self.cfg.feature_map)
-        o = normalised_combine(scores, vv.float(), qf, S_full.float(), Z_full.float(), a.g.float().view(1, -1, 1, 1))
-        return o.to(q.dtype)
+        return retrieve_one(r, st.bank_h[:, layer, :, :n_closed], st.bank_F[:, layer, :, :n_closed])
 
     def lm_logits(self, x):
         return self.ln_f(x) @ self.wte.weight.T
@@ -278,8 +224,9 @@ class BSBRGPT2(nn.Module):
     def decode_step(self, token: torch.Tensor, st: DecodeState):
         """One token per sequence: token (B,) -> logits (B, V); updates ``st`` in place."""
         c, L = self.cfg, self.cfg.chunk_size
+        norm = c.retrieval == "normalised"
         t = st.pos
-        if t >= st.bank_h.shape[3] * L:
+        if t >= st.capacity * L:
             raise InputError(f"decode state is full ({t} tokens); allocate a larger max_len")
         slot = t % L
         x = self.wte(token[:, None]) + self.wpe(position_ids(c, t, t + 1, token.device))  # (B, 1, E)
@@ -287,26 +234,17 @@ class BSBRGPT2(nn.Module):
             a = block.attn
             xa = block.ln_1(x)
             q, k, v = a.qkv(xa)  # (B, H, 1, d)
-            st.k[i, :, :, slot] = k[:, :, 0]
-            st.v[i, :, :, slot] = v[:, :, 0]
-            kk, vv = st.k[i, :, :, :slot + 1], st.v[i, :, :, :slot + 1]  # (B, H, n, d)
-            if c.retrieval == "plain":
-                local = F.scaled_dot_product_attention(q, kk, vv)  # (B, H, 1, d)
-                qs = q if a.U is None else torch.einsum("bhtd,hde->bhte", q, a.U)
-                o = local + a.g.view(1, -1, 1, 1) * (qs @ st.S[i])  # (B, H, 1, d)
-            else:
-                o = self._decode_normalised(a, q, kk, vv, st.S[i], st.Z[i])  # (B, H, 1, d)
+            st.k[:, i, :, slot] = k[:, :, 0]
+            st.v[:, i, :, slot] = v[:, :, 0]
+            kk, vv = st.k[:, i, :, :slot + 1], st.v[:, i, :, :slot + 1]  # (B, H, n, d)
+            o = step_attention(q, kk, vv, st.S[:, i], a.g, a.U, c.feature_map, norm)  # (B, H, 1, d)
             x = x + a.c_proj(o.transpose(1, 2).reshape(x.shape))
             x = x + block.mlp(block.ln_2(x))
             if slot == L - 1:  # the chunk closes: bank it, then build S for the next chunk
                 j = t // L
-                kc = feature(kk, c.feature_map)
-                kc = kc if a.U is None else torch.einsum("bhnd,hde->bhne", kc, a.U)
-                st.bank_F[i, :, :, j] = kc.transpose(-1, -2) @ vv
-                if st.bank_z is not None:
-                    st.bank_z[i, :, :, j] = kc.sum(-2)
-                st.bank_h[i, :, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
-                self._next_state(a, xa[:, 0], st, i, j + 1)
+                st.bank_F[:, i, :, j] = close_chunk(kk, vv, a.U, c.feature_map, norm)
+                st.bank_h[:, i, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
+                st.S[:, i] = self._next_S(a, xa[:, 0], st, i, j + 1)
         st.pos = t + 1
         return self.lm_logits(x)[:, 0]
 

@@ -6,7 +6,7 @@ conversion's op):
   fused   the Triton kernel (bsbr_export/ops/kernel.py)
   chunked vectorised PyTorch: plain: pad to C*L, SDPA is_causal on (B, H*C, L, d) chunks
           (4-D, so SDPA may pick its flash kernel), einsum retrieval term; normalised:
-          the model's own path (bsbr_export.attention.chunk_attention_normalised)
+          the model's own path (bsbr_export.ops.chunk.chunk_attention_normalised)
   full    torch SDPA is_causal over the whole sequence: what BSBR replaces
           (a different op, so timed without a parity check)
 
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bsbr_export.attention import chunk_attention_normalised  # noqa: E402
+from bsbr_export.ops.chunk import chunk_attention_normalised  # noqa: E402
 from bsbr_export.ops.naive import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
                                         compare_to_baseline)
 

@@ -17,6 +17,7 @@ import torch
 
 import studylib as S
 from bsbr_export.convert import _random_orthogonal, build_model, load_bsbr
+from bsbr_export.ops.state import kv_cache_bytes
 
 
 def options():
@@ -65,7 +66,7 @@ def main():
     with torch.no_grad():
         x = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
         t_orig = S.timed(lambda: hf(input_ids=x), repeats=args.repeats)
-    kv = S.kv_cache_bytes(hf.config.n_layer, hf.config.n_embd, T)
+    kv = kv_cache_bytes(hf.config.n_layer, hf.config.n_embd, T)
 
     out = ["## Hyperparameters (tables 5, 6)", "",
            f"Reference on this machine: the original model's forward over {T} tokens takes {t_orig:.1f} ms "

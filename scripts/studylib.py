@@ -279,14 +279,8 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
 
 def state_bytes(model, max_len: int) -> int:
     """Bytes of the preallocated decode state for batch 1 and ``max_len`` tokens."""
-    st = model.new_state(1, max_len)
-    return sum(t.numel() * t.element_size() for t in (st.k, st.v, st.S, st.bank_h, st.bank_F, st.Z, st.bank_z)
-               if t is not None)
-
-
-def kv_cache_bytes(n_layer: int, n_embd: int, T: int) -> int:
-    """A GPT-2 KV cache for T tokens, fp32, batch 1."""
-    return 2 * n_layer * n_embd * T * 4
+    spec = model.state_spec()
+    return spec.nbytes(1, spec.capacity(max_len))
 
 
 # --------------------------------------------------------------------------- shared evaluations

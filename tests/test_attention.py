@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from bsbr_export.attention import bsbr_attention, bsbr_attention_reference, num_chunks
+from bsbr_export.ops.chunk import bsbr_attention, num_chunks
+from bsbr_export.ops.naive import bsbr_attention_reference
 from conftest import assert_close
 
 

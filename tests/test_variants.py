@@ -4,7 +4,8 @@ model, causally, exactly GPT-2 within one chunk, and streaming decode equals the
 import pytest
 import torch
 
-from bsbr_export.attention import bsbr_attention, bsbr_attention_reference
+from bsbr_export.ops.chunk import bsbr_attention
+from bsbr_export.ops.naive import bsbr_attention_reference
 from bsbr_export.config import BSBRConfig
 from bsbr_export.convert import convert
 from bsbr_export.errors import ConfigError

@@ -1,10 +1,14 @@
-"""Plain PyTorch reference for the fused chunk-attention op.
+"""The loop references: the oracle every fast path of the BSBR op is tested against.
+
+Written plainly and apart from the fast paths (``chunk``, ``recurrent``, ``kernel``, ``onnx_graph``):
+loops over chunks and tokens, fp32 (fp64 for the normalised sums), no T x T tensor.
+
+``bsbr_attention_reference``: the whole layer (chunk states, retrieval, both terms).
+``chunk_attention_ref`` / ``chunk_attention_normalised_ref``: the fused op alone, as the
+Triton kernel, the ONNX function and the TensorRT plugin compute it:
 
     o[b,h,t] = sum_{s in chunk(t), s <= t} softmax_s(q_t . k_s / sqrt(d)) v_s
                + g[h] * (q_t @ S[b,h,chunk(t)])          chunk(t) = t // L
-
-This is the definition every fast path (Triton kernel, TensorRT plugin) is
-tested against: one loop over chunks, fp32 arithmetic, no T x T tensor.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .chunk import feature, num_chunks
 
 
 def check_chunk_attention_args(q, k, v, S, g, chunk_size: int) -> None:
@@ -115,3 +121,48 @@ def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 
     nums["limit_mean"] = factor * nums["base_mean"] + eps
     nums["ok"] = nums["err_max"] <= nums["limit_max"] and nums["err_mean"] <= nums["limit_mean"]
     return nums
+
+
+@torch.no_grad()
+def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = "plain",
+                             feature_map: str = "identity") -> torch.Tensor:
+    """Plain loops over chunks and tokens, fp32: slow and obviously correct."""
+    out_dtype = q.dtype
+    q, k, v, r, h, g = (t.float() for t in (q, k, v, r, h, g))
+    U = U.float() if U is not None else None
+    B, H, T, d = q.shape
+    C = num_chunks(T, L)
+    scale = 1.0 / math.sqrt(d)
+    fm = lambda x: feature(x, feature_map)  # noqa: E731
+    phi = fm if U is None else (lambda x: torch.einsum("bh...d,hde->bh...e", fm(x), U))
+    o = torch.zeros_like(q)
+    bank, zbank = [], []  # F_j (B, H, d', d) and z_j (B, H, d') of completed chunks
+    for i in range(C):
+        lo, hi = i * L, min((i + 1) * L, T)
+        # Retrieved state for chunk i, from chunks j < i only.
+        if i == 0:
+            dp = phi(q[:, :, :1]).shape[-1]
+            S, Z = torch.zeros(B, H, dp, d), torch.zeros(B, H, dp)
+        else:
+            w = torch.stack([(r[:, :, i] * h[:, :, j]).sum(-1) * scale for j in range(i)], -1)  # (B, H, i)
+            p = torch.softmax(w, -1)
+            S = sum(p[:, :, j, None, None] * bank[j] for j in range(i))
+            Z = sum(p[:, :, j, None] * zbank[j] for j in range(i))
+        for t in range(lo, hi):
+            s = (q[:, :, t, None, :] * k[:, :, lo:t + 1]).sum(-1) * scale  # (B, H, t-lo+1)
+            a = (torch.softmax(s, -1)[..., None] * v[:, :, lo:t + 1]).sum(-2)  # (B, H, d)
+            pq = phi(q[:, :, t])  # (B, H, d')
+            ret = (pq[..., None] * S).sum(-2)  # (B, H, d)
+            if retrieval == "plain":
+                o[:, :, t] = a + g.view(1, H, 1) * ret
+            else:
+                # Shared denominator: sum_s e^s v_s + g ret over sum_s e^s + g pq.Z
+                e = torch.exp(s.double())  # (B, H, n), fp64: no max subtraction needed
+                gg = g.double().view(1, H, 1)
+                num = (e[..., None] * v[:, :, lo:t + 1].double()).sum(-2) + gg * ret.double()
+                den = e.sum(-1, keepdim=True) + gg * (pq * Z).double().sum(-1, keepdim=True)
+                o[:, :, t] = (num / den).float()
+        kk = phi(k[:, :, lo:hi])  # (B, H, n, d')
+        bank.append(kk.transpose(-1, -2) @ v[:, :, lo:hi])  # (B, H, d', d)
+        zbank.append(kk.sum(-2))  # (B, H, d')
+    return o.to(out_dtype)

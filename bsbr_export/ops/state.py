@@ -1,0 +1,113 @@
+"""The decode state: one specification for torch, the ONNX graphs, the runtime and the benchmark.
+
+Generating token by token keeps, per sequence, layer and head (docs/bsbr-math.md, "Decode"):
+
+    state_k, state_v  [batch, layer, head, chunk, head_dim]             the open chunk's keys/values
+    state_S           [batch, layer, head, state_dim, state_cols]       the open chunk's retrieved state
+    state_bank_h      [batch, layer, head, capacity, head_dim]          meta keys of closed chunks
+    state_bank_F      [batch, layer, head, capacity, state_dim, state_cols]  states of closed chunks
+
+and, between the per-token graph and the chunk-closing graph only,
+
+    state_xa          [batch, layer, 1, embd]       the closing token's ln_1 output per layer
+
+Batch is the first axis of every tensor, so a server slices or replaces one sequence's state
+along axis 0. ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
+carries its normaliser z (resp. Z) as one extra, last column of every F (resp. S), so both
+variants have the same five tensors. ``capacity`` is the number of chunk slots in the bank:
+ceil(max_len / chunk) in the decode and close graphs, the number of closed chunks in the
+prefill graph's output (the runtime pads it). Every tensor is float32 in every export (fp16
+graphs cast at their edges). ``FORMAT`` is written into every export and read back by loaders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT = 2  # 1: layer-first state, Z kept apart in torch. 2: batch-first, normaliser as the last column.
+
+K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
+# The state a sequence carries from one token to the next, in this order everywhere.
+CARRIED = (K, V, S, BANK_H, BANK_F)
+# Per-token graph: reads the open chunk and its retrieved state; writes the open chunk and xa.
+DECODE_IN, DECODE_OUT = (K, V, S), (K, V, XA)
+# Chunk-closing graph, once per chunk: banks the finished chunk and builds the next S.
+CLOSE_IN, CLOSE_OUT = (K, V, XA, BANK_H, BANK_F), (S, BANK_H, BANK_F)
+OUT_SUFFIX = "_out"  # a graph output that replaces an input of the same name
+
+DIMS = {
+    K: ("batch", "layer", "head", "chunk", "head_dim"),
+    V: ("batch", "layer", "head", "chunk", "head_dim"),
+    S: ("batch", "layer", "head", "state_dim", "state_cols"),
+    BANK_H: ("batch", "layer", "head", "capacity", "head_dim"),
+    BANK_F: ("batch", "layer", "head", "capacity", "state_dim", "state_cols"),
+    XA: ("batch", "layer", "one", "embd"),
+}
+DYNAMIC = ("batch", "capacity")  # the dimensions a graph leaves symbolic
+
+
+def out_name(name: str) -> str:
+    return name + OUT_SUFFIX
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Sizes of every dimension of the decode state, for one model configuration."""
+
+    layer: int
+    head: int
+    chunk: int
+    head_dim: int
+    state_dim: int
+    state_cols: int
+    embd: int
+    normalised: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "StateSpec":
+        norm = cfg.retrieval == "normalised"
+        return cls(layer=cfg.n_layer, head=cfg.n_head, chunk=cfg.chunk_size, head_dim=cfg.head_dim,
+                   state_dim=cfg.state_dim, state_cols=cfg.head_dim + norm, embd=cfg.n_embd, normalised=norm)
+
+    def capacity(self, max_len: int) -> int:
+        """Bank slots needed to hold ``max_len`` tokens: ceil(max_len / chunk)."""
+        return -(-max_len // self.chunk)
+
+    def size(self, dim: str, batch: int | None = None, capacity: int | None = None):
+        if dim == "batch":
+            return batch if batch is not None else dim
+        if dim == "capacity":
+            return capacity if capacity is not None else dim
+        return 1 if dim == "one" else getattr(self, dim)
+
+    def shape(self, name: str, batch: int | None = None, capacity: int | None = None) -> list:
+        """The shape of tensor ``name``; ``batch``/``capacity`` left as their names when not given
+        (the form ONNX value infos take)."""
+        return [self.size(dim, batch, capacity) for dim in DIMS[name]]
+
+    def zeros(self, batch: int, capacity: int, names=CARRIED) -> dict[str, np.ndarray]:
+        """A zero state (float32) for ``batch`` sequences and ``capacity`` bank slots."""
+        return {n: np.zeros(self.shape(n, batch, capacity), dtype=np.float32) for n in names}
+
+    def nbytes(self, batch: int, capacity: int, itemsize: int = 4) -> int:
+        """Bytes of the carried state at the given capacity."""
+        return sum(int(np.prod(self.shape(n, batch, capacity))) * itemsize for n in CARRIED)
+
+    def bytes_at(self, context: int, batch: int = 1, itemsize: int = 4) -> int:
+        """Bytes a state holding ``context`` tokens needs: its bank sized to the closed chunks."""
+        return self.nbytes(batch, context // self.chunk, itemsize)
+
+    def to_dict(self) -> dict:
+        """What an export records about its state (ONNX metadata and manifest)."""
+        return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(DIMS[n]) for n in (*CARRIED, XA)},
+                "sizes": {k: v for k, v in self.__dict__.items() if k != "normalised"},
+                "normaliser": "last column of state_S and state_bank_F" if self.normalised else None,
+                "dtype": "float32"}
+
+
+def kv_cache_bytes(n_layer: int, n_embd: int, context: int, batch: int = 1, itemsize: int = 4) -> int:
+    """Bytes of a standard GPT-2 KV cache (keys and values of every layer) holding ``context``
+    tokens: what the BSBR state is compared with."""
+    return 2 * n_layer * batch * context * n_embd * itemsize
