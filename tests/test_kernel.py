@@ -1,6 +1,6 @@
 """Fused chunk attention: reference, vectorised torch path and Triton kernel.
 
-(a) the loop reference against a naive T x T masked computation (tiny shapes);
+(a) the loop references (bsbr_export.ops.naive) against the vectorised torch op;
 (b) the Triton kernel under Triton's CPU interpreter against the reference, in
     fp32 and fp16, for T in {1, L-1, L, L+1, 3L+5}, with and without retrieval
     state. The interpreter must be switched on before triton is imported, so
@@ -39,6 +39,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not 
 
 # (chunk L, head dim d): one chunk that is not a power of two, one that is.
 CHUNK_DIMS = [(24, 16), (16, 32)]
+
+
+def vectorised_ops():
+    """(chunk_attention, chunk_attention_normalised): the package's vectorised torch ops."""
+    try:
+        from bsbr_export.ops.chunk import chunk_attention, chunk_attention_normalised
+    except ImportError:  # before the op moved into bsbr_export.ops
+        from bsbr_export.attention import chunk_attention, chunk_attention_normalised
+    return chunk_attention, chunk_attention_normalised
 
 
 def _lengths(L: int) -> list[int]:
@@ -92,30 +101,6 @@ def _fp32_eps(ref) -> float:
 # ---------------------------------------------------------------- (a) reference
 
 
-def naive_chunk_attention(q, k, v, S, g, L):
-    """Independent definition in float64 with a full T x T mask (tests only)."""
-    q, k, v, S, g = (x.double() for x in (q, k, v, S, g))
-    B, H, T, d = q.shape
-    t = torch.arange(T)
-    allowed = (t[None, :] <= t[:, None]) & (t[None, :] // L == t[:, None] // L)  # (T, T)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, T, T)
-    local = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (B, H, T, d)
-    S_t = S[:, :, t // L]  # (B, H, T, d, d): each token's chunk state
-    retrieved = g.view(1, H, 1, 1) * (q.unsqueeze(-2) @ S_t).squeeze(-2)  # (B, H, T, d)
-    return local + retrieved
-
-
-@pytest.mark.parametrize("state", ["zero", "random"])
-@pytest.mark.parametrize("L,d", CHUNK_DIMS)
-def test_reference_matches_naive(L, d, state):
-    for T in _lengths(L):
-        q, k, v, S, g = make_inputs(2, 2, T, d, L, state, seed=T)
-        out = chunk_attention_ref(q, k, v, S, g, L)
-        want = naive_chunk_attention(q, k, v, S, g, L)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5, msg=f"T={T}")
-
-
 def test_reference_is_causal_and_keeps_dtype():
     L, T = 8, 29
     q, k, v, S, g = make_inputs(1, 2, T, 16, L, "random")
@@ -132,8 +117,8 @@ def test_reference_is_causal_and_keeps_dtype():
 
 @pytest.mark.parametrize("L,d", CHUNK_DIMS)
 def test_vectorised_torch_path_matches_reference(L, d):
-    """bsbr_export.attention.chunk_attention (SDPA per chunk) computes the same op."""
-    from bsbr_export.attention import chunk_attention
+    """bsbr_export.ops.chunk.chunk_attention (SDPA per chunk) computes the same op."""
+    from bsbr_export.ops.chunk import chunk_attention
 
     for T in _lengths(L):
         q, k, v, S, g = make_inputs(2, 2, T, d, L, "random", seed=T)
@@ -145,7 +130,7 @@ def test_vectorised_torch_path_matches_reference(L, d):
 def test_normalised_reference_matches_vectorised_torch(L, d):
     """The normalised op's loop reference (fp64) and the vectorised path (the model's) agree;
     with g = 0 both reduce to block-local softmax attention."""
-    from bsbr_export.attention import chunk_attention_normalised
+    from bsbr_export.ops.chunk import chunk_attention_normalised
 
     for T in _lengths(L):
         q, k, v, qf, S, Z, g = make_normalised_inputs(2, 3, T, d, L, seed=T)
@@ -289,18 +274,98 @@ def test_triton_wrapper_validates_inputs():
         chunk_attention_triton(q, k, v, S[:, :, :1], g, 4)
 
 
+@needs_triton
+def test_dot_precisions_keep_fp32_state_out_of_tf32():
+    """fp16 q with fp32 S: the retrieval product is tf32x3 on a GPU (the interpreter computes
+    fp32 whatever the flag, so only the choice itself can be checked on CPU)."""
+    from bsbr_export.ops.kernel import dot_precisions, launch_options
+
+    assert dot_precisions(torch.float16, torch.float32) == {"DOT_PRECISION": "tf32", "STATE_PRECISION": "tf32x3"}
+    assert dot_precisions(torch.float16, torch.float16)["STATE_PRECISION"] == "tf32"  # fp16 dot: flag unused
+    assert dot_precisions(torch.float32, torch.float32) == {"DOT_PRECISION": "ieee", "STATE_PRECISION": "ieee"}
+    assert dot_precisions(torch.float32, torch.float32, allow_tf32=True)["DOT_PRECISION"] == "tf32"
+    opts = launch_options(64, torch.float16, torch.float32, 128, capability=(9, 0))
+    assert opts["STATE_PRECISION"] == "tf32x3" and opts["BLOCK_M"] == 128
+
+
+@needs_triton
+def test_kernel_configs_per_gpu_class():
+    from bsbr_export.ops.kernel import AMPERE_CONFIGS, HOPPER_CONFIGS, kernel_config
+
+    for capability, table in (((8, 0), AMPERE_CONFIGS), ((8, 9), AMPERE_CONFIGS), ((9, 0), HOPPER_CONFIGS),
+                              (None, AMPERE_CONFIGS)):
+        assert kernel_config(128, 64, torch.float16, capability) == table[(torch.float16, "small")]
+        assert kernel_config(128, 128, torch.float32, capability) == table[(torch.float32, "large")]
+    short = kernel_config(24, 64, torch.float16, (9, 0))  # blocks shrink to the chunk
+    assert short["BLOCK_M"] == short["BLOCK_N"] == 32
+
+
+class _Strided:
+    """Stands in for a (B, H, T, d) tensor whose time stride is huge (no memory needed)."""
+
+    def __init__(self, shape, strides):
+        self.shape, self._strides = shape, strides
+
+    def stride(self, i=None):
+        return self._strides if i is None else self._strides[i]
+
+
+@needs_triton
+def test_launch_bounds_fail_clearly():
+    from bsbr_export.ops.kernel import check_launch_bounds
+
+    B, H, T, d, L = 1, 2, 1 << 20, 64, 128
+    ok = _Strided((B, H, T, d), (H * T * d, T * d, d, 1))
+    check_launch_bounds({"q": ok}, B, H, T, L, 64)  # 2^27 elements per head: 64-bit bases, fine
+    huge = _Strided((B, H, T, d), (1 << 40, 1 << 34, 1 << 24, 1))  # chunk rows 2^24 elements apart
+    with pytest.raises(ValueError, match=r"one chunk spans \d+ elements \(>= 2\^31\)"):
+        check_launch_bounds({"q": huge}, B, H, T, L, 64)
+    with pytest.raises(ValueError, match="grid of .* programs exceeds"):
+        check_launch_bounds({"q": ok}, 1 << 16, 1 << 10, 1 << 16, 16, 16)
+
+
+@needs_triton
+def test_grid_is_one_axis_for_many_heads(monkeypatch):
+    """B*H > 65,535 (the CUDA limit of grid axis y) still launches: the grid has one axis."""
+    from bsbr_export.ops import kernel as kt
+
+    launched = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched["grid"] = grid
+            return lambda *args, **kwargs: launched.update(kwargs)
+
+    monkeypatch.setattr(kt, "_chunk_attention_kernel", Recorder())
+    B, H, T, d, L = 300, 250, 40, 16, 16
+    x = torch.zeros(1, 1, T, d).expand(B, H, T, d)  # (B, H, T, d) without the memory
+    S = torch.zeros(1, 1, 3, d, d).expand(B, H, 3, d, d)
+    kt._launch(x, x, x, S, torch.ones(H), L, x, None, None)
+    assert launched["grid"] == (B * H * 3 * 1,), launched["grid"]
+    assert launched["STATE_PRECISION"] == "ieee" and launched["BLOCK_M"] == 16
+
+
 # ------------------------------------- (c) compiled for real GPUs, without one
 
-# (q dtype, S dtype, d, chunk L, compute capability): what the interpreter cannot check
-# (dot shapes, shared memory, register allocation) is checked by compiling to a cubin.
+# (q dtype, S dtype, d, chunk L, compute capability[, normalised]): what the interpreter cannot
+# check (dot shapes, shared memory, register allocation) is checked by compiling to a cubin,
+# with the launch configuration the wrapper picks for that GPU class (kernel_config).
 COMPILE_CASES = [
     ("float16", "float16", 64, 128, 90),
-    ("float16", "float32", 128, 100, 90),
+    ("float16", "float32", 128, 100, 90),  # fp16 q, fp32 S: the tf32x3 retrieval product
     ("float32", "float32", 128, 128, 80),
+    ("float32", "float32", 128, 128, 90),
     ("float32", "float32", 16, 24, 80),
+    ("float16", "float16", 64, 128, 80),
+    ("float16", "float16", 128, 100, 80),
+    ("float16", "float32", 64, 128, 80),
     ("float16", "float16", 64, 128, 90, True),  # the normalised op
     ("float32", "float32", 128, 100, 80, True),
+    ("float16", "float16", 128, 128, 90, True),
 ]
+# Largest dynamic shared memory per block: sm_80 163 KB, sm_86/89 99 KB (the Ampere table
+# must fit both), sm_90 227 KB.
+SHARED_LIMIT = {80: 99 * 1024, 90: 227 * 1024}
 
 
 def _has_ptxas() -> bool:
@@ -316,13 +381,12 @@ def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int, normalised
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bsbr_export.ops.kernel import _chunk_attention_kernel, block_size, launch_options
+    from bsbr_export.ops.kernel import _chunk_attention_kernel, launch_options
 
     ptr = {"float16": "*fp16", "float32": "*fp32"}
-    opts = launch_options(d, getattr(torch, q_dtype))
-    block = block_size(L, d, getattr(torch, q_dtype))
-    constexprs = {"D": d, "BLOCK_M": block, "BLOCK_N": block, "DOT_PRECISION": opts["DOT_PRECISION"],
-                  "NORMALISED": normalised}
+    opts = launch_options(d, getattr(torch, q_dtype), getattr(torch, s_dtype), L, capability=(cc // 10, cc % 10))
+    constexprs = {"D": d, "NORMALISED": normalised,
+                  **{k: opts[k] for k in ("BLOCK_M", "BLOCK_N", "DOT_PRECISION", "STATE_PRECISION")}}
     signature = {}
     for name in _chunk_attention_kernel.arg_names:
         signature[name] = ("constexpr" if name in constexprs else ptr[q_dtype] if name in ("Q", "K", "V", "O", "QF")
@@ -333,7 +397,8 @@ def compile_case(q_dtype: str, s_dtype: str, d: int, L: int, cc: int, normalised
         target=GPUTarget("cuda", cc, 32),
         options={"num_warps": opts["num_warps"], "num_stages": opts["num_stages"]},
     )
-    return {"shared_bytes": compiled.metadata.shared, "has_cubin": "cubin" in compiled.asm}
+    return {"shared_bytes": compiled.metadata.shared, "has_cubin": "cubin" in compiled.asm,
+            "config": {k: opts[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "STATE_PRECISION")}}
 
 
 @needs_triton
@@ -345,8 +410,7 @@ def test_kernel_compiles_for_gpus():
         assert "error" not in result, f"{case}: {result.get('error')}"
         log.info("compiled %s: %s", case, result)
         assert result["has_cubin"]
-        # Stay under 100 KB of shared memory: fits every GPU from sm_80 on.
-        assert result["shared_bytes"] <= 100 * 1024, (case, result)
+        assert result["shared_bytes"] <= SHARED_LIMIT[case[4]], (case, result)
 
 
 # ------------------------------------------------------------------ (d) CUDA
@@ -370,7 +434,7 @@ def test_cuda_realistic_shape(dtype):
 
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("L,d", [(100, 64), (128, 128), (24, 16)])
+@pytest.mark.parametrize("L,d", [(100, 64), (128, 128), (100, 128), (24, 16)])
 def test_cuda_odd_lengths(L, d):
     from bsbr_export.ops.kernel import chunk_attention_triton
 
@@ -384,8 +448,32 @@ def test_cuda_odd_lengths(L, d):
 
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("op", ["plain", "normalised"])
+@pytest.mark.parametrize("L,d", [(128, 64), (100, 128)])
+def test_cuda_fp16_q_fp32_state(op, L, d):
+    """fp16 q/k/v with fp32 S (and Z): on a GPU the retrieval product must not round S to TF32."""
+    from bsbr_export.ops.kernel import chunk_attention_normalised_triton, chunk_attention_triton
+
+    T = 4 * L + 7
+    if op == "plain":
+        q, k, v, S, g = make_inputs(1, 12, T, d, L, "random", seed=T, device="cuda")
+        ref32 = chunk_attention_ref(q, k, v, S, g, L)
+        low = [x.half() for x in (q, k, v)]
+        out = chunk_attention_triton(*low, S, g, L)
+        ref_low = chunk_attention_ref(*low, S, g, L)
+    else:
+        q, k, v, qf, S, Z, g = make_normalised_inputs(1, 12, T, d, L, seed=T, device="cuda")
+        ref32 = chunk_attention_normalised_ref(q, k, v, qf, S, Z, g, L)
+        low = [x.half() for x in (q, k, v, qf)]
+        out = chunk_attention_normalised_triton(*low, S, Z, g, L)
+        ref_low = chunk_attention_normalised_ref(*low, S, Z, g, L)
+    _check(f"cuda {op} fp16 q fp32 S L{L} d{d} T{T}", out, ref32, ref_low)
+
+
+@needs_cuda
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("L,d", [(128, 64), (100, 64)])
+@pytest.mark.parametrize("L,d", [(128, 64), (100, 64), (100, 128)])
 def test_cuda_normalised(dtype, L, d):
     from bsbr_export.ops.kernel import chunk_attention_normalised_triton
 
