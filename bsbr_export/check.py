@@ -4,19 +4,32 @@ Per case: max abs error, max relative error, cosine similarity, top-1 agreement 
 KL(reference || runner) of next-token distributions. A case passes when the max abs
 error of the logits is within the precision's tolerance and top-1 agreement is 100%
 for fp32 (99% otherwise).
+
+Memory: the statistics are running reductions (``LogitStats``), fed one batch row and one
+slice of positions at a time, so no float64 copy of a whole [batch, T, vocab] tensor is
+made. The candidate runs on the whole batch (what is compared never changes); the
+reference and the baseline run one batch row at a time and are reduced against the
+candidate's row, so that at most one full candidate output and one reference row are
+resident at once. ``peak_bytes`` estimates the largest case before anything runs.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .util import kl_from_logprobs, log_softmax
+
 # Max abs logits error allowed against torch fp32, per precision of the runner.
 TOLERANCES = {"fp32": 1e-4}
 MIN_TOP1 = {"fp32": 1.0}
+# float64 bytes of one compared slice (per array); a slice is this many bytes of positions.
+SLICE_BYTES = 64 << 20
+BATCHES = (1, 3)
 
 
 def grid_lengths(chunk: int, max_len: int) -> list[int]:
@@ -25,28 +38,62 @@ def grid_lengths(chunk: int, max_len: int) -> list[int]:
     return sorted({n for n in raw if 1 <= n <= max_len})
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+class LogitStats:
+    """Running max abs/rel error, min cosine, top-1 agreement and KL over slices of positions.
+
+    ``update(ref, out)`` takes (..., V) slices; ``result()`` equals ``compare_logits`` on the
+    concatenation of every slice (the same formulas, in float64)."""
+
+    def __init__(self):
+        self.max_abs = self.max_rel = 0.0
+        self.cosine_min = math.inf
+        self.kl_max = -math.inf
+        self.kl_sum = 0.0
+        self.hits = self.n = 0
+
+    def update(self, ref: np.ndarray, out: np.ndarray) -> None:
+        V = ref.shape[-1]
+        ref = ref.reshape(-1, V)
+        out = out.reshape(-1, V)
+        if not len(ref):
+            return
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        diff = np.abs(out64 - ref64)
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        diff /= np.abs(ref64) + 1e-6
+        self.max_rel = max(self.max_rel, float(diff.max()))
+        del diff
+        cos = (ref64 * out64).sum(-1) / (np.linalg.norm(ref64, axis=-1) * np.linalg.norm(out64, axis=-1) + 1e-30)
+        self.cosine_min = min(self.cosine_min, float(cos.min()))
+        kl = kl_from_logprobs(log_softmax(ref64), log_softmax(out64))
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.hits += int((ref.argmax(-1) == out.argmax(-1)).sum())
+        self.n += len(ref)
+
+    def result(self) -> dict:
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "cosine_min": self.cosine_min,
+                "top1": self.hits / self.n, "kl_mean": self.kl_sum / self.n, "kl_max": self.kl_max}
+
+
+def slice_rows(vocab: int) -> int:
+    """Positions per compared slice."""
+    return max(1, SLICE_BYTES // (8 * vocab))
+
+
+def reduce_row(stats: LogitStats, ref_row: np.ndarray, out_row: np.ndarray) -> None:
+    """Feed one batch row (T, V) to ``stats``, a slice of positions at a time."""
+    step = slice_rows(ref_row.shape[-1])
+    for s in range(0, ref_row.shape[0], step):
+        stats.update(ref_row[s:s + step], out_row[s:s + step])
 
 
 def compare_logits(ref: np.ndarray, out: np.ndarray) -> dict:
     """Metrics between reference and candidate logits of shape (..., V)."""
-    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    diff = np.abs(out64 - ref64)
-    lp, lq = log_softmax(ref64), log_softmax(out64)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    a, b = ref64.reshape(-1, ref.shape[-1]), out64.reshape(-1, ref.shape[-1])
-    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
-    return {
-        "max_abs": float(diff.max()),
-        "max_rel": float((diff / (np.abs(ref64) + 1e-6)).max()),
-        "cosine_min": float(cos.min()),
-        "top1": float((ref.argmax(-1) == out.argmax(-1)).mean()),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-    }
+    V = ref.shape[-1]
+    stats = LogitStats()
+    reduce_row(stats, ref.reshape(-1, V), out.reshape(-1, V))
+    return stats.result()
 
 
 @dataclass
@@ -73,8 +120,43 @@ def make_inputs(source: str, batch: int, seq: int, vocab: int, text_ids: np.ndar
     return np.stack([text_ids[s:s + seq] for s in starts]).astype(np.int64)
 
 
+def candidate_logits(runner, ids: np.ndarray, vocab: int) -> np.ndarray:
+    """The candidate's logits for the whole batch. ONNX Runtime writes them straight into one
+    numpy buffer (IO binding) and hands its arena's free chunks back after the run, so the
+    process keeps one copy of the output, not two."""
+    from .runtime import ORTRunner, check_feeds
+
+    if not isinstance(runner, ORTRunner) or runner.session is None:
+        return runner.infer({"input_ids": ids})["logits"]
+    import onnxruntime as ort
+
+    ids = check_feeds({"input_ids": ids}, runner.max_seq_len, runner.vocab_size)
+    out = np.empty((*ids.shape, vocab), dtype=np.float32)
+    binding = runner.session.io_binding()
+    binding.bind_cpu_input("input_ids", ids)
+    binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    opts = ort.RunOptions()
+    opts.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    runner.session.run_with_iobinding(binding, opts)
+    return out
+
+
+def compare_case(reference, candidate, ids: np.ndarray, vocab: int, baseline=None) -> tuple[dict, dict | None]:
+    """Statistics of one case (and of the baseline, if any) against the reference, row by row."""
+    out = candidate_logits(candidate, ids, vocab)
+    stats, bstats = LogitStats(), (LogitStats() if baseline is not None else None)
+    for r in range(ids.shape[0]):
+        row = ids[r:r + 1]
+        ref = reference.infer({"input_ids": row})["logits"][0]
+        reduce_row(stats, ref, out[r])
+        if baseline is not None:
+            reduce_row(bstats, ref, baseline.infer({"input_ids": row})["logits"][0])
+        del ref
+    return stats.result(), (bstats.result() if bstats is not None else None)
+
+
 def check_parity(reference, candidate, chunk: int, max_len: int, vocab: int, text_ids=None,
-                 precision: str = "fp32", batches=(1, 3), lengths=None, atol: float | None = None,
+                 precision: str = "fp32", batches=BATCHES, lengths=None, atol: float | None = None,
                  baseline=None, factor: float = 3.0, progress=None) -> dict:
     """Run both runners on the grid; returns {"cases": [...], "passed": bool, ...}.
 
@@ -92,12 +174,9 @@ def check_parity(reference, candidate, chunk: int, max_len: int, vocab: int, tex
         for b in batches:
             for n in lengths:
                 ids = make_inputs(source, b, n, vocab, text_ids, seed=1000 * si + 10 * b + n)
-                ref = reference.infer({"input_ids": ids})["logits"]
-                out = candidate.infer({"input_ids": ids})["logits"]
-                m = compare_logits(ref, out)
+                m, bm = compare_case(reference, candidate, ids, vocab, baseline)
                 base, tol, top1_floor = None, atol, min_top1
-                if baseline is not None:
-                    bm = compare_logits(ref, baseline.infer({"input_ids": ids})["logits"])
+                if bm is not None:
                     base, tol = bm["max_abs"], factor * bm["max_abs"] + 1e-4
                     top1_floor = min(min_top1, bm["top1"] - 0.01)
                 ok = m["max_abs"] <= tol and m["top1"] >= top1_floor
@@ -110,26 +189,92 @@ def check_parity(reference, candidate, chunk: int, max_len: int, vocab: int, tex
             "passed": all(c.passed for c in cases), "cases": [asdict(c) for c in cases]}
 
 
+# --------------------------------------------------------------------------- memory
+
+def n_params(cfg) -> int:
+    """Parameters of the BSBR model (tied embedding counted once)."""
+    E, inner = cfg.n_embd, cfg.inner_dim
+    layer = 4 * E * E + 4 * E + 2 * E * inner + inner + E + 4 * E + 2 * E * E + 2 * E + cfg.n_head
+    return cfg.vocab_size * E + cfg.n_positions * E + cfg.n_layer * layer + 2 * E
+
+
+def peak_bytes(cfg, max_len: int, batches=BATCHES, baseline: bool = False, fp16: bool = False) -> int:
+    """Estimated peak resident memory of the parity grid's largest case (batch max x max_len).
+
+    The candidate's full output (and, inside ONNX Runtime, its Gemm output before the final
+    Reshape), one reference row (and one baseline row), the compared float64 slices, the
+    weights of torch and of the ONNX session, the activations of one layer, and the process.
+    """
+    B, T, V, E = max(batches), max_len, cfg.vocab_size, cfg.n_embd
+    out = B * T * V * 4
+    inner_gemm = B * T * V * (2 if fp16 else 4) + 2 * B * T * E * 4
+    act = B * T * (3 * cfg.inner_dim + 8 * E) * 4 + 2 * B * cfg.n_head * T * cfg.chunk_size * 4
+    rows = T * V * 4 * (2 if baseline else 1) + T * (3 * cfg.inner_dim + 8 * E) * 4
+    weights = n_params(cfg) * (4 + (2 if fp16 else 4) + (2 if baseline else 0))
+    process = 600 << 20
+    # During the candidate's run: its output plus the Gemm result (or the activations);
+    # afterwards: its output, one reference (and baseline) row and the compared slices.
+    return out + max(inner_gemm, act, rows + 8 * SLICE_BYTES) + weights + process
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (else MemTotal) from /proc/meminfo; None where it cannot be read."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        return None
+    for key in ("MemAvailable", "MemTotal"):
+        if key in fields:
+            return int(fields[key].split()[0]) * 1024
+    return None
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+# --------------------------------------------------------------------------- recorded configuration
+
+def config_difference(meta: dict, cfg, precision: str | None = None) -> str | None:
+    """The first difference between a graph's recorded ``bsbr_export`` metadata and a model's
+    configuration (and the requested precision), as one phrase; None when they agree."""
+    if not meta or "config" not in meta:
+        return "the graph has no bsbr_export metadata (not written by bsbr-export)"
+    mine = cfg.to_dict()
+    for key, theirs in meta["config"].items():
+        if key in mine and mine[key] != theirs:
+            return f"{key}: the graph was exported with {theirs!r}, the model has {mine[key]!r}"
+    missing = sorted(set(mine) - set(meta["config"]))
+    if missing:
+        return f"{missing[0]}: not recorded in the graph (exported by another version)"
+    if precision is not None and meta.get("precision", "fp32") != precision:
+        return f"precision: the graph is {meta.get('precision', 'fp32')}, --precision is {precision}"
+    max_len = meta.get("max_seq_len")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        return f"max_seq_len: the graph records {max_len!r}, not a positive integer"
+    return None
+
+
+# --------------------------------------------------------------------------- reports
+
 def markdown_table(report: dict, only_failed: bool = False) -> str:
-    rows = ["| source | batch | seq | max abs | tolerance | max rel | min cosine | top-1 | mean KL | pass |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in report["cases"]:
-        if only_failed and c["passed"]:
-            continue
-        rows.append(f"| {c['source']} | {c['batch']} | {c['seq']} | {c['max_abs']:.2e} | {c['atol']:.2e} | "
-                    f"{c['max_rel']:.2e} | "
-                    f"{c['cosine_min']:.6f} | {c['top1']:.2%} | {c['kl_mean']:.2e} | "
-                    f"{'yes' if c['passed'] else 'NO'} |")
-    return "\n".join(rows)
+    from .util import markdown_table as table
+
+    rows = [[c["source"], c["batch"], c["seq"], f"{c['max_abs']:.2e}", f"{c['atol']:.2e}", f"{c['max_rel']:.2e}",
+             f"{c['cosine_min']:.6f}", f"{c['top1']:.2%}", f"{c['kl_mean']:.2e}", "yes" if c["passed"] else "NO"]
+            for c in report["cases"] if not (only_failed and c["passed"])]
+    return table(["source", "batch", "seq", "max abs", "tolerance", "max rel", "min cosine", "top-1", "mean KL",
+                  "pass"], rows).rstrip("\n")
 
 
 def write_report(report: dict, out_dir, stem: str = "parity") -> tuple[Path, Path]:
+    from .util import atomic_write_text
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     j, md = out / f"{stem}.json", out / f"{stem}.md"
-    j.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(j, json.dumps(report, indent=2) + "\n")
     head = (f"# Parity: {report.get('candidate', 'runner')} vs torch fp32 ({report['precision']})\n\n"
             f"Tolerance: {report['tolerance']}, top-1 >= {report['min_top1']:.0%}. "
             f"Result: **{'pass' if report['passed'] else 'FAIL'}**\n\n")
-    md.write_text(head + markdown_table(report) + "\n")
+    atomic_write_text(md, head + markdown_table(report) + "\n")
     return j, md

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from .config import BSBRConfig, check_chunk_size
 from .errors import (ConfigError, HubUnreachableError, ModelLoadError, PickleCheckpointError,
                      UnsupportedArchitectureError)
+from .util import atomic_dir
 
 SUPPORTED_MODEL_TYPES = ("gpt2",)
 SUPPORTED_NAMES = "gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 (model_type 'gpt2')"
@@ -109,13 +109,28 @@ def resolve_model_dir(source: str | os.PathLike) -> Path:
     return _download(s)
 
 
-def load_hf_checkpoint(source, allow_pickle: bool = False) -> tuple[dict, dict, Path]:
-    """(state_dict, HF config dict, directory) of a GPT-2 checkpoint."""
+def hf_config(source) -> tuple[dict, Path]:
+    """(HF config dict, directory) of a GPT-2 checkpoint, without reading its weights."""
     d = resolve_model_dir(source)
     cfg = _read_config(d)
     if cfg.get("format") == "bsbr-export":
         raise ModelLoadError(f"{d}: already a converted BSBR model; load it with load_bsbr")
     check_gpt2_config(cfg, str(d))
+    return cfg, d
+
+
+def planned_config(source, **options) -> tuple[BSBRConfig, Path]:
+    """The ``BSBRConfig`` that ``convert(source, **options)`` will produce (options validated),
+    read from config.json alone: lets a caller refuse bad input before loading any weights."""
+    hf, d = hf_config(source)
+    if "chunk_size" in options:
+        check_chunk_size(options["chunk_size"])
+    return bsbr_config_from_hf(hf, **options), d
+
+
+def load_hf_checkpoint(source, allow_pickle: bool = False) -> tuple[dict, dict, Path]:
+    """(state_dict, HF config dict, directory) of a GPT-2 checkpoint."""
+    cfg, d = hf_config(source)
     return _load_weights(d, allow_pickle), cfg, d
 
 
@@ -211,9 +226,7 @@ def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = 
     out = Path(out_dir)
     if out.exists() and not force:
         raise ModelLoadError(f"{out}: already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, force=force, tag="tmp") as tmp:
         sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.cfg.save(tmp / "config.json")
@@ -221,13 +234,6 @@ def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = 
             for f in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / f).is_file():
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
