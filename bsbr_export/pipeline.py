@@ -1,18 +1,20 @@
 """The whole job behind ``bsbr-export MODEL --engine ...``: convert, export, check, build.
 
-Everything is written into a temporary directory beside ``out`` and renamed into
-place at the end, so an interrupted or failed run never leaves a directory that
-looks valid. ``manifest.json`` records versions, options, file hashes and the
+Every option and path is checked before any work. Everything is written into a
+temporary directory beside ``out`` (``.OUT.partial.*``, under the lock ``.OUT.lock``) and
+renamed into place at the end, so an interrupted or failed run never leaves a directory
+that looks valid; the next run to the same ``out`` removes what a killed one left. ``manifest.json`` records versions, options, file hashes and the
 parity results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,68 +98,142 @@ def parity_onnx(model, onnx_path, max_len, text_ids, precision="fp32", threads=N
     return report
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an ``--out`` that cannot be written, before any work: an existing file, an
+    existing directory without ``force``, a path under a file, or a read-only directory."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"{out} is an existing file; --out must name a directory")
+        if not force:
+            raise ConfigError(f"{out} already exists (use --force to replace it)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: cannot be created, {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: cannot be created, {parent} is not writable")
+
+
+def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str = "--max-seq-len") -> int:
+    """Estimate the parity grid's peak memory, say it, and refuse when the machine cannot hold it."""
+    from .check import BATCHES, available_bytes, gib, peak_bytes
+
+    need = peak_bytes(cfg, max_len, BATCHES)
+    if engine == "fp16":
+        need = max(need, peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True))
+    have = available_bytes()
+    case = f"batch {max(BATCHES)} x {max_len} tokens"
+    if have is not None and need > have:
+        raise ConfigError(f"{what} {max_len}: the parity check's largest case ({case}) needs about {gib(need)}, "
+                          f"more than the {gib(have)} this machine has available; use a smaller {what}")
+    log(f"    parity memory: about {gib(need)} at most ({case})"
+        + (f", {gib(have)} available" if have is not None else ""))
+    return need
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold ``.OUT.lock`` beside ``out`` for the whole run; a second writer fails at once, naming
+    the first (its pid)."""
+    import fcntl
+
+    path = out.parent / f".{out.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            raise ConfigError(f"{out} is being written by another bsbr-export run (pid {other}; lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(out: Path, log=print) -> list[Path]:
+    """Remove the ``.OUT.partial.*`` directories a killed run left (call with the lock held)."""
+    gone = []
+    for p in sorted(out.parent.glob(f".{out.name}.partial.*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            log(f"    removed {p}, left by an interrupted run")
+            gone.append(p)
+    return gone
+
+
 def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
                  log=print, case_progress=None, **options) -> dict:
-    """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ..."""
-    from .convert import convert, resolve_model_dir, save_bsbr
+    """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ...
+
+    Every option and path is checked before any work (the configuration is read from
+    config.json alone); the output is built under ``.OUT.partial.*`` beside it, under a lock.
+    """
+    from .convert import convert, planned_config, save_bsbr
     from .export import ExportSpec, export_onnx
+    from .util import atomic_dir
 
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     out = Path(out)
-    if out.exists() and not force:
-        raise ConfigError(f"{out} already exists (use --force to replace it)")
+    check_output(out, force)
+    cfg, src_dir = planned_config(source, **options)
+    max_len = max_seq_len if max_seq_len is not None else cfg.n_positions
+    spec = ExportSpec(max_seq_len=max_len, inline=inline)
     t0 = time.time()
     step = iter(range(1, 10))
-    log(f"[{next(step)}] converting {source}")
-    src_dir = resolve_model_dir(source)
-    model = convert(src_dir, allow_pickle=allow_pickle, **options)
-    max_len = max_seq_len if max_seq_len is not None else model.cfg.n_positions
-    spec = ExportSpec(max_seq_len=max_len, inline=inline)
-    text_ids = heldout_text(src_dir)
+    log(f"[{next(step)}] checking options and memory")
+    check_memory(cfg, max_len, engine, log)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
-    manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
-                "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
-    tensorrt_missing = None
-    try:
-        save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
-        log(f"[{next(step)}] exporting ONNX (prefill + decode graphs, max {max_len} tokens)")
-        export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
-        log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
-        report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
-        _record(manifest, "onnx_fp32", report, tmp)
-        onnx_for_engine = tmp / "model.onnx"
-        if engine == "fp16":
-            log(f"[{next(step)}] exporting the fp16 graph (LayerNorm and softmax in fp32)")
-            export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
-                        progress=lambda m: log(f"    {m}"))
-            log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
-            report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads, case_progress)
-            _record(manifest, "onnx_fp16", report, tmp)
-            onnx_for_engine = tmp / "model_fp16.onnx"
-        if engine in ("fp32", "fp16"):
-            from .trt import TensorRTNotInstalled, require_tensorrt
+    with output_lock(out):
+        remove_leftovers(out, log)
+        log(f"[{next(step)}] converting {source}")
+        model = convert(src_dir, allow_pickle=allow_pickle, **options)
+        text_ids = heldout_text(src_dir)
+        manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
+                    "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
+        tensorrt_missing = None
+        with atomic_dir(out, force=force) as tmp:
+            save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
+            log(f"[{next(step)}] exporting ONNX (prefill + decode graphs, max {max_len} tokens)")
+            export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
+            log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
+            report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
+            _record(manifest, "onnx_fp32", report, tmp)
+            onnx_for_engine = tmp / "model.onnx"
+            if engine == "fp16":
+                log(f"[{next(step)}] exporting the fp16 graph (LayerNorm and softmax in fp32)")
+                export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
+                            progress=lambda m: log(f"    {m}"))
+                log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
+                report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
+                                     case_progress)
+                _record(manifest, "onnx_fp16", report, tmp)
+                onnx_for_engine = tmp / "model_fp16.onnx"
+            if engine in ("fp32", "fp16"):
+                from .trt import TensorRTNotInstalled, require_tensorrt
 
-            try:
-                require_tensorrt()
-                log(f"[{next(step)}] building the TensorRT engine ({engine})")
-                _build_and_check(model, onnx_for_engine, tmp, engine, max_len, text_ids, manifest, case_progress)
-            except TensorRTNotInstalled as e:
-                tensorrt_missing = e
-                manifest["engine_status"] = f"not built: {e}"
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                manifest["files"][f.relative_to(tmp).as_posix()] = file_sha256(f)
-        manifest["seconds"] = round(time.time() - t0, 1)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    require_tensorrt()
+                    log(f"[{next(step)}] building the TensorRT engine ({engine})")
+                    _build_and_check(model, onnx_for_engine, tmp, engine, max_len, text_ids, manifest,
+                                     case_progress)
+                except TensorRTNotInstalled as e:
+                    tensorrt_missing = e
+                    manifest["engine_status"] = f"not built: {e}"
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file():
+                    manifest["files"][f.relative_to(tmp).as_posix()] = file_sha256(f)
+            manifest["seconds"] = round(time.time() - t0, 1)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if tensorrt_missing is not None:
         raise tensorrt_missing
     return manifest
