@@ -10,22 +10,28 @@ Written against TensorRT 10.7+ and 11.x (Python API, strongly typed networks):
   node ``bsbr::ChunkAttention(q, k, v, S, g)`` (or ``bsbr::ChunkAttentionNormalised(q, k,
   v, qf, S, Z, g)``) with ``chunk_size`` and
   ``plugin_namespace="bsbr"``: an ONNX local function with a standard-op body. When the
-  plugin is registered the parser imports the node as the plugin (TensorRT 10.7 lets a
-  plugin override a local function); otherwise it inlines the function body.
+  plugin is registered the parser imports the node as the plugin (from TensorRT 10.7 the
+  parser prefers a registered plugin over a local function for a node that carries
+  ``plugin_namespace``; ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` only exists from 10.15
+  and is set only there); otherwise it inlines the function body.
 * ``engine_from_onnx()`` builds and writes a serialized engine; ``TensorRTRunner`` runs it.
 
-``tensorrt`` is imported lazily: importing this module never needs it.
+``tensorrt`` is imported lazily: importing this module never needs it. None of this has
+run on TensorRT (it cannot be installed on the machines of this project): it follows
+NVIDIA/TensorRT's sources and changelog (10.7 to 11.1), and tests/test_trt.py checks
+each version branch against a stand-in ``tensorrt`` that models the difference.
 No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the
 annotations of the plugin functions at runtime and needs real classes.
 """
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
+import numpy.typing as npt
+
+from bsbr_export.util import atomic_write_bytes  # noqa: F401  (re-exported: engines and caches)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +45,30 @@ INSTALL_HINT = (
     "that can reach NVIDIA's package index, https://pypi.nvidia.com)"
 )
 
+# The ``chunk_size`` attribute of the plugins, declared as a one-element int32 array, not
+# ``int``: tensorrt.plugin's creator converts a builtin-typed field with ``int(field.data)``
+# on a one-element numpy array (tensorrt/plugin/_lib.py, unchanged 10.6 to 11.0), which
+# numpy >= 2.4 rejects (TypeError: only 0-dimensional arrays can be converted to Python
+# scalars); an ``NDArray[int32]`` field is converted with ``field.data.astype(np.int32)``,
+# which every numpy accepts. The ONNX parser passes an INT attribute as a 1-element kINT32
+# field, and the JIT plugin serializes the array as INT32, so engines load the same way.
+ChunkSizeAttr = npt.NDArray[np.int32]
+
 _registered = False
 _logger_instance = None
+
+
+def attr_int(value) -> int:
+    """The integer in a plugin attribute: a one-element array (what TensorRT passes) or an int."""
+    arr = np.asarray(value).reshape(-1)
+    if arr.size != 1:
+        raise ValueError(f"expected a one-element integer attribute, got {value!r}")
+    return int(arr[0])
+
+
+def tensorrt_version(trt) -> Tuple[int, int]:
+    """(major, minor) of an imported ``tensorrt`` module."""
+    return tuple(int(p) for p in trt.__version__.split(".")[:2])
 
 
 class TensorRTNotInstalled(ImportError):
@@ -57,8 +85,7 @@ def require_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise TensorRTNotInstalled(f"TensorRT not installed: {INSTALL_HINT}") from exc
-    version = tuple(int(p) for p in trt.__version__.split(".")[:2])
-    if version < MIN_VERSION:
+    if tensorrt_version(trt) < MIN_VERSION:
         raise TensorRTNotInstalled(
             f"TensorRT not installed: found {trt.__version__}, need >= 10.7 for plugin override; {INSTALL_HINT}"
         )
@@ -82,7 +109,7 @@ def register_plugin() -> None:
     ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
 
     Shape/dtype descriptor: one output shaped and typed like ``q``; attribute
-    ``chunk_size: int``. The JIT implementation (``@trtp.impl``) wraps TensorRT's
+    ``chunk_size``: a one-element int32 array (``ChunkSizeAttr``, see there why not ``int``). The JIT implementation (``@trtp.impl``) wraps TensorRT's
     buffers as torch CUDA tensors (``__cuda_array_interface__``) and launches the
     Triton kernel on TensorRT's stream, so an engine that uses the plugin needs this
     function called (and Triton installed) in the process that deserializes it.
@@ -102,50 +129,55 @@ def register_plugin() -> None:
     @trtp.register(PLUGIN_ID)
     def _chunk_attention_desc(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, S: trtp.TensorDesc, g: trtp.TensorDesc,
-        chunk_size: int,
+        chunk_size: ChunkSizeAttr,
     ) -> trtp.TensorDesc:
         if q.ndim != 4 or S.ndim != 5 or g.ndim != 1:
             raise ValueError(f"{PLUGIN_ID}: expected q (B,H,T,d), S (B,H,C,d,d), g (H,)")
+        if attr_int(chunk_size) < 1:
+            raise ValueError(f"{PLUGIN_ID}: chunk_size must be >= 1")
         return q.like()  # o: (B, H, T, d), q's dtype
 
     @trtp.impl(PLUGIN_ID)
     def _chunk_attention_impl(
         q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, S: trtp.Tensor, g: trtp.Tensor,
-        chunk_size: int, outputs: Tuple[trtp.Tensor], stream: int,
+        chunk_size: ChunkSizeAttr, outputs: Tuple[trtp.Tensor], stream: int,
     ) -> None:
-        import torch
-
-        from bsbr_export.ops.kernel import chunk_attention_triton
-
-        tq, tk, tv, tS, tg = (torch.as_tensor(t, device="cuda") for t in (q, k, v, S, g))
-        out = torch.as_tensor(outputs[0], device="cuda")
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            chunk_attention_triton(tq, tk, tv, tS, tg, chunk_size, out=out)
+        run_plugin_kernel(False, (q, k, v, S, g), chunk_size, outputs, stream)
 
     @trtp.register(PLUGIN_NORMALISED_ID)
     def _chunk_attention_normalised_desc(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, qf: trtp.TensorDesc, S: trtp.TensorDesc,
-        Z: trtp.TensorDesc, g: trtp.TensorDesc, chunk_size: int,
+        Z: trtp.TensorDesc, g: trtp.TensorDesc, chunk_size: ChunkSizeAttr,
     ) -> trtp.TensorDesc:
         if q.ndim != 4 or qf.ndim != 4 or S.ndim != 5 or Z.ndim != 4 or g.ndim != 1:
             raise ValueError(f"{PLUGIN_NORMALISED_ID}: expected q, qf (B,H,T,d), S (B,H,C,d,d), Z (B,H,C,d), g (H,)")
+        if attr_int(chunk_size) < 1:
+            raise ValueError(f"{PLUGIN_NORMALISED_ID}: chunk_size must be >= 1")
         return q.like()
 
     @trtp.impl(PLUGIN_NORMALISED_ID)
     def _chunk_attention_normalised_impl(
         q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, qf: trtp.Tensor, S: trtp.Tensor, Z: trtp.Tensor,
-        g: trtp.Tensor, chunk_size: int, outputs: Tuple[trtp.Tensor], stream: int,
+        g: trtp.Tensor, chunk_size: ChunkSizeAttr, outputs: Tuple[trtp.Tensor], stream: int,
     ) -> None:
-        import torch
-
-        from bsbr_export.ops.kernel import chunk_attention_normalised_triton
-
-        ts = [torch.as_tensor(t, device="cuda") for t in (q, k, v, qf, S, Z, g)]
-        out = torch.as_tensor(outputs[0], device="cuda")
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            chunk_attention_normalised_triton(*ts, chunk_size, out=out)
+        run_plugin_kernel(True, (q, k, v, qf, S, Z, g), chunk_size, outputs, stream)
 
     _registered = True
+
+
+def run_plugin_kernel(normalised: bool, inputs, chunk_size, outputs, stream: int) -> None:
+    """The plugins' JIT implementation, without TensorRT: wrap each buffer (anything with
+    ``__cuda_array_interface__``, as ``tensorrt.plugin.Tensor``) as a torch CUDA tensor and
+    launch the kernel on ``stream`` (a raw ``cudaStream_t``), writing into ``outputs[0]``."""
+    import torch
+
+    from bsbr_export.ops.kernel import chunk_attention_normalised_triton, chunk_attention_triton
+
+    kernel = chunk_attention_normalised_triton if normalised else chunk_attention_triton
+    tensors = [torch.as_tensor(t, device="cuda") for t in inputs]
+    out = torch.as_tensor(outputs[0], device="cuda")
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        kernel(*tensors, attr_int(chunk_size), out=out)
 
 
 def plugin_layer_count(network) -> int:
@@ -194,26 +226,50 @@ def network_from_onnx(onnx_path, plugin_override: bool = True):
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, _logger())
     if plugin_override:
-        parser.set_flag(trt.OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE)
+        set_plugin_override_flag(trt, parser)
     if not parser.parse_from_file(str(onnx_path)):
         raise OnnxParseError(_parser_errors(parser, onnx_path))
+    if plugin_override:
+        check_plugin_layers(trt, network, onnx_path)
     return builder, network, parser
 
 
-def atomic_write_bytes(path, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def set_plugin_override_flag(trt, parser) -> bool:
+    """Set ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` where it exists; return whether it was set.
+
+    TensorRT 10.7-10.14: the flag does not exist (the Python enum gains it in 10.15, CHANGELOG
+    "10.15 GA"); the parser already imports a node as a registered plugin instead of its local
+    function when the node carries ``plugin_namespace`` (CHANGELOG "10.7.0 GA": plugins are
+    preferred over local functions), which every exported ``bsbr::`` node does.
+    TensorRT 10.15+ and 11.x: the flag also lets a plugin win for a node without
+    ``plugin_namespace`` (an edited model); set it.
+    """
+    flag = getattr(trt.OnnxParserFlag, "ENABLE_PLUGIN_OVERRIDE", None)
+    if flag is None:
+        log.info("TensorRT %s has no ENABLE_PLUGIN_OVERRIDE (added in 10.15): the plugin replaces "
+                 "the bsbr:: nodes through their plugin_namespace attribute", trt.__version__)
+        return False
+    parser.set_flag(flag)
+    return True
+
+
+def count_plugin_nodes(onnx_path) -> int:
+    """Number of ``bsbr::ChunkAttention*`` nodes in the main graph of an ONNX file (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = {PLUGIN_ID.split("::")[1], PLUGIN_NORMALISED_ID.split("::")[1]}
+    return sum(n.domain == PLUGIN_NAMESPACE and n.op_type in names for n in model.graph.node)
+
+
+def check_plugin_layers(trt, network, onnx_path) -> None:
+    """Raise OnnxParseError when a ``bsbr::`` node was inlined instead of becoming the plugin."""
+    want, got = count_plugin_nodes(onnx_path), plugin_layer_count(network)
+    if got < want:
+        hint = ("add plugin_namespace='bsbr' to every bsbr:: node (re-export the model)"
+                if tensorrt_version(trt) < (10, 15) else "check that the nodes' names match the plugins")
+        raise OnnxParseError(f"{onnx_path}: {want} bsbr:: node(s) but {got} plugin layer(s) after parsing with "
+                             f"TensorRT {trt.__version__}: the rest were inlined; {hint}")
 
 
 def _set_input_profile(builder, network, config, min_seq, opt_seq, max_seq, max_batch, opt_batch) -> None:
@@ -230,13 +286,29 @@ def _set_input_profile(builder, network, config, min_seq, opt_seq, max_seq, max_
     config.add_optimization_profile(profile)
 
 
-def _load_timing_cache(config, timing_cache_path) -> None:
-    """Attach a timing cache to ``config``, seeded from ``timing_cache_path`` if it exists (TensorRT 10.x/11.x)."""
+def _load_timing_cache(config, timing_cache_path):
+    """Attach a timing cache to ``config``, seeded from ``timing_cache_path`` if it exists
+    (TensorRT 10.x/11.x); returns the cache (it must outlive the build).
+
+    ``IBuilderConfig.set_timing_cache`` returns False when it rejects the cache (made on
+    another device or TensorRT version, ``ignore_mismatch=False``), and
+    ``create_timing_cache`` may return None for unreadable bytes: then the stale file is
+    reported and the build starts from an empty cache (the file is rewritten after it).
+    An empty cache that is still refused is an error.
+    """
     data = b""
     if timing_cache_path is not None and Path(timing_cache_path).is_file():
         data = Path(timing_cache_path).read_bytes()
     cache = config.create_timing_cache(data)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    if data:
+        log.warning("timing cache %s was refused by TensorRT (another GPU or TensorRT version?); "
+                    "building with an empty cache, which replaces it", timing_cache_path)
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+    raise RuntimeError("TensorRT refused an empty timing cache (IBuilderConfig.set_timing_cache returned False)")
 
 
 def engine_from_onnx(
@@ -255,12 +327,13 @@ def engine_from_onnx(
              onnx_path, network.num_layers, plugin_layer_count(network))
     config = builder.create_builder_config()
     _set_input_profile(builder, network, config, min_seq, opt_seq, max_seq, max_batch, opt_batch)
-    _load_timing_cache(config, timing_cache_path)
+    cache = _load_timing_cache(config, timing_cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; see the TensorRT log above")
     if timing_cache_path is not None:
-        atomic_write_bytes(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
+        used = config.get_timing_cache() or cache
+        atomic_write_bytes(timing_cache_path, memoryview(used.serialize()))
     atomic_write_bytes(engine_path, memoryview(serialized))
     return Path(engine_path)
 
@@ -279,6 +352,22 @@ def _torch_dtype(trt, dtype):
     if dtype not in table:
         raise TypeError(f"unsupported TensorRT I/O dtype {dtype}")
     return table[dtype]
+
+
+def device_buffer(shape, dtype, device="cuda"):
+    """A tensor of ``shape`` and its address for ``set_tensor_address``, never 0.
+
+    TensorRT requires a non-null address for every input and output before
+    ``execute_async_v3`` (NvInferRuntime.h, ``setTensorAddress``), even one with zero
+    elements (the prefill's bank outputs at T < L); ``torch.empty(0).data_ptr()`` is 0.
+    So the storage holds at least one element and the tensor is a view of its start.
+    """
+    import torch
+
+    shape = tuple(int(n) for n in shape)
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    storage = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    return storage[:numel].view(shape), storage.data_ptr()
 
 
 class TensorRTRunner:
@@ -315,6 +404,22 @@ class TensorRTRunner:
         self._context = self._engine = self._stream = None
         return False
 
+    def _set_address(self, name, address) -> None:
+        if not self._context.set_tensor_address(name, address):
+            raise RuntimeError(f"TensorRT refused the address of tensor {name}")
+
+    def _bind_outputs(self, trt, device="cuda") -> dict:
+        """One buffer per output at the shapes the context reports, each bound at a non-null address."""
+        outputs = {}
+        for name in self._io_names(trt.TensorIOMode.OUTPUT):
+            shape = tuple(self._context.get_tensor_shape(name))
+            if any(n < 0 for n in shape):
+                raise RuntimeError(f"output {name} has a data-dependent shape {shape}: not supported")
+            t, address = device_buffer(shape, _torch_dtype(trt, self._engine.get_tensor_dtype(name)), device)
+            self._set_address(name, address)
+            outputs[name] = t
+        return outputs
+
     def _io_names(self, mode):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         return [n for n in names if self._engine.get_tensor_mode(n) == mode]
@@ -329,21 +434,18 @@ class TensorRTRunner:
         inputs = self._io_names(trt.TensorIOMode.INPUT)
         if sorted(feeds) != sorted(inputs):
             raise ValueError(f"feeds {sorted(feeds)} do not match the engine inputs {sorted(inputs)}")
-        keep, outputs = [], {}
+        keep = []
         with torch.cuda.stream(self._stream):
             for name in inputs:
                 arr = np.ascontiguousarray(feeds[name])
-                t = torch.from_numpy(arr).to("cuda", _torch_dtype(trt, self._engine.get_tensor_dtype(name)))
+                t, address = device_buffer(arr.shape, _torch_dtype(trt, self._engine.get_tensor_dtype(name)))
+                t.copy_(torch.from_numpy(arr))
                 if not self._context.set_input_shape(name, tuple(t.shape)):
                     lo, _, hi = self._engine.get_tensor_profile_shape(name, 0)
                     raise ValueError(f"input {name} shape {tuple(t.shape)} outside the engine profile {lo}..{hi}")
-                self._context.set_tensor_address(name, t.data_ptr())
+                self._set_address(name, address)
                 keep.append(t)
-            for name in self._io_names(trt.TensorIOMode.OUTPUT):
-                shape = tuple(self._context.get_tensor_shape(name))
-                t = torch.empty(shape, dtype=_torch_dtype(trt, self._engine.get_tensor_dtype(name)), device="cuda")
-                self._context.set_tensor_address(name, t.data_ptr())
-                outputs[name] = t
+            outputs = self._bind_outputs(trt)
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
         self._stream.synchronize()

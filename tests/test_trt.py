@@ -96,7 +96,10 @@ def test_plugins_match_the_exported_functions(monkeypatch):
     override can map the nodes to it; and the implementation takes the same inputs."""
     import inspect
 
-    from bsbr_export import export as ex
+    try:
+        from bsbr_export.ops import onnx_graph as ex
+    except ImportError:  # before the ONNX function moved into bsbr_export.ops
+        from bsbr_export import export as ex
 
     fake = _FakePluginAPI()
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.8.0", plugin=fake))
@@ -114,15 +117,276 @@ def test_plugins_match_the_exported_functions(monkeypatch):
         assert impl == desc + ["outputs", "stream"], (plugin_id, impl)
 
 
-def test_atomic_write_replaces_or_leaves_old_file(tmp_path):
-    path = tmp_path / "sub" / "x.bin"
-    bt.atomic_write_bytes(path, b"first")
-    bt.atomic_write_bytes(path, memoryview(b"second"))
-    assert path.read_bytes() == b"second"
-    with pytest.raises(TypeError):
-        bt.atomic_write_bytes(path, object())  # the write fails half-way
-    assert path.read_bytes() == b"second"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["x.bin"]
+def test_engines_are_written_by_the_shared_atomic_writer():
+    from bsbr_export import util
+
+    assert bt.atomic_write_bytes is util.atomic_write_bytes
+
+
+# ------------------------------------- stand-ins for each TensorRT version branch
+
+
+class _Flags:
+    """``trt.OnnxParserFlag`` of one TensorRT version: ENABLE_PLUGIN_OVERRIDE from 10.15 on."""
+
+    NATIVE_INSTANCENORM = 0
+
+    def __init__(self, has_override: bool):
+        if has_override:
+            self.ENABLE_PLUGIN_OVERRIDE = 3
+
+
+class _Layer:
+    def __init__(self, type_):
+        self.type = type_
+
+
+class _Network:
+    def __init__(self, plugin_layers: int):
+        self.layers = [_Layer("PLUGIN_V3")] * plugin_layers + [_Layer("MATRIX_MULTIPLY")]
+        self.num_layers = len(self.layers)
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+class _Parser:
+    def __init__(self, network, logger):
+        self.flags, self.num_errors = [], 0
+
+    def set_flag(self, flag):
+        self.flags.append(flag)
+
+    def parse_from_file(self, path):
+        return Path(path).is_file()
+
+
+def fake_tensorrt(version: str, plugin_layers: int = 1):
+    """A stand-in ``tensorrt`` of ``version``: what differs across 10.7-10.14, 10.15+ and 11.x
+    here is only whether ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` exists (CHANGELOG 10.15 GA)."""
+    major_minor = tuple(int(x) for x in version.split(".")[:2])
+    trt = types.SimpleNamespace(__version__=version, OnnxParserFlag=_Flags(major_minor >= (10, 15)))
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.LayerType = types.SimpleNamespace(PLUGIN_V3="PLUGIN_V3")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.Builder = lambda logger: types.SimpleNamespace(create_network=lambda flags: _Network(plugin_layers))
+    trt.OnnxParser = _Parser
+    return trt
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Install a stand-in ``tensorrt`` (and ``tensorrt.plugin``) for one test."""
+
+    def install(version: str, plugin_layers: int = 1):
+        trt = fake_tensorrt(version, plugin_layers)
+        trt.plugin = _FakePluginAPI()
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setitem(sys.modules, "tensorrt.plugin", trt.plugin)
+        monkeypatch.setattr(bt, "_registered", False)
+        monkeypatch.setattr(bt, "_logger_instance", None)
+        return trt
+
+    return install
+
+
+@needs_triton
+@pytest.mark.parametrize("version,flag_set", [("10.7.0", False), ("10.14.1", False), ("10.15.1", True),
+                                              ("11.0.0", True), ("11.1.0", True)])
+def test_plugin_override_per_version(stand_in, tmp_path, version, flag_set):
+    """10.7-10.14: no ENABLE_PLUGIN_OVERRIDE (AttributeError before this fix); the nodes'
+    plugin_namespace does it. 10.15+/11.x: the flag is set. Every version: parsing succeeds
+    when each bsbr:: node became a plugin layer."""
+    stand_in(version)
+    onnx_path = tmp_path / "ca.onnx"
+    _chunk_attention_onnx(onnx_path, 1, 2, 10, 16, 4)
+    builder, network, parser = bt.network_from_onnx(onnx_path, plugin_override=True)
+    assert parser.flags == ([3] if flag_set else [])
+    assert bt.plugin_layer_count(network) == bt.count_plugin_nodes(onnx_path) == 1
+
+
+@needs_triton
+@pytest.mark.parametrize("version", ["10.8.0", "10.15.1"])
+def test_inlined_plugin_nodes_are_an_error(stand_in, tmp_path, version):
+    stand_in(version, plugin_layers=0)
+    onnx_path = tmp_path / "ca.onnx"
+    _chunk_attention_onnx(onnx_path, 1, 2, 10, 16, 4)
+    hint = "plugin_namespace" if version.startswith("10.8") else "names match"
+    with pytest.raises(bt.OnnxParseError, match=f"1 bsbr:: node.*0 plugin layer.*{hint}"):
+        bt.network_from_onnx(onnx_path, plugin_override=True)
+
+
+def _creator_converts(annotation, field_data):
+    """What tensorrt.plugin's creator does with one plugin field before calling the plugin's
+    functions (``_TemplatePluginCreator.create_plugin``, TensorRT 10.6-11.0): numpy-array
+    annotations ``NDArray[dtype]`` get ``data.astype(dtype)``, builtin ones ``annotation(data)``."""
+    import typing
+
+    if typing.get_origin(annotation) is np.ndarray:
+        np_type = typing.get_args(typing.get_args(annotation)[1])[0]
+        return field_data.astype(np_type)
+    return annotation(field_data)
+
+
+@needs_triton
+def test_chunk_size_attribute_survives_the_creator_on_any_numpy(stand_in):
+    """The ONNX parser passes chunk_size as a one-element kINT32 field; a deserialized JIT
+    plugin passes back the array it serialized. Through the creator's conversion both reach
+    the plugin functions as a one-element array that `attr_int` reads; an ``int``
+    annotation would do ``int(array([L]))``, a TypeError from numpy 2.4 on."""
+    import inspect
+
+    trt = stand_in("10.8.0")
+    bt.register_plugin()
+    bt._registered = False
+    desc_like = types.SimpleNamespace(ndim=4, like=lambda: "o")
+    for plugin_id, n_inputs in ((bt.PLUGIN_ID, 5), (bt.PLUGIN_NORMALISED_ID, 7)):
+        desc_fn, impl_fn = trt.plugin.descs[plugin_id], trt.plugin.impls[plugin_id]
+        annotation = inspect.signature(desc_fn).parameters["chunk_size"].annotation
+        assert annotation == inspect.signature(impl_fn).parameters["chunk_size"].annotation  # checked by trtp.impl
+        for field in (np.array([24], dtype=np.int32), np.array([24], dtype=np.int64)):  # parser / serialized
+            value = _creator_converts(annotation, field)
+            assert bt.attr_int(value) == 24
+        shapes = [types.SimpleNamespace(ndim=n) for n in ((4, 4, 4, 5, 1) if n_inputs == 5 else (4, 4, 4, 4, 5, 4, 1))]
+        shapes[0] = desc_like
+        assert desc_fn(*shapes, _creator_converts(annotation, np.array([24], dtype=np.int32))) == "o"
+    if np.lib.NumpyVersion(np.__version__) >= "2.4.0":  # the defect the annotation avoids, reproduced
+        with pytest.raises(TypeError):
+            _creator_converts(int, np.array([24], dtype=np.int32))
+    with pytest.raises(ValueError, match="one-element"):
+        bt.attr_int(np.array([1, 2]))
+
+
+# --------------------------------------------------- runner and timing cache, no GPU
+
+
+class _FakeEngine:
+    def __init__(self, outputs):
+        self.outputs = outputs  # name -> shape
+        self.num_io_tensors = len(outputs)
+
+    def get_tensor_name(self, i):
+        return list(self.outputs)[i]
+
+    def get_tensor_mode(self, name):
+        return "OUTPUT"
+
+    def get_tensor_dtype(self, name):
+        return "FLOAT"
+
+
+class _FakeContext:
+    def __init__(self, outputs):
+        self.outputs, self.addresses = outputs, {}
+
+    def get_tensor_shape(self, name):
+        return self.outputs[name]
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+
+def test_runner_binds_non_null_buffers_for_empty_outputs(monkeypatch):
+    """At T < L the prefill's bank outputs have zero elements: each still gets a non-null
+    address (TensorRT requires one for every output), and the returned array has the
+    zero-element shape."""
+    shapes = {"logits": (1, 7, 11), "bank_k": (1, 2, 0, 16), "bank_z": (0,), "scalar": ()}
+    runner = bt.TensorRTRunner("unused.engine")
+    runner._engine, runner._context = _FakeEngine(shapes), _FakeContext(shapes)
+    monkeypatch.setattr(runner, "_io_names", lambda mode: list(shapes))
+    trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(OUTPUT="OUTPUT"),
+                                DataType=types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", BF16="BF16", INT32="INT32",
+                                                               INT64="INT64", INT8="INT8", BOOL="BOOL", UINT8="UINT8"))
+    outputs = runner._bind_outputs(trt, device="cpu")
+    assert set(runner._context.addresses) == set(shapes)
+    assert all(addr != 0 for addr in runner._context.addresses.values()), runner._context.addresses
+    assert {n: tuple(t.shape) for n, t in outputs.items()} == shapes
+    assert torch.empty(0).data_ptr() == 0  # why: what the old code bound
+
+
+class _FakeConfig:
+    """``IBuilderConfig``'s timing-cache calls; ``accept(data)`` decides set_timing_cache's result."""
+
+    def __init__(self, accept):
+        self.accept, self.attached = accept, None
+
+    def create_timing_cache(self, data):
+        return None if data == b"garbage" else types.SimpleNamespace(data=data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        assert ignore_mismatch is False
+        ok = self.accept(cache.data)
+        if ok:
+            self.attached = cache
+        return ok
+
+
+@pytest.mark.parametrize("content", [b"from another gpu", b"garbage"])
+def test_refused_timing_cache_starts_fresh(tmp_path, caplog, content):
+    path = tmp_path / "timing.cache"
+    path.write_bytes(content)
+    config = _FakeConfig(accept=lambda data: data == b"")
+    cache = bt._load_timing_cache(config, path)
+    assert cache is config.attached and cache.data == b""
+    assert "refused" in caplog.text
+
+
+def test_accepted_timing_cache_is_used_and_refusal_of_empty_is_an_error(tmp_path):
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"good")
+    config = _FakeConfig(accept=lambda data: True)
+    assert bt._load_timing_cache(config, path).data == b"good"
+    assert bt._load_timing_cache(_FakeConfig(accept=lambda data: True), None).data == b""
+    with pytest.raises(RuntimeError, match="set_timing_cache returned False"):
+        bt._load_timing_cache(_FakeConfig(accept=lambda data: False), path)
+
+
+# ------------------------------------------------ the plugin's kernel path on a GPU
+
+
+class _TrtTensor:
+    """What TensorRT's JIT impl receives (tensorrt.plugin.Tensor): a raw device buffer that
+    exposes ``__cuda_array_interface__`` v3 (byte strides, its stream), nothing else."""
+
+    def __init__(self, t, stream):
+        self._t, self._stream = t, stream
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": tuple(self._t.shape), "typestr": np.dtype(str(self._t.dtype).split(".")[1]).str,
+                "data": (self._t.data_ptr(), False), "version": 3, "stream": self._stream,
+                "strides": tuple(s * self._t.element_size() for s in self._t.stride())}
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("normalised", [False, True])
+def test_plugin_kernel_path_on_a_side_stream(normalised):
+    """bt.run_plugin_kernel (the body of both plugins' @trtp.impl) on buffers seen only through
+    __cuda_array_interface__ and a non-default stream matches the reference."""
+    from bsbr_export.ops.naive import chunk_attention_normalised_ref, chunk_attention_ref, compare_to_baseline
+
+    B, H, T, d, L = 1, 4, 333, 64, 100
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))
+    C = math.ceil(T / L)
+    S = torch.randn(B, H, C, d, d, generator=gen) / d**0.5
+    if normalised:
+        qf, Z, g = torch.nn.functional.elu(q) + 1, torch.rand(B, H, C, d, generator=gen) * L, torch.rand(H) * 0.5
+        args32, ref_fn = (q, k, v, qf, S, Z), chunk_attention_normalised_ref
+    else:
+        g, args32, ref_fn = torch.rand(H, generator=gen) + 0.5, (q, k, v, S), chunk_attention_ref
+    low = [x.half().cuda() for x in args32] + [g.cuda()]
+    side = torch.cuda.Stream()
+    out = torch.empty_like(low[0])
+    torch.cuda.synchronize()
+    bt.run_plugin_kernel(normalised, [_TrtTensor(t, side.cuda_stream) for t in low], np.array([L], np.int32),
+                         (_TrtTensor(out, side.cuda_stream),), side.cuda_stream)
+    side.synchronize()
+    ref32 = ref_fn(*args32, g, L)
+    nums = compare_to_baseline(out.cpu(), ref32, ref_fn(*[x.half() for x in args32], g, L))
+    assert nums["ok"], nums
 
 
 # ---------------------------------------------------------- with TensorRT
