@@ -1,4 +1,5 @@
-"""Runners: one interface over PyTorch, ONNX Runtime (and TensorRT in ``bsbr_export.trt``).
+"""Runners: one interface over PyTorch (BSBR, BSBR in fp16, HF GPT-2), ONNX Runtime (and TensorRT in
+``bsbr_export.trt``).
 
 A runner is a context manager with ``infer(feeds) -> outputs``: feeds map input
 names to numpy arrays (``input_ids`` int64 [batch, seq]); outputs map names to
@@ -37,13 +38,8 @@ def check_feeds(feeds: dict, max_seq_len: int | None, vocab_size: int | None = N
     return ids.astype(np.int64, copy=False)
 
 
-class TorchRunner:
-    """The PyTorch BSBR model as a runner (fp32 on CPU unless told otherwise)."""
-
-    name = "torch"
-
-    def __init__(self, model, impl: str = "vectorised", max_seq_len: int | None = None):
-        self.model, self.impl, self.max_seq_len = model, impl, max_seq_len
+class _InProcess:
+    """A runner over a model already in this process: nothing to open or close."""
 
     def __enter__(self):
         return self
@@ -51,12 +47,63 @@ class TorchRunner:
     def __exit__(self, *exc):
         return False
 
+
+class TorchRunner(_InProcess):
+    """The PyTorch BSBR model as a runner (fp32 on CPU unless told otherwise)."""
+
+    name = "torch"
+
+    def __init__(self, model, impl: str = "vectorised", max_seq_len: int | None = None):
+        self.model, self.impl, self.max_seq_len = model, impl, max_seq_len
+
     def infer(self, feeds: dict) -> dict:
         import torch
 
         ids = check_feeds(feeds, self.max_seq_len, self.model.cfg.vocab_size)
-        with torch.no_grad():
+        with torch.inference_mode():
             logits = self.model(torch.from_numpy(ids), impl=self.impl)
+        return {"logits": logits.float().numpy()}
+
+
+class TorchHalfRunner(_InProcess):
+    """Torch in fp16: the measured low-precision baseline for fp16 tolerances."""
+
+    name = "torch fp16"
+
+    def __init__(self, model):
+        import copy
+
+        self.model = copy.deepcopy(model).half()
+
+    def infer(self, feeds):
+        import torch
+
+        with torch.no_grad():
+            return {"logits": self.model(torch.from_numpy(feeds["input_ids"])).float().numpy()}
+
+
+class HFRunner(_InProcess):
+    """HF ``GPT2LMHeadModel`` in PyTorch (SDPA attention unless told otherwise), no KV cache.
+
+    ``model`` is a loaded model or an HF checkpoint directory (loaded on construction).
+    """
+
+    name = "hf-torch"
+
+    def __init__(self, model, attn_implementation: str = "sdpa", max_seq_len: int | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import GPT2LMHeadModel
+
+            model = GPT2LMHeadModel.from_pretrained(model, attn_implementation=attn_implementation).eval()
+        self.model = model
+        self.max_seq_len = max_seq_len or model.config.n_positions
+
+    def infer(self, feeds: dict) -> dict:
+        import torch
+
+        ids = check_feeds(feeds, self.max_seq_len, self.model.config.vocab_size)
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(ids), use_cache=False).logits
         return {"logits": logits.float().numpy()}
 
 
@@ -69,8 +116,11 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
 
 
 def session_from_onnx(path, threads: int | None = None, providers: list[str] | None = None,
-                      optimization: str = "all"):
-    """An ONNX Runtime session: GPU execution providers when present, CPU otherwise."""
+                      optimization: str = "all", profile_prefix: str | None = None):
+    """An ONNX Runtime session: GPU execution providers when present, CPU otherwise.
+
+    ``profile_prefix``: profile every run into ``<prefix>_<date>.json`` (``end_profiling`` names it).
+    """
     import onnxruntime as ort
 
     p = Path(path)
@@ -84,6 +134,8 @@ def session_from_onnx(path, threads: int | None = None, providers: list[str] | N
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     so.log_severity_level = 3
     try:
         return ort.InferenceSession(str(p), so, providers=providers or available_providers())

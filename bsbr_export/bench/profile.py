@@ -1,0 +1,66 @@
+"""ORT profiles: node time per op type of the ORT backends, one profiled run at one length."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .child import make_job, run_child
+from .spec import BenchSpec
+
+
+def op_totals(events: list, last_run_only: bool = True) -> dict:
+    """Node time per op type (ms) from an ORT profile, over the last ``model_run``."""
+    runs = [e for e in events if e.get("name") == "model_run"]
+    lo, hi = (runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]) if (runs and last_run_only) else (0, float("inf"))
+    per_op, fn_ms, total = {}, 0.0, 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or not lo <= e["ts"] <= hi:
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        ms = e["dur"] / 1e3
+        per_op[op] = per_op.get(op, 0.0) + ms
+        total += ms
+        if "ChunkAttention" in e["name"]:
+            fn_ms += ms
+    run_ms = runs[-1]["dur"] / 1e3 if runs else None
+    ops = dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    return {"run_ms": run_ms, "node_total_ms": total, "chunk_attention_fn_ms": fn_ms, "op_types_ms": ops}
+
+
+def profile_case(job: dict) -> dict:
+    """Child: full-length warm-up, then one profiled run of an ORT backend; node time per op type."""
+    from ..runtime import session_from_onnx
+
+    prefix = str(Path(job["work"]) / f"profile-{job['backend']}-{job['seq']}")
+    sess = session_from_onnx(job["paths"][job["backend"]], job["threads"], ["CPUExecutionProvider"],
+                             profile_prefix=prefix)
+    ids = np.random.default_rng(job["seed"]).integers(0, job["vocab_size"], size=(1, job["seq"]), dtype=np.int64)
+    # A full-length warm-up: one profiled run has no median to absorb first-run allocations.
+    for _ in range(job["warmup"]):
+        sess.run(["logits"], {"input_ids": ids})
+    sess.run(["logits"], {"input_ids": ids})  # the profiled run: op_totals reads the last one
+    prof = sess.end_profiling()
+    events = json.loads(Path(prof).read_text())
+    Path(prof).unlink(missing_ok=True)
+    return {"status": "ok", "backend": job["backend"], "seq": job["seq"], "warmup_seq": job["seq"]} | op_totals(events)
+
+
+def run_profiles(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
+    """Parent: one profile child per ORT backend that passed the gate, at ``profile_len`` (or the longest T)."""
+    T = spec.profile_len or spec.max_len
+    out = {}
+    for b in ("bsbr-ort", "floor-ort", "std-ort"):
+        if prep["parity"][b]["status"] not in ("pass", "none"):
+            continue
+        res = run_child(make_job("profile", spec, work, prep, threads, backend=b, seq=T,
+                                 warmup=0 if spec.quick else 1), work, spec.case_timeout_s)
+        out[b] = res
+        if res.get("status") == "ok":
+            top = ", ".join(f"{k} {v:.0f}" for k, v in list(res["op_types_ms"].items())[:4])
+            log(f"  profile {b:10s} T {T}: run {res['run_ms']:.0f} ms; top ops (ms): {top}")
+        else:
+            log(f"  profile {b:10s} T {T}: {res['reason']}")
+    return out

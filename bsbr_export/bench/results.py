@@ -1,0 +1,60 @@
+"""Reading a result dict: the look-ups every table, fit and target uses, and their number formats."""
+
+from __future__ import annotations
+
+from .spec import BACKENDS, MIB
+
+
+def median(result: dict, backend: str, seq: int, batch: int = 1, key: str = "median_ms"):
+    """``key`` (the median latency by default) of a timed prefill case; None if it was not timed."""
+    for c in result["prefill"]:
+        if c["backend"] == backend and c["seq"] == seq and c["batch"] == batch and c["status"] == "ok":
+            return c[key]
+    return None
+
+
+def decode_mean(result: dict, backend: str, context: int):
+    for c in result["decode"]:
+        if c["backend"] == backend and c["context"] == context and c["status"] == "ok":
+            return c["per_token_mean_ms"]
+    return None
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def timed_backends(result: dict) -> list[str]:
+    """Backends with a prefill row to show: timed, failed while timed, or stopped by the gate."""
+    return [b for b in BACKENDS if any(c["backend"] == b and c["status"] in ("ok", "failed", "parity_failed")
+                                       for c in result["prefill"])]
+
+
+def lo_hi(result: dict) -> str:
+    lo, hi = result.get("fit_range_used") or result["spec"]["fit_range"]
+    return f"{lo}..{hi}"
+
+
+def fmt_ms(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt_mib(nbytes) -> str:
+    v = nbytes / MIB
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.3f}"
+
+
+def fmt_x(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def cell(result: dict, b: str, T: int, batch: int = 1, fmt=fmt_ms, key="median_ms") -> str:
+    """A prefill table cell: the formatted value, or why there is none."""
+    for c in result["prefill"]:
+        if c["backend"] == b and c["seq"] == T and c["batch"] == batch:
+            if c["status"] == "ok":
+                return fmt(c[key])
+            return "parity FAILED" if c["status"] == "parity_failed" else c["status"]
+    return "—"

@@ -1,0 +1,71 @@
+"""The acceptance targets: thresholds declared once (``THRESHOLDS``), and the judgement of a run."""
+
+from __future__ import annotations
+
+from .results import decode_mean, lo_hi, median, ratio
+
+# The targets are stated at T = 8192 (long) and T = 128 (short).
+TARGET_SHORT, TARGET_LONG = 128, 8192
+# name -> (comparison, threshold, unit): every acceptance threshold of the benchmark, in report order.
+THRESHOLDS = {
+    "bsbr-ort vs std-ort": (">=", 5.0, "x"),
+    "bsbr-ort vs hf-torch": (">=", 1.6, "x"),
+    "short sequences": ("<=", 1.1, "x"),
+    "scaling": ("<=", 1.1, ""),
+    "dense floor": ("<=", 1.3, "x"),
+    "peak memory": ("<=", 1 / 3, "x"),
+    "decode (torch)": ("<=", 1.5, "x"),
+    "decode (ORT)": ("<=", 1.5, "x"),
+}
+
+
+def _measured(result: dict) -> tuple[dict, dict]:
+    """name -> (description, measured value or None) of every target; name -> bound if attention were free."""
+    lengths = sorted(result["spec"]["lengths"])
+    # A run without the stated lengths reports them as n/a instead of judging another length against them.
+    Tmin = TARGET_SHORT if TARGET_SHORT in lengths else None
+    Tmax = TARGET_LONG if TARGET_LONG in lengths else None
+    if result.get("quick"):  # the smoke test judges its own shortest and longest lengths
+        Tmin, Tmax = lengths[0], lengths[-1]
+    ctx = sorted(result["spec"]["decode_contexts"]) or [None]
+    cmin, cmax = ctx[0], ctx[-1]
+    m = lambda b, T: None if T is None else median(result, b, T)  # noqa: E731
+    peak = lambda b, T: None if T is None else median(result, b, T, key="peak_rss_bytes")  # noqa: E731
+    growth = lambda b: ratio(decode_mean(result, b, cmax), decode_mean(result, b, cmin))  # noqa: E731
+    rows = {
+        "bsbr-ort vs std-ort": (f"BSBR ORT speedup over standard ORT at T={Tmax}",
+                                ratio(m("std-ort", Tmax), m("bsbr-ort", Tmax))),
+        "bsbr-ort vs hf-torch": (f"BSBR ORT speedup over HF torch SDPA at T={Tmax}",
+                                 ratio(m("hf-torch", Tmax), m("bsbr-ort", Tmax))),
+        "short sequences": (f"BSBR ORT latency / standard ORT latency at T={Tmin}",
+                            ratio(m("bsbr-ort", Tmin), m("std-ort", Tmin))),
+        "scaling": (f"BSBR ORT scaling exponent over T in {lo_hi(result)}",
+                    result["scaling"].get("bsbr-ort", {}).get("exponent")),
+        "dense floor": (f"BSBR ORT latency / dense floor at T={Tmax}",
+                        ratio(m("bsbr-ort", Tmax), m("floor-ort", Tmax))),
+        "peak memory": (f"BSBR ORT peak RSS / standard ORT peak RSS at T={Tmax}",
+                        ratio(peak("bsbr-ort", Tmax), peak("std-ort", Tmax))),
+        "decode (torch)": (f"BSBR torch decode per-token latency, context {cmax} / context {cmin}",
+                           growth("bsbr-torch")),
+        "decode (ORT)": (f"BSBR ORT decode per-token latency, context {cmax} / context {cmin}", growth("bsbr-ort")),
+    }
+    # A speedup over X can never exceed X / floor: the latency if attention cost nothing.
+    bounds = {"bsbr-ort vs std-ort": ratio(m("std-ort", Tmax), m("floor-ort", Tmax)),
+              "bsbr-ort vs hf-torch": ratio(m("hf-torch", Tmax), m("floor-ort", Tmax))}
+    return rows, bounds
+
+
+def targets(result: dict) -> list[dict]:
+    """One verdict per target: pass, miss, or n/a (a length or backend it needs was not measured)."""
+    measured, bounds = _measured(result)
+    out = []
+    for name, (op, thr, unit) in THRESHOLDS.items():
+        desc, value = measured[name]
+        if value is None:
+            status = "n/a"
+        else:
+            status = "pass" if (value >= thr if op == ">=" else value <= thr) else "miss"
+        out.append({"name": name, "description": desc, "measured": value, "comparison": op, "threshold": thr,
+                    "unit": unit, "status": status, "bound_if_attention_free": bounds.get(name),
+                    "reason": None if value is not None else "a length or backend it needs was not measured"})
+    return out
