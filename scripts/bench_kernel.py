@@ -23,6 +23,8 @@ CPU smoke test: python scripts/bench_kernel.py --device cpu --quick
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import platform
 import statistics
@@ -36,27 +38,27 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bsbr_export.ops.chunk import chunk_attention_normalised  # noqa: E402
+from bsbr_export.ops.chunk import chunk_attention, chunk_attention_normalised  # noqa: E402
 from bsbr_export.ops.naive import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
-                                        compare_to_baseline)
+                                   compare_to_baseline)
 
 
-def chunk_attention_torch(q, k, v, S, g, L: int) -> torch.Tensor:
-    """Vectorised chunk attention: SDPA is_causal per chunk plus g * q @ S_chunk."""
-    B, H, T, d = q.shape
-    C = S.shape[2]
-
-    def chunks(x):  # (B, H, T, d) -> (B, H*C, L, d); padded rows sit after the last token
-        return F.pad(x, (0, 0, 0, C * L - T)).reshape(B, H * C, L, d)
-
-    qc = chunks(q)
-    local = F.scaled_dot_product_attention(qc, chunks(k), chunks(v), is_causal=True)  # (B, H*C, L, d)
-    retrieved = torch.einsum("bnld,bnde->bnle", qc, S.reshape(B, H * C, d, d).to(q.dtype))  # (B, H*C, L, d)
-    gh = g.to(q.dtype).repeat_interleave(C).view(1, H * C, 1, 1)  # (1, H*C, 1, 1)
-    return (local + gh * retrieved).view(B, H, C * L, d)[:, :, :T]
+def _flash_only():
+    """SDPA restricted to its flash backend (torch >= 2.3), or no restriction where unavailable."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
 def full_causal_sdpa(q, k, v, *_) -> torch.Tensor:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        try:
+            with _flash_only():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
+        except RuntimeError:  # no flash kernel for this card/shape: SDPA's own choice
+            pass
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, d)
 
 
@@ -89,7 +91,7 @@ def make_inputs(B, H, T, d, L, device, seed=0, op: str = "plain"):
 
 
 OPS = {  # op -> (fp32 reference, vectorised torch path)
-    "plain": (chunk_attention_ref, chunk_attention_torch),
+    "plain": (chunk_attention_ref, chunk_attention),
     "normalised": (chunk_attention_normalised_ref, chunk_attention_normalised),
 }
 
@@ -162,6 +164,12 @@ def header(args, dtype, fused_note: str) -> list[str]:
     ]
     if fused_note:
         lines.append(f"- fused kernel not run: {fused_note}")
+    else:
+        from bsbr_export.ops.kernel import launch_options
+
+        cap = torch.cuda.get_device_capability() if args.device == "cuda" else None
+        opts = launch_options(args.head_dim, dtype, dtype, args.chunk, cap)
+        lines.append("- fused launch: " + ", ".join(f"{k} {v}" for k, v in opts.items()))
     return lines + [""]
 
 
@@ -203,6 +211,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--output", type=Path, default=None, help="also write the Markdown here")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows (times in ms, parity) as JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.heads, args.head_dim, args.chunk = [64, 200], 2, 32, 48
@@ -230,6 +239,11 @@ def main(argv=None) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"op": args.op, "dtype": str(dtype), "heads": args.heads,
+                                         "head_dim": args.head_dim, "chunk": args.chunk, "fused_note": fused_note,
+                                         "rows": rows}, indent=1))
     failed = [r["T"] for r in rows for name, _, checked in backends if checked and r.get(name, 0) is None]
     if failed:
         print(f"parity FAILED at T={sorted(set(failed))}: no speed reported there", file=sys.stderr)

@@ -41,15 +41,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not 
 CHUNK_DIMS = [(24, 16), (16, 32)]
 
 
-def vectorised_ops():
-    """(chunk_attention, chunk_attention_normalised): the package's vectorised torch ops."""
-    try:
-        from bsbr_export.ops.chunk import chunk_attention, chunk_attention_normalised
-    except ImportError:  # before the op moved into bsbr_export.ops
-        from bsbr_export.attention import chunk_attention, chunk_attention_normalised
-    return chunk_attention, chunk_attention_normalised
-
-
 def _lengths(L: int) -> list[int]:
     return [1, L - 1, L, L + 1, 3 * L + 5]
 
