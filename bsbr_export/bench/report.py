@@ -108,16 +108,16 @@ def write_outputs(result: dict, out: Path, fragment=None) -> None:
     pngs = plots(result, out)
     write_json(result, out / "bench.json")
     title = f"# Benchmark: {result['model']['name']}\n\n"
-    (out / "bench.md").write_text(title + header(result) + "\n\n" + markdown_tables(result)
-                                  + "".join(f"\n![{p}]({p})\n" for p in pngs))
+    atomic_write_text(out / "bench.md", title + header(result) + "\n\n" + markdown_tables(result)
+                      + "".join(f"\n![{p}]({p})\n" for p in pngs))
     if fragment is not None:
         frag = Path(fragment)
         frag.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(out.resolve(), frag.parent.resolve())
         links = "\n".join(f"![{p[:-4]}]({rel}/{p})" for p in pngs)
-        frag.write_text(f"## Benchmark: {result['model']['name']} on CPU\n\n" + header(result) + "\n\n"
-                        + f"Raw data: [`bench.json`]({rel}/bench.json).\n\n"
-                        + markdown_tables(result).replace("\n### ", "\n#### ") + "\n" + links + "\n")
+        atomic_write_text(frag, f"## Benchmark: {result['model']['name']} on CPU\n\n" + header(result) + "\n\n"
+                          + f"Raw data: [`bench.json`]({rel}/bench.json).\n\n"
+                          + markdown_tables(result).replace("\n### ", "\n#### ") + "\n" + links + "\n")
 
 
 def write_json(result: dict, path: Path) -> None:

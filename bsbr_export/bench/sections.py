@@ -98,7 +98,9 @@ def _profile_diff(result: dict, top: int = 6) -> str:
 
 
 def _speedup_note(result: dict, t: dict, Tmax: int) -> str:
-    floor, bsbr, bound = median(result, "floor-ort", Tmax), median(result, "bsbr-ort", Tmax), t["bound_if_attention_free"]
+    """Why a speedup target is missed: the dense floor bounds any speedup; the LM head's share of it."""
+    floor, bsbr = median(result, "floor-ort", Tmax), median(result, "bsbr-ort", Tmax)
+    bound = t["bound_if_attention_free"]
     below = " (below the target: no attention can reach it on this machine)" if bound < t["threshold"] else ""
     text = (f"The dense floor alone takes {fmt_ms(floor)} ms at T={Tmax}, {floor / bsbr:.0%} of BSBR ORT's "
             f"{fmt_ms(bsbr)} ms, so even attention that cost nothing would give at most {bound:.2f}x "

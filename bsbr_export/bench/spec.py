@@ -67,7 +67,7 @@ class BenchSpec:
         return max(need)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BenchSpec":
+    def from_dict(cls, d: dict) -> BenchSpec:
         """The spec back from ``asdict`` after a JSON round trip (lists become tuples again)."""
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
