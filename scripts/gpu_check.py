@@ -1,0 +1,405 @@
+"""Self-contained GPU check: every step runs (none stops the others), one JSON + Markdown report.
+
+    python3 scripts/gpu_check.py [--out DIR] [--budget SECONDS]     (or: bash scripts/gpu_check.sh)
+
+For a fresh machine with only this repository and its own Python (torch, triton, numpy,
+pytest, onnx, onnxruntime; no TensorRT, no network): the package runs from the source tree
+through PYTHONPATH, nothing is installed. Steps, each with its own time limit inside one
+overall budget (default 450 s, under 8 minutes with start-up):
+
+  environment     card (nvidia-smi, torch), versions of Python, torch, CUDA, triton, numpy,
+                  onnx, onnxruntime (+ its execution providers), tensorrt
+  kernel_tests    tests/test_kernel.py's CUDA tests: both ops, fp32/fp16, fp16 q with fp32 S,
+                  d = 128 with a non-power-of-two chunk
+  plugin_path     tests/test_trt.py's side-stream test: the plugins' JIT implementation on
+                  buffers seen through __cuda_array_interface__ on a non-default stream
+  bench_plain     scripts/bench_kernel.py (fused vs vectorised torch vs SDPA flash, 1k-32k,
+  bench_normalised  fp16; parity-gated), plain and normalised op; target: fused >= 3x full
+                  causal SDPA at 32k (fp16)
+  ort_cuda        the bsbr::ChunkAttention ONNX function under onnxruntime's CUDA execution
+                  provider vs the reference (skipped when onnxruntime has no CUDA provider)
+  tune            the kernel's candidate launch configurations timed on this card (16k, fp16)
+
+Without a CUDA device every GPU step is reported as skipped, "no CUDA device", within
+seconds. Output: DIR/gpu_check.json, DIR/gpu_check.md and each step's log; DIR is --out,
+else $OUT when set, else gpu-report/. Exit status 1 when a step failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable or shutil.which("python3") or "python3"
+NO_CUDA = "no CUDA device"
+TARGET_T, TARGET_SPEEDUP = 32768, 3.0
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("TRITON_INTERPRET", None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_logged(cmd: list[str], log_path: Path, timeout: float) -> dict:
+    """Run ``cmd`` from the repository root with its output in ``log_path``; never raises."""
+    t0 = time.monotonic()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=max(timeout, 1))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    except OSError as exc:
+        rc = f"could not start: {exc}"
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "log": log_path.name,
+            "tail": _tail(log_path)}
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------ steps
+
+
+def step_environment(out: Path, budget: float) -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "executable": PY}
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=min(20, budget))
+            info["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            info["nvidia_smi"] = f"failed: {exc}"
+    else:
+        info["nvidia_smi"] = "not found"
+    for mod in ("torch", "triton", "numpy", "onnx", "onnxruntime", "tensorrt", "pytest"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception as exc:  # any import failure is a finding, not a crash
+            info[mod] = f"not importable ({type(exc).__name__})"
+    try:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except Exception:
+        info["onnxruntime_providers"] = []
+    try:
+        import torch
+
+        info["cuda_runtime"] = torch.version.cuda
+        info["cuda_available"] = torch.cuda.is_available()
+        if info["cuda_available"]:
+            info["card"] = torch.cuda.get_device_name()
+            info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+            info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    except Exception as exc:
+        info["cuda_available"] = False
+        info["torch_error"] = f"{type(exc).__name__}: {exc}"
+    return {"status": "passed", "numbers": info}
+
+
+def _pytest(out: Path, name: str, args: list[str], budget: float) -> dict:
+    xml = out / f"{name}.xml"
+    res = run_logged([PY, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *args],
+                     out / f"{name}.log", budget)
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    try:
+        suite = ET.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        total = int(suite.get("tests", 0))
+        counts.update(failed=int(suite.get("failures", 0)), skipped=int(suite.get("skipped", 0)),
+                      errors=int(suite.get("errors", 0)))
+        counts["passed"] = total - counts["failed"] - counts["skipped"] - counts["errors"]
+        counts["failures"] = [f"{c.get('classname')}::{c.get('name')}" for c in suite.iter("testcase")
+                              if c.find("failure") is not None or c.find("error") is not None]
+    except (OSError, ET.ParseError, AttributeError):
+        pass
+    ok = res["rc"] == 0 and counts["passed"] > 0
+    return {"status": "passed" if ok else "failed", "numbers": counts, **res}
+
+
+def step_kernel_tests(out: Path, budget: float) -> dict:
+    return _pytest(out, "kernel_tests", ["tests/test_kernel.py", "-k", "cuda"], budget)
+
+
+def step_plugin_path(out: Path, budget: float) -> dict:
+    return _pytest(out, "plugin_path", ["tests/test_trt.py", "-k", "side_stream"], budget)
+
+
+def _bench(out: Path, op: str, budget: float) -> dict:
+    js = out / f"kernel_bench_{op}.json"
+    res = run_logged([PY, "scripts/bench_kernel.py", "--device", "cuda", "--op", op, "--runs", "10", "--warmup", "3",
+                      "--output", str(out / f"kernel_bench_{op}.md"), "--json", str(js)],
+                     out / f"bench_{op}.log", budget)
+    numbers = bench_numbers(js)
+    return {"status": "passed" if res["rc"] == 0 else "failed", "numbers": numbers, **res}
+
+
+def bench_numbers(path: Path) -> dict:
+    """Per length: fused, chunked and SDPA times (ms), SDPA / fused, fused parity; and the target."""
+    numbers = {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return numbers
+    for row in data.get("rows", []):
+        fused, full, chunked = row.get("fused"), row.get("full"), row.get("chunked")
+        numbers[str(row["T"])] = {
+            "fused_ms": fused, "chunked_ms": chunked, "sdpa_ms": full,
+            "sdpa_over_fused": round(full / fused, 2) if fused and full else None,
+            "fused_parity_ok": (row.get("fused_parity") or {}).get("ok"),
+        }
+    at = numbers.get(str(TARGET_T), {}).get("sdpa_over_fused")
+    numbers["target"] = (f">= {TARGET_SPEEDUP}x SDPA at T={TARGET_T}: "
+                         + ("not measured" if at is None else f"{at}x, {'met' if at >= TARGET_SPEEDUP else 'NOT met'}"))
+    return numbers
+
+
+def step_bench_plain(out: Path, budget: float) -> dict:
+    return _bench(out, "plain", budget)
+
+
+def step_bench_normalised(out: Path, budget: float) -> dict:
+    return _bench(out, "normalised", budget)
+
+
+def step_ort_cuda(out: Path, budget: float) -> dict:
+    try:
+        import onnxruntime
+    except Exception as exc:
+        return {"status": "skipped", "reason": f"onnxruntime not importable ({type(exc).__name__})"}
+    providers = onnxruntime.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        return {"status": "skipped",
+                "reason": f"the installed onnxruntime has no CUDAExecutionProvider (providers: {', '.join(providers)})"}
+    res = run_logged([PY, str(Path(__file__).resolve()), "--worker", "ort", "--out", str(out)], out / "ort_cuda.log",
+                     budget)
+    return _worker_result(out / "ort_cuda.json", res)
+
+
+def step_tune(out: Path, budget: float) -> dict:
+    res = run_logged([PY, str(Path(__file__).resolve()), "--worker", "tune", "--out", str(out),
+                      "--budget", str(max(budget - 10, 5))], out / "tune.log", budget)
+    return _worker_result(out / "tune.json", res)
+
+
+def _worker_result(path: Path, res: dict) -> dict:
+    try:
+        numbers = json.loads(path.read_text())
+    except (OSError, ValueError):
+        numbers = {}
+    ok = res["rc"] == 0 and numbers.get("ok", False)
+    return {"status": "passed" if ok else "failed", "numbers": numbers, **res}
+
+
+# (name, time cap in seconds, needs CUDA): run in this order, each inside what is left of the budget.
+STEPS = [
+    ("environment", step_environment, 30, False),
+    ("kernel_tests", step_kernel_tests, 170, True),
+    ("plugin_path", step_plugin_path, 60, True),
+    ("bench_plain", step_bench_plain, 100, True),
+    ("bench_normalised", step_bench_normalised, 100, True),
+    ("ort_cuda", step_ort_cuda, 45, True),
+    ("tune", step_tune, 60, True),
+]
+
+
+# ------------------------------------------------------------------ workers (subprocesses)
+
+
+def worker_ort(out: Path, provider: str = "CUDAExecutionProvider") -> dict:
+    """The bsbr::ChunkAttention local function on onnxruntime's ``provider`` vs the reference."""
+    import math
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    try:
+        from bsbr_export.ops.onnx_graph import chunk_attention_function
+    except ImportError:
+        from bsbr_export.export import chunk_attention_function
+    from bsbr_export.ops.naive import chunk_attention_ref
+
+    B, H, T, d, L = 1, 4, 300, 64, 128
+    fn = chunk_attention_function(18)
+    f32 = TensorProto.FLOAT
+    C = math.ceil(T / L)
+    shapes = {"q": [B, H, T, d], "k": [B, H, T, d], "v": [B, H, T, d], "S": [B, H, C, d, d], "g": [H]}
+    node = helper.make_node(fn.name, list(fn.input), ["o"], domain=fn.domain, chunk_size=L,
+                            plugin_namespace=fn.domain)
+    graph = helper.make_graph([node], "ca", [helper.make_tensor_value_info(n, f32, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("o", f32, None)])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 18),
+                                                                    helper.make_opsetid(fn.domain, 1)])
+    path = out / "chunk_attention.onnx"
+    onnx.save(model, str(path))
+    gen = torch.Generator().manual_seed(0)
+    feeds = {n: torch.randn(*s, generator=gen) for n, s in shapes.items()}
+    feeds["S"] /= math.sqrt(d)
+    ref = chunk_attention_ref(*(feeds[n] for n in shapes), L).numpy()
+    sess = ort.InferenceSession(str(path), providers=[provider])
+    got = sess.run(None, {n: x.numpy() for n, x in feeds.items()})[0]
+    err = float(np.abs(got - ref).max())
+    return {"providers": sess.get_providers(), "max_abs_err": err,
+            "ok": err <= 1e-3 and sess.get_providers()[0] == provider}
+
+
+def worker_tune(out: Path, budget: float) -> dict:
+    """Time each candidate launch configuration at one shape; report the fastest."""
+    import torch
+
+    from bsbr_export.ops import kernel as kt
+    from bsbr_export.ops.naive import chunk_attention_ref, compare_to_baseline
+
+    t_end = time.monotonic() + budget
+    B, H, T, d, L = 1, 12, 16384, 64, 128
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))
+    S = torch.randn(B, H, T // L, d, d, generator=gen) / d**0.5
+    g = torch.rand(H, generator=gen) + 0.5
+    ref32 = chunk_attention_ref(*(x.cuda() for x in (q, k, v, S, g)), L)
+    low = [x.half().cuda() for x in (q, k, v, S)]
+    ref_low = chunk_attention_ref(*low, g.cuda(), L)
+    default = kt.kernel_config(L, d, torch.float16, torch.cuda.get_device_capability())
+    results = []
+    for cfg in [default] + [c for c in kt.TUNING_CANDIDATES if c != default]:
+        if time.monotonic() > t_end:
+            results.append({**cfg, "error": "budget spent"})
+            continue
+        try:
+            out_t = kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
+            parity = compare_to_baseline(out_t, ref32, ref_low)["ok"]
+            for _ in range(3):
+                kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
+            end.record()
+            end.synchronize()
+            results.append({**cfg, "ms": round(start.elapsed_time(end) / 10, 4), "parity_ok": parity})
+        except Exception as exc:  # a configuration that does not compile or fit is a result
+            results.append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    timed = [r for r in results if "ms" in r and r["parity_ok"]]
+    best = min(timed, key=lambda r: r["ms"]) if timed else None
+    return {"shape": {"B": B, "H": H, "T": T, "d": d, "L": L, "dtype": "float16"}, "default": default,
+            "default_ms": results[0].get("ms"), "best": best, "candidates": results, "ok": bool(timed)}
+
+
+# ------------------------------------------------------------------ report
+
+
+def cuda_available() -> tuple[bool, str]:
+    try:
+        import torch
+    except Exception as exc:
+        return False, f"{NO_CUDA} (torch not importable: {type(exc).__name__})"
+    if not torch.cuda.is_available():
+        return False, NO_CUDA
+    return True, ""
+
+
+def markdown(report: dict) -> str:
+    env = report["steps"].get("environment", {}).get("numbers", {})
+    lines = [
+        "# GPU check",
+        "",
+        f"- card: {env.get('card', 'none')} (nvidia-smi: {env.get('nvidia_smi', '-')})",
+        f"- Python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda_runtime')}), "
+        f"triton {env.get('triton')}, numpy {env.get('numpy')}, onnx {env.get('onnx')}, "
+        f"onnxruntime {env.get('onnxruntime')} ({', '.join(env.get('onnxruntime_providers', []))}), "
+        f"tensorrt {env.get('tensorrt')}",
+        f"- started {report['started']}, {report['seconds']} s in all, commit {report.get('commit', '?')}",
+        "",
+        "| step | result | seconds | details |",
+        "|---|---|---:|---|",
+    ]
+    for name, step in report["steps"].items():
+        if name == "environment":
+            details = "see above"
+        elif step["status"] == "skipped":
+            details = step.get("reason", "")
+        else:
+            nums = step.get("numbers", {})
+            details = "; ".join(f"{k}: {v}" for k, v in nums.items() if k not in ("candidates",))[:600]
+        lines.append(f"| {name} | {step['status']} | {step.get('seconds', 0)} | {details.replace('|', '/')} |")
+    for name in ("bench_plain", "bench_normalised"):
+        md = Path(report["out"]) / f"kernel_bench_{name.split('_', 1)[1]}.md"
+        if md.is_file():
+            lines += ["", f"## {name}", "", md.read_text().replace("# Fused", "### Fused")]
+    return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else gpu-report/)")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together")
+    p.add_argument("--worker", choices=["ort", "tune"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "gpu-report")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        fn = {"ort": lambda: worker_ort(out), "tune": lambda: worker_tune(out, args.budget)}[args.worker]
+        result = fn()
+        (out / f"{'ort_cuda' if args.worker == 'ort' else 'tune'}.json").write_text(json.dumps(result, indent=1))
+        return 0 if result.get("ok") else 1
+
+    t0 = time.monotonic()
+    report = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "out": str(out), "commit": _commit(), "steps": {}}
+    has_cuda, why = cuda_available()
+    for name, fn, cap, needs_cuda in STEPS:
+        left = args.budget - (time.monotonic() - t0)
+        if needs_cuda and not has_cuda:
+            step = {"status": "skipped", "reason": why}
+        elif left < 5:
+            step = {"status": "skipped", "reason": f"time budget of {args.budget:.0f} s spent"}
+        else:
+            s0 = time.monotonic()
+            try:
+                step = fn(out, min(cap, left - 2))
+            except Exception as exc:  # a broken step is reported; the others still run
+                step = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            step.setdefault("seconds", round(time.monotonic() - s0, 1))
+        report["steps"][name] = step
+        print(f"[gpu_check] {name}: {step['status']} {step.get('reason', '')}", flush=True)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    report["failed"] = [n for n, s in report["steps"].items() if s["status"] == "failed"]
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "gpu_check.md").write_text(markdown(report))
+    print(f"[gpu_check] report: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}", flush=True)
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
