@@ -22,7 +22,7 @@ overall budget (default 450 s, under 8 minutes with start-up):
 
 Without a CUDA device every GPU step is reported as skipped, "no CUDA device", within
 seconds. Output: DIR/gpu_check.json, DIR/gpu_check.md and each step's log; DIR is --out,
-else $OUT when set, else gpu-report/. Exit status 1 when a step failed, else 0.
+else $OUT when set, else out/gpu-report/. Exit status 1 when a step failed, else 0.
 """
 
 from __future__ import annotations
@@ -363,11 +363,11 @@ def _commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else gpu-report/)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else out/gpu-report/)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together")
     p.add_argument("--worker", choices=["ort", "tune"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    out = args.out or Path(os.environ.get("OUT") or ROOT / "gpu-report")
+    out = args.out or Path(os.environ.get("OUT") or ROOT / "out" / "gpu-report")
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
         fn = {"ort": lambda: worker_ort(out), "tune": lambda: worker_tune(out, args.budget)}[args.worker]
