@@ -8,7 +8,6 @@ a streaming path (``prefill`` / ``decode_step``) over a preallocated ``ops.recur
 
 from __future__ import annotations
 
-import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

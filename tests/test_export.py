@@ -15,10 +15,10 @@ from bsbr_export.check import check_parity, grid_lengths
 from bsbr_export.cli import main
 from bsbr_export.convert import convert
 from bsbr_export.errors import InputError, ModelLoadError
-from bsbr_export.export import DOMAIN, FUNCTION, ExportSpec, export_onnx
+from bsbr_export.export import ExportSpec, export_onnx
+from bsbr_export.ops.onnx_graph import DOMAIN, FUNCTION
 from bsbr_export.generate import generate
-from bsbr_export.runtime import TorchStepper
-from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner
+from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner, TorchStepper
 from conftest import assert_close
 
 

@@ -46,6 +46,7 @@ DIMS = {
     XA: ("batch", "layer", "one", "embd"),
 }
 DYNAMIC = ("batch", "capacity")  # the dimensions a graph leaves symbolic
+LAYER_AXIS = 1  # every tensor is [batch, layer, ...]
 
 
 def out_name(name: str) -> str:

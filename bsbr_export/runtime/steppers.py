@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..ops import state
 from .runners import onnx_metadata, session_from_onnx
 
 
@@ -36,16 +37,13 @@ class ORTStepper:
     """Generation through ONNX Runtime: the prefill graph, then the decode graph per token
     and the chunk-closing graph once per chunk.
 
-    ``state`` holds the five state arrays of ``export.STATE_NAMES``; after the prompt the
-    banks of completed chunks are zero-padded to a fixed capacity ceil(max_len / L) so
+    ``state`` holds the carried state arrays of ``ops.state`` (batch first); after the prompt
+    the banks of completed chunks are zero-padded to a fixed capacity ceil(max_len / L) so
     that every step has the same shapes.
     """
 
     def __init__(self, onnx_dir, max_len: int | None = None, threads: int | None = None):
-        from ..export import STATE_NAMES
-
         d = Path(onnx_dir)
-        self.names = STATE_NAMES
         self.prefill_sess = session_from_onnx(d / "model.onnx", threads)
         self.decode_sess = session_from_onnx(d / "decode.onnx", threads)
         self.close_sess = session_from_onnx(d / "close.onnx", threads)
@@ -58,26 +56,28 @@ class ORTStepper:
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         if input_ids.shape[1] > self.max_len:
             raise InputError(f"prompt of {input_ids.shape[1]} tokens exceeds max_len {self.max_len}")
-        out = self.prefill_sess.run(None, {"input_ids": input_ids.astype(np.int64)})
-        logits, states = out[0], dict(zip(self.names, out[1:]))
-        for n in ("state_bank_h", "state_bank_F"):
-            a = states[n]
+        logits, *carried = self.prefill_sess.run(["logits", *state.CARRIED], {"input_ids": input_ids.astype(np.int64)})
+        self.state = dict(zip(state.CARRIED, carried))
+        for n in (state.BANK_H, state.BANK_F):
+            a = self.state[n]
             pad = [(0, 0)] * a.ndim
-            pad[3] = (0, self.capacity - a.shape[3])
-            states[n] = np.pad(a, pad)
-        self.state, self.pos = states, input_ids.shape[1]
+            pad[state.DIMS[n].index("capacity")] = (0, self.capacity - a.shape[3])
+            self.state[n] = np.pad(a, pad)
+        self.pos = input_ids.shape[1]
         return logits[:, -1]
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         if self.pos >= self.capacity * self.chunk:
             raise InputError(f"decode state is full ({self.pos} tokens); use a larger max_len")
         st, position = self.state, np.array(self.pos, dtype=np.int64)
-        logits, st["state_k"], st["state_v"], xa = self.decode_sess.run(None, {
-            "input_ids": tokens.astype(np.int64)[:, None], "position": position,
-            "state_k": st["state_k"], "state_v": st["state_v"], "state_S": st["state_S"]})
+        feeds = {"input_ids": tokens.astype(np.int64)[:, None], "position": position}
+        outs = self.decode_sess.run(["logits", *map(state.out_name, state.DECODE_OUT)],
+                                    feeds | {n: st[n] for n in state.DECODE_IN})
+        logits, written = outs[0], dict(zip(state.DECODE_OUT, outs[1:]))
+        st[state.K], st[state.V] = written[state.K], written[state.V]
         if self.pos % self.chunk == self.chunk - 1:  # this token closed its chunk
-            st["state_S"], st["state_bank_h"], st["state_bank_F"] = self.close_sess.run(None, {
-                "position": position, "state_k": st["state_k"], "state_v": st["state_v"], "state_xa": xa,
-                "state_bank_h": st["state_bank_h"], "state_bank_F": st["state_bank_F"]})
+            feeds = {"position": position} | {n: (written[n] if n in written else st[n]) for n in state.CLOSE_IN}
+            closed = self.close_sess.run(list(map(state.out_name, state.CLOSE_OUT)), feeds)
+            st.update(zip(state.CLOSE_OUT, closed))
         self.pos += 1
         return logits

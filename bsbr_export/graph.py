@@ -1,0 +1,139 @@
+"""A small ONNX graph builder: the exporter writes every graph node by node through it.
+
+Float tensors live in the graph's precision (fp32 or fp16); LayerNorm and softmax always run
+in fp32. Initializers are numpy arrays named once; constants are shared by value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from .ops.state import LAYER_AXIS
+
+NEG = -30000.0  # masked score: far below any real score, finite in fp16
+
+
+class Graph:
+    """A small ONNX graph builder: unique names, numpy initializers, one call per node."""
+
+    def __init__(self, float_dtype=np.float32, prefix=""):
+        from onnx import TensorProto
+
+        self.nodes, self.inits, self.n = [], {}, 0
+        self.fdt = float_dtype
+        self.fproto = TensorProto.FLOAT16 if float_dtype == np.float16 else TensorProto.FLOAT
+        self.prefix = prefix
+
+    def name(self, hint):
+        self.n += 1
+        return f"{self.prefix}{hint}_{self.n}"
+
+    def op(self, op_type, *inputs, outputs=1, domain="", name=None, **attrs):
+        from onnx import helper
+
+        outs = [self.name(op_type.lower()) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name or self.name(op_type),
+                                           domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def input(self, name):
+        """A float32 graph input in the graph's precision (no Cast in fp32 graphs)."""
+        return self.op("Cast", name, to=self.fproto) if self.fdt == np.float16 else name
+
+    def output(self, value, name):
+        """Expose ``value`` as the float32 graph output ``name``. In fp32 graphs the producing
+        node's output is renamed rather than copied through a Cast."""
+        from onnx import TensorProto
+
+        if self.fdt == np.float16:
+            return self.op("Cast", value, to=TensorProto.FLOAT, outputs=[name])
+        for node in self.nodes:
+            for seq in (node.output, node.input):
+                for i, n in enumerate(seq):
+                    if n == value:
+                        seq[i] = name
+        return name
+
+    def weight(self, name, array, dtype=None):
+        """An initializer in the graph's float type (or ``dtype``)."""
+        a = np.ascontiguousarray(np.asarray(array, dtype=dtype or self.fdt))
+        assert name not in self.inits, name
+        self.inits[name] = a
+        return name
+
+    def const(self, value, dtype=np.int64):
+        a = np.asarray(value, dtype=dtype)
+        key = f"const_{a.dtype}_{'_'.join(map(str, a.shape))}_{hashlib.md5(a.tobytes()).hexdigest()[:10]}"
+        if key not in self.inits:
+            self.inits[key] = a
+        return key
+
+    def fconst(self, value):
+        return self.const(value, self.fdt)
+
+    # -- building blocks
+    def linear(self, x, w_name, b_name):
+        return self.op("Add", self.op("MatMul", x, w_name), b_name)
+
+    def layer_norm(self, x, w, b, eps):
+        # LayerNorm is computed in fp32 whatever the graph's precision.
+        from onnx import TensorProto
+
+        if self.fdt == np.float16:
+            y = self.op("LayerNormalization", self.op("Cast", x, to=TensorProto.FLOAT),
+                        self.op("Cast", w, to=TensorProto.FLOAT), self.op("Cast", b, to=TensorProto.FLOAT),
+                        axis=-1, epsilon=eps)
+            return self.op("Cast", y, to=TensorProto.FLOAT16)
+        return self.op("LayerNormalization", x, w, b, axis=-1, epsilon=eps)
+
+    def gelu_tanh(self, x):
+        # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's gelu_new.
+        x3 = self.op("Mul", self.op("Mul", x, x), x)
+        inner = self.op("Mul", self.op("Add", x, self.op("Mul", x3, self.fconst(0.044715))),
+                        self.fconst(math.sqrt(2.0 / math.pi)))
+        return self.op("Mul", self.op("Mul", x, self.fconst(0.5)),
+                       self.op("Add", self.op("Tanh", inner), self.fconst(1.0)))
+
+    def activation(self, x, name):
+        if name in ("gelu_new", "gelu_pytorch_tanh"):
+            return self.gelu_tanh(x)
+        if name == "gelu":
+            return self.op("Mul", self.op("Mul", x, self.fconst(0.5)),
+                           self.op("Add", self.op("Erf", self.op("Mul", x, self.fconst(1 / math.sqrt(2)))),
+                                   self.fconst(1.0)))
+        return self.op("Relu", x)
+
+    def softmax(self, x, axis=-1):
+        from onnx import TensorProto
+
+        if self.fdt == np.float16:
+            y = self.op("Softmax", self.op("Cast", x, to=TensorProto.FLOAT), axis=axis)
+            return self.op("Cast", y, to=TensorProto.FLOAT16)
+        return self.op("Softmax", x, axis=axis)
+
+    def dim(self, x, i: int):
+        """Dimension i >= 0 of x as a 1-element int64 tensor."""
+        return self.op("Shape", x, start=i, end=i + 1)
+
+    def cat(self, *parts):
+        return self.op("Concat", *parts, axis=0)
+
+    def split_heads(self, x, H, d):
+        """(B, N, E) -> (B, H, N, d)."""
+        return self.op("Transpose", self.op("Reshape", x, self.const([0, 0, H, d])), perm=[0, 2, 1, 3])
+
+    def merge_heads(self, x, E):
+        """(B, H, N, d) -> (B, N, E)."""
+        return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.const([0, 0, E]))
+
+    def stack_layers(self, parts):
+        """Per-layer state tensors (B, ...) -> one state tensor (B, layer, ...) (``ops.state``)."""
+        ax = self.const([LAYER_AXIS])
+        return self.op("Concat", *[self.op("Unsqueeze", p, ax) for p in parts], axis=LAYER_AXIS)
+
+    def layer_slice(self, state, i: int):
+        """Layer ``i`` of a state tensor (B, layer, ...) -> (B, ...)."""
+        return self.op("Squeeze", self.op("Gather", state, self.const([i]), axis=LAYER_AXIS), self.const([LAYER_AXIS]))

@@ -1,0 +1,274 @@
+"""BSBR attention as ONNX nodes: the fused op's local function and the pieces the graphs share.
+
+The same small pieces as the torch forms (``ops.chunk``, ``ops.recurrent``), written once as
+graph nodes through ``bsbr_export.graph.Graph``:
+
+    feature        the feature map (identity, elu+1, relu)
+    chunk_states   F_j = phi(K_j)^T V_j, with z_j as a last column for the normalised retrieval
+    attend         masked local scores + the retrieved term -> o (plain sum or normalised combine)
+    combine        the normalised shared-denominator formula, in fp32
+    chunk_attention_function   the fused op ``bsbr::ChunkAttention[Normalised]`` (local function
+                   with attribute ``chunk_size``; TensorRT may swap in a plugin of the same name)
+    bsbr_layer     one layer's attention over a whole prompt, and the decode state after it
+    step_attention one token's attention over the open chunk and its retrieved state
+    close_chunk    bank the finished chunk and retrieve the next chunk's state, all layers
+
+State tensors are batch first and named by ``ops.state``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..graph import NEG, Graph
+from .state import BANK_F, BANK_H, K, S, V, StateSpec
+
+DOMAIN = "bsbr"
+FUNCTION = "ChunkAttention"
+FUNCTION_NORMALISED = "ChunkAttentionNormalised"
+
+
+def feature(g: Graph, x, name: str):
+    """The feature map before compression: identity, elu(x) + 1 or relu(x)."""
+    if name == "elu1":
+        # elu(x) + 1 = max(x, 0) + exp(min(x, 0)): ORT's CPU Elu kernel is slower than these three.
+        return g.op("Add", g.op("Relu", x), g.op("Exp", g.op("Min", x, g.fconst(0.0))))
+    if name == "relu":
+        return g.op("Relu", x)
+    return x
+
+
+def _last_two_swapped(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def chunk_states(g: Graph, fk, v, U, normalised: bool, rank: int):
+    """F = fk^T v over the chunk axis (-2), fk = feature(k) of rank ``rank`` (..., L, d), times U
+    (broadcastable (..., d, d') or None) first; with the normaliser z = sum fk as a last column:
+    (..., d', d [+ 1])."""
+    if U is not None:
+        fk = g.op("MatMul", fk, U)  # (..., L, d')
+    Fs = g.op("MatMul", g.op("Transpose", fk, perm=_last_two_swapped(rank)), v)  # (..., d', d)
+    if normalised:
+        z = g.op("ReduceSum", fk, g.const([-2]), keepdims=0)  # (..., d')
+        Fs = g.op("Concat", Fs, g.op("Unsqueeze", z, g.const([-1])), axis=-1)  # (..., d', d + 1)
+    return Fs
+
+
+def combine(g: Graph, scores, v, qf, S_full, Z_col, gg):
+    """(E v + g e^{-M} qf S) / (rowsum(E) + g e^{-M} qf Z), E = e^{scores - M},
+    M = max(rowmax(scores), 0), in fp32: the shared-denominator formula scaled by e^{-M}.
+
+    scores (..., n_q, n_k) masked with NEG; v (..., n_k, d); qf (..., n_q, d);
+    S_full (..., d, d); Z_col (..., d, 1); gg broadcastable to (..., n_q, 1).
+    One exponential of the scores and no softmax: on CPU, ORT's ReduceLogSumExp kernel is
+    much slower than ReduceMax + Exp + ReduceSum (it led the short-sequence profile before).
+    """
+    from onnx import TensorProto
+
+    f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
+    scores, v, qf, S_full, Z_col, gg = (f32(t) for t in (scores, v, qf, S_full, Z_col, gg))
+    axis = g.const([-1])
+    m = g.op("Max", g.op("ReduceMax", scores, axis, keepdims=1), g.const([0.0], np.float32))  # (..., n_q, 1)
+    e = g.op("Exp", g.op("Sub", scores, m))  # masked entries -> 0, the rest <= 1
+    wb = g.op("Mul", gg, g.op("Exp", g.op("Neg", m)))
+    num = g.op("Add", g.op("MatMul", e, v), g.op("Mul", wb, g.op("MatMul", qf, S_full)))
+    den = g.op("Add", g.op("ReduceSum", e, axis, keepdims=1), g.op("Mul", wb, g.op("MatMul", qf, Z_col)))
+    o = g.op("Div", num, den)
+    return g.op("Cast", o, to=TensorProto.FLOAT16) if g.fdt == np.float16 else o
+
+
+def attend(g: Graph, scores, v, qs, S_full, Z_col, gg):
+    """Masked local scores (..., n_q, n_k) and the retrieved state -> o (..., n_q, d).
+    Plain (``Z_col`` None): softmax(scores) v + g qs S. Normalised: ``combine``."""
+    if Z_col is not None:
+        return combine(g, scores, v, qs, S_full, Z_col, gg)
+    return g.op("Add", g.op("MatMul", g.softmax(scores), v), g.op("Mul", gg, g.op("MatMul", qs, S_full)))
+
+
+def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: bool = False):
+    """The fused op as an ONNX local function with attribute ``chunk_size``.
+
+    ``bsbr::ChunkAttention(q, k, v, S, g) -> o``:
+        o_t = causal softmax over the keys of t's chunk + g * q_t S_{chunk(t)}.
+    ``bsbr::ChunkAttentionNormalised(q, k, v, qf, S, Z, g) -> o`` (normalised retrieval):
+        o_t = (sum_s e^{s_ts} v_s + g qf_t S) / (sum_s e^{s_ts} + g qf_t . Z).
+    q, k, v, qf: (B, H, T, d); S: (B, H, C, d, d); Z: (B, H, C, d); g: (H,); o: (B, H, T, d).
+    """
+    from onnx import AttributeProto, helper
+
+    g = Graph(float_dtype, prefix="f_")
+    # L = the node's chunk_size attribute, through an attribute reference.
+    L = "L"
+    g.nodes.append(helper.make_node("Constant", [], [L], name="chunk_size_const"))
+    g.nodes[-1].attribute.extend([helper.make_attribute_ref("value_int", AttributeProto.INT,
+                                                            ref_attr_name="chunk_size")])
+    consts = []  # function bodies hold constants as Constant nodes, not initializers
+
+    def c(value, dtype=np.int64):
+        name = g.name("c")
+        consts.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(
+            name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), np.shape(value),
+            np.asarray(value, dtype=dtype).flatten().tolist())))
+        return name
+
+    g.const = c  # type: ignore[method-assign]
+    g.fconst = lambda v: c(v, float_dtype)  # type: ignore[method-assign]
+    one, zero = c([1]), c([0])
+    L1 = g.op("Reshape", L, one)  # (1,)
+    shape = g.op("Shape", "q")  # [B, H, T, d]
+    B_H = g.op("Slice", shape, zero, c([2]))
+    T = g.op("Slice", shape, c([2]), c([3]))
+    d = g.op("Slice", shape, c([3]), c([4]))
+    C = g.op("Div", g.op("Sub", g.op("Add", T, L1), one), L1)
+    padlen = g.op("Sub", g.op("Mul", C, L1), T)
+    pads = g.cat(c([0, 0, 0]), zero, c([0, 0]), padlen, zero)  # pad the seq axis at its end
+    chunked = g.cat(B_H, C, L1, d)  # (B, H, C, L, d)
+
+    def chunks(x):
+        return g.op("Reshape", g.op("Pad", x, pads), chunked)
+
+    qc, kc, vc = chunks("q"), chunks("k"), chunks("v")
+    scale = g.op("Div", g.fconst(1.0), g.op("Sqrt", g.op("Cast", d, to=g.fproto)))
+    scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,L)
+    LL = g.cat(L1, L1)
+    ones = g.op("ConstantOfShape", LL, value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32: Trilu has kernels
+    causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)  # (L, L) bool, key <= query
+    scores = g.op("Where", causal, scores, g.fconst(NEG))
+    gg = g.op("Reshape", "g", c([1, -1, 1, 1, 1]))
+    if normalised:
+        o = attend(g, scores, vc, chunks("qf"), "S", g.op("Unsqueeze", "Z", c([-1])), gg)
+        inputs, name = ["q", "k", "v", "qf", "S", "Z", "g"], FUNCTION_NORMALISED
+    else:
+        o = attend(g, scores, vc, qc, "S", None, gg)
+        inputs, name = ["q", "k", "v", "S", "g"], FUNCTION
+    o = g.op("Reshape", o, g.cat(B_H, c([-1]), d))  # (B, H, C*L, d)
+    g.op("Slice", o, zero, T, c([2]), outputs=["o"])
+    return helper.make_function(DOMAIN, name, inputs, ["o"], consts + g.nodes,
+                                [helper.make_opsetid("", opset)], attributes=["chunk_size"],
+                                doc_string="BSBR fused chunk attention (see bsbr_export.ops.chunk)")
+
+
+def retrieval_softmax(g: Graph, scores, allowed):
+    """Softmax over allowed entries; a row with none allowed gives zeros."""
+    p = g.softmax(g.op("Where", allowed, scores, g.fconst(NEG)))
+    return g.op("Mul", p, g.op("Cast", allowed, to=g.fproto))
+
+
+def _meta(g: Graph, W, p, x, which: str, H: int, d: int):
+    """Meta keys (``meta_k``) or meta queries (``meta_q``) of ``x`` (B, N, E): (B, H, N, d)."""
+    return g.split_heads(g.linear(x, W(f"{p}attn.{which}.weight", True), W(f"{p}attn.{which}.bias")), H, d)
+
+
+def _split_state(g: Graph, SZ, d: int, normalised: bool):
+    """Retrieved state (..., d', dc) -> (S (..., d', d), Z column (..., d', 1) or None)."""
+    if not normalised:
+        return SZ, None
+    return g.op("Split", SZ, g.const([d, 1]), axis=-1, outputs=2)
+
+
+def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
+    """BSBR attention of one layer over the prompt -> o (B, H, T, d); appends the layer's decode
+    state after the prompt to ``states`` (a dict of lists by state name) unless it is None."""
+    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
+    dc = StateSpec.from_config(cfg).state_cols
+    norm = cfg.retrieval == "normalised"
+    zero, one = g.const([0]), g.const([1])
+    T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
+    xl = g.op("Gather", xa, ctx["last"], axis=1)  # (B, C, E)
+    h = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, C, d)
+    rp = _meta(g, W, p, xl, "meta_q", H, d)
+    # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
+    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
+             g.op("Slice", rp, zero, g.op("Sub", C, one), g.const([2])), axis=2)  # (B, H, C, d)
+    pads = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, L1), T), zero)
+    chunked = g.cat(g.const([0, H]), C, g.const([L, d]))
+    # phi before padding: phi(0) need not be 0, padded rows must stay zero.
+    kc = g.op("Reshape", g.op("Pad", feature(g, k, cfg.feature_map), pads), chunked)  # (B, H, C, L, d)
+    vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
+    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
+    Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, C, d', dc)
+    Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * dc])))  # (B, H, C, d'dc)
+    scale = g.fconst(1.0 / math.sqrt(d))
+    hT = g.op("Transpose", h, perm=[0, 1, 3, 2])
+    sc = g.op("Mul", g.op("MatMul", r, hT), scale)  # (B, H, C, C)
+    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["earlier"]), Ff),
+              g.cat(g.const([0, H]), C, g.const([dp, dc])))  # (B, H, C, d', dc)
+    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
+    S_, Zc = _split_state(g, SZ, d, norm)
+    if norm:
+        Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
+        o = g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
+                 W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
+    else:
+        o = g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), domain=DOMAIN, chunk_size=L,
+                 plugin_namespace=DOMAIN)
+    if states is None:
+        return o
+    # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
+    n_done, n_cur = ctx["n_done"], ctx["n_cur"]
+    r_state = g.op("Gather", rp, ctx["r_idx"], axis=2)  # (B, H, 1, d)
+    sc_state = g.op("Mul", g.op("MatMul", r_state, hT), scale)  # (B, H, 1, C)
+    S_state = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc_state, ctx["closed"]), Ff),
+                   g.const([0, H, dp, dc]))  # (B, H, d', dc)
+    for name, t_ in ((K, k), (V, v)):
+        open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
+        states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
+    states[S].append(S_state)
+    states[BANK_H].append(g.op("Slice", h, zero, n_done, g.const([2])))
+    states[BANK_F].append(g.op("Slice", Fs, zero, n_done, g.const([2])))
+    return o
+
+
+def step_attention(g: Graph, W, cfg, p, q, kk, vv, visible, S_state):
+    """One token's attention: q (B, H, 1, d) over the open chunk kk, vv (B, H, L, d) where
+    ``visible`` (1, L) and the retrieved state S_state (B, H, d', dc) -> (B, H, 1, d)."""
+    H, d = cfg.n_head, cfg.head_dim
+    zero = g.const([0])
+    sc = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kk, perm=[0, 1, 3, 2])),
+              g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, L)
+    qs = feature(g, q, cfg.feature_map)
+    if cfg.compression is not None:
+        qs = g.op("MatMul", qs, g.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, 1, d')
+    gH = g.op("Reshape", W(p + "attn.g"), g.const([1, H, 1, 1]))
+    S_, Zc = _split_state(g, S_state, d, cfg.retrieval == "normalised")  # (B, H, d', d), (B, H, d', 1)
+    return attend(g, g.op("Where", visible, sc, g.fconst(NEG)), vv, qs, S_, Zc, gH)
+
+
+def close_chunk(g: Graph, W, cfg, layer, state_in, chunk):
+    """Bank F_j and h_j at j = ``chunk``, retrieve S for chunk j+1, every layer.
+
+    ``layer``: per-layer lists of the full chunk's k, v (B, H, L, d) and the closing token's
+    ln_1 output xa (B, 1, E); ``state_in``: the banks (B, layer, H, cap, ...). Returns the
+    stacked (S, bank_h, bank_F) state outputs.
+    """
+    H, d, dp = cfg.n_head, cfg.head_dim, cfg.state_dim
+    dc = StateSpec.from_config(cfg).state_cols
+    norm = cfg.retrieval == "normalised"
+    zero, one = g.const([0]), g.const([1])
+    cap = g.dim(state_in[BANK_H], 3)
+    jj = g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1))  # (cap,)
+    at_j = g.op("Equal", jj, chunk)  # (cap,)
+    upto_j = g.op("Unsqueeze", g.op("LessOrEqual", jj, chunk), zero)  # (1, cap)
+    at_j_h = g.op("Unsqueeze", at_j, one)  # (cap, 1)
+    at_j_F = g.op("Unsqueeze", at_j, g.const([1, 2]))  # (cap, 1, 1)
+    out = {n: [] for n in (S, BANK_H, BANK_F)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        own = {n: g.layer_slice(state_in[n], i) for n in (BANK_H, BANK_F)}
+        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, L, d), (B, H, L, d), (B, 1, E)
+        U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
+        Fj = chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4)  # (B, H, d', dc)
+        bank_h = g.op("Where", at_j_h, _meta(g, W, p, xa, "meta_k", H, d), own[BANK_H])  # (B, H, cap, d)
+        bank_F = g.op("Where", at_j_F, g.op("Unsqueeze", Fj, g.const([2])), own[BANK_F])
+        r = _meta(g, W, p, xa, "meta_q", H, d)  # (B, H, 1, d)
+        sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])),
+                  g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, cap)
+        Fflat = g.op("Reshape", bank_F, g.const([0, H, -1, dp * dc]))
+        out[S].append(g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, upto_j), Fflat),
+                           g.const([0, H, dp, dc])))  # (B, H, d', dc)
+        out[BANK_H].append(bank_h)
+        out[BANK_F].append(bank_F)
+    return [g.stack_layers(parts) for parts in out.values()]
