@@ -147,7 +147,15 @@ def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, *
              f"engine not built: {str(e).splitlines()[0]}", code=3)
     except BSBRExportError as e:
         fail(str(e))
+    except OSError as e:
+        fail(_os_error(e))
     _summary(manifest, out)
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError as one line: the path and the reason."""
+    where = e.filename or ""
+    return f"{where}: {e.strerror or e}" if where else (e.strerror or str(e))
 
 
 def _summary(manifest: dict, out: Path) -> None:
@@ -193,22 +201,30 @@ def _changed(opts: dict) -> dict:
 
 @main.command()
 @click.argument("onnx_file", type=click.Path(path_type=Path))
-@click.option("--model", "model_src", required=True, help="The BSBR or HF model the ONNX came from.")
+@click.option("--model", "model_src", required=True,
+              help="The model the graph came from: the bsbr/ directory of the main command's output, or "
+                   "the original HF GPT-2 with the same conversion options. The graph's recorded "
+                   "configuration must match it.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write parity JSON/Markdown here.")
 @click.option("--threads", type=int, default=None)
 @conversion_options
 def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts):
     """Parity of an ONNX prefill graph against the PyTorch model on the sequence-length grid."""
-    from .check import markdown_table, write_report
+    from .check import config_difference, markdown_table, write_report
     from .convert import load_any, resolve_model_dir
-    from .pipeline import heldout_text, parity_onnx
-    from .runtime import ORTRunner
+    from .pipeline import check_memory, heldout_text, parity_onnx
+    from .runtime import ORTRunner, onnx_metadata
 
     try:
         m = load_any(model_src, allow_pickle=allow_pickle, **_changed(opts))
         with ORTRunner(onnx_file, threads=threads) as r:
-            max_len = r.max_seq_len or m.cfg.n_positions
+            meta = onnx_metadata(r.session)
+        diff = config_difference(meta, m.cfg, precision)
+        if diff is not None:
+            fail(f"{onnx_file} does not match {model_src}: {diff}")
+        max_len = meta["max_seq_len"]
+        check_memory(m.cfg, max_len, precision, _log, what="the graph's max_seq_len")
         rep = parity_onnx(m, onnx_file, max_len, heldout_text(resolve_model_dir(model_src)), precision,
                           threads, _case_line)
     except BSBRExportError as e:
@@ -271,9 +287,10 @@ def _int_list(text: str | None, name: str) -> tuple | None:
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="CI smoke test: tiny random model, T in {16, 48}, 2 runs (seconds).")
+@click.option("--quick", is_flag=True, help="CI smoke test: tiny random model, T in {16, 48}, 2 runs (seconds); targets are not judged.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="Directory for bench.json, bench.md and the plots [docs/bench/MODEL].")
+              help="Directory for bench.json, bench.md and the plots [./bench-out/MODEL, in the current "
+                   "directory].")
 @click.option("--model", default=None,
               help="gpt2-small-random (GPT2Config() shape, random weights) or a local HF GPT-2 directory "
                    "[gpt2-small-random; --quick: tiny-random].")
@@ -336,7 +353,7 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
             ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),
             ("--fragment", fragment), ("--work", work)) if val)
     tag = spec.model if spec.model in ("gpt2-small-random", "tiny-random") else Path(spec.model).name
-    out = out or root / "docs" / "bench" / tag
+    out = out or Path.cwd() / "bench-out" / tag
     if fragment is None:
         default = "bench.md" if tag == "gpt2-small-random" else f"bench-{tag}.md"
         fragment = out / "fragment.md" if quick else root / "docs" / "results" / default
@@ -348,8 +365,11 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
         fail(str(e))
     for t in result["targets"]:
         v = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
-        click.echo(f"  {t['status']:4s}  {t['description']}: {v} (need {t['comparison']} {t['threshold']:.2f})")
+        status = "-" if quick else t["status"]
+        click.echo(f"  {status:4s}  {t['description']}: {v} (need {t['comparison']} {t['threshold']:.2f})")
     click.echo(f"wrote {out}/bench.json, bench.md and plots; fragment {fragment} ({result['seconds'] / 60:.1f} min)")
+    if quick:
+        click.echo("quick run: targets not judged (tiny model, 2 runs); run without --quick to judge them")
 
 
 if __name__ == "__main__":
