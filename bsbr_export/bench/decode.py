@@ -1,9 +1,8 @@
 """Decode: per-token latency of a state that already holds ``context`` tokens, and the state's bytes.
 
-Every piece of decode-state handling lives here: the state sizes (``kv_cache_bytes``,
-``bsbr_state_bytes``), the random state (``random_state``) and its conversion into the torch
-and ONNX Runtime states. Each backend's state is allocated at the context's shape and filled
-with random values (the cost of a step does not depend on the values), which reaches long
+The state's layout and sizes come from ``ops.state`` (the same arrays feed torch and ONNX
+Runtime); the KV cache it is compared with is sized by ``ops.state.kv_cache_bytes``. Each
+backend's state is allocated at the context's shape and filled with random values (the cost of a step does not depend on the values), which reaches long
 contexts without a long prefill; one full chunk of steps is timed, so the amortised mean
 includes one chunk-closing step.
 """
@@ -18,44 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
+from ..ops import state
+from ..ops.state import StateSpec, kv_cache_bytes
 from ..util import summarize
 from .child import make_job, run_child, set_torch_threads
 from .spec import DECODE_BACKENDS, DECODE_WARMUP, KINDS, MIB, BenchSpec
 
 
-def kv_cache_bytes(n_layer: int, batch: int, n_head: int, context: int, head_dim: int, itemsize: int = 4) -> int:
-    """HF GPT-2 KV cache holding ``context`` tokens: K and V, (n_layer, B, H, context, d)."""
-    return 2 * n_layer * batch * n_head * context * head_dim * itemsize
-
-
-def bsbr_state_bytes(cfg, batch: int, context: int, itemsize: int = 4) -> int:
-    """BSBR decode state holding ``context`` tokens (``ops.state``): open chunk k, v (L rows), S,
-    and the bank (h, F) of the ``context // L`` closed chunks."""
-    from ..ops.state import StateSpec
-
-    return StateSpec.from_config(cfg).bytes_at(context, batch, itemsize)
-
-
 def random_state(cfg, context: int, capacity: int, rng) -> dict:
-    """The five decode-state arrays (``export.STATE_NAMES`` order, the ORT graphs' layer-first shapes,
-    batch 1) of a state holding ``context`` tokens: random values in the slots it uses, banks at
-    ``capacity`` chunks."""
-    from ..ops.state import StateSpec
-
-    L, d, dp, H, nl = cfg.chunk_size, cfg.head_dim, cfg.state_dim, cfg.n_head, cfg.n_layer
-    dc = StateSpec.from_config(cfg).state_cols  # d, plus the normaliser column of the normalised retrieval
-    closed, cur = context // L, context % L
-    z = lambda *s: np.zeros((nl, 1, H, *s), np.float32)  # noqa: E731
-    st = {"state_k": z(L, d), "state_v": z(L, d), "state_S": z(dp, dc), "state_bank_h": z(capacity, d),
-          "state_bank_F": z(capacity, dp, dc)}
+    """The carried decode state (``ops.state``: names, batch-first shapes, batch 1) of a state
+    holding ``context`` tokens: random values in the slots it uses, banks at ``capacity`` chunks."""
+    spec = StateSpec.from_config(cfg)
+    closed, cur = context // spec.chunk, context % spec.chunk
+    st = spec.zeros(1, capacity)
     rnd = lambda a: rng.standard_normal(a.shape, dtype=np.float32)  # noqa: E731
-    st["state_k"][:, :, :, :cur] = rnd(st["state_k"][:, :, :, :cur])  # (nl, 1, H, L, d)
-    st["state_v"][:, :, :, :cur] = rnd(st["state_v"][:, :, :, :cur])
-    st["state_S"][:] = rnd(st["state_S"])  # (nl, 1, H, d', d)
-    st["state_bank_h"][:, :, :, :closed] = rnd(st["state_bank_h"][:, :, :, :closed])  # (nl, 1, H, cap, d)
-    st["state_bank_F"][:, :, :, :closed] = rnd(st["state_bank_F"][:, :, :, :closed]) * math.sqrt(L)
-    for n in ("state_S", "state_bank_F"):  # normalisers (the extra column) are positive sums
-        st[n][..., d:] = np.abs(st[n][..., d:])
+    for n, used in ((state.K, cur), (state.V, cur), (state.BANK_H, closed), (state.BANK_F, closed)):
+        st[n][:, :, :, :used] = rnd(st[n][:, :, :, :used])  # (1, layer, H, L or cap, ...)
+    st[state.S][:] = rnd(st[state.S])  # (1, layer, H, d', dc)
+    st[state.BANK_F] *= math.sqrt(spec.chunk)
+    if spec.normalised:  # normalisers (the last column) are positive sums
+        for n in (state.S, state.BANK_F):
+            st[n][..., -1] = np.abs(st[n][..., -1])
     return st
 
 
@@ -105,23 +87,21 @@ def _decoder(backend: str, model, paths: dict, context: int, max_len: int, threa
             with torch.inference_mode():
                 return model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True).logits[:, -1]
 
-        return step, kv_cache_bytes(c.n_layer, 1, c.n_head, context, d)
+        return step, kv_cache_bytes(c.n_layer, c.n_embd, context)
     if backend == "bsbr-torch":
         import torch
 
-        from ..ops.state import CARRIED
-
         st = model.new_state(1, max_len)
-        arrays = random_state(model.cfg, context, st.capacity, rng)  # layer first, as the ORT graphs take it
-        for t, n in zip(st.tensors(), CARRIED):  # torch keeps the state batch first (ops.state)
-            t.copy_(torch.from_numpy(arrays[n]).transpose(0, 1))
+        arrays = random_state(model.cfg, context, st.capacity, rng)
+        for t, n in zip(st.tensors(), state.CARRIED):
+            t.copy_(torch.from_numpy(arrays[n]))
         st.pos = context
-        return (lambda tok: model.decode_step(torch.tensor([tok]), st)), bsbr_state_bytes(model.cfg, 1, context)
+        return (lambda tok: model.decode_step(torch.tensor([tok]), st)), StateSpec.from_config(model.cfg).bytes_at(context)
     from ..runtime import ORTStepper
 
     stepper = ORTStepper(paths["bsbr-step"], max_len=max_len, threads=threads)
     stepper.state, stepper.pos = random_state(model, context, stepper.capacity, rng), context
-    return (lambda tok: stepper.decode(np.array([tok], dtype=np.int64))), bsbr_state_bytes(model, 1, context)
+    return (lambda tok: stepper.decode(np.array([tok], dtype=np.int64))), StateSpec.from_config(model).bytes_at(context)
 
 
 def decode_cases(job: dict) -> dict:
