@@ -109,9 +109,10 @@ def register_plugin() -> None:
     ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
 
     Shape/dtype descriptor: one output shaped and typed like ``q``; attribute
-    ``chunk_size``: a one-element int32 array (``ChunkSizeAttr``, see there why not ``int``). The JIT implementation (``@trtp.impl``) wraps TensorRT's
-    buffers as torch CUDA tensors (``__cuda_array_interface__``) and launches the
-    Triton kernel on TensorRT's stream, so an engine that uses the plugin needs this
+    ``chunk_size``: a one-element int32 array (``ChunkSizeAttr``, see there why not
+    ``int``). The JIT implementation (``@trtp.impl``, body `run_plugin_kernel`) wraps
+    TensorRT's buffers as torch CUDA tensors (``__cuda_array_interface__``) and launches
+    the Triton kernel on TensorRT's stream, so an engine that uses the plugin needs this
     function called (and Triton installed) in the process that deserializes it.
     No AOT implementation: the kernel's grid and strides depend on T, which would
     need symbolic launch parameters; the JIT path keeps one kernel for all backends.
@@ -207,9 +208,11 @@ def _parser_errors(parser, onnx_path) -> str:
 def network_from_onnx(onnx_path, plugin_override: bool = True):
     """Parse an ONNX file into a strongly typed TensorRT network (TensorRT 10.7+ / 11.x).
 
-    With ``plugin_override`` the ChunkAttention plugin is registered and the parser
-    flag ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` is set, so every ``bsbr::ChunkAttention``
-    node becomes the plugin. Without it the function bodies are inlined, provided the
+    With ``plugin_override`` the ChunkAttention plugins are registered, so every
+    ``bsbr::ChunkAttention*`` node (it carries ``plugin_namespace``) becomes the plugin;
+    ``OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE`` is set where it exists (TensorRT 10.15+, see
+    `set_plugin_override_flag`), and a node that was inlined all the same is an
+    OnnxParseError (`check_plugin_layers`). Without it the function bodies are inlined, provided the
     plugin was not registered earlier in this process (the registry is process-wide and
     the nodes carry ``plugin_namespace``). Returns ``(builder, network, parser)``; keep the
     parser alive until the engine is built (it owns the weights). Raises OnnxParseError.

@@ -165,7 +165,7 @@ def bench_numbers(path: Path) -> dict:
         fused, full, chunked = row.get("fused"), row.get("full"), row.get("chunked")
         numbers[str(row["T"])] = {
             "fused_ms": fused, "chunked_ms": chunked, "sdpa_ms": full,
-            "sdpa_over_fused": round(full / fused, 2) if fused and full else None,
+            "sdpa_over_fused": round(full / fused, 3) if fused and full else None,
             "fused_parity_ok": (row.get("fused_parity") or {}).get("ok"),
         }
     at = numbers.get(str(TARGET_T), {}).get("sdpa_over_fused")
