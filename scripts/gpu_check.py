@@ -236,11 +236,8 @@ def worker_ort(out: Path, provider: str = "CUDAExecutionProvider") -> dict:
     import torch
     from onnx import TensorProto, helper
 
-    try:
-        from bsbr_export.ops.onnx_graph import chunk_attention_function
-    except ImportError:
-        from bsbr_export.export import chunk_attention_function
     from bsbr_export.ops.naive import chunk_attention_ref
+    from bsbr_export.ops.onnx_graph import chunk_attention_function
 
     B, H, T, d, L = 1, 4, 300, 64, 128
     fn = chunk_attention_function(18)

@@ -96,10 +96,7 @@ def test_plugins_match_the_exported_functions(monkeypatch):
     override can map the nodes to it; and the implementation takes the same inputs."""
     import inspect
 
-    try:
-        from bsbr_export.ops import onnx_graph as ex
-    except ImportError:  # before the ONNX function moved into bsbr_export.ops
-        from bsbr_export import export as ex
+    from bsbr_export.ops import onnx_graph as ex
 
     fake = _FakePluginAPI()
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.8.0", plugin=fake))
