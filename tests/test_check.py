@@ -1,0 +1,114 @@
+"""The memory-bounded parity checker gives the old checker's statistics (issue 16).
+
+The old checker held both [batch, T, vocab] tensors and their float64 copies; the new one
+reduces row by row and slice by slice. Both are compared on the same logits, on the
+bundled model's grid (ONNX Runtime against torch), to 1e-6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bsbr_export import check as C
+
+
+def old_compare_logits(ref: np.ndarray, out: np.ndarray) -> dict:
+    """The checker's formulas before issue 16, verbatim: whole tensors in float64."""
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    diff = np.abs(out64 - ref64)
+
+    def log_softmax(x):
+        m = x.max(-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(ref64), log_softmax(out64)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    a, b = ref64.reshape(-1, ref.shape[-1]), out64.reshape(-1, ref.shape[-1])
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / (np.abs(ref64) + 1e-6)).max()),
+            "cosine_min": float(cos.min()), "top1": float((ref.argmax(-1) == out.argmax(-1)).mean()),
+            "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+
+
+def assert_same(new: dict, old: dict, tol: float = 1e-6):
+    assert set(new) == set(old)
+    for k in old:
+        assert abs(new[k] - old[k]) <= tol * max(1.0, abs(old[k])), (k, new[k], old[k])
+
+
+def test_streaming_equals_old_on_random_logits(monkeypatch):
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((3, 37, 211)).astype(np.float32) * 5
+    out = (ref + rng.standard_normal(ref.shape).astype(np.float32) * 0.3).astype(np.float32)
+    monkeypatch.setattr(C, "SLICE_BYTES", 8 * 211 * 5)  # 5 positions per slice: many partial slices
+    assert C.slice_rows(211) == 5
+    assert_same(C.compare_logits(ref, out), old_compare_logits(ref, out))
+
+
+@pytest.fixture(scope="module")
+def bundled_export(bundled_dir, tmp_path_factory):
+    from bsbr_export.convert import convert
+    from bsbr_export.export import ExportSpec, export_onnx
+
+    model = convert(bundled_dir)
+    d = tmp_path_factory.mktemp("bundled_export")
+    export_onnx(model, d, ExportSpec(max_seq_len=model.cfg.n_positions), decode=False)
+    return model, d / "model.onnx"
+
+
+@pytest.mark.slow
+def test_new_checker_matches_old_on_bundled_grid(bundled_export, heldout_ids, monkeypatch):
+    from bsbr_export.runtime import ORTRunner, TorchRunner
+
+    model, onnx_path = bundled_export
+    cfg = model.cfg
+    monkeypatch.setattr(C, "SLICE_BYTES", 8 * cfg.vocab_size * 100)  # several slices per row at T = 1024
+    ref_runner = TorchRunner(model)
+    with ORTRunner(onnx_path) as cand:
+        for si, source in enumerate(("heldout", "random")):
+            for b in C.BATCHES:
+                for n in C.grid_lengths(cfg.chunk_size, cfg.n_positions):
+                    ids = C.make_inputs(source, b, n, cfg.vocab_size, heldout_ids, seed=1000 * si + 10 * b + n)
+                    out = C.candidate_logits(cand, ids, cfg.vocab_size)
+                    assert np.array_equal(out, cand.infer({"input_ids": ids})["logits"])
+                    ref = np.concatenate([ref_runner.infer({"input_ids": ids[r:r + 1]})["logits"]
+                                          for r in range(b)])
+                    old = old_compare_logits(ref, out)
+                    assert_same(C.compare_logits(ref, out), old)
+                    # The checker's own path (reference row by row against the candidate's batch).
+                    new, _ = C.compare_case(ref_runner, cand, ids, cfg.vocab_size)
+                    assert_same(new, old)
+
+
+def test_peak_estimate_scales_and_refuses(tiny_hf_dir):
+    import json
+
+    from bsbr_export.convert import bsbr_config_from_hf
+    from bsbr_export.errors import ConfigError
+    from bsbr_export.pipeline import check_memory
+
+    gpt2 = bsbr_config_from_hf(dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12))
+    est = C.peak_bytes(gpt2, 8192)
+    # Two [3, 8192, 50257] fp32 tensors are 9.2 GiB; the estimate fits in 12 GB, and grows with T.
+    assert 9 * 2**30 < est < 12e9
+    assert C.peak_bytes(gpt2, 16384) > 1.8 * est
+    lines = []
+    check_memory(gpt2, 1024, log=lines.append)
+    assert "parity memory: about" in lines[0]
+    with pytest.raises(ConfigError, match=r"--max-seq-len 1000000: .* needs about [0-9.]+ GiB"):
+        check_memory(gpt2, 1_000_000, log=lines.append)
+    assert json.dumps(C.n_params(gpt2))  # an int
+
+
+def test_config_difference_names_first_key():
+    from bsbr_export.config import BSBRConfig
+
+    cfg = BSBRConfig(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=16)
+    meta = {"config": cfg.to_dict(), "max_seq_len": 64, "precision": "fp32"}
+    assert C.config_difference(meta, cfg, "fp32") is None
+    other = cfg.replace(chunk_size=32)
+    assert C.config_difference(meta, other).startswith("chunk_size: the graph was exported with 16, the model has 32")
+    assert "precision" in C.config_difference(meta, cfg, "fp16")
+    assert "no bsbr_export metadata" in C.config_difference({}, cfg)
+    assert "max_seq_len" in C.config_difference({**meta, "max_seq_len": 0}, cfg)
