@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from .util import kl_from_logprobs
+
 
 def cosine(ref: torch.Tensor, out: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Cosine similarity over the last dim: (..., E) x (..., E) -> (...)."""
@@ -41,9 +43,7 @@ def mse(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def kl_next_token(ref_logits: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:
     """KL(P_ref || P_out) of next-token distributions in nats: (..., V) x (..., V) -> (...)."""
-    lp = torch.log_softmax(ref_logits.double(), -1)
-    lq = torch.log_softmax(out_logits.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    return kl_from_logprobs(torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(out_logits.double(), -1))
 
 
 def topk_agreement(ref_logits: torch.Tensor, out_logits: torch.Tensor, k: int) -> torch.Tensor:
