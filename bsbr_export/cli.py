@@ -129,9 +129,13 @@ def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, *
       model.onnx(.data)     prefill graph: input_ids -> logits (+ decode state)
       decode.onnx(.data)    one-token decode graph over the explicit state
       close.onnx(.data)     the chunk-closing step, run once per chunk while decoding
-      model_fp16.onnx       with --engine fp16
+      model_fp16.onnx, decode_fp16.onnx, close_fp16.onnx (each + .data)   with --engine fp16
       parity_*.json/.md     parity reports
       manifest.json         versions, options, file hashes, parity summary
+
+    Options, paths and the parity check's memory are checked before any work. While it
+    runs, .OUT.lock beside OUT keeps a second writer out; leftovers of a killed run
+    (.OUT.partial.*) are removed. Files are 0644, directories 0755.
     """
     from .pipeline import run_pipeline
     from .trt import TensorRTNotInstalled
