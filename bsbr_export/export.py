@@ -11,12 +11,13 @@ The decode state's names, dims and layout are those of ``ops.state`` (batch firs
     input_ids int64 [batch, seq] -> logits [batch, seq, vocab] and the state after the prompt
     (its banks hold the closed chunks: capacity = seq // chunk).
 ``decode.onnx`` (every token)
-    input_ids [batch, 1], position int64 [] (tokens already consumed), state_k, state_v,
-    state_S -> logits [batch, vocab], state_k_out, state_v_out (the token written at slot
-    position % chunk), state_xa_out (the token's ln_1 output per layer).
-``close.onnx`` (once per chunk, after the token at slot chunk - 1)
-    position, state_k, state_v, state_xa, state_bank_h, state_bank_F (banks at a fixed
-    capacity) -> state_S_out (the next chunk's), state_bank_h_out, state_bank_F_out.
+    input_ids [batch, 1], position int64 [batch] (tokens each row already holds), state_k,
+    state_v, state_S -> logits [batch, vocab], state_k_out, state_v_out (the token written at
+    its row's slot position % chunk), state_xa_out (the token's ln_1 output per layer).
+``close.onnx`` (after a decode step in which some row filled its chunk's last slot)
+    position [batch] (of that step), state_k, state_v, state_S, state_xa, state_bank_h,
+    state_bank_F (banks at a fixed capacity) -> state_S_out (the next chunk's),
+    state_bank_h_out, state_bank_F_out; rows whose chunk did not close come back unchanged.
     Keeping the banks out of the per-token graph reads and writes them once per chunk.
 
 Every float input and output is float32 (fp16 graphs cast at their edges); the metadata
@@ -180,6 +181,45 @@ def prefill_graph(model, spec: ExportSpec):
     return g, inputs, outputs
 
 
+def extend_graph(model, spec: ExportSpec):
+    """The ``extend.onnx`` graph: each row takes its next ``lengths[b]`` tokens on top of the state
+    it holds (``position[b]`` tokens), for prompts of any lengths and prompts fed in pieces.
+
+    inputs: input_ids int64 [batch, seq] (right padded), lengths int64 [batch] (new tokens per
+    row, 0 leaves a row as it is), position int64 [batch], the carried state at a fixed
+    capacity; outputs: logits [batch, vocab] of each row's last new token, the carried state.
+    """
+    from onnx import TensorProto, helper
+
+    cfg: BSBRConfig = model.cfg
+    E = cfg.n_embd
+    g, W = _graph_for(model, spec)
+    state_in = {n: g.input(n) for n in state.CARRIED}
+    ctx = ops_onnx.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H])
+    ids = ops_onnx.gather_rows(g, "input_ids", ctx["src"])  # (B, Tc): the combined sequence
+    x = g.op("Add", g.op("Gather", W("wte.weight"), ids),
+             g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, Tc, E)
+    states = {n: [] for n in state.CARRIED}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}."
+        xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
+        q, k, v = _qkv(g, W, cfg, p, xa)
+        o = ops_onnx.extend_layer(g, W, cfg, p, xa, q, k, v, ctx | {"layer": i}, state_in, states)
+        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W(p + "attn.c_proj.weight", True),
+                                    W(p + "attn.c_proj.bias")))
+        x = _mlp_and_residual(g, W, cfg, p, x)
+    g.output(_lm_head(g, W, cfg, ops_onnx.gather_rows(g, x, ctx["logit_row"])), "logits")  # (B, V)
+    for n, parts in states.items():
+        g.output(g.stack_layers(parts), state.out_name(n))
+    st = model.state_spec()
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]),
+              helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
+    inputs += _state_infos(st, state.CARRIED)
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
+    return g, inputs, outputs + _state_infos(st, state.CARRIED, state.OUT_SUFFIX)
+
+
 def _full_attention(g: Graph, q, k, v, T, d):
     """Standard causal softmax attention over all T keys (T x T scores): the baseline graph."""
     from onnx import helper
@@ -199,13 +239,13 @@ def decode_graph(model, spec: ExportSpec):
     E, L = cfg.n_embd, cfg.chunk_size
     g, W = _graph_for(model, spec)
     zero, one = g.const([0]), g.const([1])
-    pos = g.op("Reshape", "position", one)  # (1,)
-    slot = g.op("Mod", pos, g.const([L]))
+    pos = "position"  # (B,): tokens each row already holds
+    slot = g.op("Unsqueeze", g.op("Mod", pos, g.const(L)), one)  # (B, 1)
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
-             g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), zero))  # (B, 1, E)
-    slots = g.op("Range", g.const(0), g.const(L), g.const(1))  # (L,)
-    at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), one)  # (L, 1)
-    visible = g.op("Unsqueeze", g.op("LessOrEqual", slots, slot), zero)  # (1, L)
+             g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), one))  # (B, 1, E)
+    slots = g.op("Unsqueeze", g.op("Range", g.const(0), g.const(L), g.const(1)), zero)  # (1, L)
+    at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), g.const([1, 3]))  # (B, 1, L, 1)
+    visible = g.op("Unsqueeze", g.op("LessOrEqual", slots, slot), g.const([1, 2]))  # (B, 1, 1, L)
     state_in = {n: g.input(n) for n in state.DECODE_IN}
     layer = {n: [] for n in state.DECODE_OUT}
     for i in range(cfg.n_layer):
@@ -226,7 +266,7 @@ def decode_graph(model, spec: ExportSpec):
         g.output(g.stack_layers(layer[n]), state.out_name(n))
     st = model.state_spec()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
-              helper.make_tensor_value_info("position", TensorProto.INT64, [])]
+              helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.DECODE_IN)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
     outputs += _state_infos(st, state.DECODE_OUT, state.OUT_SUFFIX)
@@ -239,15 +279,15 @@ def close_graph(model, spec: ExportSpec):
 
     cfg: BSBRConfig = model.cfg
     g, W = _graph_for(model, spec)
-    chunk = g.op("Div", g.op("Reshape", "position", g.const([1])), g.const([cfg.chunk_size]))  # (1,)
     state_in = {n: g.input(n) for n in state.CLOSE_IN}
     layer = {key: [g.layer_slice(state_in[n], i) for i in range(cfg.n_layer)]
              for key, n in (("k", state.K), ("v", state.V), ("xa", state.XA))}
-    outs = ops_onnx.close_chunk(g, W, cfg, layer, state_in, chunk)
+    outs = ops_onnx.close_chunk(g, W, cfg, layer, state_in, "position")
     for n, val in zip(state.CLOSE_OUT, outs):
         g.output(val, state.out_name(n))
     st = model.state_spec()
-    inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, [])] + _state_infos(st, state.CLOSE_IN)
+    inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
+    inputs += _state_infos(st, state.CLOSE_IN)
     return g, inputs, _state_infos(st, state.CLOSE_OUT, state.OUT_SUFFIX)
 
 
@@ -306,6 +346,7 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
     try:
         jobs = [(onnx_name("model", spec), prefill_graph, "bsbr_prefill")]
         if decode:
+            jobs.append((onnx_name("extend", spec), extend_graph, "bsbr_extend"))
             jobs.append((onnx_name("decode", spec), decode_graph, "bsbr_decode"))
             jobs.append((onnx_name("close", spec), close_graph, "bsbr_close_chunk"))
         for fname, build, gname in jobs:

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ..graph import NEG, Graph
-from .state import BANK_F, BANK_H, K, S, V, StateSpec
+from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, S, V, StateSpec
 
 DOMAIN = "bsbr"
 FUNCTION = "ChunkAttention"
@@ -237,27 +237,31 @@ def step_attention(g: Graph, W, cfg, p, q, kk, vv, visible, S_state):
     return attend(g, g.op("Where", visible, sc, g.fconst(NEG)), vv, qs, S_, Zc, gH)
 
 
-def close_chunk(g: Graph, W, cfg, layer, state_in, chunk):
-    """Bank F_j and h_j at j = ``chunk``, retrieve S for chunk j+1, every layer.
+def close_chunk(g: Graph, W, cfg, layer, state_in, position):
+    """Bank F_j and h_j at j = position // L and retrieve S for chunk j+1, in every row whose
+    token at ``position`` (B,) filled its chunk's last slot; other rows keep their state.
 
     ``layer``: per-layer lists of the full chunk's k, v (B, H, L, d) and the closing token's
-    ln_1 output xa (B, 1, E); ``state_in``: the banks (B, layer, H, cap, ...). Returns the
+    ln_1 output xa (B, 1, E); ``state_in``: S and the banks (B, layer, H, ...). Returns the
     stacked (S, bank_h, bank_F) state outputs.
     """
-    H, d, dp = cfg.n_head, cfg.head_dim, cfg.state_dim
+    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
     dc = StateSpec.from_config(cfg).state_cols
     norm = cfg.retrieval == "normalised"
     zero, one = g.const([0]), g.const([1])
+    chunk = g.op("Unsqueeze", g.op("Div", position, g.const(L)), one)  # (B, 1)
+    closing = g.op("Equal", g.op("Mod", position, g.const(L)), g.const(L - 1))  # (B,)
     cap = g.dim(state_in[BANK_H], 3)
-    jj = g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1))  # (cap,)
-    at_j = g.op("Equal", jj, chunk)  # (cap,)
-    upto_j = g.op("Unsqueeze", g.op("LessOrEqual", jj, chunk), zero)  # (1, cap)
-    at_j_h = g.op("Unsqueeze", at_j, one)  # (cap, 1)
-    at_j_F = g.op("Unsqueeze", at_j, g.const([1, 2]))  # (cap, 1, 1)
+    jj = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
+    at_j = g.op("And", g.op("Equal", jj, chunk), g.op("Unsqueeze", closing, one))  # (B, cap)
+    upto_j = g.op("Unsqueeze", g.op("LessOrEqual", jj, chunk), g.const([1, 2]))  # (B, 1, 1, cap)
+    at_j_h = g.op("Unsqueeze", at_j, g.const([1, 3]))  # (B, 1, cap, 1)
+    at_j_F = g.op("Unsqueeze", at_j, g.const([1, 3, 4]))  # (B, 1, cap, 1, 1)
+    closing_S = g.op("Unsqueeze", closing, g.const([1, 2, 3]))  # (B, 1, 1, 1)
     out = {n: [] for n in (S, BANK_H, BANK_F)}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
-        own = {n: g.layer_slice(state_in[n], i) for n in (BANK_H, BANK_F)}
+        own = {n: g.layer_slice(state_in[n], i) for n in (S, BANK_H, BANK_F)}
         kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, L, d), (B, H, L, d), (B, 1, E)
         U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
         Fj = chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4)  # (B, H, d', dc)
@@ -267,8 +271,131 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, chunk):
         sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])),
                   g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, cap)
         Fflat = g.op("Reshape", bank_F, g.const([0, H, -1, dp * dc]))
-        out[S].append(g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, upto_j), Fflat),
-                           g.const([0, H, dp, dc])))  # (B, H, d', dc)
+        S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, upto_j), Fflat),
+                      g.const([0, H, dp, dc]))  # (B, H, d', dc)
+        out[S].append(g.op("Where", closing_S, S_next, own[S]))
         out[BANK_H].append(bank_h)
         out[BANK_F].append(bank_F)
     return [g.stack_layers(parts) for parts in out.values()]
+
+
+def gather_rows(g: Graph, x, idx, heads: bool = False, rank: int = 4):
+    """Row ``b`` of the result takes positions ``idx[b]`` (B, M) of row ``b`` of ``x``.
+
+    x: (B, N, ...) -> (B, M, ...); with ``heads`` x is (B, H, N, ...) of rank ``rank`` and the
+    gather runs along axis 2 -> (B, H, M, ...)."""
+    if not heads:
+        return g.op("GatherND", x, g.op("Unsqueeze", idx, g.const([-1])), batch_dims=1)
+    perm = [0, 2, 1] + list(range(3, rank))
+    xt = g.op("Transpose", x, perm=perm)  # (B, N, H, ...)
+    return g.op("Transpose", gather_rows(g, xt, idx), perm=perm)
+
+
+def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
+    """One layer of a prefill that continues each row's state (``extend.onnx``).
+
+    Row b's tokens stand in a combined, chunk-aligned sequence (B, Tc): its first ctx["c"][b]
+    slots are the open chunk held in the state (their k, v come from ``state_in``; their
+    queries and outputs are ignored), then the row's new tokens, then padding. Chunk i of the
+    combined sequence is the row's chunk m_b + i. Retrieval runs over the row's bank (m_b
+    closed chunks) and the chunks that close inside the piece; chunk 0 keeps the state's S.
+    Returns o (B, H, Tc, d) and appends the row's state after the piece to ``states``.
+    """
+    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
+    dc = StateSpec.from_config(cfg).state_cols
+    norm = cfg.retrieval == "normalised"
+    own = {n: g.layer_slice(state_in[n], ctx["layer"]) for n in CARRIED_NAMES}
+    # The open chunk's keys and values come from the state.
+    pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
+    k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
+    v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
+    chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
+    fk = g.op("Where", ctx["valid"], feature(g, k, cfg.feature_map), g.fconst(0.0))  # padding counts zero
+    vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
+    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
+    F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
+    xl = g.op("Gather", xa, ctx["last"], axis=1)  # (B, Cc, E): chunks are aligned in every row
+    h_new = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, Cc, d)
+    rp = _meta(g, W, p, xl, "meta_q", H, d)
+    zero, one = g.const([0]), g.const([1])
+    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
+             g.op("Slice", rp, zero, g.op("Sub", ctx["Cc"], one), g.const([2])), axis=2)  # r_i from chunk i-1
+    scale = g.fconst(1.0 / math.sqrt(d))
+    scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
+                  g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
+    flat = g.const([0, H, -1, dp * dc])
+    F_all = g.op("Concat", g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat), axis=2)
+    SZ = g.op("MatMul", retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), F_all)
+    SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
+    SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
+    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
+    S_, Zc = _split_state(g, SZ, d, norm)
+    if norm:
+        Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, Cc, d)
+        o = g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
+                 W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
+    else:
+        o = g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), domain=DOMAIN, chunk_size=L,
+                 plugin_namespace=DOMAIN)
+    # The state after the piece: the new open chunk, the bank with the closed chunks written in,
+    # and S of the new open chunk (retrieved from the new bank when a chunk closed).
+    for n, t_ in ((K, k), (V, v)):
+        rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
+        states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
+    bank_h = g.op("Where", ctx["new_slot_h"], gather_rows(g, h_new, ctx["slot_chunk"], heads=True), own[BANK_H])
+    bank_F = g.op("Where", ctx["new_slot_F"], gather_rows(g, F_new, ctx["slot_chunk"], heads=True, rank=5),
+                  own[BANK_F])
+    r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
+    sc = g.op("Mul", g.op("MatMul", r_last, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,cap)
+    S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
+                  g.const([0, H, dp, dc]))
+    states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
+    states[BANK_H].append(bank_h)
+    states[BANK_F].append(bank_F)
+    return o
+
+
+def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
+    """Index tensors of ``extend_layer`` shared by every layer: ids (B, T), lengths (B,),
+    position (B,) (tokens each row holds), a bank state input (for its capacity)."""
+    L = cfg.chunk_size
+    zero, one = g.const([0]), g.const([1])
+    col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
+    T = g.dim(ids, 1)
+    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2])), g.const([L]))  # ceil((T + L - 1) / L)
+    Tc = g.op("Mul", Cc, g.const([L]))
+    tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
+    c, m = g.op("Mod", position, g.const(L)), g.op("Div", position, g.const(L))  # (B,)
+    end = g.op("Add", position, lengths)
+    c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))
+    heads4 = lambda t: g.op("Unsqueeze", t, g.const([1, 3]))  # noqa: E731  (B, N) -> (B, 1, N, 1)
+    jc = g.op("Range", g.const(0), g.op("Squeeze", Cc, zero), g.const(1))  # (Cc,)
+    cap = g.dim(bank_h, 3)
+    jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
+    Tm1 = g.op("Sub", T, one)
+    ctx = dict(T=T, Cc=Cc, Tc=Tc, c=c, m=m)
+    ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(c)), g.const(0)), Tm1)  # (B, Tc): token of each slot
+    ctx["positions"] = g.op("Add", g.op("Mul", col(m), g.const(L)), tc)  # (B, Tc)
+    ctx["from_state"] = heads4(g.op("Less", tc, col(c)))
+    ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", c, lengths))))
+    ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), g.const(L)), g.const(1))  # (Cc,)
+    earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i
+    banked_old = g.op("Unsqueeze", g.op("Less", jcap, col(m)), g.const([1, 2]))  # (B, 1, 1, cap)
+    B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
+    ctx["retrievable"] = g.op("Concat", g.op("Expand", banked_old, g.cat(g.const([1, 1]), Cc, one)),
+                              g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
+    ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
+    o_new = g.op("Sub", m_new, m)  # (B,): chunks that close inside the piece
+    s = g.op("Unsqueeze", g.op("Range", g.const(0), g.const(L), g.const(1)), zero)  # (1, L)
+    ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), s), g.op("Sub", Tc, one))
+    ctx["open_valid"] = heads4(g.op("Less", s, col(c_new)))  # (B, 1, L, 1)
+    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(m)), g.const(0)),
+                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - m
+    new_slot = g.op("And", g.op("GreaterOrEqual", jcap, col(m)), g.op("Less", jcap, col(m_new)))  # (B, cap)
+    ctx["new_slot_h"] = heads4(new_slot)
+    ctx["new_slot_F"] = g.op("Unsqueeze", new_slot, g.const([1, 3, 4]))
+    ctx["closing_chunk"] = col(g.op("Max", g.op("Sub", o_new, one), g.const(0)))  # (B, 1)
+    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(m_new)), g.const([1, 2]))  # (B, 1, 1, cap)
+    ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
+    ctx["logit_row"] = col(g.op("Sub", g.op("Add", c, lengths), g.const(1)))  # (B, 1): last new token
+    return ctx

@@ -34,7 +34,7 @@ CARRIED = (K, V, S, BANK_H, BANK_F)
 # Per-token graph: reads the open chunk and its retrieved state; writes the open chunk and xa.
 DECODE_IN, DECODE_OUT = (K, V, S), (K, V, XA)
 # Chunk-closing graph, once per chunk: banks the finished chunk and builds the next S.
-CLOSE_IN, CLOSE_OUT = (K, V, XA, BANK_H, BANK_F), (S, BANK_H, BANK_F)
+CLOSE_IN, CLOSE_OUT = (K, V, S, XA, BANK_H, BANK_F), (S, BANK_H, BANK_F)
 OUT_SUFFIX = "_out"  # a graph output that replaces an input of the same name
 
 DIMS = {

@@ -115,11 +115,32 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
     return [p for p in order if p in have] + ["CPUExecutionProvider"]
 
 
+def check_providers(providers) -> list[str]:
+    """The execution providers to use: ``providers`` (names, checked against the installed
+    onnxruntime's) or, when None, the GPU ones present and the CPU."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return available_providers()
+    if isinstance(providers, str):
+        providers = [providers]
+    have = ort.get_available_providers()
+    unknown = [p for p in providers if p not in have]
+    if unknown or not providers:
+        raise InputError(f"execution provider(s) {unknown or providers} not available in this onnxruntime "
+                         f"(available: {', '.join(have)})")
+    return list(providers)
+
+
 def session_from_onnx(path, threads: int | None = None, providers: list[str] | None = None,
-                      optimization: str = "all", profile_prefix: str | None = None):
+                      optimization: str = "all", profile_prefix: str | None = None, config: dict | None = None,
+                      initializers: dict | None = None):
     """An ONNX Runtime session: GPU execution providers when present, CPU otherwise.
 
     ``profile_prefix``: profile every run into ``<prefix>_<date>.json`` (``end_profiling`` names it).
+    ``config``: session configuration entries (``SessionOptions.add_session_config_entry``).
+    ``initializers``: {name: OrtValue} that the session uses in place of its own copy of those
+    weights (several sessions then share one copy).
     """
     import onnxruntime as ort
 
@@ -137,6 +158,10 @@ def session_from_onnx(path, threads: int | None = None, providers: list[str] | N
     if profile_prefix is not None:
         so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     so.log_severity_level = 3
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(str(key), str(value))
+    for name, value in (initializers or {}).items():
+        so.add_initializer(name, value)
     try:
         return ort.InferenceSession(str(p), so, providers=providers or available_providers())
     except Exception as e:  # ORT raises its own exception types for corrupt files / missing data

@@ -69,7 +69,7 @@ class ORTStepper:
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         if self.pos >= self.capacity * self.chunk:
             raise InputError(f"decode state is full ({self.pos} tokens); use a larger max_len")
-        st, position = self.state, np.array(self.pos, dtype=np.int64)
+        st, position = self.state, np.full(len(tokens), self.pos, dtype=np.int64)
         feeds = {"input_ids": tokens.astype(np.int64)[:, None], "position": position}
         outs = self.decode_sess.run(["logits", *map(state.out_name, state.DECODE_OUT)],
                                     feeds | {n: st[n] for n in state.DECODE_IN})

@@ -1,0 +1,235 @@
+"""The ONNX Runtime engine under generation and serving: the graphs of one export, and the state.
+
+``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths),
+``decode`` (one token per row) and ``close`` (once a row fills a chunk) graphs. A ``State``
+holds a batch of sequences: the carried tensors of ``ops.state`` (batch first) as ORT values
+that stay bound from one step to the next, and each row's position. Every graph reads its state
+from one set of buffers and writes the next state into a second set (an input cannot alias an
+output), and the two swap; logits are the only per-step copy to the host. On CPU the buffers
+are numpy arrays that ORT reads and writes in place; on the CUDA execution provider they live
+on the device.
+
+Torch-free: numpy and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, ModelLoadError
+from ..ops import state as S
+
+GRAPHS = ("extend", "decode", "close")
+
+
+def graph_file(name: str, precision: str) -> str:
+    return f"{name}{'_fp16' if precision == 'fp16' else ''}.onnx"
+
+
+def read_metadata(path) -> dict:
+    """The ``bsbr_export`` metadata JSON of an exported graph, without loading its weights."""
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ModelLoadError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
+    props = {p.key: p.value for p in m.metadata_props}
+    if "bsbr_export" not in props:
+        raise ModelLoadError(f"{path}: not a bsbr-export graph (no bsbr_export metadata)")
+    return json.loads(props["bsbr_export"])
+
+
+class _Spec:
+    """``ops.state.StateSpec`` from the config dict an export records."""
+
+    def __new__(cls, config: dict) -> S.StateSpec:
+        E, H = config["n_embd"], config["n_head"]
+        d = E // H
+        norm = config["retrieval"] == "normalised"
+        dp = d // config["compression"] if config.get("compression") else d
+        return S.StateSpec(layer=config["n_layer"], head=H, chunk=config["chunk_size"], head_dim=d,
+                           state_dim=dp, state_cols=d + norm, embd=E, normalised=norm)
+
+
+class State:
+    """A batch of sequences: the carried state (two buffer sets) and the tokens each row holds."""
+
+    def __init__(self, engine: "Engine", batch: int):
+        self.batch, self.capacity = batch, engine.capacity
+        self.positions = np.zeros(batch, dtype=np.int64)
+        self._engine = engine
+        shapes = {n: engine.spec.shape(n, batch, self.capacity) for n in (*S.CARRIED, S.XA)}
+        self.cur = {n: engine.buffer(shapes[n]) for n in S.CARRIED}
+        self.spare = {n: engine.buffer(shapes[n]) for n in S.CARRIED}
+        self.xa = engine.buffer(shapes[S.XA])
+
+    def swap(self, names) -> None:
+        for n in names:
+            self.cur[n], self.spare[n] = self.spare[n], self.cur[n]
+
+    def rows(self, rows) -> dict[str, np.ndarray]:
+        """Host copies of the given rows' carried tensors."""
+        return {n: self._engine.to_host(v)[rows] for n, v in self.cur.items()}
+
+    def set_rows(self, rows, arrays: dict[str, np.ndarray], positions) -> None:
+        """Write whole rows (e.g. a new sequence's state into a running batch)."""
+        for n, v in self.cur.items():
+            host = self._engine.to_host(v)
+            host[rows] = arrays[n]
+            self._engine.from_host(v, host)
+        self.positions[rows] = positions
+
+
+class Engine:
+    """The graphs of one export in ONNX Runtime (see the module docstring)."""
+
+    def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
+                 session_options: dict | None = None, optimization: str = "all"):
+        from .runners import check_providers, session_from_onnx
+
+        if precision not in ("fp32", "fp16"):
+            raise InputError(f"precision must be fp32 or fp16, got {precision!r}")
+        d = Path(export_dir)
+        if not d.is_dir():
+            raise ModelLoadError(f"{d}: no such export directory")
+        paths = {g: d / graph_file(g, precision) for g in GRAPHS}
+        missing = [p.name for p in paths.values() if not p.is_file()]
+        if missing:
+            raise ModelLoadError(f"{d}: missing {', '.join(missing)} (export with decode graphs, "
+                                 f"{'--engine fp16' if precision == 'fp16' else 'the main command'})")
+        meta = read_metadata(paths["extend"])
+        fmt = meta.get("state", {}).get("format")
+        if fmt != S.FORMAT:
+            raise ModelLoadError(f"{d}: state format {fmt} but this runtime reads format {S.FORMAT}; "
+                                 f"re-export with this version of bsbr-export")
+        self.meta, self.config, self.precision = meta, meta["config"], precision
+        self.max_len, self.vocab_size = int(meta["max_seq_len"]), int(self.config["vocab_size"])
+        self.spec = _Spec(self.config)
+        self.chunk = self.spec.chunk
+        self.capacity = self.spec.capacity(self.max_len)
+        self.providers = check_providers(providers)
+        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=session_options)
+                         for g, p in paths.items()}
+
+    # ------------------------------------------------------------------ buffers
+    def buffer(self, shape, dtype=np.float32):
+        """A zeroed ORT value of ``shape`` on the engine's device (a numpy array's memory on CPU)."""
+        import onnxruntime as ort
+
+        host = np.zeros(shape, dtype=dtype)
+        if self.device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(host)
+        return ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
+
+    def to_host(self, value) -> np.ndarray:
+        """The value's array: the very memory on CPU, a copy from the device on CUDA."""
+        return value.numpy()
+
+    def from_host(self, value, host: np.ndarray) -> None:
+        if self.device != "cpu":
+            value.update_inplace(host)
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, batch: int) -> State:
+        if not isinstance(batch, int) or batch < 1:
+            raise InputError(f"batch must be a positive integer, got {batch!r}")
+        return State(self, batch)
+
+    def reset_rows(self, st: State, rows) -> None:
+        """Free rows: zero state, position 0."""
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        st.set_rows(rows, {n: 0.0 for n in S.CARRIED}, 0)
+
+    def _check_room(self, st: State, rows, extra) -> None:
+        need = st.positions[rows] + np.asarray(extra)
+        if (need > self.max_len).any():
+            b = int(np.argmax(need > self.max_len))
+            raise InputError(f"row {int(np.atleast_1d(rows)[b])} would hold {int(need[b])} tokens, over the "
+                             f"export's maximum of {self.max_len} (the state's capacity)")
+
+    # ------------------------------------------------------------------ the graphs
+    def _run(self, graph: str, st: State, feeds: dict, ins, outs, out_host: dict | None = None):
+        """Run ``graph`` with state inputs ``ins`` from the current set and state outputs ``outs``
+        into the spare set; ``out_host`` binds numpy outputs (logits) by name."""
+        sess = self.sessions[graph]
+        io = sess.io_binding()
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for n in ins:
+            io.bind_ortvalue_input(n, st.xa if n == S.XA else st.cur[n])
+        for n in outs:
+            io.bind_ortvalue_output(S.out_name(n), st.xa if n == S.XA else st.spare[n])
+        for name, arr in (out_host or {}).items():
+            io.bind_ortvalue_output(name, self._host_value(arr))
+        sess.run_with_iobinding(io)
+        st.swap([n for n in outs if n != S.XA])
+
+    def _host_value(self, arr: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def extend(self, st: State, rows, ids_list) -> np.ndarray:
+        """Feed each listed row its next tokens (prefill, or a prompt continued in pieces).
+
+        rows: row indices; ids_list: one 1-D int64 array (>= 1 token) per row. Returns the
+        logits of each row's last new token, float32 (len(rows), V).
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) != len(ids_list) or len(rows) == 0:
+            raise InputError(f"extend needs one token list per row, got {len(rows)} rows and {len(ids_list)} lists")
+        if len(set(rows.tolist())) != len(rows) or rows.min() < 0 or rows.max() >= st.batch:
+            raise InputError(f"rows must be distinct indices in [0, {st.batch}), got {rows.tolist()}")
+        seqs = [self._check_ids(x) for x in ids_list]
+        lengths = np.array([len(x) for x in seqs], dtype=np.int64)
+        self._check_room(st, rows, lengths)
+        ids = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
+        for i, x in enumerate(seqs):
+            ids[i, :len(x)] = x
+        logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        if len(rows) == st.batch and (rows == np.arange(st.batch)).all():
+            sub = st
+        else:  # a sub-batch: its rows' state out, the piece, and back in
+            sub = State(self, len(rows))
+            sub.set_rows(slice(None), st.rows(rows), st.positions[rows])
+        feeds = {"input_ids": ids, "lengths": lengths, "position": sub.positions.copy()}
+        self._run("extend", sub, feeds, S.CARRIED, S.CARRIED, {"logits": logits})
+        sub.positions += lengths
+        if sub is not st:
+            st.set_rows(rows, sub.rows(slice(None)), sub.positions)
+        return logits
+
+    def decode(self, st: State, tokens, active=None) -> np.ndarray:
+        """One token per row -> logits (batch, V). Rows outside ``active`` (a bool mask; all rows
+        by default) keep their state and position whatever token they are fed."""
+        tokens = self._check_ids(tokens, "tokens")
+        if tokens.shape != (st.batch,):
+            raise InputError(f"tokens must be one per row, shape ({st.batch},), got {tokens.shape}")
+        active = np.ones(st.batch, bool) if active is None else np.asarray(active, dtype=bool)
+        self._check_room(st, np.flatnonzero(active), 1)
+        logits = np.empty((st.batch, self.vocab_size), dtype=np.float32)
+        pos = st.positions.copy()
+        self._run("decode", st, {"input_ids": tokens[:, None], "position": pos},
+                  S.DECODE_IN, S.DECODE_OUT, {"logits": logits})
+        # Slot pos % L of an inactive row lies past the tokens it holds: the write there is unread.
+        closing = active & (pos % self.chunk == self.chunk - 1)
+        if closing.any():
+            # Position 0 never closes a chunk: rows that are not closing come back unchanged.
+            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, S.CLOSE_OUT)
+        st.positions[active] += 1
+        return logits
+
+    def _check_ids(self, ids, what: str = "prompt") -> np.ndarray:
+        a = np.asarray(ids)
+        if a.dtype.kind not in "iu":
+            raise InputError(f"{what} token ids must be integers, got {a.dtype}")
+        if a.size == 0:
+            raise InputError(f"{what} is empty: give at least one token")
+        if a.min() < 0 or a.max() >= self.vocab_size:
+            raise InputError(f"{what} token ids must lie in [0, {self.vocab_size}), got [{a.min()}, {a.max()}]")
+        return a.astype(np.int64)
