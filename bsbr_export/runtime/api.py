@@ -1,0 +1,312 @@
+"""The Python runtime: ``load`` an exported directory, then ``generate`` or ``stream`` (torch-free).
+
+    from bsbr_export.runtime import load
+    rt = load("out/gpt2-pystdlib", precision="fp32")
+    outs = rt.generate(["def parse(", "import os\\n"], max_new_tokens=32)   # new token ids per prompt
+    for piece in rt.stream("def parse(", max_new_tokens=32, temperature=0.8, seed=1):
+        print(piece, end="", flush=True)
+
+``load`` checks the directory before ONNX Runtime opens anything: every graph of the engine,
+the export's state format version and precision, each weights file against the sizes its
+graphs' external-data records imply, the tokenizer, and the execution providers. ``generate``
+checks prompts and options the same way before its first ORT call; errors are one-line
+``InputError``. ONNX Runtime is reached through ``Engine`` (``runtime/engine.py``) only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..ops import state
+from .engine import GRAPHS, Engine, graph_file, read_metadata
+from .sampling import SamplingOptions, choose, chosen_logprobs, row_generators
+from .text import Tokenizer, check_stop
+
+PRECISIONS = ("fp32", "fp16")
+OPTIMIZATIONS = ("none", "basic", "extended", "all")
+
+
+@dataclass
+class Completion:
+    """One prompt's generation (``generate(..., return_details=True)``).
+
+    tokens: the new token ids (with the stop token or the token that completed a stop string,
+    when one ended the row); text: their text, cut before a stop string, without the text of a
+    stop token; finish_reason: "stop" (a stop token or string) or "length" (max_new_tokens);
+    logprobs: log_softmax of the model's logits at each chosen token (before any sampling
+    processor); prompt_tokens: the prompt's length in tokens.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One new token of one row: its text piece (possibly empty: held back until a character or
+    a possible stop string is complete) and, on the row's last token, its ``Completion``."""
+
+    row: int
+    token: int
+    piece: str
+    logprob: float
+    done: Completion | None = None
+
+
+# --------------------------------------------------------------------------- checking an export
+
+def _external_data(path: Path) -> list[tuple[str, int, int]]:
+    """A graph's external-data records (location, offset, length), without reading the data."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # a truncated or foreign file
+        raise InputError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
+    records = []
+    for t in _get_all_tensors(m):
+        if uses_external_data(t):
+            d = {e.key: e.value for e in t.external_data}
+            records.append((d.get("location", ""), int(d.get("offset", 0)), int(d["length"])))
+    return records
+
+
+def check_export(path, precision: str = "fp32") -> dict:
+    """Check an exported directory without ONNX Runtime; returns its metadata. One-line
+    ``InputError`` for: no directory, a missing graph, a graph of another state format or
+    precision, a missing weights file, a weights file whose size differs from what its
+    graphs' external-data records imply, and a missing tokenizer."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    d = Path(path)
+    if not d.is_dir():
+        raise InputError(f"{d}: no such export directory")
+    graphs = [d / graph_file(g, precision) for g in GRAPHS]
+    missing = [p.name for p in graphs if not p.is_file()]
+    if missing:
+        hint = " (export the fp16 graphs: --engine fp16)" if precision == "fp16" else ""
+        raise InputError(f"{d}: missing graph {', '.join(missing)}{hint}")
+    meta = None
+    need: dict[str, int] = {}
+    for p in graphs:
+        try:
+            m = read_metadata(p)
+        except Exception as e:
+            raise InputError(str(e).splitlines()[0]) from None
+        fmt = m.get("state", {}).get("format")
+        if fmt != state.FORMAT:
+            raise InputError(f"{p}: an export of state format {fmt}; this runtime reads format {state.FORMAT} "
+                             f"(re-export with this version of bsbr-export)")
+        if m.get("precision", "fp32") != precision:
+            raise InputError(f"{p}: a {m.get('precision')} graph, asked for {precision}")
+        meta = meta or m
+        for loc, off, length in _external_data(p):
+            if os.path.isabs(loc) or ".." in Path(loc).parts:
+                raise InputError(f"{p}: external data outside the export directory ({loc!r})")
+            need[loc] = max(need.get(loc, 0), off + length)
+    for loc, n in sorted(need.items()):
+        f = d / loc
+        if not f.is_file():
+            raise InputError(f"{d}: missing weights file {loc}")
+        size = f.stat().st_size
+        if size != n:
+            raise InputError(f"{f}: weights file of {size} bytes; its graphs' external-data records need "
+                             f"exactly {n} (truncated or from another export)")
+    if not any((q / "tokenizer.json").is_file() for q in (d / "bsbr", d)):
+        raise InputError(f"{d}: missing bsbr/tokenizer.json")
+    return meta
+
+
+def check_providers(providers) -> list | None:
+    """Execution providers: None (the engine's default), or names / (name, options) pairs that
+    the installed onnxruntime has."""
+    if providers is None:
+        return None
+    import onnxruntime as ort
+
+    items = [providers] if isinstance(providers, (str, tuple)) else list(providers)
+    have = ort.get_available_providers()
+    if not items:
+        raise InputError(f"providers is empty (available: {', '.join(have)})")
+    for p in items:
+        name = p[0] if isinstance(p, tuple) else p
+        if not isinstance(name, str) or name not in have:
+            raise InputError(f"unknown execution provider {name!r} (available: {', '.join(have)})")
+        if isinstance(p, tuple) and (len(p) != 2 or not isinstance(p[1], dict)):
+            raise InputError(f"a provider with options is a (name, dict) pair, got {p!r}")
+    return items
+
+
+def load(path, precision: str = "fp32", providers=None, threads: int | None = None, optimization: str = "all",
+         session_options: dict | None = None) -> "Runtime":
+    """Open an exported directory for generation.
+
+    precision: "fp32" (model.onnx's family) or "fp16" (the ``_fp16`` graphs); providers: ONNX
+    Runtime execution providers (names, or (name, provider options) pairs; default: CUDA when
+    present, then CPU); threads: intra-op threads [all cores]; optimization: graph optimisation
+    level (none, basic, extended, all); session_options: ORT session configuration entries
+    ({key: value}, as ``SessionOptions.add_session_config_entry``).
+    """
+    check_export(path, precision)
+    items = check_providers(providers)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads must be an integer >= 1, got {threads!r}")
+    if optimization not in OPTIMIZATIONS:
+        raise InputError(f"optimization must be one of {', '.join(OPTIMIZATIONS)}, got {optimization!r}")
+    if session_options is not None and not isinstance(session_options, dict):
+        raise InputError(f"session_options must be a dict of session configuration entries, got "
+                         f"{type(session_options).__name__}")
+    engine = Engine(path, precision=precision, providers=items, threads=threads, session_options=session_options,
+                    optimization=optimization)
+    return Runtime(engine, Tokenizer.from_dir(path))
+
+
+# --------------------------------------------------------------------------- the runtime
+
+class Runtime:
+    """Generation over an ``Engine`` and a ``Tokenizer`` (see the module docstring)."""
+
+    def __init__(self, engine, tokenizer: Tokenizer):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.config, self.max_len, self.vocab_size = engine.config, int(engine.max_len), int(engine.vocab_size)
+        self.eos_token_id = tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, prompts) -> list[np.ndarray]:
+        """Prompts (a list of str or of token-id lists) -> one int64 array per prompt, checked."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise InputError("prompts must be a list of str or of token-id lists (one prompt: [prompt])")
+        if not prompts:
+            raise InputError("no prompts given")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = np.asarray(self.tokenizer.encode(p), dtype=np.int64)
+            else:
+                ids = np.asarray(p)
+                if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                    raise InputError(f"prompt {i}: a str or a flat list of token ids, got {_describe(p)}")
+                ids = ids.astype(np.int64)
+                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                    raise InputError(f"prompt {i}: token ids must lie in [0, {self.vocab_size}), "
+                                     f"got [{ids.min()}, {ids.max()}]")
+            if ids.size == 0:
+                raise InputError(f"prompt {i} is empty: give at least one token")
+            if ids.size > self.max_len:
+                raise InputError(f"prompt {i} has {ids.size} tokens, over the export's maximum of {self.max_len}")
+            out.append(ids)
+        return out
+
+    def _stop_tokens(self, stop_tokens) -> frozenset:
+        if stop_tokens is None:
+            return frozenset()
+        items = [stop_tokens] if isinstance(stop_tokens, (int, np.integer)) else list(stop_tokens)
+        for t in items:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                raise InputError(f"stop tokens must be token ids in [0, {self.vocab_size}), got {t!r}")
+        return frozenset(int(t) for t in items)
+
+    # ------------------------------------------------------------------ generation
+    def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
+                 stop_tokens) -> dict:
+        """Every check of a request, before any ORT call."""
+        opts = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        stop, stops = check_stop(stop), self._stop_tokens(stop_tokens)
+        ids = self.encode(prompts)
+        for i, x in enumerate(ids):
+            if x.size + max_new_tokens > self.max_len:
+                raise InputError(f"prompt {i} ({x.size} tokens) + max_new_tokens {max_new_tokens} = "
+                                 f"{x.size + max_new_tokens} would overflow the state capacity of "
+                                 f"{self.max_len} tokens")
+        return dict(ids=ids, max_new=int(max_new_tokens), opts=opts, rngs=row_generators(seed, len(ids)),
+                    stop=stop, stops=stops, results=[Completion(prompt_tokens=int(x.size)) for x in ids])
+
+    def stream_batch(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                     top_p: float | None = None, repetition_penalty: float | None = None, seed=None, stop=None,
+                     stop_tokens=None) -> Iterator[StreamEvent]:
+        """Generate for every prompt as one batch; yields a ``StreamEvent`` per new token of each
+        row as it is produced (rows in order within a step). Options as ``generate``."""
+        req = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
+                            stop_tokens)
+        return self._steps(**req)
+
+    def _steps(self, ids, max_new, opts, rngs, stop, stops, results) -> Iterator[StreamEvent]:
+        B, eng = len(ids), self.engine
+        if max_new == 0:
+            for r in results:
+                r.finish_reason = "length"
+            return
+        detok = [self.tokenizer.detokenizer(stop) for _ in ids]
+        seen = [x.tolist() for x in ids]
+        st = eng.new_state(B)
+        logits = eng.extend(st, list(range(B)), ids)
+        active = np.ones(B, dtype=bool)
+        fed = np.zeros(B, dtype=np.int64)
+        for _ in range(max_new):
+            rows = np.flatnonzero(active)
+            rows_logits = logits[rows]
+            toks = choose(rows_logits, opts, [rngs[i] for i in rows], [seen[i] for i in rows])
+            lps = chosen_logprobs(rows_logits, toks)
+            for i, t, lp in zip(rows.tolist(), toks.tolist(), lps.tolist()):
+                r = results[i]
+                r.tokens.append(t)
+                r.logprobs.append(lp)
+                seen[i].append(t)
+                fed[i] = t
+                if t in stops:
+                    piece, r.finish_reason = detok[i].finish(), "stop"
+                else:
+                    piece, hit = detok[i].push(t)
+                    if hit:
+                        r.finish_reason = "stop"
+                    elif len(r.tokens) == max_new:
+                        piece, r.finish_reason = piece + detok[i].finish(), "length"
+                if r.finish_reason is not None:
+                    r.text, active[i] = detok[i].text, False
+                yield StreamEvent(i, t, piece, lp, r if r.finish_reason else None)
+            if not active.any():
+                return
+            logits = eng.decode(st, fed, active)  # rows that finished keep their state
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None, seed=None, stop=None,
+                 stop_tokens=None, return_details: bool = False):
+        """Prompts (list of str or of token-id lists) -> new token ids per prompt, or with
+        ``return_details`` one ``Completion`` per prompt.
+
+        temperature 0 is greedy (argmax); top_k, top_p, repetition_penalty as in
+        ``runtime.sampling``; seed: an int (each row's generator seeded with it, so a row draws
+        the same alone or in any batch) or one seed per prompt; stop: strings that end a row
+        (its text is cut before them); stop_tokens: token ids that end a row (e.g.
+        ``[rt.eos_token_id]``; none by default, so a row runs to max_new_tokens).
+        """
+        req = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
+                            stop_tokens)
+        for _ in self._steps(**req):
+            pass
+        results = req["results"]
+        return results if return_details else [r.tokens for r in results]
+
+    def stream(self, prompt, max_new_tokens: int = 64, **options) -> Iterator[str]:
+        """One prompt (a str or a token-id list) -> its new text, piece by piece as it is produced.
+        Pieces never split a UTF-8 character; options as ``generate``."""
+        for ev in self.stream_batch([prompt], max_new_tokens, **options):
+            if ev.piece:
+                yield ev.piece
+
+
+def _describe(p) -> str:
+    a = np.asarray(p, dtype=object) if not isinstance(p, np.ndarray) else p
+    return f"{type(p).__name__} of shape {a.shape}"
