@@ -23,6 +23,19 @@ class PipelineGroup(click.Group):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:  # a base install (runtime only) running a conversion command
+            if (e.name or "").split(".")[0] not in EXPORT_EXTRA:
+                raise
+            fail(f"{e.name} is not installed: conversion, export and checks need the export extra "
+                 f"(pip install 'bsbr-export[export]')")
+
+
+# Modules of the ``export`` extra: the base install (load and generate) runs without them.
+EXPORT_EXTRA = ("torch", "transformers", "safetensors", "huggingface_hub")
+
 
 def conversion_options(f):
     """Options shared by every command that converts a GPT-2."""
@@ -242,40 +255,107 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
                f"{max(c['max_abs'] for c in rep['cases']):.2e}")
 
 
+class _TorchEngine:
+    """The PyTorch model behind the runtime's engine interface (``generate --backend torch``):
+    one ``TorchStepper`` per row, so prompts of any lengths batch as in ONNX Runtime."""
+
+    def __init__(self, model, max_len: int):
+        self.model, self.max_len = model, max_len
+        self.config, self.vocab_size = model.cfg.to_dict(), model.cfg.vocab_size
+
+    def new_state(self, batch: int) -> list:
+        return [None] * batch
+
+    def extend(self, st: list, rows, ids_list) -> np.ndarray:
+        from .runtime import TorchStepper
+
+        out = []
+        for r, ids in zip(rows, ids_list):
+            st[r] = TorchStepper(self.model, self.max_len)
+            out.append(st[r].prefill(np.asarray(ids, dtype=np.int64)[None])[0])
+        return np.stack(out)
+
+    def decode(self, st: list, tokens, active=None) -> np.ndarray:
+        rows = range(len(st)) if active is None else np.flatnonzero(active)
+        out = np.zeros((len(st), self.vocab_size), dtype=np.float32)
+        for r in rows:
+            out[r] = st[r].decode(np.asarray(tokens[r:r + 1], dtype=np.int64))[0]
+        return out
+
+
+def _torch_runtime(model_dir: Path):
+    from .convert import load_bsbr
+    from .runtime import Runtime, Tokenizer
+    from .runtime.engine import read_metadata
+
+    graph = model_dir / "model.onnx"
+    model = load_bsbr(model_dir / "bsbr")
+    max_len = read_metadata(graph)["max_seq_len"] if graph.is_file() else model.cfg.n_positions
+    return Runtime(_TorchEngine(model, max_len), Tokenizer.from_dir(model_dir))
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.argument("prompt")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="onnx", show_default=True)
+@click.argument("prompt", required=False)
+@click.option("--prompts-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A file of prompts, one per line, generated as one batch (instead of PROMPT).")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="onnx", show_default=True,
+              help="onnx: the torch-free runtime over the exported graphs. torch: the PyTorch model in bsbr/.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Graphs to run (onnx backend): fp16 needs the _fp16 graphs (--engine fp16).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-def generate(model_dir, prompt, backend, max_new_tokens, temperature, top_k, seed):
-    """Generate text from a pipeline output directory (MODEL_DIR as written by the main command)."""
-    from transformers import AutoTokenizer
+@click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample among the most likely tokens of total mass p.")
+@click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of each prompt's sampler.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-text token.")
+@click.option("--provider", "providers", multiple=True,
+              help="ONNX Runtime execution provider (repeatable, in order) [CUDA when present, then CPU].")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens, temperature, top_k, top_p,
+             repetition_penalty, seed, stop, ignore_eos, providers, threads):
+    """Generate text from an output directory of the main command, printing tokens as they come.
 
-    from .convert import load_bsbr
-    from .generate import generate as gen
-    from .runtime import TorchStepper
-    from .runtime import ORTStepper
-
-    if not (model_dir / "bsbr" / "config.json").is_file() or not (model_dir / "model.onnx").is_file():
-        fail(f"{model_dir}: not an output directory of the main command (no bsbr/ or model.onnx)")
+    \b
+    One prompt:      bsbr-export generate DIR "def parse("
+    A batch:         bsbr-export generate DIR --prompts-file prompts.txt   (one prompt per line)
+    """
+    if (prompt is None) == (prompts_file is None):
+        fail("give either PROMPT or --prompts-file")
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir / "bsbr")
-        ids = np.asarray([tok(prompt)["input_ids"]], dtype=np.int64)
-        if ids.shape[1] == 0:
-            fail("the prompt is empty")
-        max_len = ids.shape[1] + max_new_tokens
-        if backend == "torch":
-            stepper = TorchStepper(load_bsbr(model_dir / "bsbr"), max_len)
+        if prompts_file is not None:
+            prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line]
+            if not prompts:
+                fail(f"{prompts_file}: no prompts (one per line)")
         else:
-            stepper = ORTStepper(model_dir, max_len=max_len)
-        out = gen(stepper, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                  stop_token=tok.eos_token_id)
+            prompts = [prompt]
+        if backend == "torch":
+            rt = _torch_runtime(model_dir)
+        else:
+            from .runtime import load
+
+            rt = load(model_dir, precision=precision, providers=list(providers) or None, threads=threads)
+        stop_tokens = None if ignore_eos or rt.eos_token_id is None else [rt.eos_token_id]
+        events = rt.stream_batch(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
+                                 stop_tokens=stop_tokens)
+        if len(prompts) == 1:
+            click.echo(prompts[0], nl=False)
+        for ev in events:
+            if len(prompts) == 1:
+                click.echo(ev.piece, nl=False)
+                sys.stdout.flush()
+            elif ev.done is not None:  # a batch: each completion as its row finishes
+                click.echo(f"[{ev.row}] ({ev.done.finish_reason}) {prompts[ev.row]}{ev.done.text}")
+        if len(prompts) == 1:
+            click.echo()
+    except ModuleNotFoundError as e:
+        fail(f"{e.name} is not installed: --backend torch needs the export extra "
+             f"(pip install 'bsbr-export[export]')")
     except (BSBRExportError, OSError) as e:
-        fail(str(e))
-    click.echo(prompt + tok.decode(out[0].tolist()))
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def _int_list(text: str | None, name: str) -> tuple | None:
