@@ -1,0 +1,105 @@
+"""Tokenizer, incremental detokenisation and stop strings of ``bsbr_export.runtime.text``
+(the bundled model's tokenizer; no ONNX, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bsbr_export.errors import InputError, ModelLoadError
+from bsbr_export.runtime.text import REPLACEMENT, Tokenizer, check_stop
+
+MULTIBYTE = "déjà vu — naïve 日本語の文字 🙂🐍 ∑x² ok"
+
+
+@pytest.fixture(scope="module")
+def tok(bundled_dir):
+    return Tokenizer.from_dir(bundled_dir)
+
+
+def _stream(tok, ids, stop=()):
+    d = tok.detokenizer(stop)
+    pieces, stopped = [], False
+    for t in ids:
+        piece, stopped = d.push(t)
+        pieces.append(piece)
+        if stopped:
+            break
+    if not stopped:
+        pieces.append(d.finish())
+    return pieces, d
+
+
+def test_tokenizer_matches_transformers(tok, bundled_dir):
+    tf = pytest.importorskip("transformers")
+    ref = tf.AutoTokenizer.from_pretrained(bundled_dir)
+    for s in ("def parse(self, text):\n    return text", MULTIBYTE, "  x\t\ty"):
+        assert tok.encode(s) == ref(s)["input_ids"]
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.eos_token_id == 0 and tok.byte_level
+
+
+def test_pieces_never_split_a_utf8_character(tok):
+    ids = tok.encode(MULTIBYTE)
+    pieces, _ = _stream(tok, ids)
+    assert "".join(pieces) == MULTIBYTE
+    assert not any(REPLACEMENT in p for p in pieces)
+    # The case is exercised: some token carries only part of a character's bytes.
+    partial = [t for t in ids if _incomplete(tok.token_bytes(t))]
+    assert partial, "no token of the text splits a character; pick a text that does"
+    assert "" in pieces[:-1]  # those tokens' bytes were held back
+
+
+def _incomplete(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+def test_random_tokens_stream_equals_decode(tok):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = rng.integers(0, tok.vocab_size, 40).tolist()
+        pieces, _ = _stream(tok, ids)
+        assert "".join(pieces) == tok.decode(ids)
+
+
+def test_special_tokens_add_no_text(tok):
+    ids = tok.encode("ab") + [tok.eos_token_id] + tok.encode("cd")
+    pieces, _ = _stream(tok, ids)
+    assert "".join(pieces) == "abcd" == tok.decode(ids)
+
+
+def test_stop_string_across_tokens_cuts_the_text(tok):
+    text = "x = 1\nreturn value\n\ny = 2"
+    ids = tok.encode(text)
+    pieces, d = _stream(tok, ids, stop=["\n\n"])
+    assert d.stopped and d.text == "x = 1\nreturn value"
+    assert "".join(pieces) == d.text  # nothing streamed is taken back
+    # The earliest of several stop strings wins; a stop string at the very start gives no text.
+    _, d = _stream(tok, ids, stop=["value", "return"])
+    assert d.text == "x = 1\n"
+    _, d = _stream(tok, ids, stop=["x ="])
+    assert d.text == "" and d.stopped
+
+
+def test_held_back_prefix_of_a_stop_string_is_released(tok):
+    ids = tok.encode("a\nb")
+    pieces, d = _stream(tok, ids, stop=["\nc"])
+    assert not d.stopped and "".join(pieces) == "a\nb" == d.text
+    assert pieces[ids.index(tok.encode("\n")[0])] == ""  # "\n" held until "b" shows it is not "\nc"
+
+
+def test_stop_strings_checked():
+    assert check_stop(None) == () and check_stop("x") == ("x",)
+    for bad in ([""], [3], ["ok", None]):
+        with pytest.raises(InputError):
+            check_stop(bad)
+
+
+def test_missing_tokenizer_one_line(tmp_path):
+    with pytest.raises(ModelLoadError) as e:
+        Tokenizer.from_dir(tmp_path)
+    assert "tokenizer.json" in str(e.value) and "\n" not in str(e.value)
