@@ -26,6 +26,7 @@ property ``bsbr_export`` records the version, the configuration and the state fo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -320,11 +321,54 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
     return m
 
 
-def _save(m, path: Path):
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph file
+ALIGN = 64  # offsets of tensors in the weights file
+
+
+def weights_name(spec: ExportSpec) -> str:
+    """The one external-data file that every graph of an export (of one precision) reads."""
+    return f"weights{'_fp16' if spec.fp16 else ''}.onnx.data"
+
+
+class WeightsFile:
+    """External data shared by the graphs of one export: each initializer is written once and
+    every graph that holds it points at the same bytes (same name, same offset)."""
+
+    def __init__(self, path: Path):
+        self.path, self.index, self.size = Path(path), {}, 0
+
+    def externalise(self, m) -> None:
+        """Move ``m``'s large initializers into the file (appending those not yet in it)."""
+        from onnx import TensorProto
+
+        for t in m.graph.initializer:
+            raw = t.raw_data
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            digest = hashlib.sha256(raw).hexdigest()
+            if t.name in self.index:
+                if self.index[t.name][2] != digest:
+                    raise ValueError(f"initializer {t.name!r} differs between the graphs of one export")
+            else:
+                offset = -(-self.size // ALIGN) * ALIGN
+                with open(self.path, "ab") as f:
+                    f.write(b"\0" * (offset - self.size))
+                    f.write(raw)
+                self.index[t.name] = (offset, len(raw), digest)
+                self.size = offset + len(raw)
+            offset, length, _ = self.index[t.name]
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
+                t.external_data.add(key=key, value=str(value))
+
+
+def _save(m, path: Path, weights: WeightsFile):
     import onnx
 
-    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    weights.externalise(m)
+    onnx.save_model(m, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -334,15 +378,17 @@ def onnx_name(graph: str, spec: ExportSpec) -> str:
 
 
 def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = True, progress=None) -> dict:
-    """Write ``model.onnx`` (+ ``decode.onnx``) with external data into ``out_dir``.
+    """Write ``model.onnx`` (+ ``extend.onnx``, ``decode.onnx``, ``close.onnx``) and their one
+    weights file (``weights.onnx.data``; ``_fp16`` names for an fp16 spec) into ``out_dir``.
 
     Files are written and checked in a temporary directory next to ``out_dir``;
-    only complete, checked files are moved in. Returns {file name: path}.
+    only complete, checked files are moved in. Returns {file name: path} of the graphs.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     written = {}
+    weights = WeightsFile(tmp / weights_name(spec))
     try:
         jobs = [(onnx_name("model", spec), prefill_graph, "bsbr_prefill")]
         if decode:
@@ -356,7 +402,7 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
             m = _model_proto(g, inputs, outputs, gname, spec, model.cfg)
             if progress:
                 progress(f"writing and checking {fname}")
-            _save(m, tmp / fname)
+            _save(m, tmp / fname, weights)
         fix_modes(tmp)  # onnx writes external data 0600; every output file gets one mode
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)

@@ -48,7 +48,7 @@ def test_function_graph_structure(tiny_export):
     assert len(nodes) == 2 and all(n.domain == DOMAIN for n in nodes)
     attrs = {a.name: a for a in nodes[0].attribute}
     assert attrs["chunk_size"].i == 24 and attrs["plugin_namespace"].s == b"bsbr"
-    assert (out / "model.onnx.data").is_file()  # weights as external data
+    assert (out / "weights.onnx.data").is_file()  # weights as external data, one file for every graph
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 
@@ -75,7 +75,7 @@ def test_main_command_fp16_without_tensorrt(fp16_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["chunk_size"] == 128
     assert manifest["engine_status"].startswith("not built: TensorRT not installed")
-    for name in ("model.onnx", "model.onnx.data", "decode.onnx", "model_fp16.onnx", "bsbr/model.safetensors"):
+    for name in ("model.onnx", "weights.onnx.data", "decode.onnx", "model_fp16.onnx", "bsbr/model.safetensors"):
         assert name in manifest["files"], name
         assert (out / name).is_file()
 
