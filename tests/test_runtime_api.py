@@ -18,6 +18,7 @@ from bsbr_export.ops import state
 from bsbr_export.runtime import Runtime, TorchStepper, api, load
 from bsbr_export.runtime.sampling import log_softmax
 from bsbr_export.runtime.text import REPLACEMENT
+from test_text import _incomplete
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "gpt2-pystdlib"
@@ -234,18 +235,10 @@ class Scripted:
 def test_streamed_pieces_never_split_a_utf8_character(rt):
     text = "déjà vu — 日本語 🙂🐍 ∑x²"
     ids = rt.tokenizer.encode(text)
-    assert any(not _complete(rt.tokenizer.token_bytes(t)) for t in ids)  # some token holds part of a character
+    assert any(_incomplete(rt.tokenizer.token_bytes(t)) for t in ids)  # some token holds part of a character
     r = Runtime(Scripted(ids, rt.vocab_size), rt.tokenizer)
     pieces = list(r.stream([1, 2], max_new_tokens=len(ids)))
     assert "".join(pieces) == text and not any(REPLACEMENT in p for p in pieces)
-
-
-def _complete(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 def test_zero_new_tokens(rt):
