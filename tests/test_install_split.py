@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_runtime_api import MARGIN, export_bundled, torch_greedy
+from test_runtime_api import MARGIN, export_bundled, torch_greedy  # tests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ONLY = ("torch", "transformers", "safetensors", "huggingface_hub")

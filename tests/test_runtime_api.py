@@ -18,7 +18,8 @@ from bsbr_export.ops import state
 from bsbr_export.runtime import Runtime, TorchStepper, api, load
 from bsbr_export.runtime.sampling import log_softmax
 from bsbr_export.runtime.text import REPLACEMENT
-from test_text import _incomplete
+
+from test_text import _incomplete  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "models" / "gpt2-pystdlib"

@@ -39,7 +39,7 @@ def test_greedy_is_argmax():
 
 def test_top_k_and_top_p_keep_the_expected_sets():
     z = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
-    keep = lambda k=None, p=None: np.flatnonzero(np.isfinite(filtered(z, k, p)[0])).tolist()  # noqa: E731
+    keep = lambda k=None, p=None: np.flatnonzero(np.isfinite(filtered(z, k, p)[0])).tolist()
     assert keep(k=2) == [0, 1]
     assert keep(p=0.5) == [0]  # the most likely token alone reaches 0.5
     assert keep(p=0.7) == [0, 1]
@@ -78,7 +78,7 @@ def test_sampled_tokens_stay_in_the_kept_set_and_follow_the_distribution():
 def test_one_generator_per_row_makes_a_row_independent_of_the_batch():
     z = _logits(3, 40, seed=3)
     opts = SamplingOptions(temperature=1.0, top_p=0.9)
-    batch = [choose(z, opts, sampling.row_generators(11, 3)) for _ in range(1)][0]
+    batch = choose(z, opts, sampling.row_generators(11, 3))
     for i in range(3):
         alone = choose(z[i:i + 1], opts, sampling.row_generators(11, 1))
         assert alone[0] == batch[i]
