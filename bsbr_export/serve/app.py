@@ -1,0 +1,364 @@
+"""The OpenAI-compatible HTTP application (FastAPI on Starlette, served by uvicorn or Ray Serve).
+
+    POST /v1/completions   OpenAI completions, streamed as server-sent events or not
+    GET  /v1/models        the one model this server holds
+    GET  /health           200 while the scheduler runs, 503 otherwise
+    GET  /metrics          Prometheus text format
+
+``create_app(ServeConfig(...))`` builds the application; the runtime (engine, tokenizer,
+scheduler, metrics: ``Server``) starts in the application's lifespan, or on the first request
+where no lifespan runs. Every route reads it from ``app.state``, so cross-cutting concerns
+(authentication, body and rate limits: issue 18) go in as ASGI/Starlette middleware around the
+routes without touching them. Every error is OpenAI-style JSON
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import BSBRExportError, InputError
+from ..runtime.sampling import SamplingOptions
+from .protocol import APIError, CompletionRequest, error_body, parse_completion
+from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServeConfig:
+    """What ``bsbr-export serve`` takes (see its --help)."""
+
+    export_dir: str
+    precision: str = "fp32"
+    threads: int | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    prefill_chunk: int = PREFILL_CHUNK
+    model_name: str | None = None
+    drain_s: float = 10.0
+    providers: list | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.export_dir).resolve().name
+
+
+class Server:
+    """The runtime behind the routes: tokenizer, engine, scheduler and metrics of one export."""
+
+    def __init__(self, config: ServeConfig):
+        from ..runtime.api import check_export, check_providers
+        from ..runtime.engine import Engine
+        from ..runtime.text import Tokenizer
+        from .metrics import Metrics
+
+        check_export(config.export_dir, config.precision)
+        self.config, self.name, self.created = config, config.served_name, int(time.time())
+        self.tokenizer = Tokenizer.from_dir(config.export_dir)
+        self.engine = Engine(config.export_dir, precision=config.precision, threads=config.threads,
+                             providers=check_providers(config.providers))
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(self.engine, self.tokenizer, max_batch=config.max_batch,
+                                   max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
+                                   metrics=self.metrics)
+        self.metrics.sample(self.scheduler)
+        self.max_len, self.vocab_size = int(self.engine.max_len), int(self.engine.vocab_size)
+
+    def close(self) -> None:
+        self.scheduler.stop(self.config.drain_s)
+
+
+_lock = threading.Lock()
+
+
+def server_of(app) -> Server:
+    """The app's ``Server``, started on first use (Ray Serve replicas, tests without lifespan)."""
+    srv = getattr(app.state, "server", None)
+    if srv is None:
+        with _lock:
+            srv = getattr(app.state, "server", None)
+            if srv is None:
+                srv = app.state.server = Server(app.state.config)
+    return srv
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        server_of(app)
+        yield
+        srv = getattr(app.state, "server", None)
+        if srv is not None:
+            await asyncio.get_running_loop().run_in_executor(None, srv.close)
+
+    app = FastAPI(title="bsbr-export serve", lifespan=lifespan)
+    app.state.config = config
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return _error_response(request, e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(request, APIError(e.status_code, str(e.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e):
+        return _error_response(request, APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+
+    @app.get("/health")
+    async def health(request: Request):
+        srv = server_of(request.app)
+        ok = srv.scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "unavailable", "free_rows": srv.scheduler.free_rows(),
+                             "max_batch": srv.scheduler.max_batch}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        srv = server_of(request.app)
+        return {"object": "list", "data": [{"id": srv.name, "object": "model", "created": srv.created,
+                                            "owned_by": "bsbr-export", "max_model_len": srv.max_len}]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        from .metrics import CONTENT_TYPE_LATEST
+
+        srv = server_of(request.app)
+        return Response(srv.metrics.render(srv.scheduler), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        srv = server_of(request.app)
+        body = parse_completion(await request.body())
+        return await _complete(srv, request, body)
+
+    return app
+
+
+def _error_response(request, e: APIError) -> JSONResponse:
+    srv = getattr(request.app.state, "server", None)
+    if srv is not None:
+        srv.metrics.http.labels(str(e.status)).inc()
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+# --------------------------------------------------------------------------- completions
+
+def _prompts(srv: Server, body: CompletionRequest) -> list[np.ndarray]:
+    p = body.prompt
+    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
+        p = [p]
+    if not p:
+        raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+    out = []
+    for i, x in enumerate(p):
+        ids = np.asarray(srv.tokenizer.encode(x) if isinstance(x, str) else x, dtype=np.int64)
+        if ids.size == 0:
+            raise APIError(400, f"prompt {i} is empty (no tokens)", param="prompt")
+        if ids.max() >= srv.vocab_size:
+            raise APIError(400, f"prompt {i}: token ids must lie in [0, {srv.vocab_size}), got {int(ids.max())}",
+                           param="prompt")
+        out.append(ids)
+    return out
+
+
+def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRequest]:
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    for i, ids in enumerate(prompts):
+        if ids.size + max_tokens > srv.max_len:
+            raise APIError(400, f"This model's maximum context length is {srv.max_len} tokens; prompt "
+                           f"{i} has {ids.size} tokens and max_tokens is {max_tokens} ({ids.size + max_tokens} in "
+                           f"all). Reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+    try:
+        opts = SamplingOptions(temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k,
+                               top_p=None if body.top_p in (None, 1) else body.top_p,
+                               repetition_penalty=body.repetition_penalty)
+    except InputError as e:
+        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    eos = srv.tokenizer.eos_token_id
+    stops = frozenset() if body.ignore_eos or eos is None else frozenset({int(eos)})
+    return [GenRequest(ids=ids, max_tokens=max_tokens, sink=(lambda ev, i=i: sink(i, ev)), opts=opts,
+                       seed=body.seed, stop=stop, stop_tokens=stops, presence_penalty=body.presence_penalty or 0.0,
+                       frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=body.logprobs or 0)
+            for i, ids in enumerate(prompts)]
+
+
+class _Choice:
+    """One prompt's text, tokens and logprobs as they come."""
+
+    def __init__(self, srv: Server, body: CompletionRequest, index: int, prompt: np.ndarray):
+        self.index, self.prompt_tokens = index, int(prompt.size)
+        self.echo = srv.tokenizer.decode(prompt.tolist()) if body.echo else ""
+        self.text, self.finish_reason, self.error = self.echo, None, None
+        self.tokens, self.want_logprobs, self.tok = [], body.logprobs is not None, srv.tokenizer
+        self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if body.logprobs else None,
+                   "text_offset": []}
+
+    def add(self, ev: Event) -> dict | None:
+        """Record a token event; returns its logprobs fragment (streaming) when asked for."""
+        offset = len(self.text)
+        self.tokens.append(ev.token)
+        self.text += ev.piece
+        if not self.want_logprobs:
+            return None
+        frag = {"tokens": [self.tok.decode([ev.token])], "token_logprobs": [ev.logprob],
+                "top_logprobs": [{self.tok.decode([t]): lp for t, lp in ev.top.items()}] if ev.top else None,
+                "text_offset": [offset]}
+        for k in ("tokens", "token_logprobs", "text_offset"):
+            self.lp[k] += frag[k]
+        if self.lp["top_logprobs"] is not None:
+            self.lp["top_logprobs"] += frag["top_logprobs"] or [{}]
+        return frag
+
+    def end(self, ev: Event) -> None:
+        self.finish_reason, self.error = ev.finish_reason, ev.error
+
+    def json(self) -> dict:
+        return {"index": self.index, "text": self.text, "logprobs": self.lp if self.want_logprobs else None,
+                "finish_reason": self.finish_reason}
+
+
+def _usage(choices) -> dict:
+    p, c = sum(ch.prompt_tokens for ch in choices), sum(len(ch.tokens) for ch in choices)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def _complete(srv: Server, request: Request, body: CompletionRequest):
+    bad = body.unsupported()
+    if bad is not None:
+        raise bad
+    if body.model != srv.name:
+        raise APIError(404, f"The model '{body.model}' does not exist (this server holds '{srv.name}')",
+                       param="model", code="model_not_found")
+    prompts = _prompts(srv, body)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def sink(i, ev):  # called on the scheduler's thread
+        loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+
+    reqs = _requests(srv, body, prompts, sink)
+    choices = [_Choice(srv, body, i, p) for i, p in enumerate(prompts)]
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": srv.name}
+    if reqs[0].max_tokens > 0:
+        try:
+            srv.scheduler.submit(*reqs)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry after {RETRY_AFTER_S} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except InputError as e:
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+    else:  # max_tokens 0: the prompt (echo) and nothing else, no model work
+        for ch in choices:
+            ch.finish_reason = "length"
+    watcher = asyncio.create_task(_watch_disconnect(request, srv, reqs))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        left = sum(ch.finish_reason is None for ch in choices)
+        while left:
+            i, ev = await events.get()
+            if ev.finish_reason is None:
+                choices[i].add(ev)
+            else:
+                choices[i].end(ev)
+                left -= 1
+    finally:
+        watcher.cancel()
+        for r in reqs:
+            if r.finish_reason is None:
+                srv.scheduler.cancel(r)
+    failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
+    if failed is not None:
+        status, kind = (500, "server_error") if failed.finish_reason == "error" else (503, "server_error")
+        raise APIError(status, failed.error or "the request was cancelled (server shutting down)", type=kind)
+    srv.metrics.http.labels("200").inc()
+    return {**head, "choices": [ch.json() for ch in choices], "usage": _usage(choices)}
+
+
+async def _watch_disconnect(request: Request, srv: Server, reqs) -> None:
+    """Cancel the requests when the client goes away (their rows are freed at once)."""
+    try:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                for r in reqs:
+                    srv.scheduler.cancel(r)
+                return
+    except (asyncio.CancelledError, RuntimeError):
+        return
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue, watcher, include_usage: bool):
+    usage_null = {"usage": None} if include_usage else {}
+    try:
+        def chunk(i, text, logprobs=None, finish_reason=None):
+            return _sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
+                                              "finish_reason": finish_reason}], **usage_null})
+
+        for ch in choices:
+            if ch.echo or ch.finish_reason is not None:  # the echoed prompt; max_tokens 0 ends here
+                yield chunk(ch.index, ch.echo, None, ch.finish_reason)
+        left = sum(ch.finish_reason is None for ch in choices)
+        while left:
+            i, ev = await events.get()
+            ch = choices[i]
+            if ev.finish_reason is None:
+                frag = ch.add(ev)
+                if ev.piece or frag is not None:
+                    yield chunk(i, ev.piece, frag)
+                continue
+            ch.end(ev)
+            left -= 1
+            if ev.finish_reason in ("error", "cancelled"):
+                yield _sse(error_body(ev.error or "the request was cancelled (server shutting down)", "server_error"))
+                return
+            yield chunk(i, "", None, ev.finish_reason)
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(choices)})
+        yield b"data: [DONE]\n\n"
+        srv.metrics.http.labels("200").inc()
+    finally:
+        watcher.cancel()
+        for r in reqs:
+            if r.finish_reason is None:
+                srv.scheduler.cancel(r)
+
+
+def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets streams finish for up to
+    ``config.drain_s`` seconds, then the scheduler cancels what is left and the process exits 0."""
+    import uvicorn
+
+    app = create_app(config)
+    uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=config.drain_s,
+                        lifespan="on")
+    server = uvicorn.Server(uv)
+    server.run()
+    if not server.started:
+        raise BSBRExportError(f"the server did not start on {host}:{port} (see the log above)")

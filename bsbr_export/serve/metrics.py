@@ -1,0 +1,59 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Counters and histograms the scheduler feeds (from its loop thread) and gauges read from it."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("bsbr_queue_depth", "Requests waiting for a row", registry=r)
+        self.active = Gauge("bsbr_active_sequences", "Requests holding a row (prefilling or decoding)", registry=r)
+        self.free = Gauge("bsbr_free_rows", "Rows of the running batch that hold no request", registry=r)
+        self.max_batch = Gauge("bsbr_max_batch", "Rows of the running batch", registry=r)
+        self.tokens = Counter("bsbr_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("bsbr_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.requests = Counter("bsbr_requests_finished", "Requests ended, by finish reason", ["reason"], registry=r)
+        self.rejected_total = Counter("bsbr_requests_rejected", "Requests refused with 429 (queue full)", registry=r)
+        self.http = Counter("bsbr_http_responses", "HTTP responses by status code", ["code"], registry=r)
+        self.ttft = Histogram("bsbr_time_to_first_token_seconds", "From submission to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("bsbr_time_per_output_token_seconds", "Between consecutive tokens of a request",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.steps = Histogram("bsbr_step_seconds", "One engine call of the loop", ["kind"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+
+    # hooks the scheduler calls
+    def token(self, seconds: float, first: bool) -> None:
+        self.tokens.inc()
+        (self.ttft if first else self.tpot).observe(seconds)
+
+    def step(self, kind: str, seconds: float, n: int) -> None:
+        self.steps.labels(kind).observe(seconds)
+        if kind == "prefill":
+            self.prompt_tokens.inc(n)
+
+    def finished(self, reason: str) -> None:
+        self.requests.labels(reason).inc()
+
+    def rejected(self, n: int = 1) -> None:
+        self.rejected_total.inc(n)
+
+    def sample(self, sched) -> None:
+        """Gauges from the scheduler's current state."""
+        self.queue_depth.set(sched.queue_depth())
+        free = sched.free_rows()
+        self.free.set(free)
+        self.active.set(sched.max_batch - free)
+        self.max_batch.set(sched.max_batch)
+
+    def render(self, sched=None) -> bytes:
+        if sched is not None:
+            self.sample(sched)
+        return generate_latest(self.registry)

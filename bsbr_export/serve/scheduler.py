@@ -1,0 +1,336 @@
+"""Continuous batching over the ONNX Runtime engine: one loop thread, one State of ``max_batch`` rows.
+
+The loop thread is the only caller of the ``Engine`` (its ORT sessions and its ``State``). Other
+threads (the HTTP server's event loop) hand it ``GenRequest`` objects through ``submit`` and get
+``Event`` objects back through each request's ``sink`` callable, called on the loop thread.
+
+One iteration of the loop:
+
+1. frees the rows of cancelled requests (a client that went away) and admits waiting requests
+   into free rows (row reset to position 0);
+2. prefills: rows whose prompt is not all fed get their next piece, ``prefill_chunk`` tokens in
+   all per iteration (FIFO over the rows, ragged pieces in one ``extend`` call); a row whose
+   prompt is complete samples its first token from the piece's last logits;
+3. decodes: every row that holds a sampled, not yet fed token advances by one (``decode`` with
+   the ``active`` mask, so rows mid-prefill and free rows keep their state), then samples.
+
+So a long prompt is fed in pieces between decode steps: running streams wait at most one piece
+per token. A finished row (stop token, stop string, ``max_tokens``) is freed in the same
+iteration. Each request samples with its own options and its own ``numpy`` generator
+(``runtime.sampling``), and its text comes from its own ``runtime.text.Detokenizer``, so what a
+request gets does not depend on the other rows of the batch (up to float rounding of batched
+matmuls: greedy tokens can differ only where the top two logits are within rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..runtime.sampling import SamplingOptions, choose, log_softmax
+from .penalties import apply_penalties
+
+PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
+
+
+class QueueFull(Exception):
+    """More waiting requests than ``max_queue``: the caller answers 429."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer accepts requests."""
+
+
+@dataclass
+class Event:
+    """One new token of a request (``token`` >= 0), or its end (``finish_reason`` set).
+
+    piece: the text the token adds (held back while a character or a possible stop string is
+    incomplete); logprob: the model's log-probability of the token (log_softmax of the raw
+    logits); top: {token: logprob} of the ``top_logprobs`` most likely tokens (when asked);
+    margin: the gap between the two largest logits of the step (near-ties explain rare
+    differences between batched and lone runs). The last event of a request carries
+    ``finish_reason`` ("stop", "length", "cancelled", "error") and, for "error", ``error``.
+    """
+
+    token: int = -1
+    piece: str = ""
+    logprob: float = 0.0
+    top: dict | None = None
+    margin: float = float("inf")
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """What one completion asks of the scheduler (prompt already tokenized and checked)."""
+
+    ids: np.ndarray
+    max_tokens: int
+    sink: Callable[[Event], None]
+    opts: SamplingOptions = field(default_factory=SamplingOptions)
+    seed: int | None = None
+    stop: tuple = ()
+    stop_tokens: frozenset = frozenset()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
+    # set by the scheduler
+    id: int = -1
+    row: int = -1
+    fed: int = 0  # prompt tokens already in the row's state
+    pending: int = -1  # sampled token not yet fed to the model
+    tokens: list = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_last: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request (thread-safe; the row is freed next iteration)."""
+        self.cancelled = True
+
+
+class Scheduler:
+    """Continuous batching of ``GenRequest`` over an ``Engine`` (see the module docstring).
+
+    engine: a ``runtime.engine.Engine``; tokenizer: a ``runtime.text.Tokenizer``; metrics: an
+    object with the hooks of ``serve.metrics.Metrics`` (or None).
+    """
+
+    def __init__(self, engine, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 prefill_chunk: int = PREFILL_CHUNK, metrics=None):
+        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_len = int(engine.max_len)
+        self.state = engine.new_state(max_batch)
+        self._rows: list[GenRequest | None] = [None] * max_batch
+        self._waiting: deque[GenRequest] = deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._accepting, self._stop = True, False
+        self.steps = {"prefill": 0, "decode": 0}
+        self._thread = threading.Thread(target=self._run, name="bsbr-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ other threads
+    def submit(self, *reqs: GenRequest) -> None:
+        """Queue requests (all or none): ``QueueFull`` past ``max_queue`` waiting requests,
+        ``ShuttingDown`` once ``stop`` has begun; ``InputError`` for a request that cannot fit."""
+        for r in reqs:
+            if len(r.ids) + r.max_tokens > self.max_len:
+                raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} exceeds the export's "
+                                 f"maximum of {self.max_len} tokens")
+            if len(r.ids) == 0 or r.max_tokens < 1:
+                raise InputError("a scheduled request needs >= 1 prompt token and max_tokens >= 1")
+        with self._cv:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) + len(reqs) > self.max_queue + self.free_rows_locked():
+                if self.metrics:
+                    self.metrics.rejected(len(reqs))
+                raise QueueFull(f"{len(self._waiting)} requests waiting (--max-queue {self.max_queue})")
+            now = time.perf_counter()
+            for r in reqs:
+                r.id, r.t_submit = next(self._ids), now
+                self._waiting.append(r)
+            self._cv.notify()
+
+    def cancel(self, req: GenRequest) -> None:
+        req.cancel()
+        with self._cv:
+            self._cv.notify()
+
+    def free_rows_locked(self) -> int:
+        return sum(r is None for r in self._rows)
+
+    def free_rows(self) -> int:
+        """Rows of the running batch that hold no request."""
+        with self._cv:
+            return self.free_rows_locked()
+
+    def queue_depth(self) -> int:
+        with self._cv:
+            return len(self._waiting)
+
+    def active(self) -> int:
+        """Requests holding a row (prefilling or decoding)."""
+        return self.max_batch - self.free_rows()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Stop accepting; let requests in flight finish for up to ``drain_s`` seconds, cancel
+        the rest (their last event: finish_reason "cancelled"), then end the loop thread."""
+        with self._cv:
+            self._accepting = False
+            self._cv.notify()
+        end = time.monotonic() + max(0.0, drain_s)
+        while time.monotonic() < end and (self.queue_depth() or self.active()):
+            time.sleep(0.02)
+        with self._cv:
+            for r in [*self._waiting, *(r for r in self._rows if r is not None)]:
+                r.cancel()
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=max(5.0, drain_s))
+
+    # ------------------------------------------------------------------ the loop thread
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and all(r is None for r in self._rows):
+                    self._cv.wait()
+                if self._stop:
+                    self._drop_all()
+                    return
+                self._admit()
+            try:
+                self._prefill()
+                self._decode()
+            except Exception as e:  # an engine failure ends the rows it touched, not the server
+                self._fail_rows(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            if self.metrics:
+                self.metrics.sample(self)
+
+    def _admit(self) -> None:
+        """Free the rows of cancelled requests and fill free rows from the queue (lock held)."""
+        for i, r in enumerate(self._rows):
+            if r is not None and r.cancelled:
+                self._finish(r, "cancelled")
+        if any(r.cancelled for r in self._waiting):
+            for r in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(r)
+                self._emit(r, Event(finish_reason="cancelled"))
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        fresh = []
+        while free and self._waiting:
+            r, r.row = self._waiting.popleft(), free.pop(0)
+            r.rng = np.random.default_rng(r.seed)
+            r.detok = self.tokenizer.detokenizer(r.stop)
+            r.counts = np.zeros(self.engine.vocab_size, np.int64) if (r.presence_penalty or r.frequency_penalty) else None
+            self._rows[r.row] = r
+            fresh.append(r.row)
+        if fresh:
+            self.engine.reset_rows(self.state, fresh)
+
+    def _prefill(self) -> None:
+        budget, rows, pieces, reqs = self.prefill_chunk, [], [], []
+        for r in sorted((r for r in self._rows if r is not None and r.fed < len(r.ids)), key=lambda r: r.id):
+            if budget <= 0:
+                break
+            n = min(budget, len(r.ids) - r.fed)
+            rows.append(r.row)
+            pieces.append(r.ids[r.fed:r.fed + n])
+            reqs.append(r)
+            budget -= n
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        logits = self.engine.extend(self.state, rows, pieces)
+        self.steps["prefill"] += 1
+        if self.metrics:
+            self.metrics.step("prefill", time.perf_counter() - t0, sum(len(p) for p in pieces))
+        for r, p, lg in zip(reqs, pieces, logits):
+            r.fed += len(p)
+            if r.fed == len(r.ids):
+                self._sample(r, lg)
+
+    def _decode(self) -> None:
+        reqs = [r for r in self._rows if r is not None and r.pending >= 0]
+        if not reqs:
+            return
+        tokens = np.zeros(self.max_batch, np.int64)
+        active = np.zeros(self.max_batch, bool)
+        for r in reqs:
+            tokens[r.row], active[r.row] = r.pending, True
+        t0 = time.perf_counter()
+        logits = self.engine.decode(self.state, tokens, active)
+        self.steps["decode"] += 1
+        if self.metrics:
+            self.metrics.step("decode", time.perf_counter() - t0, len(reqs))
+        for r in reqs:
+            r.pending = -1
+            self._sample(r, logits[r.row])
+
+    def _sample(self, r: GenRequest, logits: np.ndarray) -> None:
+        """Choose ``r``'s next token from its row's logits, emit it, and end the row if done."""
+        if r.cancelled:
+            with self._cv:
+                self._finish(r, "cancelled")
+            return
+        proc = apply_penalties(logits, r.counts, r.presence_penalty, r.frequency_penalty)
+        seen = [np.concatenate([r.ids, np.asarray(r.tokens, np.int64)])] if r.opts.repetition_penalty else None
+        tok = int(choose(proc[None], r.opts, [r.rng], seen)[0])
+        lsm = log_softmax(logits)
+        top2 = np.partition(logits, -2)[-2:]
+        top = None
+        if r.top_logprobs:
+            best = np.argpartition(-lsm, r.top_logprobs)[:r.top_logprobs]
+            top = {int(i): float(lsm[i]) for i in best[np.argsort(-lsm[best], kind="stable")]}
+        r.tokens.append(tok)
+        if r.counts is not None:
+            r.counts[tok] += 1
+        now = time.perf_counter()
+        if self.metrics:
+            self.metrics.token(now - (r.t_last if r.t_last is not None else r.t_submit), first=r.t_last is None)
+        r.t_first = r.t_first if r.t_first is not None else now
+        r.t_last = now
+        reason = None
+        if tok in r.stop_tokens:
+            piece, reason = r.detok.finish(), "stop"
+        else:
+            piece, hit = r.detok.push(tok)
+            if hit:
+                reason = "stop"
+            elif len(r.tokens) >= r.max_tokens:
+                piece, reason = piece + r.detok.finish(), "length"
+        self._emit(r, Event(tok, piece, float(lsm[tok]), top, float(top2[1] - top2[0])))
+        if reason is not None:
+            with self._cv:
+                self._finish(r, reason)
+        else:
+            r.pending = tok
+
+    def _finish(self, r: GenRequest, reason: str, error: str | None = None) -> None:
+        """End ``r``: free its row at once and send its last event (lock held)."""
+        if r.row >= 0 and self._rows[r.row] is r:
+            self._rows[r.row] = None
+        r.pending, r.finish_reason = -1, reason
+        if self.metrics:
+            self.metrics.finished(reason)
+        self._emit(r, Event(finish_reason=reason, error=error))
+
+    def _fail_rows(self, message: str) -> None:
+        with self._cv:
+            failed = [r for r in self._rows if r is not None]
+            for r in failed:
+                self._finish(r, "error", message)
+        if failed:
+            self.engine.reset_rows(self.state, [r.row for r in failed])
+
+    def _drop_all(self) -> None:
+        for r in [*self._waiting, *(r for r in self._rows if r is not None)]:
+            self._finish(r, "cancelled")
+        self._waiting.clear()
+
+    @staticmethod
+    def _emit(r: GenRequest, ev: Event) -> None:
+        try:
+            r.sink(ev)
+        except Exception:  # a sink whose consumer is gone (closed event loop): the request is over
+            r.cancelled = True
