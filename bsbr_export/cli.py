@@ -358,6 +358,48 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 = any free port.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rows of the running decode batch (sequences generated at once).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting for a row beyond the free rows; more get 429 with Retry-After.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt tokens fed per scheduler step, between decode steps of running streams.")
+@click.option("--model-name", default=None, help="Model id clients send [the directory's name].")
+@click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds in-flight requests may finish after SIGTERM before they are cancelled.")
+@click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
+def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefill_chunk, model_name, drain_s,
+          providers):
+    """OpenAI-compatible completions server over an export, with continuous batching.
+
+    \b
+    bsbr-export serve DIR --port 8000 --max-batch 16
+    curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "DIR-NAME", "prompt": "def parse(", "max_tokens": 32, "temperature": 0}'
+    Endpoints: POST /v1/completions, GET /v1/models, /health, /metrics. Needs the serve extra.
+    """
+    try:
+        from .serve.app import ServeConfig, run as run_server
+    except ModuleNotFoundError as e:
+        fail(f"{e.name} is not installed: serve needs the serve extra (pip install 'bsbr-export[serve]')")
+    config = ServeConfig(str(model_dir), precision=precision, threads=threads, max_batch=max_batch,
+                         max_queue=max_queue, prefill_chunk=prefill_chunk, model_name=model_name, drain_s=drain_s,
+                         providers=list(providers) or None)
+    try:
+        from .runtime.api import check_export
+
+        check_export(model_dir, precision)
+        run_server(config, host=host, port=port)
+    except (BSBRExportError, OSError) as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def _int_list(text: str | None, name: str) -> tuple | None:
     if text is None:
         return None
