@@ -398,6 +398,9 @@ def test_cli_generate_streams_and_batches(export_dir, rt, tmp_path):
     assert out.exit_code == 0, out.output
     ref = rt.generate(["def parse("], max_new_tokens=12, stop_tokens=[rt.eos_token_id], return_details=True)[0]
     assert out.output == "def parse(" + ref.text + "\n"
+    torch_out = CliRunner().invoke(main, ["generate", str(export_dir), "def parse(", "--max-new-tokens", "12",
+                                          "--backend", "torch"])
+    assert torch_out.exit_code == 0 and torch_out.output == out.output
     f = tmp_path / "prompts.txt"
     f.write_text("def f(\nimport os\n")
     out = CliRunner().invoke(main, ["generate", str(export_dir), "--prompts-file", str(f), "--max-new-tokens", "6",
