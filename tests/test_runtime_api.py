@@ -136,6 +136,8 @@ def test_text_prompts_equal_their_token_ids(rt):
     prompts = ["def parse(self, text):\n", "import os"]
     ids = [rt.tokenizer.encode(p) for p in prompts]
     assert rt.generate(prompts, max_new_tokens=8) == rt.generate(ids, max_new_tokens=8)
+    same = [ids[0][:3], ids[1][:3]]
+    assert rt.generate(np.array(same), max_new_tokens=4) == rt.generate(same, max_new_tokens=4)
 
 
 def test_seeded_sampling_of_a_row_equal_alone_and_in_a_batch(rt, text):

@@ -103,3 +103,16 @@ def test_missing_tokenizer_one_line(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         Tokenizer.from_dir(tmp_path)
     assert "tokenizer.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_other_tokenizers_stream_through_their_decode():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    hf = HFTokenizer(models.WordLevel({"a": 0, "é": 1, "b": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(hf)
+    assert not tok.byte_level
+    ids = tok.encode("a é b a")
+    pieces, d = _stream(tok, ids, stop=["b a"])
+    assert d.stopped and "".join(pieces) == d.text == tok.decode(ids).split("b a")[0]

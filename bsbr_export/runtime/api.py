@@ -183,7 +183,10 @@ class Runtime:
 
     # ------------------------------------------------------------------ inputs
     def encode(self, prompts) -> list[np.ndarray]:
-        """Prompts (a list of str or of token-id lists) -> one int64 array per prompt, checked."""
+        """Prompts (a list of str or of token-id lists, or a 2-D id array) -> one int64 array per
+        prompt, checked."""
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+            prompts = list(prompts)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
             raise InputError("prompts must be a list of str or of token-id lists (one prompt: [prompt])")
         if not prompts:
