@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 import uuid
@@ -359,6 +360,10 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=config.drain_s,
                         lifespan="on")
     server = uvicorn.Server(uv)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal that stopped it once it has shut down; a drained SIGTERM
+        # is a clean stop here (exit code 0), so the re-raised SIGTERM is ignored.
+        signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if not server.started:
         raise BSBRExportError(f"the server did not start on {host}:{port} (see the log above)")
