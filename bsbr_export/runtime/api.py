@@ -84,8 +84,8 @@ def _external_data(path: Path) -> list[tuple[str, int, int]]:
 def check_export(path, precision: str = "fp32") -> dict:
     """Check an exported directory without ONNX Runtime; returns its metadata. One-line
     ``InputError`` for: no directory, a missing graph, a graph of another state format or
-    precision, a missing weights file, a weights file whose size differs from what its
-    graphs' external-data records imply, and a missing tokenizer."""
+    precision, a missing weights file, a weights file whose size differs from what the
+    external-data records of the directory's graphs imply, and a missing tokenizer."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     d = Path(path)
@@ -114,6 +114,14 @@ def check_export(path, precision: str = "fp32") -> dict:
             if os.path.isabs(loc) or ".." in Path(loc).parts:
                 raise InputError(f"{p}: external data outside the export directory ({loc!r})")
             need[loc] = max(need.get(loc, 0), off + length)
+    for other in sorted(set(d.glob("*.onnx")) - set(graphs)):  # e.g. model.onnx: its share of the same file
+        try:
+            records = _external_data(other)
+        except InputError:
+            continue
+        for loc, off, length in records:
+            if loc in need:
+                need[loc] = max(need[loc], off + length)
     for loc, n in sorted(need.items()):
         f = d / loc
         if not f.is_file():
