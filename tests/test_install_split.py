@@ -45,7 +45,8 @@ def test_pyproject_puts_torch_in_the_export_extra():
     extras = proj["optional-dependencies"]
     assert "torch==2.13.0" in extras["export"]
     assert {_name(r) for r in extras["export"]} >= set(EXTRA_ONLY)
-    assert "bsbr-export[export]" in extras["test"]  # README's `pip install -e ".[test]"` installs all of CI
+    # README's `pip install -e ".[test]"` installs all that CI needs
+    assert any(r.startswith("bsbr-export[") and "export" in r for r in extras["test"]), extras["test"]
 
 
 def test_installed_distribution_requires_torch_only_in_extras(tmp_path):
