@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BSBRExportError, ConfigError
-from .runtime import TorchHalfRunner
 
 ENGINES = ("onnx", "fp32", "fp16")
 
@@ -61,6 +60,23 @@ def heldout_text(model_dir: Path | None) -> np.ndarray | None:
     if model_dir is not None and (Path(model_dir) / "heldout_ids.npy").is_file():
         return np.load(Path(model_dir) / "heldout_ids.npy").astype(np.int64)
     return None
+
+
+class TorchHalfRunner:
+    """Torch in fp16: the measured low-precision baseline for fp16 tolerances."""
+
+    name = "torch fp16"
+
+    def __init__(self, model):
+        import copy
+
+        self.model = copy.deepcopy(model).half()
+
+    def infer(self, feeds):
+        import torch
+
+        with torch.no_grad():
+            return {"logits": self.model(torch.from_numpy(feeds["input_ids"])).float().numpy()}
 
 
 def parity_onnx(model, onnx_path, max_len, text_ids, precision="fp32", threads=None, progress=None,
