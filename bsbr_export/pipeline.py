@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BSBRExportError, ConfigError
+from .runtime import TorchHalfRunner
 
 ENGINES = ("onnx", "fp32", "fp16")
 
@@ -62,32 +63,15 @@ def heldout_text(model_dir: Path | None) -> np.ndarray | None:
     return None
 
 
-class TorchHalfRunner:
-    """Torch in fp16: the measured low-precision baseline for fp16 tolerances."""
-
-    name = "torch fp16"
-
-    def __init__(self, model):
-        import copy
-
-        self.model = copy.deepcopy(model).half()
-
-    def infer(self, feeds):
-        import torch
-
-        with torch.no_grad():
-            return {"logits": self.model(torch.from_numpy(feeds["input_ids"])).float().numpy()}
-
-
 def parity_onnx(model, onnx_path, max_len, text_ids, precision="fp32", threads=None, progress=None,
                 lengths=None, batches=(1, 3)) -> dict:
     """ORT vs torch fp32 on the grid. fp16 tolerance: 3x the torch-fp16 distance, measured per case."""
-    from .check import check_parity
-    from .runtime import ORTRunner, TorchRunner
+    from .check import check_parity, lean_ort_runner
+    from .runtime import TorchRunner
 
     cfg = model.cfg
     ref = TorchRunner(model)
-    with ORTRunner(onnx_path, threads=threads) as cand:
+    with lean_ort_runner(onnx_path, threads=threads) as cand:
         kw = dict(chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size, text_ids=text_ids,
                   precision=precision, progress=progress, lengths=lengths, batches=batches)
         if precision == "fp32":
