@@ -60,7 +60,10 @@ def test_quick_bench_schema(tmp_path):
     for t in r["targets"]:
         assert t["status"] in ("pass", "miss", "n/a") and t["comparison"] in ("<=", ">=") and _num(t["threshold"])
         assert t["measured"] is None or _num(t["measured"])
-    assert len(r["targets"]) == 8
+    assert len(r["targets"]) == 9
+    # The loaded runtime (three sessions, one shared copy of the weights) against one prefill session.
+    mem = r["runtime_memory"]
+    assert mem["runtime"] > 0 and mem["prefill-session"] > 0 and _num(mem["ratio"])
     assert all(_num(s["exponent"]) for s in r["scaling"].values()) and "bsbr-ort" in r["scaling"]
     assert r["profiles"]["bsbr-ort"]["status"] == "ok" and r["profiles"]["bsbr-ort"]["op_types_ms"]
     # Markdown, fragment and plots.

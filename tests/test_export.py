@@ -209,16 +209,16 @@ def test_interrupted_export_leaves_nothing_valid(tiny_hf_dir, tmp_path, monkeypa
     real = ex._save
     calls = []
 
-    def dying_save(m, path):
+    def dying_save(m, path, *rest):
         calls.append(path.name)
         if path.name == "decode.onnx":
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-export
-        real(m, path)
+        real(m, path, *rest)
 
     monkeypatch.setattr(ex, "_save", dying_save)
     res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--chunk-size", "24"])
     assert res.exit_code == 1 and "Aborted" in res.output  # click's answer to Ctrl-C
-    assert calls == ["model.onnx", "decode.onnx"]
+    assert calls == ["model.onnx", "extend.onnx", "decode.onnx"]
     assert list(tmp_path.iterdir()) == []  # no output dir, no partial leftovers
 
 

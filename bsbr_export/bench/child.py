@@ -51,10 +51,10 @@ def run_child(job: dict, work: Path, timeout_s: int) -> dict:
 
 def child_main(job_path: str, result_path: str) -> None:
     """The child: run the job's handler, write its result atomically."""
-    from . import decode, prefill, prepare, profile  # they run children themselves: imported here
+    from . import decode, prefill, prepare, profile, runtime_memory  # they run children themselves
 
     handlers = {"prepare": prepare.prepare, "prefill": prefill.prefill_cases, "decode": decode.decode_cases,
-                "profile": profile.profile_case}
+                "profile": profile.profile_case, "runtime_memory": runtime_memory.runtime_memory_case}
     job = json.loads(Path(job_path).read_text())
     result = handlers[job["kind"]](job)
     atomic_write_text(result_path, json.dumps(result))

@@ -97,11 +97,12 @@ def _decoder(backend: str, model, paths: dict, context: int, max_len: int, threa
             t.copy_(torch.from_numpy(arrays[n]))
         st.pos = context
         return (lambda tok: model.decode_step(torch.tensor([tok]), st)), StateSpec.from_config(model.cfg).bytes_at(context)
-    from ..runtime import ORTStepper
+    from ..runtime.engine import Engine
 
-    stepper = ORTStepper(paths["bsbr-step"], max_len=max_len, threads=threads)
-    stepper.state, stepper.pos = random_state(model, context, stepper.capacity, rng), context
-    return (lambda tok: stepper.decode(np.array([tok], dtype=np.int64))), StateSpec.from_config(model).bytes_at(context)
+    eng = Engine(paths["bsbr-step"], threads=threads, max_len=max_len)
+    st = eng.new_state(1)
+    st.set_rows(slice(None), random_state(model, context, eng.capacity, rng), context)
+    return (lambda tok: eng.decode(st, np.array([tok], dtype=np.int64))), StateSpec.from_config(model).bytes_at(context)
 
 
 def decode_cases(job: dict) -> dict:

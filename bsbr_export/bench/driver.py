@@ -16,6 +16,7 @@ from .child import run_child
 from .decode import run_decode
 from .prefill import run_opt_levels, run_prefill
 from .profile import run_profiles
+from .runtime_memory import run_runtime_memory
 from .report import write_json, write_outputs
 from .spec import BACKENDS, KINDS, LABELS, SCHEMA, BenchSpec
 
@@ -71,6 +72,8 @@ def run_bench(spec: BenchSpec, out_dir, fragment=None, command: str = "bsbr-expo
         write_json(result | {"complete": False}, out / "bench.json")
         log("decode")
         result["decode"] = run_decode(spec, work, prep, threads, log) if spec.decode_contexts else []
+        log("runtime memory (engine with shared weights vs one prefill session)")
+        result["runtime_memory"] = run_runtime_memory(spec, work, prep, threads, log)
         log("ORT optimisation levels")
         result["opt_levels"] = run_opt_levels(spec, work, prep, threads, log)
         log("ORT profiles")

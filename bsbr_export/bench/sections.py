@@ -27,8 +27,14 @@ def decode_table(result: dict) -> str:
             lat.append(fmt_ms(c["per_token_mean_ms"]) if ok else (c["status"] if c else "—"))
             st.append(fmt_mib(c["state_bytes"]) if ok else "—")
         rows.append([cx] + lat + st)
+    mem = result.get("runtime_memory") or {}
+    tail = ""
+    if mem.get("runtime") and mem.get("prefill-session"):
+        tail = (f"\n\nResident memory added by a loaded runtime (extend, decode and close sessions, one shared copy "
+                f"of the weights): {fmt_mib(mem['runtime'])} MiB, against {fmt_mib(mem['prefill-session'])} MiB for "
+                f"one prefill session of the same export ({mem['ratio']:.2f}x).")
     return head + table(["context"] + [f"{DECODE_LABELS[b]} ms/token" for b in bs]
-                        + [f"{DECODE_LABELS[b]} state MiB" for b in bs], rows)
+                        + [f"{DECODE_LABELS[b]} state MiB" for b in bs], rows) + tail
 
 
 def opt_levels_table(result: dict) -> str:

@@ -18,7 +18,7 @@ KINDS = {"hf-torch": "torch", "bsbr-torch": "torch", "std-ort": "onnxruntime", "
          "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
 DECODE_BACKENDS = ("hf-torch", "bsbr-torch", "bsbr-ort")
 DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "bsbr-torch": "BSBR state, torch",
-                 "bsbr-ort": "BSBR state, ORT (ORTStepper)"}
+                 "bsbr-ort": "BSBR state, ORT (runtime engine, IOBinding)"}
 RANDOM_MODELS = {
     # GPT2Config() defaults: 124M parameters, vocab 50257, n_positions 1024.
     "gpt2-small-random": {},

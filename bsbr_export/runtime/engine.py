@@ -122,8 +122,9 @@ class Engine:
     """The graphs of one export in ONNX Runtime (see the module docstring)."""
 
     def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
-                 session_options: dict | None = None, optimization: str = "all", prepack: bool = False):
-        from .runners import check_providers, session_from_onnx
+                 session_options: dict | None = None, optimization: str = "all", prepack: bool = False,
+                 max_len: int | None = None):
+        from .runners import check_providers, provider_name, session_from_onnx
 
         if precision not in ("fp32", "fp16"):
             raise InputError(f"precision must be fp32 or fp16, got {precision!r}")
@@ -141,12 +142,15 @@ class Engine:
             raise ModelLoadError(f"{d}: state format {fmt} but this runtime reads format {S.FORMAT}; "
                                  f"re-export with this version of bsbr-export")
         self.meta, self.config, self.precision = meta, meta["config"], precision
-        self.max_len, self.vocab_size = int(meta["max_seq_len"]), int(self.config["vocab_size"])
+        # The graphs take any capacity; the export's maximum is the default (the parity grid ran to it).
+        self.max_len = int(max_len or meta["max_seq_len"])
+        self.vocab_size = int(self.config["vocab_size"])
         self.spec = _Spec(self.config)
         self.chunk = self.spec.chunk
         self.capacity = self.spec.capacity(self.max_len)
         self.providers = check_providers(providers)
-        self.device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        first = provider_name(self.providers[0])
+        self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         # One copy of the weights for the three sessions (ORT shared initializers). ORT's
         # prepacking would give each session a packed copy of its own (measured at GPT-2 small:
         # 1.4-2.0 GB resident instead of 0.9 GB): off unless ``prepack`` asks for it.

@@ -122,14 +122,19 @@ def check_providers(providers) -> list[str]:
 
     if providers is None:
         return available_providers()
-    if isinstance(providers, str):
+    if isinstance(providers, (str, tuple)):
         providers = [providers]
     have = ort.get_available_providers()
-    unknown = [p for p in providers if p not in have]
+    # A provider is a name or a (name, options) pair, as onnxruntime takes them.
+    unknown = [p for p in providers if provider_name(p) not in have]
     if unknown or not providers:
         raise InputError(f"execution provider(s) {unknown or providers} not available in this onnxruntime "
                          f"(available: {', '.join(have)})")
     return list(providers)
+
+
+def provider_name(provider) -> str:
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 def session_from_onnx(path, threads: int | None = None, providers: list[str] | None = None,
