@@ -431,10 +431,15 @@ def _free_port() -> int:
 
 
 def test_cli_serve_sigterm_drains_and_exits_0(export_dir):
+    """The command, torch-free (importing torch fails in the child): SIGTERM mid-stream stops
+    accepting, the stream in flight ends with [DONE], and the process exits 0."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(port),
-                             "--max-batch", "2", "--threads", "1", "--model-name", MODEL, "--drain", "20"],
+    args = ["serve", str(export_dir), "--port", str(port), "--max-batch", "2", "--threads", "1", "--model-name", MODEL,
+            "--drain", "20"]
+    torch_free = ("import sys\nfor m in ('torch', 'transformers'):\n    sys.modules[m] = None  # import fails\n"
+                  f"from bsbr_export.cli import main\nmain({args!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", torch_free],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -1,0 +1,432 @@
+"""Serving benchmark: ``bsbr-export serve`` under load, each load level in its own server process.
+
+    python scripts/bench_serve.py [--export DIR] [--out docs/serve] [--quick]
+
+For each prompt length (128 and 2,048 tokens) and each number of concurrent streams (1, 4, 16,
+32), a fresh server (``--max-batch`` = the number of streams) takes that many streaming
+clients, each sending ``--requests`` requests one after the other (token-id prompts, 128 new
+tokens each, ``ignore_eos``, ``logprobs: 0`` so that every token is its own SSE event). Measured
+at the client: tokens/s over the level's wall time, time to first token (TTFT) and the gaps
+between consecutive tokens of a stream (per-token latency), p50 and p99; and the server
+process's peak RSS (VmHWM). The baseline is the same load on a server with ``--max-batch 1``
+(one request at a time, the others queued). The long-prompt test runs streams while an
+8,192-token prompt arrives and reports the longest gap between two tokens of a running
+stream, with the prompt fed in pieces (``--prefill-chunk 256``) and whole (no interleaving).
+The memory table sets the state a sequence carries at 8,192 tokens (``StateSpec.bytes_at``)
+and what the engine allocates per row beside a GPT-2 KV cache (``kv_cache_bytes``).
+
+Every request loop is bounded (count, client timeouts, a deadline per level) and talks only to
+the server it started on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLED = ROOT / "models" / "gpt2-pystdlib"
+MODEL = "bench"
+LONG = 8192
+LEVEL_DEADLINE_S = 600.0
+REQUEST_TIMEOUT_S = 300.0
+
+
+# --------------------------------------------------------------------------- one server process
+
+class ServerProcess:
+    """``bsbr-export serve`` in a child process on 127.0.0.1 (an ephemeral port)."""
+
+    def __init__(self, export_dir, max_batch: int, threads: int, prefill_chunk: int = 256, max_queue: int = 512):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(self.port),
+               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
+               "--prefill-chunk", str(prefill_chunk), "--model-name", MODEL, "--drain", "5"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        import httpx
+
+        end = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"server did not start: {self.proc.stderr.read()[-2000:] if self.proc.stderr else ''}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+
+    def peak_rss(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+# --------------------------------------------------------------------------- clients
+
+async def stream_one(client, url: str, ids: list[int], new: int) -> dict:
+    """One streaming request: send time, the arrival time of every token, finish."""
+    body = {"model": MODEL, "prompt": ids, "max_tokens": new, "temperature": 0, "stream": True, "logprobs": 0,
+            "ignore_eos": True}
+    t0 = time.perf_counter()
+    times = []
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"t0": t0, "times": [], "status": r.status_code}
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                if ev.get("choices") and ev["choices"][0].get("logprobs"):
+                    times.append(time.perf_counter())
+    return {"t0": t0, "times": times, "status": 200}
+
+
+async def run_load(url: str, prompts: list[list[int]], streams: int, requests: int, new: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        await stream_one(client, url, prompts[0][:16], 4)  # warm-up (sessions, first allocations)
+
+        async def stream(k):
+            return [await stream_one(client, url, prompts[(k * requests + q) % len(prompts)], new)
+                    for q in range(requests)]
+
+        t0 = time.perf_counter()
+        out = await asyncio.wait_for(asyncio.gather(*(stream(k) for k in range(streams))), LEVEL_DEADLINE_S)
+        wall = time.perf_counter() - t0
+    reqs = [r for s in out for r in s]
+    ttft = [r["times"][0] - r["t0"] for r in reqs if r["times"]]
+    gaps = [b - a for r in reqs for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in reqs)
+    bad = sum(r["status"] != 200 for r in reqs)
+    return {"streams": streams, "requests": len(reqs), "failed": bad, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, **_pcts("ttft", ttft), **_pcts("tpot", gaps)}
+
+
+def _pcts(name: str, xs: list[float]) -> dict:
+    if not xs:
+        return {f"{name}_p50_ms": None, f"{name}_p99_ms": None}
+    return {f"{name}_p50_ms": float(np.percentile(xs, 50)) * 1e3, f"{name}_p99_ms": float(np.percentile(xs, 99)) * 1e3}
+
+
+async def long_prompt_gap(url: str, prompts, long_ids, streams: int) -> dict:
+    """Streams running while a ``LONG``-token prompt arrives: the longest gap between two tokens
+    of a running stream from the long request's send to its first token."""
+    import httpx
+
+    records = [[] for _ in range(streams)]
+
+    async def runner(k, client):
+        body = {"model": MODEL, "prompt": prompts[k], "max_tokens": 2048, "temperature": 0, "stream": True,
+                "logprobs": 0, "ignore_eos": True}
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    records[k].append(time.perf_counter())
+
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=httpx.Limits(max_connections=streams + 4)) as c:
+        await stream_one(c, url, prompts[0][:16], 4)
+        tasks = [asyncio.create_task(runner(k, c)) for k in range(streams)]
+        await asyncio.sleep(2.0)
+        long = await asyncio.wait_for(stream_one(c, url, long_ids, 4), LEVEL_DEADLINE_S)
+        await asyncio.sleep(0.3)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    t_send, t_first = long["t0"], long["times"][0]
+    gaps, before = [], []
+    for rec in records:
+        inside = [t for t in rec if t_send <= t <= t_first]
+        if len(inside) >= 2:
+            gaps += [b - a for a, b in zip(inside, inside[1:])]
+        # the gap that spans the long request's arrival and its first piece
+        prior = [t for t in rec if t < t_send]
+        after = [t for t in rec if t > t_send]
+        if prior and after:
+            gaps.append(min(after) - max(prior))
+        before += [b - a for a, b in zip(rec, rec[1:]) if b < t_send]
+    return {"streams": streams, "long_prompt_tokens": len(long_ids), "long_ttft_s": t_first - t_send,
+            "max_gap_ms": max(gaps) * 1e3 if gaps else None,
+            "tokens_during_prefill": sum(len([t for t in rec if t_send <= t <= t_first]) for rec in records),
+            "median_gap_before_ms": float(np.median(before)) * 1e3 if before else None}
+
+
+# --------------------------------------------------------------------------- memory
+
+def memory_rows(export_dir) -> list[dict]:
+    """Per-sequence memory at ``LONG`` tokens: the BSBR state, the engine's allocation per row
+    (two buffer sets at the export's capacity, and the closing token's activations), and a
+    GPT-2 KV cache; for the benchmarked export and a GPT-2-small-shaped one (same BSBR options)."""
+    from ..ops import state as S
+    from ..runtime.engine import _Spec, read_metadata
+
+    meta = read_metadata(Path(export_dir) / "extend.onnx")
+    spec, max_len = _Spec(meta["config"]), int(meta["max_seq_len"])
+    small = replace(spec, layer=12, head=12, embd=768, head_dim=64,
+                    state_dim=64 // (spec.head_dim // spec.state_dim), state_cols=64 + spec.normalised)
+    rows = []
+    for name, sp, (layers, embd) in (("benchmarked export", spec, (spec.layer, spec.embd)),
+                                     ("GPT-2 small shape", small, (12, 768))):
+        cap = sp.capacity(max_len)
+        per_row = 2 * sp.nbytes(1, cap) + int(np.prod(sp.shape(S.XA, 1, cap))) * 4
+        rows.append({"model": name, "layers": layers, "embd": embd, "chunk": sp.chunk,
+                     "bsbr_state_bytes": sp.bytes_at(LONG), "engine_row_bytes": per_row, "engine_capacity": cap,
+                     "kv_cache_bytes": S.kv_cache_bytes(layers, embd, LONG)})
+    return rows
+
+
+def engine_costs(export_dir, threads: int, batches=(1, 4, 16, 32)) -> list[dict]:
+    """What one scheduler iteration costs in the engine, in this process: a decode step (median of
+    20), a chunk close of the whole batch (``decode`` runs it for every row whenever any row ends
+    a chunk), and a 128-token prefill of one row inside the batch (the sub-batch path)."""
+    from ..ops import state as S
+    from ..runtime.engine import Engine
+    from ..util import median_ms
+
+    eng = Engine(export_dir, threads=threads)
+    rows = []
+    for b in batches:
+        st = eng.new_state(b)
+        eng.extend(st, list(range(b)), [np.arange(1, 9)] * b)
+        tok, pos = np.ones(b, np.int64), np.full(b, eng.chunk - 1)
+        rows.append({"batch": b, "capacity": eng.capacity,
+                     "decode_ms": median_ms(lambda: eng._run("decode", st, {"input_ids": tok[:, None],
+                                                                            "position": st.positions.copy()},
+                                                             S.DECODE_IN, S.DECODE_OUT,
+                                                             {"logits": np.empty((b, eng.vocab_size), np.float32)}),
+                                            runs=20, warmup=2),
+                     "close_ms": median_ms(lambda: eng._run("close", st, {"position": pos}, S.CLOSE_IN, S.CLOSE_OUT),
+                                           runs=5, warmup=1),
+                     "prefill_one_row_128_ms": median_ms(lambda: _prefill_row(eng, st), runs=3, warmup=1)})
+    return rows
+
+
+def _prefill_row(eng, st) -> None:
+    eng.reset_rows(st, [0])
+    eng.extend(st, [0], [np.arange(1, 129)])
+
+
+# --------------------------------------------------------------------------- driver
+
+def make_export(work: Path, max_len: int) -> Path:
+    """The bundled model (chunk 128) exported for ``max_len`` tokens (needs the export extra)."""
+    from ..convert import convert, save_bsbr
+    from ..export import ExportSpec, export_onnx
+
+    d = work / f"export-{max_len}"
+    if not (d / "extend.onnx").is_file():
+        model = convert(BUNDLED)
+        save_bsbr(model, d / "bsbr", tokenizer_from=BUNDLED)
+        export_onnx(model, d, ExportSpec(max_seq_len=max_len))
+    return d
+
+
+def prompts_of(length: int, count: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    heldout = BUNDLED / "heldout_ids.npy"
+    rng = np.random.default_rng(seed)
+    if heldout.is_file():
+        ids = np.load(heldout).astype(np.int64)
+        if len(ids) > length + 1:
+            return [ids[s:s + length].tolist() for s in rng.integers(0, len(ids) - length, count)]
+    return rng.integers(1, vocab, (count, length)).tolist()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="Serving benchmark of bsbr-export serve (see the module docstring).")
+    ap.add_argument("--export", type=Path, default=None, help="An export directory [the bundled model, exported]")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "serve")
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "serve")
+    ap.add_argument("--streams", default="1,4,16,32")
+    ap.add_argument("--prompt-lengths", default="128,2048")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--requests", type=int, default=2, help="Requests per stream, one after the other.")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of each server.")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-long", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="Smoke run: 1,4 streams, 128-token prompts, 16 new tokens.")
+    a = ap.parse_args(argv)
+    command = "python scripts/bench_serve.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if a.quick:
+        a.streams, a.prompt_lengths, a.new_tokens, a.requests, a.no_long = "1,4", "128", 16, 1, True
+    streams = [int(x) for x in a.streams.split(",")]
+    lengths = [int(x) for x in a.prompt_lengths.split(",")]
+    a.work.mkdir(parents=True, exist_ok=True)
+    # The sweep's export holds what the sweep needs (its state capacity, so its per-row buffers and
+    # chunk-closing cost, follow max_seq_len); the long-prompt test has its own, for LONG tokens.
+    export_dir = a.export or make_export(a.work, -(-(max(lengths) + a.new_tokens) // 256) * 256)
+    long_dir = a.export or make_export(a.work, LONG + 256)
+    from ..runtime.engine import read_metadata
+    from ..util import machine_info
+
+    vocab = int(read_metadata(Path(export_dir) / "extend.onnx")["config"]["vocab_size"])
+    result = {"command": command, "machine": machine_info(), "threads": a.threads, "new_tokens": a.new_tokens,
+              "requests_per_stream": a.requests, "export": str(export_dir), "long_export": str(long_dir),
+              "max_seq_len": int(read_metadata(Path(export_dir) / "extend.onnx")["max_seq_len"]),
+              "levels": [], "long_prompt": [], "engine_costs": [], "memory": memory_rows(long_dir),
+              "note": "2 shared CPU cores, other jobs running: timings are noisy; compare within one run."}
+    t_all = time.monotonic()
+    for length in lengths:
+        prompts = prompts_of(length, 64, vocab, seed=length)
+        for n in streams:
+            for mode, max_batch in (("batched", n), ("one at a time", 1)):
+                if mode != "batched" and a.no_baseline:
+                    continue
+                srv = ServerProcess(export_dir, max_batch, a.threads)
+                try:
+                    row = asyncio.run(run_load(srv.url, prompts, n, a.requests, a.new_tokens))
+                    row.update(mode=mode, prompt_tokens=length, max_batch=max_batch, peak_rss_bytes=srv.peak_rss())
+                finally:
+                    row_rc = srv.stop()
+                row["exit_code"] = row_rc
+                result["levels"].append(row)
+                print(f"[bench-serve] prompt {length} streams {n:2d} {mode:13s}: {row['tokens_per_s']:7.1f} tok/s "
+                      f"TTFT p50 {row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms, per token p50 "
+                      f"{row['tpot_p50_ms']:.1f} p99 {row['tpot_p99_ms']:.1f} ms, RSS {row['peak_rss_bytes'] / 2**20:.0f} "
+                      f"MiB, failed {row['failed']}", flush=True)
+                if n == 1:
+                    break  # one stream: the baseline is the same server
+    if not a.no_long:
+        long_ids = prompts_of(LONG, 1, vocab, seed=LONG)[0]
+        for chunk in (256, LONG):
+            srv = ServerProcess(long_dir, 5, a.threads, prefill_chunk=chunk)
+            try:
+                row = asyncio.run(long_prompt_gap(srv.url, prompts_of(128, 4, vocab, 1), long_ids, 4))
+                row.update(prefill_chunk=chunk, peak_rss_bytes=srv.peak_rss())
+            finally:
+                srv.stop()
+            result["long_prompt"].append(row)
+            print(f"[bench-serve] long prompt, prefill chunk {chunk}: max gap {row['max_gap_ms']:.0f} ms, "
+                  f"TTFT {row['long_ttft_s']:.1f} s", flush=True)
+    for d in dict.fromkeys((export_dir, long_dir)):
+        result["engine_costs"] += [dict(r, export=str(d)) for r in engine_costs(d, a.threads)]
+    result["seconds"] = time.monotonic() - t_all
+    write_report(result, a.out)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+def _ratio(result, length, n):
+    rows = {r["mode"]: r for r in result["levels"] if r["prompt_tokens"] == length and r["streams"] == n}
+    if "batched" in rows and "one at a time" in rows:
+        return rows["batched"]["tokens_per_s"] / rows["one at a time"]["tokens_per_s"]
+    return None
+
+
+def write_report(result: dict, out: Path) -> None:
+    from ..util import atomic_write_text, machine_line, markdown_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench_serve.json", json.dumps(result, indent=1) + "\n")
+    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    rows = [[r["prompt_tokens"], r["streams"], r["mode"], r["max_batch"], r["requests"], r["tokens"],
+             f(r["tokens_per_s"]), f(r["ttft_p50_ms"], 0), f(r["ttft_p99_ms"], 0), f(r["tpot_p50_ms"]),
+             f(r["tpot_p99_ms"]), f(r["peak_rss_bytes"] / 2**20, 0), r["failed"]] for r in result["levels"]]
+    md = ["# Serving benchmark (`bsbr-export serve`)", "",
+          "Made by:", "", f"    {result['command']}", "",
+          f"Machine: {machine_line(result['machine'])}. {result['note']}", "",
+          f"Each row: a fresh server process (`--threads {result['threads']}`, `--max-batch` as listed) over the "
+          f"bundled model exported with chunk 128 and `max_seq_len` {result['max_seq_len']}; "
+          f"that many streaming clients, {result['requests_per_stream']} request(s) each one after the other, "
+          f"{result['new_tokens']} new tokens per request (greedy, `ignore_eos`). Tokens/s: all tokens over the "
+          f"level's wall time. TTFT and per-token gaps measured at the client (p50/p99). RSS: the server's peak.",
+          "", markdown_table(["prompt", "streams", "mode", "max-batch", "requests", "tokens", "tokens/s",
+                              "TTFT p50 ms", "TTFT p99 ms", "per-token p50 ms", "per-token p99 ms",
+                              "peak RSS MiB", "failed"], rows)]
+    ratios = [[length, n, f(_ratio(result, length, n), 2)] for length in sorted({r["prompt_tokens"] for r in
+              result["levels"]}) for n in sorted({r["streams"] for r in result["levels"]}) if n > 1
+              and _ratio(result, length, n) is not None]
+    if ratios:
+        md += ["Continuous batching over one request at a time (tokens/s ratio; target >= 3 at 16 streams):", "",
+               markdown_table(["prompt", "streams", "batched / one at a time"], ratios)]
+    if result["long_prompt"]:
+        md += [f"A {LONG}-token prompt arriving while {result['long_prompt'][0]['streams']} streams decode "
+               f"(`--max-batch 5`): the longest gap between two tokens of a running stream from its arrival to "
+               f"its first token, with the prompt fed in pieces and whole.", "",
+               markdown_table(["prefill chunk", "long prompt TTFT s", "longest gap of running streams ms",
+                               "tokens of running streams meanwhile", "median gap before ms"],
+                              [[r["prefill_chunk"], f(r["long_ttft_s"], 2), f(r["max_gap_ms"], 0),
+                                r["tokens_during_prefill"], f(r["median_gap_before_ms"])]
+                               for r in result["long_prompt"]])]
+    if result.get("engine_costs"):
+        md += ["What the engine spends per scheduler step, by rows in the batch (this process, same threads): a "
+               "decode step, a chunk close (run over the whole batch whenever any row ends a chunk, so with rows at "
+               "different chunk phases it runs up to `batch` times per chunk of 128 steps), and one row's 128-token "
+               "prefill inside the batch. Capacity: bank slots per row.", "",
+               markdown_table(["batch", "capacity", "decode step ms", "chunk close ms",
+                               "one row prefill 128 ms", "close amortised per step ms"],
+                              [[r["batch"], r["capacity"], f(r["decode_ms"], 2), f(r["close_ms"], 1),
+                                f(r["prefill_one_row_128_ms"], 1), f(r["close_ms"] * r["batch"] / 128, 2)]
+                               for r in result["engine_costs"]])]
+    mem = result["memory"]
+    md += [f"Memory per active sequence at {LONG} tokens of context (float32): the BSBR state "
+           f"(`StateSpec.bytes_at`), what the engine allocates per row of the batch (two buffer sets at the "
+           f"export's capacity, so a row can take any prompt up to the maximum), and a standard GPT-2 KV cache "
+           f"(`kv_cache_bytes`).", "",
+           markdown_table(["model", "layers x width", "chunk", "BSBR state MiB", "engine per row MiB (capacity)",
+                           "GPT-2 KV cache MiB", "KV / state"],
+                          [[m["model"], f"{m['layers']} x {m['embd']}", m["chunk"],
+                            f(m["bsbr_state_bytes"] / 2**20, 2),
+                            f"{m['engine_row_bytes'] / 2**20:.2f} ({m['engine_capacity']} chunks)",
+                            f(m["kv_cache_bytes"] / 2**20, 2), f(m["kv_cache_bytes"] / m["bsbr_state_bytes"], 1)]
+                           for m in mem])]
+    md += [f"Total time: {result['seconds'] / 60:.1f} min. Plot: `bench_serve.png`.", ""]
+    atomic_write_text(out / "bench_serve.md", "\n".join(md))
+    plot(result, out / "bench_serve.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lengths = sorted({r["prompt_tokens"] for r in result["levels"]})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for length in lengths:
+        for mode, style in (("batched", "-o"), ("one at a time", "--s")):
+            rs = sorted((r for r in result["levels"] if r["prompt_tokens"] == length
+                         and (r["mode"] == mode or r["streams"] == 1)), key=lambda r: r["streams"])
+            if len(rs) < 2 and mode != "batched":
+                continue
+            xs = [r["streams"] for r in rs]
+            axes[0].plot(xs, [r["tokens_per_s"] for r in rs], style, label=f"prompt {length}, {mode}")
+            axes[1].plot(xs, [r["tpot_p50_ms"] for r in rs], style, label=f"prompt {length}, {mode}")
+    for ax, title in zip(axes, ("tokens/s", "per-token latency p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("bsbr-export serve, bundled model, 2 shared CPU cores (noisy)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
