@@ -75,10 +75,10 @@ class Running:
     def aclient(self):
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
 
-    def post(self, body, **kw):
+    def post(self, body, timeout=TIMEOUT):
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + "/v1/completions", content=data, timeout=TIMEOUT,
-                          headers={"Content-Type": "application/json"}, **kw)
+        return httpx.post(self.url + "/v1/completions", content=data, timeout=timeout,
+                          headers={"Content-Type": "application/json"})
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=TIMEOUT).text
@@ -389,6 +389,15 @@ def test_disconnect_mid_stream_frees_the_row(server, oracle, heldout_ids):
     r = server.client().completions.create(model=MODEL, prompt=ids, max_tokens=30, temperature=0)
     assert_same(oracle, ids, 30, r.choices[0].text, r.choices[0].finish_reason)
     assert server.sched.free_rows() == start
+    # a client that gives up on a non-streamed answer frees its row too (and is no 5xx)
+    with pytest.raises(httpx.ReadTimeout):
+        server.post({**body, "stream": False}, timeout=httpx.Timeout(TIMEOUT, read=0.3))
+    end = time.monotonic() + 10
+    while server.metric("bsbr_requests_finished_total{reason=\"cancelled\"}") != cancelled + 2:
+        assert time.monotonic() < end, "row not freed after the client went away"
+        time.sleep(0.01)
+    assert server.sched.free_rows() == start
+    assert server.metric('bsbr_http_responses_total{code="503"}') == 0
 
 
 def test_overload_gets_429_then_keeps_serving(export_dir, oracle):

@@ -292,23 +292,28 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
                 srv.scheduler.cancel(r)
     failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
     if failed is not None:
-        status, kind = (500, "server_error") if failed.finish_reason == "error" else (503, "server_error")
-        raise APIError(status, failed.error or "the request was cancelled (server shutting down)", type=kind)
+        if watcher.done() and not watcher.cancelled() and watcher.result():
+            # nobody reads this answer; 499 (client closed request) keeps it out of the 5xx counts
+            raise APIError(499, "the client closed the request", code="client_closed_request")
+        if failed.finish_reason == "error":
+            raise APIError(500, failed.error or "internal error", type="server_error")
+        raise APIError(503, "the request was cancelled (server shutting down)", type="server_error",
+                       code="shutting_down")
     srv.metrics.http.labels("200").inc()
     return {**head, "choices": [ch.json() for ch in choices], "usage": _usage(choices)}
 
 
-async def _watch_disconnect(request: Request, srv: Server, reqs) -> None:
-    """Cancel the requests when the client goes away (their rows are freed at once)."""
+async def _watch_disconnect(request: Request, srv: Server, reqs) -> bool:
+    """Cancel the requests when the client goes away (their rows are freed at once); True then."""
     try:
         while True:
             msg = await request.receive()
             if msg["type"] == "http.disconnect":
                 for r in reqs:
                     srv.scheduler.cancel(r)
-                return
-    except (asyncio.CancelledError, RuntimeError):
-        return
+                return True
+    except RuntimeError:
+        return False
 
 
 def _sse(obj) -> bytes:
