@@ -157,15 +157,8 @@ async def long_prompt_gap(url: str, prompts, long_ids, streams: int) -> dict:
         await asyncio.gather(*tasks, return_exceptions=True)
     t_send, t_first = long["t0"], long["times"][0]
     gaps, before = [], []
-    for rec in records:
-        inside = [t for t in rec if t_send <= t <= t_first]
-        if len(inside) >= 2:
-            gaps += [b - a for a, b in zip(inside, inside[1:])]
-        # the gap that spans the long request's arrival and its first piece
-        prior = [t for t in rec if t < t_send]
-        after = [t for t in rec if t > t_send]
-        if prior and after:
-            gaps.append(min(after) - max(prior))
+    for rec in records:  # every gap between two tokens of a running stream that overlaps the prefill
+        gaps += [b - a for a, b in zip(rec, rec[1:]) if b >= t_send and a <= t_first]
         before += [b - a for a, b in zip(rec, rec[1:]) if b < t_send]
     return {"streams": streams, "long_prompt_tokens": len(long_ids), "long_ttft_s": t_first - t_send,
             "max_gap_ms": max(gaps) * 1e3 if gaps else None,
@@ -230,15 +223,15 @@ def _prefill_row(eng, st) -> None:
 
 # --------------------------------------------------------------------------- driver
 
-def make_export(work: Path, max_len: int) -> Path:
-    """The bundled model (chunk 128) exported for ``max_len`` tokens (needs the export extra)."""
+def make_export(work: Path, max_len: int, source: Path = BUNDLED) -> Path:
+    """An HF GPT-2 directory (chunk 128) exported for ``max_len`` tokens (needs the export extra)."""
     from ..convert import convert, save_bsbr
     from ..export import ExportSpec, export_onnx
 
-    d = work / f"export-{max_len}"
+    d = work / f"export-{Path(source).name}-{max_len}"
     if not (d / "extend.onnx").is_file():
-        model = convert(BUNDLED)
-        save_bsbr(model, d / "bsbr", tokenizer_from=BUNDLED)
+        model = convert(source)
+        save_bsbr(model, d / "bsbr", tokenizer_from=source if (Path(source) / "tokenizer.json").is_file() else BUNDLED)
         export_onnx(model, d, ExportSpec(max_seq_len=max_len))
     return d
 
@@ -256,6 +249,9 @@ def prompts_of(length: int, count: int, vocab: int, seed: int = 0) -> list[list[
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="Serving benchmark of bsbr-export serve (see the module docstring).")
     ap.add_argument("--export", type=Path, default=None, help="An export directory [the bundled model, exported]")
+    ap.add_argument("--model", type=Path, default=BUNDLED,
+                    help="HF GPT-2 directory to export when --export is not given (e.g. the output of "
+                         "scripts/make_random_gpt2.py for GPT-2 size) [the bundled model]")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "serve")
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "serve")
     ap.add_argument("--streams", default="1,4,16,32")
@@ -275,13 +271,14 @@ def main(argv=None) -> dict:
     a.work.mkdir(parents=True, exist_ok=True)
     # The sweep's export holds what the sweep needs (its state capacity, so its per-row buffers and
     # chunk-closing cost, follow max_seq_len); the long-prompt test has its own, for LONG tokens.
-    export_dir = a.export or make_export(a.work, -(-(max(lengths) + a.new_tokens) // 256) * 256)
-    long_dir = a.export or make_export(a.work, LONG + 256)
+    export_dir = a.export or make_export(a.work, -(-(max(lengths) + a.new_tokens) // 256) * 256, a.model)
+    long_dir = a.export or (export_dir if a.no_long else make_export(a.work, LONG + 256, a.model))
     from ..runtime.engine import read_metadata
     from ..util import machine_info
 
     vocab = int(read_metadata(Path(export_dir) / "extend.onnx")["config"]["vocab_size"])
-    result = {"command": command, "machine": machine_info(), "threads": a.threads, "new_tokens": a.new_tokens,
+    result = {"command": command, "model": Path(a.model).name if a.export is None else Path(a.export).name,
+              "machine": machine_info(), "threads": a.threads, "new_tokens": a.new_tokens,
               "requests_per_stream": a.requests, "export": str(export_dir), "long_export": str(long_dir),
               "max_seq_len": int(read_metadata(Path(export_dir) / "extend.onnx")["max_seq_len"]),
               "levels": [], "long_prompt": [], "engine_costs": [], "memory": memory_rows(long_dir),
@@ -347,8 +344,9 @@ def write_report(result: dict, out: Path) -> None:
     md = ["# Serving benchmark (`bsbr-export serve`)", "",
           "Made by:", "", f"    {result['command']}", "",
           f"Machine: {machine_line(result['machine'])}. {result['note']}", "",
-          f"Each row: a fresh server process (`--threads {result['threads']}`, `--max-batch` as listed) over the "
-          f"bundled model exported with chunk 128 and `max_seq_len` {result['max_seq_len']}; "
+          f"Each row: a fresh server process (`--threads {result['threads']}`, `--max-batch` as listed) over "
+          f"`{result.get('model', 'gpt2-pystdlib')}` exported with chunk 128 and `max_seq_len` "
+          f"{result['max_seq_len']}; "
           f"that many streaming clients, {result['requests_per_stream']} request(s) each one after the other, "
           f"{result['new_tokens']} new tokens per request (greedy, `ignore_eos`). Tokens/s: all tokens over the "
           f"level's wall time. TTFT and per-token gaps measured at the client (p50/p99). RSS: the server's peak.",
@@ -422,7 +420,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("bsbr-export serve, bundled model, 2 shared CPU cores (noisy)", fontsize=9)
+    fig.suptitle(f"bsbr-export serve, {result.get('model', 'gpt2-pystdlib')}, 2 shared CPU cores (noisy)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,8 +9,9 @@ One iteration of the loop:
 1. frees the rows of cancelled requests (a client that went away) and admits waiting requests
    into free rows (row reset to position 0);
 2. prefills: rows whose prompt is not all fed get their next piece, ``prefill_chunk`` tokens in
-   all per iteration (FIFO over the rows, ragged pieces in one ``extend`` call); a row whose
-   prompt is complete samples its first token from the piece's last logits;
+   all per iteration (FIFO over the rows, ragged pieces in one ``extend`` call; while no row is
+   decoding, up to ``IDLE_PREFILL_CHUNK``, as there is no stream to stall and longer pieces run
+   faster); a row whose prompt is complete samples its first token from the piece's last logits;
 3. decodes: every row that holds a sampled, not yet fed token advances by one (``decode`` with
    the ``active`` mask, so rows mid-prefill and free rows keep their state), then samples.
 
@@ -38,6 +39,7 @@ from ..runtime.sampling import SamplingOptions, choose, log_softmax
 from .penalties import apply_penalties
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
+IDLE_PREFILL_CHUNK = 2048  # the same while no row is decoding (no stream to stall; longer pieces run faster)
 
 
 class QueueFull(Exception):
@@ -94,6 +96,9 @@ class GenRequest:
     t_submit: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
+    rng: np.random.Generator | None = None  # the request's own generator (seeded with ``seed``)
+    detok: object = None  # its ``runtime.text.Detokenizer``
+    counts: np.ndarray | None = None  # generated-token counts (presence/frequency penalties only)
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request (thread-safe; the row is freed next iteration)."""
@@ -209,13 +214,13 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Free the rows of cancelled requests and fill free rows from the queue (lock held)."""
-        for i, r in enumerate(self._rows):
+        for r in self._rows:
             if r is not None and r.cancelled:
                 self._finish(r, "cancelled")
         if any(r.cancelled for r in self._waiting):
             for r in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(r)
-                self._emit(r, Event(finish_reason="cancelled"))
+                self._finish(r, "cancelled")
         free = [i for i, r in enumerate(self._rows) if r is None]
         fresh = []
         while free and self._waiting:
@@ -229,7 +234,9 @@ class Scheduler:
             self.engine.reset_rows(self.state, fresh)
 
     def _prefill(self) -> None:
-        budget, rows, pieces, reqs = self.prefill_chunk, [], [], []
+        decoding = any(r is not None and r.pending >= 0 for r in self._rows)
+        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, IDLE_PREFILL_CHUNK)
+        rows, pieces, reqs = [], [], []
         for r in sorted((r for r in self._rows if r is not None and r.fed < len(r.ids)), key=lambda r: r.id):
             if budget <= 0:
                 break
