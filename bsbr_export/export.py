@@ -111,9 +111,10 @@ def _qkv(g, W, cfg, p, xa):
     return [g.split_heads(t, H, d) for t in (q, k, v)]  # (B, H, N, d)
 
 
-def _graph_for(model, spec: ExportSpec):
-    """A graph builder in the export's precision and the namer of the model's weights."""
-    g = Graph(np.float16 if spec.fp16 else np.float32)
+def _graph_for(model, spec: ExportSpec, sink=None):
+    """A graph builder in the export's precision (writing large weights to ``sink``) and the namer
+    of the model's weights."""
+    g = Graph(np.float16 if spec.fp16 else np.float32, sink=sink)
     return g, _Weights(g, model)
 
 
@@ -130,13 +131,13 @@ def _state_infos(spec: state.StateSpec, names, suffix: str = "", capacity=None):
             for n in names]
 
 
-def prefill_graph(model, spec: ExportSpec):
+def prefill_graph(model, spec: ExportSpec, sink=None):
     """The ``model.onnx`` graph: logits and the decode state after the prompt."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
     E, d, L = cfg.n_embd, cfg.head_dim, cfg.chunk_size
-    g, W = _graph_for(model, spec)
+    g, W = _graph_for(model, spec, sink)
     zero, one = g.const([0]), g.const([1])
     ids = "input_ids"
     T = g.dim(ids, 1)
@@ -182,7 +183,7 @@ def prefill_graph(model, spec: ExportSpec):
     return g, inputs, outputs
 
 
-def extend_graph(model, spec: ExportSpec):
+def extend_graph(model, spec: ExportSpec, sink=None):
     """The ``extend.onnx`` graph: each row takes its next ``lengths[b]`` tokens on top of the state
     it holds (``position[b]`` tokens), for prompts of any lengths and prompts fed in pieces.
 
@@ -194,7 +195,7 @@ def extend_graph(model, spec: ExportSpec):
 
     cfg: BSBRConfig = model.cfg
     E = cfg.n_embd
-    g, W = _graph_for(model, spec)
+    g, W = _graph_for(model, spec, sink)
     state_in = {n: g.input(n) for n in state.CARRIED}
     ctx = ops_onnx.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H])
     ids = ops_onnx.gather_rows(g, "input_ids", ctx["src"])  # (B, Tc): the combined sequence
@@ -232,13 +233,13 @@ def _full_attention(g: Graph, q, k, v, T, d):
     return g.op("MatMul", g.softmax(g.op("Where", causal, scores, g.fconst(NEG))), v)
 
 
-def decode_graph(model, spec: ExportSpec):
+def decode_graph(model, spec: ExportSpec, sink=None):
     """The ``decode.onnx`` graph: one token per sequence, state in, state out."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
     E, L = cfg.n_embd, cfg.chunk_size
-    g, W = _graph_for(model, spec)
+    g, W = _graph_for(model, spec, sink)
     zero, one = g.const([0]), g.const([1])
     pos = "position"  # (B,): tokens each row already holds
     slot = g.op("Unsqueeze", g.op("Mod", pos, g.const(L)), one)  # (B, 1)
@@ -274,12 +275,12 @@ def decode_graph(model, spec: ExportSpec):
     return g, inputs, outputs
 
 
-def close_graph(model, spec: ExportSpec):
+def close_graph(model, spec: ExportSpec, sink=None):
     """The ``close.onnx`` graph, run once per chunk after the token that fills its last slot."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
-    g, W = _graph_for(model, spec)
+    g, W = _graph_for(model, spec, sink)
     state_in = {n: g.input(n) for n in state.CLOSE_IN}
     layer = {key: [g.layer_slice(state_in[n], i) for i in range(cfg.n_layer)]
              for key, n in (("k", state.K), ("v", state.V), ("xa", state.XA))}
@@ -302,8 +303,8 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
 
     from . import __version__
 
-    graph = helper.make_graph(g.nodes, name, inputs, outputs,
-                              [numpy_helper.from_array(a, n) for n, a in g.inits.items()])
+    inits = [a.proto() if isinstance(a, External) else numpy_helper.from_array(a, n) for n, a in g.inits.items()]
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, inits)
     opsets = [helper.make_opsetid("", spec.opset), helper.make_opsetid(ops_onnx.DOMAIN, 1)]
     fn = ops_onnx.chunk_attention_function(spec.opset, g.fdt, normalised=cfg.retrieval == "normalised")
     m = helper.make_model(graph, opset_imports=opsets, functions=[fn], producer_name="bsbr-export",
@@ -331,43 +332,55 @@ def weights_name(spec: ExportSpec) -> str:
 
 
 class WeightsFile:
-    """External data shared by the graphs of one export: each initializer is written once and
-    every graph that holds it points at the same bytes (same name, same offset)."""
+    """External data shared by the graphs of one export: each initializer is written once, when a
+    graph first names it, and every graph that holds it points at the same bytes."""
+
+    min_bytes = EXTERNAL_MIN_BYTES
 
     def __init__(self, path: Path):
         self.path, self.index, self.size = Path(path), {}, 0
 
-    def externalise(self, m) -> None:
-        """Move ``m``'s large initializers into the file (appending those not yet in it)."""
-        from onnx import TensorProto
-
-        for t in m.graph.initializer:
-            raw = t.raw_data
-            if len(raw) < EXTERNAL_MIN_BYTES:
-                continue
-            digest = hashlib.sha256(raw).hexdigest()
-            if t.name in self.index:
-                if self.index[t.name][2] != digest:
-                    raise ValueError(f"initializer {t.name!r} differs between the graphs of one export")
-            else:
-                offset = -(-self.size // ALIGN) * ALIGN
-                with open(self.path, "ab") as f:
-                    f.write(b"\0" * (offset - self.size))
-                    f.write(raw)
-                self.index[t.name] = (offset, len(raw), digest)
-                self.size = offset + len(raw)
-            offset, length, _ = self.index[t.name]
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            del t.external_data[:]
-            for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
-                t.external_data.add(key=key, value=str(value))
+    def add(self, name: str, a: np.ndarray) -> "External":
+        raw = memoryview(a).cast("B")
+        digest = hashlib.sha256(raw).hexdigest()
+        if name in self.index:
+            if self.index[name].digest != digest:
+                raise ValueError(f"initializer {name!r} differs between the graphs of one export")
+            return self.index[name]
+        offset = -(-self.size // ALIGN) * ALIGN
+        with open(self.path, "ab") as f:
+            f.write(b"\0" * (offset - self.size))
+            f.write(raw)
+        self.size = offset + len(raw)
+        self.index[name] = External(name, a.dtype, a.shape, self.path.name, offset, len(raw), digest)
+        return self.index[name]
 
 
-def _save(m, path: Path, weights: WeightsFile):
+@dataclass(frozen=True)
+class External:
+    """An initializer stored in the weights file: what a graph records of it."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+    location: str
+    offset: int
+    length: int
+    digest: str
+
+    def proto(self):
+        from onnx import TensorProto, helper
+
+        t = TensorProto(name=self.name, dims=list(self.shape),
+                        data_type=helper.np_dtype_to_tensor_dtype(self.dtype), data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", self.offset), ("length", self.length)):
+            t.external_data.add(key=key, value=str(value))
+        return t
+
+
+def _save(m, path: Path):
     import onnx
 
-    weights.externalise(m)
     onnx.save_model(m, str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
@@ -398,11 +411,11 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
         for fname, build, gname in jobs:
             if progress:
                 progress(f"building {fname}")
-            g, inputs, outputs = build(model, spec)
+            g, inputs, outputs = build(model, spec, weights)
             m = _model_proto(g, inputs, outputs, gname, spec, model.cfg)
             if progress:
                 progress(f"writing and checking {fname}")
-            _save(m, tmp / fname, weights)
+            _save(m, tmp / fname)
         fix_modes(tmp)  # onnx writes external data 0600; every output file gets one mode
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)

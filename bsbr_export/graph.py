@@ -19,13 +19,13 @@ NEG = -30000.0  # masked score: far below any real score, finite in fp16
 class Graph:
     """A small ONNX graph builder: unique names, numpy initializers, one call per node."""
 
-    def __init__(self, float_dtype=np.float32, prefix=""):
+    def __init__(self, float_dtype=np.float32, prefix="", sink=None):
         from onnx import TensorProto
 
         self.nodes, self.inits, self.n = [], {}, 0
         self.fdt = float_dtype
         self.fproto = TensorProto.FLOAT16 if float_dtype == np.float16 else TensorProto.FLOAT
-        self.prefix = prefix
+        self.prefix, self.sink = prefix, sink
 
     def name(self, hint):
         self.n += 1
@@ -58,10 +58,12 @@ class Graph:
         return name
 
     def weight(self, name, array, dtype=None):
-        """An initializer in the graph's float type (or ``dtype``)."""
+        """An initializer in the graph's float type (or ``dtype``). With a ``sink`` (the export's
+        weights file), a large one is written there at once and the graph keeps only a reference,
+        so no graph ever holds a copy of the model's weights."""
         a = np.ascontiguousarray(np.asarray(array, dtype=dtype or self.fdt))
         assert name not in self.inits, name
-        self.inits[name] = a
+        self.inits[name] = self.sink.add(name, a) if self.sink is not None and a.nbytes >= self.sink.min_bytes else a
         return name
 
     def const(self, value, dtype=np.int64):
