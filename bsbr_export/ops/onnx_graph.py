@@ -151,6 +151,19 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
                                 doc_string="BSBR fused chunk attention (see bsbr_export.ops.chunk)")
 
 
+def fused_chunk_attention(g: Graph, W, cfg, p, q, k, v, SZ, U5):
+    """The fused op's node: q, k, v (B, H, T, d) and each chunk's retrieved state SZ
+    (B, H, C, d', dc), expanded by U5 (1, H, 1, d, d') or None -> o (B, H, T, d)."""
+    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
+    S_, Zc = _split_state(g, SZ, cfg.head_dim, cfg.retrieval == "normalised")
+    attrs = dict(domain=DOMAIN, chunk_size=cfg.chunk_size, plugin_namespace=DOMAIN)
+    if Zc is None:
+        return g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), **attrs)
+    Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
+    return g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
+                W(p + "attn.g"), **attrs)
+
+
 def retrieval_softmax(g: Graph, scores, allowed):
     """Softmax over allowed entries; a row with none allowed gives zeros."""
     p = g.softmax(g.op("Where", allowed, scores, g.fconst(NEG)))
@@ -196,15 +209,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     sc = g.op("Mul", g.op("MatMul", r, hT), scale)  # (B, H, C, C)
     SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["earlier"]), Ff),
               g.cat(g.const([0, H]), C, g.const([dp, dc])))  # (B, H, C, d', dc)
-    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
-    S_, Zc = _split_state(g, SZ, d, norm)
-    if norm:
-        Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
-        o = g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
-                 W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
-    else:
-        o = g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), domain=DOMAIN, chunk_size=L,
-                 plugin_namespace=DOMAIN)
+    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
     if states is None:
         return o
     # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
@@ -328,15 +333,7 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     SZ = g.op("MatMul", retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), F_all)
     SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
     SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
-    expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
-    S_, Zc = _split_state(g, SZ, d, norm)
-    if norm:
-        Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, Cc, d)
-        o = g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
-                 W(p + "attn.g"), domain=DOMAIN, chunk_size=L, plugin_namespace=DOMAIN)
-    else:
-        o = g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), domain=DOMAIN, chunk_size=L,
-                 plugin_namespace=DOMAIN)
+    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
     # The state after the piece: the new open chunk, the bank with the closed chunks written in,
     # and S of the new open chunk (retrieved from the new bank when a chunk closed).
     for n, t_ in ((K, k), (V, v)):
