@@ -60,7 +60,8 @@ slice of positions at a time (`bsbr_export/check.py`).
 - command: `{cmd}` (under `/usr/bin/time -v`; written by `python scripts/gpt2_size_main_command.py`)
 - machine: {machine}
 - exit status {r['exit']}; wall time **{r['seconds'] / 60:.1f} min**; peak RSS **{rss / 1e9:.2f} GB**
-  ({rss / 2**30:.2f} GiB; target <= 12 GB); the command's own estimate: {r['estimate']}
+  ({rss / 2**30:.2f} GiB; target <= 12 GB: {'met' if rss <= TARGET_RSS else '**not met**'});
+  the command's own estimate: {r['estimate']}
 - {len(r['cases'])} grid cases, all {'passed' if all(c[-1] == 'ok' for c in r['cases']) else 'NOT passed'}:
 
 | source | batch | seq | max abs diff | tolerance | top-1 | |
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     cmd = " ".join(command(Path("MODEL"), Path("OUT")))
     atomic_write_text(args.fragment, fragment(r, cmd, machine_line()))
-    print(f"wrote {args.fragment}: exit {r['exit']}, {r['seconds']:.0f} s, peak RSS {r['peak_rss_kb'] / 1e6:.2f} GB, "
+    print(f"wrote {args.fragment}: exit {r['exit']}, {r['seconds']:.0f} s, peak RSS {r['peak_rss_kb'] * 1024 / 1e9:.2f} GB, "
           f"{len(r['cases'])} cases")
     lengths = {int(c[2]) for c in r["cases"]}
     ok = (r["exit"] == 0 and MAX_LEN in lengths and any(c[1] == "3" and int(c[2]) == MAX_LEN for c in r["cases"])
