@@ -194,12 +194,11 @@ def test_completion_with_the_openai_client(server, oracle):
 
 def test_streaming_equals_non_streaming(server):
     c = server.client()
-    args = dict(model=MODEL, prompt="import sys\n", max_tokens=40, temperature=0, ignore_eos=True)
-    whole = c.completions.create(**{k: v for k, v in args.items() if k != "ignore_eos"},
-                                 extra_body={"ignore_eos": True})
+    args = dict(model=MODEL, prompt="import sys\n", max_tokens=40, temperature=0)
+    whole = c.completions.create(**args, extra_body={"ignore_eos": True})
     pieces, reasons, usage = [], [], None
-    for chunk in c.completions.create(**{k: v for k, v in args.items() if k != "ignore_eos"}, stream=True,
-                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True}):
+    for chunk in c.completions.create(**args, stream=True, stream_options={"include_usage": True},
+                                      extra_body={"ignore_eos": True}):
         if chunk.choices:
             pieces.append(chunk.choices[0].text)
             reasons.append(chunk.choices[0].finish_reason)
@@ -210,7 +209,7 @@ def test_streaming_equals_non_streaming(server):
     assert usage.completion_tokens == 40 == whole.usage.completion_tokens
     # raw SSE: every event a data line, the last one [DONE]
     with httpx.stream("POST", server.url + "/v1/completions", timeout=TIMEOUT,
-                      json={**{k: v for k, v in args.items()}, "stream": True, "max_tokens": 4}) as r:
+                      json={**args, "ignore_eos": True, "stream": True, "max_tokens": 4}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
