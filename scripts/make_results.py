@@ -148,7 +148,10 @@ def bench_commands(args) -> list[tuple[str, list[str]]]:
     if args.quick:
         return [("bench --quick", bench + ["--quick", "--out", str(args.results / ".bench-quick"),
                                            "--fragment", str(args.results / "bench.md")])]
-    return [("bench", bench), (f"bench --model {args.model}", bench + ["--model", args.model])]
+    # The plots the fragments link to live in docs/bench/<model> (bench's own default is ./bench-out).
+    tag = Path(args.model).name
+    return [("bench", bench + ["--out", str(ROOT / "docs" / "bench" / "gpt2-small-random")]),
+            (f"bench --model {args.model}", bench + ["--model", args.model, "--out", str(ROOT / "docs" / "bench" / tag)])]
 
 
 def write_regeneration(args, times, total: float) -> None:

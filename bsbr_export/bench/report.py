@@ -96,6 +96,9 @@ def header(result: dict) -> str:
         "during inference (weights and the logits tensor included). Decode: state filled at the context's "
         "shape with random values, one chunk of steps.",
     ]
+    if result.get("quick"):
+        lines.append("- quick: a smoke test of the benchmark itself (tiny model, 2 runs): the targets below are "
+                     "computed but not judged")
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     if result["quick"]:
         lines.append("- **quick smoke run**: tiny random model, 2 runs per case, shared child per backend; "
