@@ -28,9 +28,9 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from bsbr_export.runtime.engine import Engine  # noqa: E402
-from bsbr_export.runtime.text import Tokenizer  # noqa: E402
-from bsbr_export.serve.app import ServeConfig, create_app, server_of  # noqa: E402
+from bsbr_export.runtime.engine import Engine
+from bsbr_export.runtime.text import Tokenizer
+from bsbr_export.serve.app import ServeConfig, create_app, server_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK, MAX_LEN = 32, 512  # a small export: many chunk closings, short prefills
@@ -360,7 +360,7 @@ def test_long_prompt_is_prefilled_between_decode_steps(export_dir, oracle, heldo
         assert sched.steps["prefill"] >= 8  # the runner's prompt, then 7 pieces
     finally:
         sched.stop(drain_s=DEADLINE)
-    toks = lambda name: [x[1] for x in log if x[0] == name and x[2] is None]  # noqa: E731
+    toks = lambda name: [x[1] for x in log if x[0] == name and x[2] is None]
     assert_same(oracle, runner.ids, 120, tok.decode(toks("run")), runner.finish_reason)
     assert_same(oracle, long_ids, 8, tok.decode(toks("long")), "length" if len(toks("long")) == 8 else "stop")
     assert sched.free_rows() == 2

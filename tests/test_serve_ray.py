@@ -14,8 +14,8 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from bsbr_export.errors import InputError  # noqa: E402
-from bsbr_export.serve.ray_app import build, config_from_args  # noqa: E402
+from bsbr_export.errors import InputError
+from bsbr_export.serve.ray_app import build, config_from_args
 
 pytestmark = pytest.mark.slow
 MODEL = "pystdlib"

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,6 @@ class ServeConfig:
     model_name: str | None = None
     drain_s: float = 10.0
     providers: list | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def served_name(self) -> str:
