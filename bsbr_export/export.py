@@ -129,10 +129,10 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
     return g.op("MatMul", x, g.op("Transpose", W("wte.weight"), perm=[1, 0]))
 
 
-def _state_infos(spec: state.StateSpec, names, suffix: str = "", capacity=None):
+def _state_infos(spec: state.StateSpec, names, out: bool = False):
     from onnx import TensorProto, helper
 
-    return [helper.make_tensor_value_info(n + suffix, TensorProto.FLOAT, spec.shape(n, capacity=capacity))
+    return [helper.make_tensor_value_info(state.out_name(n) if out else n, TensorProto.FLOAT, spec.shape(n))
             for n in names]
 
 
@@ -204,7 +204,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     ids = ops_onnx.gather_rows(g, "input_ids", ctx["src"])  # (B, Tc): the combined sequence
     x = g.op("Add", g.op("Gather", W("wte.weight"), ids),
              g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, Tc, E)
-    states = {n: [] for n in state.CARRIED}
+    states = {n: [] for n in state.EXTEND_OUT}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
@@ -222,7 +222,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
               helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.CARRIED)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
-    return g, inputs, outputs + _state_infos(st, state.CARRIED, state.OUT_SUFFIX)
+    return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True)
 
 
 def _full_attention(g: Graph, q, k, v, T, d):
@@ -274,7 +274,7 @@ def decode_graph(model, spec: ExportSpec, sink=None):
               helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.DECODE_IN)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
-    outputs += _state_infos(st, state.DECODE_OUT, state.OUT_SUFFIX)
+    outputs += _state_infos(st, state.DECODE_OUT, out=True)
     return g, inputs, outputs
 
 
@@ -293,7 +293,7 @@ def close_graph(model, spec: ExportSpec, sink=None):
     st = model.state_spec()
     inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.CLOSE_IN)
-    return g, inputs, _state_infos(st, state.CLOSE_OUT, state.OUT_SUFFIX)
+    return g, inputs, _state_infos(st, state.CLOSE_OUT, out=True)
 
 
 # --------------------------------------------------------------------------- writing

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ..graph import NEG, Graph
-from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, S, V, StateSpec
+from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
 
 DOMAIN = "bsbr"
 FUNCTION = "ChunkAttention"
@@ -248,7 +248,8 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
 
     ``layer``: per-layer lists of the full chunk's k, v (B, H, L, d) and the closing token's
     ln_1 output xa (B, 1, E); ``state_in``: S and the banks (B, layer, H, ...). Returns the
-    stacked (S, bank_h, bank_F) state outputs.
+    stacked outputs (S, the closed chunk's h (B, layer, H, 1, d) and F (B, layer, H, 1, d', dc)):
+    the caller writes the chunk into its bank slot.
     """
     H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
     dc = StateSpec.from_config(cfg).state_cols
@@ -263,15 +264,18 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
     at_j_h = g.op("Unsqueeze", at_j, g.const([1, 3]))  # (B, 1, cap, 1)
     at_j_F = g.op("Unsqueeze", at_j, g.const([1, 3, 4]))  # (B, 1, cap, 1, 1)
     closing_S = g.op("Unsqueeze", closing, g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    out = {n: [] for n in (S, BANK_H, BANK_F)}
+    out = {n: [] for n in (S, NEW_H, NEW_F)}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
         own = {n: g.layer_slice(state_in[n], i) for n in (S, BANK_H, BANK_F)}
         kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, L, d), (B, H, L, d), (B, 1, E)
         U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
-        Fj = chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4)  # (B, H, d', dc)
-        bank_h = g.op("Where", at_j_h, _meta(g, W, p, xa, "meta_k", H, d), own[BANK_H])  # (B, H, cap, d)
-        bank_F = g.op("Where", at_j_F, g.op("Unsqueeze", Fj, g.const([2])), own[BANK_F])
+        Fj = g.op("Unsqueeze", chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4),
+                  g.const([2]))  # (B, H, 1, d', dc)
+        hj = _meta(g, W, p, xa, "meta_k", H, d)  # (B, H, 1, d)
+        # The bank as it is with chunk j in it, for this retrieval only.
+        bank_h = g.op("Where", at_j_h, hj, own[BANK_H])  # (B, H, cap, d)
+        bank_F = g.op("Where", at_j_F, Fj, own[BANK_F])
         r = _meta(g, W, p, xa, "meta_q", H, d)  # (B, H, 1, d)
         sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])),
                   g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, cap)
@@ -279,8 +283,8 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
         S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, upto_j), Fflat),
                       g.const([0, H, dp, dc]))  # (B, H, d', dc)
         out[S].append(g.op("Where", closing_S, S_next, own[S]))
-        out[BANK_H].append(bank_h)
-        out[BANK_F].append(bank_F)
+        out[NEW_H].append(hj)
+        out[NEW_F].append(Fj)
     return [g.stack_layers(parts) for parts in out.values()]
 
 
@@ -304,7 +308,9 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     queries and outputs are ignored), then the row's new tokens, then padding. Chunk i of the
     combined sequence is the row's chunk m_b + i. Retrieval runs over the row's bank (m_b
     closed chunks) and the chunks that close inside the piece; chunk 0 keeps the state's S.
-    Returns o (B, H, Tc, d) and appends the row's state after the piece to ``states``.
+    Returns o (B, H, Tc, d) and appends the row's state after the piece to ``states``: the open
+    chunk, S, and the combined chunks' h and F, of which the first m_new - m are closed (the
+    caller writes them into bank slots m .. m_new - 1).
     """
     H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
     dc = StateSpec.from_config(cfg).state_cols
@@ -334,8 +340,8 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
     SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
-    # The state after the piece: the new open chunk, the bank with the closed chunks written in,
-    # and S of the new open chunk (retrieved from the new bank when a chunk closed).
+    # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
+    # the bank with the closed chunks written in, built here for this retrieval only).
     for n, t_ in ((K, k), (V, v)):
         rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
         states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
@@ -347,8 +353,8 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
                   g.const([0, H, dp, dc]))
     states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
-    states[BANK_H].append(bank_h)
-    states[BANK_F].append(bank_F)
+    states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
+    states[NEW_F].append(F_new)
     return o
 
 

@@ -26,15 +26,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT = 2  # 1: layer-first state, Z kept apart in torch. 2: batch-first, normaliser as the last column.
+# 1: layer-first state, Z kept apart in torch. 2: batch-first, normaliser as the last column.
+# 3: the graphs return the chunks they close (state_new_h, state_new_F); the caller writes them
+#    into the bank in place, so the bank is never copied through a graph.
+FORMAT = 3
 
 K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
+NEW_H, NEW_F = "state_new_h", "state_new_F"  # chunks a graph closed, for the caller to bank
 # The state a sequence carries from one token to the next, in this order everywhere.
 CARRIED = (K, V, S, BANK_H, BANK_F)
 # Per-token graph: reads the open chunk and its retrieved state; writes the open chunk and xa.
 DECODE_IN, DECODE_OUT = (K, V, S), (K, V, XA)
-# Chunk-closing graph, once per chunk: banks the finished chunk and builds the next S.
-CLOSE_IN, CLOSE_OUT = (K, V, S, XA, BANK_H, BANK_F), (S, BANK_H, BANK_F)
+# Chunk-closing graph, once per chunk: returns the finished chunk's (h, F) and the next S.
+CLOSE_IN, CLOSE_OUT = (K, V, S, XA, BANK_H, BANK_F), (S, NEW_H, NEW_F)
+# Prefill in pieces: reads the whole state, returns the open chunk, S and the chunks it closed.
+EXTEND_OUT = (K, V, S, NEW_H, NEW_F)
+BANKED = {NEW_H: BANK_H, NEW_F: BANK_F}  # where the caller writes each returned chunk
 OUT_SUFFIX = "_out"  # a graph output that replaces an input of the same name
 
 DIMS = {
@@ -44,13 +51,16 @@ DIMS = {
     BANK_H: ("batch", "layer", "head", "capacity", "head_dim"),
     BANK_F: ("batch", "layer", "head", "capacity", "state_dim", "state_cols"),
     XA: ("batch", "layer", "one", "embd"),
+    NEW_H: ("batch", "layer", "head", "chunks", "head_dim"),
+    NEW_F: ("batch", "layer", "head", "chunks", "state_dim", "state_cols"),
 }
-DYNAMIC = ("batch", "capacity")  # the dimensions a graph leaves symbolic
+DYNAMIC = ("batch", "capacity", "chunks")  # the dimensions a graph leaves symbolic
 LAYER_AXIS = 1  # every tensor is [batch, layer, ...]
 
 
 def out_name(name: str) -> str:
-    return name + OUT_SUFFIX
+    """A graph output's name: a carried tensor's with the suffix, a returned chunk's as is."""
+    return name if name in BANKED else name + OUT_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class StateSpec:
     def size(self, dim: str, batch: int | None = None, capacity: int | None = None):
         if dim == "batch":
             return batch if batch is not None else dim
-        if dim == "capacity":
+        if dim in ("capacity", "chunks"):
             return capacity if capacity is not None else dim
         return 1 if dim == "one" else getattr(self, dim)
 
@@ -102,7 +112,7 @@ class StateSpec:
 
     def to_dict(self) -> dict:
         """What an export records about its state (ONNX metadata and manifest)."""
-        return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(DIMS[n]) for n in (*CARRIED, XA)},
+        return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(DIMS[n]) for n in DIMS},
                 "sizes": {k: v for k, v in self.__dict__.items() if k != "normalised"},
                 "normaliser": "last column of state_S and state_bank_F" if self.normalised else None,
                 "dtype": "float32"}

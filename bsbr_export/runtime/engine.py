@@ -15,6 +15,7 @@ Torch-free: numpy and onnxruntime only.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,21 +90,37 @@ class _Spec:
                            state_dim=dp, state_cols=d + norm, embd=E, normalised=norm)
 
 
+@dataclass
+class Buffer:
+    """An ORT value the graphs read or write, and on CPU the numpy array that is its memory."""
+
+    value: object
+    host: np.ndarray | None
+
+
 class State:
-    """A batch of sequences: the carried state (two buffer sets) and the tokens each row holds."""
+    """A batch of sequences: the carried state and the tokens each row holds.
+
+    The open chunk (k, v) and S live in two buffer sets that the graphs read from and write to
+    in turn; the banks live once: graphs only read them, and the engine writes each closed
+    chunk into its slot in place.
+    """
+
+    DOUBLE = (S.K, S.V, S.S)  # written by a graph every step or piece
 
     def __init__(self, engine: "Engine", batch: int):
         self.batch, self.capacity = batch, engine.capacity
         self.positions = np.zeros(batch, dtype=np.int64)
         self._engine = engine
-        shapes = {n: engine.spec.shape(n, batch, self.capacity) for n in (*S.CARRIED, S.XA)}
-        self.cur = {n: engine.buffer(shapes[n]) for n in S.CARRIED}
-        self.spare = {n: engine.buffer(shapes[n]) for n in S.CARRIED}
-        self.xa = engine.buffer(shapes[S.XA])
+        shape = lambda n: engine.spec.shape(n, batch, self.capacity)  # noqa: E731
+        self.cur = {n: engine.buffer(shape(n)) for n in S.CARRIED}
+        self.spare = {n: engine.buffer(shape(n)) for n in self.DOUBLE}
+        self.xa = engine.buffer(shape(S.XA))
 
     def swap(self, names) -> None:
         for n in names:
-            self.cur[n], self.spare[n] = self.spare[n], self.cur[n]
+            if n in self.spare:
+                self.cur[n], self.spare[n] = self.spare[n], self.cur[n]
 
     def rows(self, rows) -> dict[str, np.ndarray]:
         """Host copies of the given rows' carried tensors."""
@@ -112,10 +129,19 @@ class State:
     def set_rows(self, rows, arrays: dict[str, np.ndarray], positions) -> None:
         """Write whole rows (e.g. a new sequence's state into a running batch)."""
         for n, v in self.cur.items():
-            host = self._engine.to_host(v)
-            host[rows] = arrays[n]
-            self._engine.from_host(v, host)
+            self._engine.write(v, (rows,), arrays[n])
         self.positions[rows] = positions
+
+    def bank(self, new: dict[str, np.ndarray], rows, first_slot, count) -> None:
+        """Write the chunks a graph closed into the banks: row rows[i] gets new[..][i, :, :, :count[i]]
+        at slots first_slot[i] .. first_slot[i] + count[i] - 1."""
+        for n, a in new.items():
+            bank = self.cur[S.BANKED[n]]
+            for i, r in enumerate(rows):
+                if count[i]:
+                    j = int(first_slot[i])
+                    self._engine.write(bank, (int(r), slice(None), slice(None), slice(j, j + int(count[i]))),
+                                       a[i, :, :, :int(count[i])])
 
 
 class Engine:
@@ -165,17 +191,21 @@ class Engine:
         import onnxruntime as ort
 
         host = np.zeros(shape, dtype=dtype)
-        if self.device == "cpu":
-            return ort.OrtValue.ortvalue_from_numpy(host)
-        return ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
-
-    def to_host(self, value) -> np.ndarray:
-        """The value's array: the very memory on CPU, a copy from the device on CUDA."""
-        return value.numpy()
-
-    def from_host(self, value, host: np.ndarray) -> None:
         if self.device != "cpu":
-            value.update_inplace(host)
+            return Buffer(ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0), None)
+        # On CPU the engine's row writes go straight into the memory ORT reads and writes.
+        return Buffer(ort.OrtValue.ortvalue_from_numpy(host), host)
+
+    def to_host(self, buf: "Buffer") -> np.ndarray:
+        """The buffer's array: the very memory on CPU, a copy from the device on CUDA."""
+        return buf.host if buf.host is not None else buf.value.numpy()
+
+    def write(self, buf: "Buffer", index, data) -> None:
+        """buf[index] = data: in place on CPU; through a host copy of the buffer on CUDA."""
+        host = self.to_host(buf)
+        host[index] = data
+        if buf.host is None:
+            buf.value.update_inplace(host)
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int) -> State:
@@ -186,7 +216,7 @@ class Engine:
     def reset_rows(self, st: State, rows) -> None:
         """Free rows: zero state, position 0."""
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        st.set_rows(rows, {n: 0.0 for n in S.CARRIED}, 0)
+        st.set_rows(rows, dict.fromkeys(S.CARRIED, 0.0), 0)
 
     def _check_room(self, st: State, rows, extra) -> None:
         need = st.positions[rows] + np.asarray(extra)
@@ -198,19 +228,22 @@ class Engine:
     # ------------------------------------------------------------------ the graphs
     def _run(self, graph: str, st: State, feeds: dict, ins, outs, out_host: dict | None = None):
         """Run ``graph`` with state inputs ``ins`` from the current set and state outputs ``outs``
-        into the spare set; ``out_host`` binds numpy outputs (logits) by name."""
+        into the spare set; ``out_host`` binds numpy outputs (logits, closed chunks) by name."""
         sess = self.sessions[graph]
         io = sess.io_binding()
         for name, arr in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
         for n in ins:
-            io.bind_ortvalue_input(n, st.xa if n == S.XA else st.cur[n])
+            io.bind_ortvalue_input(n, (st.xa if n == S.XA else st.cur[n]).value)
         for n in outs:
-            io.bind_ortvalue_output(S.out_name(n), st.xa if n == S.XA else st.spare[n])
+            io.bind_ortvalue_output(S.out_name(n), (st.xa if n == S.XA else st.spare[n]).value)
         for name, arr in (out_host or {}).items():
             io.bind_ortvalue_output(name, self._host_value(arr))
         sess.run_with_iobinding(io)
-        st.swap([n for n in outs if n != S.XA])
+        st.swap(outs)
+
+    def _new_chunks(self, batch: int, chunks: int) -> dict[str, np.ndarray]:
+        return {n: np.empty(self.spec.shape(n, batch, chunks), dtype=np.float32) for n in S.BANKED}
 
     def _host_value(self, arr: np.ndarray):
         import onnxruntime as ort
@@ -240,8 +273,12 @@ class Engine:
         else:  # a sub-batch: its rows' state out, the piece, and back in
             sub = State(self, len(rows))
             sub.set_rows(slice(None), st.rows(rows), st.positions[rows])
-        feeds = {"input_ids": ids, "lengths": lengths, "position": sub.positions.copy()}
-        self._run("extend", sub, feeds, S.CARRIED, S.CARRIED, {"logits": logits})
+        pos = sub.positions.copy()
+        feeds = {"input_ids": ids, "lengths": lengths, "position": pos}
+        L = self.chunk
+        new = self._new_chunks(len(rows), (ids.shape[1] + 2 * L - 2) // L)  # the piece's chunks, aligned
+        self._run("extend", sub, feeds, S.CARRIED, State.DOUBLE, {"logits": logits} | new)
+        sub.bank(new, range(len(rows)), pos // L, (pos + lengths) // L - pos // L)
         sub.positions += lengths
         if sub is not st:
             st.set_rows(rows, sub.rows(slice(None)), sub.positions)
@@ -262,8 +299,10 @@ class Engine:
         # Slot pos % L of an inactive row lies past the tokens it holds: the write there is unread.
         closing = active & (pos % self.chunk == self.chunk - 1)
         if closing.any():
-            # Position 0 never closes a chunk: rows that are not closing come back unchanged.
-            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, S.CLOSE_OUT)
+            # Position 0 never closes a chunk: rows that are not closing keep their S.
+            new = self._new_chunks(st.batch, 1)
+            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, (S.S,), new)
+            st.bank(new, np.arange(st.batch), pos // self.chunk, closing.astype(np.int64))
         st.positions[active] += 1
         return logits
 
