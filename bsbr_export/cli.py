@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .errors import BSBRExportError
 
@@ -255,45 +254,6 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
                f"{max(c['max_abs'] for c in rep['cases']):.2e}")
 
 
-class _TorchEngine:
-    """The PyTorch model behind the runtime's engine interface (``generate --backend torch``):
-    one ``TorchStepper`` per row, so prompts of any lengths batch as in ONNX Runtime."""
-
-    def __init__(self, model, max_len: int):
-        self.model, self.max_len = model, max_len
-        self.config, self.vocab_size = model.cfg.to_dict(), model.cfg.vocab_size
-
-    def new_state(self, batch: int) -> list:
-        return [None] * batch
-
-    def extend(self, st: list, rows, ids_list) -> np.ndarray:
-        from .runtime import TorchStepper
-
-        out = []
-        for r, ids in zip(rows, ids_list):
-            st[r] = TorchStepper(self.model, self.max_len)
-            out.append(st[r].prefill(np.asarray(ids, dtype=np.int64)[None])[0])
-        return np.stack(out)
-
-    def decode(self, st: list, tokens, active=None) -> np.ndarray:
-        rows = range(len(st)) if active is None else np.flatnonzero(active)
-        out = np.zeros((len(st), self.vocab_size), dtype=np.float32)
-        for r in rows:
-            out[r] = st[r].decode(np.asarray(tokens[r:r + 1], dtype=np.int64))[0]
-        return out
-
-
-def _torch_runtime(model_dir: Path):
-    from .convert import load_bsbr
-    from .runtime import Runtime, Tokenizer
-    from .runtime.engine import read_metadata
-
-    graph = model_dir / "model.onnx"
-    model = load_bsbr(model_dir / "bsbr")
-    max_len = read_metadata(graph)["max_seq_len"] if graph.is_file() else model.cfg.n_positions
-    return Runtime(_TorchEngine(model, max_len), Tokenizer.from_dir(model_dir))
-
-
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
@@ -332,7 +292,9 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
         else:
             prompts = [prompt]
         if backend == "torch":
-            rt = _torch_runtime(model_dir)
+            from .runtime.steppers import torch_runtime
+
+            rt = torch_runtime(model_dir)
         else:
             from .runtime import load
 

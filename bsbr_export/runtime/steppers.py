@@ -6,6 +6,8 @@ A stepper has ``prefill(input_ids (B, T)) -> last-position logits (B, V)`` and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import InputError
@@ -49,3 +51,43 @@ class ORTStepper:
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self.engine.decode(self.state, np.asarray(tokens))
+
+
+class TorchEngine:
+    """The PyTorch model behind the engine interface (``generate --backend torch``):
+    one ``TorchStepper`` per row, so prompts of any lengths batch as in ONNX Runtime."""
+
+    def __init__(self, model, max_len: int):
+        self.model, self.max_len = model, max_len
+        self.config, self.vocab_size = model.cfg.to_dict(), model.cfg.vocab_size
+
+    def new_state(self, batch: int) -> list:
+        return [None] * batch
+
+    def extend(self, st: list, rows, ids_list) -> np.ndarray:
+        out = []
+        for r, ids in zip(rows, ids_list):
+            st[r] = TorchStepper(self.model, self.max_len)
+            out.append(st[r].prefill(np.asarray(ids, dtype=np.int64)[None])[0])
+        return np.stack(out)
+
+    def decode(self, st: list, tokens, active=None) -> np.ndarray:
+        rows = range(len(st)) if active is None else np.flatnonzero(active)
+        out = np.zeros((len(st), self.vocab_size), dtype=np.float32)
+        for r in rows:
+            out[r] = st[r].decode(np.asarray(tokens[r:r + 1], dtype=np.int64))[0]
+        return out
+
+
+def torch_runtime(model_dir):
+    """A ``Runtime`` over the torch model of a main-command output directory (its ``bsbr/``)."""
+    model_dir = Path(model_dir)
+    from ..convert import load_bsbr
+    from .api import Runtime
+    from .engine import read_metadata
+    from .text import Tokenizer
+
+    graph = model_dir / "model.onnx"
+    model = load_bsbr(model_dir / "bsbr")
+    max_len = read_metadata(graph)["max_seq_len"] if graph.is_file() else model.cfg.n_positions
+    return Runtime(TorchEngine(model, max_len), Tokenizer.from_dir(model_dir))
