@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,11 +171,12 @@ async def long_prompt_gap(url: str, prompts, long_ids, streams: int) -> dict:
 
 def memory_rows(export_dir) -> list[dict]:
     """Per-sequence memory at ``LONG`` tokens: the BSBR state, what the engine allocates per row
-    of an export that holds ``LONG`` tokens (two buffer sets at its capacity, and the closing
-    token's activations), and a GPT-2 KV cache; for the benchmarked model and, when it is
-    another shape, a GPT-2-small-shaped one with the same BSBR options."""
+    of an export that holds ``LONG`` tokens (the carried state at its capacity, a second copy of
+    the tensors a graph rewrites every step (``State.DOUBLE``), and the closing token's
+    activations), and a GPT-2 KV cache; for the benchmarked model and, when it is another shape,
+    a GPT-2-small-shaped one with the same BSBR options."""
     from ..ops import state as S
-    from ..runtime.engine import _Spec, read_metadata
+    from ..runtime.engine import State, _Spec, read_metadata
 
     spec = _Spec(read_metadata(Path(export_dir) / "extend.onnx")["config"])
     small = replace(spec, layer=12, head=12, embd=768, head_dim=64,
@@ -183,7 +185,8 @@ def memory_rows(export_dir) -> list[dict]:
     rows = []
     for name, sp in models:
         cap = sp.capacity(LONG)
-        per_row = 2 * sp.nbytes(1, cap) + int(np.prod(sp.shape(S.XA, 1, cap))) * 4
+        per_row = sp.nbytes(1, cap) + sum(int(np.prod(sp.shape(n, 1, cap))) * 4
+                                          for n in (*getattr(State, "DOUBLE", S.CARRIED), S.XA))
         rows.append({"model": name, "layers": sp.layer, "embd": sp.embd, "chunk": sp.chunk,
                      "bsbr_state_bytes": sp.bytes_at(LONG), "engine_row_bytes": per_row, "engine_capacity": cap,
                      "kv_cache_bytes": S.kv_cache_bytes(sp.layer, sp.embd, LONG)})
@@ -229,7 +232,12 @@ def make_export(work: Path, max_len: int, source: Path = BUNDLED) -> Path:
     from ..convert import convert, save_bsbr
     from ..export import ExportSpec, export_onnx
 
+    from ..ops.state import FORMAT
+    from ..runtime.engine import read_metadata
+
     d = work / f"export-{Path(source).name}-{max_len}"
+    if (d / "extend.onnx").is_file() and read_metadata(d / "extend.onnx").get("state", {}).get("format") != FORMAT:
+        shutil.rmtree(d)  # an export of an older state format: the engine refuses it
     if not (d / "extend.onnx").is_file():
         model = convert(source)
         save_bsbr(model, d / "bsbr", tokenizer_from=source if (Path(source) / "tokenizer.json").is_file() else BUNDLED)
@@ -382,7 +390,8 @@ def write_report(result: dict, out: Path) -> None:
     mem = result["memory"]
     md += [f"Memory per active sequence at {LONG} tokens of context (float32): the BSBR state "
            f"(`StateSpec.bytes_at`), what the engine allocates per row of the batch in an export that holds "
-           f"{LONG} tokens (two buffer sets at the export's capacity, whatever the row holds), and a standard "
+           f"{LONG} tokens (the state at the export's capacity, whatever the row holds, plus a second copy of "
+           f"the open chunk and S that the graphs rewrite every step), and a standard "
            f"GPT-2 KV cache (`kv_cache_bytes`).", "",
            markdown_table(["model", "layers x width", "chunk", "BSBR state MiB", "engine per row MiB (capacity)",
                            "GPT-2 KV cache MiB", "KV / state"],
