@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -54,24 +55,68 @@ def check_gpt2_config(cfg: dict, where: str) -> None:
         raise UnsupportedArchitectureError(f"{where}: GPT-2 with cross-attention is not supported")
 
 
-def _load_weights(d: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
+
+class SafetensorsFiles(Mapping):
+    """The tensors of safetensors files, each read from disk when it is asked for and not kept:
+    a conversion then holds the converted model and one source tensor at a time, never the whole
+    source checkpoint (files are read with plain reads, not mapped, so untouched and finished
+    tensors cost no resident memory)."""
+
+    def __init__(self, files):
+        self.where = {}  # name -> (file, dtype, shape, begin, end)
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                header = json.loads(fh.read(n)) if 0 < n < (1 << 27) else None
+            if not isinstance(header, dict):
+                raise ValueError(f"{Path(f).name}: not a safetensors file (bad header)")
+            size = Path(f).stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                if info["dtype"] not in SAFETENSORS_DTYPES or 8 + n + end > size or end < begin:
+                    raise ValueError(f"{Path(f).name}: tensor {name!r} lies outside the file or has an unknown type")
+                self.where[name] = (f, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin,
+                                    8 + n + end)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        f, dtype, shape, begin, end = self.where[name]
+        t = torch.empty(shape, dtype=dtype)
+        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
+        with open(f, "rb") as fh:
+            fh.seek(begin)
+            if fh.readinto(buf) != end - begin:
+                raise ModelLoadError(f"{f}: truncated at tensor {name!r}")
+        return t
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def _load_weights(d: Path, allow_pickle: bool):
+    """The checkpoint's tensors by name: safetensors read lazily, a pickle (if allowed) at once."""
     single, index = d / WEIGHTS, d / "model.safetensors.index.json"
     try:
         if single.is_file():
-            return load_file(str(single))
+            return SafetensorsFiles([single])
         if index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
             for f in files:
                 if not (d / f).is_file():
                     raise ModelLoadError(f"{d}: partial model directory, shard {f} is missing")
-                sd.update(load_file(str(d / f)))
-            return sd
+            return SafetensorsFiles([d / f for f in files])
     except ModelLoadError:
         raise
-    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+    except Exception as e:  # truncated or corrupt files
         raise ModelLoadError(f"{d}: unreadable weights ({type(e).__name__}: {e})") from None
     pickle = d / "pytorch_model.bin"
     if pickle.is_file():
@@ -201,10 +246,12 @@ def convert_state_dict(hf_sd: dict, hf_config: dict, **options) -> tuple[dict, B
 
 
 def build_model(sd: dict, cfg: BSBRConfig):
+    """The BSBR model over the tensors of ``sd`` themselves (no initialisation, no copy)."""
     from .modeling import BSBRGPT2
 
-    model = BSBRGPT2(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    with torch.device("meta"):
+        model = BSBRGPT2(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ModelLoadError(f"state dict does not match the BSBR model: missing {missing}, unexpected {unexpected}")
     return model.eval()
@@ -214,6 +261,7 @@ def convert(source, allow_pickle: bool = False, **options):
     """Load a GPT-2 (directory or hub name) and return the converted BSBR model."""
     hf_sd, hf_cfg, _ = load_hf_checkpoint(source, allow_pickle)
     sd, cfg = convert_state_dict(hf_sd, hf_cfg, **options)
+    del hf_sd  # every converted tensor is a copy: the original's memory goes before the model is built
     return build_model(sd, cfg)
 
 
