@@ -95,7 +95,8 @@ def test_peak_estimate_scales_and_refuses(tiny_hf_dir):
     # the estimate stays on the safe side of it, within 25%.
     assert 10.76 * 2**30 < est < 1.25 * 10.76 * 2**30
     assert est < 0.75 * 24 * 2**30  # a 24 GiB machine runs it
-    assert C.peak_bytes(gpt2, 16384) > 1.6 * est
+    # The length-dependent part (outputs, rows, activations) doubles with the length.
+    assert C.peak_bytes(gpt2, 16384) - est > 0.9 * (est - C.peak_bytes(gpt2, 1))
     lines = []
     check_memory(gpt2, 1024, log=lines.append)
     assert "parity memory: about" in lines[0]
