@@ -298,13 +298,30 @@ class Engine:
                   S.DECODE_IN, S.DECODE_OUT, {"logits": logits})
         # Slot pos % L of an inactive row lies past the tokens it holds: the write there is unread.
         closing = active & (pos % self.chunk == self.chunk - 1)
-        if closing.any():
+        if closing.all() or (closing.any() and self.device != "cpu"):
             # Position 0 never closes a chunk: rows that are not closing keep their S.
             new = self._new_chunks(st.batch, 1)
             self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, (S.S,), new)
             st.bank(new, np.arange(st.batch), pos // self.chunk, closing.astype(np.int64))
+        elif closing.any():
+            self._close_rows(st, np.flatnonzero(closing), pos)
         st.positions[active] += 1
         return logits
+
+    def _close_rows(self, st: State, rows: np.ndarray, pos: np.ndarray) -> None:
+        """The chunk close for some rows only (CPU): their state rows in, their S and closed chunk
+        back in place, so a batch whose rows close at different steps pays per closing row."""
+        sess, io = self.sessions["close"], self.sessions["close"].io_binding()
+        io.bind_cpu_input("position", pos[rows])
+        for n in S.CLOSE_IN:
+            io.bind_cpu_input(n, np.ascontiguousarray(self.to_host(st.xa if n == S.XA else st.cur[n])[rows]))
+        S_new = np.empty(self.spec.shape(S.S, len(rows), self.capacity), dtype=np.float32)
+        new = self._new_chunks(len(rows), 1)
+        for name, arr in ({S.out_name(S.S): S_new} | new).items():
+            io.bind_ortvalue_output(name, self._host_value(arr))
+        sess.run_with_iobinding(io)
+        self.write(st.cur[S.S], (rows,), S_new)
+        st.bank(new, rows, pos[rows] // self.chunk, np.ones(len(rows), dtype=np.int64))
 
     def _check_ids(self, ids, what: str = "prompt") -> np.ndarray:
         a = np.asarray(ids)
