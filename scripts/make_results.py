@@ -94,9 +94,15 @@ def fragments(results: Path) -> list[Path]:
 
 
 def assemble(results: Path, out: Path) -> Path:
-    parts = [INTRO]
+    parts, seen = [INTRO], set()
     for p in fragments(results):
         text = p.read_text().strip()
+        # A later run of the same benchmark (a recheck) is named by its fragment, so that two
+        # sections never share a title.
+        title, _, rest = text.partition("\n")
+        if title in seen:
+            text = f"{title} ({p.stem})\n{rest}"
+        seen.add(title)
         # Fragments link figures relative to docs/; RESULTS.md lives in docs/ too.
         parts.append(text)
     out.write_text("\n\n".join(parts).rstrip() + "\n")
