@@ -161,7 +161,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     """
     from .convert import convert, planned_config, save_bsbr
     from .export import ExportSpec, export_onnx
-    from .util import atomic_dir
+    from .util import Stages, atomic_dir
 
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -180,26 +180,32 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     with output_lock(out):
         remove_leftovers(out, log)
         log(f"[{next(step)}] converting {source}")
-        model = convert(src_dir, allow_pickle=allow_pickle, **options)
+        stage = Stages()  # time and peak memory per stage, for the manifest (machines are sized by them)
+        with stage("convert"):
+            model = convert(src_dir, allow_pickle=allow_pickle, **options)
         text_ids = heldout_text(src_dir)
         manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
                     "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
         tensorrt_missing = None
         with atomic_dir(out, force=force) as tmp:
-            save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
-            log(f"[{next(step)}] exporting ONNX (prefill + decode graphs, max {max_len} tokens)")
-            export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
+            log(f"[{next(step)}] exporting ONNX (prefill, extend, decode and close graphs, max {max_len} tokens)")
+            with stage("export"):
+                save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
+                export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
             log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
-            report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
+            with stage("parity_fp32"):
+                report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
             _record(manifest, "onnx_fp32", report, tmp)
             onnx_for_engine = tmp / "model.onnx"
             if engine == "fp16":
                 log(f"[{next(step)}] exporting the fp16 graph (LayerNorm and softmax in fp32)")
-                export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
-                            progress=lambda m: log(f"    {m}"))
+                with stage("export_fp16"):
+                    export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
+                                progress=lambda m: log(f"    {m}"))
                 log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
-                report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
-                                     case_progress)
+                with stage("parity_fp16"):
+                    report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
+                                         case_progress)
                 _record(manifest, "onnx_fp16", report, tmp)
                 onnx_for_engine = tmp / "model_fp16.onnx"
             if engine in ("fp32", "fp16"):
@@ -217,6 +223,9 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                 if f.is_file():
                     manifest["files"][f.relative_to(tmp).as_posix()] = file_sha256(f)
             manifest["seconds"] = round(time.time() - t0, 1)
+            manifest["stages"] = stage.record
+            log("    peak memory by stage: " + ", ".join(f"{k} {v['peak_rss_bytes'] / 2**30:.2f} GiB"
+                                                         for k, v in stage.record.items()))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if tensorrt_missing is not None:
         raise tensorrt_missing

@@ -104,6 +104,62 @@ def median_ms(fn, runs: int = 3, warmup: int = 1) -> float:
     return time_calls(fn, warmup, runs)["median_ms"]
 
 
+# --------------------------------------------------------------------------- this process's memory
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int:
+    """RSS high-water mark of this process (since the last ``reset_peak_rss``)."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Stages:
+    """Wall time and peak RSS of each stage of a long job (for its manifest): the RSS high-water
+    mark is reset when a stage starts, where the kernel allows it (``peak_is_stage_only``)."""
+
+    def __init__(self):
+        self.record: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        only = reset_peak_rss()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record[name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_bytes": peak_rss_bytes(),
+                                 "peak_is_stage_only": only}
+
+
 # --------------------------------------------------------------------------- the machine
 
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")

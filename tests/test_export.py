@@ -78,6 +78,10 @@ def test_main_command_fp16_without_tensorrt(fp16_run):
     for name in ("model.onnx", "weights.onnx.data", "decode.onnx", "model_fp16.onnx", "bsbr/model.safetensors"):
         assert name in manifest["files"], name
         assert (out / name).is_file()
+    # Time and peak memory of every stage, for sizing machines.
+    stages = manifest["stages"]
+    assert list(stages) == ["convert", "export", "parity_fp32", "export_fp16", "parity_fp16"]
+    assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 50 * 2**20 for s in stages.values())
 
 
 def test_bundled_fp32_parity_every_grid_point(fp16_run):

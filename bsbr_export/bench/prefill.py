@@ -12,9 +12,8 @@ import time
 
 import numpy as np
 
-from ..util import time_calls
+from ..util import peak_rss_bytes, reset_peak_rss, rss_bytes, time_calls
 from .child import make_job, run_child, set_torch_threads
-from .memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from .spec import BACKENDS, KINDS, MIB, BenchSpec, prefill_plan, schedule
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .child import make_job, run_child
-from .memory import rss_bytes
+from ..util import rss_bytes
 from .spec import BenchSpec
 
 PROMPT, STEPS = 32, 4
