@@ -336,8 +336,30 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
 @click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Seconds in-flight requests may finish after SIGTERM before they are cancelled.")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
+@click.option("--api-key", "api_keys", multiple=True,
+              help="Key clients send as 'Authorization: Bearer KEY' (repeatable; also --api-key-file, $BSBR_API_KEY).")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="File of API keys, one a line.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without an API key.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Largest request body; more gets 413 before it is read.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Longest prompt, in tokens.")
+@click.option("--max-tokens-cap", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+@click.option("--max-prompts", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most prompts in one request.")
+@click.option("--max-tokens-in-flight", type=click.IntRange(min=1), default=131072, show_default=True,
+              help="Prompt + max_tokens of all requests in flight; more gets 429.")
+@click.option("--request-timeout", "request_timeout_s", type=click.FloatRange(min=0, min_open=True), default=600.0,
+              show_default=True, help="Seconds one request may run; it is then cancelled (408).")
+@click.option("--receive-timeout", "receive_timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds a request body may take to arrive (slow clients get 408).")
+@click.option("--log-content", is_flag=True, help="Log prompt and completion text (off: counts only).")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefill_chunk, model_name, drain_s,
-          providers):
+          providers, api_keys, api_key_file, insecure, max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts,
+          max_tokens_in_flight, request_timeout_s, receive_timeout_s, log_content, ssl_certfile, ssl_keyfile):
     """OpenAI-compatible completions server over an export, with continuous batching.
 
     \b
@@ -345,19 +367,29 @@ def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefi
     curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "prompt": "def parse(", "max_tokens": 32, "temperature": 0}'
     Endpoints: POST /v1/completions, GET /v1/models, /health, /metrics. Needs the serve extra.
+    With an API key every endpoint but /health needs 'Authorization: Bearer KEY'; a non-loopback
+    --host without a key is refused unless --insecure.
     """
     try:
         from .serve.app import ServeConfig, run as run_server
+        from .serve.security import check_exposure, collect_keys
     except ModuleNotFoundError as e:
         fail(f"{e.name} is not installed: serve needs the serve extra (pip install 'bsbr-export[serve]')")
-    config = ServeConfig(str(model_dir), precision=precision, threads=threads, max_batch=max_batch,
-                         max_queue=max_queue, prefill_chunk=prefill_chunk, model_name=model_name, drain_s=drain_s,
-                         providers=list(providers) or None)
     try:
+        keys = collect_keys(api_keys, api_key_file)
+        check_exposure(host, keys, insecure)  # before anything is loaded or bound
+        config = ServeConfig(str(model_dir), precision=precision, threads=threads, max_batch=max_batch,
+                             max_queue=max_queue, prefill_chunk=prefill_chunk, model_name=model_name, drain_s=drain_s,
+                             providers=list(providers) or None, api_keys=keys, max_body_bytes=max_body_bytes,
+                             max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap,
+                             max_prompts=max_prompts, max_tokens_in_flight=max_tokens_in_flight,
+                             request_timeout_s=request_timeout_s, receive_timeout_s=receive_timeout_s,
+                             log_content=log_content)
         from .runtime.api import check_export
 
         check_export(model_dir, precision)
-        run_server(config, host=host, port=port)
+        run_server(config, host=host, port=port, insecure=insecure, ssl_certfile=ssl_certfile,
+                   ssl_keyfile=ssl_keyfile)
     except (BSBRExportError, OSError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

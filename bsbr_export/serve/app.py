@@ -34,6 +34,7 @@ from ..errors import BSBRExportError, InputError
 from ..runtime.sampling import SamplingOptions
 from .protocol import APIError, CompletionRequest, error_body, parse_completion
 from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
+from .security import LOG_KEY, Guard, check_exposure
 
 RETRY_AFTER_S = 1
 
@@ -51,6 +52,29 @@ class ServeConfig:
     model_name: str | None = None
     drain_s: float = 10.0
     providers: list | None = None
+    # issue 18: who may call (security.Guard) and how much one request may take
+    api_keys: tuple = ()
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 8192
+    max_tokens_cap: int = 4096
+    max_prompts: int = 16
+    max_tokens_in_flight: int = 131072
+    request_timeout_s: float = 600.0
+    receive_timeout_s: float = 30.0
+    log_content: bool = False
+
+    def __post_init__(self):
+        self.api_keys = tuple(self.api_keys or ())
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("request_timeout_s", "receive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def __repr__(self) -> str:  # keys never reach a log through the config
+        return f"ServeConfig({self.export_dir!r}, api_keys=<{len(self.api_keys)} keys>, ...)"
 
     @property
     def served_name(self) -> str:
@@ -77,6 +101,19 @@ class Server:
                                    metrics=self.metrics)
         self.metrics.sample(self.scheduler)
         self.max_len, self.vocab_size = int(self.engine.max_len), int(self.engine.vocab_size)
+        self.in_flight, self._flight_lock = 0, threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` tokens of ``--max-tokens-in-flight``; False when they do not fit."""
+        with self._flight_lock:
+            if self.in_flight + n > self.config.max_tokens_in_flight:
+                return False
+            self.in_flight += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._flight_lock:
+            self.in_flight -= n
 
     def close(self) -> None:
         self.scheduler.stop(self.config.drain_s)
@@ -107,6 +144,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="bsbr-export serve", lifespan=lifespan)
     app.state.config = config
+    app.add_middleware(Guard, config=config)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -165,9 +203,20 @@ def _prompts(srv: Server, body: CompletionRequest) -> list[np.ndarray]:
         p = [p]
     if not p:
         raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+    cfg = srv.config
+    if len(p) > cfg.max_prompts:
+        raise APIError(400, f"{len(p)} prompts in one request exceed --max-prompts {cfg.max_prompts}", param="prompt",
+                       code="too_many_prompts")
     out = []
     for i, x in enumerate(p):
-        ids = np.asarray(srv.tokenizer.encode(x) if isinstance(x, str) else x, dtype=np.int64)
+        x = srv.tokenizer.encode(x) if isinstance(x, str) else x
+        if len(x) > cfg.max_prompt_tokens:  # before any array is made
+            raise APIError(400, f"prompt {i} has {len(x)} tokens, over --max-prompt-tokens {cfg.max_prompt_tokens}",
+                           param="prompt", code="prompt_too_long")
+        try:
+            ids = np.asarray(x, dtype=np.int64)
+        except OverflowError:
+            raise APIError(400, f"prompt {i}: token ids must lie in [0, {srv.vocab_size})", param="prompt") from None
         if ids.size == 0:
             raise APIError(400, f"prompt {i} is empty (no tokens)", param="prompt")
         if ids.max() >= srv.vocab_size:
@@ -179,6 +228,9 @@ def _prompts(srv: Server, body: CompletionRequest) -> list[np.ndarray]:
 
 def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRequest]:
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens > srv.config.max_tokens_cap:
+        raise APIError(400, f"max_tokens {max_tokens} is over --max-tokens-cap {srv.config.max_tokens_cap}",
+                       param="max_tokens", code="max_tokens_too_large")
     for i, ids in enumerate(prompts):
         if ids.size + max_tokens > srv.max_len:
             raise APIError(400, f"This model's maximum context length is {srv.max_len} tokens; prompt "
@@ -191,6 +243,8 @@ def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRe
                                repetition_penalty=body.repetition_penalty)
     except InputError as e:
         raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
+    if body.seed is not None and not 0 <= body.seed < 2 ** 63:
+        raise APIError(400, f"seed must lie in [0, 2**63), got {body.seed}", param="seed", code="invalid_value")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     eos = srv.tokenizer.eos_token_id
     stops = frozenset() if body.ignore_eos or eos is None else frozenset({int(eos)})
@@ -249,8 +303,17 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
                        param="model", code="model_not_found")
     prompts = _prompts(srv, body)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    deadline = loop.time() + srv.config.request_timeout_s
+    info = request.scope.get(LOG_KEY, {})
+    info["prompt_tokens"], info["completion_tokens"] = sum(int(p.size) for p in prompts), 0
+    if srv.config.log_content:
+        info["prompt"] = body.prompt
+    held = [0] * len(prompts)  # tokens of --max-tokens-in-flight each request holds until its last event
 
     def sink(i, ev):  # called on the scheduler's thread
+        if ev.finish_reason is not None and held[i]:
+            srv.release(held[i])
+            held[i] = 0
         loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
     reqs = _requests(srv, body, prompts, sink)
@@ -258,27 +321,45 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": srv.name}
     if reqs[0].max_tokens > 0:
+        need = [int(r.ids.size) + r.max_tokens for r in reqs]
+        if not srv.reserve(sum(need)):
+            raise APIError(429, f"the server is busy: this request's {sum(need)} tokens (prompt + max_tokens) do not "
+                           f"fit in --max-tokens-in-flight {srv.config.max_tokens_in_flight} "
+                           f"({srv.in_flight} in flight); retry after {RETRY_AFTER_S} s", type="rate_limit_error",
+                           param="max_tokens_in_flight", code="tokens_in_flight",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        held[:] = need
         try:
             srv.scheduler.submit(*reqs)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry after {RETRY_AFTER_S} s", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-        except InputError as e:
-            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+        except BaseException as e:
+            srv.release(sum(held))
+            held[:] = [0] * len(held)
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy: {e}; retry after {RETRY_AFTER_S} s",
+                               type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            if isinstance(e, ShuttingDown):
+                raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+            if isinstance(e, InputError):
+                raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            raise
     else:  # max_tokens 0: the prompt (echo) and nothing else, no model work
         for ch in choices:
             ch.finish_reason = "length"
     watcher = asyncio.create_task(_watch_disconnect(request, srv, reqs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage),
+        return StreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage, deadline, info),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    timed_out = False
     try:
         left = sum(ch.finish_reason is None for ch in choices)
         while left:
-            i, ev = await events.get()
+            try:
+                i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                timed_out = True
+                break
             if ev.finish_reason is None:
                 choices[i].add(ev)
             else:
@@ -289,6 +370,9 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
         for r in reqs:
             if r.finish_reason is None:
                 srv.scheduler.cancel(r)
+        _note(srv, info, choices)
+    if timed_out:
+        raise _timeout(srv)
     failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
     if failed is not None:
         if watcher.done() and not watcher.cancelled() and watcher.result():
@@ -300,6 +384,18 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
                        code="shutting_down")
     srv.metrics.http.labels("200").inc()
     return {**head, "choices": [ch.json() for ch in choices], "usage": _usage(choices)}
+
+
+def _note(srv: Server, info: dict, choices) -> None:
+    """Token counts (and, with --log-content, the text) for the request's log line."""
+    info["completion_tokens"] = sum(len(ch.tokens) for ch in choices)
+    if srv.config.log_content:
+        info["completion"] = [ch.text for ch in choices]
+
+
+def _timeout(srv: Server) -> APIError:
+    return APIError(408, f"the request ran past --request-timeout {srv.config.request_timeout_s:g} s and was "
+                    "cancelled", param="request_timeout", code="request_timeout")
 
 
 async def _watch_disconnect(request: Request, srv: Server, reqs) -> bool:
@@ -319,7 +415,8 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue, watcher, include_usage: bool):
+async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue, watcher, include_usage: bool,
+                  deadline: float, info: dict):
     usage_null = {"usage": None} if include_usage else {}
     try:
         def chunk(i, text, logprobs=None, finish_reason=None):
@@ -331,7 +428,11 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
                 yield chunk(ch.index, ch.echo, None, ch.finish_reason)
         left = sum(ch.finish_reason is None for ch in choices)
         while left:
-            i, ev = await events.get()
+            try:
+                i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                yield _sse(_timeout(srv).body())
+                return
             ch = choices[i]
             if ev.finish_reason is None:
                 frag = ch.add(ev)
@@ -353,16 +454,32 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
         for r in reqs:
             if r.finish_reason is None:
                 srv.scheduler.cancel(r)
+        _note(srv, info, choices)
 
 
-def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        insecure: bool = False, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets streams finish for up to
-    ``config.drain_s`` seconds, then the scheduler cancels what is left and the process exits 0."""
+    ``config.drain_s`` seconds, then the scheduler cancels what is left and the process exits 0.
+    A non-loopback ``host`` without an API key is refused (InputError) before anything binds,
+    unless ``insecure``; ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's own TLS)."""
+    import logging
+
     import uvicorn
 
+    check_exposure(host, config.api_keys, insecure)
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise InputError("TLS needs both --ssl-certfile and --ssl-keyfile")
     app = create_app(config)
+    logging.getLogger("bsbr_export.serve").setLevel(logging.INFO)
+    if not logging.getLogger("bsbr_export.serve").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger("bsbr_export.serve").addHandler(handler)
+    # uvicorn's access log is replaced by the Guard's line per request (status, latency, tokens)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=config.drain_s,
-                        lifespan="on")
+                        lifespan="on", access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                        timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
     server = uvicorn.Server(uv)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down; a drained SIGTERM

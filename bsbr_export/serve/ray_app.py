@@ -12,14 +12,21 @@ start --address=HEAD:6379`` on each other node (same Python environment and the 
 same path on every node), then the command above with ``--address=ray://HEAD:10001`` or run on
 the head node; Ray places the replicas on the nodes. Each replica answers /v1/completions,
 /v1/models, /health and /metrics (the replica's own counters) exactly as ``bsbr-export serve``.
+
+Keys and limits as ``bsbr-export serve`` (the same app factory, the same ``security.Guard``):
+api_key=KEY (several separated by commas), api_key_file=FILE or $BSBR_API_KEY on the driver;
+max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts, max_tokens_in_flight,
+request_timeout_s, receive_timeout_s, log_content=1. Ray's proxy listens on 127.0.0.1 unless
+told otherwise; give a key before exposing it.
 """
 
 from __future__ import annotations
 
 from .app import ServeConfig, create_app
 
-INT_ARGS = ("num_replicas", "max_batch", "max_queue", "threads", "prefill_chunk")
-FLOAT_ARGS = ("num_cpus", "drain_s")
+INT_ARGS = ("num_replicas", "max_batch", "max_queue", "threads", "prefill_chunk", "max_body_bytes",
+            "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight")
+FLOAT_ARGS = ("num_cpus", "drain_s", "request_timeout_s", "receive_timeout_s")
 
 
 def deployment(config: ServeConfig, num_replicas: int = 1, num_cpus: float | None = None):
@@ -47,7 +54,7 @@ def config_from_args(args: dict) -> tuple[ServeConfig, int, float | None]:
     args = dict(args)
     if "export_dir" not in args:
         raise InputError("export_dir=DIR is required")
-    known = {"export_dir", "precision", "model_name", *INT_ARGS, *FLOAT_ARGS}
+    known = {"export_dir", "precision", "model_name", "api_key", "api_key_file", "log_content", *INT_ARGS, *FLOAT_ARGS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise InputError(f"unknown argument(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -56,8 +63,13 @@ def config_from_args(args: dict) -> tuple[ServeConfig, int, float | None]:
         floats = {k: float(args.pop(k)) for k in FLOAT_ARGS if k in args}
     except ValueError as e:
         raise InputError(f"a numeric argument is not a number: {e}") from None
+    from .security import collect_keys
+
+    keys = collect_keys(str(args.pop("api_key", "")).split(","), args.pop("api_key_file", None))
+    log_content = str(args.pop("log_content", "0")).lower() in ("1", "true", "yes")
     replicas, cpus = ints.pop("num_replicas", 1), floats.pop("num_cpus", None)
-    config = ServeConfig(str(args.pop("export_dir")), threads=ints.pop("threads", 1), **ints, **floats, **args)
+    config = ServeConfig(str(args.pop("export_dir")), threads=ints.pop("threads", 1), api_keys=keys,
+                         log_content=log_content, **ints, **floats, **args)
     return config, replicas, cpus
 
 
