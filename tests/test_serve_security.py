@@ -305,6 +305,58 @@ def test_slow_body_is_cut_off_while_others_complete(limited):
     assert httpx.get(limited.url + "/health", timeout=TIMEOUT).status_code == 200
 
 
+@pytest.fixture(scope="module")
+def headed(export_dir):
+    """The server with the uvicorn options ``run`` uses (the header timeout), 1.5 s."""
+    import test_serve
+
+    from bsbr_export.serve.app import uvicorn_options
+
+    real = test_serve.uvicorn.Config
+    test_serve.uvicorn.Config = lambda app, **kw: real(app, **{**kw, **uvicorn_options(app.state.config)})
+    try:
+        s = Running(export_dir, max_batch=2, max_queue=4, header_timeout_s=1.5)
+    finally:
+        test_serve.uvicorn.Config = real
+    yield s
+    s.stop()
+
+
+def trickle(url: str, first: bytes, seconds: float = 15.0) -> tuple[bytes, float]:
+    """Send ``first``, then one header byte every 0.3 s until the server closes (bounded)."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(first)
+        sock.settimeout(0.3)
+        t0, data = time.monotonic(), b""
+        while time.monotonic() - t0 < seconds:
+            try:
+                sock.sendall(b"X")
+                part = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not part:
+                break
+            data += part
+        return data, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_slow_headers_are_cut_off_while_others_complete(headed, keep_alive):
+    get = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    first = (get if keep_alive else b"") + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    result = {}
+    t = threading.Thread(target=lambda: result.update(out=trickle(headed.url, first)))
+    t.start()
+    codes = [httpx.get(headed.url + "/v1/models", timeout=TIMEOUT).status_code for _ in range(3)]
+    t.join(30)
+    data, took = result["out"]
+    assert codes == [200] * 3
+    assert took < 1.5 + 3, took  # closed by the header timeout, not the 15 s bound
+    assert data.count(b"HTTP/1.1 200") == (1 if keep_alive else 0), data[:300]
+
+
 # --------------------------------------------------------------------------- logs
 
 def test_log_has_counts_not_content(limited, caplog):

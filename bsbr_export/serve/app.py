@@ -35,7 +35,7 @@ from ..errors import BSBRExportError, InputError
 from ..runtime.sampling import SamplingOptions
 from .protocol import APIError, CompletionRequest, error_body, parse_completion
 from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
-from .security import LOG_KEY, Guard, check_exposure
+from .security import LOG_KEY, Guard, check_exposure, header_timeout_protocol
 
 RETRY_AFTER_S = 1
 
@@ -62,6 +62,7 @@ class ServeConfig:
     max_tokens_in_flight: int = 131072
     request_timeout_s: float = 600.0
     receive_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
     log_content: bool = False
 
     def __post_init__(self):
@@ -70,7 +71,7 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("request_timeout_s", "receive_timeout_s"):
+        for name in ("request_timeout_s", "receive_timeout_s", "header_timeout_s"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -458,6 +459,13 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
         _note(srv, info, choices)
 
 
+def uvicorn_options(config: ServeConfig) -> dict:
+    """What closes uvicorn's gaps for slow clients: a header timeout (its h11 protocol, extended),
+    bounded header size, a short keep-alive; its access log is replaced by the Guard's line."""
+    return dict(http=header_timeout_protocol(config.header_timeout_s), h11_max_incomplete_event_size=16 * 1024,
+                timeout_keep_alive=5, access_log=False)
+
+
 def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
         insecure: bool = False, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets streams finish for up to
@@ -479,8 +487,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
         logging.getLogger("bsbr_export.serve").addHandler(handler)
     # uvicorn's access log is replaced by the Guard's line per request (status, latency, tokens)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=config.drain_s,
-                        lifespan="on", access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-                        timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024)
+                        lifespan="on", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, **uvicorn_options(config))
     server = uvicorn.Server(uv)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down; a drained SIGTERM

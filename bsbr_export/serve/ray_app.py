@@ -26,7 +26,7 @@ from .app import ServeConfig, create_app
 
 INT_ARGS = ("num_replicas", "max_batch", "max_queue", "threads", "prefill_chunk", "max_body_bytes",
             "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight")
-FLOAT_ARGS = ("num_cpus", "drain_s", "request_timeout_s", "receive_timeout_s")
+FLOAT_ARGS = ("num_cpus", "drain_s", "request_timeout_s", "receive_timeout_s", "header_timeout_s")
 
 
 def deployment(config: ServeConfig, num_replicas: int = 1, num_cpus: float | None = None):

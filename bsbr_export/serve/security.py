@@ -183,3 +183,47 @@ async def _send_error(send, e: _Reject) -> None:
         await send({"type": "http.response.body", "body": data})
     except OSError:  # the client is gone
         pass
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol with a header timeout: a connection whose next request's headers
+    are not all in ``seconds`` after it opens (or after its last response, once a byte of the
+    next request came) is closed. uvicorn has none (its keep-alive timer stops at the first byte)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer = None
+
+        def _idle(self) -> bool:  # no request in progress: waiting for (the rest of) headers
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self._idle() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._idle():
+                self._arm()
+            else:
+                self._disarm()
+
+    return HeaderTimeoutH11
