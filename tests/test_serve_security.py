@@ -381,6 +381,53 @@ def test_log_content_when_asked(export_dir, caplog):
         s.stop()
 
 
+def test_cli_tls_key_and_log_line(export_dir, tmp_path):
+    """The command over HTTPS (a self-signed certificate) with a key file: the key is needed, and
+    its log has one line per request with counts, no prompt and no key."""
+    import signal
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=60)
+    (tmp_path / "keys").write_text(KEYS[1] + "\n")
+    import ssl
+
+    port, ctx = _free_port(), ssl.create_default_context(cafile=str(cert))
+    url = f"https://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "BSBR_API_KEY"}
+    proc = subprocess.Popen([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(port),
+                             "--max-batch", "1", "--threads", "1", "--model-name", MODEL, "--api-key-file",
+                             str(tmp_path / "keys"), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env, "PYTHONUNBUFFERED": "1"})
+    try:
+        for _ in range(300):  # up to about 60 s
+            assert proc.poll() is None, "server exited"
+            try:
+                up = httpx.get(url + "/health", timeout=2, verify=ctx).status_code == 200
+            except httpx.TransportError:
+                up = False
+            if up:
+                break
+            time.sleep(0.2)
+        assert up, "server did not start"
+        with httpx.Client(verify=ctx, timeout=TIMEOUT) as c:
+            assert c.get(url + "/v1/models").status_code == 401
+            auth = {"Authorization": "Bearer " + KEYS[1]}
+            assert c.get(url + "/v1/models", headers=auth).status_code == 200
+            r = c.post(url + "/v1/completions", headers=auth, json=body_of(prompt=PROMPT_SECRET, max_tokens=3))
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.poll() is None and proc.kill()
+        log = proc.communicate(timeout=10)[0]
+    assert "GET /v1/models 401" in log and "GET /v1/models 200" in log, log[-2000:]
+    assert "POST /v1/completions 200" in log and "prompt_tokens=" in log
+    assert PROMPT_SECRET not in log and KEYS[1] not in log
+
+
 # --------------------------------------------------------------------------- fuzz
 
 hyp = pytest.importorskip("hypothesis")
