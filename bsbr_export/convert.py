@@ -275,7 +275,7 @@ def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = 
     if out.exists() and not force:
         raise ModelLoadError(f"{out}: already exists (use --force to replace it)")
     with atomic_dir(out, force=force, tag="tmp") as tmp:
-        sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}  # no copy: written as they are
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
         model.cfg.save(tmp / "config.json")
         if tokenizer_from is not None:
