@@ -173,9 +173,9 @@ class Guard:
 
 async def _send_error(send, e: _Reject) -> None:
     data = json.dumps(error_body(e.message, e.type, e.param, e.code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    if e.status in (408, 413, 400):  # the rest of the body is not read: the connection cannot be reused
-        headers.append((b"connection", b"close"))
+    # the body (or its rest) is not read: the connection cannot be reused
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               (b"connection", b"close")]
     if e.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     try:
