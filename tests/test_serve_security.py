@@ -182,18 +182,20 @@ def test_body_bytes_at_and_past_the_limit(limited):
     wait_idle(limited)
 
 
-def test_huge_content_length_is_refused_before_the_body(limited):
+@pytest.mark.parametrize("length", [b"10000000000", b"9" * 5000])
+def test_huge_content_length_is_refused_before_the_body(limited, length):
     """A 10 GB Content-Length gets 413 at once: the server answers without reading a byte of it."""
     with socket.create_connection(("127.0.0.1", int(limited.url.rsplit(":", 1)[1])), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 10000000000\r\n\r\n")
+                     b"Content-Length: " + length + b"\r\n\r\n")
         t0, data = time.monotonic(), b""
         while b"\r\n\r\n" not in data and time.monotonic() - t0 < 10:
             part = sock.recv(4096)
             if not part:
                 break
             data += part
-    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    # 5000 digits: uvicorn's parser may refuse the header itself (400) before the app sees it
+    assert data.startswith(b"HTTP/1.1 413" if len(length) < 20 else (b"HTTP/1.1 413", b"HTTP/1.1 400")), data[:200]
     assert time.monotonic() - t0 < LIM["receive_timeout_s"]
 
 

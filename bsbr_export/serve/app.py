@@ -229,7 +229,7 @@ def _prompts(srv: Server, body: CompletionRequest) -> list[np.ndarray]:
 
 
 def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRequest]:
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    max_tokens = min(16, srv.config.max_tokens_cap) if body.max_tokens is None else body.max_tokens
     if max_tokens > srv.config.max_tokens_cap:
         raise APIError(400, f"max_tokens {max_tokens} is over --max-tokens-cap {srv.config.max_tokens_cap}",
                        param="max_tokens", code="max_tokens_too_large")
