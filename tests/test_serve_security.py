@@ -487,10 +487,19 @@ _body = st.fixed_dictionaries({}, optional=_fields)
 _served = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": _fields["prompt"]},
                                 optional={k: v for k, v in _fields.items() if k not in ("model", "prompt", "n",
                                                                                          "unknown_field")})
+_deep = st.fixed_dictionaries(  # mostly valid: reaches the token, in-flight and scheduler paths
+    {"model": st.sampled_from([MODEL, MODEL, "other"]),
+     "prompt": st.one_of(st.text(max_size=60), st.lists(st.integers(0, 300), min_size=1, max_size=21),
+                         st.lists(st.lists(st.integers(0, 300), min_size=1, max_size=21), min_size=1, max_size=4)),
+     "max_tokens": st.integers(0, LIM["max_tokens_cap"] + 1)},
+    optional={"stream": st.booleans(), "echo": st.booleans(), "ignore_eos": st.booleans(),
+              "temperature": st.floats(0, 2), "seed": st.integers(0, 2 ** 63 - 1), "top_k": st.integers(1, 60000),
+              "logprobs": st.integers(0, 6), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=4),
+              "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2)})
 _at_limit = st.tuples(_served, st.integers(-1, 1)).map(  # padded to the body limit -1, 0, +1
     lambda t: json.dumps(t[0]).encode() + b" " * max(0, LIM["max_body_bytes"] + t[1] - len(json.dumps(t[0]))))
 _raw = st.one_of(_body.map(lambda b: json.dumps(b).encode()), _served.map(lambda b: json.dumps(b).encode()),
-                 _served.map(lambda b: json.dumps(b).encode()), _at_limit, st.binary(max_size=3000),
+                 _deep.map(lambda b: json.dumps(b).encode()), _deep.map(lambda b: json.dumps(b).encode()), _at_limit, st.binary(max_size=3000),
                  st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
                  _body.map(lambda b: json.dumps(b).encode("utf-16")))
 _headers = st.fixed_dictionaries({}, optional={
