@@ -267,6 +267,41 @@ def test_request_timeout_cancels_and_frees_the_row(export_dir):
         s.stop()
 
 
+def test_mixed_burst_with_disconnects_leaks_nothing(export_dir):
+    """Requests at and past the limits, streams and clients that give up mid-generation, all at
+    once: only 200/400/429 (or the client's own timeout), and afterwards every row and every
+    in-flight token is free."""
+    import asyncio
+
+    s = Running(export_dir, max_batch=2, max_queue=2, max_tokens_in_flight=400, max_tokens_cap=40,
+                request_timeout_s=3.0)
+    real = slow_decode(server_of(s.app), 0.01)
+    bodies = [body_of(prompt=[1] * 10, max_tokens=40, ignore_eos=True, stream=bool(i % 2)) for i in range(8)]
+    bodies += [body_of(max_tokens=41), body_of(prompt=[[1] * 30] * 3, max_tokens=40)]
+
+    async def one(ac, body, timeout):
+        try:
+            r = await ac.post(s.url + "/v1/completions", json=body, timeout=timeout)
+            return r.status_code
+        except httpx.TimeoutException:
+            return "gave up"
+
+    async def burst():
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as ac:
+            return await asyncio.wait_for(asyncio.gather(
+                *(one(ac, b, 0.3 if i % 3 == 0 else TIMEOUT) for i, b in enumerate(bodies * 2))), 60)
+
+    try:
+        codes = asyncio.run(burst())
+        print(f"[burst] {codes}")
+        assert set(codes) <= {200, 400, 429, 408, "gave up"} and 400 in codes and 200 in codes
+        wait_idle(s)
+        server_of(s.app).engine.decode = real
+        assert s.post(body_of()).status_code == 200
+    finally:
+        s.stop()
+
+
 # --------------------------------------------------------------------------- slow clients
 
 def test_slow_body_is_cut_off_while_others_complete(limited):
