@@ -194,6 +194,16 @@ def test_weights_stored_once_across_graphs(exported):
                 assert seen.setdefault(t.name, key) == key, f"{t.name} stored twice"
                 stored[key] = t.name
     assert {k[0] for k in stored} == {"weights.onnx.data"}
+    # The model's tensors, each once across the graphs: their bytes add up to the checkpoint's.
+    sd = model.state_dict()
+    sizes = {}
+    for f in sorted(out.glob("*.onnx")):
+        for t in onnx.load(str(f), load_external_data=False).graph.initializer:
+            if t.name in sd:
+                ext = {e.key: e.value for e in t.external_data}
+                sizes[t.name] = int(ext["length"]) if ext else len(t.raw_data) or 4 * len(t.float_data)
+    assert set(sizes) == set(sd)
+    assert sum(sizes.values()) == sum(v.numel() * v.element_size() for v in sd.values())
     assert sum(k[2] for k in stored) <= (out / "weights.onnx.data").stat().st_size
     ckpt = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     onnx_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
