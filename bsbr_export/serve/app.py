@@ -368,11 +368,7 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
                 choices[i].end(ev)
                 left -= 1
     finally:
-        watcher.cancel()
-        for r in reqs:
-            if r.finish_reason is None:
-                srv.scheduler.cancel(r)
-        _note(srv, info, choices)
+        _finish(srv, watcher, reqs, info, choices)
     if timed_out:
         raise _timeout(srv)
     failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
@@ -452,11 +448,17 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
         yield b"data: [DONE]\n\n"
         srv.metrics.http.labels("200").inc()
     finally:
-        watcher.cancel()
-        for r in reqs:
-            if r.finish_reason is None:
-                srv.scheduler.cancel(r)
-        _note(srv, info, choices)
+        _finish(srv, watcher, reqs, info, choices)
+
+
+def _finish(srv, watcher, reqs, info, choices) -> None:
+    """After a response, whatever ended it: stop watching the client, cancel what still runs
+    (its rows go back to the scheduler), and log the request."""
+    watcher.cancel()
+    for r in reqs:
+        if r.finish_reason is None:
+            srv.scheduler.cancel(r)
+    _note(srv, info, choices)
 
 
 def uvicorn_options(config: ServeConfig) -> dict:
