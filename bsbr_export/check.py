@@ -137,23 +137,7 @@ def lean_ort_runner(onnx_path, threads: int | None = None):
     at GPT-2 size x 8192 tokens x batch 3 they hold about 3 GiB beyond the output itself."""
     from .runtime import ORTRunner
 
-    class LeanORTRunner(ORTRunner):
-        def __enter__(self):
-            import onnxruntime as ort
-
-            super().__enter__()  # checks the file, reads the metadata
-            so = ort.SessionOptions()
-            so.enable_cpu_mem_arena = so.enable_mem_pattern = False
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.threads:
-                so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
-            so.log_severity_level = 3
-            providers = self.session.get_providers()
-            self.session = None
-            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
-            return self
-
-    return LeanORTRunner(onnx_path, threads=threads)
+    return ORTRunner(onnx_path, threads=threads, arena=False)
 
 
 def candidate_logits(runner, ids: np.ndarray, vocab: int) -> np.ndarray:
