@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops import state
+from . import runners
 from .engine import GRAPHS, Engine, graph_file, read_metadata
 from .sampling import SamplingOptions, choose, chosen_logprobs, row_generators
 from .text import Tokenizer, check_stop
@@ -137,22 +138,8 @@ def check_export(path, precision: str = "fp32") -> dict:
 
 def check_providers(providers) -> list | None:
     """Execution providers: None (the engine's default), or names / (name, options) pairs that
-    the installed onnxruntime has."""
-    if providers is None:
-        return None
-    import onnxruntime as ort
-
-    items = [providers] if isinstance(providers, (str, tuple)) else list(providers)
-    have = ort.get_available_providers()
-    if not items:
-        raise InputError(f"providers is empty (available: {', '.join(have)})")
-    for p in items:
-        name = p[0] if isinstance(p, tuple) else p
-        if not isinstance(name, str) or name not in have:
-            raise InputError(f"unknown execution provider {name!r} (available: {', '.join(have)})")
-        if isinstance(p, tuple) and (len(p) != 2 or not isinstance(p[1], dict)):
-            raise InputError(f"a provider with options is a (name, dict) pair, got {p!r}")
-    return items
+    the installed onnxruntime has (``runners.check_providers``)."""
+    return None if providers is None else runners.check_providers(providers)
 
 
 def load(path, precision: str = "fp32", providers=None, threads: int | None = None, optimization: str = "all",

@@ -115,22 +115,26 @@ def available_providers(prefer_gpu: bool = True) -> list[str]:
     return [p for p in order if p in have] + ["CPUExecutionProvider"]
 
 
-def check_providers(providers) -> list[str]:
-    """The execution providers to use: ``providers`` (names, checked against the installed
-    onnxruntime's) or, when None, the GPU ones present and the CPU."""
+def check_providers(providers) -> list:
+    """The execution providers to use: ``providers`` (names or (name, options) pairs, as
+    onnxruntime takes them, checked against the installed onnxruntime's) or, when None, the GPU
+    ones present and the CPU."""
     import onnxruntime as ort
 
     if providers is None:
         return available_providers()
-    if isinstance(providers, (str, tuple)):
-        providers = [providers]
+    items = [providers] if isinstance(providers, (str, tuple)) else list(providers)
     have = ort.get_available_providers()
-    # A provider is a name or a (name, options) pair, as onnxruntime takes them.
-    unknown = [p for p in providers if provider_name(p) not in have]
-    if unknown or not providers:
-        raise InputError(f"execution provider(s) {unknown or providers} not available in this onnxruntime "
-                         f"(available: {', '.join(have)})")
-    return list(providers)
+    if not items:
+        raise InputError(f"providers is empty (available: {', '.join(have)})")
+    for p in items:
+        if isinstance(p, tuple) and (len(p) != 2 or not isinstance(p[1], dict)):
+            raise InputError(f"a provider with options is a (name, dict) pair, got {p!r}")
+        name = provider_name(p)
+        if not isinstance(name, str) or name not in have:
+            raise InputError(f"unknown execution provider {name!r}: not available in this onnxruntime "
+                             f"(available: {', '.join(have)})")
+    return items
 
 
 def provider_name(provider) -> str:
