@@ -11,6 +11,11 @@ made. The candidate runs on the whole batch (what is compared never changes); th
 reference and the baseline run one batch row at a time and are reduced against the
 candidate's row, so that at most one full candidate output and one reference row are
 resident at once. ``peak_bytes`` estimates the largest case before anything runs.
+
+One model at a time: ``RecordedReference`` runs the reference (and the fp16 baseline) over the
+whole grid first and keeps its logits in one file on disk, row by row; the reference model can
+then be freed before the candidate's session is created, so the weights are held once, not
+twice. The statistics are the same as with the live reference (the same rows are compared).
 """
 
 from __future__ import annotations
@@ -132,12 +137,19 @@ def release_free_memory() -> None:
         pass
 
 
-def lean_ort_runner(onnx_path, threads: int | None = None):
-    """An ``ORTRunner`` whose session runs without ONNX Runtime's CPU arena and memory pattern:
-    at GPT-2 size x 8192 tokens x batch 3 they hold about 3 GiB beyond the output itself."""
+# The parity session's options, recorded in the manifest. No CPU arena and no memory pattern:
+# at GPT-2 size x 8192 tokens x batch 3 they hold about 3 GiB beyond the output itself.
+# Prepacking stays on: the session owns its weights, so ORT drops each packed weight's original
+# (measured at the gpt2-large shape in docs/results/gpt2-family.md).
+PARITY_SESSION = {"arena": False, "memory_pattern": False, "prepacking": True}
+
+
+def lean_ort_runner(onnx_path, threads: int | None = None, prepacking: bool = PARITY_SESSION["prepacking"]):
+    """An ``ORTRunner`` with the parity session's options (``PARITY_SESSION``)."""
     from .runtime import ORTRunner
 
-    return ORTRunner(onnx_path, threads=threads, arena=False)
+    config = None if prepacking else {"session.disable_prepacking": "1"}
+    return ORTRunner(onnx_path, threads=threads, arena=False, config=config)
 
 
 def candidate_logits(runner, ids: np.ndarray, vocab: int) -> np.ndarray:
@@ -166,15 +178,97 @@ def candidate_logits(runner, ids: np.ndarray, vocab: int) -> np.ndarray:
 def compare_case(reference, candidate, ids: np.ndarray, vocab: int, baseline=None) -> tuple[dict, dict | None]:
     """Statistics of one case (and of the baseline, if any) against the reference, row by row."""
     out = candidate_logits(candidate, ids, vocab)
-    stats, bstats = LogitStats(), (LogitStats() if baseline is not None else None)
+    recorded = isinstance(baseline, RecordedBaseline)
+    stats, bstats = LogitStats(), (LogitStats() if baseline is not None and not recorded else None)
     for r in range(ids.shape[0]):
         row = ids[r:r + 1]
         ref = reference.infer({"input_ids": row})["logits"][0]
         reduce_row(stats, ref, out[r])
-        if baseline is not None:
+        if bstats is not None:
             reduce_row(bstats, ref, baseline.infer({"input_ids": row})["logits"][0])
         del ref
+    if recorded:
+        return stats.result(), baseline.case_result(ids)
     return stats.result(), (bstats.result() if bstats is not None else None)
+
+
+def grid_cases(chunk: int, max_len: int, vocab: int, text_ids=None, batches=BATCHES, lengths=None):
+    """Every case of the grid as (source, batch, seq, ids), in the order ``check_parity`` runs them."""
+    lengths = lengths or grid_lengths(chunk, max_len)
+    sources = ["heldout", "random"] if text_ids is not None else ["random"]
+    return [(source, b, n, make_inputs(source, b, n, vocab, text_ids, seed=1000 * si + 10 * b + n))
+            for si, source in enumerate(sources) for b in batches for n in lengths]
+
+
+def _row_key(ids: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).digest()
+
+
+class RecordedReference:
+    """A reference runner's logits for a list of inputs, recorded once into one file.
+
+    ``record`` runs ``reference`` one batch row at a time and appends each row's float32 logits
+    to ``path``; with a ``baseline`` runner, each case's baseline statistics against the
+    reference are reduced at the same time (the baseline is compared with the reference only).
+    Afterwards ``infer`` answers a recorded row from the file (one row resident at a time) and
+    ``baseline`` stands for the recorded baseline in ``check_parity``. Rows are looked up by
+    their token ids, so the grid needs no bookkeeping beyond the inputs themselves.
+    """
+
+    def __init__(self, path, cfg=None, name: str = "torch"):
+        self.path, self.cfg, self.name = Path(path), cfg, name
+        self.rows: dict[bytes, tuple[int, tuple]] = {}
+        self.baseline: RecordedBaseline | None = None
+        self.bytes = 0
+
+    def record(self, reference, inputs, baseline=None, progress=None) -> "RecordedReference":
+        if baseline is not None:
+            self.baseline = RecordedBaseline(baseline.name)
+        with open(self.path, "ab") as f:
+            for ids in inputs:
+                bstats = LogitStats() if baseline is not None else None
+                for r in range(ids.shape[0]):
+                    row = ids[r:r + 1]
+                    ref = reference.infer({"input_ids": row})["logits"][0]
+                    key = _row_key(row)
+                    if key not in self.rows:
+                        self.rows[key] = (f.tell(), ref.shape)
+                        np.ascontiguousarray(ref, dtype=np.float32).tofile(f)
+                    if bstats is not None:
+                        reduce_row(bstats, ref, baseline.infer({"input_ids": row})["logits"][0])
+                    del ref
+                if bstats is not None:
+                    self.baseline.stats[_row_key(ids)] = bstats.result()
+                if progress:
+                    progress(ids)
+            self.bytes = f.tell()
+        return self
+
+    def infer(self, feeds: dict) -> dict:
+        ids = np.asarray(feeds["input_ids"])
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"a recorded reference answers one row at a time, got input_ids {ids.shape}")
+        try:
+            offset, shape = self.rows[_row_key(ids)]
+        except KeyError:
+            raise KeyError(f"no recorded reference row for these {ids.shape[1]} token ids") from None
+        out = np.fromfile(self.path, dtype=np.float32, count=int(np.prod(shape)), offset=offset)
+        return {"logits": out.reshape(1, *shape)}
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class RecordedBaseline:
+    """The baseline's statistics against the reference, per case (see ``RecordedReference``)."""
+
+    def __init__(self, name: str):
+        self.name, self.stats = name, {}
+
+    def case_result(self, ids: np.ndarray) -> dict:
+        return self.stats[_row_key(ids)]
 
 
 def check_parity(reference, candidate, chunk: int, max_len: int, vocab: int, text_ids=None,
@@ -190,21 +284,17 @@ def check_parity(reference, candidate, chunk: int, max_len: int, vocab: int, tex
         atol = TOLERANCES[precision] if atol is None else atol
     min_top1 = MIN_TOP1.get(precision, 0.99)
     lengths = lengths or grid_lengths(chunk, max_len)
-    sources = ["heldout", "random"] if text_ids is not None else ["random"]
     cases = []
-    for si, source in enumerate(sources):
-        for b in batches:
-            for n in lengths:
-                ids = make_inputs(source, b, n, vocab, text_ids, seed=1000 * si + 10 * b + n)
-                m, bm = compare_case(reference, candidate, ids, vocab, baseline)
-                base, tol, top1_floor = None, atol, min_top1
-                if bm is not None:
-                    base, tol = bm["max_abs"], factor * bm["max_abs"] + 1e-4
-                    top1_floor = min(min_top1, bm["top1"] - 0.01)
-                ok = m["max_abs"] <= tol and m["top1"] >= top1_floor
-                cases.append(Case(source, b, n, atol=tol, passed=ok, baseline_max_abs=base, **m))
-                if progress:
-                    progress(cases[-1])
+    for source, b, n, ids in grid_cases(chunk, max_len, vocab, text_ids, batches, lengths):
+        m, bm = compare_case(reference, candidate, ids, vocab, baseline)
+        base, tol, top1_floor = None, atol, min_top1
+        if bm is not None:
+            base, tol = bm["max_abs"], factor * bm["max_abs"] + 1e-4
+            top1_floor = min(min_top1, bm["top1"] - 0.01)
+        ok = m["max_abs"] <= tol and m["top1"] >= top1_floor
+        cases.append(Case(source, b, n, atol=tol, passed=ok, baseline_max_abs=base, **m))
+        if progress:
+            progress(cases[-1])
     tolerance = (f"{factor:g}x the {baseline.name} distance per case" if baseline is not None
                  else f"logits max abs <= {atol:.1e}")
     return {"precision": precision, "tolerance": tolerance, "min_top1": min_top1, "lengths": lengths,
@@ -220,24 +310,37 @@ def n_params(cfg) -> int:
     return cfg.vocab_size * E + cfg.n_positions * E + cfg.n_layer * layer + 2 * E
 
 
-def peak_bytes(cfg, max_len: int, batches=BATCHES, baseline: bool = False, fp16: bool = False) -> int:
+def record_bytes(cfg, max_len: int, batches=BATCHES, lengths=None, text: bool = True) -> int:
+    """Bytes of the reference logits a ``RecordedReference`` writes for the grid."""
+    lengths = lengths or grid_lengths(cfg.chunk_size, max_len)
+    return (2 if text else 1) * sum(batches) * sum(lengths) * cfg.vocab_size * 4
+
+
+def peak_bytes(cfg, max_len: int, batches=BATCHES, baseline: bool = False, fp16: bool = False,
+               recorded: bool = False) -> int:
     """Estimated peak resident memory of the parity grid's largest case (batch max x max_len).
 
     The candidate's full output (an fp16 graph also holds its fp16 logits before the final
     Cast; an fp32 graph's LM head writes straight into the output), one reference row (and one
     baseline row), the compared float64 slices, the weights of torch and of the ONNX session,
-    the activations of one layer, and the process.
+    the activations of one layer, and the process. With ``recorded`` (the reference recorded
+    first, its model freed), the torch weights and the session's are never held together: the
+    peak is the larger of the two phases.
     """
     B, T, V, E = max(batches), max_len, cfg.vocab_size, cfg.n_embd
     out = B * T * V * 4
     inner_gemm = (B * T * V * 2 if fp16 else 0) + 2 * B * T * E * 4
     act = B * T * (3 * cfg.inner_dim + 8 * E) * 4 + 2 * B * cfg.n_head * T * cfg.chunk_size * 4
     rows = T * V * 4 * (2 if baseline else 1) + T * (3 * cfg.inner_dim + 8 * E) * 4
-    weights = n_params(cfg) * (4 + (2 if fp16 else 4) + (2 if baseline else 0))
+    torch_weights = n_params(cfg) * (4 + (2 if baseline else 0))
+    session_weights = n_params(cfg) * (2 if fp16 else 4)
     process = 15 << 28  # 3.75 GiB: torch, the ONNX session and what the run leaves, measured at GPT-2 size x 8192
     # During the candidate's run: its output plus the fp16 logits (or the activations);
     # afterwards: its output, one reference (and baseline) row and the compared slices.
-    return out + max(inner_gemm, act, rows + 8 * SLICE_BYTES) + weights + process
+    candidate = out + max(inner_gemm, act, rows + 8 * SLICE_BYTES) + session_weights
+    if recorded:
+        return max(candidate, torch_weights + rows + 8 * SLICE_BYTES) + process
+    return candidate + torch_weights + process
 
 
 def available_bytes() -> int | None:

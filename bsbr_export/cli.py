@@ -131,19 +131,29 @@ def _case_line(case) -> None:
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph (no bsbr::ChunkAttention function).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--parity-reference", type=click.Choice(["auto", "memory", "disk"]), default="auto",
+              show_default=True,
+              help="Where torch's reference logits live during parity. memory: the torch model runs beside "
+                   "each ONNX Runtime session (the weights held twice). disk: torch runs the whole grid first, "
+                   "its logits go to a file in the partial output (deleted at the end) and the model is freed "
+                   "before any session opens (the weights held once; needs disk for the logits). auto: disk "
+                   "when that lowers the estimated peak by 10% or more (gpt2-medium and larger).")
 @conversion_options
-def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, **opts):
+def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, allow_pickle, **opts):
     """Whole pipeline: convert, export, check parity, build (the default command).
 
     \b
     Writes into OUT:
       bsbr/                 the converted checkpoint (config.json, model.safetensors, tokenizer)
-      model.onnx(.data)     prefill graph: input_ids -> logits (+ decode state)
-      decode.onnx(.data)    one-token decode graph over the explicit state
-      close.onnx(.data)     the chunk-closing step, run once per chunk while decoding
-      model_fp16.onnx, decode_fp16.onnx, close_fp16.onnx (each + .data)   with --engine fp16
+      model.onnx            prefill graph: input_ids -> every position's logits (+ decode state)
+      extend.onnx           generation's prefill: ragged prompts, or a prompt fed in pieces
+      decode.onnx           one token per row over an explicit state
+      close.onnx            the chunk-closing step, run once per chunk while decoding
+      weights.onnx.data     the weights of all four graphs, each tensor stored once
+      *_fp16.onnx, weights_fp16.onnx.data   the same in fp16, with --engine fp16
       parity_*.json/.md     parity reports
-      manifest.json         versions, options, file hashes, parity summary
+      manifest.json         versions, options, file hashes, parity summary, where the
+                            reference lived, time and peak memory of each stage
 
     Options, paths and the parity check's memory are checked before any work. While it
     runs, .OUT.lock beside OUT keeps a second writer out; leftovers of a killed run
@@ -157,7 +167,8 @@ def run(model, engine, out, max_seq_len, inline, threads, force, allow_pickle, *
     try:
         manifest = run_pipeline(model, out, engine=engine, max_seq_len=max_seq_len, force=force,
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
-                                case_progress=_case_line, **_options(**opts))
+                                case_progress=_case_line, parity_reference=parity_reference,
+                                **_options(**opts))
     except TensorRTNotInstalled as e:
         fail(f"wrote {out} up to the {'fp16 ONNX' if engine == 'fp16' else 'ONNX'} graph; "
              f"engine not built: {str(e).splitlines()[0]}", code=3)

@@ -63,23 +63,72 @@ def heldout_text(model_dir: Path | None) -> np.ndarray | None:
     return None
 
 
-def parity_onnx(model, onnx_path, max_len, text_ids, precision="fp32", threads=None, progress=None,
+def parity_onnx(reference, onnx_path, max_len, text_ids, precision="fp32", threads=None, progress=None,
                 lengths=None, batches=(1, 3)) -> dict:
-    """ORT vs torch fp32 on the grid. fp16 tolerance: 3x the torch-fp16 distance, measured per case."""
-    from .check import check_parity, lean_ort_runner
+    """ORT vs torch fp32 on the grid. fp16 tolerance: 3x the torch-fp16 distance, measured per case.
+
+    ``reference``: the torch model (run live, beside the session) or a ``RecordedReference``
+    made by ``record_reference`` (the model already freed; its fp16 baseline recorded with it).
+    """
+    from .check import RecordedReference, check_parity, lean_ort_runner
+    from .runtime import TorchRunner
+
+    if isinstance(reference, RecordedReference):
+        cfg, ref = reference.cfg, reference
+        baseline = reference.baseline if precision != "fp32" else None
+        if precision != "fp32" and baseline is None:
+            raise ValueError("an fp16 check needs the fp16 baseline recorded with the reference")
+    else:
+        cfg, ref = reference.cfg, TorchRunner(reference)
+        baseline = TorchHalfRunner(reference) if precision != "fp32" else None
+    with lean_ort_runner(onnx_path, threads=threads) as cand:
+        report = check_parity(ref, cand, chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size,
+                              text_ids=text_ids, precision=precision, progress=progress, lengths=lengths,
+                              batches=batches, baseline=baseline)
+    report["candidate"] = f"onnxruntime {Path(onnx_path).name}"
+    return report
+
+
+def record_reference(model, path, max_len, text_ids, fp16_baseline: bool, progress=None):
+    """Run the torch model (and its fp16 copy) over the whole parity grid once, keeping the
+    logits in ``path``; the model can be freed afterwards (``parity_onnx`` takes the record)."""
+    from .check import BATCHES, RecordedReference, grid_cases
     from .runtime import TorchRunner
 
     cfg = model.cfg
-    ref = TorchRunner(model)
-    with lean_ort_runner(onnx_path, threads=threads) as cand:
-        kw = dict(chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size, text_ids=text_ids,
-                  precision=precision, progress=progress, lengths=lengths, batches=batches)
-        if precision == "fp32":
-            report = check_parity(ref, cand, **kw)
-        else:
-            report = check_parity(ref, cand, baseline=TorchHalfRunner(model), **kw)
-    report["candidate"] = f"onnxruntime {Path(onnx_path).name}"
-    return report
+    inputs = [ids for *_, ids in grid_cases(cfg.chunk_size, max_len, cfg.vocab_size, text_ids, BATCHES)]
+    rec = RecordedReference(path, cfg)
+    baseline = TorchHalfRunner(model) if fp16_baseline else None
+    rec.record(TorchRunner(model), inputs, baseline=baseline, progress=progress)
+    return rec
+
+
+def reference_mode(cfg, max_len: int, engine: str, where: Path, choice: str = "auto") -> dict:
+    """Where the torch reference lives while the graphs are checked, with the estimates behind
+    the choice: "memory" (the torch model beside each ONNX session) or "disk" (its logits
+    recorded first, the model freed before any session is created: the weights are held once).
+    ``auto`` takes disk when that lowers the estimated peak by 10% or more and the disk has
+    room for twice the record."""
+    from .check import BATCHES, peak_bytes, record_bytes
+
+    fp16 = engine == "fp16"
+    est = {}
+    for mode in ("memory", "disk"):
+        est[mode] = peak_bytes(cfg, max_len, BATCHES, recorded=mode == "disk")
+        if fp16:
+            est[mode] = max(est[mode], peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True,
+                                                  recorded=mode == "disk"))
+    need = record_bytes(cfg, max_len, BATCHES)
+    free = shutil.disk_usage(where).free
+    if choice == "auto":
+        choice = "disk" if est["disk"] <= 0.9 * est["memory"] and free >= 2 * need else "memory"
+    elif choice == "disk" and free < need:
+        raise ConfigError(f"--parity-reference disk: the reference logits need {need / 2**30:.1f} GiB, "
+                          f"{where} has {free / 2**30:.1f} GiB free")
+    elif choice not in ("memory", "disk"):
+        raise ConfigError(f"--parity-reference must be auto, memory or disk, got {choice!r}")
+    return {"mode": choice, "record_bytes": need if choice == "disk" else 0,
+            "estimated_peak_bytes": est, "session": None}
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -99,19 +148,21 @@ def check_output(out: Path, force: bool) -> None:
         raise ConfigError(f"{out}: cannot be created, {parent} is not writable")
 
 
-def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str = "--max-seq-len") -> int:
+def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str = "--max-seq-len",
+                 recorded: bool = False) -> int:
     """Estimate the parity grid's peak memory, say it, and refuse when the machine cannot hold it."""
     from .check import BATCHES, available_bytes, gib, peak_bytes
 
-    need = peak_bytes(cfg, max_len, BATCHES)
+    need = peak_bytes(cfg, max_len, BATCHES, recorded=recorded)
     if engine == "fp16":
-        need = max(need, peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True))
+        need = max(need, peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True, recorded=recorded))
     have = available_bytes()
     case = f"batch {max(BATCHES)} x {max_len} tokens"
     if have is not None and need > have:
         raise ConfigError(f"{what} {max_len}: the parity check's largest case ({case}) needs about {gib(need)}, "
                           f"more than the {gib(have)} this machine has available; use a smaller {what}")
-    log(f"    parity memory: about {gib(need)} at most ({case})"
+    log(f"    parity memory: about {gib(need)} at most ({case}"
+        + (", torch reference recorded to disk first" if recorded else "") + ")"
         + (f", {gib(have)} available" if have is not None else ""))
     return need
 
@@ -153,7 +204,7 @@ def remove_leftovers(out: Path, log=print) -> list[Path]:
 
 def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
-                 log=print, case_progress=None, **options) -> dict:
+                 log=print, case_progress=None, parity_reference: str = "auto", **options) -> dict:
     """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ...
 
     Every option and path is checked before any work (the configuration is read from
@@ -175,8 +226,9 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     t0 = time.time()
     step = iter(range(1, 10))
     log(f"[{next(step)}] checking options and memory")
-    check_memory(cfg, max_len, engine, log)
     out.parent.mkdir(parents=True, exist_ok=True)
+    where = reference_mode(cfg, max_len, engine, out.parent, parity_reference)
+    check_memory(cfg, max_len, engine, log, recorded=where["mode"] == "disk")
     with output_lock(out):
         remove_leftovers(out, log)
         log(f"[{next(step)}] converting {source}")
@@ -192,19 +244,35 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
             with stage("export"):
                 save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
                 export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
-            log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
-            with stage("parity_fp32"):
-                report = parity_onnx(model, tmp / "model.onnx", max_len, text_ids, "fp32", threads, case_progress)
-            _record(manifest, "onnx_fp32", report, tmp)
-            onnx_for_engine = tmp / "model.onnx"
             if engine == "fp16":
-                log(f"[{next(step)}] exporting the fp16 graph (LayerNorm and softmax in fp32)")
+                log(f"[{next(step)}] exporting the fp16 graphs (LayerNorm and softmax in fp32)")
                 with stage("export_fp16"):
                     export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
                                 progress=lambda m: log(f"    {m}"))
+            reference = model
+            if where["mode"] == "disk":
+                log(f"[{next(step)}] torch reference over the parity grid, recorded to disk "
+                    f"({where['record_bytes'] / 2**30:.1f} GiB) so that torch and ONNX Runtime never hold "
+                    f"the weights together")
+                with stage("reference"):
+                    reference = record_reference(model, tmp / ".reference.f32", max_len, text_ids,
+                                                 fp16_baseline=engine == "fp16")
+                model = None  # the record stands for the model from here on
+                _free_torch_memory()
+            from .check import PARITY_SESSION
+
+            where["session"] = PARITY_SESSION
+            manifest["parity_reference"] = where
+            log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
+            with stage("parity_fp32"):
+                report = parity_onnx(reference, tmp / "model.onnx", max_len, text_ids, "fp32", threads,
+                                     case_progress)
+            _record(manifest, "onnx_fp32", report, tmp)
+            onnx_for_engine = tmp / "model.onnx"
+            if engine == "fp16":
                 log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
                 with stage("parity_fp16"):
-                    report = parity_onnx(model, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
+                    report = parity_onnx(reference, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
                                          case_progress)
                 _record(manifest, "onnx_fp16", report, tmp)
                 onnx_for_engine = tmp / "model_fp16.onnx"
@@ -214,11 +282,13 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                 try:
                     require_tensorrt()
                     log(f"[{next(step)}] building the TensorRT engine ({engine})")
-                    _build_and_check(model, onnx_for_engine, tmp, engine, max_len, text_ids, manifest,
+                    _build_and_check(reference, onnx_for_engine, tmp, engine, max_len, text_ids, manifest,
                                      case_progress)
                 except TensorRTNotInstalled as e:
                     tensorrt_missing = e
                     manifest["engine_status"] = f"not built: {e}"
+            if where["mode"] == "disk":
+                reference.remove()
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():
                     manifest["files"][f.relative_to(tmp).as_posix()] = file_sha256(f)
@@ -245,20 +315,34 @@ def _record(manifest: dict, key: str, report: dict, tmp: Path) -> None:
                           + markdown_table(report, only_failed=True))
 
 
-def _build_and_check(model, onnx_path, tmp, engine, max_len, text_ids, manifest, case_progress):
-    """Build the engine, then check it like any other runner (needs TensorRT and a GPU)."""
-    from .check import check_parity
+def _free_torch_memory() -> None:
+    """Collect what the freed torch model left and hand the C heap's free pages back."""
+    import gc
+
+    from .check import release_free_memory
+
+    gc.collect()
+    release_free_memory()
+
+
+def _build_and_check(reference, onnx_path, tmp, engine, max_len, text_ids, manifest, case_progress):
+    """Build the engine, then check it like any other runner (needs TensorRT and a GPU).
+    ``reference``: the torch model or its ``RecordedReference`` (as for ``parity_onnx``)."""
+    from .check import RecordedReference, check_parity
     from .runtime import TorchRunner
     from .trt import TensorRTRunner, engine_from_onnx
 
     path = engine_from_onnx(onnx_path, tmp / f"model_{engine}.engine", min_seq=1, opt_seq=min(512, max_len),
                             max_seq=max_len, max_batch=8, timing_cache_path=tmp / "timing.cache")
-    cfg = model.cfg
+    if isinstance(reference, RecordedReference):
+        ref, baseline = reference, (reference.baseline if engine == "fp16" else None)
+    else:
+        ref, baseline = TorchRunner(reference), (TorchHalfRunner(reference) if engine == "fp16" else None)
+    cfg = reference.cfg
     with TensorRTRunner(path) as runner:
         kw = dict(chunk=cfg.chunk_size, max_len=max_len, vocab=cfg.vocab_size, text_ids=text_ids,
                   precision=engine, progress=case_progress)
-        baseline = TorchHalfRunner(model) if engine == "fp16" else None
-        report = check_parity(TorchRunner(model), runner, baseline=baseline, **kw)
+        report = check_parity(ref, runner, baseline=baseline, **kw)
     report["candidate"] = f"TensorRT {path.name}"
     _record(manifest, f"tensorrt_{engine}", report, tmp)
     manifest["engine_status"] = f"built: {path.name}"

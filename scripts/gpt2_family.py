@@ -87,7 +87,10 @@ def measure(name: str, work: Path) -> dict:
         W = (out / "bsbr" / "model.safetensors").stat().st_size
         onnx = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith((".onnx", ".onnx.data")))
         r |= {"W": W, "onnx_bytes": onnx, "stages": m["stages"], "seconds": m["seconds"],
-              "cases": m["parity"]["onnx_fp32"]["cases"], "worst": m["parity"]["onnx_fp32"]["worst_max_abs"]}
+              "cases": m["parity"]["onnx_fp32"]["cases"], "worst": m["parity"]["onnx_fp32"]["worst_max_abs"],
+              "reference": m["parity_reference"]["mode"],
+              # The bound: 2.5 W + twice the largest grid case's logits (batch 3 x N x vocab, fp32).
+              "target_bytes": 2.5 * W + 2 * 3 * max_len * VOCAB * 4}
     else:
         r["error"] = (log.strip().splitlines() or ["no output"])[-1][:300]
     shutil.rmtree(work / name, ignore_errors=True)
@@ -106,19 +109,26 @@ def fragment(rows: list[dict], command: str) -> str:
                           f"failed (exit {r['exit']}): {r['error']}"])
             continue
         st, W = r["stages"], r["W"]
+        peak, bound = r["peak_rss_bytes"], r["target_bytes"]
         table.append([r["name"], r["max_seq_len"], gib(W), f"{r['onnx_bytes'] / W:.3f}",
                       *(f"{st[s]['seconds']:.0f} s, {gib(st[s]['peak_rss_bytes'])} ({st[s]['peak_rss_bytes'] / W:.2f} W)"
-                        for s in ("convert", "export", "parity_fp32")),
-                      f"{gib(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / W:.2f} W)",
+                        if s in st else "—" for s in ("convert", "export", "reference", "parity_fp32")),
+                      r["reference"], f"{gib(peak)} ({peak / W:.2f} W)",
+                      f"{gib(bound)}: {'met' if peak <= bound else 'MISSED'}",
                       f"{r['seconds'] / 60:.1f} min, {r['cases']} cases pass, worst {r['worst']:.1e}"])
     return ("## The GPT-2 family on one machine\n\n"
             "Every GPT-2 size (the real configurations, random weights, 1024 positions) through the main "
             "command; peaks are RSS high-water marks (GiB), per stage from the manifest (the mark reset at "
             "each stage's start) and for the whole process from `/usr/bin/time -v`. W = the converted "
-            "checkpoint's tensors.\n\n"
+            "checkpoint's tensors. reference: where torch's logits lived during parity (`--parity-reference "
+            "auto`: memory = the torch model beside the ONNX Runtime session; disk = torch ran the grid first, "
+            "its logits recorded to a file, the model freed before the session opened, stage \"reference\"). "
+            "Target: whole command peak <= 2.5 W + 2 x the largest grid case's logits (batch 3 x N x vocab x 4 "
+            "bytes).\n\n"
             f"- command: `{command}`\n- machine: {machine_line()}\n\n"
             + markdown_table(["shape", "--max-seq-len", "W GiB", "ONNX files / W", "convert", "export",
-                              "parity fp32", "whole command peak", "result"], table))
+                              "reference", "parity fp32", "reference kept in", "whole command peak",
+                              "target", "result"], table))
 
 
 def main(argv=None) -> int:
@@ -134,6 +144,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         rows.append(measure(name, args.work))
+        (args.work / "rows.json").write_text(json.dumps(rows, indent=1))
         FRAGMENT.write_text(fragment(rows, command))
         print(f"{name}: exit {rows[-1]['exit']}, peak {rows[-1]['peak_rss_bytes']}", flush=True)
     return 0 if all(r["exit"] == 0 for r in rows) else 1

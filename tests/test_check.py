@@ -116,3 +116,84 @@ def test_config_difference_names_first_key():
     assert "precision" in C.config_difference(meta, cfg, "fp16")
     assert "no bsbr_export metadata" in C.config_difference({}, cfg)
     assert "max_seq_len" in C.config_difference({**meta, "max_seq_len": 0}, cfg)
+
+
+# --------------------------------------------------------------------------- one model at a time (issue 17)
+
+def test_recorded_reference_gives_the_live_statistics(tiny_hf_dir, tmp_path):
+    """The grid checked against torch's recorded logits (the model freed before the session
+    exists) gives the same report as against the live model, baseline statistics included."""
+    import gc
+    import weakref
+
+    from bsbr_export.convert import convert
+    from bsbr_export.export import ExportSpec, export_onnx
+    from bsbr_export.pipeline import parity_onnx, record_reference
+
+    model = convert(tiny_hf_dir, chunk_size=16)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=64), decode=False)
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=64, fp16=True), decode=False)
+    text = np.random.default_rng(3).integers(0, model.cfg.vocab_size, 500)
+    live = {p: parity_onnx(model, tmp_path / f"model{s}.onnx", 64, text, p) for p, s in (("fp32", ""),
+                                                                                         ("fp16", "_fp16"))}
+    rec = record_reference(model, tmp_path / "ref.f32", 64, text, fp16_baseline=True)
+    lengths = C.grid_lengths(16, 64)
+    assert rec.bytes == C.record_bytes(model.cfg, 64) == 2 * sum(C.BATCHES) * sum(lengths) * model.cfg.vocab_size * 4
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None  # the record holds no reference to the model
+    for p, s in (("fp32", ""), ("fp16", "_fp16")):
+        recorded = parity_onnx(rec, tmp_path / f"model{s}.onnx", 64, text, p)
+        assert recorded["passed"] and len(recorded["cases"]) == len(live[p]["cases"]) == 2 * 2 * len(lengths)
+        for a, b in zip(recorded["cases"], live[p]["cases"]):
+            assert a == b  # the same rows compared: identical numbers, baseline's included
+    # A row that was not recorded is an error, not a silent answer.
+    with pytest.raises(KeyError, match="no recorded reference row"):
+        rec.infer({"input_ids": np.zeros((1, 5), dtype=np.int64)})
+    with pytest.raises(ValueError, match="one row at a time"):
+        rec.infer({"input_ids": np.zeros((2, 5), dtype=np.int64)})
+    rec.remove()
+    assert not (tmp_path / "ref.f32").exists()
+
+
+def test_recorded_estimate_holds_the_weights_once(tiny_hf_dir, tmp_path):
+    from bsbr_export.convert import bsbr_config_from_hf
+    from bsbr_export.pipeline import reference_mode
+
+    large = bsbr_config_from_hf(dict(vocab_size=50257, n_positions=1024, n_embd=1280, n_layer=36, n_head=20))
+    W = 4 * C.n_params(large)
+    together, once = C.peak_bytes(large, 1024), C.peak_bytes(large, 1024, recorded=True)
+    assert together - once >= 0.95 * W  # the torch copy of the weights is no longer counted
+    where = reference_mode(large, 1024, "onnx", tmp_path)
+    assert where["mode"] == "disk" and where["record_bytes"] == C.record_bytes(large, 1024)
+    small = bsbr_config_from_hf(dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12))
+    assert reference_mode(small, 1024, "onnx", tmp_path)["mode"] == "memory"  # saves < 10%: no disk
+    assert reference_mode(small, 1024, "onnx", tmp_path, "disk")["mode"] == "disk"
+
+
+def test_main_command_with_the_reference_on_disk(tiny_hf_dir, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from bsbr_export.cli import main
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(out), "--chunk-size", "16", "--max-seq-len", "64",
+                                    "--engine", "fp16", "--parity-reference", "disk"])
+    assert res.exit_code in (0, 3), res.output  # 3: the fp16 graphs written, TensorRT absent
+    man = json.loads((out / "manifest.json").read_text())
+    where = man["parity_reference"]
+    assert where["mode"] == "disk" and where["record_bytes"] > 0 and where["session"] == C.PARITY_SESSION
+    assert list(man["stages"]) == ["convert", "export", "export_fp16", "reference", "parity_fp32", "parity_fp16"]
+    assert man["parity"]["onnx_fp32"]["passed"] and man["parity"]["onnx_fp16"]["passed"]
+    assert not [p for p in out.rglob("*") if "reference" in p.name]  # the record is gone
+    assert not any("reference" in f for f in man["files"])
+    # A parity failure with the record on disk leaves nothing behind, the record included.
+    monkeypatch.setitem(C.TOLERANCES, "fp32", 0.0)
+    bad = tmp_path / "bad"
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(bad), "--chunk-size", "16", "--max-seq-len", "64",
+                                    "--parity-reference", "disk"])
+    assert res.exit_code != 0 and "fails parity" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]

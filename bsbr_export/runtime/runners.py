@@ -192,14 +192,15 @@ class ORTRunner:
     name = "onnxruntime"
 
     def __init__(self, onnx_path, threads: int | None = None, providers=None, outputs=("logits",),
-                 optimization: str = "all", arena: bool = True):
+                 optimization: str = "all", arena: bool = True, config: dict | None = None):
         self.path, self.threads, self.providers = Path(onnx_path), threads, providers
         self.outputs, self.optimization, self.arena = list(outputs), optimization, arena
+        self.config = config
         self.session = None
 
     def __enter__(self):
         self.session = session_from_onnx(self.path, self.threads, self.providers, self.optimization,
-                                         arena=self.arena)
+                                         arena=self.arena, config=self.config)
         meta = onnx_metadata(self.session)
         self.max_seq_len = meta.get("max_seq_len")
         self.vocab_size = meta.get("config", {}).get("vocab_size")
