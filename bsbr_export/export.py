@@ -22,6 +22,16 @@ The decode state's names, dims and layout are those of ``ops.state`` (batch firs
 
 Every float input and output is float32 (fp16 graphs cast at their edges); the metadata
 property ``bsbr_export`` records the version, the configuration and the state format.
+
+int8 graphs (``ExportSpec(int8=True)``: ``model_int8.onnx`` ...) are the fp32 graphs with the
+dense weights (attention c_attn and c_proj, MLP c_fc and c_proj, and the LM head unless
+``int8_head=False``) stored int8, symmetric per output column, and run by ONNX Runtime's
+``DynamicQuantizeMatMul`` (activations quantized to uint8 per call); embeddings, LayerNorm,
+the BSBR chunk attention (its meta projections included), softmax and every state stay fp32.
+The int8 tensors and their scales go to ``weights_int8.onnx.data``; an fp32 tensor whose
+bytes already lie in the directory's ``weights.onnx.data`` (the fp32 export, checked by
+digest) is referenced there rather than copied, so the fp32 and int8 graphs of one export
+hold each tensor once on disk.
 """
 
 from __future__ import annotations
@@ -53,6 +63,9 @@ class ExportSpec:
     opset: int = OPSET
     inline: bool = False
     fp16: bool = False
+    # int8 dense weights (DynamicQuantizeMatMul); int8_head: the LM head too.
+    int8: bool = False
+    int8_head: bool = True
     # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
     attention: str = "bsbr"
     state_outputs: bool = True
@@ -66,6 +79,12 @@ class ExportSpec:
             raise ConfigError(f"attention must be bsbr, full or none, got {self.attention!r}")
         if self.opset < 18:
             raise ConfigError(f"opset must be >= 18, got {self.opset}")
+        if self.fp16 and self.int8:
+            raise ConfigError("an export is fp16 or int8, not both")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
 
 
 # --------------------------------------------------------------------------- model graphs
@@ -77,14 +96,33 @@ def _np(t):
 class _Weights:
     """Names the model's tensors once in the graph; linear weights stored (in, out)."""
 
-    def __init__(self, g: Graph, model):
+    def __init__(self, g: Graph, model, int8: bool = False, int8_head: bool = False):
         self.g, self.sd = g, {k: _np(v) for k, v in model.state_dict().items()}
+        self.int8, self.int8_head = int8, int8 and int8_head
 
     def __call__(self, key, transpose=False):
         name = key
         if name not in self.g.inits:
             a = self.sd[key].T if transpose else self.sd[key]
             self.g.weight(name, a)
+        return name
+
+    def dense(self, key):
+        """A dense layer's weight (stored (in, out)): int8 in an int8 export, else as ``__call__``."""
+        if not self.int8:
+            return self(key, True)
+        name = key + ".int8"
+        if name not in self.g.inits:
+            self.g.qweight(name, self.sd[key].T)
+        return name
+
+    def head(self):
+        """The LM head's weight (E, V) for ``Graph.linear`` when it is int8, else None."""
+        if not self.int8_head:
+            return None
+        name = "wte.weight.T.int8"
+        if name not in self.g.inits:
+            self.g.qweight(name, self.sd["wte.weight"].T)
         return name
 
 
@@ -99,14 +137,14 @@ def _positions(g: Graph, cfg: BSBRConfig, t):
 
 def _mlp_and_residual(g, W, cfg, p, x):
     m = g.linear(g.layer_norm(x, W(p + "ln_2.weight"), W(p + "ln_2.bias"), cfg.layer_norm_epsilon),
-                 W(p + "mlp.c_fc.weight", True), W(p + "mlp.c_fc.bias"))
-    m = g.linear(g.activation(m, cfg.activation_function), W(p + "mlp.c_proj.weight", True), W(p + "mlp.c_proj.bias"))
+                 W.dense(p + "mlp.c_fc.weight"), W(p + "mlp.c_fc.bias"))
+    m = g.linear(g.activation(m, cfg.activation_function), W.dense(p + "mlp.c_proj.weight"), W(p + "mlp.c_proj.bias"))
     return g.op("Add", x, m)
 
 
 def _qkv(g, W, cfg, p, xa):
     E, H, d = cfg.n_embd, cfg.n_head, cfg.head_dim
-    qkv = g.linear(xa, W(p + "attn.c_attn.weight", True), W(p + "attn.c_attn.bias"))
+    qkv = g.linear(xa, W.dense(p + "attn.c_attn.weight"), W(p + "attn.c_attn.bias"))
     q, k, v = g.op("Split", qkv, g.const([E, E, E]), axis=-1, outputs=3)
     return [g.split_heads(t, H, d) for t in (q, k, v)]  # (B, H, N, d)
 
@@ -115,7 +153,7 @@ def _graph_for(model, spec: ExportSpec, sink=None):
     """A graph builder in the export's precision (writing large weights to ``sink``) and the namer
     of the model's weights."""
     g = Graph(np.float16 if spec.fp16 else np.float32, sink=sink)
-    return g, _Weights(g, model)
+    return g, _Weights(g, model, int8=spec.int8, int8_head=spec.int8_head)
 
 
 def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
@@ -124,6 +162,9 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
     itself: a Gemm on (B*T, E) and a Reshape would hold the [B*T, V] logits twice (GPT-2 small,
     8192 tokens x batch 3: 4.9 GB more at the peak)."""
     x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
+    head = W.head()
+    if head is not None:  # int8: x @ wte^T from the transposed, quantized copy (the embedding stays fp32)
+        return g.linear(g.op("Reshape", x, g.const([-1, cfg.n_embd])) if rows else x, head)
     if rows:
         return g.op("Gemm", g.op("Reshape", x, g.const([-1, cfg.n_embd])), W("wte.weight"), transB=1)
     return g.op("MatMul", x, g.op("Transpose", W("wte.weight"), perm=[1, 0]))
@@ -173,7 +214,7 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
             o = _full_attention(g, q, k, v, T, d)
         else:  # "none": the dense floor keeps every projection and skips attention itself
             o = v
-        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W(p + "attn.c_proj.weight", True),
+        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
     g.output(_lm_head(g, W, cfg, x, rows=False), "logits")  # (B, T, V)
@@ -210,7 +251,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)
         o = ops_onnx.extend_layer(g, W, cfg, p, xa, q, k, v, ctx | {"layer": i}, state_in, states)
-        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W(p + "attn.c_proj.weight", True),
+        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
     g.output(_lm_head(g, W, cfg, ops_onnx.gather_rows(g, x, ctx["logit_row"])), "logits")  # (B, V)
@@ -261,7 +302,7 @@ def decode_graph(model, spec: ExportSpec, sink=None):
         kk = g.op("Where", at_slot, k, own[state.K])  # (B, H, L, d)
         vv = g.op("Where", at_slot, v, own[state.V])
         o = ops_onnx.step_attention(g, W, cfg, p, q, kk, vv, visible, own[state.S])  # (B, H, 1, d)
-        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W(p + "attn.c_proj.weight", True),
+        x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
         for n, val in zip(state.DECODE_OUT, (kk, vv, xa)):
@@ -309,19 +350,28 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
     inits = [a.proto() if isinstance(a, External) else numpy_helper.from_array(a, n) for n, a in g.inits.items()]
     graph = helper.make_graph(g.nodes, name, inputs, outputs, inits)
     opsets = [helper.make_opsetid("", spec.opset), helper.make_opsetid(ops_onnx.DOMAIN, 1)]
+    if spec.int8:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
     fn = ops_onnx.chunk_attention_function(spec.opset, g.fdt, normalised=cfg.retrieval == "normalised")
     m = helper.make_model(graph, opset_imports=opsets, functions=[fn], producer_name="bsbr-export",
                           ir_version=10)
     meta = {"bsbr_export_version": __version__, "max_seq_len": spec.max_seq_len, "config": cfg.to_dict(),
-            "precision": "fp16" if spec.fp16 else "fp32", "inlined": spec.inline,
+            "precision": spec.precision, "inlined": spec.inline,
             "state": state.StateSpec.from_config(cfg).to_dict()}
+    if spec.int8:
+        meta["quantization"] = {"weights": "int8 symmetric per output column",
+                                "activations": "uint8 per call (DynamicQuantizeMatMul)",
+                                "layers": "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+                                          + (", lm_head" if spec.int8_head else ""),
+                                "fp32_weights": "weights.onnx.data" if g.sink is not None and g.sink.base else None}
     helper.set_model_props(m, {"bsbr_export": json.dumps(meta)})
     if spec.inline:
         import onnx.inliner
 
         m = onnx.inliner.inline_local_functions(m)
         del m.opset_import[:]
-        m.opset_import.extend([helper.make_opsetid("", spec.opset)])
+        m.opset_import.extend([helper.make_opsetid("", spec.opset)]
+                              + ([helper.make_opsetid("com.microsoft", 1)] if spec.int8 else []))
     return m
 
 
@@ -329,9 +379,13 @@ EXTERNAL_MIN_BYTES = 1024  # smaller initializers stay inside the graph file
 ALIGN = 64  # offsets of tensors in the weights file
 
 
+def _suffix(spec: ExportSpec) -> str:
+    return "" if spec.precision == "fp32" else f"_{spec.precision}"
+
+
 def weights_name(spec: ExportSpec) -> str:
-    """The one external-data file that every graph of an export (of one precision) reads."""
-    return f"weights{'_fp16' if spec.fp16 else ''}.onnx.data"
+    """The one external-data file that every graph of an export (of one precision) writes."""
+    return f"weights{_suffix(spec)}.onnx.data"
 
 
 class WeightsFile:
@@ -340,12 +394,16 @@ class WeightsFile:
 
     min_bytes = EXTERNAL_MIN_BYTES
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, base: dict | None = None):
         self.path, self.index, self.size = Path(path), {}, 0
+        self.base = base or {}  # name -> External in another file of the export, used when the bytes agree
 
     def add(self, name: str, a: np.ndarray) -> "External":
         raw = memoryview(a).cast("B")
         digest = hashlib.sha256(raw).hexdigest()
+        known = self.base.get(name)
+        if known is not None and known.digest == digest and known.dtype == a.dtype and tuple(known.shape) == a.shape:
+            return known
         if name in self.index:
             if self.index[name].digest != digest:
                 raise ValueError(f"initializer {name!r} differs between the graphs of one export")
@@ -381,21 +439,60 @@ class External:
         return t
 
 
-def _save(m, path: Path):
+def _save(m, path: Path, check: bool = True):
     import onnx
 
     onnx.save_model(m, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
 
 
 def onnx_name(graph: str, spec: ExportSpec) -> str:
-    """model.onnx / decode.onnx, with an _fp16 suffix for the half-precision graphs."""
-    return f"{graph}{'_fp16' if spec.fp16 else ''}.onnx"
+    """model.onnx / decode.onnx, with an _fp16 or _int8 suffix for the other precisions."""
+    return f"{graph}{_suffix(spec)}.onnx"
+
+
+FP32_GRAPHS = ("model", "extend", "decode", "close")
+
+
+def existing_weights(out_dir) -> dict:
+    """{name: External} of the tensors that the fp32 graphs in ``out_dir`` keep in
+    ``weights.onnx.data``, with the digest of their bytes in that file ({} without it)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    out = Path(out_dir)
+    data = out / weights_name(ExportSpec())
+    if not data.is_file():
+        return {}
+    index = {}
+    with open(data, "rb") as f:
+        for g in FP32_GRAPHS:
+            path = out / f"{g}.onnx"
+            if not path.is_file():
+                continue
+            m = onnx.load(str(path), load_external_data=False)
+            for t in m.graph.initializer:
+                if t.data_location != TensorProto.EXTERNAL or t.name in index:
+                    continue
+                info = {e.key: e.value for e in t.external_data}
+                if info.get("location") != data.name:
+                    continue
+                offset, length = int(info.get("offset", 0)), int(info["length"])
+                f.seek(offset)
+                raw = f.read(length)
+                if len(raw) != length:
+                    continue
+                index[t.name] = External(t.name, helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims),
+                                         data.name, offset, length, hashlib.sha256(raw).hexdigest())
+    return index
 
 
 def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = True, progress=None) -> dict:
     """Write ``model.onnx`` (+ ``extend.onnx``, ``decode.onnx``, ``close.onnx``) and their one
-    weights file (``weights.onnx.data``; ``_fp16`` names for an fp16 spec) into ``out_dir``.
+    weights file (``weights.onnx.data``; ``_fp16`` / ``_int8`` names for those specs) into
+    ``out_dir``. An int8 export references the fp32 tensors of ``out_dir``'s fp32 export
+    (``existing_weights``) instead of writing them again.
 
     Files are written and checked in a temporary directory next to ``out_dir``;
     only complete, checked files are moved in. Returns {file name: path} of the graphs.
@@ -404,7 +501,8 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     written = {}
-    weights = WeightsFile(tmp / weights_name(spec))
+    base = existing_weights(out) if spec.int8 else {}
+    weights = WeightsFile(tmp / weights_name(spec), base=base)
     try:
         jobs = [(onnx_name("model", spec), prefill_graph, "bsbr_prefill")]
         if decode:
@@ -418,12 +516,25 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
             m = _model_proto(g, inputs, outputs, gname, spec, model.cfg)
             if progress:
                 progress(f"writing and checking {fname}")
-            _save(m, tmp / fname)
+            # A graph that reads the directory's fp32 weights file is checked once beside it (the
+            # checker resolves external data next to the graph and refuses a link to the file).
+            _save(m, tmp / fname, check=not base)
         fix_modes(tmp)  # onnx writes external data 0600; every output file gets one mode
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-            if f.suffix == ".onnx":
-                written[f.name] = out / f.name
+        moved = []
+        try:
+            for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):  # weights first
+                os.replace(f, out / f.name)
+                moved.append(out / f.name)
+                if f.suffix == ".onnx":
+                    written[f.name] = out / f.name
+                    if base:
+                        import onnx
+
+                        onnx.checker.check_model(str(out / f.name), full_check=True)
+        except BaseException:
+            for f in moved:
+                f.unlink(missing_ok=True)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written

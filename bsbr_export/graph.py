@@ -1,7 +1,11 @@
 """A small ONNX graph builder: the exporter writes every graph node by node through it.
 
 Float tensors live in the graph's precision (fp32 or fp16); LayerNorm and softmax always run
-in fp32. Initializers are numpy arrays named once; constants are shared by value.
+in fp32. Initializers are numpy arrays named once; constants are shared by value. An int8
+graph is an fp32 graph whose dense weights were registered through ``qweight``: its
+``linear`` on such a weight is ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (the
+activation quantized to uint8 per call, the weight int8 symmetric per output column, the bias
+added in the same node).
 """
 
 from __future__ import annotations
@@ -26,6 +30,21 @@ class Graph:
         self.fdt = float_dtype
         self.fproto = TensorProto.FLOAT16 if float_dtype == np.float16 else TensorProto.FLOAT
         self.prefix, self.sink = prefix, sink
+        self.scales = {}  # int8 weight name -> its per-column scale's name
+
+    def qweight(self, name, array):
+        """An int8 weight (in, out), symmetric per output column: w ~= q * scale[col], q in
+        [-127, 127]; registers ``name`` (int8) and ``name + ".scale"`` (float32, one per column).
+        ``linear`` on ``name`` then runs the quantized product."""
+        w = np.asarray(array, dtype=np.float32)
+        assert w.ndim == 2, (name, w.shape)
+        peak = np.abs(w).max(axis=0)
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        self.weight(name, q, dtype=np.int8)
+        self.scales[name] = self.weight(name + ".scale", scale, dtype=np.float32)
+        return name
+
 
     def name(self, hint):
         self.n += 1
@@ -77,8 +96,13 @@ class Graph:
         return self.const(value, self.fdt)
 
     # -- building blocks
-    def linear(self, x, w_name, b_name):
-        return self.op("Add", self.op("MatMul", x, w_name), b_name)
+    def linear(self, x, w_name, b_name=None):
+        """x @ w + b; an int8 weight (``qweight``) gives one DynamicQuantizeMatMul with the bias."""
+        if w_name in self.scales:
+            return self.op("DynamicQuantizeMatMul", x, w_name, self.scales[w_name], "", *([b_name] if b_name else []),
+                           domain="com.microsoft")
+        y = self.op("MatMul", x, w_name)
+        return self.op("Add", y, b_name) if b_name else y
 
     def layer_norm(self, x, w, b, eps):
         # LayerNorm is computed in fp32 whatever the graph's precision.

@@ -25,11 +25,10 @@ import numpy as np
 from ..errors import InputError
 from ..ops import state
 from . import runners
-from .engine import GRAPHS, Engine, graph_file, read_metadata
+from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, Engine, graph_file, read_metadata
 from .sampling import SamplingOptions, choose, chosen_logprobs, row_generators
 from .text import Tokenizer, check_stop
 
-PRECISIONS = ("fp32", "fp16")
 OPTIMIZATIONS = ("none", "basic", "extended", "all")
 
 
@@ -95,7 +94,7 @@ def check_export(path, precision: str = "fp32") -> dict:
     graphs = [d / graph_file(g, precision) for g in GRAPHS]
     missing = [p.name for p in graphs if not p.is_file()]
     if missing:
-        hint = " (export the fp16 graphs: --engine fp16)" if precision == "fp16" else ""
+        hint = f" (export the {precision} graphs: {PRECISION_ENGINE[precision]})" if precision != "fp32" else ""
         raise InputError(f"{d}: missing graph {', '.join(missing)}{hint}")
     meta = None
     need: dict[str, int] = {}
@@ -146,7 +145,8 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
          session_options: dict | None = None) -> "Runtime":
     """Open an exported directory for generation.
 
-    precision: "fp32" (model.onnx's family) or "fp16" (the ``_fp16`` graphs); providers: ONNX
+    precision: "fp32" (model.onnx's family), "fp16" (the ``_fp16`` graphs) or "int8" (the ``_int8``
+    graphs: int8 dense weights, for CPUs); providers: ONNX
     Runtime execution providers (names, or (name, provider options) pairs; default: CUDA when
     present, then CPU); threads: intra-op threads [all cores]; optimization: graph optimisation
     level (none, basic, extended, all); session_options: ORT session configuration entries

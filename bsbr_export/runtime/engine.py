@@ -24,10 +24,14 @@ from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 
 GRAPHS = ("extend", "decode", "close")
+PRECISIONS = ("fp32", "fp16", "int8")
+# The command that writes a precision's graphs.
+PRECISION_ENGINE = {"fp32": "the main command", "fp16": "--engine fp16", "int8": "--engine int8"}
 
 
 def graph_file(name: str, precision: str) -> str:
-    return f"{name}{'_fp16' if precision == 'fp16' else ''}.onnx"
+    """extend.onnx, extend_fp16.onnx, extend_int8.onnx ..."""
+    return f"{name}{'' if precision == 'fp32' else '_' + precision}.onnx"
 
 
 def read_metadata(path) -> dict:
@@ -149,8 +153,8 @@ class Engine:
                  max_len: int | None = None):
         from .runners import check_providers, provider_name, session_from_onnx
 
-        if precision not in ("fp32", "fp16"):
-            raise InputError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         d = Path(export_dir)
         if not d.is_dir():
             raise ModelLoadError(f"{d}: no such export directory")
@@ -158,7 +162,7 @@ class Engine:
         missing = [p.name for p in paths.values() if not p.is_file()]
         if missing:
             raise ModelLoadError(f"{d}: missing {', '.join(missing)} (export with decode graphs, "
-                                 f"{'--engine fp16' if precision == 'fp16' else 'the main command'})")
+                                 f"{PRECISION_ENGINE[precision]})")
         meta = read_metadata(paths["extend"])
         fmt = meta.get("state", {}).get("format")
         if fmt != S.FORMAT:
@@ -174,7 +178,8 @@ class Engine:
         self.providers = check_providers(providers)
         first = provider_name(self.providers[0])
         self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        # One copy of the weights for the three sessions (ORT shared initializers). ORT's
+        # One copy of the weights for the three sessions (ORT shared initializers; an int8 export
+        # maps its own file and the fp32 file it shares with the fp32 graphs). ORT's
         # prepacking would give each session a packed copy of its own (measured at GPT-2 small:
         # 1.4-2.0 GB resident instead of 0.9 GB): off unless ``prepack`` asks for it.
         self._weights = shared_weights(paths.values())
