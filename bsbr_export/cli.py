@@ -82,7 +82,7 @@ def main():
     and check parity against PyTorch.
 
     \b
-    Whole pipeline:   bsbr-export MODEL --engine onnx|fp32|fp16 --out DIR
+    Whole pipeline:   bsbr-export MODEL --engine onnx|fp32|fp16|int8 --out DIR
     One stage:        bsbr-export convert MODEL --out DIR   (see COMMAND --help)
 
     MODEL is a local HF GPT-2 directory (e.g. models/gpt2-pystdlib) or a hub name
@@ -123,9 +123,10 @@ def _case_line(case) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--engine", type=click.Choice(["onnx", "fp32", "fp16"]), default="onnx", show_default=True,
+@click.option("--engine", type=click.Choice(["onnx", "fp32", "fp16", "int8"]), default="onnx", show_default=True,
               help="onnx: ONNX + ONNX Runtime parity. fp32/fp16: also a TensorRT engine (needs TensorRT); "
-                   "fp16 writes and checks the fp16 ONNX first.")
+                   "fp16 writes and checks the fp16 ONNX first. int8: also the int8 CPU graphs (dense "
+                   "weights int8), gated against the fp32 graph (--int8-min-top1, --int8-max-kl).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (created atomically).")
 @click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph (no bsbr::ChunkAttention function).")
@@ -138,8 +139,13 @@ def _case_line(case) -> None:
                    "its logits go to a file in the partial output (deleted at the end) and the model is freed "
                    "before any session opens (the weights held once; needs disk for the logits). auto: disk "
                    "when that lowers the estimated peak by 10% or more (gpt2-medium and larger).")
+@click.option("--int8-min-top1", type=float, default=None,
+              help="--engine int8: least top-1 agreement with the fp32 graph, per source over the grid [0.97].")
+@click.option("--int8-max-kl", type=float, default=None,
+              help="--engine int8: largest mean KL(fp32 || int8) in nats, per source over the grid [0.02].")
 @conversion_options
-def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, allow_pickle, **opts):
+def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, int8_min_top1, int8_max_kl,
+        allow_pickle, **opts):
     """Whole pipeline: convert, export, check parity, build (the default command).
 
     \b
@@ -151,7 +157,9 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
       close.onnx            the chunk-closing step, run once per chunk while decoding
       weights.onnx.data     the weights of all four graphs, each tensor stored once
       *_fp16.onnx, weights_fp16.onnx.data   the same in fp16, with --engine fp16
-      parity_*.json/.md     parity reports
+      *_int8.onnx, weights_int8.onnx.data   int8 dense weights (fp32 tensors read from
+                            weights.onnx.data), with --engine int8
+      parity_*.json/.md     parity reports (parity_onnx_int8: int8 vs the fp32 graph)
       manifest.json         versions, options, file hashes, parity summary, where the
                             reference lived, time and peak memory of each stage
 
@@ -168,7 +176,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
         manifest = run_pipeline(model, out, engine=engine, max_seq_len=max_seq_len, force=force,
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
-                                **_options(**opts))
+                                int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, **_options(**opts))
     except TensorRTNotInstalled as e:
         fail(f"wrote {out} up to the {'fp16 ONNX' if engine == 'fp16' else 'ONNX'} graph; "
              f"engine not built: {str(e).splitlines()[0]}", code=3)
@@ -188,6 +196,10 @@ def _os_error(e: OSError) -> str:
 def _summary(manifest: dict, out: Path) -> None:
     click.echo(f"wrote {out} in {manifest['seconds']}s")
     for key, p in manifest["parity"].items():
+        if p.get("precision") == "int8":  # a statistical gate against the fp32 graph
+            click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {p['cases']} cases vs the fp32 "
+                       f"graph, min top-1 {p['min_top1']:.1%}, max mean KL {p['max_kl_mean']:.2e} nats")
+            continue
         click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {p['cases']} cases, "
                    f"worst max|diff| {p['worst_max_abs']:.2e}, min top-1 {p['min_top1']:.1%}")
     if "engine_status" in manifest:
@@ -272,8 +284,9 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
               help="A file of prompts, one per line, generated as one batch (instead of PROMPT).")
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="onnx", show_default=True,
               help="onnx: the torch-free runtime over the exported graphs. torch: the PyTorch model in bsbr/.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Graphs to run (onnx backend): fp16 needs the _fp16 graphs (--engine fp16).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Graphs to run (onnx backend): fp16 needs the _fp16 graphs (--engine fp16), int8 the _int8 "
+                   "graphs (--engine int8).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=None, help="Sample among the k most likely tokens.")
@@ -340,7 +353,8 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a row beyond the free rows; more get 429 with Retry-After.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads [all cores].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Graphs to serve: fp16 needs --engine fp16's graphs, int8 --engine int8's.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompt tokens fed per scheduler step, between decode steps of running streams.")
 @click.option("--model-name", default=None, help="Model id clients send [the directory's name].")

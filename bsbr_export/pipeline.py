@@ -23,7 +23,7 @@ import numpy as np
 from .errors import BSBRExportError, ConfigError
 from .runtime import TorchHalfRunner
 
-ENGINES = ("onnx", "fp32", "fp16")
+ENGINES = ("onnx", "fp32", "fp16", "int8")
 
 
 class ParityError(BSBRExportError):
@@ -204,7 +204,8 @@ def remove_leftovers(out: Path, log=print) -> list[Path]:
 
 def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
-                 log=print, case_progress=None, parity_reference: str = "auto", **options) -> dict:
+                 log=print, case_progress=None, parity_reference: str = "auto", int8_min_top1: float | None = None,
+                 int8_max_kl: float | None = None, **options) -> dict:
     """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ...
 
     Every option and path is checked before any work (the configuration is read from
@@ -218,6 +219,12 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if engine == "int8":  # the int8 gate's thresholds (quantize.py), checked before any work
+        from . import quantize
+
+        gate = {"min_top1": quantize.MIN_TOP1 if int8_min_top1 is None else int8_min_top1,
+                "max_kl": quantize.MAX_KL if int8_max_kl is None else int8_max_kl}
+        quantize.check_thresholds(**gate)
     out = Path(out)
     check_output(out, force)
     cfg, src_dir = planned_config(source, **options)
@@ -249,6 +256,11 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                 with stage("export_fp16"):
                     export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
                                 progress=lambda m: log(f"    {m}"))
+            if engine == "int8":
+                log(f"[{next(step)}] exporting the int8 graphs (dense weights int8; attention, LayerNorm, softmax "
+                    f"and embeddings fp32)")
+                with stage("export_int8"):
+                    quantize.export_int8(model, tmp, max_len, inline=inline, log=log)
             reference = model
             if where["mode"] == "disk":
                 log(f"[{next(step)}] torch reference over the parity grid, recorded to disk "
@@ -269,6 +281,13 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                                      case_progress)
             _record(manifest, "onnx_fp32", report, tmp)
             onnx_for_engine = tmp / "model.onnx"
+            if engine == "int8":
+                log(f"[{next(step)}] parity: onnxruntime int8 graph vs the fp32 graph (top-1 >= "
+                    f"{gate['min_top1']:.0%}, mean KL <= {gate['max_kl']:g} nats)")
+                with stage("parity_int8"):
+                    manifest["parity"]["onnx_int8"] = quantize.gate_int8(
+                        tmp, cfg, max_len, text_ids, threads, **gate,
+                        progress=lambda c: log(quantize.case_line(c)) if case_progress else None)
             if engine == "fp16":
                 log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
                 with stage("parity_fp16"):

@@ -140,24 +140,27 @@ def manifest_entry(report: dict) -> dict:
             "max_kl_mean": max(p["kl_mean"] for p in report["sources"].values()), "cases": len(report["cases"])}
 
 
-def export_int8(model, out_dir, max_len: int, text_ids=None, threads: int | None = None, inline: bool = False,
-                min_top1: float = MIN_TOP1, max_kl: float = MAX_KL, log=print, progress=None) -> dict:
-    """Write the int8 graphs beside the fp32 export in ``out_dir`` and gate them against
-    ``out_dir/model.onnx``; writes ``parity_onnx_int8.{json,md}`` and returns the report.
-    Raises ``Int8ParityError`` (one line) when the gate fails; the files stay in ``out_dir``
-    (the pipeline's partial directory, removed on failure)."""
-    from .export import ExportSpec, export_onnx
-
-    check_thresholds(min_top1, max_kl)
+def gate_int8(out_dir, cfg, max_len: int, text_ids=None, threads: int | None = None, min_top1: float = MIN_TOP1,
+              max_kl: float = MAX_KL, progress=None) -> dict:
+    """Gate ``out_dir/model_int8.onnx`` against ``out_dir/model.onnx`` (``int8_parity``; ``cfg``:
+    the model's configuration), write ``parity_onnx_int8.{json,md}`` and return the manifest
+    entry. Raises ``Int8ParityError`` (one line) when the gate fails."""
     out = Path(out_dir)
-    if not (out / "model.onnx").is_file():
-        raise BSBRExportError(f"{out}: no fp32 model.onnx to export the int8 graphs beside")
-    export_onnx(model, out, ExportSpec(max_seq_len=max_len, inline=inline, int8=True),
-                progress=lambda m: log(f"    {m}"))
-    cfg = model.cfg
     report = int8_parity(out / "model.onnx", out / "model_int8.onnx", cfg.chunk_size, max_len, cfg.vocab_size,
                          text_ids, threads, min_top1, max_kl, progress=progress)
     write_report(report, out)
     if not report["passed"]:
         raise Int8ParityError(verdict(report))
-    return report
+    return manifest_entry(report)
+
+
+def export_int8(model, out_dir, max_len: int, inline: bool = False, log=print) -> dict:
+    """Write the int8 graphs beside the fp32 export in ``out_dir`` (their fp32 tensors read from
+    its ``weights.onnx.data``); returns {file name: path}."""
+    from .export import ExportSpec, export_onnx
+
+    out = Path(out_dir)
+    if not (out / "model.onnx").is_file():
+        raise BSBRExportError(f"{out}: no fp32 model.onnx to export the int8 graphs beside")
+    return export_onnx(model, out, ExportSpec(max_seq_len=max_len, inline=inline, int8=True),
+                       progress=lambda m: log(f"    {m}"))
