@@ -187,6 +187,7 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     zero, one = g.const([0]), g.const([1])
     ids = "input_ids"
     T = g.dim(ids, 1)
+    g.lead = g.op("Shape", ids)  # [B, T]: the dense layers' rows
     Tsc = g.op("Squeeze", T, zero)
     t = g.op("Range", g.const(0), Tsc, g.const(1))  # (T,)
     x = g.op("Add", g.op("Gather", W("wte.weight"), ids), g.op("Gather", W("wpe.weight"), _positions(g, cfg, t)))
@@ -201,8 +202,8 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     earlier = g.op("Less", g.op("Unsqueeze", j, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i
     closed = g.op("Less", j, n_done)  # (C,): chunk j complete
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
-    ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, closed=closed,
-               r_idx=r_idx)
+    ctx = dict(T=T, C=C, L1=L1, Lc=g.op("Min", L1, T), last=last, n_done=n_done, n_cur=n_cur, earlier=earlier,
+               closed=closed, r_idx=r_idx)  # Lc: tokens per chunk of this prompt, min(L, T)
     states = {n: [] for n in state.CARRIED}
     for i in range(cfg.n_layer):
         p = f"h.{i}."

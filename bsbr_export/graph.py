@@ -45,7 +45,6 @@ class Graph:
         self.scales[name] = self.weight(name + ".scale", scale, dtype=np.float32)
         return name
 
-
     def name(self, hint):
         self.n += 1
         return f"{self.prefix}{hint}_{self.n}"
@@ -96,13 +95,33 @@ class Graph:
         return self.const(value, self.fdt)
 
     # -- building blocks
-    def linear(self, x, w_name, b_name=None):
+    def linear(self, x, w_name, b_name=None, lead=None):
         """x @ w + b; an int8 weight (``qweight``) gives one DynamicQuantizeMatMul with the bias."""
         if w_name in self.scales:
             return self.op("DynamicQuantizeMatMul", x, w_name, self.scales[w_name], "", *([b_name] if b_name else []),
                            domain="com.microsoft")
+        if b_name and self.fdt == np.float32:
+            return self.gemm_rows(x, w_name, b_name, lead)
         y = self.op("MatMul", x, w_name)
         return self.op("Add", y, b_name) if b_name else y
+
+    # The leading dims (1-d int64 tensor) of the activations every ``linear`` without its own
+    # ``lead`` sees (Shape(input_ids) = [B, T] in the prefill graph), set by a graph that knows
+    # them; None: each such layer takes them from its input.
+    lead = None
+
+    def gemm_rows(self, x, w_name, b_name, lead=None):
+        """x (..., in) @ w (in, out) + b as one Gemm on (rows, in), bias inside the Gemm (ORT fuses no
+        3-d MatMul + Add): Reshape -> Gemm -> Reshape, the reshapes free (no copy). ``lead``: the
+        leading dims of x (default ``self.lead``, else Shape(x) without its last dim)."""
+        n_in, n_out = self.inits[w_name].shape
+        lead = lead if lead is not None else self.lead if self.lead is not None else self.op("Shape", x, end=-1)
+        key = (lead, n_out)
+        shapes = self.__dict__.setdefault("_out_shapes", {})
+        if key not in shapes:
+            shapes[key] = self.cat(lead, self.const([n_out]))
+        y = self.op("Gemm", self.op("Reshape", x, self.const([-1, n_in])), w_name, b_name)
+        return self.op("Reshape", y, shapes[key], allowzero=1)  # explicit dims: a 0 (no rows) stays 0
 
     def layer_norm(self, x, w, b, eps):
         # LayerNorm is computed in fp32 whatever the graph's precision.
@@ -117,7 +136,9 @@ class Graph:
 
     def gelu_tanh(self, x):
         # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's gelu_new.
-        x3 = self.op("Mul", self.op("Mul", x, x), x)
+        # fp32: written as ORT's FastGelu fusion expects it (x^3 as Pow), one FastGelu kernel per MLP.
+        x3 = (self.op("Pow", x, self.fconst(3.0)) if self.fdt == np.float32
+              else self.op("Mul", self.op("Mul", x, x), x))
         inner = self.op("Mul", self.op("Add", x, self.op("Mul", x3, self.fconst(0.044715))),
                         self.fconst(math.sqrt(2.0 / math.pi)))
         return self.op("Mul", self.op("Mul", x, self.fconst(0.5)),

@@ -117,11 +117,13 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
     g.const = c  # type: ignore[method-assign]
     g.fconst = lambda v: c(v, float_dtype)  # type: ignore[method-assign]
     one, zero = c([1]), c([0])
-    L1 = g.op("Reshape", L, one)  # (1,)
     shape = g.op("Shape", "q")  # [B, H, T, d]
     B_H = g.op("Slice", shape, zero, c([2]))
     T = g.op("Slice", shape, c([2]), c([3]))
     d = g.op("Slice", shape, c([3]), c([4]))
+    # Chunks of min(L, T) tokens: a prompt within one chunk is one chunk of T tokens (no padding to
+    # L, no L x L scores); longer prompts are chunks of L, the last one padded.
+    L1 = g.op("Min", g.op("Reshape", L, one), T)  # (1,)
     C = g.op("Div", g.op("Sub", g.op("Add", T, L1), one), L1)
     padlen = g.op("Sub", g.op("Mul", C, L1), T)
     pads = g.cat(c([0, 0, 0]), zero, c([0, 0]), padlen, zero)  # pad the seq axis at its end
@@ -170,9 +172,12 @@ def retrieval_softmax(g: Graph, scores, allowed):
     return g.op("Mul", p, g.op("Cast", allowed, to=g.fproto))
 
 
-def _meta(g: Graph, W, p, x, which: str, H: int, d: int):
-    """Meta keys (``meta_k``) or meta queries (``meta_q``) of ``x`` (B, N, E): (B, H, N, d)."""
-    return g.split_heads(g.linear(x, W(f"{p}attn.{which}.weight", True), W(f"{p}attn.{which}.bias")), H, d)
+def _meta(g: Graph, W, p, x, which: str, H: int, d: int, lead=None):
+    """Meta keys (``meta_k``) or meta queries (``meta_q``) of ``x`` (B, N, E): (B, H, N, d).
+    ``lead``: Shape(x)[:2] when the caller has it."""
+    lead = lead if lead is not None else g.op("Shape", x, end=-1)
+    return g.split_heads(g.linear(x, W(f"{p}attn.{which}.weight", True), W(f"{p}attn.{which}.bias"), lead=lead),
+                         H, d)
 
 
 def _split_state(g: Graph, SZ, d: int, normalised: bool):
@@ -190,41 +195,75 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     norm = cfg.retrieval == "normalised"
     zero, one = g.const([0]), g.const([1])
     T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
-    xl = g.op("Gather", xa, ctx["last"], axis=1)  # (B, C, E)
-    h = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, C, d)
-    rp = _meta(g, W, p, xl, "meta_q", H, d)
+    rows = _meta_rows(g, ctx, states is not None, (H, d, dp, dc), xa)
+    # Meta keys and queries only where something reads them: the first C-1 chunks' (chunk C-1 is
+    # retrieved by no chunk of the prompt) or, with the state, the n_done closed chunks' (the bank).
+    # A prompt within one chunk then runs no meta projection at all (zero rows).
+    xl = g.op("Gather", xa, rows["last"], axis=1)  # (B, Cm, E)
+    h = _meta(g, W, p, xl, "meta_k", H, d, rows["lead"])  # (B, H, Cm, d)
+    rp = _meta(g, W, p, xl, "meta_q", H, d, rows["lead"])
+    Cp = rows["C_prev"]  # C - 1
+    if states is not None:  # Cm = n_done >= C - 1 rows: the retrieval reads the first C - 1
+        h_r, rp_r = (g.op("Slice", t_, zero, Cp, g.const([2])) for t_ in (h, rp))
+    else:
+        h_r, rp_r = h, rp
     # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
-    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
-             g.op("Slice", rp, zero, g.op("Sub", C, one), g.const([2])), axis=2)  # (B, H, C, d)
-    pads = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, L1), T), zero)
-    chunked = g.cat(g.const([0, H]), C, g.const([L, d]))
+    r0 = g.op("Mul", g.op("Slice", q, zero, one, g.const([2])), g.fconst(0.0))  # (B, H, 1, d)
+    r = g.op("Concat", r0, rp_r, axis=2)  # (B, H, C, d)
+    pads, chunked = rows["pads"], rows["chunked"]  # pad T to C chunks of min(L, T) tokens; (B, H, C, Lc, d)
     # phi before padding: phi(0) need not be 0, padded rows must stay zero.
     kc = g.op("Reshape", g.op("Pad", feature(g, k, cfg.feature_map), pads), chunked)  # (B, H, C, L, d)
     vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
     Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, C, d', dc)
-    Ff = g.op("Reshape", Fs, g.cat(g.const([0, H]), C, g.const([dp * dc])))  # (B, H, C, d'dc)
+    Ff = g.op("Reshape", Fs, rows["flat"])  # (B, H, C, d'dc)
     scale = g.fconst(1.0 / math.sqrt(d))
-    hT = g.op("Transpose", h, perm=[0, 1, 3, 2])
-    sc = g.op("Mul", g.op("MatMul", r, hT), scale)  # (B, H, C, C)
-    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["earlier"]), Ff),
-              g.cat(g.const([0, H]), C, g.const([dp, dc])))  # (B, H, C, d', dc)
+    sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h_r, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C-1)
+    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, rows["earlier"]),
+                              g.op("Slice", Ff, zero, Cp, g.const([2]))),
+              rows["states"])  # (B, H, C, d', dc)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
     if states is None:
         return o
     # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
     n_done, n_cur = ctx["n_done"], ctx["n_cur"]
-    r_state = g.op("Gather", rp, ctx["r_idx"], axis=2)  # (B, H, 1, d)
-    sc_state = g.op("Mul", g.op("MatMul", r_state, hT), scale)  # (B, H, 1, C)
-    S_state = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc_state, ctx["closed"]), Ff),
-                   g.const([0, H, dp, dc]))  # (B, H, d', dc)
+    # The meta query of the last closed chunk (a sum over its one row, or zeros before any chunk closed).
+    r_state = g.op("ReduceSum", g.op("Slice", rp, ctx["r_idx"], n_done, g.const([2])), g.const([2]),
+                   keepdims=1)  # (B, H, 1, d)
+    bank_F = g.op("Slice", Ff, zero, n_done, g.const([2]))  # (B, H, n_done, d'dc)
+    sc_state = g.op("Mul", g.op("MatMul", r_state, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,n_done)
+    S_state = g.op("Reshape", g.op("MatMul", g.softmax(sc_state), bank_F), g.const([0, H, dp, dc]))  # (B, H, d', dc)
     for name, t_ in ((K, k), (V, v)):
         open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
         states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
     states[S].append(S_state)
-    states[BANK_H].append(g.op("Slice", h, zero, n_done, g.const([2])))
+    states[BANK_H].append(h)  # (B, H, n_done, d)
     states[BANK_F].append(g.op("Slice", Fs, zero, n_done, g.const([2])))
     return o
+
+
+def _meta_rows(g: Graph, ctx: dict, with_state: bool, dims: tuple, xa) -> dict:
+    """The index and shape tensors every layer's ``bsbr_layer`` shares, built once per graph (kept
+    in ``ctx``; ``xa``: the first layer's (B, T, E)): ``last`` (the rows of xa the meta projections
+    read), ``lead`` ([B, those rows]), ``C_prev`` (C - 1, as (1,)), ``earlier`` ((C, C-1): [i, j] =
+    j < i), ``pads`` and ``chunked``
+    (T padded to C chunks of min(L, T) tokens, (B, H, C, Lc, d)), ``flat`` (B, H, C, d'dc) and
+    ``states`` (B, H, C, d', dc)."""
+    key = f"meta_rows_{with_state}"
+    if key not in ctx:
+        H, d, dp, dc = dims
+        zero, one = g.const([0]), g.const([1])
+        C, T, Lc = ctx["C"], ctx["T"], ctx["Lc"]
+        Cp = g.op("Sub", C, one)
+        Cm = ctx["n_done"] if with_state else Cp
+        ctx[key] = {"last": g.op("Slice", ctx["last"], zero, Cm, zero), "C_prev": Cp,
+                    "lead": g.cat(g.op("Shape", xa, end=1), Cm),  # the batch is every layer's
+                    "earlier": g.op("Slice", ctx["earlier"], zero, Cp, one),
+                    "pads": g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, Lc), T), zero),
+                    "chunked": g.cat(g.const([0, H]), C, Lc, g.const([d])),
+                    "flat": g.cat(g.const([0, H]), C, g.const([dp * dc])),
+                    "states": g.cat(g.const([0, H]), C, g.const([dp, dc]))}
+    return ctx[key]
 
 
 def step_attention(g: Graph, W, cfg, p, q, kk, vv, visible, S_state):
