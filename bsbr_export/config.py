@@ -17,6 +17,10 @@ FEATURE_MAPS = ("identity", "elu1", "relu")
 # Feature maps that keep every phi(x) >= 0, so a shared denominator never vanishes.
 POSITIVE_FEATURE_MAPS = ("elu1", "relu")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+# The local softmax's window: the token's own chunk, or its own chunk and the one before it.
+LOCAL_WINDOWS = ("chunk", "lookback")
+# Earlier chunks each local window adds to the token's own chunk.
+LOOKBACK_CHUNKS = {"chunk": 0, "lookback": 1}
 
 
 def check_chunk_size(value) -> int:
@@ -61,6 +65,12 @@ class BSBRConfig:
         a positive feature map.
     feature_map: phi before compression: ``identity`` (plain only), ``elu1`` (elu(x) + 1),
       ``relu``.
+    local_window: what the local softmax of token t covers.
+      ``chunk``: the keys s <= t of t's own chunk; retrieval from every earlier chunk.
+      ``lookback``: the keys s <= t of t's own chunk and of the chunk before it; retrieval from
+        the chunks before that (chunk i retrieves from chunks j < i - 1), so chunks 0 and 1
+        retrieve nothing and a sequence of up to two chunks is computed exactly as by GPT-2
+        (with ``absolute`` positions). Torch only so far: the ONNX and Triton forms refuse it.
     """
 
     vocab_size: int
@@ -79,6 +89,7 @@ class BSBRConfig:
     retrieval_scale: float | None = None  # None: the variant's default (DEFAULT_SCALE)
     retrieval: str = "normalised"
     feature_map: str | None = None  # None: the variant's default (DEFAULT_FEATURE_MAP)
+    local_window: str = "chunk"
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -109,6 +120,8 @@ class BSBRConfig:
             raise ConfigError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ConfigError(f"feature map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.local_window not in LOCAL_WINDOWS:
+            raise ConfigError(f"local window must be one of {LOCAL_WINDOWS}, got {self.local_window!r}")
         if self.retrieval == "plain" and self.feature_map != "identity":
             raise ConfigError(f"plain retrieval uses the identity feature map, got {self.feature_map!r}")
         if self.retrieval == "normalised":
@@ -133,6 +146,11 @@ class BSBRConfig:
     def state_dim(self) -> int:
         """d': rows of a (compressed) chunk state."""
         return self.head_dim // (self.compression or 1)
+
+    @property
+    def lookback(self) -> int:
+        """Earlier chunks inside the local softmax window (0 or 1)."""
+        return LOOKBACK_CHUNKS[self.local_window]
 
     @property
     def inner_dim(self) -> int:

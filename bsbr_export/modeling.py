@@ -4,6 +4,8 @@ Parameter names follow HF GPT-2 with nn.Linear weights (out, in); the conversion
 lives in ``convert``. The model has two forward paths over the same weights:
 ``impl="vectorised"`` (real work) and ``impl="reference"`` (loops, for tests), and
 a streaming path (``prefill`` / ``decode_step``) over a preallocated ``ops.recurrent.DecodeState``.
+``impl`` may also be an ``ops.baselines.WindowAttention``: the same weights with a baseline's
+attention (sliding window, sinks) in place of BSBR, for the studies.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import torch.nn.functional as F
 
 from .config import BSBRConfig
 from .errors import InputError
+from .ops.baselines import WindowAttention
 from .ops.chunk import bsbr_attention, chunk_states, num_chunks, retrieve
 from .ops.naive import bsbr_attention_reference
-from .ops.recurrent import DecodeState, close_chunk, retrieve_one, step_attention
+from .ops.recurrent import (DecodeState, close_chunk, open_row, retrieve_one, slide, step_attention,
+                            visible_rows)
 from .ops.state import StateSpec
 
 
@@ -75,19 +79,26 @@ class Attention(nn.Module):
         r = torch.cat([torch.zeros_like(r_prev[:, :, :1]), r_prev[:, :, :-1]], dim=2)
         return r, h
 
-    def forward(self, x: torch.Tensor, impl: str = "vectorised") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl="vectorised") -> torch.Tensor:
         B, T, E = x.shape
         q, k, v = self.qkv(x)
+        if isinstance(impl, WindowAttention):  # a baseline: no retrieval, meta vectors unused
+            return self.c_proj(impl(q, k, v).transpose(1, 2).reshape(B, T, E))
         r, h = self.meta(x)
         L = self.cfg.chunk_size
-        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.cfg.feature_map)
+        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.cfg.feature_map,
+                    local_window=self.cfg.local_window)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl == "vectorised":
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl in ("triton", "fused"):
-            # "fused": the Triton kernel on CUDA, the vectorised path elsewhere.
-            fused = fused_op(q, strict=impl == "triton", normalised=self.cfg.retrieval == "normalised")
+            # "fused": the Triton kernel on CUDA, the vectorised path elsewhere (always, with the
+            # look-back window, which has no kernel yet).
+            if self.cfg.lookback and impl == "triton":
+                raise ValueError("the Triton kernel has no look-back local window yet")
+            fused = None if self.cfg.lookback else fused_op(q, strict=impl == "triton",
+                                                            normalised=self.cfg.retrieval == "normalised")
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused, **mode)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
@@ -192,6 +203,7 @@ class BSBRGPT2(nn.Module):
         norm = c.retrieval == "normalised"
         st = self.new_state(B, max_len, device=input_ids.device)
         n_done, n_cur = T // L, T % L  # completed chunks, tokens in the open chunk
+        base = st.k.shape[3] - L  # rows of the earlier chunks the look-back window keeps (0 without)
         x = self.wte(input_ids) + self.wpe(position_ids(c, 0, T, input_ids.device))
         for i, block in enumerate(self.h):
             a = block.attn
@@ -201,10 +213,13 @@ class BSBRGPT2(nn.Module):
             Fs = chunk_states(k, v, L, a.U, c.feature_map, norm)  # (B, H, C, d', dc)
             st.bank_h[:, i, :, :n_done] = h[:, :, :n_done]
             st.bank_F[:, i, :, :n_done] = Fs[:, :, :n_done]
-            st.k[:, i, :, :n_cur] = k[:, :, n_done * L:]
-            st.v[:, i, :, :n_cur] = v[:, :, n_done * L:]
+            # The open chunk n_done in the last L rows; before it the chunks n_done - m, m <= lookback.
+            for m in range(min(c.lookback, n_done) + 1):
+                lo = (n_done - m) * L
+                st.k[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = k[:, :, lo:lo + L]
+                st.v[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = v[:, :, lo:lo + L]
             if n_cur:  # the open chunk n_done already has its S in the full computation
-                st.S[:, i] = retrieve(r, h, Fs)[:, :, n_done]  # (B, H, d', dc)
+                st.S[:, i] = retrieve(r, h, Fs, c.lookback)[:, :, n_done]  # (B, H, d', dc)
             else:  # the prompt ended on a chunk boundary: build S for the next chunk
                 st.S[:, i] = self._next_S(a, xa[:, T - 1], st, i, n_done)
             x = block(x)
@@ -212,9 +227,11 @@ class BSBRGPT2(nn.Module):
         return self.lm_logits(x), st
 
     def _next_S(self, a: Attention, x_last: torch.Tensor, st: DecodeState, layer: int, n_closed: int):
-        """S of the chunk after the ``n_closed``-th closed one, from the bank: (B, H, d', dc)."""
+        """S of the chunk after the ``n_closed``-th closed one, from the bank's chunks before its
+        local window (all closed chunks, or all but the last ``lookback``): (B, H, d', dc)."""
+        n = max(0, n_closed - self.cfg.lookback)
         r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
-        return retrieve_one(r, st.bank_h[:, layer, :, :n_closed], st.bank_F[:, layer, :, :n_closed])
+        return retrieve_one(r, st.bank_h[:, layer, :, :n], st.bank_F[:, layer, :, :n])
 
     def lm_logits(self, x):
         return self.ln_f(x) @ self.wte.weight.T
@@ -227,23 +244,27 @@ class BSBRGPT2(nn.Module):
         t = st.pos
         if t >= st.capacity * L:
             raise InputError(f"decode state is full ({t} tokens); allocate a larger max_len")
-        slot = t % L
+        slot, rows = t % L, st.k.shape[3]
+        row, seen = open_row(rows, L, t), visible_rows(rows, L, t)
         x = self.wte(token[:, None]) + self.wpe(position_ids(c, t, t + 1, token.device))  # (B, 1, E)
         for i, block in enumerate(self.h):
             a = block.attn
             xa = block.ln_1(x)
             q, k, v = a.qkv(xa)  # (B, H, 1, d)
-            st.k[:, i, :, slot] = k[:, :, 0]
-            st.v[:, i, :, slot] = v[:, :, 0]
-            kk, vv = st.k[:, i, :, :slot + 1], st.v[:, i, :, :slot + 1]  # (B, H, n, d)
+            st.k[:, i, :, row] = k[:, :, 0]
+            st.v[:, i, :, row] = v[:, :, 0]
+            kk, vv = st.k[:, i, :, seen], st.v[:, i, :, seen]  # (B, H, n, d)
             o = step_attention(q, kk, vv, st.S[:, i], a.g, a.U, c.feature_map, norm)  # (B, H, 1, d)
             x = x + a.c_proj(o.transpose(1, 2).reshape(x.shape))
             x = x + block.mlp(block.ln_2(x))
             if slot == L - 1:  # the chunk closes: bank it, then build S for the next chunk
                 j = t // L
-                st.bank_F[:, i, :, j] = close_chunk(kk, vv, a.U, c.feature_map, norm)
+                st.bank_F[:, i, :, j] = close_chunk(st.k[:, i, :, rows - L:], st.v[:, i, :, rows - L:], a.U,
+                                                    c.feature_map, norm)
                 st.bank_h[:, i, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
                 st.S[:, i] = self._next_S(a, xa[:, 0], st, i, j + 1)
+                slide(st.k[:, i], L)
+                slide(st.v[:, i], L)
         st.pos = t + 1
         return self.lm_logits(x)[:, 0]
 

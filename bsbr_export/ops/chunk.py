@@ -2,9 +2,10 @@
 
 Computes the definition in docs/bsbr-math.md for one layer, all heads:
 
-    a_t  = causal softmax attention of q_t over the keys of its own chunk
+    a_t  = causal softmax attention of q_t over the keys of its own chunk (with the look-back
+           window, ``lookback = 1``: of its own chunk and the chunk before it)
     F_j  = sum_{s in chunk j} phi(k_s) v_s^T          phi(x) = feature(x) U  (U = I without compression)
-    S_i  = sum_{j<i} softmax_j(r_i . h_j / sqrt(d)) F_j,   S_0 = 0
+    S_i  = sum_{j<i-lookback} softmax_j(r_i . h_j / sqrt(d)) F_j,   0 when no chunk qualifies
     plain:      o_t = a_t + g phi(q_t) S_{c(t)}
     normalised: o_t = (sum_s e^{q_t.k_s/sqrt d} v_s + g phi(q_t) S) / (sum_s e^{q_t.k_s/sqrt d} + g phi(q_t) . Z)
 
@@ -28,6 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..config import LOOKBACK_CHUNKS
+
 
 def num_chunks(T: int, L: int) -> int:
     return -(-T // L)
@@ -39,6 +42,30 @@ def pad_to_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     C = num_chunks(T, L)
     x = F.pad(x, (0, 0, 0, C * L - T))
     return x.view(B, H, C, L, d)
+
+
+def with_earlier(xc: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, H, C, L, d) -> (B, H, C, (n + 1) L, d): each chunk's rows preceded by the rows of the
+    n chunks before it, oldest first (zero rows before chunk 0)."""
+    if n == 0:
+        return xc
+    C = xc.shape[2]
+    padded = F.pad(xc, (0, 0, 0, 0, n, 0))  # (B, H, n + C, L, d)
+    return torch.cat([padded[:, :, m:m + C] for m in range(n + 1)], dim=3)
+
+
+def window_mask(C: int, L: int, n: int, device=None, span: int | None = None) -> torch.Tensor:
+    """Which keys of ``with_earlier(., n)`` each query of its chunk sees: (C, L, (n + 1) L) bool.
+
+    Query row i of chunk c is token t = cL + i; key column j is token s = (c - n) L + j; the key
+    is visible when 0 <= s <= t (causal, and not before the sequence), and with ``span`` also
+    s > t - span (a sliding window of ``span`` tokens, t included). Rows of padding past the
+    last token see only keys that are padding or earlier tokens: they are sliced off."""
+    t = torch.arange(C * L, device=device).view(C, L, 1)
+    s = ((torch.arange(C, device=device) - n) * L)[:, None] + torch.arange((n + 1) * L, device=device)
+    s = s[:, None, :]  # (C, 1, (n + 1) L)
+    visible = (s <= t) & (s >= 0)
+    return visible if span is None else visible & (s > t - span)
 
 
 def feature(x: torch.Tensor, name: str = "identity") -> torch.Tensor:
@@ -69,13 +96,15 @@ def chunk_states(k, v, L: int, U, feature_map: str, normalised: bool) -> torch.T
     return Fs
 
 
-def retrieve(r: torch.Tensor, h: torch.Tensor, Fs: torch.Tensor) -> torch.Tensor:
-    """S_i = sum_{j<i} softmax_j(r_i . h_j / sqrt(d)) F_j for every chunk: (B, H, C, d', dc); S_0 = 0."""
+def retrieve(r: torch.Tensor, h: torch.Tensor, Fs: torch.Tensor, lookback: int = 0) -> torch.Tensor:
+    """S_i = sum_{j<i-lookback} softmax_j(r_i . h_j / sqrt(d)) F_j for every chunk: (B, H, C, d', dc);
+    S_i = 0 for the first 1 + lookback chunks (the chunks the local window already covers are
+    never retrieved)."""
     B, H, C, d = r.shape
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
-    earlier = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1)  # j < i
+    earlier = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1 - lookback)  # j < i - lookback
     scores = scores.masked_fill(~earlier, float("-inf"))
-    # Row 0 has no earlier chunk: softmax of all -inf is NaN, replaced by 0 (S_0 = 0).
+    # A row without any such chunk: softmax of all -inf is NaN, replaced by 0 (S = 0).
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, C, C)
     return (p @ Fs.flatten(-2)).view(Fs.shape)  # (B, H, C, d', dc)
 
@@ -107,26 +136,32 @@ def combine(scores, v, qf, S_full, Z_full, g) -> torch.Tensor:
     return (wa * local + wb * num) / (wa + wb * den)
 
 
-def chunk_attention(q, k, v, S_full, g, L: int, qf=None, Z_full=None) -> torch.Tensor:
+def chunk_attention(q, k, v, S_full, g, L: int, qf=None, Z_full=None, lookback: int = 0) -> torch.Tensor:
     """The fused op: local causal softmax per chunk plus the retrieved term.
 
     q, k, v: (B, H, T, d); S_full: (B, H, C, d, d); g: (H,) -> (B, H, T, d). Plain when
     ``Z_full`` is None (o = a + g q S_full); normalised with qf = feature(q) (B, H, T, d) and
-    Z_full (B, H, C, d), computed in fp32. Scores are (B, H, C, L, L): linear in T.
+    Z_full (B, H, C, d), computed in fp32. ``lookback``: earlier chunks whose keys the local
+    softmax also covers (``with_earlier``). Scores are (B, H, C, L, (1 + lookback) L): linear in T.
     """
     B, H, T, d = q.shape
+    n = lookback
     if Z_full is None:
         qc, kc, vc = (pad_to_chunks(t, L) for t in (q, k, v))  # (B, H, C, L, d)
         C = qc.shape[2]
-        # SDPA on 4-D (B, H*C, L, d) so that its fused kernels apply.
-        local = F.scaled_dot_product_attention(*(x.reshape(B, H * C, L, d) for x in (qc, kc, vc)),
-                                               is_causal=True).view(B, H, C, L, d)
+        if n == 0:
+            # SDPA on 4-D (B, H*C, L, d) so that its fused kernels apply.
+            local = F.scaled_dot_product_attention(*(x.reshape(B, H * C, L, d) for x in (qc, kc, vc)),
+                                                   is_causal=True).view(B, H, C, L, d)
+        else:
+            local = F.scaled_dot_product_attention(qc, with_earlier(kc, n), with_earlier(vc, n),
+                                                   attn_mask=window_mask(C, L, n, q.device))
         o = local + g.to(q.dtype).view(1, H, 1, 1, 1) * (qc @ S_full.to(q.dtype))
         return o.view(B, H, -1, d)[:, :, :T]
     qc, kc, vc, qfc = (pad_to_chunks(t.float(), L) for t in (q, k, v, qf))  # (B, H, C, L, d)
-    scores = (qc @ kc.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, L, L)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    kc, vc = with_earlier(kc, n), with_earlier(vc, n)  # (B, H, C, (1 + n) L, d)
+    scores = (qc @ kc.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, L, (1 + n) L)
+    scores = scores.masked_fill(~window_mask(qc.shape[2], L, n, q.device), float("-inf"))
     o = combine(scores, vc, qfc, S_full.float(), Z_full.float(), g.float().view(1, H, 1, 1, 1))
     return o.view(B, H, -1, d)[:, :, :T].to(q.dtype)
 
@@ -138,12 +173,18 @@ def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int) -> torch.
 
 
 def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str = "plain",
-                   feature_map: str = "identity") -> torch.Tensor:
+                   feature_map: str = "identity", local_window: str = "chunk") -> torch.Tensor:
     """Vectorised BSBR attention; ``fused`` may replace the last step (the Triton kernel, called
-    with the ONNX function's arguments)."""
+    with the ONNX function's arguments; it has no look-back window)."""
     norm = retrieval == "normalised"
-    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm))  # (B, H, C, d', dc)
+    n = LOOKBACK_CHUNKS[local_window]
+    if n and fused is not None:
+        raise ValueError("the fused kernel has no look-back local window; use the vectorised path")
+    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n)  # (B, H, C, d', dc)
     S_full, Z_full = expand(SZ, U, norm)
+    if n:
+        return chunk_attention(q, k, v, S_full, g, L, qf=feature(q, feature_map) if norm else None,
+                               Z_full=Z_full, lookback=n)
     if not norm:
         return (fused or chunk_attention)(q, k, v, S_full, g, L)
     return (fused or chunk_attention_normalised)(q, k, v, feature(q, feature_map), S_full, Z_full, g, L)

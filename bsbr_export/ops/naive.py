@@ -3,7 +3,9 @@
 Written plainly and apart from the fast paths (``chunk``, ``recurrent``, ``kernel``, ``onnx_graph``):
 loops over chunks and tokens, fp32 (fp64 for the normalised sums), no T x T tensor.
 
-``bsbr_attention_reference``: the whole layer (chunk states, retrieval, both terms).
+``bsbr_attention_reference``: the whole layer (chunk states, retrieval, both terms), with
+either local window (``chunk``, ``lookback``).
+``window_attention_reference``: the baselines of ``ops.baselines`` (sliding window, sinks).
 ``chunk_attention_ref`` / ``chunk_attention_normalised_ref``: the fused op alone, as the
 Triton kernel, the ONNX function and the TensorRT plugin compute it:
 
@@ -17,6 +19,7 @@ import math
 
 import torch
 
+from ..config import LOOKBACK_CHUNKS
 from .chunk import feature, num_chunks
 
 
@@ -125,8 +128,13 @@ def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 
 
 @torch.no_grad()
 def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = "plain",
-                             feature_map: str = "identity") -> torch.Tensor:
-    """Plain loops over chunks and tokens, fp32: slow and obviously correct."""
+                             feature_map: str = "identity", local_window: str = "chunk") -> torch.Tensor:
+    """Plain loops over chunks and tokens, fp32: slow and obviously correct.
+
+    Token t of chunk i attends by softmax to the keys from ``first`` to t, where ``first`` is
+    the start of chunk i (``chunk``) or of chunk i - 1 (``lookback``), and retrieves from the
+    chunks that end before ``first``."""
+    n = LOOKBACK_CHUNKS[local_window]
     out_dtype = q.dtype
     q, k, v, r, h, g = (t.float() for t in (q, k, v, r, h, g))
     U = U.float() if U is not None else None
@@ -139,18 +147,20 @@ def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = 
     bank, zbank = [], []  # F_j (B, H, d', d) and z_j (B, H, d') of completed chunks
     for i in range(C):
         lo, hi = i * L, min((i + 1) * L, T)
-        # Retrieved state for chunk i, from chunks j < i only.
-        if i == 0:
+        first = max(0, (i - n) * L)  # the local window's first key
+        retrieved = range(first // L)  # the chunks before the window: j < i - n
+        # Retrieved state for chunk i, from those chunks only.
+        if len(retrieved) == 0:
             dp = phi(q[:, :, :1]).shape[-1]
             S, Z = torch.zeros(B, H, dp, d), torch.zeros(B, H, dp)
         else:
-            w = torch.stack([(r[:, :, i] * h[:, :, j]).sum(-1) * scale for j in range(i)], -1)  # (B, H, i)
+            w = torch.stack([(r[:, :, i] * h[:, :, j]).sum(-1) * scale for j in retrieved], -1)  # (B, H, i - n)
             p = torch.softmax(w, -1)
-            S = sum(p[:, :, j, None, None] * bank[j] for j in range(i))
-            Z = sum(p[:, :, j, None] * zbank[j] for j in range(i))
+            S = sum(p[:, :, j, None, None] * bank[j] for j in retrieved)
+            Z = sum(p[:, :, j, None] * zbank[j] for j in retrieved)
         for t in range(lo, hi):
-            s = (q[:, :, t, None, :] * k[:, :, lo:t + 1]).sum(-1) * scale  # (B, H, t-lo+1)
-            a = (torch.softmax(s, -1)[..., None] * v[:, :, lo:t + 1]).sum(-2)  # (B, H, d)
+            s = (q[:, :, t, None, :] * k[:, :, first:t + 1]).sum(-1) * scale  # (B, H, t-first+1)
+            a = (torch.softmax(s, -1)[..., None] * v[:, :, first:t + 1]).sum(-2)  # (B, H, d)
             pq = phi(q[:, :, t])  # (B, H, d')
             ret = (pq[..., None] * S).sum(-2)  # (B, H, d)
             if retrieval == "plain":
@@ -159,10 +169,25 @@ def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = 
                 # Shared denominator: sum_s e^s v_s + g ret over sum_s e^s + g pq.Z
                 e = torch.exp(s.double())  # (B, H, n), fp64: no max subtraction needed
                 gg = g.double().view(1, H, 1)
-                num = (e[..., None] * v[:, :, lo:t + 1].double()).sum(-2) + gg * ret.double()
+                num = (e[..., None] * v[:, :, first:t + 1].double()).sum(-2) + gg * ret.double()
                 den = e.sum(-1, keepdim=True) + gg * (pq * Z).double().sum(-1, keepdim=True)
                 o[:, :, t] = (num / den).float()
         kk = phi(k[:, :, lo:hi])  # (B, H, n, d')
         bank.append(kk.transpose(-1, -2) @ v[:, :, lo:hi])  # (B, H, d', d)
         zbank.append(kk.sum(-2))  # (B, H, d')
     return o.to(out_dtype)
+
+
+@torch.no_grad()
+def window_attention_reference(q, k, v, window: int, sinks: int = 0) -> torch.Tensor:
+    """Causal softmax attention of each token t over the keys s <= t with s > t - window (the
+    ``window`` most recent tokens, t itself included) and the first ``sinks`` tokens; one loop
+    over tokens, fp64 inside, returned in q's dtype."""
+    B, H, T, d = q.shape
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    o = torch.empty(B, H, T, d, dtype=torch.float64, device=q.device)
+    for t in range(T):
+        keys = [s for s in range(t + 1) if s > t - window or s < sinks]
+        w = (q64[:, :, t, None, :] * k64[:, :, keys]).sum(-1) / math.sqrt(d)  # (B, H, n)
+        o[:, :, t] = (torch.softmax(w, -1)[..., None] * v64[:, :, keys]).sum(-2)
+    return o.to(q.dtype)

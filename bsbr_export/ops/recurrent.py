@@ -6,6 +6,12 @@ slot, the chunk is closed: its F_j (with z_j) and meta key h_j join the bank
 (``close_chunk``) and the next chunk's S is retrieved from the bank with the meta query built
 from the same token (``retrieve_one``). Results equal the prefill form (``ops.chunk``) at
 every position.
+
+With the look-back local window the K/V buffer holds ``lookback`` earlier chunks before the open
+one (``StateSpec.window`` rows): ``open_row`` is where a token's key goes, ``visible_rows`` what it
+attends to, ``slide`` moves the closed chunk into the earlier rows when a chunk closes, and the
+next chunk's S is retrieved from the bank's chunks before the window only (``retrieve_one`` of no
+chunk is 0).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .state import CARRIED, StateSpec
 class DecodeState:
     """The carried state as torch tensors, batch first (``ops.state`` names them and their dims).
 
-    k, v (B, layer, H, L, d); S (B, layer, H, d', dc); bank_h (B, layer, H, cap, d);
+    k, v (B, layer, H, window, d), window = (1 + lookback) L (the open chunk in the last L rows); S (B, layer, H, d', dc); bank_h (B, layer, H, cap, d);
     bank_F (B, layer, H, cap, d', dc); pos: tokens consumed so far (all rows alike).
     """
 
@@ -55,6 +61,25 @@ class DecodeState:
         return cls(*(torch.from_numpy(arrays[n]) for n in CARRIED), pos=pos)
 
 
+def open_row(rows: int, L: int, t: int) -> int:
+    """Row of token t's key/value in a K/V buffer of ``rows`` rows: the open chunk is the last L."""
+    return rows - L + t % L
+
+
+def visible_rows(rows: int, L: int, t: int) -> slice:
+    """Rows token t attends to: the earlier chunks the buffer keeps, as far as they exist
+    (t's chunk is t // L), and the open chunk up to t."""
+    base = rows - L
+    return slice(max(0, base - (t // L) * L), base + t % L + 1)
+
+
+def slide(buf: torch.Tensor, L: int) -> None:
+    """At a chunk close, in place on (..., rows, d): the oldest chunk leaves, the closed chunk
+    becomes the newest earlier one; the open rows are then overwritten token by token."""
+    if buf.shape[-2] > L:
+        buf[..., :-L, :] = buf[..., L:, :].clone()
+
+
 def step_attention(q, kk, vv, S, g, U, feature_map: str, normalised: bool) -> torch.Tensor:
     """One query against the open chunk's n keys and its retrieved state.
 
@@ -77,6 +102,8 @@ def close_chunk(kk, vv, U, feature_map: str, normalised: bool) -> torch.Tensor:
 
 def retrieve_one(r: torch.Tensor, bank_h: torch.Tensor, bank_F: torch.Tensor) -> torch.Tensor:
     """S for the next chunk from the n closed chunks of the bank: r (B, H, d), bank_h (B, H, n, d),
-    bank_F (B, H, n, d', dc) -> (B, H, d', dc)."""
+    bank_F (B, H, n, d', dc) -> (B, H, d', dc); 0 when n = 0."""
+    if bank_h.shape[2] == 0:
+        return bank_F.new_zeros(bank_F.shape[:2] + bank_F.shape[3:])
     p = torch.softmax((bank_h @ r[..., None])[..., 0] / math.sqrt(r.shape[-1]), dim=-1)  # (B, H, n)
     return torch.einsum("bhn,bhnef->bhef", p, bank_F)

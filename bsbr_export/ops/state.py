@@ -11,6 +11,12 @@ and, between the per-token graph and the chunk-closing graph only,
 
     state_xa          [batch, layer, 1, embd]       the closing token's ln_1 output per layer
 
+With the look-back local window (``BSBRConfig.local_window == "lookback"``, torch only so far)
+``state_k``/``state_v`` hold ``window`` = (1 + lookback) x chunk rows instead of ``chunk``: the
+previous chunk's keys/values first, then the open chunk's (``ops.recurrent`` slides them when a
+chunk closes); every other tensor is as above. No export holds such a state yet: ``to_dict``,
+which every export records, refuses it, so format 3 describes every exported state.
+
 Batch is the first axis of every tensor, so a server slices or replaces one sequence's state
 along axis 0. ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
 carries its normaliser z (resp. Z) as one extra, last column of every F (resp. S), so both
@@ -29,6 +35,7 @@ import numpy as np
 # 1: layer-first state, Z kept apart in torch. 2: batch-first, normaliser as the last column.
 # 3: the graphs return the chunks they close (state_new_h, state_new_F); the caller writes them
 #    into the bank in place, so the bank is never copied through a graph.
+# (The look-back window's larger state_k/state_v is torch-only; its export will bump this.)
 FORMAT = 3
 
 K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
@@ -75,12 +82,25 @@ class StateSpec:
     state_cols: int
     embd: int
     normalised: bool
+    lookback: int = 0  # earlier chunks kept in state_k/state_v beside the open one
 
     @classmethod
     def from_config(cls, cfg) -> "StateSpec":
         norm = cfg.retrieval == "normalised"
         return cls(layer=cfg.n_layer, head=cfg.n_head, chunk=cfg.chunk_size, head_dim=cfg.head_dim,
-                   state_dim=cfg.state_dim, state_cols=cfg.head_dim + norm, embd=cfg.n_embd, normalised=norm)
+                   state_dim=cfg.state_dim, state_cols=cfg.head_dim + norm, embd=cfg.n_embd, normalised=norm,
+                   lookback=cfg.lookback)
+
+    @property
+    def window(self) -> int:
+        """Rows of state_k/state_v: the open chunk and the ``lookback`` chunks before it."""
+        return (1 + self.lookback) * self.chunk
+
+    def dims(self, name: str) -> tuple:
+        """The dimension names of tensor ``name`` (``DIMS``; the K/V rows are ``window`` with look-back)."""
+        if self.lookback and name in (K, V):
+            return tuple("window" if dim == "chunk" else dim for dim in DIMS[name])
+        return DIMS[name]
 
     def capacity(self, max_len: int) -> int:
         """Bank slots needed to hold ``max_len`` tokens: ceil(max_len / chunk)."""
@@ -96,7 +116,7 @@ class StateSpec:
     def shape(self, name: str, batch: int | None = None, capacity: int | None = None) -> list:
         """The shape of tensor ``name``; ``batch``/``capacity`` left as their names when not given
         (the form ONNX value infos take)."""
-        return [self.size(dim, batch, capacity) for dim in DIMS[name]]
+        return [self.size(dim, batch, capacity) for dim in self.dims(name)]
 
     def zeros(self, batch: int, capacity: int, names=CARRIED) -> dict[str, np.ndarray]:
         """A zero state (float32) for ``batch`` sequences and ``capacity`` bank slots."""
@@ -111,9 +131,15 @@ class StateSpec:
         return self.nbytes(batch, context // self.chunk, itemsize)
 
     def to_dict(self) -> dict:
-        """What an export records about its state (ONNX metadata and manifest)."""
+        """What an export records about its state (ONNX metadata and manifest). A look-back state
+        has no exported form yet (no graph computes the look-back window): refused."""
+        if self.lookback:
+            from ..errors import ConfigError
+
+            raise ConfigError("the look-back local window has no ONNX export yet (torch only); "
+                              "convert with local_window='chunk' to export")
         return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(DIMS[n]) for n in DIMS},
-                "sizes": {k: v for k, v in self.__dict__.items() if k != "normalised"},
+                "sizes": {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback")},
                 "normaliser": "last column of state_S and state_bank_F" if self.normalised else None,
                 "dtype": "float32"}
 
@@ -122,3 +148,12 @@ def kv_cache_bytes(n_layer: int, n_embd: int, context: int, batch: int = 1, item
     """Bytes of a standard GPT-2 KV cache (keys and values of every layer) holding ``context``
     tokens: what the BSBR state is compared with."""
     return 2 * n_layer * batch * context * n_embd * itemsize
+
+
+def window_cache_bytes(n_layer: int, n_embd: int, window: int, sinks: int = 0, context: int | None = None,
+                       batch: int = 1, itemsize: int = 4) -> int:
+    """Bytes of the KV cache of a sliding-window baseline (``ops.baselines``): keys and values of
+    the ``window`` most recent tokens and the ``sinks`` first ones, every layer; fewer while the
+    context is shorter than that."""
+    rows = window + sinks if context is None else min(context, window + sinks)
+    return kv_cache_bytes(n_layer, n_embd, rows, batch, itemsize)
