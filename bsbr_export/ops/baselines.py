@@ -35,18 +35,25 @@ def window_attention(q, k, v, window: int, sinks: int = 0) -> torch.Tensor:
     qc, kc, vc = (pad_to_chunks(x, W) for x in (q, k, v))  # (B, H, C, W, d)
     C = qc.shape[2]
     kw, vw = with_earlier(kc, 1), with_earlier(vc, 1)  # (B, H, C, 2W, d)
-    mask = window_mask(C, W, 1, q.device, span=W)  # (C, W, 2W)
     if sinks:
-        # The first tokens as extra keys of every block, visible only where the window no
-        # longer holds them (s <= t - W), so no key counts twice.
+        # The first tokens as extra keys of every block, before the block's own keys.
         ks, vs = (F.pad(x[:, :, :sinks], (0, 0, 0, max(0, sinks - T))) for x in (k, v))  # (B, H, sinks, d)
         kw = torch.cat([ks[:, :, None].expand(B, H, C, sinks, d), kw], 3)
         vw = torch.cat([vs[:, :, None].expand(B, H, C, sinks, d), vw], 3)
-        t = torch.arange(C * W, device=q.device).view(C, W, 1)
-        sink_mask = torch.arange(sinks, device=q.device) <= t - W  # (C, W, sinks)
-        mask = torch.cat([sink_mask, mask], -1)
-    o = F.scaled_dot_product_attention(qc, kw, vw, attn_mask=mask)  # (B, H, C, W, d)
-    return o.reshape(B, H, C * W, d)[:, :, :T]
+    o = F.scaled_dot_product_attention(qc, kw, vw, attn_mask=baseline_mask(C, W, sinks, q.device))
+    return o.reshape(B, H, C * W, d)[:, :, :T]  # (B, H, T, d)
+
+
+def baseline_mask(C: int, window: int, sinks: int = 0, device=None) -> torch.Tensor:
+    """Keys each query of a block of ``window`` tokens sees: (C, window, sinks + 2 window) bool,
+    columns the sinks, then the previous block, then the own block. A sink is visible only where
+    the window no longer holds it (s <= t - window), so no key counts twice."""
+    W = window
+    mask = window_mask(C, W, 1, device, span=W)  # (C, W, 2W)
+    if not sinks:
+        return mask
+    t = torch.arange(C * W, device=device).view(C, W, 1)
+    return torch.cat([torch.arange(sinks, device=device) <= t - W, mask], -1)
 
 
 @dataclass(frozen=True)
