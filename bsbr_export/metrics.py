@@ -12,7 +12,9 @@ Definitions (written in docs/RESULTS.md too):
   ``Q = softmax(converted logits)``;
 - top-k agreement, per position: 1 if the original's top-1 token is among the
   converted model's k highest logits, else 0 (k = 1: both pick the same token);
-- perplexity over a set of predictions: ``exp(mean NLL)``, NLL = ``-log softmax(logits)[target]``.
+- perplexity over a set of predictions: ``exp(mean NLL)``, NLL = ``-log softmax(logits)[target]``;
+  the change of one model's perplexity against another's on the same windows comes with a
+  paired percentile bootstrap interval over windows (``perplexity_change``).
 - attention density: the fraction of the causal query-key pairs ``T (T + 1) / 2`` that the
   local softmax of a chunked model actually scores.
 - ROUGE-N / ROUGE-L: F1 of clipped n-gram overlap / of the longest common subsequence
@@ -65,6 +67,37 @@ def perplexity(nlls) -> float:
     if isinstance(nlls, (list, tuple)):
         nlls = torch.cat([torch.as_tensor(x).double().flatten() for x in nlls])
     return math.exp(torch.as_tensor(nlls).double().mean().item())
+
+
+def perplexity_change(nll_ref, nll_new, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """``ppl(new) / ppl(ref) - 1`` over the same windows, with a bootstrap interval over windows.
+
+    ``nll_ref``, ``nll_new``: one tensor of per-token NLLs per window, window i of both scoring
+    the same tokens. Each of ``n_boot`` resamples draws the windows with replacement (the same
+    draw for both models: paired), and the interval is the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the resampled changes. Returns change, lo, hi (fractions,
+    0.01 = +1%), windows, level, n_boot.
+    """
+    if len(nll_ref) != len(nll_new) or not nll_ref:
+        raise ValueError(f"need the same, non-zero number of windows, got {len(nll_ref)} and {len(nll_new)}")
+    ref = [torch.as_tensor(x).double().flatten() for x in nll_ref]
+    new = [torch.as_tensor(x).double().flatten() for x in nll_new]
+    if any(a.numel() != b.numel() or a.numel() == 0 for a, b in zip(ref, new)):
+        raise ValueError("window i of both models must score the same, non-zero number of tokens")
+    sum_ref, sum_new = torch.stack([a.sum() for a in ref]), torch.stack([b.sum() for b in new])  # (n,)
+    count = torch.tensor([a.numel() for a in ref], dtype=torch.float64)  # (n,)
+    n = len(ref)
+    idx = torch.randint(0, n, (n_boot, n), generator=torch.Generator().manual_seed(seed))  # (n_boot, n)
+    tokens = count[idx].sum(1)
+    changes = torch.exp((sum_new[idx].sum(1) - sum_ref[idx].sum(1)) / tokens) - 1.0  # (n_boot,)
+    lo, hi = torch.quantile(changes, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    change = math.exp((sum_new.sum() - sum_ref.sum()).item() / count.sum().item()) - 1.0
+    return {"change": change, "lo": lo.item(), "hi": hi.item(), "windows": n, "level": level, "n_boot": n_boot}
+
+
+def format_change(c: dict) -> str:
+    """``+1.2% [-0.3, +2.8]`` (the interval at ``c["level"]``)."""
+    return f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import sysconfig
@@ -25,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export import metrics as M  # noqa: E402
-from bsbr_export.convert import convert, resolve_model_dir  # noqa: E402
+from bsbr_export.convert import convert, hf_config, planned_config, resolve_model_dir  # noqa: E402
 from bsbr_export.errors import BSBRExportError  # noqa: E402
+from bsbr_export.ops.baselines import WindowAttention  # noqa: E402
+from bsbr_export.ops.state import StateSpec  # noqa: E402
 
 DEFAULT_MODEL = "models/gpt2-pystdlib"
 EOT = "<|endoftext|>"
@@ -44,6 +47,46 @@ VARIANT_NOTES = {
     "normalised": "(c) local softmax and retrieval share one denominator, phi = elu + 1, initial g = 0.03",
 }
 
+# Round two (--with-baselines): the look-back local window and the baselines BSBR must beat.
+LOOKBACK_VARIANTS = {f"{n}, look-back": {**VARIANTS[n], "local_window": "lookback"} for n in ("local", "normalised")}
+LOOKBACK_NOTE = ("`…, look-back`: the variant with the look-back local window (softmax over the own and the "
+                 "previous chunk, retrieval from the chunks before)")
+BASELINE_SINKS = 4
+BASELINE_NOTE = ("`window W`: the original's attention over the W most recent tokens only (no retrieval); "
+                 "`sinks 4 + window W`: the same plus the first 4 tokens (as StreamingLLM keeps them); "
+                 "both with the original weights and GPT-2's positions (beyond the table, the conversion's "
+                 "position policy)")
+_BASELINE_NAME = re.compile(r"(?:sinks (\d+) \+ )?window (\d+)")
+
+
+def baseline_names(L: int) -> list[str]:
+    """The baselines of the fidelity tables: windows of one and two chunks, without and with sinks."""
+    return [f"window {L}", f"window {2 * L}", f"sinks {BASELINE_SINKS} + window {L}",
+            f"sinks {BASELINE_SINKS} + window {2 * L}"]
+
+
+def round_two(L: int) -> list[str]:
+    """Rows --with-baselines adds: the look-back variants, then the baselines."""
+    return list(LOOKBACK_VARIANTS) + baseline_names(L)
+
+
+def row_spec(name: str):
+    """What a row name stands for: the converter options of a variant (dict) or a baseline's
+    attention (``WindowAttention``: ``window W`` or ``sinks S + window W``)."""
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    if name in LOOKBACK_VARIANTS:
+        return dict(LOOKBACK_VARIANTS[name])
+    m = _BASELINE_NAME.fullmatch(name)
+    if m:
+        return WindowAttention(int(m.group(2)), int(m.group(1) or 0))
+    raise SystemExit(f"error: unknown variant or baseline {name!r} (variants: {', '.join([*VARIANTS, *LOOKBACK_VARIANTS])}; "
+                     f"baselines: 'window W', 'sinks S + window W')")
+
+
+def is_baseline(spec) -> bool:
+    return isinstance(spec, WindowAttention)
+
 
 # --------------------------------------------------------------------------- options
 
@@ -58,6 +101,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="fragment directory")
     ap.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures", help="figure directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--with-baselines", action="store_true",
+                    help="also the look-back variants and the baselines (sliding window, sinks + window), with "
+                         "their decode state at 8192 tokens")
     return ap
 
 
@@ -149,6 +195,52 @@ def load_original(model: str):
 
 def load_converted(model: str, **options):
     return convert(model, **options).eval()
+
+
+class Baseline:
+    """A baseline as the studies call a model: the original weights (in a conversion whose BSBR
+    parts go unused) with ``WindowAttention`` in place of BSBR attention."""
+
+    def __init__(self, model, attention: WindowAttention):
+        self.model, self.attention, self.cfg = model, attention, model.cfg
+
+    def __call__(self, input_ids, output_hidden_states=False):
+        return self.model(input_ids, impl=self.attention, output_hidden_states=output_hidden_states)
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def state_bytes(self, context: int) -> int:
+        return self.attention.state_bytes(self.cfg.n_layer, self.cfg.n_embd, context)
+
+
+def load_model(model: str, spec, chunk_size: int, **extra):
+    """A row of a table: ``spec`` a row name, converter options or a ``WindowAttention``;
+    ``extra``: converter options on top (e.g. the position policy, which baselines share)."""
+    spec = row_spec(spec) if isinstance(spec, str) else spec
+    if is_baseline(spec):
+        return Baseline(load_converted(model, chunk_size=chunk_size, **extra), spec)
+    return load_converted(model, chunk_size=chunk_size, **{**spec, **extra})
+
+
+COST_CONTEXT = 8192
+
+
+def decode_state_bytes(model: str, spec, chunk_size: int, context: int = COST_CONTEXT) -> int:
+    """Bytes of the state one sequence carries while decoding after ``context`` tokens (float32):
+    a variant's from its ``StateSpec`` (``bytes_at``), a baseline's KV cache of its window and
+    sinks. Read from the model's config alone (no weights)."""
+    spec = row_spec(spec) if isinstance(spec, str) else spec
+    if is_baseline(spec):
+        hf, _ = hf_config(model)
+        return spec.state_bytes(hf["n_layer"], hf["n_embd"], context)
+    cfg, _ = planned_config(model, chunk_size=chunk_size, **spec)
+    return StateSpec.from_config(cfg).bytes_at(context)
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
 
 
 def tokenizer(model_dir: Path):
@@ -278,7 +370,10 @@ def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
 
 
 def state_bytes(model, max_len: int) -> int:
-    """Bytes of the preallocated decode state for batch 1 and ``max_len`` tokens."""
+    """Bytes of the preallocated decode state for batch 1 and ``max_len`` tokens (a baseline: its
+    KV cache)."""
+    if isinstance(model, Baseline):
+        return model.state_bytes(max_len)
     spec = model.state_spec()
     return spec.nbytes(1, spec.capacity(max_len))
 
