@@ -85,8 +85,9 @@ def _untimed(spec: BenchSpec, prep: dict, backend: str) -> list[dict]:
     """The cases of a backend the parity gate stopped (or skipped), with the reason."""
     p = prep["parity"][backend]
     status = "parity_failed" if p["status"] == "FAILED" else "skipped"
-    reason = (f"parity FAILED against {p['reference']}: max|diff| {p['max_abs']:.2e} > {p['atol']:.0e} "
-              f"or top-1 {p['top1']:.1%}" if status == "parity_failed" else p["reason"])
+    reason = p.get("reason") or (  # a gate of its own (int8) gives its reason
+        f"parity FAILED against {p['reference']}: max|diff| {p['max_abs']:.2e} > {p['atol']:.0e} "
+        f"or top-1 {p['top1']:.1%}" if status == "parity_failed" else p["reason"])
     return [case_record(backend, bt, T, status=status, reason=reason) for bt, T in prefill_plan(spec)]
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SCHEMA = "bsbr-export-bench/1"
-BACKENDS = ("hf-torch", "bsbr-torch", "std-ort", "bsbr-ort", "tensorrt", "floor-ort")
+BACKENDS = ("hf-torch", "bsbr-torch", "std-ort", "bsbr-ort", "int8-ort", "tensorrt", "floor-ort")
 LABELS = {
     "hf-torch": "HF GPT-2, torch SDPA",
     "bsbr-torch": "BSBR, torch",
     "std-ort": "standard GPT-2, ORT",
     "bsbr-ort": "BSBR, ORT",
+    "int8-ort": "BSBR int8 (dense weights int8), ORT",
     "tensorrt": "BSBR, TensorRT",
     "floor-ort": "dense floor, ORT",
 }
 KINDS = {"hf-torch": "torch", "bsbr-torch": "torch", "std-ort": "onnxruntime", "bsbr-ort": "onnxruntime",
-         "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
+         "int8-ort": "onnxruntime", "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
 DECODE_BACKENDS = ("hf-torch", "bsbr-torch", "bsbr-ort")
 DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "bsbr-torch": "BSBR state, torch",
                  "bsbr-ort": "BSBR state, ORT (runtime engine, IOBinding)"}
