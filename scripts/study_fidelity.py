@@ -1,10 +1,12 @@
 """Study tables 1, 2 and 7: output distribution comparison, next-token agreement, perplexity.
 
-    python scripts/study_fidelity.py [--model models/gpt2-pystdlib] [--windows N] [--quick]
+    python scripts/study_fidelity.py [--model models/gpt2-pystdlib] [--windows N] [--quick] [--with-baselines]
 
 Every conversion variant (plain, block-local, normalised; plus the normalised form at
-other initial retrieval scales) is compared with the original model on held-out windows.
-Writes docs/results/study_fidelity.md.
+other initial retrieval scales) is compared with the original model on held-out windows;
+``--with-baselines`` adds the look-back variants and the baselines (sliding window, sinks +
+window) with their decode state at 8192 tokens. Perplexity changes carry a bootstrap interval
+over windows. Writes docs/results/study_fidelity.md.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def variants(args):
         out[f"normalised g={g:g}"] = {**S.VARIANTS["normalised"], "retrieval_scale": g}
     for n in ("local", "normalised"):  # the position policy that restarts every chunk
         out[f"{n}, chunk positions"] = {**S.VARIANTS[n], "position_policy": "chunk"}
+    if args.with_baselines:
+        out.update({n: S.row_spec(n) for n in S.round_two(args.chunk_size)})
     return out
 
 
@@ -56,7 +60,7 @@ def main():
     t_start, hf, model_dir, ids, data_desc = S.start(args)
     L, T = args.chunk_size, args.seq_len
     vs = variants(args)
-    models = {n: S.load_converted(args.model, chunk_size=L, **o) for n, o in vs.items()}
+    models = {n: S.load_model(args.model, o, L) for n, o in vs.items()}
     wins = S.windows(ids, T, args.windows)
     per = {n: [] for n in vs}
     top1_pos = {n: [] for n in vs}
@@ -75,8 +79,9 @@ def main():
     out = ["## Behaviour preservation (tables 1, 2, 7)", ""]
     out.append("Variants: " + "; ".join(f"**{n}**: {S.VARIANT_NOTES[n]}" for n in S.VARIANTS)
                + "; `normalised g=x`: the normalised variant at another initial g; `…, chunk positions`: the "
-               "position policy that restarts positions every chunk (default: absolute). "
-               "None is calibrated here (see table 9).\n")
+               "position policy that restarts positions every chunk (default: absolute)"
+               + (f"; {S.LOOKBACK_NOTE}; {S.BASELINE_NOTE}" if args.with_baselines else "")
+               + ". None is calibrated here (see table 9).\n")
     # ---------------------------------------------------------------- table 1
     out += ["### Table 1: output distribution comparison", "", S.provenance(args, desc)]
     hdr = ["variant"] + [f"cos layer {i}" for i in range(1, n_layer)] + ["cos final", "MSE final", "KL (nats)"]
@@ -92,9 +97,17 @@ def main():
     # ---------------------------------------------------------------- table 2
     out += ["### Table 2: next-token agreement", "", S.provenance(args, desc)]
     rows = [[n] + [S.pct(summ[n][f"top{k}"]) for k in (1, 5, 10)] for n in vs]
-    out += [S.md_table(["variant", "top-1", "top-5", "top-10"], rows),
+    hdr = ["variant", "top-1", "top-5", "top-10"]
+    if args.with_baselines:  # cost beside fidelity
+        hdr.append(f"decode state MiB at T={S.COST_CONTEXT}")
+        for row, o in zip(rows, vs.values()):
+            row.append(S.mib(S.decode_state_bytes(args.model, o, L)))
+    out += [S.md_table(hdr, rows),
             "Top-k agreement: the share of positions where the original model's top-1 token is among the "
-            "converted model's k highest logits (mean ± std over windows).", ""]
+            "converted model's k highest logits (mean ± std over windows)."
+            + (" Decode state: what one sequence carries while decoding after "
+               f"{S.COST_CONTEXT} tokens, float32 (BSBR: `StateSpec.bytes_at`; baselines: the KV cache of the "
+               "window and sinks)." if args.with_baselines else ""), ""]
     bucket = max(1, L // 8)
     tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
     rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]
@@ -129,10 +142,12 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
                 nll[n].append(M.nll(m(inp)[0], tgt[0]))
         ref = M.perplexity(nll["original"])
         rows.append([T, len(wins), f"{ref:.3f}"]
-                    + [f"{M.perplexity(nll[n]):.3f} ({100 * (M.perplexity(nll[n]) / ref - 1):+.1f}%)" for n in names])
+                    + [f"{M.perplexity(nll[n]):.3f} ({M.format_change(M.perplexity_change(nll['original'], nll[n]))})"
+                       for n in names])
     out += [S.md_table(["T", "windows", "original"] + names, rows),
             "Perplexity exp(mean NLL) over every prediction of every window; in brackets the change against "
-            "the original on the same windows.", ""]
+            "the original on the same windows and its 95% interval (paired bootstrap over windows, "
+            "2000 resamples).", ""]
     # Beyond the original's position table: the same tokens scored as one long window (BSBR)
     # and as consecutive windows of the original's maximum length.
     rows = []
@@ -153,16 +168,22 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
                 acc.setdefault(f"{n}@N", []).append(
                     torch.cat([M.nll(m(x[:, a:b])[0], tgt[0, a:b]) for a, b in pieces]))
         for n in names:
+            change = M.perplexity_change(acc["orig@N"], acc[f"{n}@T/absolute"])
             rows.append([T, len(wins), n, f"{M.perplexity(acc['orig@N']):.3f}", f"{M.perplexity(acc[f'{n}@N']):.3f}",
-                         f"{M.perplexity(acc[f'{n}@T/absolute']):.3f}", f"{M.perplexity(acc[f'{n}@T/chunk']):.3f}"])
+                         f"{M.perplexity(acc[f'{n}@T/absolute']):.3f}", f"{M.perplexity(acc[f'{n}@T/chunk']):.3f}",
+                         M.format_change(change)])
     if rows:
         out += [f"Beyond the original's {N}-position limit (the original cannot run one window of T tokens):", "",
                 S.md_table(["T", "windows", "variant", f"original, {N}-token pieces",
                             f"BSBR, {N}-token pieces", "BSBR, one window (absolute positions)",
-                            "BSBR, one window (chunk positions)"], rows),
+                            "BSBR, one window (chunk positions)",
+                            "one window (absolute) against the original's pieces [95% interval]"], rows),
                 f"All columns score the same tokens. Position policies: `absolute` keeps GPT-2's positions below "
                 f"{N} and reuses the table's last {L} positions per chunk beyond; `chunk` restarts positions "
-                f"every chunk.", ""]
+                f"every chunk. The last column: the perplexity change of the one-window model against the "
+                f"original in pieces, with its 95% interval (paired bootstrap over windows, 2000 resamples; "
+                f"one window gives no interval). Baseline rows run their attention in place of BSBR in every "
+                f"BSBR column.", ""]
     return out
 
 
@@ -172,7 +193,7 @@ _CACHE = {}
 def load_cached(name, args, vs, **extra):
     key = (name, tuple(sorted(extra.items())))
     if key not in _CACHE:
-        _CACHE[key] = S.load_converted(args.model, chunk_size=args.chunk_size, **vs[name], **extra)
+        _CACHE[key] = S.load_model(args.model, vs[name], args.chunk_size, **extra)
     return _CACHE[key]
 
 

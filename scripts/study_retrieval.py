@@ -33,7 +33,8 @@ def options():
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     ap.add_argument("--windows", type=int, default=None, help="windows per length (default: all)")
     ap.add_argument("--min-chars", type=int, default=4)
-    ap.add_argument("--variants", nargs="*", default=["plain", "local", "normalised"])
+    ap.add_argument("--variants", nargs="*", default=["plain", "local", "normalised"],
+                    help="rows: studylib variants or baselines ('window W', 'sinks S + window W')")
     ap.add_argument("--calibrated", type=Path, nargs="*", default=[])
     a = ap.parse_args()
     if a.quick:
@@ -107,7 +108,8 @@ def main():
     t0, hf, model_dir, ids, data_desc = S.start(args)
     tok = S.tokenizer(model_dir)
     L, N = args.chunk_size, hf.config.n_positions
-    models = {n: S.load_converted(args.model, chunk_size=L, **S.VARIANTS[n]) for n in args.variants}
+    rows_ = args.variants + (S.round_two(L) if args.with_baselines else [])  # names: variants or baselines
+    models = {n: S.load_model(args.model, n, L) for n in dict.fromkeys(rows_)}
     for p in args.calibrated:
         if Path(p).is_dir():
             models[f"calibrated: {Path(p).name}"] = load_bsbr(p)

@@ -28,7 +28,8 @@ def options():
     ap.add_argument("--windows", type=int, default=64, help="held-out windows")
     ap.add_argument("--chunk-sizes", type=int, nargs="*", default=[32, 64, 128, 256, 512])
     ap.add_argument("--compressions", type=int, nargs="*", default=[0, 2, 4, 8], help="0 = none")
-    ap.add_argument("--variants", nargs="*", default=["plain", "local", "normalised"])
+    ap.add_argument("--variants", nargs="*", default=["plain", "local", "normalised"],
+                    help="rows: studylib variants or baselines ('window W', 'sinks S + window W')")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calibrated", type=Path, nargs="*", default=[],
                     help="calibrated BSBR checkpoints to add to the compression sweep")
@@ -73,25 +74,29 @@ def main():
            f"(median of {args.repeats}); its fp32 KV cache for {T} tokens is {kv / 2**20:.2f} MiB.", "",
            "### Table 5: chunk size sweep", "", S.provenance(args, desc)]
     rows = []
-    for L in args.chunk_sizes:
-        if L > N:
-            continue
-        for n in args.variants:
-            m = S.load_converted(args.model, chunk_size=L, **S.VARIANTS[n])
-            summ, _ = S.evaluate(ref, m)
-            rows.append([L, n, f"{speed(m, T, args.repeats, V):.1f}", f"{speed(m, Tl, args.repeats, V):.1f}",
-                         f"{S.state_bytes(m, T) / 2**20:.2f}", f"{S.state_bytes(m, Tl) / 2**20:.2f}",
-                         S.fmt(summ["cos_final"]), S.fmt(summ["kl"]), S.pct(summ["top1"])])
+    # --with-baselines: the look-back variants at every chunk size; the baselines, whose windows do
+    # not depend on the chunk, once (chunk column "-").
+    per_chunk = args.variants + (list(S.LOOKBACK_VARIANTS) if args.with_baselines else [])
+    runs = [(L, n) for L in args.chunk_sizes if L <= N for n in per_chunk if not S.is_baseline(S.row_spec(n))]
+    runs += [(None, n) for n in args.variants if S.is_baseline(S.row_spec(n))]
+    runs += [(None, n) for n in (S.baseline_names(args.chunk_size) if args.with_baselines else [])]
+    for L, n in runs:
+        m = S.load_model(args.model, n, L or args.chunk_size)
+        summ, _ = S.evaluate(ref, m)
+        rows.append([L or "-", n, f"{speed(m, T, args.repeats, V):.1f}", f"{speed(m, Tl, args.repeats, V):.1f}",
+                     f"{S.state_bytes(m, T) / 2**20:.2f}", f"{S.state_bytes(m, Tl) / 2**20:.2f}",
+                     S.fmt(summ["cos_final"]), S.fmt(summ["kl"]), S.pct(summ["top1"])])
     out += [S.md_table(["chunk L", "variant", f"forward ms T={T}", f"forward ms T={Tl}",
                         f"decode state MiB (T={T})", f"decode state MiB (T={Tl})", "cos final", "KL (nats)",
                         "top-1"], rows),
             "Forward times are medians of batch-1 fp32 forwards (vectorised PyTorch path) on this CPU; "
             "decode state: the preallocated streaming state (current chunk's keys and values, retrieved state, "
-            "bank of chunk states and meta keys) for batch 1.", ""]
+            "bank of chunk states and meta keys) for batch 1; a baseline's: its KV cache of window and sinks.", ""]
     # ---------------------------------------------------------------- table 6
     L = args.chunk_size
     out += ["### Table 6: state compression sweep", "", S.provenance(args, desc + f"; chunk {L}")]
-    bases = {n: S.load_converted(args.model, chunk_size=L, **S.VARIANTS[n]) for n in args.variants if n != "local"}
+    bases = {n: S.load_model(args.model, n, L) for n in args.variants
+             if n != "local" and not S.is_baseline(S.row_spec(n))}
     for p in args.calibrated:
         if Path(p).is_dir():
             bases[f"calibrated: {Path(p).name}"] = load_bsbr(p)
