@@ -211,10 +211,14 @@ def _summary(manifest: dict, out: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the ONNX files.")
 @click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
 @click.option("--fp16", is_flag=True, help="Write the fp16 graph (LayerNorm and softmax kept in fp32).")
+@click.option("--int8", is_flag=True,
+              help="Write the int8 graphs (dense weights int8, the rest fp32); beside an fp32 export in OUT "
+                   "they read its fp32 tensors from weights.onnx.data. No gate: the main command's "
+                   "--engine int8 checks them.")
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph.")
 @click.option("--no-decode", is_flag=True, help="Skip the decode graph.")
 @conversion_options
-def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opts):
+def export(model, out, max_seq_len, fp16, int8, inline, no_decode, allow_pickle, **opts):
     """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""
     from .convert import load_any
     from .export import ExportSpec, export_onnx
@@ -223,7 +227,7 @@ def export(model, out, max_seq_len, fp16, inline, no_decode, allow_pickle, **opt
         fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
     try:
         m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
-        spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, inline=inline)
+        spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, int8=int8, inline=inline)
         files = export_onnx(m, out, spec, decode=not no_decode, progress=_log)
     except BSBRExportError as e:
         fail(str(e))

@@ -176,3 +176,6 @@ def test_bad_precision_names_rejected_in_one_line(int8_dir, tmp_path):
         check_export(bare, "int8")
     with pytest.raises(ConfigError, match="fp16 or int8"):
         ExportSpec(fp16=True, int8=True)
+    res = CliRunner().invoke(main, ["export", str(int8_dir / "bsbr"), "--out", str(tmp_path / "e"), "--fp16", "--int8"])
+    assert res.exit_code == 1 and res.output.strip() == "error: an export is fp16 or int8, not both"
+    assert not (tmp_path / "e").exists()
