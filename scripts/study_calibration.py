@@ -12,6 +12,7 @@ Writes docs/results/study_calibration.md (and the calibrated checkpoints under -
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def options():
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--runs", nargs="*", default=["local:conversion", "normalised:conversion", "normalised:full"],
-                    help="START:TRAINED[:LEN]: a conversion of studylib.VARIANTS, 'conversion' (meta "
+                    help="START:TRAINED[:LEN]: a conversion of studylib (VARIANTS or a look-back variant, "
+                         "e.g. 'normalised, look-back'), 'conversion' (meta "
                          "projections and g) or 'full' (every parameter), and the training window length "
                          "(default --seq-len; longer windows are taught by the original on n_positions pieces)")
     ap.add_argument("--budget", type=int, default=131072, help="training tokens per pass")
@@ -70,8 +72,7 @@ def main():
             windows_of[Tt] = training_windows(model_dir, args.budget, Tt)
         train_wins = windows_of[Tt]
         budget = sum(x.numel() for x in train_wins)
-        opts = dict(S.VARIANTS[start])
-        model = S.load_converted(args.model, chunk_size=L, **opts)
+        model = S.load_model(args.model, start, L)
         n_params = sum(p.numel() for _, p in trainable(model, what))
         label = f"{start} ({what}, {n_params:,} params" + (f", {Tt}-token windows)" if Tt != T else ")")
         results = {}
@@ -94,22 +95,22 @@ def main():
         log = calibrate(model, teacher, train_wins, passes, lr=lr, what=what,
                         after_pass=lambda k, m: record(k, m) if k in args.passes else None,
                         progress=lambda s, label=label: print(f"[{label}] {s}", flush=True))
-        name = f"calibrated-{start}-{what}" + (f"-{Tt}" if Tt != T else "")
+        name = f"calibrated-{re.sub(r'[^A-Za-z0-9]+', '-', start)}-{what}" + (f"-{Tt}" if Tt != T else "")
         save_bsbr(model, args.save / name, tokenizer_from=model_dir, force=True)
         g = torch.stack([b.attn.g.detach() for b in model.h])
         for k, (summ, longs) in sorted(results.items()):
-            rows9.append([label, k, k * budget, S.fmt(summ["cos_final"]), S.fmt(summ["mse"]), S.fmt(summ["kl"]),
-                          S.pct(summ["top1"]), S.pct(summ["top5"]), S.pct(summ["top10"]),
-                          f"{summ['ppl']:.3f} ({100 * (summ['ppl'] / summ['ppl_ref'] - 1):+.1f}%)"])
-            rows7.append([label, k] + [_long_cell(longs[Tl]) for Tl in args.long])
-            for Tl in args.long:
-                if longs[Tl] is not None:
-                    long_ref[Tl] = longs[Tl]
+            _result_rows(rows9, rows7, long_ref, args.long, label, k, k * budget, summ, longs)
         summ, longs = results[max(results)]
         targets.append(_target_row(label, max(results), summ, longs))
         rows9.append([f"{label}: final g per layer", "", "", "; ".join(
             "[" + ", ".join(f"{v:.3g}" for v in row) + "]" for row in g.tolist()), "", "", "", "", "", ""])
         print(f"[{label}] trained {log.steps} steps, {log.tokens:,} tokens, {log.seconds:.0f} s", flush=True)
+    if args.with_baselines:  # nothing to train: the baselines once, beside the calibrated rows
+        for n in S.baseline_names(L):
+            m = S.load_model(args.model, n, L)
+            summ, _ = S.evaluate(ref, m)
+            longs = {Tl: S.long_perplexity(hf, m, ids, Tl, args.long_windows) for Tl in args.long}
+            _result_rows(rows9, rows7, long_ref, args.long, f"{n} (baseline, nothing trained)", 0, 0, summ, longs)
 
     ppl_orig = summ["ppl_ref"]
     desc_eval = f"{data_desc}; {len(ref.wins)} held-out windows of {T} tokens, chunk {L}"
@@ -155,6 +156,17 @@ reproduce sharp softmax weights on single earlier tokens. Not tried here: featur
 chunk's local softmax, and local windows that overlap the previous chunk; each changes the
 fused op, so each would need the ONNX function, the kernel and the plugin to follow.
 """
+
+
+def _result_rows(rows9, rows7, long_ref, lengths, label, passes, tokens, summ, longs):
+    """One row of table 9 and one of its continuation; the original's long perplexities kept."""
+    rows9.append([label, passes, tokens, S.fmt(summ["cos_final"]), S.fmt(summ["mse"]), S.fmt(summ["kl"]),
+                  S.pct(summ["top1"]), S.pct(summ["top5"]), S.pct(summ["top10"]),
+                  f"{summ['ppl']:.3f} ({100 * (summ['ppl'] / summ['ppl_ref'] - 1):+.1f}%)"])
+    rows7.append([label, passes] + [_long_cell(longs[Tl]) for Tl in lengths])
+    for Tl in lengths:
+        if longs[Tl] is not None:
+            long_ref[Tl] = longs[Tl]
 
 
 def training_windows(model_dir, budget: int, T: int) -> list[torch.Tensor]:
