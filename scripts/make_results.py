@@ -121,6 +121,8 @@ def run_all(args) -> None:
         common.append("--quick")
     if args.data:
         common += ["--data", args.data]
+    if args.with_baselines:
+        common.append("--with-baselines")
     save = args.results / ".calibrated" if args.quick else ROOT / "out" / "study"
     times = []
     t_all = time.time()
@@ -183,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="with --run: also rerun both benchmarks")
     ap.add_argument("--model", default="models/gpt2-pystdlib")
     ap.add_argument("--data", default=None)
+    ap.add_argument("--with-baselines", action="store_true",
+                    help="with --run: every script also runs the look-back variants and the baselines")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
     ap.add_argument("--output", type=Path, default=None, help="default: RESULTS.md next to the results folder")

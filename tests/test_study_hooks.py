@@ -120,3 +120,30 @@ def test_decode_state_cost(tiny_hf_dir):
     assert S.decode_state_bytes(d, "normalised", L, 8192) > S.decode_state_bytes(d, "normalised", L, 4096)
     assert S.decode_state_bytes(d, "window 16", L, 8192) == S.decode_state_bytes(d, "window 16", L, 4096)
     assert S.state_bytes(S.load_model(d, "window 16", L), 64) == kv_cache_bytes(cfg.n_layer, cfg.n_embd, 16)
+
+
+def test_fidelity_quick_with_baselines_has_every_row(tmp_path):
+    """study_fidelity --quick --with-baselines: tables 1, 2 and 7 hold a row per look-back variant
+    and baseline, table 2 their decode state at 8192 tokens as decode_state_bytes gives it."""
+    import subprocess
+
+    from test_study_quick import tiny_model_with_tokenizer
+
+    model = tmp_path / "tiny"
+    model.mkdir()
+    tiny_model_with_tokenizer(model)
+    out = tmp_path / "results"
+    res = subprocess.run([sys.executable, str(S.ROOT / "scripts" / "study_fidelity.py"), "--quick", "--with-baselines",
+                          "--model", str(model), "--out", str(out), "--figures", str(tmp_path / "figures")],
+                         capture_output=True, text=True, cwd=S.ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    text = (out / "study_fidelity.md").read_text()
+    L = 16  # the quick chunk
+    tables = {t: text[text.index(f"### Table {t}"):] for t in (1, 2, 7)}
+    for name in S.round_two(L):
+        for t, body in tables.items():
+            assert f"| {name} |" in body, (t, name)
+        state = S.mib(S.decode_state_bytes(str(model), name, L))
+        row = next(line for line in tables[2].splitlines() if line.startswith(f"| {name} |"))
+        assert row.rstrip(" |").endswith(state), (name, row)
+    assert "% [" in tables[7]  # perplexity changes with their intervals

@@ -8,6 +8,8 @@
     kernel.py      Triton: the fused chunk attention (plain and normalised, one kernel)
     onnx_graph.py  ONNX: the same pieces as graph nodes, the fused op as a local function
     state.py       the decode state: names, dims, layout, bytes, format version
+    baselines.py   what BSBR is compared with: sliding-window and sinks + window attention
+                   over the original weights (torch only; no retrieval, no export)
 
 A new variant of the op is one switch in each backend kind, next to the existing ones:
 torch in ``chunk.py`` (and, if its step differs, ``recurrent.py``), ONNX in ``onnx_graph.py``,
