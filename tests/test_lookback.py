@@ -259,3 +259,19 @@ def test_state_spec_grows_by_one_chunk_of_kv_and_is_not_exported():
     assert plain.to_dict()["dims"][K][3] == "chunk" and "lookback" not in plain.to_dict()["sizes"]
     with pytest.raises(ConfigError, match="look-back"):
         look.to_dict()
+
+
+def test_bundled_model_exact_up_to_two_chunks(bundled_dir, bundled_hf):
+    """The pretrained bundled GPT-2, chunk 128: a right-padded batch of up to 256 tokens gives the
+    original's logits at every real token."""
+    model = convert(bundled_dir, chunk_size=128, local_window="lookback")
+    lengths = [256, 129, 1]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 256), generator=g)
+    mask = (torch.arange(256)[None] < torch.tensor(lengths)[:, None]).long()
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask)
+        ref = bundled_hf(input_ids=ids, attention_mask=mask).logits
+    for i, n in enumerate(lengths):
+        assert_close(out[i, :n], ref[i, :n], 1e-4, f"row {i} len {n}")
