@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import studylib as S
+from bsbr_export import metrics as M
 from bsbr_export.calibrate import calibrate, trainable
 from bsbr_export.convert import save_bsbr
 
@@ -131,7 +132,9 @@ def main():
     out += ["### Table 9 (cont.): perplexity beyond the original's position limit", "",
             S.provenance(args, f"{data_desc}; windows of T tokens, up to {args.long_windows or 'all'} per length"),
             "Each cell: BSBR perplexity over one T-token window / the same tokens in "
-            f"{hf.config.n_positions}-token pieces (the original on those pieces: "
+            f"{hf.config.n_positions}-token pieces; in brackets the one window's change against the original "
+            "on those pieces, with its 95% interval (paired bootstrap over windows; one window gives no "
+            "interval) (the original on those pieces: "
             + ", ".join(f"T={Tl}: {long_ref[Tl]['orig_pieces']:.3f}" for Tl in args.long if long_ref[Tl]) + ").", "",
             S.md_table(["start", "passes"] + [f"T={Tl}" for Tl in args.long], rows7)]
     out += ["### Targets (T = " + str(T) + f", chunk {L}, after calibration)", "",
@@ -176,7 +179,7 @@ def training_windows(model_dir, budget: int, T: int) -> list[torch.Tensor]:
 
 
 def _long_cell(r):
-    return "n/a" if r is None else f"{r['window']:.3f} / {r['pieces']:.3f}"
+    return "n/a" if r is None else f"{r['window']:.3f} / {r['pieces']:.3f} ({M.format_change(r['change'])})"
 
 
 def _target_row(label, passes, summ, longs):

@@ -401,7 +401,9 @@ def evaluate(ref: Reference, model) -> tuple[dict, torch.Tensor]:
 @torch.no_grad()
 def long_perplexity(hf, model, ids: np.ndarray, T: int, n: int | None) -> dict | None:
     """Perplexities of the same tokens: the original and the model in pieces of n_positions
-    tokens, and the model over one window of T tokens. None when the stream is too short."""
+    tokens, and the model over one window of T tokens; ``change``: the one window against the
+    original's pieces with its bootstrap interval over windows (``metrics.perplexity_change``).
+    None when the stream is too short."""
     N = hf.config.n_positions
     wins = windows(ids, T, n)
     if not wins:
@@ -414,5 +416,6 @@ def long_perplexity(hf, model, ids: np.ndarray, T: int, n: int | None) -> dict |
         acc["pieces"].append(torch.cat([M.nll(model(x[:, a:b])[0], tgt[0, a:b]) for a, b in pieces]))
         acc["window"].append(M.nll(model(x[:, :-1])[0], tgt[0]))
     out = {k: M.perplexity(v) for k, v in acc.items()}
+    out["change"] = M.perplexity_change(acc["orig_pieces"], acc["window"])
     out["windows"] = len(wins)
     return out
