@@ -8,7 +8,7 @@ import math
 
 from click.testing import CliRunner
 
-from bsbr_export.bench import BACKENDS, DECODE_BACKENDS, SCHEMA, loglog_slope, schedule, BenchSpec
+from bsbr_export.bench import BACKENDS, DECODE_BACKENDS, SCHEMA, THRESHOLDS, loglog_slope, schedule, BenchSpec
 from bsbr_export.cli import main
 
 
@@ -47,7 +47,10 @@ def test_quick_bench_schema(tmp_path):
             assert isinstance(c["reason"], str) and c["reason"]
             assert "median_ms" not in c  # no speed for a skipped or red backend
     timed = {c["backend"] for c in r["prefill"] if c["status"] == "ok"}
-    assert {"hf-torch", "bsbr-torch", "std-ort", "bsbr-ort", "floor-ort"} <= timed
+    assert {"hf-torch", "hf-ort", "bsbr-torch", "bsbr-ort", "floor-ort"} <= timed
+    # The HF model exported by torch.onnx (dynamo) passed its gate against HF torch before it was timed.
+    hf_ort = r["backends"]["hf-ort"]["parity"]
+    assert hf_ort["status"] == "pass" and hf_ort["max_abs"] <= 1e-4 and "HF GPT-2" in hf_ort["reference"]
     assert r["backends"]["floor-ort"]["parity"]["status"] == "none"
     # Decode: every backend at every context, with per-token latency and state bytes.
     assert {(c["backend"], c["context"]) for c in r["decode"]} == {
@@ -60,7 +63,18 @@ def test_quick_bench_schema(tmp_path):
     for t in r["targets"]:
         assert t["status"] in ("pass", "miss", "n/a") and t["comparison"] in ("<=", ">=") and _num(t["threshold"])
         assert t["measured"] is None or _num(t["measured"])
-    assert len(r["targets"]) == 9
+    assert len(r["targets"]) == len(THRESHOLDS)
+    # The prefill targets: BSBR ORT over the HF export at the (nearest measured) short lengths, over the
+    # dense floor at every length, and the floor against every CPU backend, from this run's medians.
+    pre = {t["name"]: t for t in r["targets"] if t["name"].startswith(("prefill vs", "dense floor (", "floor is"))}
+    assert len(pre) == 5 and all(t["measured"] is not None for t in pre.values())
+    med = {(c["backend"], c["seq"]): c["median_ms"] for c in r["prefill"] if c["status"] == "ok" and c["batch"] == 1}
+    T0 = min(r["spec"]["lengths"])
+    assert math.isclose(pre["prefill vs HF export (T=1)"]["measured"], med["bsbr-ort", T0] / med["hf-ort", T0])
+    assert math.isclose(pre["dense floor (every T)"]["measured"],
+                        max(med["bsbr-ort", T] / med["floor-ort", T] for T in r["spec"]["lengths"]))
+    assert math.isclose(pre["floor is the floor"]["measured"],
+                        max(med["floor-ort", T] / v for (b, T), v in med.items() if b != "floor-ort"))
     # The loaded runtime (three sessions, one shared copy of the weights) against one prefill session.
     mem = r["runtime_memory"]
     assert mem["runtime"] > 0 and mem["prefill-session"] > 0 and _num(mem["ratio"])

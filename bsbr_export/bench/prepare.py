@@ -150,6 +150,9 @@ def prepare(job: dict) -> dict:
     for name, (m, es) in exports.items():
         export_onnx(m, work / name, es, decode=False)
         paths[name] = str(work / name / "model.onnx")
+    from .hf_export import export_hf_onnx  # the HF model by torch.onnx (dynamo), extended positions
+
+    paths["hf-ort"] = str(export_hf_onnx(ext_dir, work / "hf-ort"))
     # int8 dense weights beside the fp32 BSBR graph (its fp32 tensors read from that export's weights file).
     export_onnx(bsbr, work / "bsbr-ort", E(max_seq_len=spec.ext_positions, attention="bsbr", state_outputs=False,
                                           int8=True), decode=False)
@@ -181,6 +184,8 @@ def prepare(job: dict) -> dict:
         parity["bsbr-ort"] = _parity(bsbr_vec, r.infer(feeds)["logits"], atol, top1, "BSBR torch (vectorised)", seq)
     with ORTRunner(paths["std-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
         parity["std-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
+    with ORTRunner(paths["hf-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
+        parity["hf-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
     parity["int8-ort"] = _int8_gate(paths, feeds, job["threads"], seq, trained=text is not None)
     parity["floor-ort"] = {"status": "none", "reference": None, "seq": None,
                            "reason": "no parity: not a model (attention removed), a cost floor only"}

@@ -30,6 +30,63 @@ def op_totals(events: list, last_run_only: bool = True) -> dict:
     return {"run_ms": run_ms, "node_total_ms": total, "chunk_attention_fn_ms": fn_ms, "op_types_ms": ops}
 
 
+def per_run_op_totals(events: list) -> list[dict]:
+    """``op_totals`` of every ``model_run`` in a profile, in run order."""
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    out = []
+    for r in runs:
+        lo, hi = r["ts"], r["ts"] + r["dur"]
+        per_op, count = {}, {}
+        for e in nodes:
+            if lo <= e["ts"] <= hi:
+                op = e.get("args", {}).get("op_name", "?")
+                per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3
+                count[op] = count.get(op, 0) + 1
+        out.append({"run_ms": r["dur"] / 1e3, "node_total_ms": sum(per_op.values()), "op_types_ms": per_op,
+                    "op_counts": count})
+    return out
+
+
+def profile_alternating(paths: dict, feeds: dict, threads: int, runs: int, warmup: int, prefix: str,
+                        outputs=("logits",)) -> dict:
+    """Per-call medians of several ORT graphs on the same feeds, the graphs alternating call by call
+    (a noisy machine then slows each alike): {name: {"wall_ms", "run_ms", "node_total_ms",
+    "op_types_ms", "op_counts"}}. ``wall_ms``: unprofiled sessions timed with perf_counter; the rest
+    from profiled sessions (ORT's profiler), ``warmup`` calls dropped."""
+    import time
+
+    from ..runtime import session_from_onnx
+
+    out = {}
+    plain = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"]) for n, p in paths.items()}
+    wall = {n: [] for n in paths}
+    for i in range(warmup + runs):
+        for n, sess in plain.items():
+            t0 = time.perf_counter()
+            sess.run(list(outputs), feeds)
+            if i >= warmup:
+                wall[n].append((time.perf_counter() - t0) * 1e3)
+    del plain
+    prof = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"], profile_prefix=f"{prefix}-{n}")
+            for n, p in paths.items()}
+    for _ in range(warmup + runs):
+        for sess in prof.values():
+            sess.run(list(outputs), feeds)
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    for n, sess in prof.items():
+        f = Path(sess.end_profiling())
+        per_run = per_run_op_totals(json.loads(f.read_text()))[warmup:]
+        f.unlink(missing_ok=True)
+        ops = {o for r in per_run for o in r["op_types_ms"]}
+        op_ms = {o: med([r["op_types_ms"].get(o, 0.0) for r in per_run]) for o in ops}
+        out[n] = {"wall_ms": med(wall[n]), "runs": len(per_run), "run_ms": med([r["run_ms"] for r in per_run]),
+                  "node_total_ms": med([r["node_total_ms"] for r in per_run]),
+                  "op_types_ms": dict(sorted(op_ms.items(), key=lambda kv: -kv[1])),
+                  "op_counts": {o: max(r["op_counts"].get(o, 0) for r in per_run) for o in ops}}
+    return out
+
+
 def profile_case(job: dict) -> dict:
     """Child: full-length warm-up, then one profiled run of an ORT backend; node time per op type."""
     from ..runtime import session_from_onnx
@@ -52,7 +109,7 @@ def run_profiles(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
     """Parent: one profile child per ORT backend that passed the gate, at ``profile_len`` (or the longest T)."""
     T = spec.profile_len or spec.max_len
     out = {}
-    for b in ("bsbr-ort", "floor-ort", "std-ort"):
+    for b in ("bsbr-ort", "floor-ort", "hf-ort", "std-ort"):
         if prep["parity"][b]["status"] not in ("pass", "none"):
             continue
         res = run_child(make_job("profile", spec, work, prep, threads, backend=b, seq=T,

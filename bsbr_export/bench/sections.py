@@ -119,6 +119,26 @@ def _speedup_note(result: dict, t: dict, Tmax: int) -> str:
     return text + "The rest of the floor is the per-token MLP and projections, identical in every backend."
 
 
+def _prefill_note(result: dict, t: dict) -> str:
+    """Why a prefill target against the HF export or the dense floor is missed: the three latencies at
+    the length it names, and where the floor stands against the HF export (the dense part alone)."""
+    import re
+
+    found = re.findall(r"T=(\d+)", t["description"])  # the length it names (the last: "at T=...")
+    T = int(found[-1]) if found else None
+    bsbr, hf, floor = (median(result, b, T) for b in ("bsbr-ort", "hf-ort", "floor-ort"))
+    text = (f"At T={T}: BSBR ORT {fmt_ms(bsbr)} ms, HF export ORT {fmt_ms(hf)} ms, dense floor "
+            f"{fmt_ms(floor)} ms. ")
+    if floor is not None and hf is not None and floor > hf:
+        text += ("The dense floor itself is slower than the HF export here, so the gap lies in the dense "
+                 "graph (projections, MLP, LM head, per-node overhead), not in BSBR attention. ")
+    if t["name"] == "floor is the floor":
+        text += "A backend faster than the floor means the floor is not yet the floor."
+    else:
+        text += "Op types side by side: docs/results/profile-short.md (scripts/profile_short.py)."
+    return text
+
+
 def miss_notes(result: dict) -> str:
     """One data-driven paragraph per missed target (the numbers come from this run)."""
     Tmax = sorted(result["spec"]["lengths"])[-1]
@@ -143,6 +163,8 @@ def miss_notes(result: dict) -> str:
                     "copies O(context) bytes (see the decode table).")
         elif name.startswith("decode"):
             text = "Per-token decode time grows with context (see the decode table)."
+        elif name.startswith("prefill vs HF export") or name in ("dense floor (every T)", "floor is the floor"):
+            text = _prefill_note(result, t)
         elif name == "short sequences":
             text = "At one chunk BSBR computes the same attention as GPT-2 plus the retrieval bookkeeping."
         elif name == "scaling":

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SCHEMA = "bsbr-export-bench/1"
-BACKENDS = ("hf-torch", "bsbr-torch", "std-ort", "bsbr-ort", "int8-ort", "tensorrt", "floor-ort")
+BACKENDS = ("hf-torch", "hf-ort", "bsbr-torch", "std-ort", "bsbr-ort", "int8-ort", "tensorrt", "floor-ort")
 LABELS = {
     "hf-torch": "HF GPT-2, torch SDPA",
+    "hf-ort": "HF GPT-2 (torch.onnx dynamo export), ORT",
     "bsbr-torch": "BSBR, torch",
     "std-ort": "standard GPT-2, ORT",
     "bsbr-ort": "BSBR, ORT",
@@ -15,7 +16,8 @@ LABELS = {
     "tensorrt": "BSBR, TensorRT",
     "floor-ort": "dense floor, ORT",
 }
-KINDS = {"hf-torch": "torch", "bsbr-torch": "torch", "std-ort": "onnxruntime", "bsbr-ort": "onnxruntime",
+KINDS = {"hf-torch": "torch", "hf-ort": "onnxruntime", "bsbr-torch": "torch", "std-ort": "onnxruntime",
+         "bsbr-ort": "onnxruntime",
          "int8-ort": "onnxruntime", "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
 DECODE_BACKENDS = ("hf-torch", "bsbr-torch", "bsbr-ort")
 DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "bsbr-torch": "BSBR state, torch",
@@ -34,7 +36,7 @@ class BenchSpec:
     """What one ``bsbr-export bench`` run measures."""
 
     model: str = "gpt2-small-random"  # a RANDOM_MODELS name or a local HF GPT-2 directory
-    lengths: tuple = (128, 256, 512, 1024, 2048, 4096, 8192)
+    lengths: tuple = (1, 32, 128, 256, 512, 1024, 2048, 4096, 8192)
     throughput: tuple = (8, 256)  # (batch, T) of the throughput point
     decode_contexts: tuple = (256, 512, 1024, 2048, 4096, 8192)
     chunk_size: int = 128

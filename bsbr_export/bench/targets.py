@@ -17,6 +17,11 @@ THRESHOLDS = {
     "decode (torch)": ("<=", 1.5, "x"),
     "decode (ORT)": ("<=", 1.1, "x"),
     "runtime memory": ("<=", 1.3, "x"),
+    # Prefill against the graph users export themselves (HF GPT-2 by torch.onnx dynamo, ORT) at short
+    # lengths, against the dense floor at every length from TARGET_SHORT on, and the floor itself.
+    **{f"prefill vs HF export (T={T})": ("<=", 1.05, "x") for T in (1, 32, 128)},
+    "dense floor (every T)": ("<=", 1.10, "x"),
+    "floor is the floor": ("<=", 1.0, "x"),
     "int8 prefill": (">=", 1.5, "x"),
 }
 
@@ -74,9 +79,59 @@ def _int8_measured(result: dict) -> dict:
                              f"mean KL <= 0.02 nats)", ratio(m("bsbr-ort"), m("int8-ort")))}
 
 
+PREFILL_SHORT = (1, 32, 128)  # the lengths of the "prefill vs HF export" targets
+
+
+def _prefill_measured(result: dict) -> tuple[dict, dict]:
+    """The prefill targets against the HF export and the dense floor; bound of the first: the
+    floor over the HF export (the lowest ratio any attention could reach)."""
+    from .spec import KINDS
+
+    lengths = sorted(result["spec"]["lengths"])
+    quick = result.get("quick")
+    m = lambda b, T: None if T is None else median(result, b, T)  # noqa: E731
+    # The smoke test judges the measured length nearest to each stated one.
+    at = lambda T: T if T in lengths else (min(lengths, key=lambda t: abs(t - T)) if quick else None)  # noqa: E731
+    rows, bounds = {}, {}
+    for T in PREFILL_SHORT:
+        name, t = f"prefill vs HF export (T={T})", at(T)
+        rows[name] = (f"BSBR ORT latency / HF export ORT latency at T={t}", ratio(m("bsbr-ort", t), m("hf-ort", t)))
+        bounds[name] = ratio(m("floor-ort", t), m("hf-ort", t))
+    span = [T for T in lengths if quick or TARGET_SHORT <= T <= TARGET_LONG]
+    over = [(r, T) for T in span for r in [ratio(m("bsbr-ort", T), m("floor-ort", T))] if r is not None]
+    worst = max(over) if over else (None, None)
+    rows["dense floor (every T)"] = (f"BSBR ORT latency / dense floor, the largest over T in "
+                                     f"{span[0] if span else '—'}..{span[-1] if span else '—'} (at T={worst[1]})",
+                                     worst[0])
+    # The floor is fp32 on the CPU: a GPU backend or one with int8 weights is not held to it.
+    cpu = [b for b, k in KINDS.items() if k != "tensorrt" and b != "floor-ort" and "int8" not in b]
+    beat = [(r, b, T) for T in lengths for b in cpu for r in [ratio(m("floor-ort", T), m(b, T))] if r is not None]
+    worst = max(beat) if beat else (None, None, None)
+    rows["floor is the floor"] = (f"dense floor latency / the fastest CPU backend's, the largest over every T "
+                                  f"(at T={worst[2]}: {worst[1]})", worst[0])
+    return rows, bounds
+
+
+INT8_T = 1024  # the int8 target's length
+
+
+def _int8_measured(result: dict) -> dict:
+    """int8 prefill speedup over the fp32 BSBR graph (both ORT) at INT8_T. Its quality half is a gate,
+    not a timing: the main command's (parity_onnx_int8: top-1 >= 97%, mean KL <= 0.02 nats over the
+    grid on the bundled model's held-out text) and the benchmark's, which leaves a failing int8 graph
+    untimed (so this reads n/a)."""
+    lengths = sorted(result["spec"]["lengths"])
+    T = lengths[-1] if result.get("quick") else (INT8_T if INT8_T in lengths else None)
+    m = lambda b: None if T is None else median(result, b, T)  # noqa: E731
+    return {"int8 prefill": (f"BSBR int8 ORT speedup over BSBR fp32 ORT at T={T} (gate: top-1 >= 97%, "
+                             f"mean KL <= 0.02 nats)", ratio(m("bsbr-ort"), m("int8-ort")))}
+
+
 def targets(result: dict) -> list[dict]:
     """One verdict per target: pass, miss, or n/a (a length or backend it needs was not measured)."""
     measured, bounds = _measured(result)
+    more, more_bounds = _prefill_measured(result)
+    measured, bounds = measured | more, bounds | more_bounds
     measured |= _int8_measured(result)
     out = []
     for name, (op, thr, unit) in THRESHOLDS.items():
