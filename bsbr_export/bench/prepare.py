@@ -77,9 +77,10 @@ def _int8_gate(paths: dict, feeds: dict, threads: int, seq: int, trained: bool) 
     gate = f"mean KL <= {MAX_KL:g} nats" + (f", top-1 >= {MIN_TOP1:.0%}" if trained
                                             else "; top-1 not gated: random weights")
     return {"status": "pass" if ok else "FAILED", "reference": "BSBR ORT fp32 graph", "seq": seq, "top1": m["top1"],
-            "kl_mean": m["kl_mean"], "kl_max": m["kl_max"], "min_top1": MIN_TOP1 if trained else None,
-            "max_kl": MAX_KL, "reason": f"int8 gate against the BSBR fp32 graph at T={seq}: top-1 {m['top1']:.1%}, "
-                                        f"mean KL {m['kl_mean']:.1e} nats ({gate})"}
+            "max_abs": m["max_abs"], "atol": None, "gate": gate, "kl_mean": m["kl_mean"], "kl_max": m["kl_max"],
+            "min_top1": MIN_TOP1 if trained else None, "max_kl": MAX_KL,
+            "reason": f"int8 gate against the BSBR fp32 graph at T={seq}: top-1 {m['top1']:.1%}, "
+                      f"mean KL {m['kl_mean']:.1e} nats ({gate})"}
 
 
 def _tensorrt_reason() -> str | None:
