@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -54,14 +55,17 @@ def _weights(g, sd):
     return name
 
 
-def kvcache_graph(sd, cfg, sink=None):
+def kvcache_graph(sd, cfg: dict, sink=None):
     """(graph, inputs, outputs) of GPT-2's decoder with past; ``sd`` is the HF state dict,
-    ``cfg`` the ``BSBRConfig`` of its sizes (``convert.bsbr_config_from_hf``)."""
+    ``cfg`` its HF config (a dict)."""
     from onnx import TensorProto, helper
 
     from .graph import NEG, Graph
 
-    E, H, d, eps = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.layer_norm_epsilon
+    cfg = SimpleNamespace(**{**cfg, "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
+                             "activation_function": cfg.get("activation_function", "gelu_new")})
+    E, H, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
+    d = E // H
     g = Graph(np.float32, sink=sink)
     W = _weights(g, sd)
     zero, one = g.const([0]), g.const([1])
@@ -112,24 +116,22 @@ def export_kvcache(source, out_dir, opset: int = 18) -> Path:
     from onnx import helper, numpy_helper
 
     from . import __version__
-    from .convert import bsbr_config_from_hf, load_hf_checkpoint
+    from .convert import load_hf_checkpoint
     from .export import External, WeightsFile, weights_name, ExportSpec
     from .util import fix_modes
 
     sd, hf_cfg, _ = load_hf_checkpoint(source)
-    cfg = bsbr_config_from_hf(hf_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     try:
-        g, inputs, outputs = kvcache_graph(sd, cfg, WeightsFile(tmp / weights_name(ExportSpec())))
+        g, inputs, outputs = kvcache_graph(sd, hf_cfg, WeightsFile(tmp / weights_name(ExportSpec())))
         inits = [a.proto() if isinstance(a, External) else numpy_helper.from_array(a, n) for n, a in g.inits.items()]
         m = helper.make_model(helper.make_graph(g.nodes, "gpt2_decoder_with_past", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", opset)], producer_name="bsbr-export",
                               ir_version=10)
-        meta = {"bsbr_export_version": __version__, "graph": "gpt2 decoder with past (KV cache)",
-                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
-                "n_positions": cfg.n_positions}
+        meta = {"bsbr_export_version": __version__, "graph": "gpt2 decoder with past (KV cache)"}
+        meta |= {k: hf_cfg.get(k) for k in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions")}
         helper.set_model_props(m, {META_KEY: json.dumps(meta)})
         onnx.save_model(m, str(tmp / GRAPH_FILE))
         onnx.checker.check_model(str(tmp / GRAPH_FILE), full_check=True)

@@ -60,6 +60,16 @@ def test_quick_bench_schema(tmp_path):
         assert _num(c["per_token_mean_ms"]) and _num(c["per_token_median_ms"]) and c["state_bytes"] > 0
     kv = {c["context"]: c["state_bytes"] for c in r["decode"] if c["backend"] == "hf-torch"}
     assert kv[48] == 3 * kv[16]  # a KV cache grows with every token
+    # GPT-2 + KV cache in ORT: gated by its own parity (prompt, then one token per step, against HF),
+    # the same cache bytes as HF's, and its per-token dense work measured for the targets' bound.
+    kv_ort = [c for c in r["decode"] if c["backend"] == "kv-ort"]
+    assert len(kv_ort) == len(r["spec"]["decode_contexts"]) >= 2
+    assert all(c["parity"]["status"] == "pass" and c["parity"]["max_abs"] <= 1e-4 for c in kv_ort)
+    assert {c["context"]: c["state_bytes"] for c in kv_ort} == kv
+    assert all(_num(c["dense_per_token_ms"]) and c["dense_per_token_ms"] > 0 for c in kv_ort)
+    for c in r["decode"]:
+        if c["backend"].startswith("bsbr"):
+            assert sum(c["state_parts"].values()) == c["state_bytes"]
     for t in r["targets"]:
         assert t["status"] in ("pass", "miss", "n/a") and t["comparison"] in ("<=", ">=") and _num(t["threshold"])
         assert t["measured"] is None or _num(t["measured"])
@@ -75,6 +85,20 @@ def test_quick_bench_schema(tmp_path):
                         max(med["bsbr-ort", T] / med["floor-ort", T] for T in r["spec"]["lengths"]))
     assert math.isclose(pre["floor is the floor"]["measured"],
                         max(med["floor-ort", T] / v for (b, T), v in med.items() if b != "floor-ort"))
+    kv_targets = {t["name"]: t for t in r["targets"] if t["name"].startswith("kv-cache")}
+    assert set(kv_targets) == {"kv-cache decode (short)", "kv-cache decode (long)", "kv-cache state"}
+    ctx = r["spec"]["decode_contexts"]
+    assert all(t["measured"] is not None and str(ctx[-1]) in t["description"] for n, t in kv_targets.items()
+               if n != "kv-cache decode (short)")
+    mean = {(c["backend"], c["context"]): c["per_token_mean_ms"] for c in r["decode"]}
+    assert math.isclose(kv_targets["kv-cache decode (long)"]["measured"],
+                        mean["kv-ort", ctx[-1]] / mean["bsbr-ort", ctx[-1]])
+    assert math.isclose(kv_targets["kv-cache decode (short)"]["measured"],
+                        mean["bsbr-ort", ctx[0]] / mean["kv-ort", ctx[0]])
+    bsbr_state = {c["context"]: c["state_bytes"] for c in r["decode"] if c["backend"] == "bsbr-ort"}
+    assert math.isclose(kv_targets["kv-cache state"]["measured"], bsbr_state[ctx[-1]] / kv[ctx[-1]])
+    assert all(_num(kv_targets[n]["bound_if_attention_free"]) for n in ("kv-cache decode (short)",
+                                                                         "kv-cache decode (long)"))
     # The loaded runtime (three sessions, one shared copy of the weights) against one prefill session.
     mem = r["runtime_memory"]
     assert mem["runtime"] > 0 and mem["prefill-session"] > 0 and _num(mem["ratio"])
@@ -83,6 +107,7 @@ def test_quick_bench_schema(tmp_path):
     # Markdown, fragment and plots.
     md = (out / "bench.md").read_text()
     assert "### Targets" in md and "Parity gate" in md
+    assert "GPT-2 + KV cache, ORT (IOBinding) ms/token" in md and "BSBR state / KV cache" in md
     frag = (out / "fragment.md").read_text()
     assert frag.startswith("## Benchmark") and "- command: `bsbr-export bench --quick" in frag
     assert "- machine:" in frag and "- versions:" in frag and "- date:" in frag

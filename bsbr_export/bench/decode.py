@@ -5,6 +5,11 @@ Runtime); the KV cache it is compared with is sized by ``ops.state.kv_cache_byte
 backend's state is allocated at the context's shape and filled with random values (the cost of a step does not depend on the values), which reaches long
 contexts without a long prefill; one full chunk of steps is timed, so the amortised mean
 includes one chunk-closing step.
+
+Baselines: HF GPT-2 with its KV cache in torch (``hf-torch``), and GPT-2 with a KV cache in ONNX
+Runtime (``kv-ort``: Optimum's decoder-with-past graph, ``bsbr_export.kvcache``) run as a
+production caller runs it: IOBinding, each step's present outputs kept as ORT values and bound
+as the next step's past, the logits the only host copy.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..ops import state
 from ..ops.state import StateSpec, kv_cache_bytes
 from ..util import summarize
 from .child import make_job, run_child, set_torch_threads
-from .spec import DECODE_BACKENDS, DECODE_WARMUP, KINDS, MIB, BenchSpec
+from .spec import BACKENDS, DECODE_BACKENDS, DECODE_WARMUP, KINDS, MIB, BenchSpec
 
 
 def random_state(cfg, context: int, capacity: int, rng) -> dict:
@@ -41,6 +46,12 @@ def random_state(cfg, context: int, capacity: int, rng) -> dict:
     return st
 
 
+def state_parts(cfg, context: int) -> dict:
+    """Bytes of each carried BSBR state tensor (``ops.state``) holding ``context`` tokens (batch 1)."""
+    spec = StateSpec.from_config(cfg)
+    return {n: int(np.prod(spec.shape(n, 1, context // spec.chunk))) * 4 for n in state.CARRIED}
+
+
 def _decode_steps(step, first_token: int, warmup: int, steps: int) -> dict:
     """Per-step wall times (ms) of ``step(token) -> logits``, feeding back the argmax."""
     tok, times = first_token, []
@@ -56,7 +67,11 @@ def _decode_steps(step, first_token: int, warmup: int, steps: int) -> dict:
             "per_token_max_ms": max(times), "steps": steps, "warmup_steps": warmup}
 
 
-def _load_decoder_model(backend: str, paths: dict):
+def _load_decoder_model(backend: str, paths: dict, threads: int):
+    if backend == "kv-ort":
+        from ..kvcache import KVCacheDecoder
+
+        return KVCacheDecoder(paths["kv-ort"], threads=threads, providers=["CPUExecutionProvider"])
     if backend == "hf-torch":
         from transformers import GPT2LMHeadModel
 
@@ -88,6 +103,11 @@ def _decoder(backend: str, model, paths: dict, context: int, max_len: int, threa
                 return model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True).logits[:, -1]
 
         return step, kv_cache_bytes(c.n_layer, c.n_embd, context)
+    if backend == "kv-ort":
+        m = model
+        m.fill([tuple(rng.standard_normal((1, m.n_head, context, m.head_dim), dtype=np.float32) for _ in range(2))
+                for _ in range(m.n_layer)])  # (B, H, context, d) per layer
+        return (lambda tok: m.step([[tok]])[:, -1]), kv_cache_bytes(m.n_layer, m.n_head * m.head_dim, context)
     if backend == "bsbr-torch":
         import torch
 
@@ -108,9 +128,9 @@ def _decoder(backend: str, model, paths: dict, context: int, max_len: int, threa
 def decode_cases(job: dict) -> dict:
     """Child: per-token decode latency of one backend at every context of the job."""
     backend = job["backend"]
-    if KINDS[backend] == "torch":
+    if KINDS.get(backend) == "torch":
         set_torch_threads(job["threads"])
-    model = _load_decoder_model(backend, job["paths"])
+    model = _load_decoder_model(backend, job["paths"], job["threads"])
     rng = np.random.default_rng(job["seed"])
     out = []
     for context in job["contexts"]:
@@ -119,30 +139,40 @@ def decode_cases(job: dict) -> dict:
         step, nbytes = _decoder(backend, model, job["paths"], context, max_len, job["threads"], rng)
         setup_s = time.perf_counter() - t0
         r = _decode_steps(step, first_token=1, warmup=job["warmup"], steps=job["steps"])
+        parts = {"state_parts": state_parts(getattr(model, "cfg", model), context)} if backend.startswith("bsbr") else {}
         out.append({"backend": backend, "context": context, "status": "ok", "state_bytes": nbytes,
-                    "setup_s": round(setup_s, 2)} | r)
+                    "setup_s": round(setup_s, 2)} | parts | r)
         del step
         gc.collect()
+    if backend == "kv-ort":  # the per-token dense work: one token on an empty cache, every step
+        step = lambda tok: (model.start(1), model.step([[tok]])[:, -1])[1]  # noqa: E731
+        dense = _decode_steps(step, first_token=1, warmup=job["warmup"], steps=job["steps"])
+        out = [c | {"dense_per_token_ms": dense["per_token_mean_ms"]} for c in out]
     return {"status": "ok", "cases": out}
 
 
 def run_decode(spec: BenchSpec, work, prep: dict, threads: int, log) -> list[dict]:
-    """Parent: one child per decode backend, every context of the spec."""
+    """Parent: one child per decode backend, every context of the spec. A decode-only backend
+    (not in the prefill table) logs its parity gate here and carries it in each of its rows."""
     out = []
     for b in DECODE_BACKENDS:
-        p = prep["parity"][b]
+        p = prep["parity"].get(b, {"status": "FAILED", "reference": None, "reason": "no parity check ran"})
+        gate = {} if b in BACKENDS else {"parity": p}
+        if gate:
+            log(f"  parity {b:10s} {p['status']:7s} " + (f"max|diff| {p['max_abs']:.2e} vs {p['reference']} "
+                                                         f"(T={p['seq']})" if "max_abs" in p else p["reason"]))
         if p["status"] != "pass":
-            out += [{"backend": b, "context": c, "status": "parity_failed", "reason": "prefill parity FAILED"}
+            out += [{"backend": b, "context": c, "status": "parity_failed", "reason": "parity FAILED"} | gate
                     for c in spec.decode_contexts]
             continue
         job = make_job("decode", spec, work, prep, threads, backend=b, contexts=list(spec.decode_contexts),
                        steps=spec.decode_steps, warmup=DECODE_WARMUP)
         res = run_child(job, work, spec.case_timeout_s)
         if res.get("status") != "ok":
-            out += [{"backend": b, "context": c, "status": "failed", "reason": res["reason"]}
+            out += [{"backend": b, "context": c, "status": "failed", "reason": res["reason"]} | gate
                     for c in spec.decode_contexts]
         else:
-            out += res["cases"]
+            out += [c | gate for c in res["cases"]]
         for c in out[-len(spec.decode_contexts):]:
             msg = (f"per token {c['per_token_mean_ms']:7.2f} ms (median {c['per_token_median_ms']:.2f})  "
                    f"state {c['state_bytes'] / MIB:7.1f} MiB" if c["status"] == "ok" else c["reason"])

@@ -161,6 +161,9 @@ def prepare(job: dict) -> dict:
     if spec.decode_contexts:
         export_onnx(bsbr, work / "bsbr-step", E(max_seq_len=spec.ext_positions, attention="bsbr"), decode=True)
         paths["bsbr-step"] = str(work / "bsbr-step")
+        from ..kvcache import export_kvcache  # GPT-2 with a KV cache (Optimum's layout), extended positions
+
+        paths["kv-ort"] = str(export_kvcache(ext_dir, work / "kv-ort"))
     export_s = time.perf_counter() - t0
 
     # The parity gate, at a short length that crosses two chunk boundaries.
@@ -185,6 +188,12 @@ def prepare(job: dict) -> dict:
         parity["bsbr-ort"] = _parity(bsbr_vec, r.infer(feeds)["logits"], atol, top1, "BSBR torch (vectorised)", seq)
     with ORTRunner(paths["std-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
         parity["std-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
+    if "kv-ort" in paths:  # decode as a caller does: a prompt on an empty cache, then one token per step
+        from ..kvcache import KVCacheDecoder, kv_logits
+
+        kv = kv_logits(KVCacheDecoder(paths["kv-ort"], threads=job["threads"]), ids, prompt=seq // 2)
+        parity["kv-ort"] = _parity(hf_logits, kv, atol, top1, f"HF GPT-2 torch SDPA (prompt of {seq // 2} "
+                                   f"tokens, then one token per step)", seq)
     with ORTRunner(paths["hf-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
         parity["hf-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
     parity["int8-ort"] = _int8_gate(paths, feeds, job["threads"], seq, trained=text is not None)

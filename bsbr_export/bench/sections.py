@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from ..util import markdown_table
-from .results import cell, fmt_mib, fmt_ms, median
+from .results import cell, decode_mean, fmt_mib, fmt_ms, fmt_x, median, ratio
 from .spec import DECODE_BACKENDS, DECODE_LABELS, LABELS, SHORT_WARMUP_SEQ
 
 
 def table(head: list, rows: list[list]) -> str:
     """A Markdown table without the trailing newline (sections are joined by newlines)."""
     return markdown_table(head, rows).rstrip("\n")
+
+
+def _decode_row(result: dict, backend: str, context: int):
+    return next((c for c in result["decode"] if c["backend"] == backend and c["context"] == context), None)
+
+
+def decode_state_bytes(result: dict, context: int) -> tuple:
+    """(BSBR state bytes, KV cache bytes) at ``context``: the BSBR state as a BSBR backend's
+    decode row records it (``ops.state.StateSpec``), the KV cache from the model's sizes
+    (``ops.state.kv_cache_bytes``, what every KV-cache backend holds); None where not measured."""
+    from ..ops.state import kv_cache_bytes
+
+    bsbr = next((c["state_bytes"] for b in ("bsbr-ort", "bsbr-torch") for c in [_decode_row(result, b, context)]
+                 if c is not None and c["status"] == "ok"), None)
+    m = result.get("model") or {}
+    kv = kv_cache_bytes(m["n_layer"], m["n_embd"], context) if "n_layer" in m and "n_embd" in m else None
+    return bsbr, kv
 
 
 def decode_table(result: dict) -> str:
@@ -20,21 +37,33 @@ def decode_table(result: dict) -> str:
             f"state memory MiB)\n\n")
     rows = []
     for cx in ctxs:
-        lat, st = [], []
+        lat = []
         for b in bs:
-            c = next((c for c in result["decode"] if c["backend"] == b and c["context"] == cx), None)
-            ok = c is not None and c["status"] == "ok"
-            lat.append(fmt_ms(c["per_token_mean_ms"]) if ok else (c["status"] if c else "—"))
-            st.append(fmt_mib(c["state_bytes"]) if ok else "—")
-        rows.append([cx] + lat + st)
-    mem = result.get("runtime_memory") or {}
+            c = _decode_row(result, b, cx)
+            lat.append(fmt_ms(c["per_token_mean_ms"]) if c is not None and c["status"] == "ok"
+                       else (c["status"] if c else "—"))
+        bsbr, kv = decode_state_bytes(result, cx)
+        speed = ratio(decode_mean(result, "kv-ort", cx), decode_mean(result, "bsbr-ort", cx))
+        rows.append([cx] + lat + ["—" if kv is None else fmt_mib(kv), "—" if bsbr is None else fmt_mib(bsbr),
+                                  fmt_x(ratio(bsbr, kv)), fmt_x(speed)])
+    kv_rows = [c for c in result["decode"] if c["backend"] == "kv-ort" and "parity" in c]
     tail = ""
+    if kv_rows and kv_rows[0]["parity"].get("max_abs") is not None:
+        p = kv_rows[0]["parity"]
+        tail += (f"\n\n{DECODE_LABELS['kv-ort']}: GPT-2's decoder with past in Optimum's layout (past_key_values."
+                 f"{{i}}.key/value in, present.{{i}}.key/value out), run through IOBinding with each step's present "
+                 f"outputs bound as the next step's past (no host copy of the cache). Parity before timing: max abs "
+                 f"diff {p['max_abs']:.2e} against {p['reference']}, T={p['seq']} ({p['status']}).")
+    elif kv_rows:
+        tail += f"\n\n{DECODE_LABELS['kv-ort']}: not timed, {kv_rows[0]['parity'].get('reason', 'parity FAILED')}."
+    mem = result.get("runtime_memory") or {}
     if mem.get("runtime") and mem.get("prefill-session"):
-        tail = (f"\n\nResident memory added by a loaded runtime (extend, decode and close sessions, one shared copy "
-                f"of the weights): {fmt_mib(mem['runtime'])} MiB, against {fmt_mib(mem['prefill-session'])} MiB for "
-                f"one prefill session of the same export ({mem['ratio']:.2f}x).")
+        tail += (f"\n\nResident memory added by a loaded runtime (extend, decode and close sessions, one shared copy "
+                 f"of the weights): {fmt_mib(mem['runtime'])} MiB, against {fmt_mib(mem['prefill-session'])} MiB for "
+                 f"one prefill session of the same export ({mem['ratio']:.2f}x).")
     return head + table(["context"] + [f"{DECODE_LABELS[b]} ms/token" for b in bs]
-                        + [f"{DECODE_LABELS[b]} state MiB" for b in bs], rows) + tail
+                        + ["KV cache MiB", "BSBR state MiB", "BSBR state / KV cache",
+                           "BSBR ORT speedup over KV-cache ORT"], rows) + tail
 
 
 def opt_levels_table(result: dict) -> str:
@@ -56,7 +85,9 @@ def targets_table(result: dict) -> str:
     return ("\n### Targets\n\n" + table(["target", "measured", "required", "result", "bound if attention were free"],
                                         rows)
             + "\n\nBound if attention were free: the baseline's latency over the dense floor's, the largest "
-            "speedup any attention (even one costing nothing) could reach against that baseline here.")
+            "speedup any attention (even one costing nothing) could reach against that baseline here. For the "
+            "decode targets against the KV cache the floor is the KV-cache decoder's per-token time on an empty "
+            "cache (one token, no context); for the latency ratio (<=) the bound is the lowest ratio reachable.")
 
 
 def profile_tables(result: dict) -> str:
@@ -119,6 +150,41 @@ def _speedup_note(result: dict, t: dict, Tmax: int) -> str:
     return text + "The rest of the floor is the per-token MLP and projections, identical in every backend."
 
 
+def _kv_cache_note(result: dict, name: str) -> str:
+    """Why a decode target against GPT-2 + KV cache in ORT is missed, from the decode rows of this run."""
+    from .targets import TARGET_DECODE_LONG, TARGET_DECODE_SHORT
+
+    ctx = sorted({c["context"] for c in result["decode"]})
+    cs = ctx[0] if result.get("quick") or TARGET_DECODE_SHORT not in ctx else TARGET_DECODE_SHORT
+    cl = ctx[-1] if result.get("quick") or TARGET_DECODE_LONG not in ctx else TARGET_DECODE_LONG
+    if name == "kv-cache state":
+        bsbr, kv = decode_state_bytes(result, cl)
+        row = next((c for b in ("bsbr-ort", "bsbr-torch") for c in [_decode_row(result, b, cl)]
+                    if c is not None and c.get("state_parts")), None)
+        text = f"At context {cl} the KV cache holds {fmt_mib(kv)} MiB and the BSBR state {fmt_mib(bsbr)} MiB"
+        if row:
+            big, nbytes = max(row["state_parts"].items(), key=lambda kv_: kv_[1])
+            text += (f", {fmt_mib(nbytes)} MiB of it in {big} ({nbytes / bsbr:.0%}): the bank grows by one "
+                     f"state per closed chunk, head and layer, so the ratio tends to that bank's bytes per token "
+                     f"over the cache's (shrunk by a longer chunk or by --compression)")
+        return text + "."
+    row = lambda b, c: _decode_row(result, b, c) or {}  # noqa: E731
+    kv_s, kv_l = decode_mean(result, "kv-ort", cs), decode_mean(result, "kv-ort", cl)
+    b_s, b_l = decode_mean(result, "bsbr-ort", cs), decode_mean(result, "bsbr-ort", cl)
+    text = (f"GPT-2 + KV cache ORT takes {fmt_ms(kv_s)} ms per token at context {cs} and {fmt_ms(kv_l)} ms at "
+            f"{cl} (each step writes the whole cache into new present outputs, {fmt_mib(decode_state_bytes(result, cl)[1])} "
+            f"MiB at {cl}); BSBR ORT {fmt_ms(b_s)} and {fmt_ms(b_l)} ms.")
+    med = row("bsbr-ort", cs).get("per_token_median_ms")
+    if med is not None and b_s is not None:
+        steps = row("bsbr-ort", cs).get("steps", 0)
+        text += (f" BSBR ORT's median step at {cs} is {fmt_ms(med)} ms: the once-per-chunk close adds about "
+                 f"{fmt_ms((b_s - med) * steps)} ms per chunk ({fmt_ms(b_s - med)} ms per token amortised).")
+    dense = row("kv-ort", cs).get("dense_per_token_ms")
+    if dense is not None:
+        text += f" The KV-cache decoder's per-token time on an empty cache (the dense work alone) is {fmt_ms(dense)} ms."
+    return text
+
+
 def _prefill_note(result: dict, t: dict) -> str:
     """Why a prefill target against the HF export or the dense floor is missed: the three latencies at
     the length it names, and where the floor stands against the HF export (the dense part alone)."""
@@ -147,7 +213,7 @@ def miss_notes(result: dict) -> str:
         if t["status"] != "miss":
             continue
         name, text = t["name"], ""
-        if name in ("bsbr-ort vs std-ort", "bsbr-ort vs hf-torch") and t.get("bound_if_attention_free") is not None:
+        if name in ("bsbr-ort vs hf-ort", "bsbr-ort vs hf-torch") and t.get("bound_if_attention_free") is not None:
             text = _speedup_note(result, t, Tmax)
         elif name == "dense floor":
             d = _profile_diff(result)
@@ -163,6 +229,8 @@ def miss_notes(result: dict) -> str:
                     "copies O(context) bytes (see the decode table).")
         elif name.startswith("decode"):
             text = "Per-token decode time grows with context (see the decode table)."
+        elif name.startswith("kv-cache"):
+            text = _kv_cache_note(result, name)
         elif name.startswith("prefill vs HF export") or name in ("dense floor (every T)", "floor is the floor"):
             text = _prefill_note(result, t)
         elif name == "short sequences":

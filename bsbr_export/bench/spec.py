@@ -19,9 +19,9 @@ LABELS = {
 KINDS = {"hf-torch": "torch", "hf-ort": "onnxruntime", "bsbr-torch": "torch", "std-ort": "onnxruntime",
          "bsbr-ort": "onnxruntime",
          "int8-ort": "onnxruntime", "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
-DECODE_BACKENDS = ("hf-torch", "bsbr-torch", "bsbr-ort")
-DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "bsbr-torch": "BSBR state, torch",
-                 "bsbr-ort": "BSBR state, ORT (runtime engine, IOBinding)"}
+DECODE_BACKENDS = ("hf-torch", "kv-ort", "bsbr-torch", "bsbr-ort")
+DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "kv-ort": "GPT-2 + KV cache, ORT (IOBinding)",
+                 "bsbr-torch": "BSBR state, torch", "bsbr-ort": "BSBR state, ORT (runtime engine, IOBinding)"}
 RANDOM_MODELS = {
     # GPT2Config() defaults: 124M parameters, vocab 50257, n_positions 1024.
     "gpt2-small-random": {},

@@ -23,7 +23,14 @@ THRESHOLDS = {
     "dense floor (every T)": ("<=", 1.10, "x"),
     "floor is the floor": ("<=", 1.0, "x"),
     "int8 prefill": (">=", 1.5, "x"),
+    # Against GPT-2 with a KV cache in ORT (decode table): latency ratio at the short context,
+    # speedup at the long one, and the state's bytes against the cache's at the long one.
+    "kv-cache decode (short)": ("<=", 1.0, "x"),
+    "kv-cache decode (long)": (">=", 3.0, "x"),
+    "kv-cache state": ("<=", 1 / 3, "x"),
 }
+# The decode targets against the KV cache are stated at these contexts.
+TARGET_DECODE_SHORT, TARGET_DECODE_LONG = 256, 8192
 
 
 def _measured(result: dict) -> tuple[dict, dict]:
@@ -61,7 +68,34 @@ def _measured(result: dict) -> tuple[dict, dict]:
     # A speedup over X can never exceed X / floor: the latency if attention cost nothing.
     bounds = {"bsbr-ort vs std-ort": ratio(m("std-ort", Tmax), m("floor-ort", Tmax)),
               "bsbr-ort vs hf-torch": ratio(m("hf-torch", Tmax), m("floor-ort", Tmax))}
+    kv_rows, kv_bounds = _kv_measured(result, ctx)
+    rows, bounds = rows | kv_rows, bounds | kv_bounds
     return rows, bounds
+
+
+def _kv_measured(result: dict, ctx: list) -> tuple[dict, dict]:
+    """The decode targets against GPT-2 + KV cache in ORT; their bounds from the KV-cache decoder's
+    per-token dense work (one token on an empty cache): the lowest latency any attention could add to."""
+    from .sections import decode_state_bytes
+
+    cs = TARGET_DECODE_SHORT if TARGET_DECODE_SHORT in ctx else None
+    cl = TARGET_DECODE_LONG if TARGET_DECODE_LONG in ctx else None
+    if result.get("quick"):  # the smoke test judges its own shortest and longest contexts
+        cs, cl = ctx[0], ctx[-1]
+    kv = lambda c: None if c is None else decode_mean(result, "kv-ort", c)  # noqa: E731
+    bsbr = lambda c: None if c is None else decode_mean(result, "bsbr-ort", c)  # noqa: E731
+    dense = next((c.get("dense_per_token_ms") for c in result.get("decode", [])
+                  if c["backend"] == "kv-ort" and c["status"] == "ok"), None)
+    state, cache = decode_state_bytes(result, cl) if cl is not None else (None, None)
+    rows = {"kv-cache decode (short)": (f"BSBR ORT decode per-token latency / GPT-2 + KV cache ORT at context {cs}",
+                                        ratio(bsbr(cs), kv(cs))),
+            "kv-cache decode (long)": (f"BSBR ORT decode speedup over GPT-2 + KV cache ORT at context {cl}",
+                                       ratio(kv(cl), bsbr(cl))),
+            "kv-cache state": (f"BSBR decode state bytes / KV cache bytes at context {cl}", ratio(state, cache))}
+    return rows, {"kv-cache decode (short)": ratio(dense, kv(cs)), "kv-cache decode (long)": ratio(kv(cl), dense)}
+
+
+PREFILL_SHORT = (1, 32, 128)  # the lengths of the "prefill vs HF export" targets
 
 
 INT8_T = 1024  # the int8 target's length
