@@ -18,7 +18,11 @@ Protocol:
     one child per backend.
   * Latency: median of >= 5 timed runs after warm-up (``spec.schedule``); ``--quick`` uses 2.
   * Decode: per-token latency of a random state holding ``context`` tokens, over one full chunk
-    of steps; state memory from the state tensors' shapes (``decode``).
+    of steps; state memory from the state tensors' shapes (``decode``). Decode backends
+    (``DECODE_BACKENDS``): HF GPT-2 with its KV cache in torch, GPT-2 with a KV cache in ONNX
+    Runtime (kv-ort: Optimum's decoder-with-past graph, ``bsbr_export.kvcache``, run through
+    IOBinding with the present outputs fed back as the next step's past), BSBR torch and the BSBR
+    runtime engine.
   * Beyond the checkpoint's ``n_positions`` the standard baselines (hf-torch, std-ort) use an
     extended position table: the comparison is about attention cost.
 
