@@ -3,7 +3,8 @@
 Backends (``BACKENDS``), all fp32 on the same weights, each timed through its runner's ``infer``:
   hf-torch     HF ``GPT2LMHeadModel`` in PyTorch, ``attn_implementation="sdpa"`` (``HFRunner``)
   bsbr-torch   the converted BSBR model in PyTorch, vectorised path (``TorchRunner``)
-  std-ort      standard causal GPT-2 attention exported to ONNX, in ONNX Runtime (``ORTRunner``)
+  hf-ort       HF ``GPT2LMHeadModel`` exported by ``torch.onnx.export(..., dynamo=True)`` (``hf_export``), in
+               ONNX Runtime (``ORTRunner``): the prefill graph a user would export themselves
   bsbr-ort     the BSBR graph in ONNX Runtime (``ORTRunner``)
   tensorrt     the BSBR engine in TensorRT, only where TensorRT and a GPU are present (``TensorRTRunner``)
   floor-ort    the dense floor: embeddings, projections, MLP and LM head with no attention,
@@ -23,7 +24,7 @@ Protocol:
     Runtime (kv-ort: Optimum's decoder-with-past graph, ``bsbr_export.kvcache``, run through
     IOBinding with the present outputs fed back as the next step's past), BSBR torch and the BSBR
     runtime engine.
-  * Beyond the checkpoint's ``n_positions`` the standard baselines (hf-torch, std-ort) use an
+  * Beyond the checkpoint's ``n_positions`` the standard baselines (hf-torch, hf-ort) use an
     extended position table: the comparison is about attention cost.
 
 Modules: ``spec`` (what is measured), ``child`` (the child-process protocol; ``python -m

@@ -8,8 +8,8 @@ from .results import median, ratio
 from .spec import BACKENDS
 from .targets import targets
 
-SPEEDUPS = (("bsbr-ort", "std-ort"), ("bsbr-ort", "hf-torch"), ("bsbr-torch", "hf-torch"),
-            ("std-ort", "hf-torch"))
+SPEEDUPS = (("bsbr-ort", "hf-ort"), ("bsbr-ort", "hf-torch"), ("bsbr-torch", "hf-torch"),
+            ("hf-ort", "hf-torch"))
 
 
 def loglog_slope(xs, ys) -> tuple[float, float]:

@@ -142,10 +142,8 @@ def prepare(job: dict) -> dict:
     n_ext = _extend_positions(hf_dir, ext_dir, spec.ext_positions)
     bsbr = convert(hf_dir, chunk_size=spec.chunk_size, retrieval_scale=spec.retrieval_scale)
     save_bsbr(bsbr, work / "bsbr", force=True)
-    std_src = convert(ext_dir, chunk_size=spec.chunk_size)  # same weights, extended positions
     E = ExportSpec
     exports = {"bsbr-ort": (bsbr, E(max_seq_len=spec.ext_positions, attention="bsbr", state_outputs=False)),
-               "std-ort": (std_src, E(max_seq_len=spec.ext_positions, attention="full", state_outputs=False)),
                "floor-ort": (bsbr, E(max_seq_len=spec.ext_positions, attention="none", state_outputs=False))}
     paths = {"hf": str(hf_dir), "hf_ext": str(ext_dir), "bsbr": str(work / "bsbr")}
     for name, (m, es) in exports.items():
@@ -186,8 +184,6 @@ def prepare(job: dict) -> dict:
     feeds = {"input_ids": ids}
     with ORTRunner(paths["bsbr-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
         parity["bsbr-ort"] = _parity(bsbr_vec, r.infer(feeds)["logits"], atol, top1, "BSBR torch (vectorised)", seq)
-    with ORTRunner(paths["std-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
-        parity["std-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
     if "kv-ort" in paths:  # decode as a caller does: a prompt on an empty cache, then one token per step
         from ..kvcache import KVCacheDecoder, kv_logits
 

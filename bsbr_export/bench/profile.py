@@ -109,7 +109,7 @@ def run_profiles(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
     """Parent: one profile child per ORT backend that passed the gate, at ``profile_len`` (or the longest T)."""
     T = spec.profile_len or spec.max_len
     out = {}
-    for b in ("bsbr-ort", "floor-ort", "hf-ort", "std-ort"):
+    for b in ("bsbr-ort", "floor-ort", "hf-ort"):
         if prep["parity"][b]["status"] not in ("pass", "none"):
             continue
         res = run_child(make_job("profile", spec, work, prep, threads, backend=b, seq=T,

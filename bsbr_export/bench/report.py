@@ -89,8 +89,8 @@ def header(result: dict) -> str:
         f"d_model {m['n_embd']}, vocab {m['vocab_size']}), fp32, BSBR chunk L={m['chunk_size']}, "
         f"{m.get('retrieval', 'plain')} retrieval, g={m.get('retrieval_scale', '?')} (g scales the retrieval "
         f"term at run time: its cost is paid for any g)",
-        f"- positions: the checkpoint has {m['n_positions']}; the standard baselines (HF torch, standard ORT) use "
-        f"a table extended to {m['n_positions_extended']} (rows tiled from the learned table): this compares "
+        f"- positions: the checkpoint has {m['n_positions']}; the standard baselines (HF torch, the HF export in "
+        f"ORT) use a table extended to {m['n_positions_extended']} (rows tiled from the learned table): this compares "
         f"attention cost, the logits beyond {m['n_positions']} are not meaningful. BSBR uses its "
         f"`{m['position_policy']}` position policy.",
         f"- protocol: median of the timed runs after warm-up (>= 5 runs per case, 1-2 warm-ups; from "

@@ -5,19 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 SCHEMA = "bsbr-export-bench/1"
-BACKENDS = ("hf-torch", "hf-ort", "bsbr-torch", "std-ort", "bsbr-ort", "int8-ort", "tensorrt", "floor-ort")
+BACKENDS = ("hf-torch", "hf-ort", "bsbr-torch", "bsbr-ort", "int8-ort", "tensorrt", "floor-ort")
 LABELS = {
     "hf-torch": "HF GPT-2, torch SDPA",
     "hf-ort": "HF GPT-2 (torch.onnx dynamo export), ORT",
     "bsbr-torch": "BSBR, torch",
-    "std-ort": "standard GPT-2, ORT",
     "bsbr-ort": "BSBR, ORT",
     "int8-ort": "BSBR int8 (dense weights int8), ORT",
     "tensorrt": "BSBR, TensorRT",
     "floor-ort": "dense floor, ORT",
 }
-KINDS = {"hf-torch": "torch", "hf-ort": "onnxruntime", "bsbr-torch": "torch", "std-ort": "onnxruntime",
-         "bsbr-ort": "onnxruntime",
+KINDS = {"hf-torch": "torch", "hf-ort": "onnxruntime", "bsbr-torch": "torch", "bsbr-ort": "onnxruntime",
          "int8-ort": "onnxruntime", "tensorrt": "tensorrt", "floor-ort": "onnxruntime"}
 DECODE_BACKENDS = ("hf-torch", "kv-ort", "bsbr-torch", "bsbr-ort")
 DECODE_LABELS = {"hf-torch": "HF GPT-2 + KV cache, torch", "kv-ort": "GPT-2 + KV cache, ORT (IOBinding)",
