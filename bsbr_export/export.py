@@ -200,10 +200,8 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     n_done = g.op("Div", T, L1)  # (1,)
     n_cur = g.op("Sub", T, g.op("Mul", n_done, L1))
     earlier = g.op("Less", g.op("Unsqueeze", j, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i
-    closed = g.op("Less", j, n_done)  # (C,): chunk j complete
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
-    ctx = dict(T=T, C=C, L1=L1, Lc=g.op("Min", L1, T), last=last, n_done=n_done, n_cur=n_cur, earlier=earlier,
-               closed=closed, r_idx=r_idx)  # Lc: tokens per chunk of this prompt, min(L, T)
+    ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
     states = {n: [] for n in state.CARRIED}
     for i in range(cfg.n_layer):
         p = f"h.{i}."

@@ -195,7 +195,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     norm = cfg.retrieval == "normalised"
     zero, one = g.const([0]), g.const([1])
     T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
-    rows = _meta_rows(g, ctx, states is not None, (H, d, dp, dc), xa)
+    rows = _meta_rows(g, ctx, states is not None, (H, d, dp, dc, L), xa)
     # Meta keys and queries only where something reads them: the first C-1 chunks' (chunk C-1 is
     # retrieved by no chunk of the prompt) or, with the state, the n_done closed chunks' (the bank).
     # A prompt within one chunk then runs no meta projection at all (zero rows).
@@ -210,17 +210,16 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
     r0 = g.op("Mul", g.op("Slice", q, zero, one, g.const([2])), g.fconst(0.0))  # (B, H, 1, d)
     r = g.op("Concat", r0, rp_r, axis=2)  # (B, H, C, d)
-    pads, chunked = rows["pads"], rows["chunked"]  # pad T to C chunks of min(L, T) tokens; (B, H, C, Lc, d)
-    # phi before padding: phi(0) need not be 0, padded rows must stay zero.
-    kc = g.op("Reshape", g.op("Pad", feature(g, k, cfg.feature_map), pads), chunked)  # (B, H, C, L, d)
-    vc = g.op("Reshape", g.op("Pad", v, pads), chunked)
+    # Chunk states of the same Cm chunks, all complete (Cm <= n_done): the first Cm * L tokens, no padding.
+    full = lambda t: g.op("Reshape", g.op("Slice", t, zero, rows["full"], g.const([2])), rows["chunked"])  # noqa: E731
+    kc, vc = full(feature(g, k, cfg.feature_map)), full(v)  # (B, H, Cm, L, d)
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
-    Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, C, d', dc)
-    Ff = g.op("Reshape", Fs, rows["flat"])  # (B, H, C, d'dc)
+    Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, Cm, d', dc)
+    Ff = g.op("Reshape", Fs, rows["flat"])  # (B, H, Cm, d'dc)
+    Ff_r = g.op("Slice", Ff, zero, Cp, g.const([2])) if states is not None else Ff  # the first C - 1
     scale = g.fconst(1.0 / math.sqrt(d))
     sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h_r, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C-1)
-    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, rows["earlier"]),
-                              g.op("Slice", Ff, zero, Cp, g.const([2]))),
+    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, rows["earlier"]), Ff_r),
               rows["states"])  # (B, H, C, d', dc)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
     if states is None:
@@ -230,15 +229,14 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     # The meta query of the last closed chunk (a sum over its one row, or zeros before any chunk closed).
     r_state = g.op("ReduceSum", g.op("Slice", rp, ctx["r_idx"], n_done, g.const([2])), g.const([2]),
                    keepdims=1)  # (B, H, 1, d)
-    bank_F = g.op("Slice", Ff, zero, n_done, g.const([2]))  # (B, H, n_done, d'dc)
     sc_state = g.op("Mul", g.op("MatMul", r_state, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,n_done)
-    S_state = g.op("Reshape", g.op("MatMul", g.softmax(sc_state), bank_F), g.const([0, H, dp, dc]))  # (B, H, d', dc)
+    S_state = g.op("Reshape", g.op("MatMul", g.softmax(sc_state), Ff), g.const([0, H, dp, dc]))  # (B, H, d', dc)
     for name, t_ in ((K, k), (V, v)):
         open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
         states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
     states[S].append(S_state)
     states[BANK_H].append(h)  # (B, H, n_done, d)
-    states[BANK_F].append(g.op("Slice", Fs, zero, n_done, g.const([2])))
+    states[BANK_F].append(Fs)  # (B, H, n_done, d', dc)
     return o
 
 
@@ -246,22 +244,21 @@ def _meta_rows(g: Graph, ctx: dict, with_state: bool, dims: tuple, xa) -> dict:
     """The index and shape tensors every layer's ``bsbr_layer`` shares, built once per graph (kept
     in ``ctx``; ``xa``: the first layer's (B, T, E)): ``last`` (the rows of xa the meta projections
     read), ``lead`` ([B, those rows]), ``C_prev`` (C - 1, as (1,)), ``earlier`` ((C, C-1): [i, j] =
-    j < i), ``pads`` and ``chunked``
-    (T padded to C chunks of min(L, T) tokens, (B, H, C, Lc, d)), ``flat`` (B, H, C, d'dc) and
-    ``states`` (B, H, C, d', dc)."""
+    j < i), ``full`` (Cm * L: the tokens of those Cm complete chunks), ``chunked`` (B, H, Cm, L, d),
+    ``flat`` (B, H, Cm, d'dc) and ``states`` (B, H, C, d', dc)."""
     key = f"meta_rows_{with_state}"
     if key not in ctx:
-        H, d, dp, dc = dims
+        H, d, dp, dc, L = dims
         zero, one = g.const([0]), g.const([1])
-        C, T, Lc = ctx["C"], ctx["T"], ctx["Lc"]
+        C = ctx["C"]
         Cp = g.op("Sub", C, one)
         Cm = ctx["n_done"] if with_state else Cp
         ctx[key] = {"last": g.op("Slice", ctx["last"], zero, Cm, zero), "C_prev": Cp,
                     "lead": g.cat(g.op("Shape", xa, end=1), Cm),  # the batch is every layer's
                     "earlier": g.op("Slice", ctx["earlier"], zero, Cp, one),
-                    "pads": g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", g.op("Mul", C, Lc), T), zero),
-                    "chunked": g.cat(g.const([0, H]), C, Lc, g.const([d])),
-                    "flat": g.cat(g.const([0, H]), C, g.const([dp * dc])),
+                    "full": g.op("Mul", Cm, g.const([L])),
+                    "chunked": g.cat(g.const([0, H]), Cm, g.const([L, d])),
+                    "flat": g.cat(g.const([0, H]), Cm, g.const([dp * dc])),
                     "states": g.cat(g.const([0, H]), C, g.const([dp, dc]))}
     return ctx[key]
 
