@@ -137,8 +137,8 @@ def _case_line(case) -> None:
               help="Where torch's reference logits live during parity. memory: the torch model runs beside "
                    "each ONNX Runtime session (the weights held twice). disk: torch runs the whole grid first, "
                    "its logits go to a file in the partial output (deleted at the end) and the model is freed "
-                   "before any session opens (the weights held once; needs disk for the logits). auto: disk "
-                   "when that lowers the estimated peak by 10% or more (gpt2-medium and larger).")
+                   "before any session opens (the weights held once; needs disk for the logits: 3.5 GB at "
+                   "1024 tokens). auto: disk when the disk has room for twice that, else memory.")
 @click.option("--int8-min-top1", type=float, default=None,
               help="--engine int8: least top-1 agreement with the fp32 graph, per source over the grid [0.97].")
 @click.option("--int8-max-kl", type=float, default=None,
@@ -268,6 +268,9 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
             fail(f"{onnx_file} does not match {model_src}: {diff}")
         max_len = meta["max_seq_len"]
         check_memory(m.cfg, max_len, precision, _log, what="the graph's max_seq_len")
+        from .check import map_large_allocations
+
+        map_large_allocations()
         rep = parity_onnx(m, onnx_file, max_len, heldout_text(resolve_model_dir(model_src)), precision,
                           threads, _case_line)
     except BSBRExportError as e:
