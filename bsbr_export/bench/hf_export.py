@@ -3,7 +3,9 @@
 No graph of this project's builder is involved: the HF model (``use_cache=False``) is wrapped so
 that the graph maps ``input_ids`` [batch, seq] (both dynamic) to ``logits`` [batch, seq, vocab],
 the same interface as ``model.onnx``, and exported by torch's own exporter (it needs the
-``onnxscript`` package). The weights go to one external-data file beside the graph.
+``onnxscript`` package) with its graph optimisation on (the default). The weights go to one
+external-data file beside the graph. Attention is HF's eager implementation: the export of the
+default (SDPA) model gives the same logits and measured no faster in ORT on CPU (T=1..512).
 """
 
 from __future__ import annotations
