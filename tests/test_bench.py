@@ -84,7 +84,8 @@ def test_quick_bench_schema(tmp_path):
     assert math.isclose(pre["dense floor (every T)"]["measured"],
                         max(med["bsbr-ort", T] / med["floor-ort", T] for T in r["spec"]["lengths"]))
     assert math.isclose(pre["floor is the floor"]["measured"],
-                        max(med["floor-ort", T] / v for (b, T), v in med.items() if b != "floor-ort"))
+                        max(med["floor-ort", T] / v for (b, T), v in med.items()
+                            if b != "floor-ort" and "int8" not in b))  # the fp32 floor: int8 is not held to it
     kv_targets = {t["name"]: t for t in r["targets"] if t["name"].startswith("kv-cache")}
     assert set(kv_targets) == {"kv-cache decode (short)", "kv-cache decode (long)", "kv-cache state"}
     ctx = r["spec"]["decode_contexts"]

@@ -149,13 +149,13 @@ def prepare(job: dict) -> dict:
     for name, (m, es) in exports.items():
         export_onnx(m, work / name, es, decode=False)
         paths[name] = str(work / name / "model.onnx")
-    from .hf_export import export_hf_onnx  # the HF model by torch.onnx (dynamo), extended positions
-
-    paths["hf-ort"] = str(export_hf_onnx(ext_dir, work / "hf-ort"))
     # int8 dense weights beside the fp32 BSBR graph (its fp32 tensors read from that export's weights file).
     export_onnx(bsbr, work / "bsbr-ort", E(max_seq_len=spec.ext_positions, attention="bsbr", state_outputs=False,
                                           int8=True), decode=False)
     paths["int8-ort"] = str(work / "bsbr-ort" / "model_int8.onnx")
+    from .hf_export import export_hf_onnx  # the HF model by torch.onnx (dynamo), extended positions
+
+    paths["hf-ort"] = str(export_hf_onnx(ext_dir, work / "hf-ort"))
     if spec.decode_contexts:
         export_onnx(bsbr, work / "bsbr-step", E(max_seq_len=spec.ext_positions, attention="bsbr"), decode=True)
         paths["bsbr-step"] = str(work / "bsbr-step")
@@ -184,14 +184,14 @@ def prepare(job: dict) -> dict:
     feeds = {"input_ids": ids}
     with ORTRunner(paths["bsbr-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
         parity["bsbr-ort"] = _parity(bsbr_vec, r.infer(feeds)["logits"], atol, top1, "BSBR torch (vectorised)", seq)
+    with ORTRunner(paths["hf-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
+        parity["hf-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
     if "kv-ort" in paths:  # decode as a caller does: a prompt on an empty cache, then one token per step
         from ..kvcache import KVCacheDecoder, kv_logits
 
         kv = kv_logits(KVCacheDecoder(paths["kv-ort"], threads=job["threads"]), ids, prompt=seq // 2)
         parity["kv-ort"] = _parity(hf_logits, kv, atol, top1, f"HF GPT-2 torch SDPA (prompt of {seq // 2} "
                                    f"tokens, then one token per step)", seq)
-    with ORTRunner(paths["hf-ort"], threads=job["threads"], providers=["CPUExecutionProvider"]) as r:
-        parity["hf-ort"] = _parity(hf_logits, r.infer(feeds)["logits"], atol, top1, "HF GPT-2 torch SDPA", seq)
     parity["int8-ort"] = _int8_gate(paths, feeds, job["threads"], seq, trained=text is not None)
     parity["floor-ort"] = {"status": "none", "reference": None, "seq": None,
                            "reason": "no parity: not a model (attention removed), a cost floor only"}
