@@ -449,7 +449,7 @@ def _int_list(text: str | None, name: str) -> tuple | None:
 @click.option("--model", default=None,
               help="gpt2-small-random (GPT2Config() shape, random weights) or a local HF GPT-2 directory "
                    "[gpt2-small-random; --quick: tiny-random].")
-@click.option("--lengths", default=None, help="Prefill lengths T, comma-separated [128,...,8192].")
+@click.option("--lengths", default=None, help="Prefill lengths T, comma-separated [1,32,128,...,8192].")
 @click.option("--decode-contexts", default=None, help="Decode contexts, comma-separated [256,...,8192]; 0 = skip.")
 @click.option("--throughput", default=None, help="Throughput point BATCHxT [8x256].")
 @click.option("--runs", type=int, default=None, help="Timed runs per case [5-7 by length].")
@@ -465,8 +465,11 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
     """Prefill latency, throughput, peak memory, decode and scaling of every backend, in one run.
 
     \b
-    Backends: HF GPT-2 (torch SDPA), BSBR (torch), standard GPT-2 (ONNX Runtime),
-    BSBR (ONNX Runtime), TensorRT (when present), and the dense floor (no attention).
+    Prefill: HF GPT-2 (torch SDPA), HF GPT-2 exported by torch.onnx (dynamo) in ONNX
+    Runtime, BSBR (torch), BSBR (ONNX Runtime, fp32 and int8 weights), TensorRT (when
+    present), and the dense floor (the same graph with attention removed).
+    Decode: HF GPT-2 + KV cache (torch), GPT-2 + KV cache in ONNX Runtime (Optimum's
+    layout, IOBinding), BSBR state (torch, and ONNX Runtime through the runtime engine).
     A backend whose parity check fails is reported "parity FAILED" and not timed.
     Each prefill case runs in its own child process (peak RSS per case). Run heavy
     sweeps alone on the machine, e.g.:  flock /tmp/bsbr-cpu.lock bsbr-export bench

@@ -214,11 +214,11 @@ def test_interrupted_export_leaves_nothing_valid(tiny_hf_dir, tmp_path, monkeypa
     real = ex._save
     calls = []
 
-    def dying_save(m, path, *rest):
+    def dying_save(m, path, *rest, **kw):
         calls.append(path.name)
         if path.name == "decode.onnx":
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-export
-        real(m, path, *rest)
+        real(m, path, *rest, **kw)
 
     monkeypatch.setattr(ex, "_save", dying_save)
     res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--chunk-size", "24"])
