@@ -124,6 +124,7 @@ def run_opt_levels(spec: BenchSpec, work, prep: dict, threads: int, log) -> list
     T = spec.opt_levels_len
     if T is None or prep["parity"]["bsbr-ort"]["status"] != "pass":
         return []
+    T = min(T, spec.max_len)  # a run of short lengths exports no longer graph
     out = []
     for level in ("basic", "extended"):
         case = case_record("bsbr-ort", 1, T, optimization=level, **schedule(1, T, spec))
