@@ -457,7 +457,8 @@ def _int_list(text: str | None, name: str) -> tuple | None:
 @click.option("--chunk-size", type=int, default=None, help="BSBR chunk L [128; --quick: 16].")
 @click.option("--profile-len", type=int, default=None, help="T of the ORT op-type profiles [the longest T].")
 @click.option("--fragment", type=click.Path(path_type=Path), default=None,
-              help="Markdown fragment for docs/RESULTS.md [docs/results/bench.md; --quick: OUT/fragment.md].")
+              help="Markdown fragment for docs/RESULTS.md [docs/results/bench.md, or bench-NAME.md for a "
+                   "model directory NAME; --quick: OUT/fragment.md].")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep models and ONNX exports here (several GB) instead of a temporary directory.")
 def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads, chunk_size, profile_len, fragment,

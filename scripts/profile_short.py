@@ -128,7 +128,7 @@ def main(argv=None):
     cmd = "python scripts/profile_short.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
-    lines = ["# Short prompts: BSBR prefill vs GPT-2 exported by torch.onnx (dynamo), ORT profiles", "",
+    lines = ["## Short prompts: BSBR prefill vs GPT-2 exported by torch.onnx (dynamo), ORT profiles", "",
              f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "",
              f"- machine: {machine_line()}",
              f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {args.threads} ORT threads, batch 1, "
@@ -143,11 +143,11 @@ def main(argv=None):
         r = results[T]
         summary.append([T] + [fmt(r[n]["wall_ms"]) for n in names]
                        + [f"{r[n]['wall_ms'] / r['hf-ort']['wall_ms']:.2f}x" for n in names if n != "hf-ort"])
-    lines += ["## Wall time per call (ms) and ratio to the HF export", "",
+    lines += ["#### Wall time per call (ms) and ratio to the HF export", "",
               markdown_table(["T"] + [LABELS[n] for n in names] + [f"{LABELS[n]} / HF" for n in names
                                                                     if n != "hf-ort"], summary)]
     for T in lengths:
-        lines += [f"## T = {T}: node time per op type (ms per call)", "", op_table(results[T], names, args.top)]
+        lines += [f"#### T = {T}: node time per op type (ms per call)", "", op_table(results[T], names, args.top)]
     lines.append(f"Whole script: {time.perf_counter() - t0:.0f} s.")
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
