@@ -187,6 +187,14 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
     _summary(manifest, out)
 
 
+def repo_relative(val, root: Path):
+    """A path inside the repository as seen from its root, so that a recorded command reruns from
+    there wherever it was typed; anything else as it is."""
+    if isinstance(val, Path) and val.is_absolute() and val.resolve().is_relative_to(root):
+        return val.resolve().relative_to(root)
+    return val
+
+
 def _os_error(e: OSError) -> str:
     """An OSError as one line: the path and the reason."""
     where = e.filename or ""
@@ -506,7 +514,7 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
     changes["threads"] = threads
     spec = quick_spec(**changes) if quick else BenchSpec(**changes)
     command = "bsbr-export bench" + "".join(
-        f" {flag}" if val is True else f" {flag} {val}" for flag, val in (
+        f" {flag}" if val is True else f" {flag} {repo_relative(val, root)}" for flag, val in (
             ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", lengths),
             ("--decode-contexts", decode_contexts), ("--throughput", throughput), ("--runs", runs),
             ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),

@@ -122,3 +122,15 @@ def test_slope_and_schedule():
     full = BenchSpec()
     assert all(schedule(1, t, full)["runs"] >= 5 for t in (128, 1024, 8192))
     assert schedule(1, 8192, full)["warmup_seq"] < 8192 and schedule(1, 128, full)["warmup_seq"] == 128
+
+
+def test_recorded_command_names_repository_paths_from_its_root(tmp_path):
+    from pathlib import Path
+
+    from bsbr_export.cli import repo_relative
+
+    root = Path(__file__).resolve().parents[1]
+    assert repo_relative(root / "docs" / "bench" / "x", root) == Path("docs/bench/x")
+    assert repo_relative(tmp_path / "w", root) == tmp_path / "w"  # outside: unchanged
+    assert repo_relative(Path("rel/out"), root) == Path("rel/out")
+    assert repo_relative("gpt2-small-random", root) == "gpt2-small-random"
