@@ -19,6 +19,29 @@ def assert_close(actual, expected, atol, name="", rtol=0.0):
     return err
 
 
+def rand_ids(T, seed, B=2, vocab=101):
+    """Random token ids (B, T) of the tiny models, seeded."""
+    import torch
+
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_causal_at(model, t: int, n: int, name: str = "", vocab: int = 101):
+    """Changing the tokens after position t changes no logit up to t (and does change later ones),
+    in the vectorised and the reference implementation."""
+    import torch
+
+    g = torch.Generator().manual_seed(t)
+    ids = rand_ids(n, t, B=1, vocab=vocab)
+    ids2 = ids.clone()
+    ids2[0, t + 1:] = torch.randint(0, vocab, (n - t - 1,), generator=g)
+    for impl in ("vectorised", "reference"):
+        with torch.no_grad():
+            a, b = model(ids, impl=impl), model(ids2, impl=impl)
+        assert (a[0, :t + 1] - b[0, :t + 1]).abs().max() <= 1e-6, (name, impl)
+        assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-4, (name, impl)
+
+
 def make_tiny_hf(path: Path, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -14,7 +14,7 @@ from bsbr_export.errors import ConfigError
 from bsbr_export.ops.chunk import bsbr_attention, num_chunks, window_mask
 from bsbr_export.ops.naive import bsbr_attention_reference
 from bsbr_export.ops.state import K, V, StateSpec
-from conftest import assert_close
+from conftest import assert_causal_at, assert_close, rand_ids
 
 L = 20  # not a power of two
 LENGTHS = [1, L - 1, L, L + 1, 2 * L + 3, 4 * L + 5]
@@ -29,10 +29,6 @@ VARIANTS = {
 def models(tiny_hf_dir):
     return {(name, comp): convert(tiny_hf_dir, chunk_size=L, compression=comp, local_window="lookback", **opts)
             for name, opts in VARIANTS.items() for comp in (None, 4)}
-
-
-def rand_ids(T, seed, B=2):
-    return torch.randint(0, 101, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def op_inputs(T, seed, B=2, H=3, d=16, dp=None):
@@ -177,16 +173,7 @@ def test_model_reference_matches_vectorised(models, name, comp, T):
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("t", [L - 1, L, 2 * L - 1, 2 * L, 3 * L + 2])
 def test_model_is_causal(models, name, t):
-    model = models[(name, None)]
-    g = torch.Generator().manual_seed(t)
-    ids = rand_ids(5 * L, t, B=1)
-    ids2 = ids.clone()
-    ids2[0, t + 1:] = torch.randint(0, 101, (5 * L - t - 1,), generator=g)
-    for impl in ("vectorised", "reference"):
-        with torch.no_grad():
-            a, b = model(ids, impl=impl), model(ids2, impl=impl)
-        assert (a[0, :t + 1] - b[0, :t + 1]).abs().max() <= 1e-6, (name, impl)
-        assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-4, (name, impl)
+    assert_causal_at(models[(name, None)], t, 5 * L, name)
 
 
 @pytest.mark.parametrize("prompt", [1, L - 1, L, L + 1, 2 * L, 2 * L + 3])

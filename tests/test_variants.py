@@ -9,7 +9,7 @@ from bsbr_export.ops.naive import bsbr_attention_reference
 from bsbr_export.config import BSBRConfig
 from bsbr_export.convert import convert
 from bsbr_export.errors import ConfigError
-from conftest import assert_close
+from conftest import assert_causal_at, assert_close, rand_ids
 
 L = 20  # not a power of two
 VARIANTS = {
@@ -24,10 +24,6 @@ VARIANTS = {
 def models(tiny_hf_dir):
     return {(name, comp): convert(tiny_hf_dir, chunk_size=L, compression=comp, **opts)
             for name, opts in VARIANTS.items() for comp in (None, 4)}
-
-
-def rand_ids(T, seed, B=2):
-    return torch.randint(0, 101, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("T", [1, L - 1, L, L + 1, 3 * L + 5])
@@ -58,16 +54,7 @@ def test_attention_op_reference_matches_vectorised_random_inputs(comp):
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("t", [L - 2, L - 1, L, 2 * L - 1, 2 * L, 2 * L + 2])
 def test_causal_around_chunk_boundaries(models, name, t):
-    model = models[(name, None)]
-    g = torch.Generator().manual_seed(t)
-    ids = rand_ids(4 * L, t, B=1)
-    ids2 = ids.clone()
-    ids2[0, t + 1:] = torch.randint(0, 101, (4 * L - t - 1,), generator=g)
-    for impl in ("vectorised", "reference"):
-        with torch.no_grad():
-            a, b = model(ids, impl=impl), model(ids2, impl=impl)
-        assert (a[0, :t + 1] - b[0, :t + 1]).abs().max() <= 1e-6, (name, impl)
-        assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-4, (name, impl)
+    assert_causal_at(models[(name, None)], t, 4 * L, name)
 
 
 @pytest.mark.parametrize("comp", [None, 4])
