@@ -125,16 +125,21 @@ def make_inputs(source: str, batch: int, seq: int, vocab: int, text_ids: np.ndar
     return np.stack([text_ids[s:s + seq] for s in starts]).astype(np.int64)
 
 
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op):
-    what torch freed after a reference row no longer counts while the candidate runs."""
+def _glibc(name: str, *args) -> bool:
+    """Call one of glibc's malloc tuning functions; False where there is no such function."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)(*args))
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op):
+    what torch freed after a reference row no longer counts while the candidate runs."""
+    _glibc("malloc_trim", 0)
 
 
 # The parity session's options, recorded in the manifest. No CPU arena and no memory pattern:
@@ -154,14 +159,8 @@ def map_large_allocations(threshold: int = PARITY_SESSION["malloc_mmap_threshold
     to 32 MiB), after which the activations of a long run live on the heap, which then stays
     fragmented at its high-water mark: at the gpt2-medium shape, batch 3 x 1024 tokens, the
     parity session peaked at 4.21 GiB by default and 2.76 GiB with a 1 MiB threshold (and 4 MiB)."""
-    import ctypes
-    import ctypes.util
-
     M_MMAP_THRESHOLD = -3
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+    return _glibc("mallopt", M_MMAP_THRESHOLD, threshold)
 
 
 def lean_ort_runner(onnx_path, threads: int | None = None, prepacking: bool = PARITY_SESSION["prepacking"]):

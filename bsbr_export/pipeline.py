@@ -107,18 +107,12 @@ def reference_mode(cfg, max_len: int, engine: str, where: Path, choice: str = "a
     """Where the torch reference lives while the graphs are checked, with the estimates behind
     the choice: "memory" (the torch model beside each ONNX session) or "disk" (its logits
     recorded first, the model freed before any session is created: the weights are held once).
-    ``auto`` takes disk whenever the disk has room for twice the record: it measured lower at
-    every GPT-2 size and no slower (gpt2 shape at 1024 tokens: 2.64 vs 2.99 GiB, 2.9 vs 3.3 min;
-    docs/results/gpt2-family.md for the larger ones)."""
-    from .check import BATCHES, peak_bytes, record_bytes
+    ``auto`` takes disk whenever the disk has room for twice the record: the torch copy of the
+    weights is then never held beside the session's, at the cost of writing and reading the
+    record (docs/results/gpt2-family.md gives each GPT-2 size's peaks and times this way)."""
+    from .check import BATCHES, record_bytes
 
-    fp16 = engine == "fp16"
-    est = {}
-    for mode in ("memory", "disk"):
-        est[mode] = peak_bytes(cfg, max_len, BATCHES, recorded=mode == "disk")
-        if fp16:
-            est[mode] = max(est[mode], peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True,
-                                                  recorded=mode == "disk"))
+    est = {mode: estimate_peak(cfg, max_len, engine, recorded=mode == "disk") for mode in ("memory", "disk")}
     need = record_bytes(cfg, max_len, BATCHES)
     where = Path(where)
     while not where.exists():  # the output's parent may not exist yet: its nearest existing ancestor
@@ -152,14 +146,23 @@ def check_output(out: Path, force: bool) -> None:
         raise ConfigError(f"{out}: cannot be created, {parent} is not writable")
 
 
-def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str = "--max-seq-len",
-                 recorded: bool = False) -> int:
-    """Estimate the parity grid's peak memory, say it, and refuse when the machine cannot hold it."""
-    from .check import BATCHES, available_bytes, gib, peak_bytes
+def estimate_peak(cfg, max_len: int, engine: str = "onnx", recorded: bool = False) -> int:
+    """The parity grid's estimated peak for an engine (fp16 adds the torch fp16 baseline and the
+    fp16 graph's check)."""
+    from .check import BATCHES, peak_bytes
 
     need = peak_bytes(cfg, max_len, BATCHES, recorded=recorded)
     if engine == "fp16":
         need = max(need, peak_bytes(cfg, max_len, BATCHES, baseline=True, fp16=True, recorded=recorded))
+    return need
+
+
+def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str = "--max-seq-len",
+                 recorded: bool = False) -> int:
+    """Estimate the parity grid's peak memory, say it, and refuse when the machine cannot hold it."""
+    from .check import BATCHES, available_bytes, gib
+
+    need = estimate_peak(cfg, max_len, engine, recorded)
     have = available_bytes()
     case = f"batch {max(BATCHES)} x {max_len} tokens"
     if have is not None and need > have:

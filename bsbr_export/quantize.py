@@ -59,7 +59,7 @@ def int8_parity(fp32_onnx, int8_onnx, chunk: int, max_len: int, vocab: int, text
                 batches=None, progress=None) -> dict:
     """The int8 prefill graph against the fp32 one on the grid; returns the report (``passed``,
     thresholds, per-source pooled statistics, every case)."""
-    from .check import BATCHES, compare_case, grid_lengths, lean_ort_runner, make_inputs
+    from .check import BATCHES, compare_case, grid_cases, grid_lengths, lean_ort_runner
 
     check_thresholds(min_top1, max_kl)
     batches = tuple(batches or BATCHES)
@@ -67,16 +67,13 @@ def int8_parity(fp32_onnx, int8_onnx, chunk: int, max_len: int, vocab: int, text
     sources = ["heldout", "random"] if text_ids is not None else ["random"]
     cases = []
     with lean_ort_runner(fp32_onnx, threads=threads) as ref, lean_ort_runner(int8_onnx, threads=threads) as cand:
-        for si, source in enumerate(sources):
-            for b in batches:
-                for n in lengths:
-                    # The same inputs as the fp32 grid (check.check_parity's seeds).
-                    ids = make_inputs(source, b, n, vocab, text_ids, seed=1000 * si + 10 * b + n)
-                    m, _ = compare_case(ref, cand, ids, vocab)
-                    cases.append(Int8Case(source, b, n, b * n, m["top1"], m["kl_mean"], m["kl_max"], m["max_abs"],
-                                          m["cosine_min"]))
-                    if progress:
-                        progress(cases[-1])
+        # The same inputs as the fp32 grid.
+        for source, b, n, ids in grid_cases(chunk, max_len, vocab, text_ids, batches, lengths):
+            m, _ = compare_case(ref, cand, ids, vocab)
+            cases.append(Int8Case(source, b, n, b * n, m["top1"], m["kl_mean"], m["kl_max"], m["max_abs"],
+                                  m["cosine_min"]))
+            if progress:
+                progress(cases[-1])
     pooled = {}
     for source in sources:
         mine = [c for c in cases if c.source == source]
