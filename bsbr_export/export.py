@@ -199,9 +199,14 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     last = g.op("Sub", g.op("Min", g.op("Mul", g.op("Add", j, g.const(1)), g.const(L)), Tsc), g.const(1))
     n_done = g.op("Div", T, L1)  # (1,)
     n_cur = g.op("Sub", T, g.op("Mul", n_done, L1))
-    earlier = g.op("Less", g.op("Unsqueeze", j, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i
+    n = cfg.lookback  # chunk i retrieves from chunks j < i - n
+    jn = g.op("Add", j, g.const(n)) if n else j
+    earlier = g.op("Less", g.op("Unsqueeze", jn, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i - n
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
+    if n:  # the bank's chunks the open chunk n_done retrieves from: j < n_done - n, (1, n_done)
+        jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1))
+        ctx["bank_before_window"] = g.op("Unsqueeze", g.op("Less", g.op("Add", jd, g.const(n)), n_done), zero)
     states = {n: [] for n in state.CARRIED}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
@@ -288,9 +293,15 @@ def decode_graph(model, spec: ExportSpec, sink=None):
     slot = g.op("Unsqueeze", g.op("Mod", pos, g.const(L)), one)  # (B, 1)
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
              g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), one))  # (B, 1, E)
-    slots = g.op("Unsqueeze", g.op("Range", g.const(0), g.const(L), g.const(1)), zero)  # (1, L)
-    at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), g.const([1, 3]))  # (B, 1, L, 1)
-    visible = g.op("Unsqueeze", g.op("LessOrEqual", slots, slot), g.const([1, 2]))  # (B, 1, 1, L)
+    # K/V rows: the open chunk is the last L of the state's ``window`` (look-back: the previous chunk first).
+    rows = model.state_spec().window
+    slots = g.op("Unsqueeze", g.op("Range", g.const(L - rows), g.const(L), g.const(1)), zero)  # (1, rows)
+    at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), g.const([1, 3]))  # (B, 1, rows, 1)
+    seen = g.op("LessOrEqual", slots, slot)
+    if cfg.lookback:  # rows of the previous chunk, once there is one
+        chunk = g.op("Unsqueeze", g.op("Div", pos, g.const(L)), one)  # (B, 1)
+        seen = g.op("And", seen, g.op("GreaterOrEqual", slots, g.op("Mul", chunk, g.const(-L))))
+    visible = g.op("Unsqueeze", seen, g.const([1, 2]))  # (B, 1, 1, rows)
     state_in = {n: g.input(n) for n in state.DECODE_IN}
     layer = {n: [] for n in state.DECODE_OUT}
     for i in range(cfg.n_layer):
@@ -298,7 +309,7 @@ def decode_graph(model, spec: ExportSpec, sink=None):
         own = {n: g.layer_slice(state_in[n], i) for n in state.DECODE_IN}
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)  # (B, H, 1, d)
-        kk = g.op("Where", at_slot, k, own[state.K])  # (B, H, L, d)
+        kk = g.op("Where", at_slot, k, own[state.K])  # (B, H, rows, d)
         vv = g.op("Where", at_slot, v, own[state.V])
         o = ops_onnx.step_attention(g, W, cfg, p, q, kk, vv, visible, own[state.S])  # (B, H, 1, d)
         x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
@@ -327,13 +338,13 @@ def close_graph(model, spec: ExportSpec, sink=None):
     state_in = {n: g.input(n) for n in state.CLOSE_IN}
     layer = {key: [g.layer_slice(state_in[n], i) for i in range(cfg.n_layer)]
              for key, n in (("k", state.K), ("v", state.V), ("xa", state.XA))}
-    outs = ops_onnx.close_chunk(g, W, cfg, layer, state_in, "position")
-    for n, val in zip(state.CLOSE_OUT, outs):
-        g.output(val, state.out_name(n))
     st = model.state_spec()
+    outs = ops_onnx.close_chunk(g, W, cfg, layer, state_in, "position")
+    for n, val in zip(st.close_out, outs):
+        g.output(val, state.out_name(n))
     inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.CLOSE_IN)
-    return g, inputs, _state_infos(st, state.CLOSE_OUT, out=True)
+    return g, inputs, _state_infos(st, st.close_out, out=True)
 
 
 # --------------------------------------------------------------------------- writing
@@ -351,7 +362,8 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
     opsets = [helper.make_opsetid("", spec.opset), helper.make_opsetid(ops_onnx.DOMAIN, 1)]
     if spec.int8:
         opsets.append(helper.make_opsetid("com.microsoft", 1))
-    fn = ops_onnx.chunk_attention_function(spec.opset, g.fdt, normalised=cfg.retrieval == "normalised")
+    fn = ops_onnx.chunk_attention_function(spec.opset, g.fdt, normalised=cfg.retrieval == "normalised",
+                                           lookback=cfg.lookback)
     m = helper.make_model(graph, opset_imports=opsets, functions=[fn], producer_name="bsbr-export",
                           ir_version=10)
     meta = {"bsbr_export_version": __version__, "max_seq_len": spec.max_seq_len, "config": cfg.to_dict(),

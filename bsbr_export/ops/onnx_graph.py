@@ -7,8 +7,9 @@ graph nodes through ``bsbr_export.graph.Graph``:
     chunk_states   F_j = phi(K_j)^T V_j, with z_j as a last column for the normalised retrieval
     attend         masked local scores + the retrieved term -> o (plain sum or normalised combine)
     combine        the normalised shared-denominator formula, in fp32
-    chunk_attention_function   the fused op ``bsbr::ChunkAttention[Normalised]`` (local function
-                   with attribute ``chunk_size``; TensorRT may swap in a plugin of the same name)
+    chunk_attention_function   the fused op ``bsbr::ChunkAttention[Normalised][Lookback]`` (local
+                   function with attribute ``chunk_size``; TensorRT may swap in a plugin of the
+                   same name; ``Lookback``: the local softmax also covers the previous chunk)
     bsbr_layer     one layer's attention over a whole prompt, and the decode state after it
     step_attention one token's attention over the open chunk and its retrieved state
     close_chunk    bank the finished chunk and retrieve the next chunk's state, all layers
@@ -28,6 +29,12 @@ from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S,
 DOMAIN = "bsbr"
 FUNCTION = "ChunkAttention"
 FUNCTION_NORMALISED = "ChunkAttentionNormalised"
+LOOKBACK_SUFFIX = "Lookback"  # the same ops with the look-back local window: ChunkAttentionLookback ...
+
+
+def function_name(normalised: bool, lookback: int = 0) -> str:
+    """The fused op's name: ChunkAttention[Normalised][Lookback]."""
+    return (FUNCTION_NORMALISED if normalised else FUNCTION) + (LOOKBACK_SUFFIX if lookback else "")
 
 
 def feature(g: Graph, x, name: str):
@@ -88,7 +95,7 @@ def attend(g: Graph, scores, v, qs, S_full, Z_col, gg):
     return g.op("Add", g.op("MatMul", g.softmax(scores), v), g.op("Mul", gg, g.op("MatMul", qs, S_full)))
 
 
-def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: bool = False):
+def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: bool = False, lookback: int = 0):
     """The fused op as an ONNX local function with attribute ``chunk_size``.
 
     ``bsbr::ChunkAttention(q, k, v, S, g) -> o``:
@@ -96,6 +103,8 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
     ``bsbr::ChunkAttentionNormalised(q, k, v, qf, S, Z, g) -> o`` (normalised retrieval):
         o_t = (sum_s e^{s_ts} v_s + g qf_t S) / (sum_s e^{s_ts} + g qf_t . Z).
     q, k, v, qf: (B, H, T, d); S: (B, H, C, d, d); Z: (B, H, C, d); g: (H,); o: (B, H, T, d).
+    ``lookback=1`` names them ``...Lookback``: the softmax of t covers the keys s <= t of t's chunk
+    and all keys of the chunk before it (scores (B, H, C, L, 2L)).
     """
     from onnx import AttributeProto, helper
 
@@ -138,14 +147,28 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
     LL = g.cat(L1, L1)
     ones = g.op("ConstantOfShape", LL, value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32: Trilu has kernels
     causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)  # (L, L) bool, key <= query
+    if lookback:
+        # Each chunk's keys preceded by the previous chunk's (zeros before chunk 0, masked).
+        prev_pads = c([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+
+        def with_previous(x):  # (B, H, C, L, d) -> (B, H, C, 2L, d)
+            return g.op("Concat", g.op("Slice", g.op("Pad", x, prev_pads), zero, C, c([2])), x, axis=3)
+
+        kc, vc = with_previous(kc), with_previous(vc)
+        scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,2L)
+        CLL = g.cat(C, LL)
+        has_prev = g.op("Unsqueeze", g.op("Greater", g.op("Range", c(0), g.op("Squeeze", C, zero), c(1)), c(0)),
+                        c([1, 2]))  # (C, 1, 1): chunk > 0
+        causal = g.op("Concat", g.op("Expand", has_prev, CLL), g.op("Expand", causal, CLL), axis=-1)  # (C, L, 2L)
     scores = g.op("Where", causal, scores, g.fconst(NEG))
     gg = g.op("Reshape", "g", c([1, -1, 1, 1, 1]))
     if normalised:
         o = attend(g, scores, vc, chunks("qf"), "S", g.op("Unsqueeze", "Z", c([-1])), gg)
-        inputs, name = ["q", "k", "v", "qf", "S", "Z", "g"], FUNCTION_NORMALISED
+        inputs = ["q", "k", "v", "qf", "S", "Z", "g"]
     else:
         o = attend(g, scores, vc, qc, "S", None, gg)
-        inputs, name = ["q", "k", "v", "S", "g"], FUNCTION
+        inputs = ["q", "k", "v", "S", "g"]
+    name = function_name(normalised, lookback)
     o = g.op("Reshape", o, g.cat(B_H, c([-1]), d))  # (B, H, C*L, d)
     g.op("Slice", o, zero, T, c([2]), outputs=["o"])
     return helper.make_function(DOMAIN, name, inputs, ["o"], consts + g.nodes,
@@ -159,11 +182,11 @@ def fused_chunk_attention(g: Graph, W, cfg, p, q, k, v, SZ, U5):
     expand = (lambda t: g.op("MatMul", U5, t)) if U5 is not None else (lambda t: t)
     S_, Zc = _split_state(g, SZ, cfg.head_dim, cfg.retrieval == "normalised")
     attrs = dict(domain=DOMAIN, chunk_size=cfg.chunk_size, plugin_namespace=DOMAIN)
+    name = function_name(Zc is not None, cfg.lookback)
     if Zc is None:
-        return g.op(FUNCTION, q, k, v, expand(S_), W(p + "attn.g"), **attrs)
+        return g.op(name, q, k, v, expand(S_), W(p + "attn.g"), **attrs)
     Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
-    return g.op(FUNCTION_NORMALISED, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full,
-                W(p + "attn.g"), **attrs)
+    return g.op(name, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full, W(p + "attn.g"), **attrs)
 
 
 def retrieval_softmax(g: Graph, scores, allowed):
@@ -230,10 +253,19 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     r_state = g.op("ReduceSum", g.op("Slice", rp, ctx["r_idx"], n_done, g.const([2])), g.const([2]),
                    keepdims=1)  # (B, H, 1, d)
     sc_state = g.op("Mul", g.op("MatMul", r_state, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,n_done)
-    S_state = g.op("Reshape", g.op("MatMul", g.softmax(sc_state), Ff), g.const([0, H, dp, dc]))  # (B, H, d', dc)
+    # Look-back: the open chunk retrieves from the closed chunks before its window only.
+    p_state = retrieval_softmax(g, sc_state, ctx["bank_before_window"]) if cfg.lookback else g.softmax(sc_state)
+    S_state = g.op("Reshape", g.op("MatMul", p_state, Ff), g.const([0, H, dp, dc]))  # (B, H, d', dc)
     for name, t_ in ((K, k), (V, v)):
         open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
-        states[name].append(g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero)))
+        rows_kv = g.op("Pad", open_rows, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, n_cur), zero))
+        if cfg.lookback:  # the last closed chunk first (zeros before any chunk closed)
+            lo = g.op("Mul", g.op("Max", g.op("Sub", n_done, one), zero), L1)
+            hi = g.op("Mul", n_done, L1)
+            prev = g.op("Slice", t_, lo, hi, g.const([2]))  # (B, H, L or 0, d)
+            prev = g.op("Pad", prev, g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", L1, g.op("Sub", hi, lo)), zero))
+            rows_kv = g.op("Concat", prev, rows_kv, axis=2)  # (B, H, 2L, d)
+        states[name].append(rows_kv)
     states[S].append(S_state)
     states[BANK_H].append(h)  # (B, H, n_done, d)
     states[BANK_F].append(Fs)  # (B, H, n_done, d', dc)
@@ -282,10 +314,12 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
     """Bank F_j and h_j at j = position // L and retrieve S for chunk j+1, in every row whose
     token at ``position`` (B,) filled its chunk's last slot; other rows keep their state.
 
-    ``layer``: per-layer lists of the full chunk's k, v (B, H, L, d) and the closing token's
-    ln_1 output xa (B, 1, E); ``state_in``: S and the banks (B, layer, H, ...). Returns the
-    stacked outputs (S, the closed chunk's h (B, layer, H, 1, d) and F (B, layer, H, 1, d', dc)):
-    the caller writes the chunk into its bank slot.
+    ``layer``: per-layer lists of the K/V rows (B, H, window, d), the full chunk in the last L,
+    and the closing token's ln_1 output xa (B, 1, E); ``state_in``: S and the banks
+    (B, layer, H, ...). Returns the stacked outputs (S, the closed chunk's h (B, layer, H, 1, d)
+    and F (B, layer, H, 1, d', dc)): the caller writes the chunk into its bank slot. With the
+    look-back window also K and V slid in the closing rows (the closed chunk becomes the previous
+    one), and the next S retrieves from the chunks before the next chunk's window: j < chunk.
     """
     H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
     dc = StateSpec.from_config(cfg).state_cols
@@ -300,11 +334,19 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
     at_j_h = g.op("Unsqueeze", at_j, g.const([1, 3]))  # (B, 1, cap, 1)
     at_j_F = g.op("Unsqueeze", at_j, g.const([1, 3, 4]))  # (B, 1, cap, 1, 1)
     closing_S = g.op("Unsqueeze", closing, g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    out = {n: [] for n in (S, NEW_H, NEW_F)}
+    n = cfg.lookback
+    if n:  # the next chunk j + 1 retrieves from chunks before j + 1 - n
+        upto_j = g.op("Unsqueeze", g.op("LessOrEqual", g.op("Add", jj, g.const(n)), chunk), g.const([1, 2]))
+    out = {name: [] for name in (S, NEW_H, NEW_F) + ((K, V) if n else ())}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
         own = {n: g.layer_slice(state_in[n], i) for n in (S, BANK_H, BANK_F)}
-        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, L, d), (B, H, L, d), (B, 1, E)
+        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, window, d) x 2, (B, 1, E)
+        if n:  # slide: the closed chunk's rows become the previous chunk's (the open rows are rewritten)
+            window = {K: kk, V: vv}
+            kk, vv = (g.op("Slice", t_, g.const([n * L]), g.const([(n + 1) * L]), g.const([2])) for t_ in (kk, vv))
+            for name, rows in ((K, kk), (V, vv)):
+                out[name].append(g.op("Where", closing_S, g.op("Concat", *[rows] * (n + 1), axis=2), window[name]))
         U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
         Fj = g.op("Unsqueeze", chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4),
                   g.const([2]))  # (B, H, 1, d', dc)
@@ -347,15 +389,25 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     Returns o (B, H, Tc, d) and appends the row's state after the piece to ``states``: the open
     chunk, S, and the combined chunks' h and F, of which the first m_new - m are closed (the
     caller writes them into bank slots m .. m_new - 1).
+
+    With the look-back window (``lookback`` = n) a row that has closed chunks starts one chunk
+    earlier: its first s_b = min(m_b, n) chunks are the state's previous chunk(s), there only
+    for the local window of the open chunk (combined chunk s_b, which keeps the state's S); the
+    state after the piece holds the previous chunk's rows too, and the returned h and F start at
+    the open chunk.
     """
     H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
     dc = StateSpec.from_config(cfg).state_cols
     norm = cfg.retrieval == "normalised"
     own = {n: g.layer_slice(state_in[n], ctx["layer"]) for n in CARRIED_NAMES}
-    # The open chunk's keys and values come from the state.
-    pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
-    k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
-    v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
+    # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
+    if cfg.lookback:
+        k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
+                for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
+    else:
+        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
+        k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
+        v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
     chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
     fk = g.op("Where", ctx["valid"], feature(g, k, cfg.feature_map), g.fconst(0.0))  # padding counts zero
     vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
@@ -389,6 +441,9 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
                   g.const([0, H, dp, dc]))
     states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
+    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
+        h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
+        F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
     states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
     states[NEW_F].append(F_new)
     return o
@@ -397,14 +452,19 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
 def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     """Index tensors of ``extend_layer`` shared by every layer: ids (B, T), lengths (B,),
     position (B,) (tokens each row holds), a bank state input (for its capacity)."""
-    L = cfg.chunk_size
+    L, n = cfg.chunk_size, cfg.lookback
     zero, one = g.const([0]), g.const([1])
     col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
     T = g.dim(ids, 1)
-    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2])), g.const([L]))  # ceil((T + L - 1) / L)
+    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2 + n * L])), g.const([L]))  # ceil((T + L - 1) / L) + n
     Tc = g.op("Mul", Cc, g.const([L]))
     tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     c, m = g.op("Mod", position, g.const(L)), g.op("Div", position, g.const(L))  # (B,)
+    # Look-back: s = min(m, n) chunks of the state before the open one; the combined sequence
+    # starts at the row's chunk base = m - s, and its first ``pre`` slots come from the state.
+    s_b = g.op("Min", m, g.const(n)) if n else None
+    pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
+    base = g.op("Sub", m, s_b) if n else m
     end = g.op("Add", position, lengths)
     c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))
     heads4 = lambda t: g.op("Unsqueeze", t, g.const([1, 3]))  # noqa: E731  (B, N) -> (B, 1, N, 1)
@@ -413,28 +473,56 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
     Tm1 = g.op("Sub", T, one)
     ctx = dict(T=T, Cc=Cc, Tc=Tc, c=c, m=m)
-    ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(c)), g.const(0)), Tm1)  # (B, Tc): token of each slot
-    ctx["positions"] = g.op("Add", g.op("Mul", col(m), g.const(L)), tc)  # (B, Tc)
-    ctx["from_state"] = heads4(g.op("Less", tc, col(c)))
-    ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", c, lengths))))
+    ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(pre)), g.const(0)), Tm1)  # (B, Tc): token of each slot
+    ctx["positions"] = g.op("Add", g.op("Mul", col(base), g.const(L)), tc)  # (B, Tc)
+    ctx["from_state"] = heads4(g.op("Less", tc, col(pre)))
+    ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", pre, lengths))))
     ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), g.const(L)), g.const(1))  # (Cc,)
-    earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i
-    banked_old = g.op("Unsqueeze", g.op("Less", jcap, col(m)), g.const([1, 2]))  # (B, 1, 1, cap)
-    B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
-    ctx["retrievable"] = g.op("Concat", g.op("Expand", banked_old, g.cat(g.const([1, 1]), Cc, one)),
-                              g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
-    ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
+    if n:
+        rows = (n + 1) * L  # state K/V rows; slot t of the combined sequence is row t + (n - s) L
+        ctx["state_rows"] = g.op("Min", g.op("Add", tc, col(g.op("Mul", g.op("Sub", g.const(n), s_b), g.const(L)))),
+                                 g.const(rows - 1))  # (B, Tc)
+        # Combined chunk i (the row's chunk base + i) retrieves from chunks j < base + i - n: the
+        # bank's before min(m, base + i - n), and the piece's new chunks (j >= s) before i - n.
+        lim = g.op("Min", col(m), g.op("Add", col(base), g.op("Unsqueeze", g.op("Sub", jc, g.const(n)), zero)))
+        banked_old = g.op("Less", g.op("Unsqueeze", jcap, zero), g.op("Unsqueeze", lim, g.const([1, 3])))
+        earlier = g.op("Less", g.op("Unsqueeze", g.op("Add", jc, g.const(n)), zero), g.op("Unsqueeze", jc, one))
+        new = g.op("Unsqueeze", g.op("GreaterOrEqual", g.op("Unsqueeze", jc, zero), col(s_b)), g.const([1, 2]))
+        ctx["retrievable"] = g.op("Concat", banked_old, g.op("And", new, g.op("Unsqueeze", earlier, g.const([0, 1]))),
+                                  axis=-1)  # (B, 1, Cc, cap+Cc)
+        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", g.op("Unsqueeze", jc, zero), col(s_b)),
+                                  g.const([1, 3, 4]))  # (B, 1, Cc, 1, 1): the open chunk keeps the state's S
+        out = g.op("Range", g.const(0), g.op("Squeeze", g.op("Sub", Cc, g.const([n])), zero), g.const(1))
+        ctx["new_out"] = g.op("Min", g.op("Add", g.op("Unsqueeze", out, zero), col(s_b)),
+                              g.op("Sub", Cc, one))  # (B, Cc - n): the returned chunks, from the open one
+    else:
+        B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
+        earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i
+        banked_old = g.op("Unsqueeze", g.op("Less", jcap, col(m)), g.const([1, 2]))  # (B, 1, 1, cap)
+        ctx["retrievable"] = g.op("Concat", g.op("Expand", banked_old, g.cat(g.const([1, 1]), Cc, one)),
+                                  g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
+        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
     o_new = g.op("Sub", m_new, m)  # (B,): chunks that close inside the piece
-    s = g.op("Unsqueeze", g.op("Range", g.const(0), g.const(L), g.const(1)), zero)  # (1, L)
-    ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), s), g.op("Sub", Tc, one))
-    ctx["open_valid"] = heads4(g.op("Less", s, col(c_new)))  # (B, 1, L, 1)
-    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(m)), g.const(0)),
-                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - m
+    r = g.op("Unsqueeze", g.op("Range", g.const(0), g.const((n + 1) * L), g.const(1)), zero)  # (1, (n + 1) L)
+    if n:  # the state's rows after the piece: chunks m_new - n .. m_new, as far as they exist
+        first = g.op("Mul", g.op("Sub", g.op("Sub", m_new, base), g.const(n)), g.const(L))  # (B,)
+        ctx["open_rows"] = g.op("Min", g.op("Max", g.op("Add", col(first), r), g.const(0)), g.op("Sub", Tc, one))
+        ctx["open_valid"] = heads4(g.op("And", g.op("Less", g.op("Sub", r, g.const(n * L)), col(c_new)),
+                                        g.op("GreaterOrEqual", r, col(g.op("Mul", g.op("Sub", g.const(n), m_new),
+                                                                           g.const(L))))))
+    else:
+        ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), r), g.op("Sub", Tc, one))
+        ctx["open_valid"] = heads4(g.op("Less", r, col(c_new)))  # (B, 1, L, 1)
+    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(base)), g.const(0)),
+                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - base
     new_slot = g.op("And", g.op("GreaterOrEqual", jcap, col(m)), g.op("Less", jcap, col(m_new)))  # (B, cap)
     ctx["new_slot_h"] = heads4(new_slot)
     ctx["new_slot_F"] = g.op("Unsqueeze", new_slot, g.const([1, 3, 4]))
-    ctx["closing_chunk"] = col(g.op("Max", g.op("Sub", o_new, one), g.const(0)))  # (B, 1)
-    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(m_new)), g.const([1, 2]))  # (B, 1, 1, cap)
+    closing = g.op("Sub", o_new, one) if not n else g.op("Add", g.op("Sub", o_new, one), s_b)
+    ctx["closing_chunk"] = col(g.op("Max", closing, g.const(0)))  # (B, 1): the last closed chunk
+    # The next chunk retrieves from the bank's chunks before its window: j < m_new - n.
+    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(g.op("Sub", m_new, g.const(n)) if n else m_new)),
+                         g.const([1, 2]))  # (B, 1, 1, cap)
     ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    ctx["logit_row"] = col(g.op("Sub", g.op("Add", c, lengths), g.const(1)))  # (B, 1): last new token
+    ctx["logit_row"] = col(g.op("Sub", g.op("Add", pre, lengths), g.const(1)))  # (B, 1): last new token
     return ctx

@@ -11,11 +11,13 @@ and, between the per-token graph and the chunk-closing graph only,
 
     state_xa          [batch, layer, 1, embd]       the closing token's ln_1 output per layer
 
-With the look-back local window (``BSBRConfig.local_window == "lookback"``, torch only so far)
-``state_k``/``state_v`` hold ``window`` = (1 + lookback) x chunk rows instead of ``chunk``: the
-previous chunk's keys/values first, then the open chunk's (``ops.recurrent`` slides them when a
-chunk closes); every other tensor is as above. No export holds such a state yet: ``to_dict``,
-which every export records, refuses it, so format 3 describes every exported state.
+With the look-back local window (``BSBRConfig.local_window == "lookback"``) ``state_k``/``state_v``
+hold ``window`` = (1 + lookback) x chunk rows instead of ``chunk``: the previous chunk's
+keys/values first, then the open chunk's; the chunk-closing step slides them (the closed chunk
+becomes the previous one), so the close graph also returns ``state_k``/``state_v``
+(``StateSpec.close_out``). Every other tensor is as above. The layout of the default window is
+unchanged, so the format stays 3; the manifest records ``window`` among the sizes (and the
+config its ``local_window``), from which loaders size state_k/state_v.
 
 Batch is the first axis of every tensor, so a server slices or replaces one sequence's state
 along axis 0. ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
@@ -35,7 +37,7 @@ import numpy as np
 # 1: layer-first state, Z kept apart in torch. 2: batch-first, normaliser as the last column.
 # 3: the graphs return the chunks they close (state_new_h, state_new_F); the caller writes them
 #    into the bank in place, so the bank is never copied through a graph.
-# (The look-back window's larger state_k/state_v is torch-only; its export will bump this.)
+# (The look-back window's state_k/state_v of ``window`` rows is sized by the manifest: still 3.)
 FORMAT = 3
 
 K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
@@ -102,6 +104,11 @@ class StateSpec:
             return tuple("window" if dim == "chunk" else dim for dim in DIMS[name])
         return DIMS[name]
 
+    @property
+    def close_out(self) -> tuple:
+        """Outputs of the chunk-closing graph: ``CLOSE_OUT``, and with look-back the slid K/V."""
+        return CLOSE_OUT + ((K, V) if self.lookback else ())
+
     def capacity(self, max_len: int) -> int:
         """Bank slots needed to hold ``max_len`` tokens: ceil(max_len / chunk)."""
         return -(-max_len // self.chunk)
@@ -131,15 +138,11 @@ class StateSpec:
         return self.nbytes(batch, context // self.chunk, itemsize)
 
     def to_dict(self) -> dict:
-        """What an export records about its state (ONNX metadata and manifest). A look-back state
-        has no exported form yet (no graph computes the look-back window): refused."""
-        if self.lookback:
-            from ..errors import ConfigError
-
-            raise ConfigError("the look-back local window has no ONNX export yet (torch only); "
-                              "convert with local_window='chunk' to export")
-        return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(DIMS[n]) for n in DIMS},
-                "sizes": {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback")},
+        """What an export records about its state (ONNX metadata and manifest); ``sizes`` holds
+        ``window``, the rows of state_k/state_v."""
+        sizes = {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback")}
+        return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(self.dims(n)) for n in DIMS},
+                "sizes": sizes | {"window": self.window},
                 "normaliser": "last column of state_S and state_bank_F" if self.normalised else None,
                 "dtype": "float32"}
 

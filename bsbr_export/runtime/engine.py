@@ -80,15 +80,23 @@ def shared_weights(paths) -> dict:
 
 
 class _Spec:
-    """``ops.state.StateSpec`` from the config dict an export records."""
+    """``ops.state.StateSpec`` from the config dict an export records (an export without
+    ``local_window`` has the default, one-chunk window)."""
 
     def __new__(cls, config: dict) -> S.StateSpec:
+        from ..config import LOOKBACK_CHUNKS
+
         E, H = config["n_embd"], config["n_head"]
         d = E // H
         norm = config["retrieval"] == "normalised"
         dp = d // config["compression"] if config.get("compression") else d
+        window = config.get("local_window", "chunk")
+        if window not in LOOKBACK_CHUNKS:
+            raise ModelLoadError(f"unknown local window {window!r} in the export's config; "
+                                 f"this runtime reads {', '.join(LOOKBACK_CHUNKS)}")
         return S.StateSpec(layer=config["n_layer"], head=H, chunk=config["chunk_size"], head_dim=d,
-                           state_dim=dp, state_cols=d + norm, embd=E, normalised=norm)
+                           state_dim=dp, state_cols=d + norm, embd=E, normalised=norm,
+                           lookback=LOOKBACK_CHUNKS[window])
 
 
 @dataclass
@@ -173,6 +181,10 @@ class Engine:
         self.max_len = int(max_len or meta["max_seq_len"])
         self.vocab_size = int(self.config["vocab_size"])
         self.spec = _Spec(self.config)
+        window = meta["state"].get("sizes", {}).get("window", self.spec.window)
+        if window != self.spec.window:
+            raise ModelLoadError(f"{d}: the state records {window} K/V rows but its config a window of "
+                                 f"{self.spec.window}; re-export with this version of bsbr-export")
         self.chunk = self.spec.chunk
         self.capacity = self.spec.capacity(self.max_len)
         self.providers = check_providers(providers)
@@ -303,7 +315,8 @@ class Engine:
         if closing.all() or (closing.any() and self.device != "cpu"):
             # Position 0 never closes a chunk: rows that are not closing keep their S.
             new = self._new_chunks(st.batch, 1)
-            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, (S.S,), new)
+            slid = tuple(n for n in self.spec.close_out if n not in S.BANKED)  # S (look-back: and K, V)
+            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, slid, new)
             st.bank(new, np.arange(st.batch), pos // self.chunk, closing.astype(np.int64))
         elif closing.any():
             self._close_rows(st, np.flatnonzero(closing), pos)
@@ -317,12 +330,14 @@ class Engine:
         io.bind_cpu_input("position", pos[rows])
         for n in S.CLOSE_IN:
             io.bind_cpu_input(n, np.ascontiguousarray(self.to_host(st.xa if n == S.XA else st.cur[n])[rows]))
-        S_new = np.empty(self.spec.shape(S.S, len(rows), self.capacity), dtype=np.float32)
+        kept = {n: np.empty(self.spec.shape(n, len(rows), self.capacity), dtype=np.float32)
+                for n in self.spec.close_out if n not in S.BANKED}  # S (look-back: and the slid K, V)
         new = self._new_chunks(len(rows), 1)
-        for name, arr in ({S.out_name(S.S): S_new} | new).items():
+        for name, arr in ({S.out_name(n): a for n, a in kept.items()} | new).items():
             io.bind_ortvalue_output(name, self._host_value(arr))
         sess.run_with_iobinding(io)
-        self.write(st.cur[S.S], (rows,), S_new)
+        for n, a in kept.items():
+            self.write(st.cur[n], (rows,), a)
         st.bank(new, rows, pos[rows] // self.chunk, np.ones(len(rows), dtype=np.int64))
 
     def _check_ids(self, ids, what: str = "prompt") -> np.ndarray:
