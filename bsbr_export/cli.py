@@ -57,6 +57,11 @@ def conversion_options(f):
         click.option("--feature-map", type=click.Choice(["identity", "elu1", "relu"]), default=None,
                      help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
                           "plain: identity]."),
+        click.option("--local-window", type=click.Choice(["chunk", "lookback"]), default="chunk",
+                     show_default=True,
+                     help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "
+                          "lookback: those and the whole previous chunk (retrieval from the chunks before "
+                          "that); exact GPT-2 up to 2 chunks, state K/V of 2 chunks."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -65,9 +70,11 @@ def conversion_options(f):
     return f
 
 
-def _options(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map) -> dict:
+def _options(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map,
+             local_window) -> dict:
     return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
-                meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map)
+                meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
+                local_window=local_window)
 
 
 def fail(msg: str, code: int = 1):
@@ -246,7 +253,7 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, allow_pickle,
 def _changed(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=None, retrieval="normalised", feature_map=None)
+                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window="chunk")
     return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
 
 

@@ -3,7 +3,9 @@
 Written against TensorRT 10.7+ and 11.x (Python API, strongly typed networks):
 
 * ``register_plugin()`` registers ``bsbr::ChunkAttention`` and
-  ``bsbr::ChunkAttentionNormalised`` (the default conversion's op) as quickly deployable
+  ``bsbr::ChunkAttentionNormalised`` (the default conversion's op), and their look-back
+  forms ``bsbr::ChunkAttention[Normalised]Lookback`` (``local_window="lookback"``: the
+  softmax also covers the previous chunk; same inputs and attribute), as quickly deployable
   Python plugins (``tensorrt.plugin``, TensorRT >= 10.7); their implementations launch
   the Triton kernels of ``bsbr_export.ops.kernel`` on TensorRT's stream.
 * ``network_from_onnx()`` parses an exported model. Every attention layer there is a
@@ -39,6 +41,10 @@ PLUGIN_NAMESPACE = "bsbr"
 PLUGIN_NAME = "ChunkAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_NORMALISED_ID = f"{PLUGIN_NAMESPACE}::ChunkAttentionNormalised"  # the default conversion's op
+# The look-back local window's ops (ONNX functions ``...Lookback``): same inputs, kernel lookback=1.
+PLUGIN_LOOKBACK_ID = f"{PLUGIN_ID}Lookback"
+PLUGIN_NORMALISED_LOOKBACK_ID = f"{PLUGIN_NORMALISED_ID}Lookback"
+PLUGIN_IDS = (PLUGIN_ID, PLUGIN_NORMALISED_ID, PLUGIN_LOOKBACK_ID, PLUGIN_NORMALISED_LOOKBACK_ID)
 MIN_VERSION = (10, 7)
 INSTALL_HINT = (
     "pip install tensorrt (TensorRT >= 10.7, on a Linux or Windows machine with an NVIDIA GPU "
@@ -105,8 +111,9 @@ def _logger():
 
 
 def register_plugin() -> None:
-    """Register ``bsbr::ChunkAttention`` and ``bsbr::ChunkAttentionNormalised`` with
-    ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x); idempotent.
+    """Register ``bsbr::ChunkAttention``, ``bsbr::ChunkAttentionNormalised`` and their
+    ``...Lookback`` forms (``PLUGIN_IDS``) with ``tensorrt.plugin`` (TensorRT >= 10.7, 11.x);
+    idempotent.
 
     Shape/dtype descriptor: one output shaped and typed like ``q``; attribute
     ``chunk_size``: a one-element int32 array (``ChunkSizeAttr``, see there why not
@@ -127,49 +134,57 @@ def register_plugin() -> None:
 
     require_triton()
 
-    @trtp.register(PLUGIN_ID)
+    for lookback in (0, 1):
+        _register_ops(trtp, lookback)
+    _registered = True
+
+
+def _register_ops(trtp, lookback: int) -> None:
+    """Register the plain and the normalised op of one local window (``lookback`` 0 or 1)."""
+    plain_id, norm_id = PLUGIN_IDS[2 * lookback:2 * lookback + 2]
+
+    @trtp.register(plain_id)
     def _chunk_attention_desc(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, S: trtp.TensorDesc, g: trtp.TensorDesc,
         chunk_size: ChunkSizeAttr,
     ) -> trtp.TensorDesc:
         if q.ndim != 4 or S.ndim != 5 or g.ndim != 1:
-            raise ValueError(f"{PLUGIN_ID}: expected q (B,H,T,d), S (B,H,C,d,d), g (H,)")
+            raise ValueError(f"{plain_id}: expected q (B,H,T,d), S (B,H,C,d,d), g (H,)")
         if attr_int(chunk_size) < 1:
-            raise ValueError(f"{PLUGIN_ID}: chunk_size must be >= 1")
+            raise ValueError(f"{plain_id}: chunk_size must be >= 1")
         return q.like()  # o: (B, H, T, d), q's dtype
 
-    @trtp.impl(PLUGIN_ID)
+    @trtp.impl(plain_id)
     def _chunk_attention_impl(
         q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, S: trtp.Tensor, g: trtp.Tensor,
         chunk_size: ChunkSizeAttr, outputs: Tuple[trtp.Tensor], stream: int,
     ) -> None:
-        run_plugin_kernel(False, (q, k, v, S, g), chunk_size, outputs, stream)
+        run_plugin_kernel(False, (q, k, v, S, g), chunk_size, outputs, stream, lookback)
 
-    @trtp.register(PLUGIN_NORMALISED_ID)
+    @trtp.register(norm_id)
     def _chunk_attention_normalised_desc(
         q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, qf: trtp.TensorDesc, S: trtp.TensorDesc,
         Z: trtp.TensorDesc, g: trtp.TensorDesc, chunk_size: ChunkSizeAttr,
     ) -> trtp.TensorDesc:
         if q.ndim != 4 or qf.ndim != 4 or S.ndim != 5 or Z.ndim != 4 or g.ndim != 1:
-            raise ValueError(f"{PLUGIN_NORMALISED_ID}: expected q, qf (B,H,T,d), S (B,H,C,d,d), Z (B,H,C,d), g (H,)")
+            raise ValueError(f"{norm_id}: expected q, qf (B,H,T,d), S (B,H,C,d,d), Z (B,H,C,d), g (H,)")
         if attr_int(chunk_size) < 1:
-            raise ValueError(f"{PLUGIN_NORMALISED_ID}: chunk_size must be >= 1")
+            raise ValueError(f"{norm_id}: chunk_size must be >= 1")
         return q.like()
 
-    @trtp.impl(PLUGIN_NORMALISED_ID)
+    @trtp.impl(norm_id)
     def _chunk_attention_normalised_impl(
         q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, qf: trtp.Tensor, S: trtp.Tensor, Z: trtp.Tensor,
         g: trtp.Tensor, chunk_size: ChunkSizeAttr, outputs: Tuple[trtp.Tensor], stream: int,
     ) -> None:
-        run_plugin_kernel(True, (q, k, v, qf, S, Z, g), chunk_size, outputs, stream)
-
-    _registered = True
+        run_plugin_kernel(True, (q, k, v, qf, S, Z, g), chunk_size, outputs, stream, lookback)
 
 
-def run_plugin_kernel(normalised: bool, inputs, chunk_size, outputs, stream: int) -> None:
+def run_plugin_kernel(normalised: bool, inputs, chunk_size, outputs, stream: int, lookback: int = 0) -> None:
     """The plugins' JIT implementation, without TensorRT: wrap each buffer (anything with
     ``__cuda_array_interface__``, as ``tensorrt.plugin.Tensor``) as a torch CUDA tensor and
-    launch the kernel on ``stream`` (a raw ``cudaStream_t``), writing into ``outputs[0]``."""
+    launch the kernel on ``stream`` (a raw ``cudaStream_t``), writing into ``outputs[0]``;
+    ``lookback``: 1 for the ``...Lookback`` ops."""
     import torch
 
     from bsbr_export.ops.kernel import chunk_attention_normalised_triton, chunk_attention_triton
@@ -178,7 +193,7 @@ def run_plugin_kernel(normalised: bool, inputs, chunk_size, outputs, stream: int
     tensors = [torch.as_tensor(t, device="cuda") for t in inputs]
     out = torch.as_tensor(outputs[0], device="cuda")
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        kernel(*tensors, attr_int(chunk_size), out=out)
+        kernel(*tensors, attr_int(chunk_size), out=out, lookback=lookback)
 
 
 def plugin_layer_count(network) -> int:
@@ -261,7 +276,7 @@ def count_plugin_nodes(onnx_path) -> int:
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    names = {PLUGIN_ID.split("::")[1], PLUGIN_NORMALISED_ID.split("::")[1]}
+    names = {plugin_id.split("::")[1] for plugin_id in PLUGIN_IDS}
     return sum(n.domain == PLUGIN_NAMESPACE and n.op_type in names for n in model.graph.node)
 
 

@@ -104,9 +104,10 @@ def test_plugins_match_the_exported_functions(monkeypatch):
     monkeypatch.setattr(bt, "_registered", False)
     bt.register_plugin()
     monkeypatch.setattr(bt, "_registered", False)
-    assert set(fake.descs) == set(fake.impls) == {bt.PLUGIN_ID, bt.PLUGIN_NORMALISED_ID}
-    for normalised, plugin_id in ((False, bt.PLUGIN_ID), (True, bt.PLUGIN_NORMALISED_ID)):
-        fn = ex.chunk_attention_function(18, normalised=normalised)
+    assert set(fake.descs) == set(fake.impls) == set(bt.PLUGIN_IDS)
+    for plugin_id in bt.PLUGIN_IDS:  # ChunkAttention[Normalised][Lookback]
+        fn = ex.chunk_attention_function(18, normalised="Normalised" in plugin_id,
+                                         lookback=int(plugin_id.endswith("Lookback")))
         assert plugin_id == f"{fn.domain}::{fn.name}"
         desc = list(inspect.signature(fake.descs[plugin_id]).parameters)
         impl = list(inspect.signature(fake.impls[plugin_id]).parameters)

@@ -166,25 +166,21 @@ def chunk_attention(q, k, v, S_full, g, L: int, qf=None, Z_full=None, lookback: 
     return o.view(B, H, -1, d)[:, :, :T].to(q.dtype)
 
 
-def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int) -> torch.Tensor:
+def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int, lookback: int = 0) -> torch.Tensor:
     """``chunk_attention`` of the normalised variant, in the argument order of its ONNX function
     and Triton kernel (q, k, v, qf, S, Z, g)."""
-    return chunk_attention(q, k, v, S_full, g, L, qf=qf, Z_full=Z_full)
+    return chunk_attention(q, k, v, S_full, g, L, qf=qf, Z_full=Z_full, lookback=lookback)
 
 
 def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str = "plain",
                    feature_map: str = "identity", local_window: str = "chunk") -> torch.Tensor:
     """Vectorised BSBR attention; ``fused`` may replace the last step (the Triton kernel, called
-    with the ONNX function's arguments; it has no look-back window)."""
+    with the ONNX function's arguments, and ``lookback=1`` with the look-back window)."""
     norm = retrieval == "normalised"
     n = LOOKBACK_CHUNKS[local_window]
-    if n and fused is not None:
-        raise ValueError("the fused kernel has no look-back local window; use the vectorised path")
     SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n)  # (B, H, C, d', dc)
     S_full, Z_full = expand(SZ, U, norm)
-    if n:
-        return chunk_attention(q, k, v, S_full, g, L, qf=feature(q, feature_map) if norm else None,
-                               Z_full=Z_full, lookback=n)
+    window = {"lookback": n} if n else {}
     if not norm:
-        return (fused or chunk_attention)(q, k, v, S_full, g, L)
-    return (fused or chunk_attention_normalised)(q, k, v, feature(q, feature_map), S_full, Z_full, g, L)
+        return (fused or chunk_attention)(q, k, v, S_full, g, L, **window)
+    return (fused or chunk_attention_normalised)(q, k, v, feature(q, feature_map), S_full, Z_full, g, L, **window)

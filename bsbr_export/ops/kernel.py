@@ -10,6 +10,9 @@ denominator between the two terms; the same kernel computes it with NORMALISED s
 
 with qf = feature(q) and Z[b,h,chunk(t)] (d,), both scaled by e^{-M}, M = max(row max, 0).
 
+With ``lookback=1`` (the look-back local window, ``bsbr::ChunkAttention[Normalised]Lookback``)
+the softmax of t also covers every key of the chunk before t's: s from (chunk(t) - 1) L on.
+
 One program handles one (batch*head, chunk, block of BLOCK_M queries): it
 streams the chunk's keys in blocks of BLOCK_N with an online softmax (causal
 inside the chunk, nothing outside it), then adds g * q @ S_chunk and writes
@@ -64,6 +67,7 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr,  # q.k and p.v products
         STATE_PRECISION: tl.constexpr,  # q @ S (qf @ S): "ieee"/"tf32x3" when S is fp32
         NORMALISED: tl.constexpr = False,
+        LOOKBACK: tl.constexpr = 0,  # earlier chunks (0 or 1) whose keys the softmax also covers
     ):
         # One grid axis (axis 1 would cap B*H at 65,535): pid -> (batch*head, chunk, query block).
         pid = tl.program_id(0)
@@ -92,15 +96,20 @@ if triton is not None:
 
         k_base = K + (b * sk_b + h * sk_h + chunk_start * sk_t)
         v_base = V + (b * sv_b + h * sv_h + chunk_start * sv_t)
-        # Causal: this query block never looks past its own last row.
+        # Causal: this query block never looks past its own last row. Look-back: the keys start at
+        # the previous chunk's first (offsets relative to this chunk's start, so negative there).
         hi = tl.minimum((mb + 1) * BLOCK_M, chunk_len)
-        for start_n in range(0, hi, BLOCK_N):
+        if LOOKBACK:
+            lo = -(tl.minimum(c, LOOKBACK) * L).to(tl.int32)
+        else:
+            lo = 0
+        for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             key_ok = offs_n < chunk_len
             k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            # Key 0 is always allowed, so every row has a finite max after the first block.
+            # The range's first key is allowed for every row: a finite max after the first block.
             allowed = (offs_n[None, :] <= offs_m[:, None]) & key_ok[None, :]
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -230,26 +239,27 @@ def launch_options(d: int, dtype: torch.dtype, s_dtype: torch.dtype | None = Non
             **dot_precisions(dtype, s_dtype if s_dtype is not None else dtype, allow_tf32)}
 
 
-def check_launch_bounds(tensors: dict, B: int, H: int, T: int, chunk_size: int, block_m: int) -> None:
+def check_launch_bounds(tensors: dict, B: int, H: int, T: int, chunk_size: int, block_m: int,
+                        lookback: int = 0) -> None:
     """Raise ValueError when a launch would overflow what the kernel indexes in 32 bits.
 
     Per-program bases (b * stride_b + h * stride_h + chunk_start * stride_t) are 64-bit, so
     no tensor size wraps them; what stays 32-bit is the offset inside one (b, h, chunk)
-    block, at most (L + BLOCK_M) rows times the time stride, and the program count.
+    block, at most ((1 + lookback) L + BLOCK_M) rows times the time stride, and the program count.
     ``tensors``: name -> (B, H, T, d) tensor.
     """
     n_programs = B * H * triton.cdiv(T, chunk_size) * triton.cdiv(chunk_size, block_m)
     if n_programs > INT32_MAX:
         raise ValueError(f"grid of {n_programs} programs exceeds 2^31 - 1: split the batch")
     for name, x in tensors.items():
-        inner = (chunk_size + block_m) * abs(x.stride(2)) + x.shape[-1]
+        inner = ((1 + lookback) * chunk_size + block_m) * abs(x.stride(2)) + x.shape[-1]
         if inner > INT32_MAX:
             raise ValueError(f"{name}: one chunk spans {inner} elements (>= 2^31) at strides {x.stride()}; "
                              "make it contiguous or use a shorter chunk")
 
 
 def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | None = None,
-                           allow_tf32: bool = False, config: dict | None = None) -> torch.Tensor:
+                           allow_tf32: bool = False, config: dict | None = None, lookback: int = 0) -> torch.Tensor:
     """Fused chunk attention (see module docstring); same contract as `chunk_attention_ref`.
 
     q, k, v: (B, H, T, d) fp16/fp32, d in {16, 32, 64, 128}; S: (B, H, C, d, d) of q's dtype
@@ -258,17 +268,18 @@ def chunk_attention_triton(q, k, v, S, g, chunk_size: int, out: torch.Tensor | N
     q's dtype with a contiguous last dimension that receives the result (used by the
     TensorRT plugin). ``allow_tf32``: fp32 inputs on TF32 tensor cores (see `dot_precisions`).
     ``config``: block sizes/warps/stages replacing `kernel_config`'s (tuning only).
+    ``lookback``: 1 for the look-back local window (``ops.chunk.chunk_attention(..., lookback=1)``).
     Launches on the current torch stream.
     """
     require_triton()
     check_chunk_attention_args(q, k, v, S, g, chunk_size)
     _check_kernel_args(q, k, v, S, g)
-    return _launch(q, k, v, S, g, chunk_size, out, None, None, allow_tf32, config)
+    return _launch(q, k, v, S, g, chunk_size, out, None, None, allow_tf32, config, lookback)
 
 
 def chunk_attention_normalised_triton(q, k, v, qf, S, Z, g, chunk_size: int,
                                       out: torch.Tensor | None = None, allow_tf32: bool = False,
-                                      config: dict | None = None) -> torch.Tensor:
+                                      config: dict | None = None, lookback: int = 0) -> torch.Tensor:
     """The normalised op (module docstring); same contract as `chunk_attention_normalised_ref`.
 
     As `chunk_attention_triton`, plus qf = feature(q) (B, H, T, d) of q's dtype and
@@ -280,14 +291,16 @@ def chunk_attention_normalised_triton(q, k, v, qf, S, Z, g, chunk_size: int,
     if qf.dtype != q.dtype or Z.dtype != S.dtype or qf.device != q.device or Z.device != q.device:
         raise ValueError(f"qf must match q ({q.dtype}) and Z must match S ({S.dtype}), on q's device")
     qf, Z = _last_dim_contiguous(qf), _last_dim_contiguous(Z)
-    return _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32, config)
+    return _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32, config, lookback)
 
 
 def _capability(x: torch.Tensor):
     return torch.cuda.get_device_capability(x.device) if x.is_cuda else None
 
 
-def _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32=False, config=None):
+def _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32=False, config=None, lookback=0):
+    if lookback not in (0, 1):
+        raise ValueError(f"lookback must be 0 or 1, got {lookback!r}")
     q, k, v, S = (_last_dim_contiguous(x) for x in (q, k, v, S))
     g = g.contiguous()
     B, H, T, d = q.shape
@@ -309,7 +322,7 @@ def _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32=False, config=None
     named = {"q": q, "k": k, "v": v, "out": out}
     if normalised:
         named["qf"] = qf
-    check_launch_bounds(named, B, H, T, chunk_size, opts["BLOCK_M"])
+    check_launch_bounds(named, B, H, T, chunk_size, opts["BLOCK_M"], lookback)
     grid = (B * H * n_cm,)
     _chunk_attention_kernel[grid](
         q, k, v, S, g, out, qf, Z,
@@ -323,6 +336,7 @@ def _launch(q, k, v, S, g, chunk_size, out, qf, Z, allow_tf32=False, config=None
         _LOG2E / d**0.5,
         D=d,
         NORMALISED=normalised,
+        LOOKBACK=lookback,
         **opts,
     )
     return out
