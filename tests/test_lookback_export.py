@@ -374,5 +374,29 @@ def test_tensorrt_parses_lookback_nodes_as_plugins(exports):
     assert bt.plugin_layer_count(network) == model.cfg.n_layer
 
 
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize("command", [["run"], ["convert"], ["export"]])
+def test_cli_offers_the_local_window(command):
+    from click.testing import CliRunner
+
+    from bsbr_export.cli import main
+
+    res = CliRunner().invoke(main, [*command, "--help"])
+    assert res.exit_code == 0 and "--local-window [chunk|lookback]" in res.output, res.output
+
+
+def test_export_command_writes_lookback_graphs(tiny_hf_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from bsbr_export.cli import main
+
+    res = CliRunner().invoke(main, ["export", str(tiny_hf_dir), "--out", str(tmp_path), "--chunk-size", str(L),
+                                    "--max-seq-len", str(MAX), "--local-window", "lookback", "--no-decode"])
+    assert res.exit_code == 0, res.output
+    assert read_metadata(tmp_path / "model.onnx")["config"]["local_window"] == "lookback"
+
+
 if __name__ == "__main__":
     print(json.dumps(kernel_cases(sys.argv[1])))
