@@ -20,6 +20,11 @@ The decode state's names, dims and layout are those of ``ops.state`` (batch firs
     state_bank_h_out, state_bank_F_out; rows whose chunk did not close come back unchanged.
     Keeping the banks out of the per-token graph reads and writes them once per chunk.
 
+With the look-back local window (``local_window="lookback"``) state_k/state_v hold the previous
+chunk's rows before the open chunk's (``StateSpec.window``), the attention nodes are
+``bsbr::ChunkAttention[Normalised]Lookback``, and close.onnx also returns state_k_out/state_v_out,
+slid in the closing rows (``StateSpec.close_out``).
+
 Every float input and output is float32 (fp16 graphs cast at their edges); the metadata
 property ``bsbr_export`` records the version, the configuration and the state format.
 
