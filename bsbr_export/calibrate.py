@@ -7,14 +7,20 @@ converted model towards the original's behaviour rather than towards the data.
 
 ``what="conversion"`` trains only the parameters the conversion introduced: the meta
 query/key projections (``meta_q``, ``meta_k``) and the per-head retrieval scale ``g``
-(the feature maps ``elu1``/``relu`` have no parameters). ``what="full"`` fine-tunes every
+and a learned feature map (``feature_map="learned"``; ``elu1``/``relu`` have no parameters).
+``what="full"`` fine-tunes every
 parameter. With the normalised retrieval, ``g`` is trained as ``exp(theta)`` at learning
 rate ``lr_g`` (its shared denominator needs g > 0; scales that differ by orders of magnitude
 are reached in a few steps).
+
+``transfer`` is an optional first stage (attention transfer): each layer's conversion
+parameters learn to imitate that layer's softmax attention, its weights or its output, with
+the original's hidden states as inputs; ``calibrate`` then runs as the second stage.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-CONVERSION_PARAMS = ("attn.meta_q.", "attn.meta_k.", "attn.g", "attn.parametrizations.g.")
+from .ops.chunk import bsbr_attention
+from .ops.naive import normalised_log_weights
+
+CONVERSION_PARAMS = ("attn.meta_q.", "attn.meta_k.", "attn.g", "attn.parametrizations.g.", "attn.fm.")
 
 
 def trainable(model, what: str = "conversion") -> list[tuple[str, torch.nn.Parameter]]:
@@ -60,6 +69,77 @@ def calibrate(model, teacher: Callable[[torch.Tensor], torch.Tensor], windows: l
     """Train ``model`` for ``passes`` passes over ``windows`` (each (1, T) input ids), one
     window per step, Adam at a constant ``lr`` (``lr_g`` for a normalised g) after a linear warmup. ``after_pass(k, model)``
     runs after pass k (1-based), with the model in eval mode."""
+    def target(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(teacher(x).float(), -1)
+
+    return _train(model, lambda x, lp: distill_loss(model(x), lp), target, windows, passes, lr, what, lr_g,
+                  after_pass, cache_teacher, warmup, log, progress, "KL")
+
+
+TRANSFER_LOSSES = ("weights", "output")
+
+
+def transfer_loss(block, hidden: torch.Tensor, loss: str = "weights") -> torch.Tensor:
+    """Attention transfer for one layer, given the original's input to it (``hidden``, (B, T, E)):
+
+    ``weights``: KL(softmax weights || the conversion's weights) per query, averaged (Hedgehog's
+      objective; the conversion's weights from ``normalised_log_weights``, so normalised retrieval
+      without compression only);
+    ``output``: mean squared difference of the attention outputs (LoLCATs' first stage).
+    The query/key/value projections are the original's, so only what the conversion added moves."""
+    a, cfg = block.attn, block.attn.cfg
+    x = block.ln_1(hidden)
+    with torch.no_grad():
+        q, k, v = a.qkv(x)
+    r, h = a.meta(x)
+    L = cfg.chunk_size
+    if loss == "weights":
+        if cfg.retrieval != "normalised" or a.U is not None:
+            raise ValueError("weight transfer needs the normalised retrieval without compression")
+        with torch.no_grad():
+            T = q.shape[2]
+            causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            log_a = torch.log_softmax(scores.masked_fill(~causal, float("-inf")), -1)
+        log_w = normalised_log_weights(q, k, r, h, a.g, L, a.fmap, cfg.local_window)
+        kl = torch.where(causal, log_a.exp() * (log_a - log_w), torch.zeros_like(log_w))
+        return kl.sum(-1).mean()
+    if loss == "output":
+        with torch.no_grad():
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = bsbr_attention(q, k, v, r, h, a.g, L, a.U, retrieval=cfg.retrieval, feature_map=a.fmap,
+                           local_window=cfg.local_window)
+        return F.mse_loss(o, ref)
+    raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {loss!r}")
+
+
+def transfer(model, hidden_states: Callable[[torch.Tensor], list[torch.Tensor]], windows: list[torch.Tensor],
+             passes: int, loss: str = "weights", lr: float = 1e-3, lr_g: float = 0.05,
+             after_pass: Callable[[int, object], None] | None = None, warmup: int = 10,
+             log: CalibrationLog | None = None, progress: Callable[[str], None] | None = None) -> CalibrationLog:
+    """Stage 1 of a two-stage calibration: every layer's conversion parameters trained at once to
+    imitate the original's attention in that layer (``transfer_loss``, summed over layers), each
+    layer fed the original's own hidden states, so no layer waits for the ones below to converge.
+    ``hidden_states(x)``: the original's input to each block for input ids x (HF
+    ``hidden_states[:n_layer]``). Windows must fit the original's positions. Stage 2 is
+    ``calibrate`` (KL of the next-token distributions)."""
+    if loss not in TRANSFER_LOSSES:
+        raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {loss!r}")
+
+    def target(x: torch.Tensor) -> list[torch.Tensor]:
+        return [t.float() for t in hidden_states(x)[: len(model.h)]]
+
+    def step_loss(x, hidden):
+        return sum(transfer_loss(blk, hs, loss) for blk, hs in zip(model.h, hidden))
+
+    return _train(model, step_loss, target, windows, passes, lr, "conversion", lr_g, after_pass, True, warmup,
+                  log, progress, f"{loss} transfer loss")
+
+
+def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass, cache_teacher, warmup, log,
+           progress, loss_name) -> CalibrationLog:
+    """The loop both stages share: Adam over ``trainable(model, what)``, g in log space when
+    normalised, one window per step in a fixed shuffled order, the teacher's targets cached."""
     normalised = model.cfg.retrieval == "normalised"
     if normalised:
         # g > 0 is trained in log space: multiplicative steps, and it can never turn negative.
@@ -73,45 +153,47 @@ def calibrate(model, teacher: Callable[[torch.Tensor], torch.Tensor], windows: l
     groups = [{"params": rest, "base_lr": lr}, {"params": g_params, "base_lr": lr_g if normalised else lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     log = log or CalibrationLog()
-    cache: dict[int, torch.Tensor] = {}
+    cache: dict[int, object] = {}
 
-    def target(i: int, x: torch.Tensor) -> torch.Tensor:
+    def cached(i: int, x: torch.Tensor):
         if i in cache:
             return cache[i]
         with torch.no_grad():
-            lp = torch.log_softmax(teacher(x).float(), -1)
+            t = target(x)
         if cache_teacher:
-            cache[i] = lp
-        return lp
+            cache[i] = t
+        return t
 
     order_gen = torch.Generator().manual_seed(0)
-    for k in range(1, passes + 1):
-        model.train()
-        t0 = time.time()
-        for i in torch.randperm(len(windows), generator=order_gen).tolist():
-            x = windows[i]
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * min(1.0, (log.steps + 1) / warmup)
-            loss = distill_loss(model(x), target(i, x))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log.steps += 1
-            log.tokens += x.numel()
-            log.losses.append(loss.item())
-        log.seconds += time.time() - t0
+    try:
+        for k in range(1, passes + 1):
+            model.train()
+            t0 = time.time()
+            for i in torch.randperm(len(windows), generator=order_gen).tolist():
+                x = windows[i]
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * min(1.0, (log.steps + 1) / warmup)
+                loss = step_loss(x, cached(i, x))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                log.steps += 1
+                log.tokens += x.numel()
+                log.losses.append(loss.item())
+            log.seconds += time.time() - t0
+            model.eval()
+            if progress:
+                n = len(windows)
+                progress(f"pass {k}/{passes}: mean {loss_name} {sum(log.losses[-n:]) / n:.4f}, {log.seconds:.0f} s")
+            if after_pass is not None:
+                after_pass(k, model)
+    finally:
+        if normalised:
+            for blk in model.h:
+                parametrize.remove_parametrizations(blk.attn, "g", leave_parametrized=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
         model.eval()
-        if progress:
-            n = len(windows)
-            progress(f"pass {k}/{passes}: mean KL {sum(log.losses[-n:]) / n:.4f}, {log.seconds:.0f} s")
-        if after_pass is not None:
-            after_pass(k, model)
-    if normalised:
-        for blk in model.h:
-            parametrize.remove_parametrizations(blk.attn, "g", leave_parametrized=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
     return log
 
 

@@ -13,9 +13,9 @@ POSITION_POLICIES = ("absolute", "chunk")
 META_INITS = ("qk", "random")
 COMPRESSION_INITS = ("random-orthogonal",)
 RETRIEVALS = ("plain", "normalised")
-FEATURE_MAPS = ("identity", "elu1", "relu")
+FEATURE_MAPS = ("identity", "elu1", "relu", "learned")
 # Feature maps that keep every phi(x) >= 0, so a shared denominator never vanishes.
-POSITIVE_FEATURE_MAPS = ("elu1", "relu")
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "learned")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 # The local softmax's window: the token's own chunk, or its own chunk and the one before it.
 LOCAL_WINDOWS = ("chunk", "lookback")
@@ -64,13 +64,17 @@ class BSBRConfig:
         with ``Z_i = sum_j p_ij z_j``, ``z_j = sum_{s in chunk j} phi(k_s)``; needs g >= 0 and
         a positive feature map.
     feature_map: phi before compression: ``identity`` (plain only), ``elu1`` (elu(x) + 1),
-      ``relu``.
+      ``relu``, ``learned``: elu(x W_h + b_h) + 1 with a per-head map (d x d) that starts as the
+      identity (so the conversion starts as ``elu1``) and is trained to make the retrieval's
+      weights imitate the original's softmax weights (``calibrate.transfer``). Torch only so far:
+      the ONNX export refuses it.
     local_window: what the local softmax of token t covers.
       ``chunk``: the keys s <= t of t's own chunk; retrieval from every earlier chunk.
       ``lookback``: the keys s <= t of t's own chunk and of the chunk before it; retrieval from
         the chunks before that (chunk i retrieves from chunks j < i - 1), so chunks 0 and 1
         retrieve nothing and a sequence of up to two chunks is computed exactly as by GPT-2
-        (with ``absolute`` positions). Torch only so far: the ONNX and Triton forms refuse it.
+        (with ``absolute`` positions). Every backend computes it (ONNX ``...Lookback`` functions,
+        the Triton kernel's ``lookback``); state_k/state_v then hold two chunks.
     """
 
     vocab_size: int

@@ -242,6 +242,9 @@ def convert_state_dict(hf_sd: dict, hf_config: dict, **options) -> tuple[dict, B
         out[p + "attn.g"] = torch.full((cfg.n_head,), float(cfg.retrieval_scale))
         if cfg.compression is not None:
             out[p + "attn.U"] = _random_orthogonal(cfg.n_head, cfg.head_dim, cfg.state_dim, gen)
+        if cfg.feature_map == "learned":  # starts as elu + 1 (the identity map)
+            out[p + "attn.fm.W"] = torch.eye(cfg.head_dim).repeat(cfg.n_head, 1, 1)
+            out[p + "attn.fm.b"] = torch.zeros(cfg.n_head, cfg.head_dim)
     return out, cfg
 
 

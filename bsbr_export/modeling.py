@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import BSBRConfig
 from .errors import InputError
 from .ops.baselines import WindowAttention
-from .ops.chunk import bsbr_attention, chunk_states, num_chunks, retrieve
+from .ops.chunk import LearnedFeature, bsbr_attention, chunk_states, num_chunks, retrieve
 from .ops.naive import bsbr_attention_reference
 from .ops.recurrent import (DecodeState, close_chunk, open_row, retrieve_one, slide, step_attention,
                             visible_rows)
@@ -60,6 +60,13 @@ class Attention(nn.Module):
             self.register_buffer("U", torch.zeros(H, cfg.head_dim, cfg.state_dim))
         else:
             self.U = None
+        if cfg.feature_map == "learned":
+            self.fm = LearnedFeature(H, cfg.head_dim)
+
+    @property
+    def fmap(self):
+        """The feature map the ops take: its name, or the learned map itself."""
+        return self.fm if self.cfg.feature_map == "learned" else self.cfg.feature_map
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, E) -> (B, H, N, d)."""
@@ -86,19 +93,15 @@ class Attention(nn.Module):
             return self.c_proj(impl(q, k, v).transpose(1, 2).reshape(B, T, E))
         r, h = self.meta(x)
         L = self.cfg.chunk_size
-        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.cfg.feature_map,
+        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.fmap,
                     local_window=self.cfg.local_window)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl == "vectorised":
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl in ("triton", "fused"):
-            # "fused": the Triton kernel on CUDA, the vectorised path elsewhere (always, with the
-            # look-back window, which has no kernel yet).
-            if self.cfg.lookback and impl == "triton":
-                raise ValueError("the Triton kernel has no look-back local window yet")
-            fused = None if self.cfg.lookback else fused_op(q, strict=impl == "triton",
-                                                            normalised=self.cfg.retrieval == "normalised")
+            # "fused": the Triton kernel on CUDA, the vectorised path elsewhere.
+            fused = fused_op(q, strict=impl == "triton", normalised=self.cfg.retrieval == "normalised")
             o = bsbr_attention(q, k, v, r, h, self.g, L, self.U, fused=fused, **mode)
         else:
             raise ValueError(f"unknown attention implementation {impl!r}")
@@ -210,7 +213,7 @@ class BSBRGPT2(nn.Module):
             xa = block.ln_1(x)
             q, k, v = a.qkv(xa)
             r, h = a.meta(xa)
-            Fs = chunk_states(k, v, L, a.U, c.feature_map, norm)  # (B, H, C, d', dc)
+            Fs = chunk_states(k, v, L, a.U, a.fmap, norm)  # (B, H, C, d', dc)
             st.bank_h[:, i, :, :n_done] = h[:, :, :n_done]
             st.bank_F[:, i, :, :n_done] = Fs[:, :, :n_done]
             # The open chunk n_done in the last L rows; before it the chunks n_done - m, m <= lookback.
@@ -254,13 +257,13 @@ class BSBRGPT2(nn.Module):
             st.k[:, i, :, row] = k[:, :, 0]
             st.v[:, i, :, row] = v[:, :, 0]
             kk, vv = st.k[:, i, :, seen], st.v[:, i, :, seen]  # (B, H, n, d)
-            o = step_attention(q, kk, vv, st.S[:, i], a.g, a.U, c.feature_map, norm)  # (B, H, 1, d)
+            o = step_attention(q, kk, vv, st.S[:, i], a.g, a.U, a.fmap, norm)  # (B, H, 1, d)
             x = x + a.c_proj(o.transpose(1, 2).reshape(x.shape))
             x = x + block.mlp(block.ln_2(x))
             if slot == L - 1:  # the chunk closes: bank it, then build S for the next chunk
                 j = t // L
                 st.bank_F[:, i, :, j] = close_chunk(st.k[:, i, :, rows - L:], st.v[:, i, :, rows - L:], a.U,
-                                                    c.feature_map, norm)
+                                                    a.fmap, norm)
                 st.bank_h[:, i, :, j] = a.heads(a.meta_k(xa))[:, :, 0]
                 st.S[:, i] = self._next_S(a, xa[:, 0], st, i, j + 1)
                 slide(st.k[:, i], L)

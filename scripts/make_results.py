@@ -31,11 +31,13 @@ USES_CALIBRATED = ("study_sweeps", "study_retrieval")
 # cores (measured: see the "Regeneration" section it writes). Each script alone defaults
 # to every window of the held-out text, for anyone with more time.
 FULL_ARGS = {
-    "study_fidelity": ["--windows", "64", "--long-windows", "2"],
+    "study_fidelity": ["--windows", "64", "--long-windows", "8", "8", "4"],
     "study_attention": ["--windows", "32"],
     "study_calibration": ["--runs", "normalised:conversion", "normalised:full", "normalised:conversion:4096",
+                          "normalised:output+conversion", "normalised, learned φ:weights+conversion",
+                          "normalised, look-back:conversion", "normalised, look-back, learned φ:weights+conversion",
                           "--budget", "65536",
-                          "--eval-windows", "32", "--long-windows", "1"],
+                          "--eval-windows", "32", "--long-windows", "8", "8", "4"],
     "study_sweeps": ["--windows", "16", "--repeats", "3"],
     "study_retrieval": ["--windows", "24"],
     "study_external": [],
@@ -121,7 +123,7 @@ def run_all(args) -> None:
         common.append("--quick")
     if args.data:
         common += ["--data", args.data]
-    if args.with_baselines:
+    if not args.no_baselines:
         common.append("--with-baselines")
     save = args.results / ".calibrated" if args.quick else ROOT / "out" / "study"
     times = []
@@ -185,8 +187,9 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true", help="with --run: also rerun both benchmarks")
     ap.add_argument("--model", default="models/gpt2-pystdlib")
     ap.add_argument("--data", default=None)
-    ap.add_argument("--with-baselines", action="store_true",
-                    help="with --run: every script also runs the look-back variants and the baselines")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="with --run: leave out the look-back variants and the baselines (sliding window, "
+                         "sinks + window) that every script otherwise adds")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
     ap.add_argument("--output", type=Path, default=None, help="default: RESULTS.md next to the results folder")

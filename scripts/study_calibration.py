@@ -20,10 +20,11 @@ import torch
 
 import studylib as S
 from bsbr_export import metrics as M
-from bsbr_export.calibrate import calibrate, trainable
+from bsbr_export.calibrate import TRANSFER_LOSSES, calibrate, trainable, transfer
 from bsbr_export.convert import save_bsbr
 
-TARGETS = {"top1": 0.90, "kl": 0.1, "ppl_ratio": 1.05}
+# The fidelity targets (bundled model, chunk 128, held-out text, T = 1024).
+TARGETS = {"top1": 0.90, "kl": 0.05, "ppl_ratio": 1.02}
 
 
 def options():
@@ -31,23 +32,27 @@ def options():
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--runs", nargs="*", default=["local:conversion", "normalised:conversion", "normalised:full"],
-                    help="START:TRAINED[:LEN]: a conversion of studylib (VARIANTS or a look-back variant, "
-                         "e.g. 'normalised, look-back'), 'conversion' (meta "
-                         "projections and g) or 'full' (every parameter), and the training window length "
+                    help="START:STAGES[:LEN]: a conversion of studylib (VARIANTS, a look-back or learned-φ variant, "
+                         "e.g. 'normalised, look-back, learned φ'); STAGES 'conversion' (KL distillation of the meta "
+                         "projections, g and a learned φ) or 'full' (every parameter), optionally after an "
+                         "attention-transfer stage ('weights+conversion', 'output+conversion', or the transfer "
+                         "alone: 'weights'); and the training window length "
                          "(default --seq-len; longer windows are taught by the original on n_positions pieces)")
+    ap.add_argument("--transfer-passes", type=int, default=2, help="passes of the attention-transfer stage")
+    ap.add_argument("--lr-transfer", type=float, default=1e-3, help="learning rate of the attention-transfer stage")
     ap.add_argument("--budget", type=int, default=131072, help="training tokens per pass")
     ap.add_argument("--passes", type=int, nargs="*", default=[1, 5, 10])
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate (conversion parameters)")
     ap.add_argument("--lr-full", type=float, default=1e-4, help="learning rate (full fine-tune)")
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows")
     ap.add_argument("--long", type=int, nargs="*", default=[2048, 4096, 8192])
-    ap.add_argument("--long-windows", type=int, default=4, help="windows per long length")
+    S.long_windows_arg(ap, [4])
     ap.add_argument("--save", type=Path, default=S.ROOT / "out" / "study", help="calibrated checkpoints")
     a = ap.parse_args()
     if a.quick:
         a.chunk_size, a.seq_len, a.budget, a.passes = 16, 64, 128, [1, 2]
-        a.runs = ["local:conversion", "normalised:full", "normalised:conversion:128"]
-        a.eval_windows, a.long, a.long_windows = 2, [128], 1
+        a.runs = ["normalised:full", "normalised:conversion:128", "normalised, learned φ:weights+conversion"]
+        a.eval_windows, a.long, a.long_windows = 2, [128], [1]
     return a
 
 
@@ -57,6 +62,7 @@ def main():
     L, T = args.chunk_size, args.seq_len
     ref = S.Reference(hf, S.windows(ids, T, args.eval_windows))
     N = hf.config.n_positions
+    n_long = S.windows_per_length(args.long, args.long_windows)
 
     def teacher(x):  # the original runs at most N positions: longer windows in N-token pieces
         return torch.cat([hf(input_ids=x[:, a:a + N]).logits for a in range(0, x.shape[1], N)], 1)
@@ -67,50 +73,62 @@ def main():
     windows_of = {}  # training windows per length: tokenised once
     untrained = {}  # pass 0 per starting conversion: evaluated once
     for run in args.runs:
-        start, what, *rest = run.split(":")
-        Tt = int(rest[0]) if rest else T
+        start, stages, Tt = parse_run(run, T, N)
+        loss1, what = stages
         if Tt not in windows_of:
             windows_of[Tt] = training_windows(model_dir, args.budget, Tt)
         train_wins = windows_of[Tt]
         budget = sum(x.numel() for x in train_wins)
         model = S.load_model(args.model, start, L)
-        n_params = sum(p.numel() for _, p in trainable(model, what))
-        label = f"{start} ({what}, {n_params:,} params" + (f", {Tt}-token windows)" if Tt != T else ")")
-        results = {}
+        n_params = sum(p.numel() for _, p in trainable(model, what or "conversion"))
+        how = " + ".join(([f"{loss1} transfer"] if loss1 else []) + ([what] if what else []))
+        label = f"{start} ({how}, {n_params:,} params" + (f", {Tt}-token windows)" if Tt != T else ")")
+        results = []  # (passes, tokens seen, summary, long perplexities)
 
-        def record(k, m, label=label):
-            if k == 0 and start in untrained:
-                results[0] = untrained[start]
+        def record(passes, tokens, m, label=label):
+            if passes == 0 and start in untrained:
+                results.append(untrained[start])
                 return
             summ, _ = S.evaluate(ref, m)
-            longs = {Tl: S.long_perplexity(hf, m, ids, Tl, args.long_windows) for Tl in args.long}
-            results[k] = (summ, longs)
-            if k == 0:
-                untrained[start] = results[0]
-            print(f"[{label}] after {k} passes: top1 {summ['top1'][0]:.4f} KL {summ['kl'][0]:.4f} "
+            longs = {Tl: S.long_perplexity(hf, m, ids, Tl, n_long[Tl]) for Tl in args.long}
+            results.append((passes, tokens, summ, longs))
+            if passes == 0:
+                untrained[start] = results[-1]
+            print(f"[{label}] after {passes} passes: top1 {summ['top1'][0]:.4f} KL {summ['kl'][0]:.4f} "
                   f"ppl {summ['ppl']:.3f} (orig {summ['ppl_ref']:.3f})", flush=True)
 
-        record(0, model)
-        passes = max(args.passes)
-        lr = args.lr if what == "conversion" else args.lr_full
-        log = calibrate(model, teacher, train_wins, passes, lr=lr, what=what,
-                        after_pass=lambda k, m: record(k, m) if k in args.passes else None,
-                        progress=lambda s, label=label: print(f"[{label}] {s}", flush=True))
-        name = f"calibrated-{re.sub(r'[^A-Za-z0-9]+', '-', start)}-{what}" + (f"-{Tt}" if Tt != T else "")
+        record(0, 0, model)
+        seen = 0
+        t_train = 0.0
+        if loss1:
+            log1 = transfer(model, lambda x: hf(input_ids=x, output_hidden_states=True).hidden_states, train_wins,
+                            args.transfer_passes, loss=loss1, lr=args.lr_transfer,
+                            progress=lambda s, label=label: print(f"[{label}] transfer {s}", flush=True))
+            seen, t_train = log1.tokens, log1.seconds
+            record(f"transfer {args.transfer_passes}", seen, model)
+        if what:
+            passes = max(args.passes)
+            lr = args.lr if what == "conversion" else args.lr_full
+            log = calibrate(model, teacher, train_wins, passes, lr=lr, what=what,
+                            after_pass=lambda k, m, s0=seen: record(k, s0 + k * budget, m) if k in args.passes else None,
+                            progress=lambda s, label=label: print(f"[{label}] {s}", flush=True))
+            t_train += log.seconds
+            print(f"[{label}] trained {log.steps} steps, {log.tokens:,} tokens, {log.seconds:.0f} s", flush=True)
+        name = f"calibrated-{re.sub(r'[^A-Za-z0-9]+', '-', start)}-{re.sub(r'[^A-Za-z0-9]+', '-', how)}" + (
+            f"-{Tt}" if Tt != T else "")
         save_bsbr(model, args.save / name, tokenizer_from=model_dir, force=True)
         g = torch.stack([b.attn.g.detach() for b in model.h])
-        for k, (summ, longs) in sorted(results.items()):
-            _result_rows(rows9, rows7, long_ref, args.long, label, k, k * budget, summ, longs)
-        summ, longs = results[max(results)]
-        targets.append(_target_row(label, max(results), summ, longs))
-        rows9.append([f"{label}: final g per layer", "", "", "; ".join(
+        for passes, tokens, summ, longs in results:
+            _result_rows(rows9, rows7, long_ref, args.long, label, passes, tokens, summ, longs)
+        passes, _, summ, longs = results[-1]
+        targets.append(_target_row(label, passes, summ, longs))
+        rows9.append([f"{label}: final g per layer; {t_train:.0f} s of training", "", "", "; ".join(
             "[" + ", ".join(f"{v:.3g}" for v in row) + "]" for row in g.tolist()), "", "", "", "", "", ""])
-        print(f"[{label}] trained {log.steps} steps, {log.tokens:,} tokens, {log.seconds:.0f} s", flush=True)
     if args.with_baselines:  # nothing to train: the baselines once, beside the calibrated rows
         for n in S.baseline_names(L):
             m = S.load_model(args.model, n, L)
             summ, _ = S.evaluate(ref, m)
-            longs = {Tl: S.long_perplexity(hf, m, ids, Tl, args.long_windows) for Tl in args.long}
+            longs = {Tl: S.long_perplexity(hf, m, ids, Tl, n_long[Tl]) for Tl in args.long}
             _result_rows(rows9, rows7, long_ref, args.long, f"{n} (baseline, nothing trained)", 0, 0, summ, longs)
 
     ppl_orig = summ["ppl_ref"]
@@ -130,7 +148,7 @@ def main():
            S.md_table(["start (trained, size)", "passes", "tokens seen", "cos final", "MSE final", "KL (nats)",
                        "top-1", "top-5", "top-10", f"ppl T={T} (orig {ppl_orig:.3f})"], rows9)]
     out += ["### Table 9 (cont.): perplexity beyond the original's position limit", "",
-            S.provenance(args, f"{data_desc}; windows of T tokens, up to {args.long_windows or 'all'} per length"),
+            S.provenance(args, f"{data_desc}; windows of T tokens, up to {S.describe_counts(n_long)}"),
             "Each cell: BSBR perplexity over one T-token window / the same tokens in "
             f"{hf.config.n_positions}-token pieces; in brackets the one window's change against the original "
             "on those pieces, with its 95% interval (paired bootstrap over windows; one window gives no "
@@ -170,6 +188,26 @@ def _result_rows(rows9, rows7, long_ref, lengths, label, passes, tokens, summ, l
     for Tl in lengths:
         if longs[Tl] is not None:
             long_ref[Tl] = longs[Tl]
+
+
+def parse_run(run: str, T: int, N: int):
+    """START:STAGES[:LEN] -> (start, (transfer loss or None, KL-trained parameters or None), length).
+    STAGES: ``conversion`` or ``full`` (KL distillation), a transfer loss (``weights``, ``output``),
+    or both joined by ``+`` (transfer first)."""
+    start, stages, *rest = run.split(":") + [""] * (2 - len(run.split(":")))
+    parts = stages.split("+")
+    loss1 = parts[0] if parts[0] in TRANSFER_LOSSES else None
+    what = parts[-1] if parts[-1] in ("conversion", "full") else None
+    ok = len(parts) == (loss1 is not None) + (what is not None) and len(rest) <= 1
+    if not ok or not (loss1 or what):
+        raise SystemExit(f"error: run {run!r}: STAGES must be conversion, full, {' or '.join(TRANSFER_LOSSES)}, "
+                         "or a transfer loss + conversion/full")
+    Tt = int(rest[0]) if rest else T
+    if loss1 and Tt > N:
+        raise SystemExit(f"error: run {run!r}: attention transfer needs the original's hidden states, "
+                         f"so windows of at most {N} tokens")
+    S.row_spec(start)  # an unknown start fails here, before any training
+    return start, (loss1, what), Tt
 
 
 def training_windows(model_dir, budget: int, T: int) -> list[torch.Tensor]:

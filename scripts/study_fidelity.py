@@ -26,12 +26,12 @@ def options():
     ap.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
     ap.add_argument("--short", type=int, nargs="*", default=[512, 1024], help="perplexity lengths, both models")
     ap.add_argument("--long", type=int, nargs="*", default=[2048, 4096, 8192], help="BSBR-only lengths")
-    ap.add_argument("--long-windows", type=int, default=None, help="windows per long length (default: all)")
+    S.long_windows_arg(ap, None)
     ap.add_argument("--g-sweep", type=float, nargs="*", default=[0.01, 0.1, 1.0],
                     help="extra initial retrieval scales for the normalised variant")
     a = ap.parse_args()
     if a.quick:
-        a.chunk_size, a.seq_len, a.windows, a.short, a.long, a.long_windows = 16, 64, 2, [32, 64], [128, 256], 1
+        a.chunk_size, a.seq_len, a.windows, a.short, a.long, a.long_windows = 16, 64, 2, [32, 64], [128, 256], [1]
         a.g_sweep = [0.1]
     return a
 
@@ -90,24 +90,31 @@ def main():
         s = summ[n]
         rows.append([n] + [S.fmt(s[f"cos_layer{i}"]) for i in range(1, n_layer)]
                     + [S.fmt(s["cos_final"]), S.fmt(s["mse"]), S.fmt(s["kl"])])
+    cost_hdr, cost, T_cost = [], {}, None
+    if args.with_baselines:  # cost beside fidelity, in tables 1 and 2
+        T_cost = 256 if args.quick else S.COST_PREFILL
+        secs = S.prefill_seconds(models, T_cost)
+        cost_hdr = [f"prefill s at T={T_cost}", f"decode state MiB at T={S.COST_CONTEXT}"]
+        cost = {n: [f"{secs[n]:.3f}", S.mib(S.decode_state_bytes(args.model, o, L))] for n, o in vs.items()}
+    hdr += cost_hdr
+    rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
     out += [S.md_table(hdr, rows),
             "Mean ± standard deviation over windows of the per-window mean. Cosine and MSE are over hidden "
             "states at every position (layer i: the residual stream after block i; final: after ln_f); KL is "
-            "KL(original ‖ converted) of the next-token distributions.", ""]
+            "KL(original ‖ converted) of the next-token distributions."
+            + (" " + S.cost_note(T_cost) if args.with_baselines else ""), ""]
     # ---------------------------------------------------------------- table 2
     out += ["### Table 2: next-token agreement", "", S.provenance(args, desc)]
     rows = [[n] + [S.pct(summ[n][f"top{k}"]) for k in (1, 5, 10)] for n in vs]
-    hdr = ["variant", "top-1", "top-5", "top-10"]
-    if args.with_baselines:  # cost beside fidelity
-        hdr.append(f"decode state MiB at T={S.COST_CONTEXT}")
-        for row, o in zip(rows, vs.values()):
-            row.append(S.mib(S.decode_state_bytes(args.model, o, L)))
+    hdr = ["variant", "top-1", "top-5", "top-10"] + cost_hdr
+    rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
     out += [S.md_table(hdr, rows),
             "Top-k agreement: the share of positions where the original model's top-1 token is among the "
             "converted model's k highest logits (mean ± std over windows)."
-            + (" Decode state: what one sequence carries while decoding after "
-               f"{S.COST_CONTEXT} tokens, float32 (BSBR: `StateSpec.bytes_at`; baselines: the KV cache of the "
-               "window and sinks)." if args.with_baselines else ""), ""]
+            + (" " + S.cost_note(T_cost) if args.with_baselines else ""), ""]
+    if args.with_baselines:
+        out += ahead_of_baselines(vs, summ, secs, {n: S.decode_state_bytes(args.model, o, L) for n, o in vs.items()},
+                                  T_cost)
     bucket = max(1, L // 8)
     tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
     rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]
@@ -121,6 +128,26 @@ def main():
     out += perplexity_tables(args, hf, model_dir, ids, data_desc, vs)
     out.append(f"_study_fidelity wall time: {time.time() - t_start:.0f} s_\n")
     S.write_fragment(args, "fidelity", "\n".join(out))
+
+
+def ahead_of_baselines(vs, summ, secs, state, T_cost) -> list[str]:
+    """The target "ahead of the baselines": each BSBR variant against every baseline whose cost is
+    at least as high on both measures (prefill time and decode state)."""
+    bases = [n for n, o in vs.items() if S.is_baseline(o)]
+    rows = []
+    for n, o in vs.items():
+        if S.is_baseline(o) or n.startswith("normalised g=") or "chunk positions" in n:
+            continue
+        costlier = [b for b in bases if secs[b] >= secs[n] and state[b] >= state[n]]
+        beaten = [b for b in costlier if summ[n]["kl"][0] < summ[b]["kl"][0] and summ[n]["top1"][0] > summ[b]["top1"][0]]
+        verdict = ("no baseline costs as much on both measures" if not costlier else
+                   "met" if len(beaten) == len(costlier) else
+                   "**missed** against " + ", ".join(b for b in costlier if b not in beaten))
+        rows.append([n, ", ".join(costlier) or "-", verdict])
+    return ["Ahead of the baselines (target: lower KL and higher top-1 than every baseline whose prefill time "
+            f"at T={T_cost} and decode state are both at least the variant's):", "",
+            S.md_table(["variant", "baselines costing at least as much", "lower KL and higher top-1 than each"],
+                       rows), ""]
 
 
 @torch.no_grad()
@@ -151,8 +178,9 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
     # Beyond the original's position table: the same tokens scored as one long window (BSBR)
     # and as consecutive windows of the original's maximum length.
     rows = []
+    n_long = S.windows_per_length(args.long, args.long_windows)
     for T in args.long:
-        wins = S.windows(ids, T, args.long_windows)
+        wins = S.windows(ids, T, n_long[T])
         if not wins:
             continue
         acc = {"orig@N": []}

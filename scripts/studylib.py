@@ -51,6 +51,12 @@ VARIANT_NOTES = {
 LOOKBACK_VARIANTS = {f"{n}, look-back": {**VARIANTS[n], "local_window": "lookback"} for n in ("local", "normalised")}
 LOOKBACK_NOTE = ("`…, look-back`: the variant with the look-back local window (softmax over the own and the "
                  "previous chunk, retrieval from the chunks before)")
+# A learned feature map starts as elu + 1: it differs from its variant only once trained (table 9).
+LEARNED_VARIANTS = {f"{n}, learned φ": {**spec, "feature_map": "learned"}
+                    for n, spec in (("normalised", VARIANTS["normalised"]),
+                                    ("normalised, look-back", LOOKBACK_VARIANTS["normalised, look-back"]))}
+LEARNED_NOTE = ("`…, learned φ`: the retrieval's feature map elu(x W + b) + 1 with a per-head W and b, "
+                "starting as elu + 1 and trained by attention transfer")
 BASELINE_SINKS = 4
 BASELINE_NOTE = ("`window W`: the original's attention over the W most recent tokens only (no retrieval); "
                  "`sinks 4 + window W`: the same plus the first 4 tokens (as StreamingLLM keeps them); "
@@ -65,6 +71,29 @@ def baseline_names(L: int) -> list[str]:
             f"sinks {BASELINE_SINKS} + window {2 * L}"]
 
 
+def long_windows_arg(ap: argparse.ArgumentParser, default) -> None:
+    """--long-windows: one count for every long length, or one count per length (in --long's order)."""
+    ap.add_argument("--long-windows", type=int, nargs="+", default=default,
+                    help="windows per long length: one count for all, or one per --long length (e.g. 8 8 4)")
+
+
+def windows_per_length(lengths: list[int], counts) -> dict[int, int | None]:
+    """--long-windows resolved: {T: windows (None = all)}."""
+    if counts is None:
+        return {T: None for T in lengths}
+    counts = [counts] if isinstance(counts, int) else list(counts)
+    if len(counts) == 1:
+        counts = counts * len(lengths)
+    if len(counts) != len(lengths):
+        raise SystemExit(f"error: --long-windows takes one count or one per --long length ({len(lengths)}), "
+                         f"got {len(counts)}")
+    return dict(zip(lengths, counts))
+
+
+def describe_counts(per: dict) -> str:
+    return ", ".join(f"{n if n is not None else 'all'} at {T}" for T, n in per.items())
+
+
 def round_two(L: int) -> list[str]:
     """Rows --with-baselines adds: the look-back variants, then the baselines."""
     return list(LOOKBACK_VARIANTS) + baseline_names(L)
@@ -77,10 +106,13 @@ def row_spec(name: str):
         return dict(VARIANTS[name])
     if name in LOOKBACK_VARIANTS:
         return dict(LOOKBACK_VARIANTS[name])
+    if name in LEARNED_VARIANTS:
+        return dict(LEARNED_VARIANTS[name])
     m = _BASELINE_NAME.fullmatch(name)
     if m:
         return WindowAttention(int(m.group(2)), int(m.group(1) or 0))
-    raise SystemExit(f"error: unknown variant or baseline {name!r} (variants: {', '.join([*VARIANTS, *LOOKBACK_VARIANTS])}; "
+    raise SystemExit(f"error: unknown variant or baseline {name!r} (variants: "
+                     f"{', '.join([*VARIANTS, *LOOKBACK_VARIANTS, *LEARNED_VARIANTS])}; "
                      f"baselines: 'window W', 'sinks S + window W')")
 
 
@@ -237,6 +269,33 @@ def decode_state_bytes(model: str, spec, chunk_size: int, context: int = COST_CO
         return spec.state_bytes(hf["n_layer"], hf["n_embd"], context)
     cfg, _ = planned_config(model, chunk_size=chunk_size, **spec)
     return StateSpec.from_config(cfg).bytes_at(context)
+
+
+COST_PREFILL = 4096
+
+
+@torch.no_grad()
+def prefill_seconds(models: dict, T: int = COST_PREFILL, repeats: int = 3) -> dict:
+    """Median seconds of one forward pass over T tokens (batch 1, this process's torch threads)
+    per model, timed round-robin so that a disturbance of the machine falls on every row alike."""
+    V = min(m.cfg.vocab_size for m in models.values())
+    x = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(0))
+    times = {n: [] for n in models}
+    for m in models.values():
+        m(x[:, :256])  # warm-up
+    for _ in range(repeats):
+        for n, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[n].append(time.perf_counter() - t0)
+    return {n: float(np.median(v)) for n, v in times.items()}
+
+
+def cost_note(T: int = COST_PREFILL) -> str:
+    return (f"Cost: prefill s at T={T}: one forward pass of the torch model over {T} tokens "
+            f"(batch 1, median of 3, rows timed round-robin in one process); decode state MiB at "
+            f"T={COST_CONTEXT}: what one sequence carries while decoding after {COST_CONTEXT} tokens, float32 "
+            "(BSBR: `StateSpec.bytes_at`; baselines: the KV cache of the window and sinks).")
 
 
 def mib(n: int) -> str:
@@ -398,6 +457,9 @@ def evaluate(ref: Reference, model) -> tuple[dict, torch.Tensor]:
     return summarise(per), torch.stack([r["top1"] for r in per])
 
 
+_ORIGINAL_PIECES: dict[int, torch.Tensor] = {}  # one original model per run
+
+
 @torch.no_grad()
 def long_perplexity(hf, model, ids: np.ndarray, T: int, n: int | None) -> dict | None:
     """Perplexities of the same tokens: the original and the model in pieces of n_positions
@@ -412,7 +474,11 @@ def long_perplexity(hf, model, ids: np.ndarray, T: int, n: int | None) -> dict |
     for x in wins:
         tgt = x[:, 1:]
         pieces = [(s, min(s + N, T)) for s in range(0, T, N)]
-        acc["orig_pieces"].append(torch.cat([M.nll(hf(input_ids=x[:, a:b]).logits[0], tgt[0, a:b]) for a, b in pieces]))
+        key = hash(x.numpy().tobytes())
+        if key not in _ORIGINAL_PIECES:  # the original's NLL of a window: computed once per run
+            _ORIGINAL_PIECES[key] = torch.cat([M.nll(hf(input_ids=x[:, a:b]).logits[0], tgt[0, a:b])
+                                               for a, b in pieces])
+        acc["orig_pieces"].append(_ORIGINAL_PIECES[key])
         acc["pieces"].append(torch.cat([M.nll(model(x[:, a:b])[0], tgt[0, a:b]) for a, b in pieces]))
         acc["window"].append(M.nll(model(x[:, :-1])[0], tgt[0]))
     out = {k: M.perplexity(v) for k, v in acc.items()}

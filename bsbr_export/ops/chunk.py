@@ -68,8 +68,11 @@ def window_mask(C: int, L: int, n: int, device=None, span: int | None = None) ->
     return visible if span is None else visible & (s > t - span)
 
 
-def feature(x: torch.Tensor, name: str = "identity") -> torch.Tensor:
-    """The elementwise feature map before compression: identity, elu(x) + 1, or relu(x)."""
+def feature(x: torch.Tensor, name="identity") -> torch.Tensor:
+    """The feature map before compression: identity, elu(x) + 1, relu(x), or a module with
+    parameters (``LearnedFeature``), called on x."""
+    if callable(name):
+        return name(x)
     if name == "identity":
         return x
     if name == "elu1":
@@ -77,6 +80,20 @@ def feature(x: torch.Tensor, name: str = "identity") -> torch.Tensor:
     if name == "relu":
         return F.relu(x)
     raise ValueError(f"unknown feature map {name!r}")
+
+
+class LearnedFeature(torch.nn.Module):
+    """phi(x) = elu(x W_h + b_h) + 1 per head h: W (H, d, d) starts as the identity and b (H, d)
+    as zero, so an untrained map is elu(x) + 1. Positive, so the normalised denominator holds."""
+
+    def __init__(self, n_head: int, head_dim: int):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.eye(head_dim).repeat(n_head, 1, 1))
+        self.b = torch.nn.Parameter(torch.zeros(n_head, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, ..., d)
+        b = self.b.view(self.b.shape[0], *([1] * (x.dim() - 3)), self.b.shape[1])
+        return F.elu(torch.einsum("bh...d,hde->bh...e", x, self.W) + b) + 1.0
 
 
 def phi(x: torch.Tensor, feature_map: str, U: torch.Tensor | None) -> torch.Tensor:

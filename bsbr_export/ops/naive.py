@@ -191,3 +191,29 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0) -> torch.Te
         w = (q64[:, :, t, None, :] * k64[:, :, keys]).sum(-1) / math.sqrt(d)  # (B, H, n)
         o[:, :, t] = (torch.softmax(w, -1)[..., None] * v64[:, :, keys]).sum(-2)
     return o.to(q.dtype)
+
+
+def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_window: str = "chunk") -> torch.Tensor:
+    """The normalised op as an explicit attention matrix: log w[t, s], (B, H, T, T), -inf where
+    token t gives token s no weight. Differentiable (it is what ``calibrate.transfer`` trains).
+
+    Token t of chunk i weighs a key s of its local window by e^{q_t.k_s/sqrt d} and a key s of a
+    retrieved chunk j by g p_ij phi(q_t).phi(k_s); each row is divided by its sum, so
+    ``exp(log_w) @ v`` is the op's output (no compression: U = I)."""
+    B, H, T, d = q.shape
+    n = LOOKBACK_CHUNKS[local_window]
+    C = num_chunks(T, L)
+    chunk = torch.arange(T, device=q.device) // L
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    local = causal & (chunk[None, :] >= chunk[:, None] - n)  # the same chunk or the n before it
+    meta = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
+    earlier = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 - n)
+    # Masked with a finite value first: a row without earlier chunks must not give NaN gradients.
+    logp = torch.log_softmax(meta.masked_fill(~earlier, -1e9), -1)
+    logp = logp.masked_fill(~earlier, float("-inf"))[:, :, chunk][:, :, :, chunk]  # (B, H, T, T)
+    lin = feature(q.float(), feature_map) @ feature(k.float(), feature_map).transpose(-1, -2)
+    retrieved = causal & ~local
+    logits = torch.where(local, (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d),
+                         torch.where(retrieved, g.float().log().view(1, H, 1, 1) + logp + lin.log(),
+                                     torch.full_like(lin, float("-inf"))))
+    return torch.log_softmax(logits, -1)

@@ -44,6 +44,8 @@ def feature(g: Graph, x, name: str):
         return g.op("Add", g.op("Relu", x), g.op("Exp", g.op("Min", x, g.fconst(0.0))))
     if name == "relu":
         return g.op("Relu", x)
+    if name != "identity":
+        raise ValueError(f"feature map {name!r} has no ONNX form")
     return x
 
 

@@ -1,0 +1,192 @@
+"""The learned feature map (``feature_map="learned"``) and attention transfer (``calibrate.transfer``).
+
+A learned map starts as elu + 1 and, trained or not, keeps the conversion's contract: every torch
+path computes the same model, causally, exactly GPT-2 within the local window. The transfer
+stage trains only what the conversion added and lowers its loss; the dense weight matrix it
+trains against is the op itself."""
+
+import sys
+
+import pytest
+import torch
+
+from bsbr_export.calibrate import CONVERSION_PARAMS, CalibrationLog, transfer, transfer_loss
+from bsbr_export.convert import convert
+from bsbr_export.errors import ConfigError
+from bsbr_export.export import export_onnx
+from bsbr_export.ops.chunk import LearnedFeature, bsbr_attention, num_chunks
+from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
+from conftest import ROOT, assert_causal_at, assert_close, rand_ids
+
+L = 12  # not a power of two
+LENGTHS = [1, L - 1, L + 1, 2 * L + 5, 4 * L + 3]
+NORMALISED = dict(retrieval="normalised", feature_map="learned", retrieval_scale=0.5)
+
+
+def perturb(model, seed=0, scale=0.3):
+    """A learned map away from the identity, as training leaves it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.h:
+            blk.attn.fm.W.add_(scale * torch.randn(blk.attn.fm.W.shape, generator=g))
+            blk.attn.fm.b.add_(scale * torch.randn(blk.attn.fm.b.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module", params=["chunk", "lookback"])
+def learned(request, tiny_hf_dir):
+    return perturb(convert(tiny_hf_dir, chunk_size=L, local_window=request.param, **NORMALISED))
+
+
+def op_inputs(T, seed, B=2, H=3, d=8):
+    g = torch.Generator().manual_seed(seed)
+    C = num_chunks(T, L)
+    q, k, v = (0.7 * torch.randn(B, H, T, d, generator=g) for _ in range(3))
+    r, h = (torch.randn(B, H, C, d, generator=g) for _ in range(2))
+    return q, k, v, r, h, torch.rand(H, generator=g) + 0.2
+
+
+def test_untrained_learned_map_is_elu1(tiny_hf_dir):
+    a = convert(tiny_hf_dir, chunk_size=L, **NORMALISED)
+    b = convert(tiny_hf_dir, chunk_size=L, **{**NORMALISED, "feature_map": "elu1"})
+    ids = rand_ids(3 * L + 1, 0)
+    with torch.no_grad():
+        assert_close(a(ids), b(ids), 1e-5, "learned at init vs elu1")
+    x = torch.randn(2, 3, 5, 8)
+    assert torch.equal(LearnedFeature(3, 8)(x), torch.nn.functional.elu(x) + 1)
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+def test_vectorised_matches_reference(learned, T):
+    ids = rand_ids(T, T)
+    with torch.no_grad():
+        assert_close(learned(ids), learned(ids, impl="reference"), 2e-5, f"{learned.cfg.local_window} T={T}")
+
+
+@pytest.mark.parametrize("t", [L - 1, L + 2, 3 * L])
+def test_causal(learned, t):
+    assert_causal_at(learned, t, 4 * L + 3, f"learned {learned.cfg.local_window}")
+
+
+def test_exact_within_the_local_window(learned, tiny_hf):
+    n = (1 + learned.cfg.lookback) * L  # no retrieval before this many tokens, trained map or not
+    ids = rand_ids(n, 1)
+    with torch.no_grad():
+        assert_close(learned(ids), tiny_hf(ids).logits, 5e-4, "learned vs HF")
+
+
+@pytest.mark.parametrize("prompt", [1, L + 3])
+def test_decode_matches_prefill(learned, prompt):
+    ids = rand_ids(3 * L + 2, prompt, B=1)
+    with torch.no_grad():
+        full = learned(ids)
+        logits, st = learned.prefill(ids[:, :prompt], max_len=ids.shape[1])
+        assert_close(logits, full[:, :prompt], 2e-5, "prefill")
+        for t in range(prompt, ids.shape[1]):
+            assert_close(learned.decode_step(ids[:, t], st), full[:, t], 5e-5, f"decode t={t}")
+
+
+@pytest.mark.parametrize("local_window", ["chunk", "lookback"])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_weight_matrix_is_the_op(local_window, T):
+    """exp(log w) @ v is the normalised op's output; rows sum to 1; no weight on the future."""
+    q, k, v, r, h, g = op_inputs(T, T)
+    fm = perturb_map(LearnedFeature(3, 8))
+    for feat in ("elu1", fm):
+        logw = normalised_log_weights(q, k, r, h, g, L, feat, local_window)
+        with torch.no_grad():
+            op = bsbr_attention(q, k, v, r, h, g, L, retrieval="normalised", feature_map=feat,
+                                local_window=local_window)
+        assert_close(logw.exp() @ v, op, 2e-5, f"{local_window} T={T}")
+        w = logw.exp()
+        assert_close(w.sum(-1), torch.ones(w.shape[:-1]), 1e-5, "rows")
+        assert (w.triu(1) == 0).all()
+    ref = bsbr_attention_reference(q, k, v, r, h, g, L, retrieval="normalised", feature_map="elu1",
+                                   local_window=local_window)
+    assert_close(normalised_log_weights(q, k, r, h, g, L, "elu1", local_window).exp() @ v, ref, 2e-5, "loops")
+
+
+def perturb_map(fm, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        fm.W.add_(0.3 * torch.randn(fm.W.shape, generator=g))
+    return fm
+
+
+def test_weight_matrix_gradients_are_finite():
+    q, k, v, r, h, g = op_inputs(2 * L + 5, 7)
+    r.requires_grad_(True)
+    logw = normalised_log_weights(q, k, r, h, g, L, "elu1")
+    torch.where(torch.isfinite(logw), logw, torch.zeros_like(logw)).sum().backward()
+    assert torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", ["weights", "output"])
+@pytest.mark.parametrize("local_window", ["chunk", "lookback"])
+def test_transfer_lowers_its_loss_and_moves_only_the_conversion(tiny_hf_dir, tiny_hf, loss, local_window):
+    model = convert(tiny_hf_dir, chunk_size=L, local_window=local_window, **NORMALISED)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    wins = [rand_ids(5 * L + 1, s, B=1) for s in range(4)]
+
+    def hidden(x):
+        return tiny_hf(input_ids=x, output_hidden_states=True).hidden_states
+
+    def total(m):
+        with torch.no_grad():
+            return sum(transfer_loss(b, hs, loss) for x in wins for b, hs in zip(m.h, hidden(x))).item()
+
+    l0 = total(model)
+    passes = []
+    log = transfer(model, hidden, wins, passes=5, loss=loss, lr=3e-3, after_pass=lambda k, m: passes.append(k))
+    assert passes == list(range(1, 6)) and log.steps == 20 and log.tokens == 20 * (5 * L + 1)
+    assert total(model) < 0.9 * l0, (l0, total(model))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    allowed = {n for n in before if any(k in n for k in CONVERSION_PARAMS)}
+    assert moved and moved <= allowed, moved - allowed
+    assert any(".fm." in n for n in moved)
+    assert all((b.attn.g > 0).all() for b in model.h)
+    assert all(p.requires_grad for p in model.parameters())  # left as it was found
+
+
+def test_transfer_refuses_bad_input(tiny_hf_dir, tiny_hf):
+    model = convert(tiny_hf_dir, chunk_size=L, **NORMALISED)
+    hidden = lambda x: tiny_hf(input_ids=x, output_hidden_states=True).hidden_states  # noqa: E731
+    with pytest.raises(ValueError, match="transfer loss must be one of"):
+        transfer(model, hidden, [rand_ids(L, 0, B=1)], 1, loss="attention")
+    compressed = convert(tiny_hf_dir, chunk_size=L, compression=2, **NORMALISED)
+    with pytest.raises(ValueError, match="without compression"):
+        transfer(compressed, hidden, [rand_ids(2 * L, 0, B=1)], 1, loss="weights", log=CalibrationLog())
+
+
+def test_learned_map_survives_save_and_load(tmp_path, tiny_hf_dir):
+    from bsbr_export.convert import load_bsbr, save_bsbr
+
+    model = perturb(convert(tiny_hf_dir, chunk_size=L, **NORMALISED))
+    save_bsbr(model, tmp_path / "m")
+    back = load_bsbr(tmp_path / "m")
+    ids = rand_ids(3 * L, 2)
+    with torch.no_grad():
+        assert torch.equal(model(ids), back(ids))
+
+
+def test_export_refuses_the_learned_map_writing_nothing(tmp_path, tiny_hf_dir):
+    model = convert(tiny_hf_dir, chunk_size=L, **NORMALISED)
+    out = tmp_path / "onnx"
+    with pytest.raises(ConfigError, match="learned feature map has no ONNX export"):
+        export_onnx(model, out)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_study_run_specs():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from study_calibration import parse_run
+
+    assert parse_run("normalised:conversion", 1024, 1024) == ("normalised", (None, "conversion"), 1024)
+    assert parse_run("normalised, learned φ:weights+conversion", 1024, 1024) == (
+        "normalised, learned φ", ("weights", "conversion"), 1024)
+    assert parse_run("normalised:output", 512, 1024) == ("normalised", ("output", None), 512)
+    assert parse_run("normalised:full:4096", 1024, 1024)[2] == 4096
+    for bad in ("normalised:kl", "normalised:conversion+weights", "normalised:weights:4096", "nonesuch:full",
+                "normalised"):
+        with pytest.raises(SystemExit):
+            parse_run(bad, 1024, 1024)
