@@ -1,0 +1,139 @@
+"""What the look-back local window costs in ONNX Runtime: BSBR prefill with each local window
+against the dense floor, at long prompts (the condition for a default conversion: ORT prefill
+within 1.15x the floor at T=8192).
+
+    python scripts/lookback_cost.py [--lengths 4096,8192] [--runs 3] [--threads 2]
+                                    [--out docs/results/lookback-cost.md]
+
+GPT-2 small shape with random weights (the benchmark's ``gpt2-small-random``, seed 0), converted
+as the main command converts it (chunk 128, normalised retrieval, elu + 1, g = 0.03), once per
+local window. Graphs, fp32 on the same weights, batch 1, no state outputs (as the benchmark times
+prefill):
+
+  chunk      BSBR, the local softmax over the token's own chunk
+  lookback   BSBR, the local softmax over the token's own chunk and the one before it
+  floor      the dense floor: the same graph with attention removed
+
+Per length the graphs run alternately, call by call, in one process (wall time per call,
+median), then under ORT's profiler (node time per op type). Run it alone on the machine, e.g.
+under ``flock /tmp/bsbr-cpu.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bsbr_export.bench.prepare import _make_random_hf  # noqa: E402
+from bsbr_export.bench.profile import profile_alternating  # noqa: E402
+from bsbr_export.util import atomic_write_text, machine_line, markdown_table  # noqa: E402
+
+CHUNK, SEED, FLOOR_LIMIT = 128, 0, 1.15
+EXPORT = """
+import sys
+from pathlib import Path
+from bsbr_export.convert import convert
+from bsbr_export.export import ExportSpec, export_onnx
+hf, out, window, attention, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+m = convert(hf, chunk_size={chunk}, local_window=window)
+export_onnx(m, out, ExportSpec(max_seq_len=n, attention=attention, state_outputs=False), decode=False)
+""".format(chunk=CHUNK)
+LABELS = {"chunk": "BSBR, chunk window", "lookback": "BSBR, look-back window", "floor": "dense floor"}
+
+
+def export(hf: Path, out: Path, window: str, attention: str, max_len: int) -> Path:
+    """One export in a child process (its memory is returned before timing starts)."""
+    subprocess.run([sys.executable, "-c", EXPORT, str(hf), str(out), window, attention, str(max_len)],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
+    return out / "model.onnx"
+
+
+def op_rows(res: dict, names: list, top: int) -> list:
+    ops = sorted({o for n in names for o in res[n]["op_types_ms"]},
+                 key=lambda o: -max(res[n]["op_types_ms"].get(o, 0.0) for n in names))
+    rows = [[o] + [f"{res[n]['op_types_ms'].get(o, 0.0):.0f} ({res[n]['op_counts'].get(o, 0)})" for n in names]
+            for o in ops[:top]]
+    rows.append(["**nodes, total**"] + [f"{res[n]['node_total_ms']:.0f} ({sum(res[n]['op_counts'].values())})"
+                                        for n in names])
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="4096,8192", help="prompt lengths T, comma-separated")
+    ap.add_argument("--runs", type=int, default=3, help="timed calls per graph and length")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--top", type=int, default=10, help="op types shown per profile table")
+    ap.add_argument("--out", default=str(ROOT / "docs/results/lookback-cost.md"))
+    ap.add_argument("--work", default=None, help="keep the model and graphs here (a temporary directory otherwise)")
+    args = ap.parse_args(argv)
+    try:
+        lengths = [int(t) for t in args.lengths.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --lengths must be integers separated by commas, got {args.lengths!r}") from None
+    if min(lengths) < 1 or args.runs < 1 or args.warmup < 0:
+        raise SystemExit("error: lengths and --runs must be >= 1, --warmup >= 0")
+    work = Path(args.work or tempfile.mkdtemp(prefix="lookback-cost-"))
+    t0 = time.perf_counter()
+    hf = work / "hf"
+    if not (hf / "config.json").is_file():
+        _make_random_hf("gpt2-small-random", hf, SEED)
+    n = max(lengths)
+    print("exporting the three graphs", flush=True)
+    paths = {"chunk": export(hf, work / "chunk", "chunk", "bsbr", n),
+             "lookback": export(hf, work / "lookback", "lookback", "bsbr", n),
+             "floor": export(hf, work / "floor", "chunk", "none", n)}
+    names = list(paths)
+    results = {}
+    for T in lengths:
+        ids = np.random.default_rng(SEED + T).integers(0, 50257, size=(1, T), dtype=np.int64)
+        results[T] = profile_alternating({k: str(p) for k, p in paths.items()}, {"input_ids": ids}, args.threads,
+                                         args.runs, args.warmup, str(work / f"prof-{T}"))
+        print(f"T={T}: " + ", ".join(f"{k} {results[T][k]['wall_ms']:.0f} ms" for k in names), flush=True)
+    cmd = "python scripts/lookback_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    lines = ["## Look-back local window: ORT prefill cost against the dense floor", "",
+             f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "",
+             f"- machine: {machine_line()}",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {args.threads} ORT threads, batch 1, "
+             f"fp32; GPT-2 small shape, random weights (seed {SEED}); BSBR chunk {CHUNK}, the main command's "
+             "conversion otherwise",
+             f"- per call: median of {args.runs} calls after {args.warmup} warm-up call(s), the graphs alternating "
+             "call by call in one process; op-type times from ORT's profiler (node kernel time, per-call median)",
+             ""]
+    rows = []
+    for T in lengths:
+        r = results[T]
+        ratio = {k: r[k]["wall_ms"] / r["floor"]["wall_ms"] for k in ("chunk", "lookback")}
+        rows.append([T] + [f"{r[k]['wall_ms'] / 1e3:.2f}" for k in names]
+                    + [f"{ratio['chunk']:.2f}x", f"{ratio['lookback']:.2f}x",
+                       f"{r['lookback']['wall_ms'] / r['chunk']['wall_ms']:.2f}x"])
+    lines += ["#### Wall time per call (s) and ratios", "",
+              markdown_table(["T"] + [LABELS[k] for k in names]
+                             + ["chunk / floor", "look-back / floor", "look-back / chunk"], rows)]
+    r = results[n]
+    ok = r["lookback"]["wall_ms"] / r["floor"]["wall_ms"] <= FLOOR_LIMIT
+    lines += [f"Condition for a default conversion (look-back prefill within {FLOOR_LIMIT}x the dense floor at "
+              f"T={n}): **{'met' if ok else 'missed'}** "
+              f"({r['lookback']['wall_ms'] / r['floor']['wall_ms']:.2f}x).", ""]
+    lines += [f"#### T = {n}: node time per op type (ms per call, nodes in parentheses)", "",
+              markdown_table(["op type"] + [LABELS[k] for k in names], op_rows(r, names, args.top))]
+    lines.append(f"Whole script: {time.perf_counter() - t0:.0f} s.")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
