@@ -513,10 +513,6 @@ def export_onnx(model, out_dir, spec: ExportSpec = ExportSpec(), decode: bool = 
     Files are written and checked in a temporary directory next to ``out_dir``;
     only complete, checked files are moved in. Returns {file name: path} of the graphs.
     """
-    if model.cfg.feature_map == "learned":
-        from .errors import ConfigError
-        raise ConfigError("the learned feature map has no ONNX export yet (torch only); "
-                          "export a conversion with --feature-map elu1 or relu")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))

@@ -68,6 +68,18 @@ each table's header are the ones of that run.
   `Z_i = Σ_{j<i} p_ij z_j`, `z_j = Σ_{s∈j} φ(k_s)`, `φ(x) = elu(x) + 1`, initial `g = 0.03`
   (picked from the sweep of initial g in table 1); (d) calibrated models (table 9). All are
   causal and exactly GPT-2 for sequences within one chunk (`tests/test_variants.py`).
+- **Round two.** `…, look-back`: the local softmax of token t covers its own chunk and the
+  previous one, retrieval the chunks before (exactly GPT-2 up to two chunks,
+  `tests/test_lookback.py`); `…, learned φ`: the retrieval's feature map
+  `elu(x W_h + b_h) + 1`, per head, starting as `elu + 1` (`tests/test_transfer.py`); **attention
+  transfer** (table 9): before the KL distillation, every layer's conversion parameters learn
+  to imitate that layer's softmax attention with the original's hidden states as inputs,
+  `weights` (KL of the attention weights, Hedgehog's objective) or `output` (MSE of the
+  attention outputs, LoLCATs' first stage). **Baselines**: `window W`, the original's attention
+  over the W most recent tokens; `sinks 4 + window W`, plus the first 4 tokens (StreamingLLM).
+- **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and
+  the decode state one sequence carries at T = 8192; table 5 times every chunk size the same
+  way; the ONNX Runtime cost of the look-back window is in its own section.
 - **Position policy** beyond the original's table: `absolute` (default) keeps GPT-2's
   positions below `n_positions` and reuses the table's last `L` positions per chunk beyond;
   `chunk` restarts positions every chunk.

@@ -36,10 +36,10 @@ EOT = "<|endoftext|>"
 
 # The conversions compared throughout: name -> converter options.
 VARIANTS = {
-    "plain": dict(retrieval="plain", retrieval_scale=1.0),
-    "local": dict(retrieval="plain", retrieval_scale=0.0),
+    "plain": dict(retrieval="plain", retrieval_scale=1.0, local_window="chunk"),
+    "local": dict(retrieval="plain", retrieval_scale=0.0, local_window="chunk"),
     # Initial g from the sweep of table 1 (g = 0.01 .. 1 on the bundled model); calibration trains it.
-    "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=0.03),
+    "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=0.03, local_window="chunk"),
 }
 VARIANT_NOTES = {
     "plain": "(a) g = 1, phi = identity, raw retrieved state added to the softmax output",

@@ -1,7 +1,8 @@
 """The learned feature map (``feature_map="learned"``) and attention transfer (``calibrate.transfer``).
 
 A learned map starts as elu + 1 and, trained or not, keeps the conversion's contract: every torch
-path computes the same model, causally, exactly GPT-2 within the local window. The transfer
+path computes the same model, causally, exactly GPT-2 within the local window, and so do its
+ONNX graphs. The transfer
 stage trains only what the conversion added and lowers its loss; the dense weight matrix it
 trains against is the op itself."""
 
@@ -12,8 +13,7 @@ import torch
 
 from bsbr_export.calibrate import CONVERSION_PARAMS, CalibrationLog, transfer, transfer_loss
 from bsbr_export.convert import convert
-from bsbr_export.errors import ConfigError
-from bsbr_export.export import export_onnx
+from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops.chunk import LearnedFeature, bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
 from conftest import ROOT, assert_causal_at, assert_close, rand_ids
@@ -169,12 +169,32 @@ def test_learned_map_survives_save_and_load(tmp_path, tiny_hf_dir):
         assert torch.equal(model(ids), back(ids))
 
 
-def test_export_refuses_the_learned_map_writing_nothing(tmp_path, tiny_hf_dir):
-    model = convert(tiny_hf_dir, chunk_size=L, **NORMALISED)
-    out = tmp_path / "onnx"
-    with pytest.raises(ConfigError, match="learned feature map has no ONNX export"):
-        export_onnx(model, out)
-    assert not out.exists() or not any(out.iterdir())
+@pytest.mark.parametrize("fp16", [False, True])
+def test_exported_learned_map_equals_torch(learned, tmp_path, fp16):
+    """A trained learned map through the ONNX graphs: prefill at lengths around the chunks, then
+    decode step by step across chunk closes (extend, decode and close graphs), against torch."""
+    import numpy as np
+
+    from bsbr_export.runtime import ORTRunner, ORTStepper
+
+    T_max = 4 * L + 3
+    export_onnx(learned, tmp_path, ExportSpec(max_seq_len=T_max, fp16=fp16))
+    name = "model_fp16.onnx" if fp16 else "model.onnx"
+    tol = 5e-2 if fp16 else 1e-4
+    ids = rand_ids(T_max, 11).numpy()
+    with torch.no_grad():
+        full = learned(torch.from_numpy(ids))
+    with ORTRunner(tmp_path / name) as r:
+        for T in (L - 1, L + 1, 2 * L + 5, T_max):
+            assert_close(torch.from_numpy(r.infer({"input_ids": ids[:, :T]})["logits"]).float(), full[:, :T], tol,
+                         f"{learned.cfg.local_window} prefill T={T}")
+    if fp16:
+        return
+    st = ORTStepper(tmp_path, max_len=T_max)
+    assert_close(torch.from_numpy(st.prefill(ids[:, :L + 2])), full[:, L + 1], 1e-4, "stepper prefill")
+    for t in range(L + 2, T_max):
+        assert_close(torch.from_numpy(st.decode(ids[:, t])), full[:, t], 1e-4, f"decode t={t}")
+    assert np.isfinite(full.numpy()).all()
 
 
 def test_study_run_specs():

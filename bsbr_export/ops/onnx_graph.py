@@ -38,7 +38,7 @@ def function_name(normalised: bool, lookback: int = 0) -> str:
 
 
 def feature(g: Graph, x, name: str):
-    """The feature map before compression: identity, elu(x) + 1 or relu(x)."""
+    """The elementwise feature map before compression: identity, elu(x) + 1 or relu(x)."""
     if name == "elu1":
         # elu(x) + 1 = max(x, 0) + exp(min(x, 0)): ORT's CPU Elu kernel is slower than these three.
         return g.op("Add", g.op("Relu", x), g.op("Exp", g.op("Min", x, g.fconst(0.0))))
@@ -47,6 +47,15 @@ def feature(g: Graph, x, name: str):
     if name != "identity":
         raise ValueError(f"feature map {name!r} has no ONNX form")
     return x
+
+
+def phi(g: Graph, W, cfg, p, x):
+    """The layer's feature map on x (B, H, N, d): ``feature``, or the learned map
+    elu(x W_h + b_h) + 1 with the layer's W (H, d, d) and b (H, d) (``ops.chunk.LearnedFeature``)."""
+    if cfg.feature_map != "learned":
+        return feature(g, x, cfg.feature_map)
+    b = g.op("Unsqueeze", W(p + "attn.fm.b"), g.const([1]))  # (H, 1, d)
+    return feature(g, g.op("Add", g.op("MatMul", x, W(p + "attn.fm.W")), b), "elu1")
 
 
 def _last_two_swapped(rank: int) -> list[int]:
@@ -188,7 +197,7 @@ def fused_chunk_attention(g: Graph, W, cfg, p, q, k, v, SZ, U5):
     if Zc is None:
         return g.op(name, q, k, v, expand(S_), W(p + "attn.g"), **attrs)
     Z_full = g.op("Squeeze", expand(Zc), g.const([-1]))  # (B, H, C, d)
-    return g.op(name, q, k, v, feature(g, q, cfg.feature_map), expand(S_), Z_full, W(p + "attn.g"), **attrs)
+    return g.op(name, q, k, v, phi(g, W, cfg, p, q), expand(S_), Z_full, W(p + "attn.g"), **attrs)
 
 
 def retrieval_softmax(g: Graph, scores, allowed):
@@ -237,7 +246,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     r = g.op("Concat", r0, rp_r, axis=2)  # (B, H, C, d)
     # Chunk states of the same Cm chunks, all complete (Cm <= n_done): the first Cm * L tokens, no padding.
     full = lambda t: g.op("Reshape", g.op("Slice", t, zero, rows["full"], g.const([2])), rows["chunked"])  # noqa: E731
-    kc, vc = full(feature(g, k, cfg.feature_map)), full(v)  # (B, H, Cm, L, d)
+    kc, vc = full(phi(g, W, cfg, p, k)), full(v)  # (B, H, Cm, L, d)
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
     Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, Cm, d', dc)
     Ff = g.op("Reshape", Fs, rows["flat"])  # (B, H, Cm, d'dc)
@@ -304,7 +313,7 @@ def step_attention(g: Graph, W, cfg, p, q, kk, vv, visible, S_state):
     zero = g.const([0])
     sc = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kk, perm=[0, 1, 3, 2])),
               g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, L)
-    qs = feature(g, q, cfg.feature_map)
+    qs = phi(g, W, cfg, p, q)
     if cfg.compression is not None:
         qs = g.op("MatMul", qs, g.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, 1, d')
     gH = g.op("Reshape", W(p + "attn.g"), g.const([1, H, 1, 1]))
@@ -350,7 +359,7 @@ def close_chunk(g: Graph, W, cfg, layer, state_in, position):
             for name, rows in ((K, kk), (V, vv)):
                 out[name].append(g.op("Where", closing_S, g.op("Concat", *[rows] * (n + 1), axis=2), window[name]))
         U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
-        Fj = g.op("Unsqueeze", chunk_states(g, feature(g, kk, cfg.feature_map), vv, U4, norm, rank=4),
+        Fj = g.op("Unsqueeze", chunk_states(g, phi(g, W, cfg, p, kk), vv, U4, norm, rank=4),
                   g.const([2]))  # (B, H, 1, d', dc)
         hj = _meta(g, W, p, xa, "meta_k", H, d)  # (B, H, 1, d)
         # The bank as it is with chunk j in it, for this retrieval only.
@@ -411,7 +420,7 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
         k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
         v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
     chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
-    fk = g.op("Where", ctx["valid"], feature(g, k, cfg.feature_map), g.fconst(0.0))  # padding counts zero
+    fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
     vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
     F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
