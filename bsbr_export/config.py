@@ -21,6 +21,9 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 LOCAL_WINDOWS = ("chunk", "lookback")
 # Earlier chunks each local window adds to the token's own chunk.
 LOOKBACK_CHUNKS = {"chunk": 0, "lookback": 1}
+# The look-back window keeps the original's behaviour better (docs/RESULTS.md, tables 1, 2 and 9)
+# but its ORT prefill is 1.26x the dense floor at 8192 tokens (docs/results/lookback-cost.md),
+# over the 1.15x a default conversion may cost: it stays an option (--local-window lookback).
 
 
 def check_chunk_size(value) -> int:
@@ -66,8 +69,9 @@ class BSBRConfig:
     feature_map: phi before compression: ``identity`` (plain only), ``elu1`` (elu(x) + 1),
       ``relu``, ``learned``: elu(x W_h + b_h) + 1 with a per-head map (d x d) that starts as the
       identity (so the conversion starts as ``elu1``) and is trained to make the retrieval's
-      weights imitate the original's softmax weights (``calibrate.transfer``). Torch only so far:
-      the ONNX export refuses it.
+      weights imitate the original's softmax weights (``calibrate.transfer``). The ONNX graphs
+      compute it before the fused op (which takes phi(q) as an input), so kernel and plugin are
+      those of ``elu1``.
     local_window: what the local softmax of token t covers.
       ``chunk``: the keys s <= t of t's own chunk; retrieval from every earlier chunk.
       ``lookback``: the keys s <= t of t's own chunk and of the chunk before it; retrieval from

@@ -13,6 +13,7 @@ platforms.md (written by the benchmark and platform jobs), then any other fragme
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -139,8 +140,7 @@ def run_all(args) -> None:
         common.append("--with-baselines")
     save = args.results / ".calibrated" if args.quick else ROOT / "out" / "study"
     times = []
-    t_all = time.time()
-    for name in RUN_ORDER:
+    for name in [n for n in RUN_ORDER if not args.scripts or n in args.scripts]:
         cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *common]
         if not args.quick:
             cmd += FULL_ARGS[name]
@@ -154,6 +154,7 @@ def run_all(args) -> None:
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         times.append((name, time.time() - t0))
+        record_time(args, name, times[-1][1])
         print(f"  {name}: {times[-1][1]:.0f} s", flush=True)
     if args.bench:
         for name, cmd in bench_commands(args):
@@ -161,7 +162,7 @@ def run_all(args) -> None:
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
             times.append((name, time.time() - t0))
-    write_regeneration(args, times, time.time() - t_all)
+    write_regeneration(args, times)
 
 
 def bench_commands(args) -> list[tuple[str, list[str]]]:
@@ -176,19 +177,40 @@ def bench_commands(args) -> list[tuple[str, list[str]]]:
             (f"bench --model {args.model}", bench + ["--model", args.model, "--out", str(ROOT / "docs" / "bench" / tag)])]
 
 
-def write_regeneration(args, times, total: float) -> None:
-    """The last section of RESULTS.md: how long the whole study took, script by script."""
+def record_time(args, name: str, seconds: float) -> None:
+    """Each script's wall time as soon as it finishes (``.times.json`` beside the fragments), so
+    that a run resumed with ``--scripts`` still accounts for the scripts it did not rerun."""
+    f = args.results / ".times.json"
+    times = json.loads(f.read_text()) if f.is_file() else {}
+    times[name] = {"seconds": round(seconds, 1), "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    f.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def write_regeneration(args, times) -> None:
+    """The last section of RESULTS.md: how long the whole study took, script by script (the
+    scripts of an earlier run that ``--scripts`` left alone with that run's time and date)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import studylib
 
     flags = (" --quick" if args.quick else "") + (" --bench" if args.bench else "")
+    recorded = json.loads((args.results / ".times.json").read_text()) if (args.results / ".times.json").is_file() else {}
+    ran = dict(times)
+    rows, total_all = [], 0.0
+    for name in RUN_ORDER + [n for n, _ in times if n not in RUN_ORDER]:
+        if name in ran:
+            rows.append(f"| `{name}` | {ran[name] / 60:.1f} min | this run |")
+            total_all += ran[name]
+        elif args.scripts and name in recorded:
+            rows.append(f"| `{name}` | {recorded[name]['seconds'] / 60:.1f} min | {recorded[name]['run']} |")
+            total_all += recorded[name]["seconds"]
     lines = ["## Regeneration", "",
-             f"- command: `python scripts/make_results.py --run{flags} --model {args.model}`",
+             f"- command: `python scripts/make_results.py --run{flags} --model {args.model}`"
+             + (f" (this run: `--scripts {' '.join(args.scripts)}`)" if args.scripts else ""),
              f"- machine: {studylib.machine()}",
              f"- run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "| script | wall time |", "|---|---|"]
-    lines += [f"| `{name}` | {sec / 60:.1f} min |" for name, sec in times]
-    lines.append(f"| **total** | **{total / 60:.1f} min** |")
+             "| script | wall time | run |", "|---|---|---|"]
+    lines += rows
+    lines.append(f"| **total** | **{total_all / 60:.1f} min** | |")
     (args.results / "regeneration.md").write_text("\n".join(lines) + "\n")
 
 
@@ -202,6 +224,10 @@ def main(argv=None):
     ap.add_argument("--no-baselines", action="store_true",
                     help="with --run: leave out the look-back variants and the baselines (sliding window, "
                          "sinks + window) that every script otherwise adds")
+    ap.add_argument("--scripts", nargs="+", choices=RUN_ORDER, default=None,
+                    help="with --run: rerun only these study scripts (e.g. to resume a run that stopped), "
+                         "keeping the other fragments; the regeneration section takes the others' times from "
+                         "the run that wrote them (.times.json beside the fragments)")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--figures", type=Path, default=DEFAULT_FIGURES)
     ap.add_argument("--output", type=Path, default=None, help="default: RESULTS.md next to the results folder")

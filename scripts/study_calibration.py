@@ -166,16 +166,17 @@ def main():
 
 TRIED = """What was tried against the missed targets, each measured in this document: the plain,
 block-local and normalised retrievals and the initial retrieval scale g (tables 1 and 2), both
-position policies (tables 1, 2 and 7), chunk sizes 32 to 512 (table 5: larger chunks raise
-top-1 agreement, at the cost of a larger local softmax), calibration of only the conversion's
-parameters and a full fine-tune, both by KL distillation, on 1024-token windows and on longer
-windows (table 9). Calibration lowers KL but
-leaves top-1 agreement about where the conversion put it. A likely cause, not measured
-separately: the retrieved term is a linear (elu + 1) summary of earlier chunks, which cannot
-reproduce sharp softmax weights on single earlier tokens. Not tried here: feature maps trained to match those softmax weights
-(learned φ, as hybrid local + linear conversions use), attention-sink tokens kept in every
-chunk's local softmax, and local windows that overlap the previous chunk; each changes the
-fused op, so each would need the ONNX function, the kernel and the plugin to follow.
+position policies (tables 1, 2 and 7), chunk sizes 32 to 512 (table 5), the look-back local
+window (tables 1, 2, 5, 7, 8 and 9), a learned feature map trained by attention transfer on the
+softmax weights (Hedgehog's objective) and attention transfer on the attention outputs
+(LoLCATs' first stage), each followed by KL distillation, and KL distillation alone of the
+conversion's parameters or of every parameter, on 1024-token and 4096-token windows (table 9).
+The look-back window raises top-1 agreement most, the learned map with weight transfer adds to
+it; output transfer and KL distillation alone leave top-1 agreement about where the conversion
+put it. Beyond the original's positions no run brings one long window to the original's
+perplexity on the same tokens in pieces. Not tried: attention-sink tokens kept in every local
+softmax, low-rank adapters in the second stage (LoLCATs' second stage), training budgets beyond
+this table's, and a local window of more than one earlier chunk.
 """
 
 

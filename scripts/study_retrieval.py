@@ -103,6 +103,7 @@ def score(logits, x, a, b):
     return bool((pred.argmax(-1) == tgt).all()), nll
 
 
+@torch.no_grad()  # every model's logits of a window are held at once: no autograd graphs beside them
 def main():
     args = options()
     t0, hf, model_dir, ids, data_desc = S.start(args)
