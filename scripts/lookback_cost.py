@@ -29,14 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export.bench.prepare import _make_random_hf  # noqa: E402
-from bsbr_export.bench.profile import profile_alternating  # noqa: E402
-from bsbr_export.util import atomic_write_text, machine_line, markdown_table  # noqa: E402
+from bsbr_export.bench.profile import profile_lengths, script_header  # noqa: E402
+from bsbr_export.util import atomic_write_text, markdown_table  # noqa: E402
 
 CHUNK, SEED, FLOOR_LIMIT = 128, 0, 1.15
 EXPORT = """
@@ -95,22 +94,11 @@ def main(argv=None):
              "lookback": export(hf, work / "lookback", "lookback", "bsbr", n),
              "floor": export(hf, work / "floor", "chunk", "none", n)}
     names = list(paths)
-    results = {}
-    for T in lengths:
-        ids = np.random.default_rng(SEED + T).integers(0, 50257, size=(1, T), dtype=np.int64)
-        results[T] = profile_alternating({k: str(p) for k, p in paths.items()}, {"input_ids": ids}, args.threads,
-                                         args.runs, args.warmup, str(work / f"prof-{T}"))
-        print(f"T={T}: " + ", ".join(f"{k} {results[T][k]['wall_ms']:.0f} ms" for k in names), flush=True)
-    cmd = "python scripts/lookback_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    lines = ["## Look-back local window: ORT prefill cost against the dense floor", "",
-             f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "",
-             f"- machine: {machine_line()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {args.threads} ORT threads, batch 1, "
-             f"fp32; GPT-2 small shape, random weights (seed {SEED}); BSBR chunk {CHUNK}, the main command's "
-             "conversion otherwise",
-             f"- per call: median of {args.runs} calls after {args.warmup} warm-up call(s), the graphs alternating "
+    results = profile_lengths(paths, lengths, args.threads, args.runs, args.warmup, work, SEED)
+    lines = script_header(ROOT, "lookback_cost.py", argv, "Look-back local window: ORT prefill cost against the "
+                          "dense floor", args.threads, SEED)
+    lines[-1] += f"; BSBR chunk {CHUNK}, the main command's conversion otherwise"
+    lines += [f"- per call: median of {args.runs} calls after {args.warmup} warm-up call(s), the graphs alternating "
              "call by call in one process; op-type times from ORT's profiler (node kernel time, per-call median)",
              ""]
     rows = []

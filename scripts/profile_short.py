@@ -30,15 +30,14 @@ import time
 from io import BytesIO
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export.bench.hf_export import export_hf_onnx  # noqa: E402
 from bsbr_export.bench.prepare import _make_random_hf  # noqa: E402
-from bsbr_export.bench.profile import profile_alternating  # noqa: E402
-from bsbr_export.util import atomic_write_text, machine_line, markdown_table  # noqa: E402
+from bsbr_export.bench.profile import profile_lengths, script_header  # noqa: E402
+from bsbr_export.util import atomic_write_text, markdown_table  # noqa: E402
 
 CHUNK, SCALE, SEED = 128, 1.0, 0
 EXPORT = """
@@ -119,21 +118,11 @@ def main(argv=None):
     paths["bsbr-state"] = export_with(ROOT, hf, work / "bsbr-state", states=True)
     paths["floor"] = export_with(ROOT, hf, work / "floor", states=False, attention="none")
     names = list(paths)
-    results = {}
-    for T in lengths:
-        ids = np.random.default_rng(SEED + T).integers(0, 50257, size=(1, T), dtype=np.int64)
-        results[T] = profile_alternating({n: str(p) for n, p in paths.items()}, {"input_ids": ids}, args.threads,
-                                         args.runs, args.warmup, str(work / f"prof-{T}"))
-        print(f"T={T}: " + ", ".join(f"{n} {results[T][n]['wall_ms']:.2f} ms" for n in names), flush=True)
-    cmd = "python scripts/profile_short.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    lines = ["## Short prompts: BSBR prefill vs GPT-2 exported by torch.onnx (dynamo), ORT profiles", "",
-             f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "",
-             f"- machine: {machine_line()}",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {args.threads} ORT threads, batch 1, "
-             f"fp32; GPT-2 small shape, random weights (seed {SEED}); BSBR chunk {CHUNK}, retrieval scale {SCALE}",
-             f"- per call: median of {args.runs} calls after {args.warmup} warm-up calls, the graphs alternating call "
+    results = profile_lengths(paths, lengths, args.threads, args.runs, args.warmup, work, SEED)
+    lines = script_header(ROOT, "profile_short.py", argv, "Short prompts: BSBR prefill vs GPT-2 exported by "
+                          "torch.onnx (dynamo), ORT profiles", args.threads, SEED)
+    lines[-1] += f"; BSBR chunk {CHUNK}, retrieval scale {SCALE}"
+    lines += [f"- per call: median of {args.runs} calls after {args.warmup} warm-up calls, the graphs alternating call "
              f"by call; op-type times are per-call medians from ORT's profiler (node kernel time), counts in "
              f"parentheses are nodes run per call",
              f"- graphs: " + "; ".join(f"{LABELS[n]} = `{n}`" for n in names)

@@ -158,7 +158,7 @@ def main():
     out += ["### Targets (T = " + str(T) + f", chunk {L}, after calibration)", "",
             S.provenance(args, desc_eval),
             S.md_table(["model", "passes", f"top-1 ≥ {TARGETS['top1']:.0%}", f"KL ≤ {TARGETS['kl']}",
-                        f"ppl ≤ +{(TARGETS['ppl_ratio'] - 1):.0%} of original", "beyond: ppl(T) ≤ ppl(pieces)"],
+                        f"ppl ≤ +{(TARGETS['ppl_ratio'] - 1):.0%} of original", BEYOND_HEADER],
                        targets), TRIED]
     out.append(f"_study_calibration wall time: {time.time() - t_start:.0f} s_\n")
     S.write_fragment(args, "calibration", "\n".join(out))
@@ -173,8 +173,9 @@ softmax weights (Hedgehog's objective) and attention transfer on the attention o
 conversion's parameters or of every parameter, on 1024-token and 4096-token windows (table 9).
 The look-back window raises top-1 agreement most, the learned map with weight transfer adds to
 it; output transfer and KL distillation alone leave top-1 agreement about where the conversion
-put it. Beyond the original's positions no run brings one long window to the original's
-perplexity on the same tokens in pieces. Not tried: attention-sink tokens kept in every local
+put it. Beyond the original's positions only the look-back window reaches the original's
+perplexity on the same tokens in pieces (tables 7 and 9, with their intervals), and distillation
+on 1024-token windows moves every run's long-window perplexity up. Not tried: attention-sink tokens kept in every local
 softmax, low-rank adapters in the second stage (LoLCATs' second stage), training budgets beyond
 this table's, and a local window of more than one earlier chunk.
 """
@@ -221,11 +222,16 @@ def _long_cell(r):
     return "n/a" if r is None else f"{r['window']:.3f} / {r['pieces']:.3f} ({M.format_change(r['change'])})"
 
 
+BEYOND_HEADER = "beyond: one window vs the original in pieces [95% interval] ≤ 0"
+
+
 def _target_row(label, passes, summ, longs):
     ok = lambda c: "met" if c else "**missed**"  # noqa: E731
     ratio = summ["ppl"] / summ["ppl_ref"]
-    beyond = [(Tl, r["window"], r["pieces"]) for Tl, r in longs.items() if r is not None]
-    bcell = "; ".join(f"T={Tl}: {w:.3f} vs {p:.3f} {ok(w <= p)}" for Tl, w, p in beyond) or "n/a"
+    # One T-token window against the original on the same tokens in n_positions pieces: met when
+    # the whole interval of the change lies at or below zero (it excludes "worse").
+    bcell = "; ".join(f"T={Tl}: {M.format_change(r['change'])} {ok(r['change']['hi'] <= 0)}"
+                      for Tl, r in longs.items() if r is not None) or "n/a"
     return [label, passes, f"{100 * summ['top1'][0]:.2f}% {ok(summ['top1'][0] >= TARGETS['top1'])}",
             f"{summ['kl'][0]:.4f} {ok(summ['kl'][0] <= TARGETS['kl'])}",
             f"{100 * (ratio - 1):+.2f}% {ok(ratio <= TARGETS['ppl_ratio'])}", bcell]

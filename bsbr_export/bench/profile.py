@@ -121,3 +121,33 @@ def run_profiles(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
         else:
             log(f"  profile {b:10s} T {T}: {res['reason']}")
     return out
+
+
+def profile_lengths(paths: dict, lengths: list, threads: int, runs: int, warmup: int, work: Path, seed: int,
+                    vocab: int = 50257) -> dict:
+    """``profile_alternating`` of the graphs at every prompt length, on seeded random ids
+    (batch 1): {T: results}, each length's wall times printed as it ends."""
+    results = {}
+    for T in lengths:
+        ids = np.random.default_rng(seed + T).integers(0, vocab, size=(1, T), dtype=np.int64)
+        results[T] = profile_alternating({n: str(p) for n, p in paths.items()}, {"input_ids": ids}, threads, runs,
+                                         warmup, str(Path(work) / f"prof-{T}"))
+        print(f"T={T}: " + ", ".join(f"{n} {results[T][n]['wall_ms']:.1f} ms" for n in paths), flush=True)
+    return results
+
+
+def script_header(root: Path, script: str, argv, title: str, threads: int, seed: int) -> list[str]:
+    """The first lines of a profiling script's fragment: title, the command as run from the
+    repository root, machine, date, checkout and the setting every such script shares."""
+    import subprocess
+    import sys
+    import time
+
+    from ..util import machine_line
+
+    cmd = f"python scripts/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    return [f"## {title}", "", f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "", f"- machine: {machine_line()}",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {threads} ORT threads, batch 1, "
+            f"fp32; GPT-2 small shape, random weights (seed {seed})"]
