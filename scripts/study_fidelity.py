@@ -95,7 +95,8 @@ def main():
         T_cost = 256 if args.quick else S.COST_PREFILL
         secs = S.prefill_seconds(models, T_cost)
         cost_hdr = [f"prefill s at T={T_cost}", f"decode state MiB at T={S.COST_CONTEXT}"]
-        cost = {n: [f"{secs[n]:.3f}", S.mib(S.decode_state_bytes(args.model, o, L))] for n, o in vs.items()}
+        state = {n: S.decode_state_bytes(args.model, o, L) for n, o in vs.items()}
+        cost = {n: [f"{secs[n]:.3f}", S.mib(state[n])] for n in vs}
     hdr += cost_hdr
     rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
     out += [S.md_table(hdr, rows),
@@ -113,8 +114,7 @@ def main():
             "converted model's k highest logits (mean ± std over windows)."
             + (" " + S.cost_note(T_cost) if args.with_baselines else ""), ""]
     if args.with_baselines:
-        out += ahead_of_baselines(vs, summ, secs, {n: S.decode_state_bytes(args.model, o, L) for n, o in vs.items()},
-                                  T_cost)
+        out += ahead_of_baselines(vs, summ, secs, state, T_cost)
     bucket = max(1, L // 8)
     tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
     rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]

@@ -42,6 +42,34 @@ def assert_causal_at(model, t: int, n: int, name: str = "", vocab: int = 101):
         assert (a[0, t + 1:] - b[0, t + 1:]).abs().max() > 1e-4, (name, impl)
 
 
+def assert_decode_matches(model, ids, prompt: int, tol_prefill: float, tol_decode: float, name: str = ""):
+    """Torch: prefill ``prompt`` tokens, then one token at a time to the end; every position's
+    logits equal the full forward's. Returns the decode state."""
+    import torch
+
+    with torch.no_grad():
+        full = model(ids)
+        logits, st = model.prefill(ids[:, :prompt], max_len=ids.shape[1])
+        assert_close(logits, full[:, :prompt], tol_prefill, f"{name} prefill")
+        for t in range(prompt, ids.shape[1]):
+            assert_close(model.decode_step(ids[:, t], st), full[:, t], tol_decode, f"{name} decode t={t}")
+    return st
+
+
+def assert_ort_decode_matches(full, onnx_dir, ids, prompt: int, tol: float = 1e-4, name: str = ""):
+    """ONNX Runtime (ORTStepper: extend, decode and close graphs): prefill ``prompt`` tokens of
+    ``ids`` (numpy), then teacher-forced decode of the rest, against ``full`` (the torch logits)."""
+    import torch
+
+    from bsbr_export.runtime import ORTStepper
+
+    full = torch.as_tensor(full)
+    st = ORTStepper(onnx_dir, max_len=ids.shape[1])
+    assert_close(torch.from_numpy(st.prefill(ids[:, :prompt])), full[:, prompt - 1], tol, f"{name} prefill")
+    for t in range(prompt, ids.shape[1]):
+        assert_close(torch.from_numpy(st.decode(ids[:, t])), full[:, t], tol, f"{name} t={t}")
+
+
 def make_tiny_hf(path: Path, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

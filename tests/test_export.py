@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,7 +18,7 @@ from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops.onnx_graph import DOMAIN, FUNCTION
 from bsbr_export.generate import generate
 from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner, TorchStepper
-from conftest import assert_close
+from conftest import assert_close, assert_ort_decode_matches
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +132,8 @@ def test_ort_decode_crosses_chunk_boundaries(tiny_export):
 def check_ort_decode(model, onnx_dir, ids, prompt: int):
     """Prefill ``prompt`` tokens, then teacher-forced decode of the rest: ORT vs torch full forward."""
     with torch.no_grad():
-        full = model(torch.from_numpy(ids)).numpy()
-    st = ORTStepper(onnx_dir, max_len=ids.shape[1])
-    assert_close(torch.from_numpy(st.prefill(ids[:, :prompt])), torch.from_numpy(full[:, prompt - 1]), 1e-4,
-                 "prefill")
-    for t in range(prompt, ids.shape[1]):
-        assert_close(torch.from_numpy(st.decode(ids[:, t])), torch.from_numpy(full[:, t]), 1e-4, f"t={t}")
+        full = model(torch.from_numpy(ids))
+    assert_ort_decode_matches(full, onnx_dir, ids, prompt)
 
 
 def test_polygraphy_tools_accept_the_graph(tiny_export):

@@ -14,7 +14,7 @@ from bsbr_export.errors import ConfigError
 from bsbr_export.ops.chunk import bsbr_attention, num_chunks, window_mask
 from bsbr_export.ops.naive import bsbr_attention_reference
 from bsbr_export.ops.state import K, V, StateSpec
-from conftest import assert_causal_at, assert_close, rand_ids
+from conftest import assert_causal_at, assert_close, assert_decode_matches, rand_ids
 
 L = 20  # not a power of two
 LENGTHS = [1, L - 1, L, L + 1, 2 * L + 3, 4 * L + 5]
@@ -183,14 +183,8 @@ def test_decode_matches_full_forward(models, name, comp, prompt):
     """Prefill of any prompt, then one token at a time across several chunk closes: the logits of
     every position equal the full forward's."""
     model = models[(name, comp)]
-    ids = rand_ids(4 * L + 5, prompt)
-    with torch.no_grad():
-        full = model(ids)
-        logits, st = model.prefill(ids[:, :prompt], max_len=ids.shape[1])
-        assert st.k.shape[3] == 2 * L
-        assert_close(logits, full[:, :prompt], 1e-5, "prefill")
-        for t in range(prompt, ids.shape[1]):
-            assert_close(model.decode_step(ids[:, t], st), full[:, t], 2e-5, f"{name} decode t={t}")
+    st = assert_decode_matches(model, rand_ids(4 * L + 5, prompt), prompt, 1e-5, 2e-5, name)
+    assert st.k.shape[3] == 2 * L
 
 
 def test_decode_state_after_prefill_equals_decoded_state(models):

@@ -26,9 +26,9 @@ from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops import onnx_graph as ox
 from bsbr_export.ops import state as S
 from bsbr_export.ops.chunk import chunk_attention, num_chunks
-from bsbr_export.runtime import ORTRunner, ORTStepper
+from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
-from conftest import assert_close, rand_ids
+from conftest import assert_close, assert_ort_decode_matches, rand_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -160,11 +160,7 @@ def test_ort_decode_step_by_step_equals_torch(exports, name, prompt):
     close graphs): every position's logits equal the torch prefill's."""
     model, d = exports[name]
     ids = ids_np(MAX, prompt)
-    full = full_logits(model, ids)
-    st = ORTStepper(d, max_len=MAX)
-    assert_close(torch.from_numpy(st.prefill(ids[:, :prompt])), full[:, prompt - 1], 1e-4, "prefill")
-    for t in range(prompt, MAX):
-        assert_close(torch.from_numpy(st.decode(ids[:, t])), full[:, t], 1e-4, f"{name} t={t}")
+    assert_ort_decode_matches(full_logits(model, ids), d, ids, prompt, 1e-4, name)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -7,7 +7,7 @@ import torch
 from bsbr_export.convert import convert
 from bsbr_export.generate import generate
 from bsbr_export.runtime import TorchStepper
-from conftest import assert_close
+from conftest import assert_close, assert_decode_matches
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +97,7 @@ def test_left_padding_is_refused(tiny):
 def test_decode_matches_full_forward(tiny_hf_dir, prompt, compression):
     model = convert(tiny_hf_dir, chunk_size=24, compression=compression)
     ids = torch.randint(0, 101, (2, 100), generator=torch.Generator().manual_seed(prompt))
-    with torch.no_grad():
-        full = model(ids)
-        logits, st = model.prefill(ids[:, :prompt], max_len=100)
-        assert_close(logits, full[:, :prompt], 1e-5, "prefill")
-        for t in range(prompt, 100):
-            assert_close(model.decode_step(ids[:, t], st), full[:, t], 2e-5, f"decode t={t}")
+    assert_decode_matches(model, ids, prompt, 1e-5, 2e-5)
 
 
 def test_greedy_generation_matches_hf(bundled, bundled_hf, heldout_ids):

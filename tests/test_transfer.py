@@ -16,7 +16,7 @@ from bsbr_export.convert import convert
 from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops.chunk import LearnedFeature, bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
-from conftest import ROOT, assert_causal_at, assert_close, rand_ids
+from conftest import ROOT, assert_causal_at, assert_close, assert_decode_matches, assert_ort_decode_matches, rand_ids
 
 L = 12  # not a power of two
 LENGTHS = [1, L - 1, L + 1, 2 * L + 5, 4 * L + 3]
@@ -77,13 +77,7 @@ def test_exact_within_the_local_window(learned, tiny_hf):
 
 @pytest.mark.parametrize("prompt", [1, L + 3])
 def test_decode_matches_prefill(learned, prompt):
-    ids = rand_ids(3 * L + 2, prompt, B=1)
-    with torch.no_grad():
-        full = learned(ids)
-        logits, st = learned.prefill(ids[:, :prompt], max_len=ids.shape[1])
-        assert_close(logits, full[:, :prompt], 2e-5, "prefill")
-        for t in range(prompt, ids.shape[1]):
-            assert_close(learned.decode_step(ids[:, t], st), full[:, t], 5e-5, f"decode t={t}")
+    assert_decode_matches(learned, rand_ids(3 * L + 2, prompt, B=1), prompt, 2e-5, 5e-5, learned.cfg.local_window)
 
 
 @pytest.mark.parametrize("local_window", ["chunk", "lookback"])
@@ -173,9 +167,7 @@ def test_learned_map_survives_save_and_load(tmp_path, tiny_hf_dir):
 def test_exported_learned_map_equals_torch(learned, tmp_path, fp16):
     """A trained learned map through the ONNX graphs: prefill at lengths around the chunks, then
     decode step by step across chunk closes (extend, decode and close graphs), against torch."""
-    import numpy as np
-
-    from bsbr_export.runtime import ORTRunner, ORTStepper
+    from bsbr_export.runtime import ORTRunner
 
     T_max = 4 * L + 3
     export_onnx(learned, tmp_path, ExportSpec(max_seq_len=T_max, fp16=fp16))
@@ -188,13 +180,8 @@ def test_exported_learned_map_equals_torch(learned, tmp_path, fp16):
         for T in (L - 1, L + 1, 2 * L + 5, T_max):
             assert_close(torch.from_numpy(r.infer({"input_ids": ids[:, :T]})["logits"]).float(), full[:, :T], tol,
                          f"{learned.cfg.local_window} prefill T={T}")
-    if fp16:
-        return
-    st = ORTStepper(tmp_path, max_len=T_max)
-    assert_close(torch.from_numpy(st.prefill(ids[:, :L + 2])), full[:, L + 1], 1e-4, "stepper prefill")
-    for t in range(L + 2, T_max):
-        assert_close(torch.from_numpy(st.decode(ids[:, t])), full[:, t], 1e-4, f"decode t={t}")
-    assert np.isfinite(full.numpy()).all()
+    if not fp16:
+        assert_ort_decode_matches(full, tmp_path, ids, L + 2, 1e-4, learned.cfg.local_window)
 
 
 def test_study_run_specs():

@@ -9,7 +9,7 @@ from bsbr_export.ops.naive import bsbr_attention_reference
 from bsbr_export.config import BSBRConfig
 from bsbr_export.convert import convert
 from bsbr_export.errors import ConfigError
-from conftest import assert_causal_at, assert_close, rand_ids
+from conftest import assert_causal_at, assert_close, assert_decode_matches, rand_ids
 
 L = 20  # not a power of two
 VARIANTS = {
@@ -72,13 +72,7 @@ def test_exact_vs_hf_within_one_chunk(models, tiny_hf, name, comp):
 @pytest.mark.parametrize("name", ["normalised", "local", "normalised-relu"])
 def test_decode_matches_full_forward(models, name, comp, prompt):
     model = models[(name, comp)]
-    ids = rand_ids(4 * L + 3, prompt)
-    with torch.no_grad():
-        full = model(ids)
-        logits, st = model.prefill(ids[:, :prompt], max_len=ids.shape[1])
-        assert_close(logits, full[:, :prompt], 1e-5, "prefill")
-        for t in range(prompt, ids.shape[1]):
-            assert_close(model.decode_step(ids[:, t], st), full[:, t], 2e-5, f"{name} decode t={t}")
+    assert_decode_matches(model, rand_ids(4 * L + 3, prompt), prompt, 1e-5, 2e-5, name)
 
 
 def test_local_variant_equals_plain_without_retrieval(models):
