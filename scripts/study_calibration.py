@@ -63,6 +63,7 @@ def main():
     ref = S.Reference(hf, S.windows(ids, T, args.eval_windows))
     N = hf.config.n_positions
     n_long = S.windows_per_length(args.long, args.long_windows)
+    plans = [parse_run(run, T, N) for run in args.runs]  # every run checked before the first one trains
 
     def teacher(x):  # the original runs at most N positions: longer windows in N-token pieces
         return torch.cat([hf(input_ids=x[:, a:a + N]).logits for a in range(0, x.shape[1], N)], 1)
@@ -72,8 +73,7 @@ def main():
     rows9, rows7, targets = [], [], []
     windows_of = {}  # training windows per length: tokenised once
     untrained = {}  # pass 0 per starting conversion: evaluated once
-    for run in args.runs:
-        start, stages, Tt = parse_run(run, T, N)
+    for start, stages, Tt in plans:
         loss1, what = stages
         if Tt not in windows_of:
             windows_of[Tt] = training_windows(model_dir, args.budget, Tt)

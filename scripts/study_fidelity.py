@@ -33,6 +33,7 @@ def options():
     if a.quick:
         a.chunk_size, a.seq_len, a.windows, a.short, a.long, a.long_windows = 16, 64, 2, [32, 64], [128, 256], [1]
         a.g_sweep = [0.1]
+    a.n_long = S.windows_per_length(a.long, a.long_windows)  # a bad count fails here, before any work
     return a
 
 
@@ -187,7 +188,7 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
     # Beyond the original's position table: the same tokens scored as one long window (BSBR)
     # and as consecutive windows of the original's maximum length.
     rows = []
-    n_long = S.windows_per_length(args.long, args.long_windows)
+    n_long = args.n_long
     for T in args.long:
         wins = S.windows(ids, T, n_long[T])
         if not wins:
