@@ -48,7 +48,9 @@ def test_attention_op_reference_matches_vectorised_random_inputs(comp):
     U = torch.linalg.qr(torch.randn(H, d, d, generator=g))[0][:, :, :d // comp] if comp else None
     a = bsbr_attention(q, k, v, r, h, gs, L, U, retrieval="normalised", feature_map="elu1")
     b = bsbr_attention_reference(q, k, v, r, h, gs, L, U, retrieval="normalised", feature_map="elu1")
-    assert_close(a, b, 1e-5, f"op comp={comp}")
+    # Outputs reach ~8 here: float32 rounding of the two summation orders is ~2e-6 of that
+    # (1.4e-5 with compression on this machine's AVX-512 torch build), hence the relative term.
+    assert_close(a, b, 1e-5, f"op comp={comp}", rtol=4e-6)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
