@@ -8,22 +8,25 @@ TensorRT's parser can replace with a plugin). ``inline=True`` writes the standar
 The decode state's names, dims and layout are those of ``ops.state`` (batch first):
 
 ``model.onnx`` (prefill)
-    input_ids int64 [batch, seq] -> logits [batch, seq, vocab] and the state after the prompt
-    (its banks hold the closed chunks: capacity = seq // chunk).
+    input_ids int64 [batch, seq] -> logits [batch, seq, vocab] and the state after the prompt,
+    per layer (state_k.0 ...; its banks hold the closed chunks: capacity = seq // chunk).
 ``decode.onnx`` (every token)
-    input_ids [batch, 1], position int64 [batch] (tokens each row already holds), state_k,
-    state_v, state_S -> logits [batch, vocab], state_k_out, state_v_out (the token written at
-    its row's slot position % chunk), state_xa_out (the token's ln_1 output per layer).
-``close.onnx`` (after a decode step in which some row filled its chunk's last slot)
-    position [batch] (of that step), state_k, state_v, state_S, state_xa, state_bank_h,
-    state_bank_F (banks at a fixed capacity) -> state_S_out (the next chunk's),
-    state_bank_h_out, state_bank_F_out; rows whose chunk did not close come back unchanged.
-    Keeping the banks out of the per-token graph reads and writes them once per chunk.
+    input_ids [batch, 1], position int64 [batch] (tokens each row already holds), and per layer
+    i state_k.i, state_v.i, state_S.i -> logits [batch, vocab], state_row_k.i, state_row_v.i
+    [batch, head, 1, head_dim] (the token's k/v: the caller writes them at the row's slot
+    position % chunk; the graph reads the state and writes none of it), state_xa_out.i (the
+    token's ln_1 output).
+``close.onnx`` (once per chunk, for the rows whose last decoded token filled the chunk)
+    position [batch] (of that token), per layer state_k.i, state_v.i, state_xa.i, state_bank_h.i,
+    state_bank_F.i (each row's bank at any capacity that holds its closed chunks) ->
+    state_S_out.i (the next chunk's), state_new_h.i, state_new_F.i (the closed chunk, for the
+    caller to bank). Keeping the banks out of the per-token graph reads them once per chunk.
 
-With the look-back local window (``local_window="lookback"``) state_k/state_v hold the previous
-chunk's rows before the open chunk's (``StateSpec.window``), the attention nodes are
-``bsbr::ChunkAttention[Normalised]Lookback``, and close.onnx also returns state_k_out/state_v_out,
-slid in the closing rows (``StateSpec.close_out``).
+Every state tensor is per layer (``ops.state``, format 4: ``NAME.LAYER``), so a runtime binds
+each layer's buffer as it is. With the look-back local window (``local_window="lookback"``)
+state_k/state_v hold the previous chunk's rows before the open chunk's (``StateSpec.window``),
+the attention nodes are ``bsbr::ChunkAttention[Normalised]Lookback``, and the caller slides
+K/V after a close.
 
 Every float input and output is float32 (fp16 graphs cast at their edges); the metadata
 property ``bsbr_export`` records the version, the configuration and the state format.
@@ -53,6 +56,7 @@ import numpy as np
 
 from .config import BSBRConfig
 from .graph import NEG, Graph
+from .ops import onnx_extend as ops_extend
 from .ops import onnx_graph as ops_onnx
 from .ops import state
 from .util import fix_modes
@@ -176,10 +180,23 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
 
 
 def _state_infos(spec: state.StateSpec, names, out: bool = False):
+    """Value infos of the state tensors ``names``, one per layer (``state_k.0`` ...: format 4)."""
     from onnx import TensorProto, helper
 
-    return [helper.make_tensor_value_info(state.out_name(n) if out else n, TensorProto.FLOAT, spec.shape(n))
-            for n in names]
+    return [helper.make_tensor_value_info(state.layer_name(state.out_name(n) if out else n, i), TensorProto.FLOAT,
+                                          spec.layer_shape(n)) for n in names for i in range(spec.layer)]
+
+
+def _state_inputs(g: Graph, names, n_layer: int) -> dict:
+    """{name: [layer 0's input, ...]} in the graph's precision."""
+    return {n: [g.input(state.layer_name(n, i)) for i in range(n_layer)] for n in names}
+
+
+def _state_outputs(g: Graph, values: dict, out: bool = True) -> None:
+    """Expose per-layer lists of state values as the graph outputs ``NAME[_out].LAYER``."""
+    for n, parts in values.items():
+        for i, val in enumerate(parts):
+            g.output(val, state.layer_name(state.out_name(n) if out else n, i))
 
 
 def prefill_graph(model, spec: ExportSpec, sink=None):
@@ -230,8 +247,7 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     inputs = [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "seq"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
     if all(states.values()):
-        for n, parts in states.items():
-            g.output(g.stack_layers(parts), n)
+        _state_outputs(g, states, out=False)
         outputs += _state_infos(model.state_spec(), state.CARRIED)
     return g, inputs, outputs
 
@@ -249,23 +265,22 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     cfg: BSBRConfig = model.cfg
     E = cfg.n_embd
     g, W = _graph_for(model, spec, sink)
-    state_in = {n: g.input(n) for n in state.CARRIED}
-    ctx = ops_onnx.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H])
-    ids = ops_onnx.gather_rows(g, "input_ids", ctx["src"])  # (B, Tc): the combined sequence
-    x = g.op("Add", g.op("Gather", W("wte.weight"), ids),
-             g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, Tc, E)
+    state_in = _state_inputs(g, state.CARRIED, cfg.n_layer)
+    ctx = ops_extend.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H][0])
+    g.lead = g.op("Shape", "input_ids")  # [B, T]: the dense layers' rows (the piece's tokens)
+    x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
+             g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, T, E): the piece
     states = {n: [] for n in state.EXTEND_OUT}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)
-        o = ops_onnx.extend_layer(g, W, cfg, p, xa, q, k, v, ctx | {"layer": i}, state_in, states)
+        o = ops_extend.extend_layer(g, W, cfg, p, xa, q, k, v, ctx | {"layer": i}, state_in, states)
         x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-    g.output(_lm_head(g, W, cfg, ops_onnx.gather_rows(g, x, ctx["logit_row"])), "logits")  # (B, V)
-    for n, parts in states.items():
-        g.output(g.stack_layers(parts), state.out_name(n))
+    g.output(_lm_head(g, W, cfg, ops_extend.gather_rows(g, x, ctx["logit_row"])), "logits")  # (B, V)
+    _state_outputs(g, states)
     st = model.state_spec()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]),
@@ -287,7 +302,9 @@ def _full_attention(g: Graph, q, k, v, T, d):
 
 
 def decode_graph(model, spec: ExportSpec, sink=None):
-    """The ``decode.onnx`` graph: one token per sequence, state in, state out."""
+    """The ``decode.onnx`` graph: one token per sequence over its state, which it reads and never
+    writes. It returns the token's k/v per layer (``state_row_k.i``: the caller writes them at the
+    row's slot) and its ln_1 output per layer (``state_xa_out.i``: the chunk close reads it)."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
@@ -295,36 +312,35 @@ def decode_graph(model, spec: ExportSpec, sink=None):
     g, W = _graph_for(model, spec, sink)
     zero, one = g.const([0]), g.const([1])
     pos = "position"  # (B,): tokens each row already holds
+    g.lead = g.op("Shape", "input_ids")  # [B, 1]: the dense layers' rows
     slot = g.op("Unsqueeze", g.op("Mod", pos, g.const(L)), one)  # (B, 1)
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
              g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), one))  # (B, 1, E)
-    # K/V rows: the open chunk is the last L of the state's ``window`` (look-back: the previous chunk first).
+    # K/V rows: the open chunk is the last L of the state's ``window`` (look-back: the previous
+    # chunk first); row r holds the open chunk's slot r - (window - L). The token sees the rows
+    # before its own slot (its own key is a term of its own), and the previous chunk once there is one.
     rows = model.state_spec().window
     slots = g.op("Unsqueeze", g.op("Range", g.const(L - rows), g.const(L), g.const(1)), zero)  # (1, rows)
-    at_slot = g.op("Unsqueeze", g.op("Equal", slots, slot), g.const([1, 3]))  # (B, 1, rows, 1)
-    seen = g.op("LessOrEqual", slots, slot)
-    if cfg.lookback:  # rows of the previous chunk, once there is one
+    seen = g.op("Less", slots, slot)
+    if cfg.lookback:
         chunk = g.op("Unsqueeze", g.op("Div", pos, g.const(L)), one)  # (B, 1)
         seen = g.op("And", seen, g.op("GreaterOrEqual", slots, g.op("Mul", chunk, g.const(-L))))
     visible = g.op("Unsqueeze", seen, g.const([1, 2]))  # (B, 1, 1, rows)
-    state_in = {n: g.input(n) for n in state.DECODE_IN}
-    layer = {n: [] for n in state.DECODE_OUT}
+    state_in = _state_inputs(g, state.DECODE_IN, cfg.n_layer)
+    out = {n: [] for n in state.DECODE_OUT}
     for i in range(cfg.n_layer):
         p = f"h.{i}."
-        own = {n: g.layer_slice(state_in[n], i) for n in state.DECODE_IN}
         xa = g.layer_norm(x, W(p + "ln_1.weight"), W(p + "ln_1.bias"), cfg.layer_norm_epsilon)
         q, k, v = _qkv(g, W, cfg, p, xa)  # (B, H, 1, d)
-        kk = g.op("Where", at_slot, k, own[state.K])  # (B, H, rows, d)
-        vv = g.op("Where", at_slot, v, own[state.V])
-        o = ops_onnx.step_attention(g, W, cfg, p, q, kk, vv, visible, own[state.S])  # (B, H, 1, d)
+        Ki, Vi, Si = (state_in[n][i] for n in state.DECODE_IN)
+        o = ops_onnx.step_attention(g, W, cfg, p, q, k, v, Ki, Vi, visible, Si)  # (B, H, 1, d)
         x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-        for n, val in zip(state.DECODE_OUT, (kk, vv, xa)):
-            layer[n].append(val)
+        for n, val in zip(state.DECODE_OUT, (k, v, xa)):
+            out[n].append(val)
     g.output(_lm_head(g, W, cfg, x), "logits")  # (B, V)
-    for n in state.DECODE_OUT:
-        g.output(g.stack_layers(layer[n]), state.out_name(n))
+    _state_outputs(g, out)
     st = model.state_spec()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]),
               helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
@@ -335,21 +351,23 @@ def decode_graph(model, spec: ExportSpec, sink=None):
 
 
 def close_graph(model, spec: ExportSpec, sink=None):
-    """The ``close.onnx`` graph, run once per chunk after the token that fills its last slot."""
+    """The ``close.onnx`` graph, run once per chunk for the rows whose last decoded token filled
+    its chunk's last slot: the next S and the closed chunk per layer (``ops.onnx_graph.close_chunk``)."""
     from onnx import TensorProto, helper
 
     cfg: BSBRConfig = model.cfg
     g, W = _graph_for(model, spec, sink)
-    state_in = {n: g.input(n) for n in state.CLOSE_IN}
-    layer = {key: [g.layer_slice(state_in[n], i) for i in range(cfg.n_layer)]
-             for key, n in (("k", state.K), ("v", state.V), ("xa", state.XA))}
+    state_in = _state_inputs(g, state.CLOSE_IN, cfg.n_layer)
+    out = {n: [] for n in state.CLOSE_OUT}
+    for i in range(cfg.n_layer):
+        vals = ops_onnx.close_chunk(g, W, cfg, i, *(state_in[n][i] for n in state.CLOSE_IN), "position")
+        for n, val in zip(state.CLOSE_OUT, vals):
+            out[n].append(val)
+    _state_outputs(g, out)
     st = model.state_spec()
-    outs = ops_onnx.close_chunk(g, W, cfg, layer, state_in, "position")
-    for n, val in zip(st.close_out, outs):
-        g.output(val, state.out_name(n))
     inputs = [helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
     inputs += _state_infos(st, state.CLOSE_IN)
-    return g, inputs, _state_infos(st, st.close_out, out=True)
+    return g, inputs, _state_infos(st, state.CLOSE_OUT, out=True)
 
 
 # --------------------------------------------------------------------------- writing

@@ -15,8 +15,6 @@ import math
 
 import numpy as np
 
-from .ops.state import LAYER_AXIS
-
 NEG = -30000.0  # masked score: far below any real score, finite in fp16
 
 
@@ -175,12 +173,3 @@ class Graph:
     def merge_heads(self, x, E):
         """(B, H, N, d) -> (B, N, E)."""
         return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.const([0, 0, E]))
-
-    def stack_layers(self, parts):
-        """Per-layer state tensors (B, ...) -> one state tensor (B, layer, ...) (``ops.state``)."""
-        ax = self.const([LAYER_AXIS])
-        return self.op("Concat", *[self.op("Unsqueeze", p, ax) for p in parts], axis=LAYER_AXIS)
-
-    def layer_slice(self, state, i: int):
-        """Layer ``i`` of a state tensor (B, layer, ...) -> (B, ...)."""
-        return self.op("Squeeze", self.op("Gather", state, self.const([i]), axis=LAYER_AXIS), self.const([LAYER_AXIS]))

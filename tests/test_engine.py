@@ -181,6 +181,65 @@ def test_state_stays_bound_in_the_decode_loop(engine, monkeypatch):
     assert calls["iobinding"] >= 2 * L + 2  # decode every token, close at each row's boundary
 
 
+def test_decode_writes_one_row_and_leaves_other_rows_untouched(exported, engine):
+    """The per-token graph reads K/V/S and returns only the token's k/v rows (format 4: per layer);
+    the engine writes each active row's k/v at its slot and nothing else: an inactive row keeps
+    every byte, an active row changes in one K and one V slot per layer."""
+    from bsbr_export.ops import state as S
+
+    model, out = exported
+    dec = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    n_layer = model.cfg.n_layer
+    assert [i.name for i in dec.graph.input][2:] == [S.layer_name(n, i) for n in S.DECODE_IN for i in range(n_layer)]
+    assert [o.name for o in dec.graph.output][1:] == [S.layer_name(S.out_name(n), i) for n in S.DECODE_OUT
+                                                      for i in range(n_layer)]
+    rng = np.random.default_rng(9)
+    V = model.cfg.vocab_size
+    st = engine.new_state(3)
+    logits = engine.extend(st, [0, 1, 2], [rng.integers(0, V, n) for n in (5, L - 1, L + 3)])
+    pos = st.positions.copy()
+    before = {n: [b.copy() for b in st.buf[n]] for n in (S.K, S.V, S.S)}
+    bank_before = {n: st.banks[2][n].copy() for n in S.BANKED.values()}
+    engine.decode(st, logits.argmax(-1), active=np.array([True, False, True]))
+    assert st.positions.tolist() == [pos[0] + 1, pos[1], pos[2] + 1]
+    for n in (S.K, S.V, S.S):
+        for i, (b, a) in enumerate(zip(st.buf[n], before[n])):
+            assert np.array_equal(b[1], a[1]), f"inactive row's {n} layer {i} changed"
+            for r in (0, 2):
+                changed = np.flatnonzero((b[r] != a[r]).any(axis=(0, 2)))
+                if n == S.S:
+                    assert changed.size == 0, "S changes only when a chunk closes"
+                else:
+                    assert changed.tolist() == [pos[r] % L], (n, i, r, changed)
+                    row = st._rows[S.ROW_K if n == S.K else S.ROW_V][i][r, :, 0]
+                    assert np.array_equal(b[r, :, pos[r] % L], row)
+    assert all(np.array_equal(st.banks[2][n], a) for n, a in bank_before.items())
+
+
+def test_state_memory_follows_what_the_rows_hold(exported, engine):
+    """A row's bank exists once it closes a chunk and grows with the chunks it holds, never to the
+    export's capacity up front; a reset row gives its bank back; set_rows/rows round-trip."""
+    rng = np.random.default_rng(10)
+    V = exported[0].cfg.vocab_size
+    st = engine.new_state(4)
+    engine.extend(st, [0, 1, 2, 3], [rng.integers(0, V, 5)] * 4)
+    assert st.banks == [None] * 4
+    assert st.nbytes() == 4 * engine.row_bytes(5)
+    engine.extend(st, [1], [rng.integers(0, V, 3 * L)])  # row 1 now holds 3L + 5 tokens: 3 chunks
+    held = st.banks[1]["state_bank_h"].shape[3]
+    assert 3 <= held < engine.capacity
+    assert st.nbytes() == 3 * engine.row_bytes(5) + engine.row_bytes(3 * L + 5)
+    saved = st.rows([1])
+    engine.reset_rows(st, [1])
+    assert st.banks[1] is None and st.positions[1] == 0
+    st.set_rows([2], saved, 3 * L + 5)
+    again = st.rows([2])
+    assert all(np.array_equal(saved[n], again[n]) for n in saved)
+    engine.reserve(st, 3, MAX_LEN)
+    assert st.banks[3]["state_bank_F"].shape[3] == MAX_LEN // L
+    assert engine.bank_bytes(MAX_LEN) == sum(a.nbytes for a in st.banks[3].values())
+
+
 def test_weights_stored_once_across_graphs(exported):
     """Every initializer's bytes are written once; the ONNX files take <= 1.05x the converted
     checkpoint's tensors."""

@@ -69,22 +69,22 @@ def full_logits(model, ids):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_graphs_carry_the_window(exports, name):
-    """Every graph uses the ...Lookback function and K/V of 2L rows; the manifest records the window
-    (format unchanged); the close graph returns the slid K/V."""
+    """Every graph uses the ...Lookback function and K/V of 2L rows per layer; the manifest records
+    the window; the close graph returns no K/V (the engine slides them)."""
     _, d = exports[name]
     fn = "ChunkAttentionNormalisedLookback" if name == "normalised" else "ChunkAttentionLookback"
     for g in ("model", "extend", "decode", "close"):
         m = onnx.load(d / f"{g}.onnx", load_external_data=False)
         assert [f.name for f in m.functions] == [fn]
         meta = read_metadata(d / f"{g}.onnx")
-        assert meta["state"]["format"] == S.FORMAT == 3
+        assert meta["state"]["format"] == S.FORMAT == 4
         assert meta["state"]["sizes"]["window"] == 2 * L and meta["config"]["local_window"] == "lookback"
         assert meta["state"]["dims"][S.K][3] == "window"
         for vi in list(m.graph.input) + list(m.graph.output):
-            if vi.name.startswith((S.K, S.V)):
-                assert vi.type.tensor_type.shape.dim[3].dim_value == 2 * L, (g, vi.name)
+            if vi.name.startswith((S.K + ".", S.V + ".", S.K + S.OUT_SUFFIX, S.V + S.OUT_SUFFIX)):
+                assert vi.type.tensor_type.shape.dim[2].dim_value == 2 * L, (g, vi.name)
     close = onnx.load(d / "close.onnx", load_external_data=False)
-    assert {o.name for o in close.graph.output} >= {S.K + S.OUT_SUFFIX, S.V + S.OUT_SUFFIX}
+    assert not [o.name for o in close.graph.output if o.name.startswith((S.K, S.V))]
 
 
 def test_default_window_graphs_unchanged(tiny_hf_dir, tmp_path):
@@ -94,7 +94,9 @@ def test_default_window_graphs_unchanged(tiny_hf_dir, tmp_path):
     meta = read_metadata(tmp_path / "close.onnx")
     assert meta["state"]["sizes"]["window"] == L and meta["state"]["dims"][S.K][3] == "chunk"
     close = onnx.load(tmp_path / "close.onnx", load_external_data=False)
-    assert [o.name for o in close.graph.output] == [S.out_name(n) for n in S.CLOSE_OUT]
+    n_layer = model.cfg.n_layer
+    assert [o.name for o in close.graph.output] == [S.layer_name(S.out_name(n), i) for n in S.CLOSE_OUT
+                                                    for i in range(n_layer)]
     assert [f.name for f in close.functions] == [ox.FUNCTION_NORMALISED]
 
 
@@ -106,11 +108,12 @@ def test_onnx_prefill_equals_torch_reference(exports, name):
     """Logits of model.onnx equal the torch loop reference at lengths below, between and past
     one and two chunks, and its state equals the torch prefill's."""
     model, d = exports[name]
-    names = ["logits", *S.CARRIED]
+    names = ["logits"] + [S.layer_name(n, i) for n in S.CARRIED for i in range(model.cfg.n_layer)]
     with ORTRunner(d / "model.onnx", outputs=names) as r:
         for T in LENGTHS:
             ids = ids_np(T, T)
             out = dict(zip(names, r.session.run(names, {"input_ids": ids})))
+            out |= S.stack(out, S.CARRIED, model.cfg.n_layer)  # (B, layer, ...) as torch holds it
             with torch.no_grad():
                 ref = model(torch.from_numpy(ids), impl="reference")
                 _, st = model.prefill(torch.from_numpy(ids), max_len=T)

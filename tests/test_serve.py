@@ -28,6 +28,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from bsbr_export.errors import InputError
 from bsbr_export.runtime.engine import Engine
 from bsbr_export.runtime.text import Tokenizer
 from bsbr_export.serve.app import ServeConfig, create_app, server_of
@@ -366,6 +367,44 @@ def test_long_prompt_is_prefilled_between_decode_steps(export_dir, oracle, heldo
     assert_same(oracle, runner.ids, 120, tok.decode(toks("run")), runner.finish_reason)
     assert_same(oracle, long_ids, 8, tok.decode(toks("long")), "length" if len(toks("long")) == 8 else "stop")
     assert sched.free_rows() == 2
+
+
+def test_request_beyond_the_state_budget_waits_then_completes(export_dir, oracle, heldout_ids):
+    """With state memory for one long request's bank beside the rows' buffers, a second long
+    request waits in the queue (although a row is free) until the first ends, then completes with
+    its lone output; a request that could never fit is refused at once; banks are given back."""
+    from bsbr_export.serve.scheduler import GenRequest, Scheduler
+
+    eng, tok = Engine(export_dir, threads=1), Tokenizer.from_dir(export_dir)
+    n_prompt, n_new = 3 * CHUNK + 5, 24
+    need = eng.bank_bytes(n_prompt + n_new)
+    fixed = eng.new_state(2).nbytes()
+    sched = Scheduler(eng, tok, max_batch=2, max_queue=2, state_memory=fixed + need + need // 2)
+    log, done = [], threading.Event()
+
+    def sink(name):
+        def put(ev):
+            log.append((name, ev.token, ev.finish_reason))
+            if name == "b" and ev.finish_reason:
+                done.set()
+        return put
+
+    try:
+        with pytest.raises(InputError, match="state memory"):
+            sched.submit(GenRequest(np.arange(1, MAX_LEN - 8), 8, sink("never")))
+        a = GenRequest(np.array(_prompt(heldout_ids, n_prompt, 3)), n_new, sink("a"))
+        b = GenRequest(np.array(_prompt(heldout_ids, n_prompt, 4)), n_new, sink("b"))
+        sched.submit(a, b)
+        assert done.wait(DEADLINE)
+        end_a = next(i for i, x in enumerate(log) if x[0] == "a" and x[2] is not None)
+        first_b = next(i for i, x in enumerate(log) if x[0] == "b")
+        assert first_b > end_a, "the second request ran before the first gave its state memory back"
+        for r in (a, b):
+            text = tok.decode([x[1] for x in log if x[0] == ("a" if r is a else "b") and x[2] is None])
+            assert_same(oracle, r.ids, n_new, text, r.finish_reason)
+        assert sched.reserved == 0 and sched.state.banks == [None, None]
+    finally:
+        sched.stop(drain_s=DEADLINE)
 
 
 def test_disconnect_mid_stream_frees_the_row(server, oracle, heldout_ids):

@@ -7,6 +7,7 @@
                    the next chunk's state, and ``DecodeState``
     kernel.py      Triton: the fused chunk attention (plain and normalised, one kernel)
     onnx_graph.py  ONNX: the same pieces as graph nodes, the fused op as a local function
+    onnx_extend.py ONNX: the extend graph's pieces (a prefill that continues a state)
     state.py       the decode state: names, dims, layout, bytes, format version
     baselines.py   what BSBR is compared with: sliding-window and sinks + window attention
                    over the original weights (torch only; no retrieval, no export)

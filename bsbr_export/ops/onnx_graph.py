@@ -11,10 +11,13 @@ graph nodes through ``bsbr_export.graph.Graph``:
                    function with attribute ``chunk_size``; TensorRT may swap in a plugin of the
                    same name; ``Lookback``: the local softmax also covers the previous chunk)
     bsbr_layer     one layer's attention over a whole prompt, and the decode state after it
-    step_attention one token's attention over the open chunk and its retrieved state
-    close_chunk    bank the finished chunk and retrieve the next chunk's state, all layers
+    step_attention one token's attention over the earlier rows of its window, itself and its
+                   retrieved state (the state read, never rewritten)
+    close_chunk    one layer's chunk close: the finished chunk's h, F and the next chunk's S,
+                   the bank read in place
 
-State tensors are batch first and named by ``ops.state``.
+The extend graph's pieces (a prefill that continues a state) are in ``ops.onnx_extend``. State
+tensors are batch first, one layer each, and named by ``ops.state``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def chunk_states(g: Graph, fk, v, U, normalised: bool, rank: int):
     return Fs
 
 
-def combine(g: Graph, scores, v, qf, S_full, Z_col, gg):
+def combine(g: Graph, scores, v, qf, S_full, Z_col, gg, v_self=None):
     """(E v + g e^{-M} qf S) / (rowsum(E) + g e^{-M} qf Z), E = e^{scores - M},
     M = max(rowmax(scores), 0), in fp32: the shared-denominator formula scaled by e^{-M}.
 
@@ -83,27 +86,51 @@ def combine(g: Graph, scores, v, qf, S_full, Z_col, gg):
     S_full (..., d, d); Z_col (..., d, 1); gg broadcastable to (..., n_q, 1).
     One exponential of the scores and no softmax: on CPU, ORT's ReduceLogSumExp kernel is
     much slower than ReduceMax + Exp + ReduceSum (it led the short-sequence profile before).
+    ``v_self`` and ``Z_col`` None: see ``attend`` (then S_full is the (..., d', d + 1) state
+    with Z as its last column, read by one product).
     """
     from onnx import TensorProto
 
     f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
-    scores, v, qf, S_full, Z_col, gg = (f32(t) for t in (scores, v, qf, S_full, Z_col, gg))
+    scores, v, qf, S_full, gg = (f32(t) for t in (scores, v, qf, S_full, gg))
     axis = g.const([-1])
     m = g.op("Max", g.op("ReduceMax", scores, axis, keepdims=1), g.const([0.0], np.float32))  # (..., n_q, 1)
     e = g.op("Exp", g.op("Sub", scores, m))  # masked entries -> 0, the rest <= 1
     wb = g.op("Mul", gg, g.op("Exp", g.op("Neg", m)))
-    num = g.op("Add", g.op("MatMul", e, v), g.op("Mul", wb, g.op("MatMul", qf, S_full)))
-    den = g.op("Add", g.op("ReduceSum", e, axis, keepdims=1), g.op("Mul", wb, g.op("MatMul", qf, Z_col)))
+    if Z_col is None:  # one product with the state, then its columns: S and Z are never split
+        qS, qZ = _columns(g, g.op("MatMul", qf, S_full))
+    else:
+        qS, qZ = g.op("MatMul", qf, S_full), g.op("MatMul", qf, f32(Z_col))
+    num = g.op("Add", _values(g, e, v, None if v_self is None else f32(v_self)), g.op("Mul", wb, qS))
+    den = g.op("Add", g.op("ReduceSum", e, axis, keepdims=1), g.op("Mul", wb, qZ))
     o = g.op("Div", num, den)
     return g.op("Cast", o, to=TensorProto.FLOAT16) if g.fdt == np.float16 else o
 
 
-def attend(g: Graph, scores, v, qs, S_full, Z_col, gg):
+def _columns(g: Graph, x):
+    """x (..., d + 1) -> its first d columns and its last one (small tensors: a product's result)."""
+    return (g.op("Slice", x, g.const([0]), g.const([-1]), g.const([-1])),
+            g.op("Slice", x, g.const([-1]), g.const([2 ** 62]), g.const([-1])))
+
+
+def _values(g: Graph, w, v, v_self):
+    """w v over the keys; with ``v_self`` the last column of w weighs v_self (the query's own
+    value, which is in no key tensor) and the others v."""
+    if v_self is None:
+        return g.op("MatMul", w, v)
+    w_keys, w_self = _columns(g, w)
+    return g.op("Add", g.op("MatMul", w_keys, v), g.op("Mul", w_self, v_self))
+
+
+def attend(g: Graph, scores, v, qs, S_full, Z_col, gg, v_self=None, normalised=None):
     """Masked local scores (..., n_q, n_k) and the retrieved state -> o (..., n_q, d).
-    Plain (``Z_col`` None): softmax(scores) v + g qs S. Normalised: ``combine``."""
-    if Z_col is not None:
-        return combine(g, scores, v, qs, S_full, Z_col, gg)
-    return g.op("Add", g.op("MatMul", g.softmax(scores), v), g.op("Mul", gg, g.op("MatMul", qs, S_full)))
+    Plain (``Z_col`` None and not ``normalised``): softmax(scores) v + g qs S. Normalised: ``combine``.
+    ``v_self`` (..., 1, d): the last score column is the query's own key and v_self its value, v
+    holds the other keys' (the decode step, which reads its window and never writes into it).
+    ``normalised=True`` with ``Z_col`` None: S_full carries Z as its last column (read as is)."""
+    if Z_col is not None or normalised:
+        return combine(g, scores, v, qs, S_full, Z_col, gg, v_self)
+    return g.op("Add", _values(g, g.softmax(scores), v, v_self), g.op("Mul", gg, g.op("MatMul", qs, S_full)))
 
 
 def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: bool = False, lookback: int = 0):
@@ -306,234 +333,66 @@ def _meta_rows(g: Graph, ctx: dict, with_state: bool, dims: tuple, xa) -> dict:
     return ctx[key]
 
 
-def step_attention(g: Graph, W, cfg, p, q, kk, vv, visible, S_state):
-    """One token's attention: q (B, H, 1, d) over the open chunk kk, vv (B, H, L, d) where
-    ``visible`` (1, L) and the retrieved state S_state (B, H, d', dc) -> (B, H, 1, d)."""
-    H, d = cfg.n_head, cfg.head_dim
-    zero = g.const([0])
-    sc = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kk, perm=[0, 1, 3, 2])),
-              g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, L)
+def step_attention(g: Graph, W, cfg, p, q, k, v, K_state, V_state, visible, S_state):
+    """One token's attention: q, k, v (B, H, 1, d) over the earlier rows of its window K_state,
+    V_state (B, H, rows, d) where ``visible`` (B, 1, 1, rows), over itself, and the retrieved
+    state S_state (B, H, d', dc) -> (B, H, 1, d).
+
+    The state is read, never copied or rewritten: the token's own key is a score column of its
+    own (its row is written into the window by the caller after the step), and S is read by one
+    product whose small result is split into the S and Z terms."""
+    d = cfg.head_dim
+    scale = g.fconst(1.0 / math.sqrt(d))
+    sc = g.op("Mul", g.op("MatMul", q, g.op("Transpose", K_state, perm=[0, 1, 3, 2])), scale)  # (B, H, 1, rows)
+    own = g.op("Mul", g.op("ReduceSum", g.op("Mul", q, k), g.const([-1]), keepdims=1), scale)  # (B, H, 1, 1)
+    scores = g.op("Concat", g.op("Where", visible, sc, g.fconst(NEG)), own, axis=-1)  # (B, H, 1, rows + 1)
     qs = phi(g, W, cfg, p, q)
     if cfg.compression is not None:
-        qs = g.op("MatMul", qs, g.op("Unsqueeze", W(p + "attn.U"), zero))  # (B, H, 1, d')
-    gH = g.op("Reshape", W(p + "attn.g"), g.const([1, H, 1, 1]))
-    S_, Zc = _split_state(g, S_state, d, cfg.retrieval == "normalised")  # (B, H, d', d), (B, H, d', 1)
-    return attend(g, g.op("Where", visible, sc, g.fconst(NEG)), vv, qs, S_, Zc, gH)
+        qs = g.op("MatMul", qs, g.op("Unsqueeze", W(p + "attn.U"), g.const([0])))  # (B, H, 1, d')
+    gH = g.op("Reshape", W(p + "attn.g"), g.const([1, cfg.n_head, 1, 1]))
+    return attend(g, scores, V_state, qs, S_state, None, gH, v_self=v, normalised=cfg.retrieval == "normalised")
 
 
-def close_chunk(g: Graph, W, cfg, layer, state_in, position):
-    """Bank F_j and h_j at j = position // L and retrieve S for chunk j+1, in every row whose
-    token at ``position`` (B,) filled its chunk's last slot; other rows keep their state.
+def close_chunk(g: Graph, W, cfg, i: int, kk, vv, xa, bank_h, bank_F, position):
+    """Layer ``i`` of the chunk close, for rows whose token at ``position`` (B,) filled its
+    chunk's last slot (the caller runs it for those rows only): bank F_j and h_j of chunk
+    j = position // L and retrieve S for chunk j + 1.
 
-    ``layer``: per-layer lists of the K/V rows (B, H, window, d), the full chunk in the last L,
-    and the closing token's ln_1 output xa (B, 1, E); ``state_in``: S and the banks
-    (B, layer, H, ...). Returns the stacked outputs (S, the closed chunk's h (B, layer, H, 1, d)
-    and F (B, layer, H, 1, d', dc)): the caller writes the chunk into its bank slot. With the
-    look-back window also K and V slid in the closing rows (the closed chunk becomes the previous
-    one), and the next S retrieves from the chunks before the next chunk's window: j < chunk.
+    kk, vv (B, H, window, d): the K/V rows, the full chunk in the last L; xa (B, 1, E): the
+    closing token's ln_1 output; bank_h (B, H, cap, d), bank_F (B, H, cap, d', dc): the row's
+    bank, chunks 0 .. j - 1 in its first slots (any capacity >= 1; later slots are not read).
+    Returns the next S (B, H, d', dc) and the closed chunk's h (B, H, 1, d), F (B, H, 1, d', dc)
+    for the caller to bank. The bank is read, never copied: the retrieval weighs the bank's
+    slots and the new chunk as two terms. With the look-back window the next chunk retrieves
+    from chunks j' < j + 1 - lookback (the caller slides K/V).
     """
-    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
+    H, d, dp, L, n = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size, cfg.lookback
     dc = StateSpec.from_config(cfg).state_cols
-    norm = cfg.retrieval == "normalised"
-    zero, one = g.const([0]), g.const([1])
-    chunk = g.op("Unsqueeze", g.op("Div", position, g.const(L)), one)  # (B, 1)
-    closing = g.op("Equal", g.op("Mod", position, g.const(L)), g.const(L - 1))  # (B,)
-    cap = g.dim(state_in[BANK_H], 3)
-    jj = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
-    at_j = g.op("And", g.op("Equal", jj, chunk), g.op("Unsqueeze", closing, one))  # (B, cap)
-    upto_j = g.op("Unsqueeze", g.op("LessOrEqual", jj, chunk), g.const([1, 2]))  # (B, 1, 1, cap)
-    at_j_h = g.op("Unsqueeze", at_j, g.const([1, 3]))  # (B, 1, cap, 1)
-    at_j_F = g.op("Unsqueeze", at_j, g.const([1, 3, 4]))  # (B, 1, cap, 1, 1)
-    closing_S = g.op("Unsqueeze", closing, g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    n = cfg.lookback
-    if n:  # the next chunk j + 1 retrieves from chunks before j + 1 - n
-        upto_j = g.op("Unsqueeze", g.op("LessOrEqual", g.op("Add", jj, g.const(n)), chunk), g.const([1, 2]))
-    out = {name: [] for name in (S, NEW_H, NEW_F) + ((K, V) if n else ())}
-    for i in range(cfg.n_layer):
-        p = f"h.{i}."
-        own = {n: g.layer_slice(state_in[n], i) for n in (S, BANK_H, BANK_F)}
-        kk, vv, xa = layer["k"][i], layer["v"][i], layer["xa"][i]  # (B, H, window, d) x 2, (B, 1, E)
-        if n:  # slide: the closed chunk's rows become the previous chunk's (the open rows are rewritten)
-            window = {K: kk, V: vv}
-            kk, vv = (g.op("Slice", t_, g.const([n * L]), g.const([(n + 1) * L]), g.const([2])) for t_ in (kk, vv))
-            for name, rows in ((K, kk), (V, vv)):
-                out[name].append(g.op("Where", closing_S, g.op("Concat", *[rows] * (n + 1), axis=2), window[name]))
-        U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
-        Fj = g.op("Unsqueeze", chunk_states(g, phi(g, W, cfg, p, kk), vv, U4, norm, rank=4),
-                  g.const([2]))  # (B, H, 1, d', dc)
-        hj = _meta(g, W, p, xa, "meta_k", H, d)  # (B, H, 1, d)
-        # The bank as it is with chunk j in it, for this retrieval only.
-        bank_h = g.op("Where", at_j_h, hj, own[BANK_H])  # (B, H, cap, d)
-        bank_F = g.op("Where", at_j_F, Fj, own[BANK_F])
-        r = _meta(g, W, p, xa, "meta_q", H, d)  # (B, H, 1, d)
-        sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])),
-                  g.fconst(1.0 / math.sqrt(d)))  # (B, H, 1, cap)
-        Fflat = g.op("Reshape", bank_F, g.const([0, H, -1, dp * dc]))
-        S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, upto_j), Fflat),
-                      g.const([0, H, dp, dc]))  # (B, H, d', dc)
-        out[S].append(g.op("Where", closing_S, S_next, own[S]))
-        out[NEW_H].append(hj)
-        out[NEW_F].append(Fj)
-    return [g.stack_layers(parts) for parts in out.values()]
-
-
-def gather_rows(g: Graph, x, idx, heads: bool = False, rank: int = 4):
-    """Row ``b`` of the result takes positions ``idx[b]`` (B, M) of row ``b`` of ``x``.
-
-    x: (B, N, ...) -> (B, M, ...); with ``heads`` x is (B, H, N, ...) of rank ``rank`` and the
-    gather runs along axis 2 -> (B, H, M, ...)."""
-    if not heads:
-        return g.op("GatherND", x, g.op("Unsqueeze", idx, g.const([-1])), batch_dims=1)
-    perm = [0, 2, 1] + list(range(3, rank))
-    xt = g.op("Transpose", x, perm=perm)  # (B, N, H, ...)
-    return g.op("Transpose", gather_rows(g, xt, idx), perm=perm)
-
-
-def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
-    """One layer of a prefill that continues each row's state (``extend.onnx``).
-
-    Row b's tokens stand in a combined, chunk-aligned sequence (B, Tc): its first ctx["c"][b]
-    slots are the open chunk held in the state (their k, v come from ``state_in``; their
-    queries and outputs are ignored), then the row's new tokens, then padding. Chunk i of the
-    combined sequence is the row's chunk m_b + i. Retrieval runs over the row's bank (m_b
-    closed chunks) and the chunks that close inside the piece; chunk 0 keeps the state's S.
-    Returns o (B, H, Tc, d) and appends the row's state after the piece to ``states``: the open
-    chunk, S, and the combined chunks' h and F, of which the first m_new - m are closed (the
-    caller writes them into bank slots m .. m_new - 1).
-
-    With the look-back window (``lookback`` = n) a row that has closed chunks starts one chunk
-    earlier: its first s_b = min(m_b, n) chunks are the state's previous chunk(s), there only
-    for the local window of the open chunk (combined chunk s_b, which keeps the state's S); the
-    state after the piece holds the previous chunk's rows too, and the returned h and F start at
-    the open chunk.
-    """
-    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
-    dc = StateSpec.from_config(cfg).state_cols
-    norm = cfg.retrieval == "normalised"
-    own = {n: g.layer_slice(state_in[n], ctx["layer"]) for n in CARRIED_NAMES}
-    # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
-    if cfg.lookback:
-        k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
-                for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
-    else:
-        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
-        k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
-        v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
-    chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
-    fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
-    vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
-    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
-    F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
-    xl = g.op("Gather", xa, ctx["last"], axis=1)  # (B, Cc, E): chunks are aligned in every row
-    h_new = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, Cc, d)
-    rp = _meta(g, W, p, xl, "meta_q", H, d)
-    zero, one = g.const([0]), g.const([1])
-    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
-             g.op("Slice", rp, zero, g.op("Sub", ctx["Cc"], one), g.const([2])), axis=2)  # r_i from chunk i-1
+    p = f"h.{i}."
+    zero = g.const([0])
+    if n:  # the open (closing) chunk is the window's last L rows
+        kk, vv = (g.op("Slice", t_, g.const([n * L]), g.const([(n + 1) * L]), g.const([2])) for t_ in (kk, vv))
+    U4 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), zero)  # (1, H, d, d')
+    Fj = g.op("Unsqueeze", chunk_states(g, phi(g, W, cfg, p, kk), vv, U4, cfg.retrieval == "normalised", rank=4),
+              g.const([2]))  # (B, H, 1, d', dc)
+    hj = _meta(g, W, p, xa, "meta_k", H, d)  # (B, H, 1, d)
+    r = _meta(g, W, p, xa, "meta_q", H, d)  # (B, H, 1, d)
     scale = g.fconst(1.0 / math.sqrt(d))
-    scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
-                  g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
+    sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])), scale)  # (B, H, 1, cap)
+    # Chunk j + 1 retrieves from chunks j' < j + 1 - n: the bank's j' < j (n <= 1), and chunk j itself when n = 0.
+    cap = g.dim(bank_h, 2)
+    jj = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
+    chunk = g.op("Unsqueeze", g.op("Div", position, g.const(L)), g.const([1]))  # (B, 1)
+    limit = g.op("Add", chunk, g.const(1 - max(n, 1)))
+    allowed = g.op("Unsqueeze", g.op("Less", jj, limit), g.const([1, 2]))  # (B, 1, 1, cap)
     flat = g.const([0, H, -1, dp * dc])
-    F_all = g.op("Concat", g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat), axis=2)
-    SZ = g.op("MatMul", retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), F_all)
-    SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
-    SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
-    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
-    # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
-    # the bank with the closed chunks written in, built here for this retrieval only).
-    for n, t_ in ((K, k), (V, v)):
-        rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
-        states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
-    bank_h = g.op("Where", ctx["new_slot_h"], gather_rows(g, h_new, ctx["slot_chunk"], heads=True), own[BANK_H])
-    bank_F = g.op("Where", ctx["new_slot_F"], gather_rows(g, F_new, ctx["slot_chunk"], heads=True, rank=5),
-                  own[BANK_F])
-    r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
-    sc = g.op("Mul", g.op("MatMul", r_last, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,cap)
-    S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
-                  g.const([0, H, dp, dc]))
-    states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
-    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
-        h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
-        F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
-    states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
-    states[NEW_F].append(F_new)
-    return o
-
-
-def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
-    """Index tensors of ``extend_layer`` shared by every layer: ids (B, T), lengths (B,),
-    position (B,) (tokens each row holds), a bank state input (for its capacity)."""
-    L, n = cfg.chunk_size, cfg.lookback
-    zero, one = g.const([0]), g.const([1])
-    col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
-    T = g.dim(ids, 1)
-    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2 + n * L])), g.const([L]))  # ceil((T + L - 1) / L) + n
-    Tc = g.op("Mul", Cc, g.const([L]))
-    tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
-    c, m = g.op("Mod", position, g.const(L)), g.op("Div", position, g.const(L))  # (B,)
-    # Look-back: s = min(m, n) chunks of the state before the open one; the combined sequence
-    # starts at the row's chunk base = m - s, and its first ``pre`` slots come from the state.
-    s_b = g.op("Min", m, g.const(n)) if n else None
-    pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
-    base = g.op("Sub", m, s_b) if n else m
-    end = g.op("Add", position, lengths)
-    c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))
-    heads4 = lambda t: g.op("Unsqueeze", t, g.const([1, 3]))  # noqa: E731  (B, N) -> (B, 1, N, 1)
-    jc = g.op("Range", g.const(0), g.op("Squeeze", Cc, zero), g.const(1))  # (Cc,)
-    cap = g.dim(bank_h, 3)
-    jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
-    Tm1 = g.op("Sub", T, one)
-    ctx = dict(T=T, Cc=Cc, Tc=Tc, c=c, m=m)
-    ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(pre)), g.const(0)), Tm1)  # (B, Tc): token of each slot
-    ctx["positions"] = g.op("Add", g.op("Mul", col(base), g.const(L)), tc)  # (B, Tc)
-    ctx["from_state"] = heads4(g.op("Less", tc, col(pre)))
-    ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", pre, lengths))))
-    ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), g.const(L)), g.const(1))  # (Cc,)
-    if n:
-        rows = (n + 1) * L  # state K/V rows; slot t of the combined sequence is row t + (n - s) L
-        ctx["state_rows"] = g.op("Min", g.op("Add", tc, col(g.op("Mul", g.op("Sub", g.const(n), s_b), g.const(L)))),
-                                 g.const(rows - 1))  # (B, Tc)
-        # Combined chunk i (the row's chunk base + i) retrieves from chunks j < base + i - n: the
-        # bank's before min(m, base + i - n), and the piece's new chunks (j >= s) before i - n.
-        lim = g.op("Min", col(m), g.op("Add", col(base), g.op("Unsqueeze", g.op("Sub", jc, g.const(n)), zero)))
-        banked_old = g.op("Less", g.op("Unsqueeze", jcap, zero), g.op("Unsqueeze", lim, g.const([1, 3])))
-        earlier = g.op("Less", g.op("Unsqueeze", g.op("Add", jc, g.const(n)), zero), g.op("Unsqueeze", jc, one))
-        new = g.op("Unsqueeze", g.op("GreaterOrEqual", g.op("Unsqueeze", jc, zero), col(s_b)), g.const([1, 2]))
-        ctx["retrievable"] = g.op("Concat", banked_old, g.op("And", new, g.op("Unsqueeze", earlier, g.const([0, 1]))),
-                                  axis=-1)  # (B, 1, Cc, cap+Cc)
-        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", g.op("Unsqueeze", jc, zero), col(s_b)),
-                                  g.const([1, 3, 4]))  # (B, 1, Cc, 1, 1): the open chunk keeps the state's S
-        out = g.op("Range", g.const(0), g.op("Squeeze", g.op("Sub", Cc, g.const([n])), zero), g.const(1))
-        ctx["new_out"] = g.op("Min", g.op("Add", g.op("Unsqueeze", out, zero), col(s_b)),
-                              g.op("Sub", Cc, one))  # (B, Cc - n): the returned chunks, from the open one
+    if n == 0:
+        own = g.op("Mul", g.op("ReduceSum", g.op("Mul", r, hj), g.const([-1]), keepdims=1), scale)  # (B, H, 1, 1)
+        sc = g.op("Concat", sc, own, axis=-1)
+        allowed = g.op("Concat", allowed, g.op("Expand", g.const(True, np.bool_), g.cat(g.dim(allowed, 0),
+                                                                                        g.const([1, 1, 1]))), axis=-1)
+        w = retrieval_softmax(g, sc, allowed)  # (B, H, 1, cap + 1)
+        S_next = _values(g, w, g.op("Reshape", bank_F, flat), g.op("Reshape", Fj, flat))  # (B, H, 1, d'dc)
     else:
-        B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
-        earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i
-        banked_old = g.op("Unsqueeze", g.op("Less", jcap, col(m)), g.const([1, 2]))  # (B, 1, 1, cap)
-        ctx["retrievable"] = g.op("Concat", g.op("Expand", banked_old, g.cat(g.const([1, 1]), Cc, one)),
-                                  g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
-        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
-    o_new = g.op("Sub", m_new, m)  # (B,): chunks that close inside the piece
-    r = g.op("Unsqueeze", g.op("Range", g.const(0), g.const((n + 1) * L), g.const(1)), zero)  # (1, (n + 1) L)
-    if n:  # the state's rows after the piece: chunks m_new - n .. m_new, as far as they exist
-        first = g.op("Mul", g.op("Sub", g.op("Sub", m_new, base), g.const(n)), g.const(L))  # (B,)
-        ctx["open_rows"] = g.op("Min", g.op("Max", g.op("Add", col(first), r), g.const(0)), g.op("Sub", Tc, one))
-        ctx["open_valid"] = heads4(g.op("And", g.op("Less", g.op("Sub", r, g.const(n * L)), col(c_new)),
-                                        g.op("GreaterOrEqual", r, col(g.op("Mul", g.op("Sub", g.const(n), m_new),
-                                                                           g.const(L))))))
-    else:
-        ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), r), g.op("Sub", Tc, one))
-        ctx["open_valid"] = heads4(g.op("Less", r, col(c_new)))  # (B, 1, L, 1)
-    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(base)), g.const(0)),
-                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - base
-    new_slot = g.op("And", g.op("GreaterOrEqual", jcap, col(m)), g.op("Less", jcap, col(m_new)))  # (B, cap)
-    ctx["new_slot_h"] = heads4(new_slot)
-    ctx["new_slot_F"] = g.op("Unsqueeze", new_slot, g.const([1, 3, 4]))
-    closing = g.op("Sub", o_new, one) if not n else g.op("Add", g.op("Sub", o_new, one), s_b)
-    ctx["closing_chunk"] = col(g.op("Max", closing, g.const(0)))  # (B, 1): the last closed chunk
-    # The next chunk retrieves from the bank's chunks before its window: j < m_new - n.
-    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(g.op("Sub", m_new, g.const(n)) if n else m_new)),
-                         g.const([1, 2]))  # (B, 1, 1, cap)
-    ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    ctx["logit_row"] = col(g.op("Sub", g.op("Add", pre, lengths), g.const(1)))  # (B, 1): last new token
-    return ctx
+        S_next = g.op("MatMul", retrieval_softmax(g, sc, allowed), g.op("Reshape", bank_F, flat))
+    return g.op("Reshape", S_next, g.const([0, H, dp, dc])), hj, Fj

@@ -11,20 +11,29 @@ and, between the per-token graph and the chunk-closing graph only,
 
     state_xa          [batch, layer, 1, embd]       the closing token's ln_1 output per layer
 
+The per-token graph reads k, v and S and returns the token's own k/v row per layer
+(``state_row_k``/``state_row_v`` [batch, head, 1, head_dim]), which the caller writes at the
+row's slot: nothing else of the state moves. The chunk-closing graph runs for the closing rows
+only and returns the next S and the closed chunk (``state_new_h``, ``state_new_F``) for the
+caller to bank.
+
 With the look-back local window (``BSBRConfig.local_window == "lookback"``) ``state_k``/``state_v``
 hold ``window`` = (1 + lookback) x chunk rows instead of ``chunk``: the previous chunk's
-keys/values first, then the open chunk's; the chunk-closing step slides them (the closed chunk
-becomes the previous one), so the close graph also returns ``state_k``/``state_v``
-(``StateSpec.close_out``). Every other tensor is as above. The layout of the default window is
-unchanged, so the format stays 3; the manifest records ``window`` among the sizes (and the
-config its ``local_window``), from which loaders size state_k/state_v.
+keys/values first, then the open chunk's; after a chunk closes the caller slides them (the
+closed chunk becomes the previous one). The manifest records ``window`` among the sizes (and
+the config its ``local_window``), from which loaders size state_k/state_v.
 
 Batch is the first axis of every tensor, so a server slices or replaces one sequence's state
-along axis 0. ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
+along axis 0. The shapes above are the *stacked* form (torch's recurrent state, the prefill
+comparison in tests, ``State.rows``/``set_rows``); the ONNX graphs read and write every tensor
+per layer (format 4): ``state_k.3`` is layer 3's (batch, head, chunk, head_dim), so the engine
+binds each layer's buffer directly, with no split of a layer axis on the way in and no Concat on
+the way out (``layer_name``, ``StateSpec.layer_shape``, ``stack``). ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
 carries its normaliser z (resp. Z) as one extra, last column of every F (resp. S), so both
-variants have the same five tensors. ``capacity`` is the number of chunk slots in the bank:
-ceil(max_len / chunk) in the decode and close graphs, the number of closed chunks in the
-prefill graph's output (the runtime pads it). Every tensor is float32 in every export (fp16
+variants have the same five tensors. ``capacity`` is the number of chunk slots in the bank: any
+number >= 1 that holds the row's closed chunks in the close and extend graphs (the runtime
+grows each row's bank with what it holds), the number of closed chunks in the prefill graph's
+output. Every tensor is float32 in every export (fp16
 graphs cast at their edges). ``FORMAT`` is written into every export and read back by loaders.
 """
 
@@ -38,19 +47,26 @@ import numpy as np
 # 3: the graphs return the chunks they close (state_new_h, state_new_F); the caller writes them
 #    into the bank in place, so the bank is never copied through a graph.
 # (The look-back window's state_k/state_v of ``window`` rows is sized by the manifest: still 3.)
-FORMAT = 3
+# 4: every graph input and output per layer (``state_k.0`` ...); the per-token graph returns the
+#    token's k/v row (state_row_k/v) for the caller to write at its slot, and no longer returns
+#    the open chunk; the chunk-closing graph reads K/V, xa and the banks and returns the next S and
+#    the closed chunk (the caller slides a look-back window).
+FORMAT = 4
 
 K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
 NEW_H, NEW_F = "state_new_h", "state_new_F"  # chunks a graph closed, for the caller to bank
+ROW_K, ROW_V = "state_row_k", "state_row_v"  # the decoded token's k/v, for the caller to write at its slot
 # The state a sequence carries from one token to the next, in this order everywhere.
 CARRIED = (K, V, S, BANK_H, BANK_F)
-# Per-token graph: reads the open chunk and its retrieved state; writes the open chunk and xa.
-DECODE_IN, DECODE_OUT = (K, V, S), (K, V, XA)
-# Chunk-closing graph, once per chunk: returns the finished chunk's (h, F) and the next S.
-CLOSE_IN, CLOSE_OUT = (K, V, S, XA, BANK_H, BANK_F), (S, NEW_H, NEW_F)
+# Per-token graph: reads the open chunk and its retrieved state; returns the token's k/v row and xa.
+DECODE_IN, DECODE_OUT = (K, V, S), (ROW_K, ROW_V, XA)
+# Chunk-closing graph, once per chunk and only for the rows that close: reads the full chunk, the
+# closing token's xa and the bank; returns the next S and the finished chunk's (h, F).
+CLOSE_IN, CLOSE_OUT = (K, V, XA, BANK_H, BANK_F), (S, NEW_H, NEW_F)
 # Prefill in pieces: reads the whole state, returns the open chunk, S and the chunks it closed.
 EXTEND_OUT = (K, V, S, NEW_H, NEW_F)
 BANKED = {NEW_H: BANK_H, NEW_F: BANK_F}  # where the caller writes each returned chunk
+FRESH = (NEW_H, NEW_F, ROW_K, ROW_V)  # outputs that replace no input: named as they are
 OUT_SUFFIX = "_out"  # a graph output that replaces an input of the same name
 
 DIMS = {
@@ -62,14 +78,27 @@ DIMS = {
     XA: ("batch", "layer", "one", "embd"),
     NEW_H: ("batch", "layer", "head", "chunks", "head_dim"),
     NEW_F: ("batch", "layer", "head", "chunks", "state_dim", "state_cols"),
+    ROW_K: ("batch", "layer", "head", "one", "head_dim"),
+    ROW_V: ("batch", "layer", "head", "one", "head_dim"),
 }
 DYNAMIC = ("batch", "capacity", "chunks")  # the dimensions a graph leaves symbolic
 LAYER_AXIS = 1  # every tensor is [batch, layer, ...]
 
 
 def out_name(name: str) -> str:
-    """A graph output's name: a carried tensor's with the suffix, a returned chunk's as is."""
-    return name if name in BANKED else name + OUT_SUFFIX
+    """A graph output's name: a carried tensor's with the suffix, a returned chunk or row as is."""
+    return name if name in FRESH else name + OUT_SUFFIX
+
+
+def layer_name(name: str, layer: int) -> str:
+    """The graph input or output of one layer: ``state_k.3``, ``state_S_out.3``."""
+    return f"{name}.{layer}"
+
+
+def stack(values: dict, names, n_layer: int, out: bool = False) -> dict:
+    """Per-layer arrays by graph name -> stacked arrays (batch, layer, ...) by state name."""
+    return {n: np.stack([values[layer_name(out_name(n) if out else n, i)] for i in range(n_layer)], axis=LAYER_AXIS)
+            for n in names}
 
 
 @dataclass(frozen=True)
@@ -104,11 +133,6 @@ class StateSpec:
             return tuple("window" if dim == "chunk" else dim for dim in DIMS[name])
         return DIMS[name]
 
-    @property
-    def close_out(self) -> tuple:
-        """Outputs of the chunk-closing graph: ``CLOSE_OUT``, and with look-back the slid K/V."""
-        return CLOSE_OUT + ((K, V) if self.lookback else ())
-
     def capacity(self, max_len: int) -> int:
         """Bank slots needed to hold ``max_len`` tokens: ceil(max_len / chunk)."""
         return -(-max_len // self.chunk)
@@ -121,9 +145,14 @@ class StateSpec:
         return 1 if dim == "one" else getattr(self, dim)
 
     def shape(self, name: str, batch: int | None = None, capacity: int | None = None) -> list:
-        """The shape of tensor ``name``; ``batch``/``capacity`` left as their names when not given
-        (the form ONNX value infos take)."""
+        """The stacked shape of tensor ``name``; ``batch``/``capacity`` left as their names when
+        not given (the form ONNX value infos take)."""
         return [self.size(dim, batch, capacity) for dim in self.dims(name)]
+
+    def layer_shape(self, name: str, batch: int | None = None, capacity: int | None = None) -> list:
+        """One layer's shape of tensor ``name``: the graphs' inputs and outputs (format 4)."""
+        shape = self.shape(name, batch, capacity)
+        return shape[:LAYER_AXIS] + shape[LAYER_AXIS + 1:]
 
     def zeros(self, batch: int, capacity: int, names=CARRIED) -> dict[str, np.ndarray]:
         """A zero state (float32) for ``batch`` sequences and ``capacity`` bank slots."""
@@ -142,6 +171,7 @@ class StateSpec:
         ``window``, the rows of state_k/state_v."""
         sizes = {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback")}
         return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(self.dims(n)) for n in DIMS},
+                "io": "per layer: NAME.LAYER, the dims without 'layer'",
                 "sizes": sizes | {"window": self.window},
                 "normaliser": "last column of state_S and state_bank_F" if self.normalised else None,
                 "dtype": "float32"}

@@ -2,12 +2,22 @@
 
 ``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths),
 ``decode`` (one token per row) and ``close`` (once a row fills a chunk) graphs. A ``State``
-holds a batch of sequences: the carried tensors of ``ops.state`` (batch first) as ORT values
-that stay bound from one step to the next, and each row's position. Every graph reads its state
-from one set of buffers and writes the next state into a second set (an input cannot alias an
-output), and the two swap; logits are the only per-step copy to the host. On CPU the buffers
-are numpy arrays that ORT reads and writes in place; on the CUDA execution provider they live
-on the device.
+holds a batch of sequences (``ops.state``, format 4: every tensor per layer, batch first):
+
+- the open chunk's K/V, S and xa per layer, one numpy buffer each for the whole batch, bound to
+  the per-token graph once (a persistent ``IOBinding``). The per-token graph only reads them and
+  returns each row's new k/v row, which the engine writes at the row's slot (a few hundred bytes
+  per row and layer): the state is never copied through a graph, and rows a step does not touch
+  keep their bytes. (An input is never bound as an output: ORT documents no aliasing between
+  them, so the one write the step needs is the engine's.)
+- each row's bank of closed chunks, one array per row that grows with the chunks it closes
+  (to a power of two of chunks, at most the export's capacity), so memory follows what the rows hold, not
+  ``batch x capacity``. The chunk close runs for the closing rows only, one row at a time over
+  views of that row's buffers and bank (no copy); the engine writes the closed chunk into its
+  slot and the next S into the row.
+
+On every execution provider the state lives in host memory (on CUDA, ORT copies what a graph
+reads to the device for each run).
 
 Torch-free: numpy and onnxruntime only.
 """
@@ -99,65 +109,107 @@ class _Spec:
                            lookback=LOOKBACK_CHUNKS[window])
 
 
-@dataclass
-class Buffer:
-    """An ORT value the graphs read or write, and on CPU the numpy array that is its memory."""
+def row_bytes(spec: S.StateSpec, tokens: int, capacity: int) -> int:
+    """Bytes of one row's state in the engine once it holds ``tokens`` tokens: its buffers (K, V,
+    S, xa of every layer) and its bank as ``State.bank_room`` grows it (``_grown``)."""
+    fixed = spec.layer * sum(int(np.prod(spec.layer_shape(n, 1))) for n in State.BUFFERS) * 4
+    held, cap = tokens // spec.chunk, 0
+    while cap < held:
+        cap = _grown(cap, held, capacity)
+    return fixed + (sum(int(np.prod(spec.shape(n, 1, cap))) for n in S.BANKED.values()) * 4 if cap else 0)
 
-    value: object
-    host: np.ndarray | None
+
+def _grown(cap: int, need: int, capacity: int) -> int:
+    """A bank's next capacity: the smallest power of two >= ``need`` (so a bank is copied
+    log2(capacity) times over a row's life, whichever way it was filled), at most ``capacity``."""
+    return min(1 << max(need - 1, 1).bit_length(), max(capacity, need))
 
 
 class State:
-    """A batch of sequences: the carried state and the tokens each row holds.
+    """A batch of sequences: per-layer buffers (K, V, S, xa: (batch, ...)), each row's bank
+    (``None`` until the row closes a chunk; then {state_bank_h: (layer, 1, H, cap, d),
+    state_bank_F: (layer, 1, H, cap, d', dc)}) and the tokens each row holds."""
 
-    The open chunk (k, v) and S live in two buffer sets that the graphs read from and write to
-    in turn; the banks live once: graphs only read them, and the engine writes each closed
-    chunk into its slot in place.
-    """
-
-    DOUBLE = (S.K, S.V, S.S)  # written by a graph every step or piece
+    BUFFERS = (S.K, S.V, S.S, S.XA)
 
     def __init__(self, engine: "Engine", batch: int):
+        sp = engine.spec
         self.batch, self.capacity = batch, engine.capacity
         self.positions = np.zeros(batch, dtype=np.int64)
         self._engine = engine
-        shape = lambda n: engine.spec.shape(n, batch, self.capacity)  # noqa: E731
-        self.cur = {n: engine.buffer(shape(n)) for n in S.CARRIED}
-        self.spare = {n: engine.buffer(shape(n)) for n in self.DOUBLE}
-        self.xa = engine.buffer(shape(S.XA))
+        self.buf = {n: [np.zeros(sp.layer_shape(n, batch), dtype=np.float32) for _ in range(sp.layer)]
+                    for n in self.BUFFERS}
+        self.banks: list[dict | None] = [None] * batch
+        self._io = None  # the per-token graph's binding, made on first use
 
-    def swap(self, names) -> None:
-        for n in names:
-            if n in self.spare:
-                self.cur[n], self.spare[n] = self.spare[n], self.cur[n]
+    def nbytes(self) -> int:
+        """Bytes of the state the rows hold now (buffers and banks)."""
+        return sum(a.nbytes for bufs in self.buf.values() for a in bufs) + \
+            sum(a.nbytes for b in self.banks if b is not None for a in b.values())
+
+    def bank_room(self, row: int, chunks: int, exact: bool = False) -> dict:
+        """Row ``row``'s bank with room for ``chunks`` closed chunks (grown to a power of two, at
+        most the export's capacity: ``_grown``; to exactly ``chunks`` with ``exact``; the chunks it
+        holds are kept)."""
+        bank = self.banks[row]
+        cap = 0 if bank is None else bank[S.BANK_H].shape[3]
+        if chunks <= cap:
+            return bank
+        new_cap = chunks if exact else _grown(cap, chunks, self.capacity)
+        sp = self._engine.spec
+        grown = {n: np.zeros([sp.layer] + sp.layer_shape(n, 1, new_cap), dtype=np.float32) for n in S.BANKED.values()}
+        if bank is not None:
+            for n, a in bank.items():
+                grown[n][:, :, :, :cap] = a
+        self.banks[row] = grown
+        return grown
 
     def rows(self, rows) -> dict[str, np.ndarray]:
-        """Host copies of the given rows' carried tensors."""
-        return {n: self._engine.to_host(v)[rows] for n, v in self.cur.items()}
+        """Host copies of the given rows' carried tensors, stacked (rows, layer, ...); banks at
+        the largest number of chunks those rows hold (at least 1)."""
+        idx = np.arange(self.batch)[rows]
+        idx = np.atleast_1d(idx)
+        sp, L = self._engine.spec, self._engine.chunk
+        out = {n: np.stack([b[idx] for b in self.buf[n]], axis=1) for n in (S.K, S.V, S.S)}
+        held = self.positions[idx] // L
+        cap = max(1, int(held.max(initial=0)))
+        for n in S.BANKED.values():
+            out[n] = np.zeros(sp.shape(n, len(idx), cap), dtype=np.float32)
+            for i, r in enumerate(idx):
+                if held[i]:
+                    out[n][i] = self.banks[r][n][:, 0, :, :cap] if self.banks[r][n].shape[3] >= cap else \
+                        np.pad(self.banks[r][n][:, 0], [(0, 0)] * 2 + [(0, cap - self.banks[r][n].shape[3])] +
+                               [(0, 0)] * (self.banks[r][n].ndim - 4))
+        return out
 
-    def set_rows(self, rows, arrays: dict[str, np.ndarray], positions) -> None:
-        """Write whole rows (e.g. a new sequence's state into a running batch)."""
-        for n, v in self.cur.items():
-            self._engine.write(v, (rows,), arrays[n])
-        self.positions[rows] = positions
-
-    def bank(self, new: dict[str, np.ndarray], rows, first_slot, count) -> None:
-        """Write the chunks a graph closed into the banks: row rows[i] gets new[..][i, :, :, :count[i]]
-        at slots first_slot[i] .. first_slot[i] + count[i] - 1."""
-        for n, a in new.items():
-            bank = self.cur[S.BANKED[n]]
-            for i, r in enumerate(rows):
-                if count[i]:
-                    j = int(first_slot[i])
-                    self._engine.write(bank, (int(r), slice(None), slice(None), slice(j, j + int(count[i]))),
-                                       a[i, :, :, :int(count[i])])
+    def set_rows(self, rows, arrays: dict, positions) -> None:
+        """Write whole rows (e.g. a new sequence's state into a running batch): ``arrays`` holds
+        stacked (rows, layer, ...) tensors or scalars by state name; a bank's first
+        position // chunk slots are the row's closed chunks."""
+        idx = np.atleast_1d(np.arange(self.batch)[rows])
+        pos = np.broadcast_to(np.asarray(positions, dtype=np.int64), idx.shape)
+        for n in (S.K, S.V, S.S):
+            a = arrays[n]
+            for i, b in enumerate(self.buf[n]):
+                b[idx] = a if np.ndim(a) == 0 else np.asarray(a)[:, i]
+        for b in self.buf[S.XA]:
+            b[idx] = 0.0
+        for j, r in enumerate(idx):
+            held = int(pos[j]) // self._engine.chunk
+            self.banks[r] = None
+            if held:
+                bank = self.bank_room(int(r), held)
+                for n in S.BANKED.values():
+                    a = arrays[n]
+                    bank[n][:, 0, :, :held] = a if np.ndim(a) == 0 else np.asarray(a)[j, :, :, :held]
+        self.positions[idx] = pos
 
 
 class Engine:
     """The graphs of one export in ONNX Runtime (see the module docstring)."""
 
     def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
-                 session_options: dict | None = None, optimization: str = "all", prepack: bool = False,
+                 session_options: dict | None = None, optimization: str = "all", prepack: bool | str = "decode",
                  max_len: int | None = None):
         from .runners import check_providers, provider_name, session_from_onnx
 
@@ -191,35 +243,20 @@ class Engine:
         first = provider_name(self.providers[0])
         self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         # One copy of the weights for the three sessions (ORT shared initializers; an int8 export
-        # maps its own file and the fp32 file it shares with the fp32 graphs). ORT's
-        # prepacking would give each session a packed copy of its own (measured at GPT-2 small:
-        # 1.4-2.0 GB resident instead of 0.9 GB): off unless ``prepack`` asks for it.
+        # maps its own file and the fp32 file it shares with the fp32 graphs). ORT's prepacking
+        # gives a session a packed copy of its own of the dense weights: the per-token graph takes
+        # it by default (``prepack="decode"``), since without it every batched step repacks every
+        # weight (GPT-2 small, 16 rows: Gemm 63 ms per step unpacked, 28 ms packed; one row is
+        # memory-bound either way), at the cost of one packed copy (~ the fp32 dense weights);
+        # ``True`` packs every session, ``False`` none.
+        if prepack not in (True, False, "decode"):
+            raise InputError(f"prepack must be True, False or 'decode', got {prepack!r}")
         self._weights = shared_weights(paths.values())
-        config = ({} if prepack else {"session.disable_prepacking": "1"}) | dict(session_options or {})
-        self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=config,
+        packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
+        config = {g: ({} if packed[g] else {"session.disable_prepacking": "1"}) | dict(session_options or {})
+                  for g in GRAPHS}
+        self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=config[g],
                                               initializers=self._weights) for g, p in paths.items()}
-
-    # ------------------------------------------------------------------ buffers
-    def buffer(self, shape, dtype=np.float32):
-        """A zeroed ORT value of ``shape`` on the engine's device (a numpy array's memory on CPU)."""
-        import onnxruntime as ort
-
-        host = np.zeros(shape, dtype=dtype)
-        if self.device != "cpu":
-            return Buffer(ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0), None)
-        # On CPU the engine's row writes go straight into the memory ORT reads and writes.
-        return Buffer(ort.OrtValue.ortvalue_from_numpy(host), host)
-
-    def to_host(self, buf: "Buffer") -> np.ndarray:
-        """The buffer's array: the very memory on CPU, a copy from the device on CUDA."""
-        return buf.host if buf.host is not None else buf.value.numpy()
-
-    def write(self, buf: "Buffer", index, data) -> None:
-        """buf[index] = data: in place on CPU; through a host copy of the buffer on CUDA."""
-        host = self.to_host(buf)
-        host[index] = data
-        if buf.host is None:
-            buf.value.update_inplace(host)
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int) -> State:
@@ -228,9 +265,23 @@ class Engine:
         return State(self, batch)
 
     def reset_rows(self, st: State, rows) -> None:
-        """Free rows: zero state, position 0."""
+        """Free rows: zero state, no bank, position 0."""
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         st.set_rows(rows, dict.fromkeys(S.CARRIED, 0.0), 0)
+
+    def reserve(self, st: State, row: int, tokens: int) -> None:
+        """Give row ``row`` (empty) the bank it needs to hold ``tokens`` tokens now, so that it
+        never grows while the row generates (a server reserves a request's memory at admission)."""
+        if tokens // self.chunk:
+            st.bank_room(int(row), tokens // self.chunk, exact=True)
+
+    def bank_bytes(self, tokens: int) -> int:
+        """Bytes of the bank ``reserve`` gives a row of ``tokens`` tokens."""
+        return sum(int(np.prod(self.spec.shape(n, 1, tokens // self.chunk))) for n in S.BANKED.values()) * 4
+
+    def row_bytes(self, tokens: int) -> int:
+        """Bytes of one row's state once it holds ``tokens`` tokens (``row_bytes``)."""
+        return row_bytes(self.spec, tokens, self.capacity)
 
     def _check_room(self, st: State, rows, extra) -> None:
         need = st.positions[rows] + np.asarray(extra)
@@ -240,29 +291,23 @@ class Engine:
                              f"export's maximum of {self.max_len} (the state's capacity)")
 
     # ------------------------------------------------------------------ the graphs
-    def _run(self, graph: str, st: State, feeds: dict, ins, outs, out_host: dict | None = None):
-        """Run ``graph`` with state inputs ``ins`` from the current set and state outputs ``outs``
-        into the spare set; ``out_host`` binds numpy outputs (logits, closed chunks) by name."""
-        sess = self.sessions[graph]
-        io = sess.io_binding()
-        for name, arr in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        for n in ins:
-            io.bind_ortvalue_input(n, (st.xa if n == S.XA else st.cur[n]).value)
-        for n in outs:
-            io.bind_ortvalue_output(S.out_name(n), (st.xa if n == S.XA else st.spare[n]).value)
-        for name, arr in (out_host or {}).items():
-            io.bind_ortvalue_output(name, self._host_value(arr))
-        sess.run_with_iobinding(io)
-        st.swap(outs)
-
-    def _new_chunks(self, batch: int, chunks: int) -> dict[str, np.ndarray]:
-        return {n: np.empty(self.spec.shape(n, batch, chunks), dtype=np.float32) for n in S.BANKED}
-
-    def _host_value(self, arr: np.ndarray):
+    @staticmethod
+    def _value(arr: np.ndarray):
+        """An ORT value over the memory of a C-contiguous numpy array (no copy on CPU)."""
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_numpy(arr)
+
+    def _bind(self, io, inputs: dict, outputs: dict) -> None:
+        """Bind per-layer arrays ({graph name: array}) as inputs and outputs."""
+        for name, arr in inputs.items():
+            io.bind_ortvalue_input(name, self._value(arr))
+        for name, arr in outputs.items():
+            io.bind_ortvalue_output(name, self._value(arr))
+
+    def _layers(self, names, arrays_of, out: bool = False) -> dict:
+        """{``NAME[_out].i``: arrays_of(name)[i]} for every layer."""
+        return {S.layer_name(S.out_name(n) if out else n, i): a for n in names for i, a in enumerate(arrays_of(n))}
 
     def extend(self, st: State, rows, ids_list) -> np.ndarray:
         """Feed each listed row its next tokens (prefill, or a prompt continued in pieces).
@@ -278,67 +323,106 @@ class Engine:
         seqs = [self._check_ids(x) for x in ids_list]
         lengths = np.array([len(x) for x in seqs], dtype=np.int64)
         self._check_room(st, rows, lengths)
-        ids = np.zeros((len(seqs), int(lengths.max())), dtype=np.int64)
+        B, L, sp = len(rows), self.chunk, self.spec
+        ids = np.zeros((B, int(lengths.max())), dtype=np.int64)
         for i, x in enumerate(seqs):
             ids[i, :len(x)] = x
-        logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
-        if len(rows) == st.batch and (rows == np.arange(st.batch)).all():
-            sub = st
-        else:  # a sub-batch: its rows' state out, the piece, and back in
-            sub = State(self, len(rows))
-            sub.set_rows(slice(None), st.rows(rows), st.positions[rows])
-        pos = sub.positions.copy()
-        feeds = {"input_ids": ids, "lengths": lengths, "position": pos}
-        L = self.chunk
-        new = self._new_chunks(len(rows), (ids.shape[1] + 2 * L - 2) // L)  # the piece's chunks, aligned
-        self._run("extend", sub, feeds, S.CARRIED, State.DOUBLE, {"logits": logits} | new)
-        sub.bank(new, range(len(rows)), pos // L, (pos + lengths) // L - pos // L)
-        sub.positions += lengths
-        if sub is not st:
-            st.set_rows(rows, sub.rows(slice(None)), sub.positions)
+        pos = st.positions[rows].copy()
+        held = pos // L
+        whole = B == st.batch and (rows == np.arange(st.batch)).all()
+        # This piece's rows of the buffers (the buffers themselves when it is the whole batch) and
+        # their banks side by side, with room for the chunks they hold after the piece (the graph
+        # retrieves the next S from the bank with the piece's closed chunks written in).
+        take = (lambda a: a) if whole else (lambda a: np.ascontiguousarray(a[rows]))  # noqa: E731
+        ins = self._layers((S.K, S.V, S.S), lambda n: [take(b) for b in st.buf[n]])
+        cap = max(1, int(((pos + lengths) // L).max()))
+        banks = {n: np.zeros([sp.layer] + sp.layer_shape(n, B, cap), dtype=np.float32) for n in S.BANKED.values()}
+        for i, r in enumerate(rows):
+            for n in banks:
+                if held[i]:
+                    banks[n][:, i, :, :held[i]] = st.banks[r][n][:, 0, :, :held[i]]
+        ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
+        chunks = (ids.shape[1] + 2 * L - 2) // L  # the piece's chunks, aligned
+        outs = {n: [np.empty(sp.layer_shape(n, B, chunks), dtype=np.float32) for _ in range(sp.layer)]
+                for n in S.EXTEND_OUT}
+        logits = np.empty((B, self.vocab_size), dtype=np.float32)
+        io = self.sessions["extend"].io_binding()
+        self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos},
+                   self._layers(S.EXTEND_OUT, outs.__getitem__, out=True) | {"logits": logits})
+        self.sessions["extend"].run_with_iobinding(io)
+        for n in (S.K, S.V, S.S):
+            for b, a in zip(st.buf[n], outs[n]):
+                b[rows] = a
+        count = (pos + lengths) // L - held
+        for i, r in enumerate(rows):
+            if count[i]:
+                bank = st.bank_room(int(r), int(held[i] + count[i]))
+                for new, n in S.BANKED.items():
+                    for layer, a in enumerate(outs[new]):
+                        bank[n][layer, 0, :, held[i]:held[i] + count[i]] = a[i, :, :count[i]]
+        st.positions[rows] += lengths
         return logits
+
+    def _decode_binding(self, st: State):
+        """The per-token graph's binding over the state's buffers, made once per state."""
+        if st._io is None:
+            sp = self.spec
+            st._feeds = {"input_ids": np.zeros((st.batch, 1), np.int64), "position": np.zeros(st.batch, np.int64)}
+            st._rows = {n: [np.zeros(sp.layer_shape(n, st.batch), np.float32) for _ in range(sp.layer)]
+                        for n in (S.ROW_K, S.ROW_V)}
+            st._io = self.sessions["decode"].io_binding()
+            self._bind(st._io, st._feeds | self._layers(S.DECODE_IN, st.buf.__getitem__),
+                       self._layers(S.DECODE_OUT, lambda n: st.buf[n] if n == S.XA else st._rows[n], out=True))
+        return st._io
 
     def decode(self, st: State, tokens, active=None) -> np.ndarray:
         """One token per row -> logits (batch, V). Rows outside ``active`` (a bool mask; all rows
-        by default) keep their state and position whatever token they are fed."""
+        by default) keep their state, bytes and position whatever token they are fed."""
         tokens = self._check_ids(tokens, "tokens")
         if tokens.shape != (st.batch,):
             raise InputError(f"tokens must be one per row, shape ({st.batch},), got {tokens.shape}")
         active = np.ones(st.batch, bool) if active is None else np.asarray(active, dtype=bool)
         self._check_room(st, np.flatnonzero(active), 1)
+        io = self._decode_binding(st)
+        st._feeds["input_ids"][:, 0] = tokens
+        st._feeds["position"][:] = st.positions
         logits = np.empty((st.batch, self.vocab_size), dtype=np.float32)
-        pos = st.positions.copy()
-        self._run("decode", st, {"input_ids": tokens[:, None], "position": pos},
-                  S.DECODE_IN, S.DECODE_OUT, {"logits": logits})
-        # Slot pos % L of an inactive row lies past the tokens it holds: the write there is unread.
-        closing = active & (pos % self.chunk == self.chunk - 1)
-        if closing.all() or (closing.any() and self.device != "cpu"):
-            # Position 0 never closes a chunk: rows that are not closing keep their S.
-            new = self._new_chunks(st.batch, 1)
-            slid = tuple(n for n in self.spec.close_out if n not in S.BANKED)  # S (look-back: and K, V)
-            self._run("close", st, {"position": np.where(closing, pos, 0)}, S.CLOSE_IN, slid, new)
-            st.bank(new, np.arange(st.batch), pos // self.chunk, closing.astype(np.int64))
-        elif closing.any():
-            self._close_rows(st, np.flatnonzero(closing), pos)
-        st.positions[active] += 1
+        io.bind_ortvalue_output("logits", self._value(logits))
+        self.sessions["decode"].run_with_iobinding(io)
+        # The token's k/v into its slot, for the active rows only.
+        act = np.flatnonzero(active)
+        pos = st.positions[act]
+        slot = self.spec.window - self.chunk + pos % self.chunk
+        for n, new in ((S.K, S.ROW_K), (S.V, S.ROW_V)):
+            for b, row in zip(st.buf[n], st._rows[new]):
+                b[act, :, slot] = row[act, :, 0]
+        for r in act[pos % self.chunk == self.chunk - 1]:
+            self._close_row(st, int(r))
+        st.positions[act] += 1
         return logits
 
-    def _close_rows(self, st: State, rows: np.ndarray, pos: np.ndarray) -> None:
-        """The chunk close for some rows only (CPU): their state rows in, their S and closed chunk
-        back in place, so a batch whose rows close at different steps pays per closing row."""
-        sess, io = self.sessions["close"], self.sessions["close"].io_binding()
-        io.bind_cpu_input("position", pos[rows])
-        for n in S.CLOSE_IN:
-            io.bind_cpu_input(n, np.ascontiguousarray(self.to_host(st.xa if n == S.XA else st.cur[n])[rows]))
-        kept = {n: np.empty(self.spec.shape(n, len(rows), self.capacity), dtype=np.float32)
-                for n in self.spec.close_out if n not in S.BANKED}  # S (look-back: and the slid K, V)
-        new = self._new_chunks(len(rows), 1)
-        for name, arr in ({S.out_name(n): a for n, a in kept.items()} | new).items():
-            io.bind_ortvalue_output(name, self._host_value(arr))
-        sess.run_with_iobinding(io)
-        for n, a in kept.items():
-            self.write(st.cur[n], (rows,), a)
-        st.bank(new, rows, pos[rows] // self.chunk, np.ones(len(rows), dtype=np.int64))
+    def _close_row(self, st: State, r: int) -> None:
+        """The chunk close of row ``r`` (its last decoded token filled the chunk): the close graph
+        over views of the row's buffers and bank; the next S is written into the row's S, the
+        closed chunk into its bank slot; a look-back window slides by one chunk."""
+        sp, L = self.spec, self.chunk
+        pos = st.positions[r]
+        j = int(pos // L)
+        bank = st.bank_room(r, j + 1)
+        view = lambda n: [b[r:r + 1] for b in st.buf[n]]  # noqa: E731  contiguous: no copy
+        new = {n: [np.empty(sp.layer_shape(n, 1, 1), np.float32) for _ in range(sp.layer)] for n in S.BANKED}
+        ins = self._layers((S.K, S.V, S.XA), view) | self._layers(S.BANKED.values(), lambda n: list(bank[n]))
+        outs = self._layers((S.S,), view, out=True) | self._layers(S.BANKED, new.__getitem__, out=True)
+        io = self.sessions["close"].io_binding()
+        self._bind(io, ins | {"position": np.array([pos], np.int64)}, outs)
+        self.sessions["close"].run_with_iobinding(io)
+        for n, b in S.BANKED.items():
+            for layer, a in enumerate(new[n]):
+                bank[b][layer, 0, :, j] = a[0, :, 0]
+        if sp.lookback:  # the closed chunk becomes the previous one
+            for n in (S.K, S.V):
+                for b in st.buf[n]:
+                    b[r, :, :sp.window - L] = b[r, :, L:].copy()
 
     def _check_ids(self, ids, what: str = "prompt") -> np.ndarray:
         a = np.asarray(ids)

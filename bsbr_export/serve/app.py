@@ -53,6 +53,7 @@ class ServeConfig:
     model_name: str | None = None
     drain_s: float = 10.0
     providers: list | None = None
+    state_memory: int | None = None  # bytes of decode state (rows' buffers and banks); None: half the free memory
     # issue 18: who may call (security.Guard) and how much one request may take
     api_keys: tuple = ()
     max_body_bytes: int = 1 << 20
@@ -100,7 +101,7 @@ class Server:
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, state_memory=config.state_memory)
         self.metrics.sample(self.scheduler)
         self.max_len, self.vocab_size = int(self.engine.max_len), int(self.engine.vocab_size)
         self.in_flight, self._flight_lock = 0, threading.Lock()

@@ -170,13 +170,12 @@ async def long_prompt_gap(url: str, prompts, long_ids, streams: int) -> dict:
 # --------------------------------------------------------------------------- memory
 
 def memory_rows(export_dir) -> list[dict]:
-    """Per-sequence memory at ``LONG`` tokens: the BSBR state, what the engine allocates per row
-    of an export that holds ``LONG`` tokens (the carried state at its capacity, a second copy of
-    the tensors a graph rewrites every step (``State.DOUBLE``), and the closing token's
-    activations), and a GPT-2 KV cache; for the benchmarked model and, when it is another shape,
-    a GPT-2-small-shaped one with the same BSBR options."""
+    """Per-sequence memory at ``LONG`` tokens: the BSBR state, what the engine holds for a row
+    of that many tokens (its K/V/S/xa buffers and its bank as the engine grows it:
+    ``engine.row_bytes``), and a GPT-2 KV cache; for the benchmarked model and, when it is
+    another shape, a GPT-2-small-shaped one with the same BSBR options."""
     from ..ops import state as S
-    from ..runtime.engine import State, _Spec, read_metadata
+    from ..runtime.engine import _Spec, read_metadata, row_bytes
 
     spec = _Spec(read_metadata(Path(export_dir) / "extend.onnx")["config"])
     small = replace(spec, layer=12, head=12, embd=768, head_dim=64,
@@ -185,19 +184,17 @@ def memory_rows(export_dir) -> list[dict]:
     rows = []
     for name, sp in models:
         cap = sp.capacity(LONG)
-        per_row = sp.nbytes(1, cap) + sum(int(np.prod(sp.shape(n, 1, cap))) * 4
-                                          for n in (*getattr(State, "DOUBLE", S.CARRIED), S.XA))
         rows.append({"model": name, "layers": sp.layer, "embd": sp.embd, "chunk": sp.chunk,
-                     "bsbr_state_bytes": sp.bytes_at(LONG), "engine_row_bytes": per_row, "engine_capacity": cap,
-                     "kv_cache_bytes": S.kv_cache_bytes(sp.layer, sp.embd, LONG)})
+                     "bsbr_state_bytes": sp.bytes_at(LONG), "engine_row_bytes": row_bytes(sp, LONG, cap),
+                     "engine_capacity": cap, "kv_cache_bytes": S.kv_cache_bytes(sp.layer, sp.embd, LONG)})
     return rows
 
 
 def engine_costs(export_dir, threads: int, batches=(1, 4, 16, 32)) -> list[dict]:
     """What one scheduler iteration costs in the engine, in this process: a decode step (median of
-    20), a chunk close of the whole batch (``decode`` runs it for every row whenever any row ends
-    a chunk: a step at the chunk's last position, less a plain step), and a 128-token prefill of
-    one row inside the batch (the sub-batch path)."""
+    20), the chunk closes of a step in which every row ends a chunk (``decode`` closes each
+    closing row on its own: a step at the chunk's last position, less a plain step), and a
+    128-token prefill of one row inside the batch (the sub-batch path)."""
     from ..runtime.engine import Engine
 
     eng = Engine(export_dir, threads=threads)
@@ -379,19 +376,19 @@ def write_report(result: dict, out: Path) -> None:
                                for r in result["long_prompt"]])]
     if result.get("engine_costs"):
         md += ["What the engine spends per scheduler step, by rows in the batch (this process, same threads): a "
-               "decode step, a chunk close (run over the whole batch whenever any row ends a chunk, so with rows at "
-               "different chunk phases it runs up to `batch` times per chunk of 128 steps), and one row's 128-token "
-               "prefill inside the batch. Capacity: bank slots per row.", "",
+               "decode step, the chunk closes of a step in which every row ends its chunk (each closing row is closed on "
+               "its own, so a batch pays one close per row per chunk of 128 steps, whatever the rows' phases), and one "
+               "row's 128-token prefill inside the batch. Capacity: the most bank slots a row can hold.", "",
                markdown_table(["batch", "capacity", "decode step ms", "chunk close ms",
                                "one row prefill 128 ms", "close amortised per step ms"],
                               [[r["batch"], r["capacity"], f(r["decode_ms"], 2), f(r["close_ms"], 1),
-                                f(r["prefill_one_row_128_ms"], 1), f(r["close_ms"] * r["batch"] / 128, 2)]
+                                f(r["prefill_one_row_128_ms"], 1), f(r["close_ms"] / 128, 2)]
                                for r in result["engine_costs"]])]
     mem = result["memory"]
     md += [f"Memory per active sequence at {LONG} tokens of context (float32): the BSBR state "
            f"(`StateSpec.bytes_at`), what the engine allocates per row of the batch in an export that holds "
-           f"{LONG} tokens (the state at the export's capacity, whatever the row holds, plus a second copy of "
-           f"the open chunk and S that the graphs rewrite every step), and a standard "
+           f"{LONG} tokens (its K/V/S buffers and its bank as the engine grows it with the chunks the row "
+           f"closes), and a standard "
            f"GPT-2 KV cache (`kv_cache_bytes`).", "",
            markdown_table(["model", "layers x width", "chunk", "BSBR state MiB", "engine per row MiB (capacity)",
                            "GPT-2 KV cache MiB", "KV / state"],

@@ -15,6 +15,13 @@ One iteration of the loop:
 3. decodes: every row that holds a sampled, not yet fed token advances by one (``decode`` with
    the ``active`` mask, so rows mid-prefill and free rows keep their state), then samples.
 
+State memory: the engine holds each row's K/V/S buffers (``max_batch`` rows, allocated at
+start) and each row's bank of closed chunks, which is what grows with context. A request is
+admitted only when the bank it will need at its longest (prompt + ``max_tokens``) fits in
+``state_memory`` beside what the running rows reserved; the engine allocates that bank at
+admission (``Engine.reserve``), so a request never fails for memory mid-generation, and it is
+freed when the request ends. A request that does not fit waits in the queue (FIFO).
+
 So a long prompt is fed in pieces between decode steps: running streams wait at most one piece
 per token. A finished row (stop token, stop string, ``max_tokens``) is freed in the same
 iteration. Each request samples with its own options and its own ``numpy`` generator
@@ -40,6 +47,17 @@ from .penalties import apply_penalties
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
 IDLE_PREFILL_CHUNK = 2048  # the same while no row is decoding (no stream to stall; longer pieces run faster)
+
+
+def default_bank_memory() -> int:
+    """The state memory a server takes beside its rows' buffers when none is given: half the
+    memory available now (after the weights are mapped), at least 256 MiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        avail = 8 * 2**30
+    return max(256 * 2**20, avail // 2)
 
 
 class QueueFull(Exception):
@@ -96,6 +114,7 @@ class GenRequest:
     t_submit: float = 0.0
     t_first: float | None = None
     t_last: float | None = None
+    reserved: int = 0  # bytes of state memory held for the request's bank
     rng: np.random.Generator | None = None  # the request's own generator (seeded with ``seed``)
     detok: object = None  # its ``runtime.text.Detokenizer``
     counts: np.ndarray | None = None  # generated-token counts (presence/frequency penalties only)
@@ -113,7 +132,7 @@ class Scheduler:
     """
 
     def __init__(self, engine, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, metrics=None):
+                 prefill_chunk: int = PREFILL_CHUNK, metrics=None, state_memory: int | None = None):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -121,6 +140,13 @@ class Scheduler:
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = int(engine.max_len)
         self.state = engine.new_state(max_batch)
+        fixed = self.state.nbytes()  # every row's K/V/S buffers, allocated now
+        if state_memory is None:
+            state_memory = fixed + default_bank_memory()
+        if isinstance(state_memory, bool) or not isinstance(state_memory, int) or state_memory <= fixed:
+            raise InputError(f"state memory must be more than the {fixed / 2**20:.1f} MiB that {max_batch} rows' "
+                             f"buffers take; got {state_memory!r} bytes (lower --max-batch or raise --state-memory)")
+        self.state_memory, self.bank_budget, self.reserved = state_memory, state_memory - fixed, 0
         self._rows: list[GenRequest | None] = [None] * max_batch
         self._waiting: deque[GenRequest] = deque()
         self._cv = threading.Condition()
@@ -140,6 +166,11 @@ class Scheduler:
                                  f"maximum of {self.max_len} tokens")
             if len(r.ids) == 0 or r.max_tokens < 1:
                 raise InputError("a scheduled request needs >= 1 prompt token and max_tokens >= 1")
+            need = self.engine.bank_bytes(len(r.ids) + r.max_tokens)
+            if need > self.bank_budget:
+                raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} needs {need / 2**20:.1f} MiB "
+                                 f"of state, over the server's state memory for one request "
+                                 f"({self.bank_budget / 2**20:.1f} MiB beside the rows' buffers)")
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
@@ -224,7 +255,11 @@ class Scheduler:
         free = [i for i, r in enumerate(self._rows) if r is None]
         fresh = []
         while free and self._waiting:
+            need = self.engine.bank_bytes(len(self._waiting[0].ids) + self._waiting[0].max_tokens)
+            if self.reserved + need > self.bank_budget:
+                break  # waits until running requests end and free their banks
             r, r.row = self._waiting.popleft(), free.pop(0)
+            r.reserved, self.reserved = need, self.reserved + need
             r.rng = np.random.default_rng(r.seed)
             r.detok = self.tokenizer.detokenizer(r.stop)
             r.counts = np.zeros(self.engine.vocab_size, np.int64) if (r.presence_penalty or r.frequency_penalty) else None
@@ -232,6 +267,8 @@ class Scheduler:
             fresh.append(r.row)
         if fresh:
             self.engine.reset_rows(self.state, fresh)
+            for row in fresh:
+                self.engine.reserve(self.state, row, len(self._rows[row].ids) + self._rows[row].max_tokens)
 
     def _prefill(self) -> None:
         decoding = any(r is not None and r.pending >= 0 for r in self._rows)
@@ -317,6 +354,8 @@ class Scheduler:
         """End ``r``: free its row at once and send its last event (lock held)."""
         if r.row >= 0 and self._rows[r.row] is r:
             self._rows[r.row] = None
+            self.engine.reset_rows(self.state, [r.row])  # frees its bank
+            self.reserved -= r.reserved
         r.pending, r.finish_reason = -1, reason
         if self.metrics:
             self.metrics.finished(reason)

@@ -1,0 +1,183 @@
+"""The extend graph's BSBR pieces: a prefill that continues each row's decode state.
+
+``extend_context`` builds the index tensors every layer shares (the combined, chunk-aligned
+sequence of each row: the open chunk from the state, then the row's new tokens); ``extend_layer``
+is one layer's attention over it and the state after the piece. State inputs are one layer's
+tensors (``ops.state``, format 4).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..graph import Graph
+from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_softmax
+from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
+
+
+def gather_rows(g: Graph, x, idx, heads: bool = False, rank: int = 4):
+    """Row ``b`` of the result takes positions ``idx[b]`` (B, M) of row ``b`` of ``x``.
+
+    x: (B, N, ...) -> (B, M, ...); with ``heads`` x is (B, H, N, ...) of rank ``rank`` and the
+    gather runs along axis 2 -> (B, H, M, ...)."""
+    if not heads:
+        return g.op("GatherND", x, g.op("Unsqueeze", idx, g.const([-1])), batch_dims=1)
+    perm = [0, 2, 1] + list(range(3, rank))
+    xt = g.op("Transpose", x, perm=perm)  # (B, N, H, ...)
+    return g.op("Transpose", gather_rows(g, xt, idx), perm=perm)
+
+
+def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
+    """One layer of a prefill that continues each row's state (``extend.onnx``).
+
+    xa, q, k, v: the new tokens' ln_1 output (B, T, E) and projections (B, H, T, d): the dense
+    layers run over the piece's tokens only. For the attention, row b's tokens stand in a
+    combined, chunk-aligned sequence (B, Tc): its first ctx["c"][b] slots are the open chunk
+    held in the state (their k, v come from ``state_in``; their queries and outputs are
+    ignored), then the row's new tokens, then padding. Chunk i of the
+    combined sequence is the row's chunk m_b + i. Retrieval runs over the row's bank (m_b
+    closed chunks) and the chunks that close inside the piece; chunk 0 keeps the state's S.
+    Returns the new tokens' o (B, H, T, d) and appends the row's state after the piece to ``states``: the open
+    chunk, S, and the combined chunks' h and F, of which the first m_new - m are closed (the
+    caller writes them into bank slots m .. m_new - 1).
+
+    With the look-back window (``lookback`` = n) a row that has closed chunks starts one chunk
+    earlier: its first s_b = min(m_b, n) chunks are the state's previous chunk(s), there only
+    for the local window of the open chunk (combined chunk s_b, which keeps the state's S); the
+    state after the piece holds the previous chunk's rows too, and the returned h and F start at
+    the open chunk.
+    """
+    H, d, dp, L = cfg.n_head, cfg.head_dim, cfg.state_dim, cfg.chunk_size
+    dc = StateSpec.from_config(cfg).state_cols
+    norm = cfg.retrieval == "normalised"
+    own = {n: state_in[n][ctx["layer"]] for n in CARRIED_NAMES}  # this layer's inputs
+    q, k, v = (gather_rows(g, t_, ctx["src"], heads=True) for t_ in (q, k, v))  # (B, H, Tc, d): combined
+    # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
+    if cfg.lookback:
+        k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
+                for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
+    else:
+        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
+        k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
+        v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
+    chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
+    fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
+    vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
+    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
+    F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
+    xl = gather_rows(g, xa, ctx["src_last"])  # (B, Cc, E): each combined chunk's last token
+    h_new = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, Cc, d)
+    rp = _meta(g, W, p, xl, "meta_q", H, d)
+    zero, one = g.const([0]), g.const([1])
+    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
+             g.op("Slice", rp, zero, g.op("Sub", ctx["Cc"], one), g.const([2])), axis=2)  # r_i from chunk i-1
+    scale = g.fconst(1.0 / math.sqrt(d))
+    scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
+                  g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
+    flat = g.const([0, H, -1, dp * dc])
+    F_all = g.op("Concat", g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat), axis=2)
+    SZ = g.op("MatMul", retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), F_all)
+    SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
+    SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
+    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
+    # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
+    # the bank with the closed chunks written in, built here for this retrieval only).
+    for n, t_ in ((K, k), (V, v)):
+        rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
+        states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
+    bank_h = g.op("Where", ctx["new_slot_h"], gather_rows(g, h_new, ctx["slot_chunk"], heads=True), own[BANK_H])
+    bank_F = g.op("Where", ctx["new_slot_F"], gather_rows(g, F_new, ctx["slot_chunk"], heads=True, rank=5),
+                  own[BANK_F])
+    r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
+    sc = g.op("Mul", g.op("MatMul", r_last, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,cap)
+    S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
+                  g.const([0, H, dp, dc]))
+    states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
+    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
+        h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
+        F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
+    states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
+    states[NEW_F].append(F_new)
+    return gather_rows(g, o, ctx["dst"], heads=True)  # (B, H, T, d): the new tokens' rows
+
+
+def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
+    """Index tensors of ``extend_layer`` shared by every layer: ids (B, T), lengths (B,),
+    position (B,) (tokens each row holds), one layer's bank_h input (B, H, cap, d), for its capacity."""
+    L, n = cfg.chunk_size, cfg.lookback
+    zero, one = g.const([0]), g.const([1])
+    col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
+    T = g.dim(ids, 1)
+    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2 + n * L])), g.const([L]))  # ceil((T + L - 1) / L) + n
+    Tc = g.op("Mul", Cc, g.const([L]))
+    tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
+    c, m = g.op("Mod", position, g.const(L)), g.op("Div", position, g.const(L))  # (B,)
+    # Look-back: s = min(m, n) chunks of the state before the open one; the combined sequence
+    # starts at the row's chunk base = m - s, and its first ``pre`` slots come from the state.
+    s_b = g.op("Min", m, g.const(n)) if n else None
+    pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
+    base = g.op("Sub", m, s_b) if n else m
+    end = g.op("Add", position, lengths)
+    c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))
+    heads4 = lambda t: g.op("Unsqueeze", t, g.const([1, 3]))  # noqa: E731  (B, N) -> (B, 1, N, 1)
+    jc = g.op("Range", g.const(0), g.op("Squeeze", Cc, zero), g.const(1))  # (Cc,)
+    cap = g.dim(bank_h, 2)
+    jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
+    Tm1 = g.op("Sub", T, one)
+    ctx = dict(T=T, Cc=Cc, Tc=Tc, c=c, m=m)
+    ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(pre)), g.const(0)), Tm1)  # (B, Tc): token of each slot
+    t = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", T, zero), g.const(1)), zero)  # (1, T)
+    ctx["positions"] = g.op("Add", col(position), t)  # (B, T): the new tokens'
+    ctx["dst"] = g.op("Min", g.op("Add", col(pre), t), g.op("Sub", Tc, one))  # (B, T): their combined slots
+    ctx["from_state"] = heads4(g.op("Less", tc, col(pre)))
+    ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", pre, lengths))))
+    ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), g.const(L)), g.const(1))  # (Cc,)
+    if n:
+        rows = (n + 1) * L  # state K/V rows; slot t of the combined sequence is row t + (n - s) L
+        ctx["state_rows"] = g.op("Min", g.op("Add", tc, col(g.op("Mul", g.op("Sub", g.const(n), s_b), g.const(L)))),
+                                 g.const(rows - 1))  # (B, Tc)
+        # Combined chunk i (the row's chunk base + i) retrieves from chunks j < base + i - n: the
+        # bank's before min(m, base + i - n), and the piece's new chunks (j >= s) before i - n.
+        lim = g.op("Min", col(m), g.op("Add", col(base), g.op("Unsqueeze", g.op("Sub", jc, g.const(n)), zero)))
+        banked_old = g.op("Less", g.op("Unsqueeze", jcap, zero), g.op("Unsqueeze", lim, g.const([1, 3])))
+        earlier = g.op("Less", g.op("Unsqueeze", g.op("Add", jc, g.const(n)), zero), g.op("Unsqueeze", jc, one))
+        new = g.op("Unsqueeze", g.op("GreaterOrEqual", g.op("Unsqueeze", jc, zero), col(s_b)), g.const([1, 2]))
+        ctx["retrievable"] = g.op("Concat", banked_old, g.op("And", new, g.op("Unsqueeze", earlier, g.const([0, 1]))),
+                                  axis=-1)  # (B, 1, Cc, cap+Cc)
+        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", g.op("Unsqueeze", jc, zero), col(s_b)),
+                                  g.const([1, 3, 4]))  # (B, 1, Cc, 1, 1): the open chunk keeps the state's S
+        out = g.op("Range", g.const(0), g.op("Squeeze", g.op("Sub", Cc, g.const([n])), zero), g.const(1))
+        ctx["new_out"] = g.op("Min", g.op("Add", g.op("Unsqueeze", out, zero), col(s_b)),
+                              g.op("Sub", Cc, one))  # (B, Cc - n): the returned chunks, from the open one
+    else:
+        B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
+        earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i
+        banked_old = g.op("Unsqueeze", g.op("Less", jcap, col(m)), g.const([1, 2]))  # (B, 1, 1, cap)
+        ctx["retrievable"] = g.op("Concat", g.op("Expand", banked_old, g.cat(g.const([1, 1]), Cc, one)),
+                                  g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
+        ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
+    o_new = g.op("Sub", m_new, m)  # (B,): chunks that close inside the piece
+    r = g.op("Unsqueeze", g.op("Range", g.const(0), g.const((n + 1) * L), g.const(1)), zero)  # (1, (n + 1) L)
+    if n:  # the state's rows after the piece: chunks m_new - n .. m_new, as far as they exist
+        first = g.op("Mul", g.op("Sub", g.op("Sub", m_new, base), g.const(n)), g.const(L))  # (B,)
+        ctx["open_rows"] = g.op("Min", g.op("Max", g.op("Add", col(first), r), g.const(0)), g.op("Sub", Tc, one))
+        ctx["open_valid"] = heads4(g.op("And", g.op("Less", g.op("Sub", r, g.const(n * L)), col(c_new)),
+                                        g.op("GreaterOrEqual", r, col(g.op("Mul", g.op("Sub", g.const(n), m_new),
+                                                                           g.const(L))))))
+    else:
+        ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), r), g.op("Sub", Tc, one))
+        ctx["open_valid"] = heads4(g.op("Less", r, col(c_new)))  # (B, 1, L, 1)
+    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(base)), g.const(0)),
+                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - base
+    new_slot = g.op("And", g.op("GreaterOrEqual", jcap, col(m)), g.op("Less", jcap, col(m_new)))  # (B, cap)
+    ctx["new_slot_h"] = heads4(new_slot)
+    ctx["new_slot_F"] = g.op("Unsqueeze", new_slot, g.const([1, 3, 4]))
+    closing = g.op("Sub", o_new, one) if not n else g.op("Add", g.op("Sub", o_new, one), s_b)
+    ctx["closing_chunk"] = col(g.op("Max", closing, g.const(0)))  # (B, 1): the last closed chunk
+    # The next chunk retrieves from the bank's chunks before its window: j < m_new - n.
+    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(g.op("Sub", m_new, g.const(n)) if n else m_new)),
+                         g.const([1, 2]))  # (B, 1, 1, cap)
+    ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
+    ctx["logit_row"] = col(g.op("Sub", lengths, g.const(1)))  # (B, 1): last new token
+    ctx["src_last"] = g.op("Gather", ctx["src"], ctx["last"], axis=1)  # (B, Cc): each chunk's last token
+    return ctx
