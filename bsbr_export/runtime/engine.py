@@ -125,6 +125,19 @@ def _grown(cap: int, need: int, capacity: int) -> int:
     return min(1 << max(need - 1, 1).bit_length(), max(capacity, need))
 
 
+def write_rows(buffers, rows, act, slot) -> None:
+    """buffer[b, :, slot[i]] = row[b, :, 0] for b = act[i], for each (buffer (B, H, N, d), row
+    (B, H, 1, d)) pair: the decode step's only write into the state. One index over the
+    flattened (batch x head) axis per step, shared by every tensor."""
+    if not len(act):
+        return
+    B, H, N, d = buffers[0].shape
+    bh = (act[:, None] * H + np.arange(H)[None]).ravel()  # (rows x H,)
+    at = np.repeat(slot, H)
+    for buf, row in zip(buffers, rows):
+        buf.reshape(B * H, N, d)[bh, at] = row.reshape(B * H, d)[bh]
+
+
 class State:
     """A batch of sequences: per-layer buffers (K, V, S, xa: (batch, ...)), each row's bank
     (``None`` until the row closes a chunk; then {state_bank_h: (layer, 1, H, cap, d),
@@ -393,9 +406,7 @@ class Engine:
         act = np.flatnonzero(active)
         pos = st.positions[act]
         slot = self.spec.window - self.chunk + pos % self.chunk
-        for n, new in ((S.K, S.ROW_K), (S.V, S.ROW_V)):
-            for b, row in zip(st.buf[n], st._rows[new]):
-                b[act, :, slot] = row[act, :, 0]
+        write_rows([*st.buf[S.K], *st.buf[S.V]], [*st._rows[S.ROW_K], *st._rows[S.ROW_V]], act, slot)
         for r in act[pos % self.chunk == self.chunk - 1]:
             self._close_row(st, int(r))
         st.positions[act] += 1
