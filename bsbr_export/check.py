@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import kl_from_logprobs, log_softmax
+from .util import kl_from_logprobs, log_softmax, map_large_allocations, release_free_memory  # noqa: F401  (re-exported)
 
 # Max abs logits error allowed against torch fp32, per precision of the runner.
 TOLERANCES = {"fp32": 1e-4}
@@ -125,23 +125,6 @@ def make_inputs(source: str, batch: int, seq: int, vocab: int, text_ids: np.ndar
     return np.stack([text_ids[s:s + seq] for s in starts]).astype(np.int64)
 
 
-def _glibc(name: str, *args) -> bool:
-    """Call one of glibc's malloc tuning functions; False where there is no such function."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)(*args))
-    except (OSError, AttributeError):
-        return False
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op):
-    what torch freed after a reference row no longer counts while the candidate runs."""
-    _glibc("malloc_trim", 0)
-
-
 # The parity session's options, recorded in the manifest. No CPU arena and no memory pattern:
 # at GPT-2 size x 8192 tokens x batch 3 they hold about 3 GiB beyond the output itself.
 # Prepacking stays on: the session owns its weights and drops each packed weight's original, so
@@ -150,17 +133,6 @@ def release_free_memory() -> None:
 # lazily (1.58 vs 0.26 GiB right after loading) but every page is touched by the first run.
 # Large C-heap blocks get their own mappings (``map_large_allocations``).
 PARITY_SESSION = {"arena": False, "memory_pattern": False, "prepacking": True, "malloc_mmap_threshold": 1 << 20}
-
-
-def map_large_allocations(threshold: int = PARITY_SESSION["malloc_mmap_threshold"]) -> bool:
-    """Serve every C-heap allocation of ``threshold`` bytes or more by a mapping of its own,
-    handed back to the system when freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op returning
-    False elsewhere). glibc's default raises that threshold each time a large block is freed (up
-    to 32 MiB), after which the activations of a long run live on the heap, which then stays
-    fragmented at its high-water mark: at the gpt2-medium shape, batch 3 x 1024 tokens, the
-    parity session peaked at 4.21 GiB by default and 2.76 GiB with a 1 MiB threshold (and 4 MiB)."""
-    M_MMAP_THRESHOLD = -3
-    return _glibc("mallopt", M_MMAP_THRESHOLD, threshold)
 
 
 def lean_ort_runner(onnx_path, threads: int | None = None, prepacking: bool = PARITY_SESSION["prepacking"]):

@@ -240,6 +240,24 @@ def test_state_memory_follows_what_the_rows_hold(exported, engine):
     assert engine.bank_bytes(MAX_LEN) == sum(a.nbytes for a in st.banks[3].values())
 
 
+def test_prefill_in_bounded_calls_equals_one_extend(exported, engine, monkeypatch):
+    """``Engine.prefill`` feeds at most ``max_tokens`` tokens per extend call (long prompts in
+    pieces) and gives each row's last logits as one extend of the whole batch does."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, exported[0].cfg.vocab_size, n) for n in LENGTHS]
+    one = engine.extend(engine.new_state(len(prompts)), list(range(len(prompts))), prompts)
+    calls = []
+    real = engine.extend
+    monkeypatch.setattr(engine, "extend", lambda st, rows, ids: (calls.append(sum(map(len, ids))), real(st, rows, ids))[1])
+    st = engine.new_state(len(prompts))
+    out = engine.prefill(st, list(range(len(prompts))), prompts, max_tokens=L + 3)
+    assert max(calls) <= L + 3 and sum(calls) == sum(map(len, prompts))
+    assert st.positions.tolist() == [len(p) for p in prompts]
+    assert np.abs(out - one).max() <= 1e-4
+    with pytest.raises(InputError, match="maximum"):
+        engine.prefill(engine.new_state(1), [0], [np.zeros(MAX_LEN + 1, np.int64)])
+
+
 def test_weights_stored_once_across_graphs(exported):
     """Every initializer's bytes are written once; the ONNX files take <= 1.05x the converted
     checkpoint's tensors."""

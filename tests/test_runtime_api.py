@@ -83,6 +83,13 @@ class Recording:
         self.logits.append(z.copy())
         return z
 
+    def prefill(self, st, rows, ids_list, **options):
+        """The prompts' last logits, recorded as one step (its extend calls are the engine's own)."""
+        self.calls.append("prefill")
+        z = self.engine.prefill(st, rows, ids_list, **options)
+        self.logits.append(z.copy())
+        return z
+
     def decode(self, st, tokens, active=None):
         self.calls.append("decode")
         z = self.engine.decode(st, tokens, active)
@@ -231,6 +238,8 @@ class Scripted:
     def extend(self, st, rows, ids_list):
         return self._z(st)
 
+    prefill = extend
+
     def decode(self, st, tokens, active=None):
         return self._z(st)
 
@@ -305,6 +314,19 @@ def _load_error(path, **kw) -> str:
 def test_unknown_provider(export_dir, no_engine):
     assert "unknown execution provider 'NoSuchExecutionProvider'" in _load_error(
         export_dir, providers=["NoSuchExecutionProvider"])
+
+
+def test_state_memory_is_checked(export_dir, rt):
+    """load's state_memory: a bad value fails before ORT; a generate whose rows would hold more
+    state than it allows fails in one line before any ORT call; one that fits runs."""
+    assert "state_memory" in _load_error(export_dir, state_memory=-1)
+    eng = Recording(rt.engine)
+    row = rt.engine.row_bytes(0) + rt.engine.bank_bytes(3 + 40)
+    small = api.Runtime(eng, rt.tokenizer, state_memory=2 * row - 1)
+    with pytest.raises(InputError, match="state_memory") as e:
+        small.generate([[1, 2, 3], [4, 5, 6]], max_new_tokens=40)
+    assert "\n" not in str(e.value) and eng.calls == []
+    assert len(small.generate([[1, 2, 3]], max_new_tokens=40)[0]) == 40
 
 
 def test_missing_graph(export_dir, tmp_path, no_engine):

@@ -26,7 +26,7 @@ def runtime_memory_case(job: dict) -> dict:
     if job["what"] == "runtime":
         eng = Engine(export, threads=job["threads"], providers=["CPUExecutionProvider"])
         st = eng.new_state(1)
-        logits = eng.extend(st, [0], [ids])
+        logits = eng.prefill(st, [0], [ids])
         for _ in range(STEPS):
             logits = eng.decode(st, logits.argmax(-1))
     else:

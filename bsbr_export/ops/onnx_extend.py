@@ -108,14 +108,18 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     zero, one = g.const([0]), g.const([1])
     col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
     T = g.dim(ids, 1)
-    Cc = g.op("Div", g.op("Add", T, g.const([2 * L - 2 + n * L])), g.const([L]))  # ceil((T + L - 1) / L) + n
-    Tc = g.op("Mul", Cc, g.const([L]))
-    tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     c, m = g.op("Mod", position, g.const(L)), g.op("Div", position, g.const(L))  # (B,)
     # Look-back: s = min(m, n) chunks of the state before the open one; the combined sequence
     # starts at the row's chunk base = m - s, and its first ``pre`` slots come from the state.
     s_b = g.op("Min", m, g.const(n)) if n else None
     pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
+    # Chunks of the combined sequence: as many as its longest row fills (a fresh prompt of L
+    # tokens is one chunk), and with look-back n more, so that Cc - n chunks from each row's open
+    # chunk on hold every chunk the piece closes.
+    span = g.op("ReduceMax", g.op("Add", pre, lengths), keepdims=1)  # (1,)
+    Cc = g.op("Add", g.op("Div", g.op("Add", span, g.const([L - 1])), g.const([L])), g.const([n]))
+    Tc = g.op("Mul", Cc, g.const([L]))
+    tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     base = g.op("Sub", m, s_b) if n else m
     end = g.op("Add", position, lengths)
     c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))

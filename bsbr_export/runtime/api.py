@@ -142,7 +142,8 @@ def check_providers(providers) -> list | None:
 
 
 def load(path, precision: str = "fp32", providers=None, threads: int | None = None, optimization: str = "all",
-         session_options: dict | None = None) -> "Runtime":
+         session_options: dict | None = None, prepack: bool | str = "decode",
+         state_memory: int | None = None) -> "Runtime":
     """Open an exported directory for generation.
 
     precision: "fp32" (model.onnx's family), "fp16" (the ``_fp16`` graphs) or "int8" (the ``_int8``
@@ -150,9 +151,17 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
     Runtime execution providers (names, or (name, provider options) pairs; default: CUDA when
     present, then CPU); threads: intra-op threads [all cores]; optimization: graph optimisation
     level (none, basic, extended, all); session_options: ORT session configuration entries
-    ({key: value}, as ``SessionOptions.add_session_config_entry``).
+    ({key: value}, as ``SessionOptions.add_session_config_entry``); prepack: ORT's weight prepacking
+    for the per-token graph only ("decode", the default: batched decode steps at full speed, one
+    packed copy of the dense weights), for every graph (True: prompts' prefill faster too, a second
+    copy) or none (False: least memory); state_memory: the most bytes of decode state one
+    ``generate`` may hold (its rows' buffers and banks at their longest), checked before anything
+    runs (default: no limit).
     """
     check_export(path, precision)
+    if state_memory is not None and (isinstance(state_memory, bool) or not isinstance(state_memory, int)
+                                     or state_memory < 1):
+        raise InputError(f"state_memory must be a number of bytes >= 1, got {state_memory!r}")
     items = check_providers(providers)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be an integer >= 1, got {threads!r}")
@@ -162,8 +171,8 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
         raise InputError(f"session_options must be a dict of session configuration entries, got "
                          f"{type(session_options).__name__}")
     engine = Engine(path, precision=precision, providers=items, threads=threads, session_options=session_options,
-                    optimization=optimization)
-    return Runtime(engine, Tokenizer.from_dir(path))
+                    optimization=optimization, prepack=prepack)
+    return Runtime(engine, Tokenizer.from_dir(path), state_memory)
 
 
 # --------------------------------------------------------------------------- the runtime
@@ -171,8 +180,8 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
 class Runtime:
     """Generation over an ``Engine`` and a ``Tokenizer`` (see the module docstring)."""
 
-    def __init__(self, engine, tokenizer: Tokenizer):
-        self.engine, self.tokenizer = engine, tokenizer
+    def __init__(self, engine, tokenizer: Tokenizer, state_memory: int | None = None):
+        self.engine, self.tokenizer, self.state_memory = engine, tokenizer, state_memory
         self.config, self.max_len, self.vocab_size = engine.config, int(engine.max_len), int(engine.vocab_size)
         self.eos_token_id = tokenizer.eos_token_id
 
@@ -228,6 +237,12 @@ class Runtime:
                 raise InputError(f"prompt {i} ({x.size} tokens) + max_new_tokens {max_new_tokens} = "
                                  f"{x.size + max_new_tokens} would overflow the state capacity of "
                                  f"{self.max_len} tokens")
+        if self.state_memory is not None:
+            need = sum(self.engine.row_bytes(0) + self.engine.bank_bytes(x.size + max_new_tokens) for x in ids)
+            if need > self.state_memory:
+                raise InputError(f"{len(ids)} prompts with max_new_tokens {max_new_tokens} need {need / 2**20:.1f} MiB "
+                                 f"of decode state, over state_memory ({self.state_memory / 2**20:.1f} MiB): "
+                                 f"generate fewer prompts at once or raise state_memory")
         return dict(ids=ids, max_new=int(max_new_tokens), opts=opts, rngs=row_generators(seed, len(ids)),
                     stop=stop, stops=stops, results=[Completion(prompt_tokens=int(x.size)) for x in ids])
 
@@ -249,7 +264,10 @@ class Runtime:
         detok = [self.tokenizer.detokenizer(stop) for _ in ids]
         seen = [x.tolist() for x in ids]
         st = eng.new_state(B)
-        logits = eng.extend(st, list(range(B)), ids)
+        if hasattr(eng, "reserve"):  # each row's bank at its longest now: nothing grows mid-generation
+            for b, x in enumerate(ids):
+                eng.reserve(st, b, x.size + max_new)
+        logits = eng.prefill(st, list(range(B)), ids)  # in calls of at most PREFILL_TOKENS tokens
         active = np.ones(B, dtype=bool)
         fed = np.zeros(B, dtype=np.int64)
         for _ in range(max_new):

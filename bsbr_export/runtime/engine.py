@@ -32,8 +32,10 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
+from ..util import release_free_memory
 
 GRAPHS = ("extend", "decode", "close")
+PREFILL_TOKENS = 1024  # tokens per extend call in ``Engine.prefill``: bounds a prefill's activations
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
 PRECISION_ENGINE = {"fp32": "the main command", "fp16": "--engine fp16", "int8": "--engine int8"}
@@ -268,8 +270,16 @@ class Engine:
         packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
         config = {g: ({} if packed[g] else {"session.disable_prepacking": "1"}) | dict(session_options or {})
                   for g in GRAPHS}
+        # The per-token graph keeps ORT's memory arena (its activations are small and the same
+        # every step); prefill pieces and closes hand theirs back after each run (a 16-row prefill
+        # would otherwise keep its peak resident for the server's life).
+        import onnxruntime as ort
+
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=config[g],
-                                              initializers=self._weights) for g, p in paths.items()}
+                                              initializers=self._weights, arena=g != "close")
+                         for g, p in paths.items()}
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int) -> State:
@@ -355,14 +365,21 @@ class Engine:
                 if held[i]:
                     banks[n][:, i, :, :held[i]] = st.banks[r][n][:, 0, :, :held[i]]
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
-        chunks = (ids.shape[1] + 2 * L - 2) // L  # the piece's chunks, aligned
-        outs = {n: [np.empty(sp.layer_shape(n, B, chunks), dtype=np.float32) for _ in range(sp.layer)]
-                for n in S.EXTEND_OUT}
+        kept = (S.K, S.V, S.S)
+        outs = {n: [np.empty(sp.layer_shape(n, B), dtype=np.float32) for _ in range(sp.layer)] for n in kept}
         logits = np.empty((B, self.vocab_size), dtype=np.float32)
         io = self.sessions["extend"].io_binding()
         self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos},
-                   self._layers(S.EXTEND_OUT, outs.__getitem__, out=True) | {"logits": logits})
-        self.sessions["extend"].run_with_iobinding(io)
+                   self._layers(kept, outs.__getitem__, out=True) | {"logits": logits})
+        # The closed chunks: as many as the piece's combined sequence spans, so ORT sizes them
+        # (outputs are returned in the order they were bound: these last).
+        new_names = list(self._layers(S.BANKED, lambda n: range(sp.layer), out=True))
+        for name in new_names:
+            io.bind_output(name, "cpu")
+        self.sessions["extend"].run_with_iobinding(io, self._shrink)
+        values = io.get_outputs()[-len(new_names):]
+        for n in S.BANKED:
+            outs[n] = [values[new_names.index(S.layer_name(n, i))].numpy() for i in range(sp.layer)]
         for n in (S.K, S.V, S.S):
             for b, a in zip(st.buf[n], outs[n]):
                 b[rows] = a
@@ -374,7 +391,34 @@ class Engine:
                     for layer, a in enumerate(outs[new]):
                         bank[n][layer, 0, :, held[i]:held[i] + count[i]] = a[i, :, :count[i]]
         st.positions[rows] += lengths
+        release_free_memory()  # the piece's activations: the arena-less session freed them to the C heap
         return logits
+
+    def prefill(self, st: State, rows, ids_list, max_tokens: int = PREFILL_TOKENS) -> np.ndarray:
+        """``extend`` in bounded calls: each feeds at most ``max_tokens`` tokens in all (a longer
+        prompt goes in pieces), so a prefill's activations stay bounded whatever the batch and
+        the prompts' lengths. Returns the logits of each row's last token (len(rows), V)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        seqs = [self._check_ids(x) for x in ids_list]
+        if len(rows) != len(seqs) or len(rows) == 0:
+            raise InputError(f"prefill needs one token list per row, got {len(rows)} rows and {len(seqs)} lists")
+        self._check_room(st, rows, [len(x) for x in seqs])
+        out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        done = [0] * len(rows)
+        while True:
+            budget, sel, pieces = max_tokens, [], []
+            for i, x in enumerate(seqs):
+                if done[i] < len(x) and budget > 0:
+                    pieces.append(x[done[i]:done[i] + budget])
+                    sel.append(i)
+                    budget -= len(pieces[-1])
+            if not sel:
+                return out
+            logits = self.extend(st, rows[sel], pieces)
+            for j, i in enumerate(sel):
+                done[i] += len(pieces[j])
+                if done[i] == len(seqs[i]):
+                    out[i] = logits[j]
 
     def _decode_binding(self, st: State):
         """The per-token graph's binding over the state's buffers, made once per state."""

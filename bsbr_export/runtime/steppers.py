@@ -71,6 +71,8 @@ class TorchEngine:
             out.append(st[r].prefill(np.asarray(ids, dtype=np.int64)[None])[0])
         return np.stack(out)
 
+    prefill = extend  # each row's prompt in one torch prefill (``Engine.prefill`` bounds ORT's calls)
+
     def decode(self, st: list, tokens, active=None) -> np.ndarray:
         rows = range(len(st)) if active is None else np.flatnonzero(active)
         out = np.zeros((len(st), self.vocab_size), dtype=np.float32)

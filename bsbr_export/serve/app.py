@@ -54,6 +54,7 @@ class ServeConfig:
     drain_s: float = 10.0
     providers: list | None = None
     state_memory: int | None = None  # bytes of decode state (rows' buffers and banks); None: half the free memory
+    prepack: bool | str = "decode"  # ORT weight prepacking: "decode" (per-token graph), True (all graphs), False
     # issue 18: who may call (security.Guard) and how much one request may take
     api_keys: tuple = ()
     max_body_bytes: int = 1 << 20
@@ -97,7 +98,7 @@ class Server:
         self.config, self.name, self.created = config, config.served_name, int(time.time())
         self.tokenizer = Tokenizer.from_dir(config.export_dir)
         self.engine = Engine(config.export_dir, precision=config.precision, threads=config.threads,
-                             providers=check_providers(config.providers))
+                             providers=check_providers(config.providers), prepack=config.prepack)
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,

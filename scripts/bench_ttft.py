@@ -1,0 +1,120 @@
+"""Time to first token of a short prompt: BSBR's extend graph against HF's own ONNX export.
+
+What a user of ``load(DIR)`` or ``serve DIR`` waits for before the first token of a fresh
+prompt: ``Engine.extend`` of the prompt into an empty row, then the argmax of its logits.
+The baseline is what the user would run instead: HF ``GPT2LMHeadModel`` exported by
+``torch.onnx.export(..., dynamo=True)`` (``bsbr_export.bench.hf_export``), its prefill of the
+same prompt in ONNX Runtime with the same threads, then the same argmax. Both run in one
+process, alternating call by call (median of ``--runs``), on a GPT-2-small-shaped model with
+random weights (``scripts/make_random_gpt2.py``) exported for ``--max-seq-len`` tokens.
+
+    python scripts/bench_ttft.py WORKDIR [--lengths 1,32,128] [--max-seq-len 8192] [--runs 9]
+
+WORKDIR keeps the random model, the BSBR export and the HF export between runs. Writes
+docs/results/ttft.md (``--out``) with the CPU flags and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_row_write import cpu_flags  # noqa: E402
+
+
+def prepare(work: Path, max_len: int, log) -> tuple[Path, Path]:
+    """The random GPT-2 small (HF), its BSBR export and its HF ONNX export, made once in ``work``."""
+    import subprocess
+
+    hf, bsbr, base = work / "hf", work / f"bsbr-{max_len}", work / "hf-onnx"
+    root = Path(__file__).resolve().parents[1]
+    if not (hf / "config.json").is_file():
+        log(f"writing the random GPT-2 small to {hf}")
+        subprocess.run([sys.executable, str(root / "scripts" / "make_random_gpt2.py"), str(hf)], check=True)
+    if not (bsbr / "decode.onnx").is_file():
+        log(f"exporting BSBR to {bsbr} (max {max_len} tokens)")
+        subprocess.run([sys.executable, "-m", "bsbr_export.cli", "export", str(hf), "--out", str(bsbr),
+                        "--max-seq-len", str(max_len), "--force"], check=True)
+    if not (base / "model.onnx").is_file():
+        from bsbr_export.bench.hf_export import export_hf_onnx
+
+        log(f"exporting HF GPT-2 with torch.onnx (dynamo) to {base}")
+        export_hf_onnx(hf, base)
+    return bsbr, base / "model.onnx"
+
+
+def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack) -> list[dict]:
+    from bsbr_export.runtime.engine import Engine
+    from bsbr_export.runtime.runners import session_from_onnx
+
+    eng = Engine(bsbr, threads=threads, prepack=prepack)
+    hf = session_from_onnx(hf_onnx, threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for T in lengths:
+        ids = rng.integers(0, eng.vocab_size, T)
+
+        def bsbr_first():
+            return int(eng.extend(eng.new_state(1), [0], [ids])[0].argmax())
+
+        def hf_first():
+            return int(hf.run(["logits"], {"input_ids": ids[None]})[0][0, -1].argmax())
+
+        times = {"bsbr": [], "hf": []}
+        for i in range(runs + 2):
+            for name, fn in (("bsbr", bsbr_first), ("hf", hf_first)):
+                t0 = time.perf_counter()
+                fn()
+                if i >= 2:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        rows.append({"T": T} | {k: float(np.median(v)) for k, v in times.items()})
+        print(f"T={T}: BSBR {rows[-1]['bsbr']:.1f} ms, HF export {rows[-1]['hf']:.1f} ms "
+              f"({rows[-1]['bsbr'] / rows[-1]['hf']:.2f}x)", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("work", type=Path, help="working directory (models and exports, kept between runs)")
+    ap.add_argument("--lengths", default="1,32,128", help="prompt lengths [1,32,128]")
+    ap.add_argument("--max-seq-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
+    ap.add_argument("--runs", type=int, default=9, help="timed calls per backend and length [9]")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
+    ap.add_argument("--prepack", choices=["decode", "all", "none"], default="decode",
+                    help="the Engine's prepack setting: ORT prepacking for the decode session only (the "
+                         "default), for every session, or none [decode]")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/ttft.md"), help="Markdown fragment to write")
+    a = ap.parse_args(argv)
+    try:
+        lengths = [int(x) for x in a.lengths.split(",")]
+    except ValueError:
+        ap.error(f"--lengths must be integers separated by commas, got {a.lengths!r}")
+    if min(lengths) < 1 or max(lengths) > 1024 or a.runs < 1 or a.threads < 1 or a.max_seq_len < max(lengths):
+        ap.error("lengths must lie in [1, 1024] (the HF model's positions) and within --max-seq-len; "
+                 "--runs and --threads >= 1")
+    bsbr, hf_onnx = prepare(a.work, a.max_seq_len, lambda m: print(m, flush=True))
+    rows = measure(bsbr, hf_onnx, lengths, a.runs, a.threads, {"all": True, "none": False}.get(a.prepack, "decode"))
+    import onnxruntime as ort
+
+    cmd = " ".join(["python scripts/bench_ttft.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = ["## Time to first token of a fresh prompt: BSBR extend against the HF export's prefill", "",
+             f"`{cmd}`: GPT-2 small shape, random weights, fp32, BSBR exported for {a.max_seq_len} tokens; "
+             f"BSBR: `Engine.extend` into an empty row + argmax (what `load(DIR)` and `serve` do first); HF: "
+             f"HF GPT-2 exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, "
+             f"alternating, median of {a.runs}; Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads, CPU flags "
+             f"{cpu_flags()}.", "",
+             "| prompt tokens | BSBR ms | HF export ms | BSBR / HF |", "|---|---|---|---|"]
+    lines += [f"| {r['T']} | {r['bsbr']:.1f} | {r['hf']:.1f} | {r['bsbr'] / r['hf']:.2f}x |" for r in rows]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
