@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from ..graph import NEG, Graph
-from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
+from .state import BANK_F, BANK_H, K, S, V, StateSpec
 
 DOMAIN = "bsbr"
 FUNCTION = "ChunkAttention"

@@ -25,7 +25,6 @@ Torch-free: numpy and onnxruntime only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
