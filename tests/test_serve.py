@@ -528,3 +528,11 @@ def test_cli_serve_bad_export_fails_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such export directory" in r.stderr
+
+
+@pytest.mark.parametrize("size, msg", [("4XB", "must be a size"), ("1KiB", "state memory must be more than")])
+def test_cli_serve_bad_state_memory_fails_in_one_line(export_dir, size, msg):
+    """--state-memory: an unreadable size, or one below the rows' buffers, fails before the server starts."""
+    r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--state-memory", size,
+                        "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr[-500:]

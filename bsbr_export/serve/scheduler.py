@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +59,22 @@ def default_bank_memory() -> int:
     except (OSError, StopIteration, ValueError):
         avail = 8 * 2**30
     return max(256 * 2**20, avail // 2)
+
+
+def _check_budget(state_memory, fixed: int, max_batch: int) -> None:
+    if isinstance(state_memory, bool) or not isinstance(state_memory, int) or state_memory <= fixed:
+        raise InputError(f"state memory must be more than the {fixed / 2**20:.1f} MiB that {max_batch} rows' "
+                         f"buffers take; got {state_memory!r} bytes (lower --max-batch or raise --state-memory)")
+
+
+def check_state_memory(export_dir, max_batch: int, state_memory: int | None) -> None:
+    """Refuse, before anything loads, a state memory that cannot hold ``max_batch`` rows' buffers."""
+    if state_memory is None:
+        return
+    from ..runtime.engine import _Spec, read_metadata, row_bytes
+
+    spec = _Spec(read_metadata(Path(export_dir) / "extend.onnx")["config"])
+    _check_budget(state_memory, max_batch * row_bytes(spec, 0, 1), max_batch)
 
 
 class QueueFull(Exception):
@@ -143,9 +160,7 @@ class Scheduler:
         fixed = self.state.nbytes()  # every row's K/V/S buffers, allocated now
         if state_memory is None:
             state_memory = fixed + default_bank_memory()
-        if isinstance(state_memory, bool) or not isinstance(state_memory, int) or state_memory <= fixed:
-            raise InputError(f"state memory must be more than the {fixed / 2**20:.1f} MiB that {max_batch} rows' "
-                             f"buffers take; got {state_memory!r} bytes (lower --max-batch or raise --state-memory)")
+        _check_budget(state_memory, fixed, max_batch)
         self.state_memory, self.bank_budget, self.reserved = state_memory, state_memory - fixed, 0
         self._rows: list[GenRequest | None] = [None] * max_batch
         self._waiting: deque[GenRequest] = deque()
