@@ -185,7 +185,8 @@ def test_logprobs_are_log_softmax_of_the_logits_at_the_chosen_token(rt):
                      return_details=True)
     for i, c in enumerate(res):
         for s, (t, lp) in enumerate(zip(c.tokens, c.logprobs)):
-            assert lp == pytest.approx(log_softmax(eng.logits[s][i])[t], abs=1e-9)
+            # float32 exponentials (sampling.logsumexp): float32 rounding
+            assert lp == pytest.approx(log_softmax(eng.logits[s][i])[t], abs=1e-6)
         assert c.prompt_tokens == len(rt.tokenizer.encode(["def f(x):", "import"][i]))
 
 

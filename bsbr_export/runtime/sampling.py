@@ -60,6 +60,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def logsumexp(logits: np.ndarray) -> np.ndarray:
+    """log(sum(exp(logits))) over the last axis (keepdims): one float32 pass of exp (values in
+    (0, 1] after the max is taken out), summed in float64. A chosen token's log-probability is
+    ``logits[token] - logsumexp(logits)``, with no vocabulary-sized log-softmax array."""
+    z = np.asarray(logits, dtype=np.float32)
+    m = z.max(-1, keepdims=True)
+    return m.astype(np.float64) + np.log(np.exp(z - m).sum(-1, keepdims=True, dtype=np.float64))
+
+
 def penalise(logits: np.ndarray, seen: np.ndarray, penalty: float | None) -> np.ndarray:
     """One row's logits (V,) with the repetition penalty applied to the token ids in ``seen``."""
     if penalty is None or penalty == 1 or len(seen) == 0:
@@ -117,9 +126,10 @@ def choose(logits: np.ndarray, opts: SamplingOptions, rngs: Sequence[np.random.G
 
 
 def chosen_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """log_softmax(logits)[row, token] per row: the model's log-probability of each chosen token."""
-    lp = log_softmax(logits)
-    return lp[np.arange(len(tokens)), np.asarray(tokens, dtype=np.int64)]
+    """log_softmax(logits)[row, token] per row: the model's log-probability of each chosen token
+    (``logsumexp``: no log-softmax over the vocabulary is kept)."""
+    rows = np.arange(len(tokens))
+    return logits[rows, np.asarray(tokens, dtype=np.int64)].astype(np.float64) - logsumexp(logits)[:, 0]
 
 
 def row_generators(seed, rows: int) -> list[np.random.Generator]:

@@ -55,7 +55,7 @@ class ServeConfig:
     providers: list | None = None
     state_memory: int | None = None  # bytes of decode state (rows' buffers and banks); None: half the free memory
     prepack: bool | str = "decode"  # ORT weight prepacking: "decode" (per-token graph), True (all graphs), False
-    # issue 18: who may call (security.Guard) and how much one request may take
+    # who may call (security.Guard) and how much one request may take
     api_keys: tuple = ()
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
@@ -73,9 +73,8 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("request_timeout_s", "receive_timeout_s", "header_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in (n for n in ("request_timeout_s", "receive_timeout_s", "header_timeout_s") if not getattr(self, n) > 0):
+            raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:  # keys never reach a log through the config
         return f"ServeConfig({self.export_dir!r}, api_keys=<{len(self.api_keys)} keys>, ...)"
@@ -128,13 +127,10 @@ _lock = threading.Lock()
 
 def server_of(app) -> Server:
     """The app's ``Server``, started on first use (Ray Serve replicas, tests without lifespan)."""
-    srv = getattr(app.state, "server", None)
-    if srv is None:
-        with _lock:
-            srv = getattr(app.state, "server", None)
-            if srv is None:
-                srv = app.state.server = Server(app.state.config)
-    return srv
+    with _lock:
+        if getattr(app.state, "server", None) is None:
+            app.state.server = Server(app.state.config)
+    return app.state.server
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -254,7 +250,8 @@ def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRe
     stops = frozenset() if body.ignore_eos or eos is None else frozenset({int(eos)})
     return [GenRequest(ids=ids, max_tokens=max_tokens, sink=(lambda ev, i=i: sink(i, ev)), opts=opts,
                        seed=body.seed, stop=stop, stop_tokens=stops, presence_penalty=body.presence_penalty or 0.0,
-                       frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=body.logprobs or 0)
+                       frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=body.logprobs or 0,
+                       logprobs=body.logprobs is not None)
             for i, ids in enumerate(prompts)]
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.sampling import SamplingOptions, choose, log_softmax
+from ..runtime.sampling import SamplingOptions, choose, logsumexp
 from .penalties import apply_penalties
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
@@ -93,7 +93,8 @@ class Event:
     incomplete); logprob: the model's log-probability of the token (log_softmax of the raw
     logits); top: {token: logprob} of the ``top_logprobs`` most likely tokens (when asked);
     margin: the gap between the two largest logits of the step (near-ties explain rare
-    differences between batched and lone runs). The last event of a request carries
+    differences between batched and lone runs). logprob, top and margin are computed only for a
+    request with ``logprobs`` (0.0, None and inf otherwise). The last event of a request carries
     ``finish_reason`` ("stop", "length", "cancelled", "error") and, for "error", ``error``.
     """
 
@@ -120,6 +121,7 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
+    logprobs: bool = True  # compute each token's log-probability (and the top ones, margin) for the events
     # set by the scheduler
     id: int = -1
     row: int = -1
@@ -335,12 +337,15 @@ class Scheduler:
         proc = apply_penalties(logits, r.counts, r.presence_penalty, r.frequency_penalty)
         seen = [np.concatenate([r.ids, np.asarray(r.tokens, np.int64)])] if r.opts.repetition_penalty else None
         tok = int(choose(proc[None], r.opts, [r.rng], seen)[0])
-        lsm = log_softmax(logits)
-        top2 = np.partition(logits, -2)[-2:]
-        top = None
-        if r.top_logprobs:
-            best = np.argpartition(-lsm, r.top_logprobs)[:r.top_logprobs]
-            top = {int(i): float(lsm[i]) for i in best[np.argsort(-lsm[best], kind="stable")]}
+        lp, top, margin = 0.0, None, float("inf")
+        if r.logprobs:  # one pass over the vocabulary, and only for a request that reports them
+            lse = float(logsumexp(logits)[0])
+            lp = float(logits[tok]) - lse
+            if r.top_logprobs:
+                best = np.argpartition(-logits, r.top_logprobs)[:r.top_logprobs]
+                top = {int(i): float(logits[i]) - lse for i in best[np.argsort(-logits[best], kind="stable")]}
+            top2 = np.partition(logits, -2)[-2:]
+            margin = float(top2[1] - top2[0])
         r.tokens.append(tok)
         if r.counts is not None:
             r.counts[tok] += 1
@@ -358,7 +363,7 @@ class Scheduler:
                 reason = "stop"
             elif len(r.tokens) >= r.max_tokens:
                 piece, reason = piece + r.detok.finish(), "length"
-        self._emit(r, Event(tok, piece, float(lsm[tok]), top, float(top2[1] - top2[0])))
+        self._emit(r, Event(tok, piece, lp, top, margin))
         if reason is not None:
             with self._cv:
                 self._finish(r, reason)
