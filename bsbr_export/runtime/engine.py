@@ -292,8 +292,9 @@ class Engine:
         st.set_rows(rows, dict.fromkeys(S.CARRIED, 0.0), 0)
 
     def reserve(self, st: State, row: int, tokens: int) -> None:
-        """Give row ``row`` (empty) the bank it needs to hold ``tokens`` tokens now, so that it
-        never grows while the row generates (a server reserves a request's memory at admission)."""
+        """Give row ``row`` the bank it needs to hold ``tokens`` tokens now (the chunks it holds
+        are kept), so that it never grows while the row generates (a server reserves a request's
+        memory at admission)."""
         if tokens // self.chunk:
             st.bank_room(int(row), tokens // self.chunk, exact=True)
 
