@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..ops import state
 from . import runners
 from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, Engine, graph_file, read_metadata
-from .sampling import SamplingOptions, choose, chosen_logprobs, row_generators
+from .sampling import SamplingOptions, choose_rows, row_generators
 from .text import Tokenizer, check_stop
 
 OPTIMIZATIONS = ("none", "basic", "extended", "all")
@@ -272,10 +272,9 @@ class Runtime:
         fed = np.zeros(B, dtype=np.int64)
         for _ in range(max_new):
             rows = np.flatnonzero(active)
-            rows_logits = logits[rows]
-            toks = choose(rows_logits, opts, [rngs[i] for i in rows], [seen[i] for i in rows])
-            lps = chosen_logprobs(rows_logits, toks)
-            for i, t, lp in zip(rows.tolist(), toks.tolist(), lps.tolist()):
+            rows_logits = logits if len(rows) == B else logits[rows]
+            got = choose_rows(rows_logits, opts, [rngs[i] for i in rows], [seen[i] for i in rows], logprobs=True)
+            for i, t, lp in zip(rows.tolist(), got.tokens.tolist(), got.logprobs.tolist()):
                 r = results[i]
                 r.tokens.append(t)
                 r.logprobs.append(lp)

@@ -12,6 +12,15 @@ Sampling draws from one ``numpy.random.Generator`` per row, so a row's tokens de
 its own generator (a request seeded alone draws what it draws inside any batch). The
 log-probability reported for a chosen token is that of the model's own distribution,
 ``log_softmax(logits)[token]`` of the unprocessed logits.
+
+``choose_rows`` is the batched form (each row with its own options, generator and wish for
+log-probabilities), and costs what each row asks for: greedy rows without a repetition penalty
+take one argmax over their logits together; rows at temperature > 0 build their float64
+distribution (rows with the same options together) and draw from their own generators in row
+order, as ``choose`` always did (the same draws for the same seed); only rows that ask for
+log-probabilities pay for ``logsumexp`` (float32 passes over the vocabulary: row max,
+exponentials, sum), and nothing builds a vocabulary-sized log-softmax. A row's results are the
+same alone and in any batch.
 """
 
 from __future__ import annotations
@@ -60,13 +69,29 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+_LSE_ROWS = 4  # rows per pass of logsumexp: their exponentials stay in cache (GPT-2: 4 x 200 KB)
+
+
 def logsumexp(logits: np.ndarray) -> np.ndarray:
-    """log(sum(exp(logits))) over the last axis (keepdims): one float32 pass of exp (values in
-    (0, 1] after the max is taken out), summed in float64. A chosen token's log-probability is
-    ``logits[token] - logsumexp(logits)``, with no vocabulary-sized log-softmax array."""
-    z = np.asarray(logits, dtype=np.float32)
-    m = z.max(-1, keepdims=True)
-    return m.astype(np.float64) + np.log(np.exp(z - m).sum(-1, keepdims=True, dtype=np.float64))
+    """log(sum(exp(logits))) over the last axis (keepdims), float64 values from float32 passes:
+    the row max m, exp(logits - m) (values in (0, 1], so nothing overflows) and their sum, a few
+    rows at a time in one reused buffer; only the per-row ``m + log(sum)`` is taken in float64.
+    A chosen token's log-probability is ``logits[token] - logsumexp(logits)`` (within ~1e-6 of
+    float64 ``log_softmax``), with no vocabulary-sized log-softmax array."""
+    z = np.asarray(logits)
+    if z.dtype != np.float32:
+        z = z.astype(np.float32)
+    flat = z.reshape(-1, z.shape[-1])
+    m = flat.max(-1, keepdims=True)
+    total = np.empty((len(flat), 1), np.float32)
+    buf = np.empty((min(_LSE_ROWS, len(flat)), z.shape[-1]), np.float32)
+    for i in range(0, len(flat), _LSE_ROWS):
+        b = buf[:min(_LSE_ROWS, len(flat) - i)]
+        np.subtract(flat[i:i + len(b)], m[i:i + len(b)], out=b)
+        np.exp(b, out=b)
+        b.sum(-1, keepdims=True, out=total[i:i + len(b)])
+    out = m.astype(np.float64) + np.log(total.astype(np.float64))
+    return out.reshape(*z.shape[:-1], 1)
 
 
 def penalise(logits: np.ndarray, seen: np.ndarray, penalty: float | None) -> np.ndarray:
@@ -110,19 +135,107 @@ def draw(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What ``choose_rows`` returns, per row: ``tokens`` (B,) int64; ``logprobs`` (B,) float64,
+    the model's log-probability of the token (NaN for a row that did not ask); ``top``: for a
+    row that asked for top log-probabilities {token: logprob} of its most likely tokens, most
+    likely first, else None."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top: list
+
+
+def _per_row(value, rows: int, name: str, scalar_types) -> list:
+    if isinstance(value, scalar_types):
+        return [value] * rows
+    out = list(value)
+    if len(out) != rows:
+        raise InputError(f"{name}: {len(out)} values for {rows} rows")
+    return out
+
+
+def choose_rows(logits: np.ndarray, opts: SamplingOptions | Sequence[SamplingOptions],
+                rngs: Sequence[np.random.Generator | None] | None = None,
+                seen: Sequence[np.ndarray | None] | None = None, logprobs: bool | Sequence[bool] = False,
+                top_logprobs: int | Sequence[int] = 0, processed: np.ndarray | None = None) -> Choice:
+    """Next token per row of ``logits`` (B, V), each row with its own options: ``opts`` one
+    ``SamplingOptions`` for all rows or one per row; ``rngs[i]``: row i's generator (needed by
+    rows at temperature > 0); ``seen[i]``: row i's tokens so far (for its repetition penalty;
+    None entries: none); ``logprobs``/``top_logprobs``: whether row i reports its token's
+    log-probability / how many top log-probabilities (> 0 implies ``logprobs``), a bool/int for
+    all rows or one per row; ``processed``: the logits to choose from when they differ from the
+    model's (e.g. after the server's presence/frequency penalties), while log-probabilities
+    always come from ``logits``. Greedy rows without a penalty: one argmax together; sampled
+    rows: each draws from its own generator, in row order; log-probabilities (``logsumexp``)
+    only for the rows that ask."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise InputError(f"logits must be (rows, vocab), got shape {logits.shape}")
+    B = len(logits)
+    row_opts = _per_row(opts, B, "opts", SamplingOptions)
+    want_lp = np.array(_per_row(logprobs, B, "logprobs", (bool, np.bool_)), dtype=bool)
+    tops = np.array(_per_row(top_logprobs, B, "top_logprobs", (int, np.integer)), dtype=np.int64)
+    want_lp |= tops > 0
+    scores = logits if processed is None else np.asarray(processed)
+    if scores.shape != logits.shape:
+        raise InputError(f"processed logits of shape {scores.shape} for logits of shape {logits.shape}")
+    if seen is not None and len(seen) != B:
+        raise InputError(f"seen: {len(seen)} sequences for {B} rows")
+
+    tokens = np.empty(B, dtype=np.int64)
+    penalised = {i: penalise(scores[i], seen[i], o.repetition_penalty) for i, o in enumerate(row_opts)
+                 if seen is not None and seen[i] is not None and o.repetition_penalty not in (None, 1)}
+    greedy = [i for i, o in enumerate(row_opts) if o.greedy]
+    plain = [i for i in greedy if i not in penalised]
+    if len(plain) == B:
+        tokens[:] = scores.argmax(-1)
+    elif plain:
+        tokens[plain] = scores[plain].argmax(-1)
+    for i in greedy:
+        if i in penalised:
+            tokens[i] = penalised[i].argmax()
+    sampled = [i for i, o in enumerate(row_opts) if not o.greedy]
+    if sampled:
+        if rngs is None or len(rngs) != B or any(rngs[i] is None for i in sampled):
+            raise InputError(f"sampling needs one generator per row ({B} rows)")
+        groups: dict[tuple, list[int]] = {}
+        for i in sampled:
+            o = row_opts[i]
+            groups.setdefault((o.temperature, o.top_k, o.top_p), []).append(i)
+        dist = {}
+        for rows in groups.values():
+            z = np.stack([penalised[i] if i in penalised else scores[i] for i in rows])
+            dist.update(zip(rows, probabilities(z, row_opts[rows[0]])))
+        for i in sampled:  # row order: one generator shared by several rows draws as it always did
+            tokens[i] = draw(dist[i], rngs[i])
+
+    lps = np.full(B, np.nan)
+    top = [None] * B
+    rows = np.flatnonzero(want_lp)
+    if len(rows):
+        lg = logits if len(rows) == B else logits[rows]
+        lse = logsumexp(lg)[:, 0]
+        lps[rows] = lg[np.arange(len(rows)), tokens[rows]].astype(np.float64) - lse
+        for k in np.unique(tops[rows]):  # rows asking for the same number of top tokens together
+            if k <= 0:
+                continue
+            sel = np.flatnonzero(tops[rows] == k)  # positions in lg
+            sub, k = lg[sel], int(min(k, lg.shape[-1]))
+            best = np.argpartition(-sub, min(k, lg.shape[-1] - 1), axis=-1)[:, :k]
+            for j, row, b in zip(sel.tolist(), sub, best):
+                b = b[np.argsort(-row[b], kind="stable")]
+                top[int(rows[j])] = {int(t): float(row[t]) - float(lse[j]) for t in b}
+    return Choice(tokens, lps, top)
+
+
 def choose(logits: np.ndarray, opts: SamplingOptions, rngs: Sequence[np.random.Generator] | None = None,
            seen: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Next token per row of ``logits`` (B, V): processors of ``opts``, then argmax (greedy) or a
-    draw from row i's generator ``rngs[i]``; ``seen[i]``: row i's tokens so far (for the penalty)."""
-    logits = np.asarray(logits)
-    if seen is not None and opts.repetition_penalty not in (None, 1):
-        logits = np.stack([penalise(row, s, opts.repetition_penalty) for row, s in zip(logits, seen)])
-    if opts.greedy:
-        return logits.argmax(-1).astype(np.int64)
-    if rngs is None or len(rngs) != len(logits):
-        raise InputError(f"sampling needs one generator per row ({len(logits)} rows)")
-    p = probabilities(logits, opts)
-    return np.array([draw(row, rng) for row, rng in zip(p, rngs)], dtype=np.int64)
+    draw from row i's generator ``rngs[i]``; ``seen[i]``: row i's tokens so far (for the penalty).
+    The tokens of ``choose_rows`` (no log-probabilities)."""
+    return choose_rows(logits, opts, rngs, seen).tokens
 
 
 def chosen_logprobs(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:

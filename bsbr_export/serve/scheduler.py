@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..runtime.sampling import SamplingOptions, choose, logsumexp
+from ..runtime.sampling import SamplingOptions, choose_rows
 from .penalties import apply_penalties
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
@@ -306,10 +306,13 @@ class Scheduler:
         self.steps["prefill"] += 1
         if self.metrics:
             self.metrics.step("prefill", time.perf_counter() - t0, sum(len(p) for p in pieces))
-        for r, p, lg in zip(reqs, pieces, logits):
+        done = []
+        for j, (r, p) in enumerate(zip(reqs, pieces)):
             r.fed += len(p)
             if r.fed == len(r.ids):
-                self._sample(r, lg)
+                done.append(j)
+        if done:
+            self._sample([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
 
     def _decode(self) -> None:
         reqs = [r for r in self._rows if r is not None and r.pending >= 0]
@@ -326,26 +329,46 @@ class Scheduler:
             self.metrics.step("decode", time.perf_counter() - t0, len(reqs))
         for r in reqs:
             r.pending = -1
-            self._sample(r, logits[r.row])
+        rows = [r.row for r in reqs]
+        self._sample(reqs, logits if rows == list(range(len(logits))) else logits[rows])
 
-    def _sample(self, r: GenRequest, logits: np.ndarray) -> None:
-        """Choose ``r``'s next token from its row's logits, emit it, and end the row if done."""
-        if r.cancelled:
-            with self._cv:
-                self._finish(r, "cancelled")
+    def _sample(self, reqs: list[GenRequest], logits: np.ndarray) -> None:
+        """Choose the next token of each request of ``reqs`` from its row of ``logits``
+        (len(reqs), V), all in one ``choose_rows`` call (each request with its own options,
+        generator and log-probability wish), then emit each token and end the rows that are done."""
+        live = []
+        for j, r in enumerate(reqs):
+            if r.cancelled:
+                with self._cv:
+                    self._finish(r, "cancelled")
+            else:
+                live.append(j)
+        if not live:
             return
-        proc = apply_penalties(logits, r.counts, r.presence_penalty, r.frequency_penalty)
-        seen = [np.concatenate([r.ids, np.asarray(r.tokens, np.int64)])] if r.opts.repetition_penalty else None
-        tok = int(choose(proc[None], r.opts, [r.rng], seen)[0])
-        lp, top, margin = 0.0, None, float("inf")
-        if r.logprobs:  # one pass over the vocabulary, and only for a request that reports them
-            lse = float(logsumexp(logits)[0])
-            lp = float(logits[tok]) - lse
-            if r.top_logprobs:
-                best = np.argpartition(-logits, r.top_logprobs)[:r.top_logprobs]
-                top = {int(i): float(logits[i]) - lse for i in best[np.argsort(-logits[best], kind="stable")]}
-            top2 = np.partition(logits, -2)[-2:]
-            margin = float(top2[1] - top2[0])
+        if len(live) < len(reqs):
+            reqs, logits = [reqs[j] for j in live], logits[live]
+        proc = None
+        for j, r in enumerate(reqs):
+            if r.counts is not None and (r.presence_penalty or r.frequency_penalty):
+                if proc is None:
+                    proc = np.array(logits, dtype=np.float32)
+                proc[j] = apply_penalties(logits[j], r.counts, r.presence_penalty, r.frequency_penalty)
+        seen = [np.concatenate([r.ids, np.asarray(r.tokens, np.int64)]) if r.opts.repetition_penalty else None
+                for r in reqs]
+        want = [r.logprobs for r in reqs]  # log-probabilities, top ones and margin only for those who ask
+        got = choose_rows(logits, [r.opts for r in reqs], [r.rng for r in reqs], seen, logprobs=want,
+                          top_logprobs=[r.top_logprobs if r.logprobs else 0 for r in reqs], processed=proc)
+        margins = np.full(len(reqs), np.inf)
+        if any(want):
+            asked = np.flatnonzero(want)
+            top2 = np.partition(logits if len(asked) == len(reqs) else logits[asked], -2, axis=-1)[:, -2:]
+            margins[asked] = top2[:, 1] - top2[:, 0]
+        for j, r in enumerate(reqs):
+            self._emit_token(r, int(got.tokens[j]), float(got.logprobs[j]) if r.logprobs else 0.0, got.top[j],
+                             float(margins[j]))
+
+    def _emit_token(self, r: GenRequest, tok: int, lp: float, top: dict | None, margin: float) -> None:
+        """Record ``r``'s new token, emit it, and end the row if done."""
         r.tokens.append(tok)
         if r.counts is not None:
             r.counts[tok] += 1
