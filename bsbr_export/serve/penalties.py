@@ -1,6 +1,7 @@
 """OpenAI's presence and frequency penalties (not in ``runtime.sampling``, which has the
 multiplicative repetition penalty): ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``
-over the tokens the request has generated so far, applied to the logits ``sampling.choose_rows`` chooses from (its ``processed``)."""
+over the tokens the request has generated so far, applied to the logits that
+``sampling.choose_rows`` chooses from (its ``processed``)."""
 
 from __future__ import annotations
 
