@@ -146,6 +146,28 @@ def run_case(case: dict) -> dict:
             "state_bytes_per_row": int(state_bytes), "peak_rss_gib": _peak_rss() / 2**30} | extra
 
 
+def run_memory_case(case: dict) -> dict:
+    """Resident memory of a runtime over the BSBR export holding ``rows`` sequences of ~200 prompt
+    + 56 generated tokens (``Engine.prefill`` and ``decode``, as ``load(DIR).generate`` runs them)."""
+    from bsbr_export.ops.state import kv_cache_bytes
+    from bsbr_export.runtime.engine import Engine
+
+    eng = Engine(case["path"], threads=case["threads"])
+    B, rng = case["rows"], np.random.default_rng(0)
+    st = eng.new_state(B)
+    ids = [rng.integers(0, eng.vocab_size, 200) for _ in range(B)]
+    for r in range(B):
+        eng.reserve(st, r, 256)
+    logits = eng.prefill(st, list(range(B)), ids)
+    for _ in range(56):
+        logits = eng.decode(st, logits.argmax(-1))
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    sp = eng.spec
+    return {"rss_gib": rss / 2**30, "peak_rss_gib": _peak_rss() / 2**30, "state_bytes_per_row": st.nbytes() / B,
+            "kv_cache_bytes_per_row": kv_cache_bytes(sp.layer, sp.embd, 256)}
+
+
 def _timed(fn, arg):
     t0 = time.perf_counter()
     out = fn(arg)
@@ -184,17 +206,20 @@ def targets(res: dict) -> list[tuple[str, float | None, str, float]]:
              ratio(get("bsbr", 1, 8192), get("bsbr", 1, 256)), "<=", 1.05)]
 
 
-def markdown(res: dict, args, cmd: str) -> str:
+def markdown(res: dict, args, cmds: list) -> str:
     import onnxruntime as ort
 
     lines = ["## Decode by rows x context: BSBR engine against GPT-2 with a KV cache (ONNX Runtime)", "",
-             f"`{cmd}`: GPT-2 small shape, random weights, {args.threads} threads, {args.steps} timed steps (KV "
+             "Made by, in turn (each adds the cases it lacks to one JSON):", "",
+             *[f"    {c}" for c in cmds], "",
+             f"GPT-2 small shape, random weights, {args.threads} threads, {args.steps} timed steps (KV "
              f"cache: {args.kv_steps}) after {args.warmup} warm-up (BSBR's mean: chunk closes included), each case in "
              f"its own process; onnxruntime "
              f"{ort.__version__}; CPU flags {cpu_flags()}. KV-cache graphs clamp position ids at 1023 (same cost).",
              "", "| backend | rows | context | ms/step (median) | ms/step (mean) | tokens/s | empty-cache ms "
              "| state per row MiB | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for key, r in res.items():
+    order = lambda k: (BACKENDS.index(k.split("/")[0]), int(k.split("/")[2]), int(k.split("/")[1]))  # noqa: E731
+    for key, r in sorted(res.items(), key=lambda kv: order(kv[0])):
         b, B, ctx = key.split("/")
         if "error" in r:
             lines.append(f"| {b} | {B} | {ctx} | {r['error']} |||||")
@@ -208,6 +233,25 @@ def markdown(res: dict, args, cmd: str) -> str:
         ok = None if v is None else (v <= thr if cmp == "<=" else v >= thr)
         lines.append(f"| {desc} | {'n/a' if v is None else f'{v:.2f}'} | {cmp} {thr} | "
                      f"{'n/a' if ok is None else 'met' if ok else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(mem: dict, args) -> str:
+    cmd = " ".join(["python scripts/bench_decode_batch.py", *sys.argv[1:]])
+    lines = ["## Runtime memory by rows: 1 and 16 sequences of ~200 + 56 tokens (GPT-2 small shape)", "",
+             f"`{cmd}`: one process per row count over the BSBR export ({args.max_seq_len} tokens): "
+             f"`Engine.prefill` of 200-token prompts (each row's bank reserved for 256 tokens, as a server "
+             f"does), then 56 decode steps; RSS after, and the process's peak; CPU flags {cpu_flags()}.", "",
+             "| rows | RSS GiB | peak RSS GiB | BSBR state per row MiB | KV cache per row at 256 MiB |",
+             "|---|---|---|---|---|"]
+    for rows, m in mem.items():
+        lines.append(f"| {rows} | {m['error']} ||||" if "error" in m else
+                     f"| {rows} | {m['rss_gib']:.2f} | {m['peak_rss_gib']:.2f} | {m['state_bytes_per_row'] / 2**20:.1f} | "
+                     f"{m['kv_cache_bytes_per_row'] / 2**20:.1f} |")
+    if all("error" not in m for m in mem.values()):
+        ratio = mem[16]["rss_gib"] / mem[1]["rss_gib"]
+        lines += ["", f"16 rows / 1 row, RSS: {ratio:.2f}x (target <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'}); "
+                      f"peak: {mem[16]['peak_rss_gib'] / mem[1]['peak_rss_gib']:.2f}x."]
     return "\n".join(lines) + "\n"
 
 
@@ -226,13 +270,19 @@ def main(argv=None) -> None:
     ap.add_argument("--optimum-python", default=None, help="python of a virtual environment with optimum-onnx")
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-batch.json"))
     ap.add_argument("--md", type=Path, default=Path("docs/results/decode-batch.md"))
+    ap.add_argument("--memory-md", type=Path, default=Path("docs/results/decode-memory.md"))
     ap.add_argument("--redo", action="store_true", help="measure again the cases --out already holds")
+    ap.add_argument("--report", action="store_true", help="only write --md again from --out's JSON")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead: resident memory of 1 and 16 rows of ~200 + 56 tokens over the BSBR export "
+                         "(one process each), the state bytes per row and a KV cache's")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # a child: one case as JSON
     a = ap.parse_args(argv)
     if a.case:
-        print(json.dumps(run_case(json.loads(a.case))))
+        case = json.loads(a.case)
+        print(json.dumps(run_memory_case(case) if "rows" in case else run_case(case)))
         return
-    if a.work is None:
+    if a.work is None and not a.report:
         ap.error("WORK is required")
     try:
         batches, contexts = ([int(x) for x in v.split(",")] for v in (a.batches, a.contexts))
@@ -244,8 +294,26 @@ def main(argv=None) -> None:
     if min(batches + contexts) < 1 or a.steps < 1 or max(contexts) + a.steps + a.warmup > a.max_seq_len:
         ap.error("batches and contexts >= 1, --steps >= 1, and context + steps + warmup within --max-seq-len")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if a.memory:
+        paths = prepare(a.work, a.max_seq_len, ["bsbr"], None, log)
+        mem = {}
+        for rows in (1, 16):
+            case = {"path": paths["bsbr"], "rows": rows, "threads": a.threads}
+            r = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True)
+            mem[rows] = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+                "error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            log(f"{rows} rows: {mem[rows]}")
+        a.memory_md.write_text(memory_markdown(mem, a))
+        log(f"wrote {a.memory_md}")
+        return
+    if a.report:  # the Markdown again from the JSON, nothing measured
+        res = json.loads(a.out.read_text())
+        a.md.write_text(markdown({k: v for k, v in res.items() if k != "_commands"}, a, res.get("_commands", [])))
+        return
     paths = prepare(a.work, a.max_seq_len, backends, a.optimum_python, log)
     res = json.loads(a.out.read_text()) if a.out.is_file() else {}
+    cmd = " ".join(["python scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
+    cmds = res.pop("_commands", []) + [cmd]  # every invocation that wrote into this --out
     for b in backends:
         for ctx in contexts:
             for B in batches:
@@ -268,9 +336,9 @@ def main(argv=None) -> None:
                     "error": f"exit {r.returncode}: {(r.stderr.strip().splitlines() or ['?'])[-1][:150]}"}
                 log(f"{key}: {res[key]}")
                 a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps(res, indent=1))  # every case as it lands
-    cmd = " ".join(["python scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
-    a.md.write_text(markdown(res, a, cmd))
+                a.out.write_text(json.dumps(res | {"_commands": cmds}, indent=1))  # every case as it lands
+    a.out.write_text(json.dumps(res | {"_commands": cmds}, indent=1))
+    a.md.write_text(markdown(res, a, cmds))
     log(f"wrote {a.out} and {a.md}")
 
 
