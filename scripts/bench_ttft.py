@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     import onnxruntime as ort
 
     cmd = " ".join(["python scripts/bench_ttft.py", *(argv if argv is not None else sys.argv[1:])])
-    lines = ["## Time to first token of a fresh prompt: BSBR extend against the HF export's prefill", "",
+    lines = [f"## Time to first token of a fresh prompt: BSBR extend (prepack {a.prepack}) against the HF export's "
+             f"prefill", "",
              f"`{cmd}`: GPT-2 small shape, random weights, fp32, BSBR exported for {a.max_seq_len} tokens; "
              f"BSBR: `Engine.extend` into an empty row + argmax (what `load(DIR)` and `serve` do first); HF: "
              f"HF GPT-2 exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, "
