@@ -57,10 +57,13 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
         k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
                 for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
     else:
-        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
-        k = g.op("Where", ctx["from_state"], g.op("Pad", own[K], pad_to_tc), k)  # (B, H, Tc, d)
-        v = g.op("Where", ctx["from_state"], g.op("Pad", own[V], pad_to_tc), v)
-    chunked = g.cat(g.const([0, H]), ctx["Cc"], g.const([L, d]))
+        # The state's L rows padded to Tc (or its first Tc when the combined chunk is shorter).
+        grow = g.op("Max", g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
+        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), grow, g.const([0]))
+        to_tc = lambda t_: g.op("Slice", g.op("Pad", t_, pad_to_tc), g.const([0]), ctx["Tc"], g.const([2]))  # noqa: E731
+        k = g.op("Where", ctx["from_state"], to_tc(own[K]), k)  # (B, H, Tc, d)
+        v = g.op("Where", ctx["from_state"], to_tc(own[V]), v)
+    chunked = g.cat(g.const([0, H]), ctx["Cc"], ctx["Lc"], g.const([d]))
     fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
     vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
@@ -118,7 +121,10 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     # chunk on hold every chunk the piece closes.
     span = g.op("ReduceMax", g.op("Add", pre, lengths), keepdims=1)  # (1,)
     Cc = g.op("Add", g.op("Div", g.op("Add", span, g.const([L - 1])), g.const([L])), g.const([n]))
-    Tc = g.op("Mul", Cc, g.const([L]))
+    # The combined chunk length: L, or, when the piece and the open chunks fit in one chunk (no row
+    # closes one), just the span, so a short prompt attends over its own tokens and not L slots.
+    Lc = g.op("Min", span, g.const([L])) if not n else g.const([L])  # (1,)
+    Tc = g.op("Mul", Cc, Lc)
     tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     base = g.op("Sub", m, s_b) if n else m
     end = g.op("Add", position, lengths)
@@ -128,14 +134,14 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     cap = g.dim(bank_h, 2)
     jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
     Tm1 = g.op("Sub", T, one)
-    ctx = dict(T=T, Cc=Cc, Tc=Tc, c=c, m=m)
+    ctx = dict(T=T, Cc=Cc, Tc=Tc, Lc=Lc, c=c, m=m)
     ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(pre)), g.const(0)), Tm1)  # (B, Tc): token of each slot
     t = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", T, zero), g.const(1)), zero)  # (1, T)
     ctx["positions"] = g.op("Add", col(position), t)  # (B, T): the new tokens'
     ctx["dst"] = g.op("Min", g.op("Add", col(pre), t), g.op("Sub", Tc, one))  # (B, T): their combined slots
     ctx["from_state"] = heads4(g.op("Less", tc, col(pre)))
     ctx["valid"] = heads4(g.op("Less", tc, col(g.op("Add", pre, lengths))))
-    ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), g.const(L)), g.const(1))  # (Cc,)
+    ctx["last"] = g.op("Sub", g.op("Mul", g.op("Add", jc, g.const(1)), Lc), g.const(1))  # (Cc,)
     if n:
         rows = (n + 1) * L  # state K/V rows; slot t of the combined sequence is row t + (n - s) L
         ctx["state_rows"] = g.op("Min", g.op("Add", tc, col(g.op("Mul", g.op("Sub", g.const(n), s_b), g.const(L)))),
