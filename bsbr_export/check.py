@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import kl_from_logprobs, log_softmax, map_large_allocations, release_free_memory  # noqa: F401  (re-exported)
+from .util import kl_from_logprobs, log_softmax, release_free_memory
 
 # Max abs logits error allowed against torch fp32, per precision of the runner.
 TOLERANCES = {"fp32": 1e-4}

@@ -282,7 +282,7 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
             fail(f"{onnx_file} does not match {model_src}: {diff}")
         max_len = meta["max_seq_len"]
         check_memory(m.cfg, max_len, precision, _log, what="the graph's max_seq_len")
-        from .check import map_large_allocations
+        from .util import map_large_allocations
 
         map_large_allocations()
         rep = parity_onnx(m, onnx_file, max_len, heldout_text(resolve_model_dir(model_src)), precision,

@@ -242,7 +242,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     log(f"[{next(step)}] checking options and memory")
     where = reference_mode(cfg, max_len, engine, out.parent, parity_reference)
     check_memory(cfg, max_len, engine, log, recorded=where["mode"] == "disk")
-    from .check import map_large_allocations
+    from .util import map_large_allocations
 
     mapped = map_large_allocations()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def _free_torch_memory() -> None:
     """Collect what the freed torch model left and hand the C heap's free pages back."""
     import gc
 
-    from .check import release_free_memory
+    from .util import release_free_memory
 
     gc.collect()
     release_free_memory()
