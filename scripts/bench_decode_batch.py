@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_row_write import cpu_flags  # noqa: E402
+from bsbr_export.util import machine_line
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ("bsbr", "kv-ort", "optimum", "bsbr-int8", "optimum-int8")
@@ -215,7 +214,7 @@ def markdown(res: dict, args, cmds: list) -> str:
              f"GPT-2 small shape, random weights, {args.threads} threads, {args.steps} timed steps (KV "
              f"cache: {args.kv_steps}) after {args.warmup} warm-up (BSBR's mean: chunk closes included), each case in "
              f"its own process; onnxruntime "
-             f"{ort.__version__}; CPU flags {cpu_flags()}. KV-cache graphs clamp position ids at 1023 (same cost).",
+             f"{ort.__version__}; {machine_line()}. KV-cache graphs clamp position ids at 1023 (same cost).",
              "", "| backend | rows | context | ms/step (median) | ms/step (mean) | tokens/s | empty-cache ms "
              "| state per row MiB | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     order = lambda k: (BACKENDS.index(k.split("/")[0]), int(k.split("/")[2]), int(k.split("/")[1]))  # noqa: E731
@@ -241,7 +240,7 @@ def memory_markdown(mem: dict, args) -> str:
     lines = ["## Runtime memory by rows: 1 and 16 sequences of ~200 + 56 tokens (GPT-2 small shape)", "",
              f"`{cmd}`: one process per row count over the BSBR export ({args.max_seq_len} tokens): "
              f"`Engine.prefill` of 200-token prompts (each row's bank reserved for 256 tokens, as a server "
-             f"does), then 56 decode steps; RSS after, and the process's peak; CPU flags {cpu_flags()}.", "",
+             f"does), then 56 decode steps; RSS after, and the process's peak; {machine_line()}.", "",
              "| rows | RSS GiB | peak RSS GiB | BSBR state per row MiB | KV cache per row at 256 MiB |",
              "|---|---|---|---|---|"]
     for rows, m in mem.items():

@@ -20,7 +20,6 @@ fragment (default docs/results/row-write.md) with the CPU flags and the command.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -95,14 +94,6 @@ def run(batch: int, runs: int, threads: int) -> dict:
     return {"batch": batch} | {k: float(np.median(v)) * 1e3 for k, v in times.items()}
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16") if f in flags)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -124,18 +115,20 @@ def main(argv=None) -> None:
               flush=True)
     import onnxruntime as ort
 
+    from bsbr_export.util import machine_line, markdown_table
+
     lines = ["## Writing the decode step's k/v rows: engine write against ScatterND in place", "",
              f"`python {' '.join(['scripts/bench_row_write.py', *(argv if argv is not None else sys.argv[1:])])}`: "
              f"GPT-2 small shape (K and V of {LAYERS} layers, {HEADS} heads, chunk {CHUNK}, head_dim {HEAD_DIM}), "
-             f"one new row per sequence, median of {a.runs} runs each, the two alternating; "
-             f"{platform.processor() or platform.machine()}, flags {cpu_flags()}, onnxruntime {ort.__version__}, "
-             f"{a.threads} threads. Both leave exactly the written rows in the state (checked every run).", "",
-             "| batch | engine write (ms per step) | ScatterND in place (ms per step) | ScatterND / engine |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['engine']:.3f} | {r['scatter']:.3f} | {r['scatter'] / r['engine']:.2f}x |"
-              for r in results]
+             f"one new row per sequence, median of {a.runs} runs each, the two alternating; {machine_line()}; "
+             f"onnxruntime {ort.__version__}, {a.threads} threads. Both leave exactly the written rows in the state "
+             f"(checked every run).", "",
+             markdown_table(["batch", "engine write (ms per step)", "ScatterND in place (ms per step)",
+                             "ScatterND / engine"],
+                            [[r["batch"], f"{r['engine']:.3f}", f"{r['scatter']:.3f}",
+                              f"{r['scatter'] / r['engine']:.2f}x"] for r in results])]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")
 
 

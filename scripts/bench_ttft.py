@@ -24,27 +24,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_row_write import cpu_flags  # noqa: E402
+from bench_decode_batch import prepare as prepare_bsbr  # noqa: E402
 
 
 def prepare(work: Path, max_len: int, log) -> tuple[Path, Path]:
-    """The random GPT-2 small (HF), its BSBR export and its HF ONNX export, made once in ``work``."""
-    import subprocess
-
-    hf, bsbr, base = work / "hf", work / f"bsbr-{max_len}", work / "hf-onnx"
-    root = Path(__file__).resolve().parents[1]
-    if not (hf / "config.json").is_file():
-        log(f"writing the random GPT-2 small to {hf}")
-        subprocess.run([sys.executable, str(root / "scripts" / "make_random_gpt2.py"), str(hf)], check=True)
-    if not (bsbr / "decode.onnx").is_file():
-        log(f"exporting BSBR to {bsbr} (max {max_len} tokens)")
-        subprocess.run([sys.executable, "-m", "bsbr_export.cli", "export", str(hf), "--out", str(bsbr),
-                        "--max-seq-len", str(max_len), "--force"], check=True)
+    """The random GPT-2 small and its BSBR export (``bench_decode_batch.prepare``), and its HF ONNX
+    export, made once in ``work``."""
+    bsbr = Path(prepare_bsbr(work, max_len, ["bsbr"], None, log)["bsbr"])
+    base = work / "hf-onnx"
     if not (base / "model.onnx").is_file():
         from bsbr_export.bench.hf_export import export_hf_onnx
 
         log(f"exporting HF GPT-2 with torch.onnx (dynamo) to {base}")
-        export_hf_onnx(hf, base)
+        export_hf_onnx(work / "hf", base)
     return bsbr, base / "model.onnx"
 
 
@@ -102,18 +94,21 @@ def main(argv=None) -> None:
     rows = measure(bsbr, hf_onnx, lengths, a.runs, a.threads, {"all": True, "none": False}.get(a.prepack, "decode"))
     import onnxruntime as ort
 
+    from bsbr_export.util import machine_line, markdown_table
+
     cmd = " ".join(["python scripts/bench_ttft.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [f"## Time to first token of a fresh prompt: BSBR extend (prepack {a.prepack}) against the HF export's "
              f"prefill", "",
-             f"`{cmd}`: GPT-2 small shape, random weights, fp32, BSBR exported for {a.max_seq_len} tokens; "
-             f"BSBR: `Engine.extend` into an empty row + argmax (what `load(DIR)` and `serve` do first); HF: "
-             f"HF GPT-2 exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, "
-             f"alternating, median of {a.runs}; Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads, CPU flags "
-             f"{cpu_flags()}.", "",
-             "| prompt tokens | BSBR ms | HF export ms | BSBR / HF |", "|---|---|---|---|"]
-    lines += [f"| {r['T']} | {r['bsbr']:.1f} | {r['hf']:.1f} | {r['bsbr'] / r['hf']:.2f}x |" for r in rows]
+             f"`{cmd}`: GPT-2 small shape, random weights, fp32, BSBR exported for {a.max_seq_len} tokens; BSBR: "
+             f"`Engine.extend` into an empty row + argmax (what `load(DIR)` and `serve` do first); HF: HF GPT-2 "
+             f"exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, alternating, median "
+             f"of {a.runs}; Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
+             f"{machine_line()}.", "",
+             markdown_table(["prompt tokens", "BSBR ms", "HF export ms", "BSBR / HF"],
+                            [[r["T"], f"{r['bsbr']:.1f}", f"{r['hf']:.1f}", f"{r['bsbr'] / r['hf']:.2f}x"]
+                             for r in rows])]
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
+    a.out.write_text("\n".join(lines))
     print(f"wrote {a.out}")
 
 
