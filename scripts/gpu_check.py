@@ -5,7 +5,7 @@
 For a fresh machine with only this repository and its own Python (torch, triton, numpy,
 pytest, onnx, onnxruntime; no TensorRT, no network): the package runs from the source tree
 through PYTHONPATH, nothing is installed. Steps, each with its own time limit inside one
-overall budget (default 450 s, under 8 minutes with start-up):
+overall budget (default 480 s, under 9 minutes with start-up):
 
   environment     card (nvidia-smi, torch), versions of Python, torch, CUDA, triton, numpy,
                   onnx, onnxruntime (+ its execution providers), tensorrt
@@ -19,6 +19,11 @@ overall budget (default 450 s, under 8 minutes with start-up):
   ort_cuda        the bsbr::ChunkAttention ONNX function under onnxruntime's CUDA execution
                   provider vs the reference (skipped when onnxruntime has no CUDA provider)
   tune            the kernel's candidate launch configurations timed on this card (16k, fp16)
+  model           the converted model at GPT-2 small and xl shapes (random weights, 8192 tokens,
+                  fp16): fused (Triton) vs vectorised torch vs HF GPT-2 (SDPA) forward time and
+                  peak memory; fused logits vs the fp32 torch path at lengths that are not
+                  multiples of L; torch decode (fp32) vs forward, and its ms per token at 8000
+                  tokens of context against HF GPT-2 with its KV cache
 
 Without a CUDA device every GPU step is reported as skipped, "no CUDA device", within
 seconds. Output: DIR/gpu_check.json, DIR/gpu_check.md and each step's log; DIR is --out,
@@ -202,6 +207,12 @@ def step_tune(out: Path, budget: float) -> dict:
     return _worker_result(out / "tune.json", res)
 
 
+def step_model(out: Path, budget: float) -> dict:
+    res = run_logged([PY, str(Path(__file__).resolve()), "--worker", "model", "--out", str(out),
+                      "--budget", str(max(budget - 10, 5))], out / "model.log", budget)
+    return _worker_result(out / "model.json", res)
+
+
 def _worker_result(path: Path, res: dict) -> dict:
     try:
         numbers = json.loads(path.read_text())
@@ -214,12 +225,13 @@ def _worker_result(path: Path, res: dict) -> dict:
 # (name, time cap in seconds, needs CUDA): run in this order, each inside what is left of the budget.
 STEPS = [
     ("environment", step_environment, 30, False),
-    ("kernel_tests", step_kernel_tests, 170, True),
-    ("plugin_path", step_plugin_path, 60, True),
-    ("bench_plain", step_bench_plain, 100, True),
-    ("bench_normalised", step_bench_normalised, 100, True),
-    ("ort_cuda", step_ort_cuda, 45, True),
-    ("tune", step_tune, 60, True),
+    ("kernel_tests", step_kernel_tests, 120, True),
+    ("model", step_model, 120, True),
+    ("bench_plain", step_bench_plain, 80, True),
+    ("bench_normalised", step_bench_normalised, 70, True),
+    ("plugin_path", step_plugin_path, 40, True),
+    ("ort_cuda", step_ort_cuda, 30, True),
+    ("tune", step_tune, 40, True),
 ]
 
 
@@ -306,6 +318,82 @@ def worker_tune(out: Path, budget: float) -> dict:
             "default_ms": results[0].get("ms"), "best": best, "candidates": results, "ok": bool(timed)}
 
 
+def _cuda_ms(fn, runs: int) -> tuple[float, float]:
+    """Median ms of ``fn()`` over ``runs`` (after one warm-up) and its peak memory in GiB."""
+    import statistics
+
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 2), round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def worker_model(out: Path, budget: float) -> dict:
+    """The converted model on CUDA at GPT-2 small and xl shapes: parity, time and peak memory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bsbr_export.check import compare_logits
+    from bsbr_export.convert import build_model, convert_state_dict
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    t_end, T, res = time.monotonic() + budget, 8192, {"T": T, "dtype": "float16", "shapes": {}}
+    for name, (E, n_layer, H) in {"gpt2": (768, 12, 12), "gpt2-xl": (1600, 48, 25)}.items():
+        if time.monotonic() > t_end:
+            res["shapes"][name] = {"error": "budget spent"}
+            continue
+        row = res["shapes"][name] = {}
+        try:
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                hf = GPT2LMHeadModel(GPT2Config(n_positions=T, n_embd=E, n_layer=n_layer, n_head=H,
+                                                attn_implementation="sdpa")).eval()
+            sd, cfg = convert_state_dict(hf.state_dict(), hf.config.to_dict(), chunk_size=128)
+            model = build_model(sd, cfg).cuda()
+            ids = torch.randint(0, cfg.vocab_size, (1, T), device="cuda")
+            with torch.no_grad():
+                lengths = (1000, 1537)  # not multiples of L
+                refs = {n: model(ids[:, :n], impl="vectorised").float().cpu() for n in lengths}  # fp32 torch
+                if name == "gpt2":  # torch decode (fp32) against the forward, then ms per token
+                    n0, steps = 8000, 16
+                    full = model(ids[:, :n0 + steps], impl="vectorised")[0, n0 - 1:]
+                    logits, st = model.prefill(ids[:, :n0], max_len=T)
+                    dec = [logits[0, -1]] + [model.decode_step(ids[:, n0 + i], st)[0] for i in range(steps)]
+                    m = compare_logits(full.cpu().numpy(), torch.stack(dec).cpu().numpy())
+                    row["decode_vs_forward"] = {"max_abs": round(m["max_abs"], 5), "top1": round(m["top1"], 4)}
+                    tok = ids[:, n0]
+                    row["decode_ms_per_token"], _ = _cuda_ms(lambda: model.decode_step(tok, st), 16)
+                    past = hf(ids[:, :n0], use_cache=True).past_key_values
+                    row["hf_kv_decode_ms_per_token"], _ = _cuda_ms(
+                        lambda: hf(ids[:, n0:n0 + 1], past_key_values=past, use_cache=True), 16)
+                    del st, past, full
+                model.half()
+                hf.half()
+                for n in lengths:  # the fused kernel in fp16 against the fp32 torch path
+                    m = compare_logits(refs[n].numpy(), model(ids[:, :n], impl="triton").float().cpu().numpy())
+                    row[f"parity_{n}"] = {"max_abs": round(m["max_abs"], 4), "top1": round(m["top1"], 4)}
+                row["fused_ms"], row["fused_peak_gib"] = _cuda_ms(lambda: model(ids, impl="triton"), 5)
+                row["torch_ms"], row["torch_peak_gib"] = _cuda_ms(lambda: model(ids, impl="vectorised"), 3)
+                row["hf_sdpa_ms"], row["hf_sdpa_peak_gib"] = _cuda_ms(lambda: hf(ids, use_cache=False), 5)
+        except Exception as exc:  # a shape that fails is a result; the next one still runs
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            hf = model = sd = None
+            torch.cuda.empty_cache()
+    ok = all("error" not in r and r.get("parity_1537", {}).get("top1", 0) >= 0.99 for r in res["shapes"].values())
+    return {**res, "ok": ok}
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -361,15 +449,16 @@ def _commit() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="report folder (default: $OUT, else out/gpu-report/)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together")
-    p.add_argument("--worker", choices=["ort", "tune"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
+    p.add_argument("--worker", choices=["ort", "tune", "model"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = args.out or Path(os.environ.get("OUT") or ROOT / "out" / "gpu-report")
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        fn = {"ort": lambda: worker_ort(out), "tune": lambda: worker_tune(out, args.budget)}[args.worker]
+        fn = {"ort": lambda: worker_ort(out), "tune": lambda: worker_tune(out, args.budget),
+              "model": lambda: worker_model(out, args.budget)}[args.worker]
         result = fn()
-        (out / f"{'ort_cuda' if args.worker == 'ort' else 'tune'}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{'ort_cuda' if args.worker == 'ort' else args.worker}.json").write_text(json.dumps(result, indent=1))
         return 0 if result.get("ok") else 1
 
     t0 = time.monotonic()

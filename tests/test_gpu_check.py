@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GPU_STEPS = ["kernel_tests", "plugin_path", "bench_plain", "bench_normalised", "ort_cuda", "tune"]
+GPU_STEPS = ["kernel_tests", "model", "bench_plain", "bench_normalised", "plugin_path", "ort_cuda", "tune"]
 
 
 def _gpu_check():
