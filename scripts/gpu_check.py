@@ -347,7 +347,8 @@ def worker_model(out: Path, budget: float) -> dict:
     from bsbr_export.convert import build_model, convert_state_dict
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    t_end, T, res = time.monotonic() + budget, 8192, {"T": T, "dtype": "float16", "shapes": {}}
+    t_end, T = time.monotonic() + budget, 8192
+    res = {"T": T, "dtype": "float16", "shapes": {}}
     for name, (E, n_layer, H) in {"gpt2": (768, 12, 12), "gpt2-xl": (1600, 48, 25)}.items():
         if time.monotonic() > t_end:
             res["shapes"][name] = {"error": "budget spent"}

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS, DEFAULT_FIGURES = ROOT / "docs" / "results", ROOT / "docs" / "figures"
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
-         "study_external", "bench", "bench-gpt2-pystdlib", "platforms", "gpt2-size-main-command"]
+         "study_external", "bench", "bench-gpt2-pystdlib", "platforms", "gpu-h200", "gpt2-size-main-command"]
 LAST = ["regeneration"]
 # Run order: calibration before the scripts that also evaluate its checkpoints.
 RUN_ORDER = ["study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
