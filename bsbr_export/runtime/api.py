@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import InputError
 from ..ops import state
 from . import runners
-from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, Engine, graph_file, read_metadata
+from . import prefix
+from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, PREFILL_TOKENS, Engine, graph_file, read_metadata
 from .sampling import SamplingOptions, choose_rows, row_generators
 from .text import Tokenizer, check_stop
 
@@ -40,7 +41,9 @@ class Completion:
     when one ended the row); text: their text, cut before a stop string, without the text of a
     stop token; finish_reason: "stop" (a stop token or string) or "length" (max_new_tokens);
     logprobs: log_softmax of the model's logits at each chosen token (before any sampling
-    processor); prompt_tokens: the prompt's length in tokens.
+    processor); prompt_tokens: the prompt's length in tokens; cached_tokens: how many of them
+    came from the prefix cache (or from another choice of the same prompt) instead of being
+    computed; prompt: the index of the prompt it answers (with ``n`` > 1, n completions per prompt).
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -48,6 +51,8 @@ class Completion:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ def check_providers(providers) -> list | None:
 
 def load(path, precision: str = "fp32", providers=None, threads: int | None = None, optimization: str = "all",
          session_options: dict | None = None, prepack: bool | str = "decode",
-         state_memory: int | None = None) -> "Runtime":
+         state_memory: int | None = None, prefix_cache: int = 0) -> "Runtime":
     """Open an exported directory for generation.
 
     precision: "fp32" (model.onnx's family), "fp16" (the ``_fp16`` graphs) or "int8" (the ``_int8``
@@ -156,7 +161,8 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
     packed copy of the dense weights), for every graph (True: prompts' prefill faster too, a second
     copy) or none (False: least memory); state_memory: the most bytes of decode state one
     ``generate`` may hold (its rows' buffers and banks at their longest), checked before anything
-    runs (default: no limit).
+    runs (default: no limit); prefix_cache: bytes of prompt states kept for later calls whose
+    prompts start with the same tokens (``runtime.prefix``; default 0: off).
     """
     check_export(path, precision)
     if state_memory is not None and (isinstance(state_memory, bool) or not isinstance(state_memory, int)
@@ -172,7 +178,7 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
                          f"{type(session_options).__name__}")
     engine = Engine(path, precision=precision, providers=items, threads=threads, session_options=session_options,
                     optimization=optimization, prepack=prepack)
-    return Runtime(engine, Tokenizer.from_dir(path), state_memory)
+    return Runtime(engine, Tokenizer.from_dir(path), state_memory, prefix_cache)
 
 
 # --------------------------------------------------------------------------- the runtime
@@ -180,8 +186,13 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
 class Runtime:
     """Generation over an ``Engine`` and a ``Tokenizer`` (see the module docstring)."""
 
-    def __init__(self, engine, tokenizer: Tokenizer, state_memory: int | None = None):
+    def __init__(self, engine, tokenizer: Tokenizer, state_memory: int | None = None, prefix_cache: int = 0):
         self.engine, self.tokenizer, self.state_memory = engine, tokenizer, state_memory
+        # Engines of this package (not the torch stepper) keep prompt states between calls.
+        self.cache = prefix.PrefixCache(engine, prefix_cache) if isinstance(engine, Engine) else None
+        if prefix_cache and self.cache is None:
+            raise InputError("prefix_cache needs an ONNX Runtime engine")
+        self.prompt_tokens_computed = 0  # prompt tokens fed to the model, over this runtime's life
         self.config, self.max_len, self.vocab_size = engine.config, int(engine.max_len), int(engine.vocab_size)
         self.eos_token_id = tokenizer.eos_token_id
 
@@ -225,11 +236,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ generation
     def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
-                 stop_tokens) -> dict:
-        """Every check of a request, before any ORT call."""
+                 stop_tokens, n: int = 1) -> dict:
+        """Every check of a request, before any ORT call. With ``n`` > 1 every prompt gets n rows
+        (prompt-major), each seeded seed + its index among the prompt's choices."""
         opts = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n must be an integer >= 1, got {n!r}")
         stop, stops = check_stop(stop), self._stop_tokens(stop_tokens)
         ids = self.encode(prompts)
         for i, x in enumerate(ids):
@@ -238,36 +252,66 @@ class Runtime:
                                  f"{x.size + max_new_tokens} would overflow the state capacity of "
                                  f"{self.max_len} tokens")
         if self.state_memory is not None:
-            need = sum(self.engine.row_bytes(0) + self.engine.bank_bytes(x.size + max_new_tokens) for x in ids)
+            need = n * sum(self.engine.row_bytes(0) + self.engine.bank_bytes(x.size + max_new_tokens) for x in ids)
             if need > self.state_memory:
-                raise InputError(f"{len(ids)} prompts with max_new_tokens {max_new_tokens} need {need / 2**20:.1f} MiB "
+                raise InputError(f"{len(ids) * n} rows with max_new_tokens {max_new_tokens} need {need / 2**20:.1f} MiB "
                                  f"of decode state, over state_memory ({self.state_memory / 2**20:.1f} MiB): "
                                  f"generate fewer prompts at once or raise state_memory")
-        return dict(ids=ids, max_new=int(max_new_tokens), opts=opts, rngs=row_generators(seed, len(ids)),
-                    stop=stop, stops=stops, results=[Completion(prompt_tokens=int(x.size)) for x in ids])
+        if n > 1:
+            base = row_generators(seed, len(ids))  # checks seed
+            del base
+            if seed is None or isinstance(seed, (int, np.integer)):
+                seeds = [None if seed is None else int(seed) + j for _ in ids for j in range(n)]
+            else:
+                seeds = [None if s is None else int(s) + j for s in seed for j in range(n)]
+            rngs = row_generators(seeds, len(ids) * n)
+        else:
+            rngs = row_generators(seed, len(ids))
+        return dict(ids=ids, n=int(n), max_new=int(max_new_tokens), opts=opts, rngs=rngs, stop=stop, stops=stops,
+                    results=[Completion(prompt_tokens=int(x.size), prompt=i) for i, x in enumerate(ids) for _ in range(n)])
 
     def stream_batch(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                      top_p: float | None = None, repetition_penalty: float | None = None, seed=None, stop=None,
-                     stop_tokens=None) -> Iterator[StreamEvent]:
+                     stop_tokens=None, n: int = 1) -> Iterator[StreamEvent]:
         """Generate for every prompt as one batch; yields a ``StreamEvent`` per new token of each
         row as it is produced (rows in order within a step). Options as ``generate``."""
         req = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
-                            stop_tokens)
+                            stop_tokens, n)
         return self._steps(**req)
 
-    def _steps(self, ids, max_new, opts, rngs, stop, stops, results) -> Iterator[StreamEvent]:
-        B, eng = len(ids), self.engine
+    def _prefill(self, st, ids, n: int, results) -> np.ndarray:
+        """Each prompt once (through the prefix cache when on), then its state copied into the
+        rows of its other choices. Logits per row (rows prompt-major)."""
+        eng = self.engine
+        lead = [i * n for i in range(len(ids))]
+        if self.cache is not None:
+            logits, cached = prefix.prefill(eng, st, lead, ids, self.cache, PREFILL_TOKENS)
+        else:
+            logits, cached = eng.prefill(st, lead, ids), [0] * len(ids)
+        self.prompt_tokens_computed += sum(x.size - c for x, c in zip(ids, cached))
+        for i, c in enumerate(cached):
+            for j in range(n):
+                results[i * n + j].cached_tokens = c if j == 0 else ids[i].size
+        if n == 1:
+            return logits
+        for i in range(len(ids)):
+            eng.copy_rows(st, i * n, list(range(i * n + 1, i * n + n)))
+        return np.repeat(logits, n, axis=0)
+
+    def _steps(self, ids, n, max_new, opts, rngs, stop, stops, results) -> Iterator[StreamEvent]:
+        B, eng = len(results), self.engine
         if max_new == 0:
             for r in results:
                 r.finish_reason = "length"
             return
-        detok = [self.tokenizer.detokenizer(stop) for _ in ids]
-        seen = [x.tolist() for x in ids]
+        prompts = [ids[i // n] for i in range(B)]
+        detok = [self.tokenizer.detokenizer(stop) for _ in range(B)]
+        seen = [x.tolist() for x in prompts]
         st = eng.new_state(B)
         if hasattr(eng, "reserve"):  # each row's bank at its longest now: nothing grows mid-generation
-            for b, x in enumerate(ids):
+            for b, x in enumerate(prompts):
                 eng.reserve(st, b, x.size + max_new)
-        logits = eng.prefill(st, list(range(B)), ids)  # in calls of at most PREFILL_TOKENS tokens
+        logits = self._prefill(st, ids, n, results)  # in calls of at most PREFILL_TOKENS tokens
         active = np.ones(B, dtype=bool)
         fed = np.zeros(B, dtype=np.int64)
         for _ in range(max_new):
@@ -290,14 +334,21 @@ class Runtime:
                         piece, r.finish_reason = piece + detok[i].finish(), "length"
                 if r.finish_reason is not None:
                     r.text, active[i] = detok[i].text, False
+                    self._remember(st, i, seen[i][:-1])
                 yield StreamEvent(i, t, piece, lp, r if r.finish_reason else None)
             if not active.any():
                 return
             logits = eng.decode(st, fed, active)  # rows that finished keep their state
 
+    def _remember(self, st, row: int, tokens) -> None:
+        """The end-of-generation snapshot of a finished row (its last sampled token is not in its
+        state): the next turn of a conversation, which resends the reply, starts from it."""
+        if self.cache is not None and self.cache.budget > 0:
+            self.cache.commit(st, row, [prefix.capture(self.engine, st, row, tokens)])
+
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float | None = None, seed=None, stop=None,
-                 stop_tokens=None, return_details: bool = False):
+                 stop_tokens=None, return_details: bool = False, n: int = 1, best_of: int | None = None):
         """Prompts (list of str or of token-id lists) -> new token ids per prompt, or with
         ``return_details`` one ``Completion`` per prompt.
 
@@ -306,13 +357,57 @@ class Runtime:
         the same alone or in any batch) or one seed per prompt; stop: strings that end a row
         (its text is cut before them); stop_tokens: token ids that end a row (e.g.
         ``[rt.eos_token_id]``; none by default, so a row runs to max_new_tokens).
+        n: completions per prompt (the prompt is prefilled once and its state copied; choice j
+        is seeded seed + j, so it equals a lone call seeded seed + j), returned prompt-major
+        (n per prompt); best_of: draw that many per prompt and return the n with the highest
+        summed log-probability.
         """
+        k = n if best_of is None else best_of
+        if best_of is not None and (isinstance(best_of, bool) or not isinstance(best_of, (int, np.integer))
+                                    or isinstance(n, bool) or not isinstance(n, (int, np.integer)) or best_of < n):
+            raise InputError(f"best_of must be an integer >= n ({n!r}), got {best_of!r}")
         req = self._prepare(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
-                            stop_tokens)
+                            stop_tokens, k)
         for _ in self._steps(**req):
             pass
         results = req["results"]
+        if k != n:
+            ranked = []
+            for i in range(len(req["ids"])):
+                group = results[i * k:(i + 1) * k]
+                ranked += sorted(group, key=lambda r: -sum(r.logprobs))[:n]
+            results = ranked
         return results if return_details else [r.tokens for r in results]
+
+    # ------------------------------------------------------------------ saved states
+    def save_state(self, prompt, path) -> Path:
+        """The state after ``prompt`` (a str or token ids) written to ``path``: taken from the prefix
+        cache when it holds it, else computed. ``load_state`` of that file, here or in another
+        process over the same export, lets a later prompt that starts with the same tokens
+        continue from it without recomputing them."""
+        if self.cache is None:
+            raise InputError("saved states need an ONNX Runtime engine")
+        ids = self.encode([prompt])[0]
+        snap = self.cache.find(ids) if self.cache.enabled else None
+        if snap is None or snap.position != ids.size:
+            st = self.engine.new_state(1)
+            self.engine.reserve(st, 0, ids.size)
+            logits = self.engine.prefill(st, [0], [ids])
+            self.prompt_tokens_computed += ids.size
+            snap = prefix.capture(self.engine, st, 0, ids, logits[0])
+            held = ids.size // self.engine.chunk
+            snap.bank = {m: st.banks[0][m][:, 0, :, :held].copy() for m in state.BANKED.values()} if held else {}
+        return prefix.save_snapshot(self.engine, snap, path)
+
+    def load_state(self, path) -> int:
+        """Read a state saved by ``save_state`` (refused in one line when it comes from another
+        export or state format) and keep it, pinned, in this runtime's prefix cache. Returns the
+        number of tokens it holds."""
+        if self.cache is None:
+            raise InputError("saved states need an ONNX Runtime engine")
+        snap = prefix.load_snapshot(self.engine, path)
+        self.cache.put(snap)
+        return snap.position
 
     def stream(self, prompt, max_new_tokens: int = 64, **options) -> Iterator[str]:
         """One prompt (a str or a token-id list) -> its new text, piece by piece as it is produced.

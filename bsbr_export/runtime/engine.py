@@ -265,6 +265,7 @@ class Engine:
         # ``True`` packs every session, ``False`` none.
         if prepack not in (True, False, "decode"):
             raise InputError(f"prepack must be True, False or 'decode', got {prepack!r}")
+        self.paths = paths
         self._weights = shared_weights(paths.values())
         packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
         config = {g: ({} if packed[g] else {"session.disable_prepacking": "1"}) | dict(session_options or {})
@@ -290,6 +291,14 @@ class Engine:
         """Free rows: zero state, no bank, position 0."""
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
         st.set_rows(rows, dict.fromkeys(S.CARRIED, 0.0), 0)
+
+    def copy_rows(self, st: State, src: int, dst) -> None:
+        """Rows ``dst`` take row ``src``'s whole state (n completions of one prefilled prompt)."""
+        dst = [int(d) for d in np.atleast_1d(dst)]
+        if dst:
+            arrays = st.rows([src])
+            st.set_rows(dst, {k: np.repeat(a, len(dst), axis=0) for k, a in arrays.items()},
+                        int(st.positions[src]))
 
     def reserve(self, st: State, row: int, tokens: int) -> None:
         """Give row ``row`` the bank it needs to hold ``tokens`` tokens now (the chunks it holds
