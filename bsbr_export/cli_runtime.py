@@ -21,13 +21,13 @@ def fail(msg: str, code: int = 1):
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_size(text: str, name: str) -> int:
-    """'4GiB', '512MiB', '1.5GB', '1000000' -> bytes; a one-line error otherwise."""
+def parse_size(text: str, name: str, zero: bool = False) -> int:
+    """'4GiB', '512MiB', '1.5GB', '1000000' -> bytes (and '0' with ``zero``); a one-line error otherwise."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).upper() if m else None
-    if m is None or unit not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[unit] < 1:
+    if m is None or unit not in SIZE_UNITS or float(m.group(1)) * SIZE_UNITS[unit] < (0 if zero else 1):
         fail(f"{name} must be a size such as 4GiB, 512MiB or a number of bytes, got {text!r}")
     return int(float(m.group(1)) * SIZE_UNITS[unit])
 
@@ -146,17 +146,22 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
 @click.option("--prepack", type=click.Choice(["decode", "all", "none"]), default="decode", show_default=True,
               help="ONNX Runtime weight prepacking: for the per-token graph (batched decode at full speed, one "
                    "packed copy of the dense weights), for every graph (faster prompts, a second copy), or none.")
+@click.option("--prefix-cache", default="1GiB", metavar="SIZE", show_default=True,
+              help="Memory for prompt states kept for reuse: a request whose prompt starts with a cached prefix "
+                   "(a repeated prompt, a conversation's earlier turns, a shared system prompt) computes only the "
+                   "rest; least recently used states go first. 0 turns it off.")
 def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefill_chunk, model_name, drain_s,
           providers, api_keys, api_key_file, insecure, max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts,
           max_tokens_in_flight, request_timeout_s, receive_timeout_s, header_timeout_s, log_content, ssl_certfile,
-          ssl_keyfile, state_memory, prepack):
+          ssl_keyfile, state_memory, prepack, prefix_cache):
     """OpenAI-compatible completions server over an export, with continuous batching.
 
     \b
     bsbr-export serve DIR --port 8000 --max-batch 16
     curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "prompt": "def parse(", "max_tokens": 32, "temperature": 0}'
-    Endpoints: POST /v1/completions, GET /v1/models, /health, /metrics. Needs the serve extra.
+    Endpoints: POST /v1/completions (n and best_of too), GET /v1/models, /health, /metrics.
+    Needs the serve extra.
     With an API key every endpoint but /health needs 'Authorization: Bearer KEY'; a non-loopback
     --host without a key is refused unless --insecure.
     """
@@ -176,7 +181,8 @@ def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefi
                              request_timeout_s=request_timeout_s, receive_timeout_s=receive_timeout_s,
                              header_timeout_s=header_timeout_s, log_content=log_content,
                              state_memory=None if state_memory is None else parse_size(state_memory, "--state-memory"),
-                             prepack={"all": True, "none": False}.get(prepack, "decode"))
+                             prepack={"all": True, "none": False}.get(prepack, "decode"),
+                             prefix_cache=parse_size(prefix_cache, "--prefix-cache", zero=True))
         from .runtime.api import check_export
 
         check_export(model_dir, precision)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BSBRExportError, InputError
 from ..runtime.sampling import SamplingOptions
+from . import fanout
 from .protocol import APIError, CompletionRequest, error_body, parse_completion
 from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
 from .security import LOG_KEY, Guard, check_exposure, header_timeout_protocol
@@ -55,6 +56,7 @@ class ServeConfig:
     providers: list | None = None
     state_memory: int | None = None  # bytes of decode state (rows' buffers and banks); None: half the free memory
     prepack: bool | str = "decode"  # ORT weight prepacking: "decode" (per-token graph), True (all graphs), False
+    prefix_cache: int = 1 << 30  # bytes of prompt states kept for reuse (runtime.prefix); 0: off
     # who may call (security.Guard) and how much one request may take
     api_keys: tuple = ()
     max_body_bytes: int = 1 << 20
@@ -101,7 +103,8 @@ class Server:
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_batch=config.max_batch,
                                    max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
-                                   metrics=self.metrics, state_memory=config.state_memory)
+                                   metrics=self.metrics, state_memory=config.state_memory,
+                                   prefix_cache=config.prefix_cache)
         self.metrics.sample(self.scheduler)
         self.max_len, self.vocab_size = int(self.engine.max_len), int(self.engine.vocab_size)
         self.in_flight, self._flight_lock = 0, threading.Lock()
@@ -263,6 +266,7 @@ class _Choice:
         self.echo = srv.tokenizer.decode(prompt.tolist()) if body.echo else ""
         self.text, self.finish_reason, self.error = self.echo, None, None
         self.tokens, self.want_logprobs, self.tok = [], body.logprobs is not None, srv.tokenizer
+        self.logprob_sum = 0.0
         self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if body.logprobs else None,
                    "text_offset": []}
 
@@ -270,6 +274,7 @@ class _Choice:
         """Record a token event; returns its logprobs fragment (streaming) when asked for."""
         offset = len(self.text)
         self.tokens.append(ev.token)
+        self.logprob_sum += ev.logprob
         self.text += ev.piece
         if not self.want_logprobs:
             return None
@@ -290,11 +295,6 @@ class _Choice:
                 "finish_reason": self.finish_reason}
 
 
-def _usage(choices) -> dict:
-    p, c = sum(ch.prompt_tokens for ch in choices), sum(len(ch.tokens) for ch in choices)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
 async def _complete(srv: Server, request: Request, body: CompletionRequest):
     bad = body.unsupported()
     if bad is not None:
@@ -309,7 +309,8 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
     info["prompt_tokens"], info["completion_tokens"] = sum(int(p.size) for p in prompts), 0
     if srv.config.log_content:
         info["prompt"] = body.prompt
-    held = [0] * len(prompts)  # tokens of --max-tokens-in-flight each request holds until its last event
+    k = fanout.per_prompt(body)  # completions drawn per prompt
+    held = [0] * (len(prompts) * k)  # tokens of --max-tokens-in-flight each request holds until its last event
 
     def sink(i, ev):  # called on the scheduler's thread
         if ev.finish_reason is not None and held[i]:
@@ -317,8 +318,8 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
             held[i] = 0
         loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
-    reqs = _requests(srv, body, prompts, sink)
-    choices = [_Choice(srv, body, i, p) for i, p in enumerate(prompts)]
+    reqs = fanout.expand(_requests(srv, body, prompts, sink), k, sink)
+    choices = [_Choice(srv, body, i * k + j, p) for i, p in enumerate(prompts) for j in range(k)]
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": srv.name}
     if reqs[0].max_tokens > 0:
@@ -380,7 +381,7 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
         raise APIError(503, "the request was cancelled (server shutting down)", type="server_error",
                        code="shutting_down")
     srv.metrics.http.labels("200").inc()
-    return {**head, "choices": [ch.json() for ch in choices], "usage": _usage(choices)}
+    return {**head, "choices": [c.json() for c in fanout.best(choices, body.n or 1, k)], "usage": fanout.usage(choices, reqs, k)}
 
 
 def _note(srv: Server, info: dict, choices) -> None:
@@ -443,7 +444,7 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
                 return
             yield chunk(i, "", None, ev.finish_reason)
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(choices)})
+            yield _sse({**head, "choices": [], "usage": fanout.usage(choices, reqs, reqs[0].forks + 1)})
         yield b"data: [DONE]\n\n"
         srv.metrics.http.labels("200").inc()
     finally:

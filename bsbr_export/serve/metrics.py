@@ -29,6 +29,15 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.steps = Histogram("bsbr_step_seconds", "One engine call of the loop", ["kind"],
                                buckets=LATENCY_BUCKETS, registry=r)
+        # the prefix cache (runtime.prefix): its own counts, read at each sample
+        self.cache = {k: Gauge(f"bsbr_prefix_cache_{k}", text, registry=r) for k, text in (
+            ("hits", "Requests that started from a cached prompt state"),
+            ("misses", "Requests that found no cached prompt state"),
+            ("hit_tokens", "Prompt tokens taken from the prefix cache"),
+            ("evictions", "Snapshots evicted from the prefix cache"),
+            ("bytes", "Bytes the prefix cache holds"),
+            ("entries", "Snapshots the prefix cache holds"),
+            ("budget", "The prefix cache's budget in bytes (--prefix-cache)"))}
 
     # hooks the scheduler calls
     def token(self, seconds: float, first: bool) -> None:
@@ -53,6 +62,10 @@ class Metrics:
         self.free.set(free)
         self.active.set(sched.max_batch - free)
         self.max_batch.set(sched.max_batch)
+        cache = getattr(sched, "cache", None)
+        if cache is not None:
+            for k, v in cache.metrics().items():
+                self.cache[k].set(v)
 
     def render(self, sched=None) -> bytes:
         if sched is not None:

@@ -71,12 +71,6 @@ class CompletionRequest(_Strict):
 
     def unsupported(self) -> APIError | None:
         """The first OpenAI option set to a value this server does not support, as a 400."""
-        if self.n not in (None, 1):
-            return APIError(400, f"n={self.n} is not supported: this server returns one choice per prompt (n=1)",
-                            param="n", code="unsupported_value")
-        if self.best_of not in (None, 1):
-            return APIError(400, f"best_of={self.best_of} is not supported (best_of=1 only)", param="best_of",
-                            code="unsupported_value")
         if self.suffix:
             return APIError(400, "suffix is not supported (no insertion mode)", param="suffix",
                             code="unsupported_value")

@@ -22,6 +22,10 @@ admitted only when the bank it will need at its longest (prompt + ``max_tokens``
 admission (``Engine.reserve``), so a request never fails for memory mid-generation, and it is
 freed when the request ends. A request that does not fit waits in the queue (FIFO).
 
+An admitted request starts from the longest state in the prefix cache its prompt begins with
+(``runtime.prefix``). ``n`` completions of one prompt: the leader is prefilled, then its state is
+copied into its followers' rows (admitted with it); each samples with its own generator.
+
 So a long prompt is fed in pieces between decode steps: running streams wait at most one piece
 per token. A finished row (stop token, stop string, ``max_tokens``) is freed in the same
 iteration. Each request samples with its own options and its own ``numpy`` generator
@@ -43,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..runtime import prefix
 from ..runtime.sampling import SamplingOptions, choose_rows
 from .penalties import apply_penalties
 
@@ -122,7 +127,13 @@ class GenRequest:
     frequency_penalty: float = 0.0
     top_logprobs: int = 0
     logprobs: bool = True  # compute each token's log-probability (and the top ones, margin) for the events
+    forks: int = 0  # requests submitted right after this one that take its prompt's state (n completions)
     # set by the scheduler
+    leader: "GenRequest | None" = None  # a follower's leader, until the leader's prompt is in
+    followers: list = field(default_factory=list)
+    cached: int = 0  # prompt tokens taken from the prefix cache (or from the leader)
+    ready: np.ndarray | None = None  # the prompt's last logits, when the cache held the whole prompt
+    snaps: list = field(default_factory=list)  # snapshots taken in the prefill, committed once it is in
     id: int = -1
     row: int = -1
     fed: int = 0  # prompt tokens already in the row's state
@@ -151,7 +162,8 @@ class Scheduler:
     """
 
     def __init__(self, engine, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, metrics=None, state_memory: int | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, metrics=None, state_memory: int | None = None,
+                 prefix_cache: int = 0):
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -170,6 +182,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._accepting, self._stop = True, False
         self.steps = {"prefill": 0, "decode": 0}
+        self.cache = prefix.PrefixCache(engine, prefix_cache)
+        self.prompt_tokens_computed = 0
         self._thread = threading.Thread(target=self._run, name="bsbr-scheduler", daemon=True)
         self._thread.start()
 
@@ -183,6 +197,9 @@ class Scheduler:
                                  f"maximum of {self.max_len} tokens")
             if len(r.ids) == 0 or r.max_tokens < 1:
                 raise InputError("a scheduled request needs >= 1 prompt token and max_tokens >= 1")
+            if r.forks + 1 > self.max_batch:
+                raise InputError(f"{r.forks + 1} completions of one prompt exceed the server's --max-batch "
+                                 f"{self.max_batch}")
             need = self.engine.bank_bytes(len(r.ids) + r.max_tokens)
             if need > self.bank_budget:
                 raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} needs {need / 2**20:.1f} MiB "
@@ -272,47 +289,94 @@ class Scheduler:
         free = [i for i, r in enumerate(self._rows) if r is None]
         fresh = []
         while free and self._waiting:
-            need = self.engine.bank_bytes(len(self._waiting[0].ids) + self._waiting[0].max_tokens)
-            if self.reserved + need > self.bank_budget:
-                break  # waits until running requests end and free their banks
-            r, r.row = self._waiting.popleft(), free.pop(0)
-            r.reserved, self.reserved = need, self.reserved + need
-            r.rng = np.random.default_rng(r.seed)
-            r.detok = self.tokenizer.detokenizer(r.stop)
-            r.counts = np.zeros(self.engine.vocab_size, np.int64) if (r.presence_penalty or r.frequency_penalty) else None
-            self._rows[r.row] = r
-            fresh.append(r.row)
+            head = self._waiting[0]
+            group = [self._waiting[k] for k in range(min(1 + head.forks, len(self._waiting)))]
+            need = [self.engine.bank_bytes(len(r.ids) + r.max_tokens) for r in group]
+            if len(free) < len(group) or self.reserved + sum(need) > self.bank_budget:
+                break  # waits until running requests end and free their rows and banks
+            for r, nb in zip(group, need):
+                self._waiting.popleft()
+                r.row = free.pop(0)
+                r.reserved, self.reserved = nb, self.reserved + nb
+                r.rng = np.random.default_rng(r.seed)
+                r.detok = self.tokenizer.detokenizer(r.stop)
+                r.counts = np.zeros(self.engine.vocab_size, np.int64) if (r.presence_penalty or r.frequency_penalty) else None
+                self._rows[r.row] = r
+                fresh.append(r.row)
+            for f in group[1:]:
+                f.leader = head
+                head.followers.append(f)
         if fresh:
             self.engine.reset_rows(self.state, fresh)
             for row in fresh:
-                self.engine.reserve(self.state, row, len(self._rows[row].ids) + self._rows[row].max_tokens)
+                r = self._rows[row]
+                self.engine.reserve(self.state, row, len(r.ids) + r.max_tokens)
+                if r.leader is None and self.cache.enabled:
+                    snap = self.cache.lookup(r.ids)
+                    if snap is not None:
+                        prefix.restore(self.engine, self.state, row, snap)
+                        r.fed = r.cached = snap.position
+                        if snap.position == len(r.ids):
+                            r.ready = snap.logits
 
     def _prefill(self) -> None:
+        ready = [r for r in self._rows if r is not None and r.ready is not None]
+        if ready:  # the whole prompt was cached: the first token needs no model call
+            logits = np.stack([r.ready for r in ready])
+            for r in ready:
+                r.ready = None
+            self._prompt_done(ready, logits)
         decoding = any(r is not None and r.pending >= 0 for r in self._rows)
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, IDLE_PREFILL_CHUNK)
         rows, pieces, reqs = [], [], []
-        for r in sorted((r for r in self._rows if r is not None and r.fed < len(r.ids)), key=lambda r: r.id):
+        L, snapping = self.engine.chunk, self.cache.budget > 0
+        for r in sorted((r for r in self._rows if r is not None and r.leader is None and r.fed < len(r.ids)),
+                        key=lambda r: r.id):
             if budget <= 0:
                 break
-            n = min(budget, len(r.ids) - r.fed)
+            end = min(r.fed + budget, prefix.next_cut(r.fed, len(r.ids), L, self.cache.interval) if snapping
+                      else len(r.ids))
             rows.append(r.row)
-            pieces.append(r.ids[r.fed:r.fed + n])
+            pieces.append(r.ids[r.fed:end])
             reqs.append(r)
-            budget -= n
+            budget -= end - r.fed
         if not rows:
             return
         t0 = time.perf_counter()
         logits = self.engine.extend(self.state, rows, pieces)
         self.steps["prefill"] += 1
+        self.prompt_tokens_computed += sum(len(p) for p in pieces)
         if self.metrics:
             self.metrics.step("prefill", time.perf_counter() - t0, sum(len(p) for p in pieces))
         done = []
         for j, (r, p) in enumerate(zip(reqs, pieces)):
             r.fed += len(p)
-            if r.fed == len(r.ids):
+            n = len(r.ids)
+            if snapping and r.fed in prefix.snapshot_points(n, L, self.cache.interval):
+                r.snaps.append(prefix.capture(self.engine, self.state, r.row, r.ids[:r.fed],
+                                              logits[j] if r.fed == n else None))
+            if r.fed == n:
                 done.append(j)
         if done:
-            self._sample([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
+            self._prompt_done([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
+
+    def _prompt_done(self, reqs: list[GenRequest], logits: np.ndarray) -> None:
+        """The prompts of ``reqs`` are in: commit their snapshots, hand each leader's state to its
+        followers, then sample every one of them."""
+        pairs = []  # (request, its row of ``logits``)
+        for j, r in enumerate(reqs):
+            if r.snaps:
+                self.cache.commit(self.state, r.row, r.snaps)
+            live = [f for f in r.followers if f.leader is r and self._rows[f.row] is f]
+            if live:
+                self.engine.copy_rows(self.state, r.row, [f.row for f in live])
+            for f in live:
+                self.engine.reserve(self.state, f.row, len(f.ids) + f.max_tokens)
+                f.leader, f.fed, f.cached = None, len(f.ids), len(f.ids)
+            pairs += [(r, j)] + [(f, j) for f in live]
+            r.followers, r.snaps = [], []
+        rows = [j for _, j in pairs]
+        self._sample([r for r, _ in pairs], logits if rows == list(range(len(logits))) else logits[rows])
 
     def _decode(self) -> None:
         reqs = [r for r in self._rows if r is not None and r.pending >= 0]
@@ -394,7 +458,16 @@ class Scheduler:
             r.pending = tok
 
     def _finish(self, r: GenRequest, reason: str, error: str | None = None) -> None:
-        """End ``r``: free its row at once and send its last event (lock held)."""
+        """End ``r``: free its row at once and send its last event (lock held). A request that
+        ended normally leaves the state of its generation in the prefix cache."""
+        for f in r.followers:  # followers of a leader that ends before its prompt is in prefill themselves
+            if f.leader is r:
+                f.leader = None
+        r.followers, r.snaps = [], []
+        if r.row >= 0 and self._rows[r.row] is r and reason in ("stop", "length") and self.cache.budget > 0:
+            tokens = np.concatenate([r.ids, np.asarray(r.tokens[:-1], np.int64)])
+            if int(self.state.positions[r.row]) == tokens.size:
+                self.cache.commit(self.state, r.row, [prefix.capture(self.engine, self.state, r.row, tokens)])
         if r.row >= 0 and self._rows[r.row] is r:
             self._rows[r.row] = None
             self.engine.reset_rows(self.state, [r.row])  # frees its bank
