@@ -242,11 +242,29 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, allow_pickle,
     try:
         m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
         spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, int8=int8, inline=inline)
-        files = export_onnx(m, out, spec, decode=not no_decode, progress=_log)
+        files = [*export_onnx(m, out, spec, decode=not no_decode, progress=_log), *_copy_tokenizer(model, out)]
     except BSBRExportError as e:
         fail(str(e))
     for name in files:
         click.echo(f"wrote {out / name}")
+    if not (out / "tokenizer.json").is_file():
+        click.echo(f"warning: {model} has no tokenizer.json, so load({out}) and serve {out} need one copied in", err=True)
+
+
+def _copy_tokenizer(model, out: Path) -> list[str]:
+    """The model's tokenizer files beside the graphs, so that ``load(OUT)`` and ``serve OUT`` take
+    the export as it is."""
+    import shutil
+
+    from .convert import TOKENIZER_FILES, resolve_model_dir
+
+    src = resolve_model_dir(model)
+    copied = []
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, out / f)
+            copied.append(f)
+    return copied
 
 
 def _changed(opts: dict) -> dict:

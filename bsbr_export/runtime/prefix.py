@@ -8,9 +8,9 @@ snapshot is exact by construction, and a request whose prompt starts with a snap
 continues from it and computes only the rest.
 
 Snapshots are taken where the state is whole between two graph calls: at the ends of prompt
-pieces cut at snapshot points (every ``interval`` tokens, a multiple of the chunk size, and the
-last chunk boundary before a prompt's end), at the end of each prompt, and at the end of each
-generation (the last sampled token is not in the state). A snapshot stores its S, its k/v rows,
+pieces cut at snapshot points (every ``interval`` tokens, a multiple of the chunk size, and
+every chunk boundary in the prompt's last ``interval`` tokens), at the end of each prompt, and at
+the end of each generation (the last sampled token is not in the state). A snapshot stores its S, its k/v rows,
 its logits when it ends a prompt, and only the bank chunks its parent (the longest cached
 snapshot that is a prefix of it) does not hold: a 4096-token prompt's snapshots share their
 closed chunks along the chain instead of each copying the bank. Restoring walks the chain.
@@ -22,8 +22,9 @@ is complete, so a request cancelled or failed in its prefill leaves nothing behi
 Why every ``interval`` tokens and not at every chunk boundary: a snapshot's state is only whole
 at the end of a graph call, and pieces cut at every boundary cost more (GPT-2 small, a
 2048-token prompt on 2 cores: pieces of 1024 or 512 tokens 6.4 s, 256 8.8 s, 128 11.0 s).
-Pieces of ``SNAPSHOT_INTERVAL`` tokens cost nothing extra; the last boundary of each prompt
-catches the common shape of shared prefixes (a system prompt followed by a short question).
+Pieces of ``SNAPSHOT_INTERVAL`` tokens cost nothing extra; the boundaries of a prompt's last
+``interval`` tokens catch the common shape of shared prefixes (a system prompt or a few-shot
+header followed by a short question), at the cost of a few more pieces at the prompt's end.
 """
 
 from __future__ import annotations
@@ -44,14 +45,11 @@ STATE_FILE_TAG = "bsbr-export-state"
 
 
 def snapshot_points(n: int, chunk: int, interval: int) -> list[int]:
-    """Where a prompt of ``n`` tokens is cut for snapshots: every ``interval`` tokens, the last
-    chunk boundary before ``n``, and ``n`` itself (sorted)."""
+    """Where a prompt of ``n`` tokens is cut for snapshots: every ``interval`` tokens, every chunk
+    boundary in its last ``interval`` tokens, and ``n`` itself (sorted)."""
     step = max(chunk, interval // chunk * chunk)
-    pts = set(range(step, n, step)) | {n}
-    last = (n - 1) // chunk * chunk
-    if last > 0:
-        pts.add(last)
-    return sorted(pts)
+    tail = max(chunk, -(-(n - step) // chunk) * chunk)
+    return sorted(set(range(step, n, step)) | set(range(tail, n, chunk)) | {n})
 
 
 def next_cut(fed: int, n: int, chunk: int, interval: int) -> int:

@@ -48,14 +48,16 @@ REQUEST_TIMEOUT_S = 900.0  # a queued stream gets no byte until it has a row
 class ServerProcess:
     """``bsbr-export serve`` in a child process on 127.0.0.1 (an ephemeral port)."""
 
-    def __init__(self, export_dir, max_batch: int, threads: int, prefill_chunk: int = 256, max_queue: int = 512):
+    def __init__(self, export_dir, max_batch: int, threads: int, prefill_chunk: int = 256, max_queue: int = 512,
+                 prefix_cache: str = "0"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(self.port),
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
-               "--prefill-chunk", str(prefill_chunk), "--model-name", MODEL, "--drain", "5"]
+               "--prefill-chunk", str(prefill_chunk), "--model-name", MODEL, "--drain", "5",
+               "--prefix-cache", prefix_cache]  # off unless asked: the batching figures compute every prompt
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         import httpx
 
