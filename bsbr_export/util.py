@@ -5,6 +5,8 @@ Torch-free (numpy only), so the runtime and the benchmark's parent process can u
 
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import os
 import platform
@@ -220,15 +222,22 @@ def kl_from_logprobs(lp, lq):
 
 # --------------------------------------------------------------------------- the C heap
 
-def _glibc(name: str, *args) -> bool:
-    """Call one of glibc's malloc tuning functions; False where there is no such function."""
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: milliseconds a call)."""
     import ctypes
     import ctypes.util
 
     try:
-        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)(*args))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _glibc(name: str, *args) -> bool:
+    """Call one of glibc's malloc tuning functions; False where there is no such function."""
+    fn = getattr(_libc(), name, None)
+    return bool(fn(*args)) if fn is not None else False
 
 
 def release_free_memory() -> None:
