@@ -172,3 +172,23 @@ def test_saved_state_continues_in_a_fresh_runtime(exports, heldout_ids, tmp_path
     (tmp_path / "junk.npz").write_bytes(b"not a state")
     with pytest.raises(ModelLoadError, match="not a bsbr-export state file"):
         fresh.load_state(tmp_path / "junk.npz")
+
+
+def test_readme_examples_of_reusing_state_run_as_written(exports, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_runtime_api import ROOT
+
+    sec = (ROOT / "README.md").read_text()
+    sec = sec[sec.index("### Reusing a prompt's state"):]
+    sec = sec[:sec.index("\n#", 5)]
+    code = "\n".join(line[4:] for line in sec.splitlines() if line.startswith("    ") or not line.strip())
+    env = {**os.environ, "BSBR_EXPORT_DIR": str(exports["chunk"])}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.split("\n")
+    cached = int(next(line for line in lines if "came from the cache" in line).split()[0])
+    assert cached > 0
+    assert int([line for line in lines if line.strip()][-1]) > 0  # the loaded state's tokens were reused
