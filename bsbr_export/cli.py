@@ -344,8 +344,8 @@ def _int_list(text: str | None, name: str) -> tuple | None:
 @click.option("--chunk-size", type=int, default=None, help="BSBR chunk L [128; --quick: 16].")
 @click.option("--profile-len", type=int, default=None, help="T of the ORT op-type profiles [the longest T].")
 @click.option("--fragment", type=click.Path(path_type=Path), default=None,
-              help="Markdown fragment for docs/RESULTS.md [docs/results/bench.md, or bench-NAME.md for a "
-                   "model directory NAME; --quick: OUT/fragment.md].")
+              help="Also write the Markdown fragment for docs/RESULTS.md here (scripts/make_results.py asks for "
+                   "docs/results/bench.md) [none: the run writes under --out only].")
 @click.option("--work", type=click.Path(path_type=Path), default=None,
               help="Keep models and ONNX exports here (several GB) instead of a temporary directory.")
 def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads, chunk_size, profile_len, fragment,
@@ -400,9 +400,6 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
             ("--fragment", fragment), ("--work", work)) if val)
     tag = spec.model if spec.model in ("gpt2-small-random", "tiny-random") else Path(spec.model).name
     out = out or Path.cwd() / "bench-out" / tag
-    if fragment is None:
-        default = "bench.md" if tag == "gpt2-small-random" else f"bench-{tag}.md"
-        fragment = out / "fragment.md" if quick else root / "docs" / "results" / default
     if spec.model not in ("gpt2-small-random", "tiny-random") and not (Path(spec.model) / "config.json").is_file():
         fail(f"{spec.model}: not a local HF GPT-2 directory (no config.json) nor gpt2-small-random")
     try:
@@ -413,7 +410,8 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
         v = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
         status = "-" if quick else t["status"]
         click.echo(f"  {status:4s}  {t['description']}: {v} (need {t['comparison']} {t['threshold']:.2f})")
-    click.echo(f"wrote {out}/bench.json, bench.md and plots; fragment {fragment} ({result['seconds'] / 60:.1f} min)")
+    frag = f"; fragment {fragment}" if fragment is not None else ""
+    click.echo(f"wrote {out}/bench.json, bench.md and plots{frag} ({result['seconds'] / 60:.1f} min)")
     if quick:
         click.echo("quick run: targets not judged (tiny model, 2 runs); run without --quick to judge them")
 

@@ -16,10 +16,21 @@ def _num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _tracked_state() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                       text=True)
+    return p.stdout if p.returncode == 0 else "no git"
+
+
 def test_quick_bench_schema(tmp_path):
     out = tmp_path / "bench"
-    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out)])
+    before = _tracked_state()
+    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out), "--fragment", str(out / "fragment.md")])
     assert res.exit_code == 0, res.output
+    assert _tracked_state() == before  # the run wrote under --out (and where --fragment said) only
     r = json.loads((out / "bench.json").read_text())
     assert r["schema"] == SCHEMA and r["complete"] is True and r["quick"] is True
     for key in ("command", "date", "machine", "versions", "model", "spec", "backends", "prefill", "decode",
@@ -114,6 +125,21 @@ def test_quick_bench_schema(tmp_path):
     assert "- machine:" in frag and "- versions:" in frag and "- date:" in frag
     for png in ("latency.png", "speedup.png", "memory.png", "decode.png"):
         assert (out / png).stat().st_size > 1000 and f"{png})" in frag
+
+
+def test_bench_writes_no_fragment_unless_asked(tmp_path, monkeypatch):
+    import bsbr_export.bench as driver
+
+    seen = {}
+
+    def fake(spec, out, fragment=None, **kw):
+        seen["fragment"] = fragment
+        return {"targets": [], "seconds": 0.0}
+
+    monkeypatch.setattr(driver, "run_bench", fake)
+    res = CliRunner().invoke(main, ["bench", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert seen["fragment"] is None and "; fragment" not in res.output
 
 
 def test_slope_and_schedule():
