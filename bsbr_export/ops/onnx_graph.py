@@ -78,6 +78,31 @@ def chunk_states(g: Graph, fk, v, U, normalised: bool, rank: int):
     return Fs
 
 
+def attend_two(g: Graph, own, prev, v, v_prev, qs, S_full, Z_col, gg, normalised: bool):
+    """``attend`` over two blocks of keys scored apart (masked by additive biases): the chunk's own
+    (own, v) and the previous chunk's (prev, v_prev), with one row maximum. Plain: softmax over both
+    blocks + g qs S; normalised: ``combine``'s formula over both."""
+    from onnx import TensorProto
+
+    f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
+    own, prev, v, v_prev, qs, S_full, gg = (f32(t) for t in (own, prev, v, v_prev, qs, S_full, gg))
+    axis = g.const([-1])
+    m = g.op("Max", g.op("ReduceMax", own, axis, keepdims=1), g.op("ReduceMax", prev, axis, keepdims=1))
+    if normalised:
+        m = g.op("Max", m, g.const([0.0], np.float32))
+    e_own, e_prev = g.op("Exp", g.op("Sub", own, m)), g.op("Exp", g.op("Sub", prev, m))
+    num = g.op("Add", g.op("MatMul", e_own, v), g.op("MatMul", e_prev, v_prev))
+    den = g.op("Add", g.op("ReduceSum", e_own, axis, keepdims=1), g.op("ReduceSum", e_prev, axis, keepdims=1))
+    qS = g.op("MatMul", qs, S_full)
+    if normalised:
+        wb = g.op("Mul", gg, g.op("Exp", g.op("Neg", m)))
+        o = g.op("Div", g.op("Add", num, g.op("Mul", wb, qS)),
+                 g.op("Add", den, g.op("Mul", wb, g.op("MatMul", qs, f32(Z_col)))))
+    else:
+        o = g.op("Add", g.op("Div", num, den), g.op("Mul", gg, qS))
+    return g.op("Cast", o, to=TensorProto.FLOAT16) if g.fdt == np.float16 else o
+
+
 def combine(g: Graph, scores, v, qf, S_full, Z_col, gg, v_self=None):
     """(E v + g e^{-M} qf S) / (rowsum(E) + g e^{-M} qf Z), E = e^{scores - M},
     M = max(rowmax(scores), 0), in fp32: the shared-denominator formula scaled by e^{-M}.
@@ -181,31 +206,31 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
 
     qc, kc, vc = chunks("q"), chunks("k"), chunks("v")
     scale = g.op("Div", g.fconst(1.0), g.op("Sqrt", g.op("Cast", d, to=g.fproto)))
-    scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,L)
     LL = g.cat(L1, L1)
     ones = g.op("ConstantOfShape", LL, value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32: Trilu has kernels
     causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)  # (L, L) bool, key <= query
-    if lookback:
-        # Each chunk's keys preceded by the previous chunk's (zeros before chunk 0, masked).
-        prev_pads = c([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
-
-        def with_previous(x):  # (B, H, C, L, d) -> (B, H, C, 2L, d)
-            return g.op("Concat", g.op("Slice", g.op("Pad", x, prev_pads), zero, C, c([2])), x, axis=3)
-
-        kc, vc = with_previous(kc), with_previous(vc)
-        scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,2L)
-        CLL = g.cat(C, LL)
-        has_prev = g.op("Unsqueeze", g.op("Greater", g.op("Range", c(0), g.op("Squeeze", C, zero), c(1)), c(0)),
-                        c([1, 2]))  # (C, 1, 1): chunk > 0
-        causal = g.op("Concat", g.op("Expand", has_prev, CLL), g.op("Expand", causal, CLL), axis=-1)  # (C, L, 2L)
-    scores = g.op("Where", causal, scores, g.fconst(NEG))
     gg = g.op("Reshape", "g", c([1, -1, 1, 1, 1]))
-    if normalised:
-        o = attend(g, scores, vc, chunks("qf"), "S", g.op("Unsqueeze", "Z", c([-1])), gg)
-        inputs = ["q", "k", "v", "qf", "S", "Z", "g"]
+    qs = chunks("qf") if normalised else qc
+    S_in, Z_col = "S", g.op("Unsqueeze", "Z", c([-1])) if normalised else None
+    if lookback:
+        # The previous chunk as an L x L block of its own: scores against the chunk-shifted K/V
+        # (zeros before chunk 0, which an additive bias masks), one row maximum shared by the two
+        # blocks; no (C, L, 2L) concatenation of keys, values or mask.
+        prev_pads = c([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+        shift = lambda x: g.op("Slice", g.op("Pad", x, prev_pads), zero, C, c([2]))  # noqa: E731  chunk c -> c-1
+        qk = g.op("Mul", qc, scale)  # the scale on the queries: L x d, not 2 L x L
+        own = g.op("Add", g.op("MatMul", qk, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])),
+                   g.op("Where", causal, g.fconst(0.0), g.fconst(NEG)))  # (B, H, C, L, L)
+        first = g.op("Unsqueeze", g.op("Equal", g.op("Range", c(0), g.op("Squeeze", C, zero), c(1)), c(0)),
+                     c([1, 2]))  # (C, 1, 1): chunk 0 has no previous chunk
+        prev = g.op("Add", g.op("MatMul", qk, g.op("Transpose", shift(kc), perm=[0, 1, 2, 4, 3])),
+                    g.op("Where", first, g.fconst(NEG), g.fconst(0.0)))  # (B, H, C, L, L)
+        o = attend_two(g, own, prev, vc, shift(vc), qs, S_in, Z_col, gg, normalised)
     else:
-        o = attend(g, scores, vc, qc, "S", None, gg)
-        inputs = ["q", "k", "v", "S", "g"]
+        scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,L)
+        scores = g.op("Where", causal, scores, g.fconst(NEG))
+        o = attend(g, scores, vc, qs, S_in, Z_col, gg)
+    inputs = ["q", "k", "v", "qf", "S", "Z", "g"] if normalised else ["q", "k", "v", "S", "g"]
     name = function_name(normalised, lookback)
     o = g.op("Reshape", o, g.cat(B_H, c([-1]), d))  # (B, H, C*L, d)
     g.op("Slice", o, zero, T, c([2]), outputs=["o"])
