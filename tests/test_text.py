@@ -116,3 +116,77 @@ def test_other_tokenizers_stream_through_their_decode():
     ids = tok.encode("a é b a")
     pieces, d = _stream(tok, ids, stop=["b a"])
     assert d.stopped and "".join(pieces) == d.text == tok.decode(ids).split("b a")[0]
+
+
+def test_stop_string_over_the_limit_is_refused():
+    from bsbr_export.runtime.text import MAX_STOP_CHARS
+
+    assert check_stop(["x" * MAX_STOP_CHARS]) == ("x" * MAX_STOP_CHARS,)
+    with pytest.raises(InputError, match=f"limit of {MAX_STOP_CHARS}"):
+        check_stop(["ok", "x" * (MAX_STOP_CHARS + 1)])
+
+
+def _push_all(tok, ids, stop):
+    import time
+
+    d = tok.detokenizer(stop)
+    t0 = time.perf_counter()
+    for t in ids:
+        d.push(t)
+    return time.perf_counter() - t0, d
+
+
+def test_held_back_check_does_not_grow_with_the_stop_strings(tok):
+    """Four stop strings at the length limit cost about what four short ones do per token (the
+    check is linear in the new text, not a slice per length per stop per token)."""
+    from bsbr_export.runtime.text import MAX_STOP_CHARS
+
+    text = ("def parse(self, text):\n    return [int(x) for x in text.split()]\n" * 60)[:3000]
+    ids = tok.encode(text)
+    short = [c * 8 for c in "☃☂☀☁"]  # characters the text never holds: every token is released
+    long = [c * MAX_STOP_CHARS for c in "☃☂☀☁"]
+    _push_all(tok, ids[:50], short)  # warm-up
+    t_short = min(_push_all(tok, ids, short)[0] for _ in range(2))
+    t_long, d = min((_push_all(tok, ids, long) for _ in range(2)), key=lambda x: x[0])
+    assert d.text == tok.decode(ids) and not d.stopped
+    print(f"[stops] {len(ids)} tokens: 4 stops of 8 chars {t_short * 1e3:.1f} ms, of {MAX_STOP_CHARS} "
+          f"{t_long * 1e3:.1f} ms")
+    assert t_long < 4 * t_short + 0.02
+
+
+def test_stop_strings_found_where_they_end_and_held_back_by_their_longest_start(tok):
+    """Overlapping and self-similar stop strings: the earliest-starting occurrence cuts the
+    text; a partial match is held back exactly as long as it could still become a stop string."""
+    rng = np.random.default_rng(3)
+    alphabet = "ab\n"
+    for _ in range(200):
+        text = "".join(rng.choice(list(alphabet), 40))
+        stops = ["".join(rng.choice(list(alphabet), int(rng.integers(1, 6)))) for _ in range(3)]
+        ids = tok.encode(text)
+        pieces, d = _stream(tok, ids, stops)
+        full = tok.decode(ids)
+        hits = [full.find(s) for s in stops if full.find(s) >= 0]
+        # the streamed text stops at the earliest stop string that ends within the text
+        want = full[:min(hits)] if hits else full
+        ends = sorted((full.find(s) + len(s), full.find(s)) for s in stops if full.find(s) >= 0)
+        if ends:  # the first stop string to end wins; among those ending at once, the earliest start
+            first_end = ends[0][0]
+            want = full[:min(st for e, st in ends if e == first_end)]
+        assert d.text == "".join(pieces) == want, (text, stops)
+
+
+def test_streamed_text_equals_the_full_decode_on_random_ids(tok):
+    """Random token ids (special tokens and tokens holding part of a character among them),
+    half of the sequences ending mid-character: the pieces add up to the full decode."""
+    rng = np.random.default_rng(1)
+    partial = [t for t in range(tok.vocab_size) if REPLACEMENT in tok.decode([t])]
+    assert len(partial) > 50
+    for k in range(300):
+        ids = rng.integers(0, tok.vocab_size, int(rng.integers(1, 30))).tolist()
+        if k % 5 == 0:
+            ids[int(rng.integers(0, len(ids)))] = tok.eos_token_id
+        if k % 2:
+            ids.append(int(rng.choice(partial)))
+        pieces, _ = _stream(tok, ids)
+        assert "".join(pieces) == tok.decode(ids), ids
+        assert all(REPLACEMENT not in p for p in pieces[:-1]) or REPLACEMENT in tok.decode(ids)

@@ -1,17 +1,22 @@
 """Text in and out of the runtime, without transformers: the tokenizer of an export (through the
 ``tokenizers`` package), incremental detokenisation and stop strings.
 
-Detokenisation is incremental over bytes: each token's bytes go through an incremental UTF-8
-decoder, which holds back the bytes of a character split across tokens until it is complete,
-so a streamed piece never carries half a character (nor a U+FFFD that a later token would
-have completed). Special tokens (``<|endoftext|>``) add no text, as in ``Tokenizer.decode``,
-and the concatenated pieces equal the decode of all tokens. Tokenizers whose decoder is not
-byte-level fall back to decoding the row's tokens so far and holding back a trailing U+FFFD.
+Detokenisation streams through ``tokenizers``' ``DecodeStream`` (any tokenizer: byte-level,
+byte-fallback, word pieces), which holds back the tokens of a character split across tokens
+until it is complete, so a streamed piece never carries half a character (nor a U+FFFD that a
+later token would have completed). Special tokens (``<|endoftext|>``) add no text, as in
+``Tokenizer.decode``. At the end of a row, the full decode of its tokens is the check: whatever
+it holds beyond the streamed text (a trailing incomplete character, as U+FFFD) is the last
+piece, so the concatenated pieces equal the decode of all tokens.
+
+Stop strings are at most ``MAX_STOP_CHARS`` characters each. They are matched as the text grows,
+one automaton per stop string (Knuth-Morris-Pratt), so each new character costs the same
+whatever the length of the text and of the stop strings; the automaton's state is also the
+longest end of the text that could begin a stop string, which is held back from the pieces.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +25,10 @@ from ..errors import InputError, ModelLoadError
 
 TOKENIZER_FILE = "tokenizer.json"
 REPLACEMENT = "\ufffd"
+MAX_STOP_CHARS = 512  # characters of one stop string (the server answers 400 beyond)
+# Texts (characters) and token lists at least this long go through the tokenizer's batch calls,
+# which release the GIL while they run: a long prompt does not stall the server's other threads.
+LONG_INPUT = 1 << 14
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -65,10 +74,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"a text prompt must be a str, got {type(text).__name__}")
+        if len(text) >= LONG_INPUT:
+            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        ids = [int(i) for i in ids]
+        if len(ids) >= LONG_INPUT:
+            return self._tok.decode_batch([ids], skip_special_tokens=True)[0]
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token adds to the text (b"" for special tokens); byte-level tokenizers only."""
@@ -106,13 +120,16 @@ def _eos_id(d: Path, tok) -> int | None:
 
 
 def check_stop(stop) -> tuple[str, ...]:
-    """Stop strings as a tuple: None, one str or a sequence of non-empty str."""
+    """Stop strings as a tuple: None, one str or a sequence of non-empty str of at most
+    ``MAX_STOP_CHARS`` characters."""
     if stop is None:
         return ()
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     for s in stop:
         if not isinstance(s, str) or not s:
             raise InputError(f"stop strings must be non-empty str, got {s!r}")
+        if len(s) > MAX_STOP_CHARS:
+            raise InputError(f"a stop string has {len(s)} characters, over the limit of {MAX_STOP_CHARS}")
     return stop
 
 
@@ -125,8 +142,11 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        from tokenizers.decoders import DecodeStream
+
         self.tok, self.stop = tokenizer, check_stop(stop)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stops = _StopMatcher(self.stop)
         self._ids: list[int] = []
         self._full = ""  # everything decoded so far
         self._sent = 0  # characters of _full already returned as pieces
@@ -136,51 +156,77 @@ class Detokenizer:
     def text(self) -> str:
         return self._full if not self.stopped else self._full[:self._cut]
 
-    def _decoded(self, token: int, final: bool = False) -> str:
-        if self.tok.byte_level:
-            return self._utf8.decode(self.tok.token_bytes(token) if token is not None else b"", final)
-        if token is not None:
-            self._ids.append(token)
-        s = self.tok.decode(self._ids)
-        if s.endswith(REPLACEMENT) and not final:  # may be half a character: wait for the next token
-            s = s.rstrip(REPLACEMENT)
-        new = s[len(self._full):] if s.startswith(self._full) else ""
-        return new
-
     def push(self, token: int) -> tuple[str, bool]:
         if self.stopped:
             return "", True
-        return self._advance(self._decoded(int(token)), final=False)
+        token = int(token)
+        self._ids.append(token)
+        return self._advance(self._stream.step(self.tok._tok, token) or "", final=False)
 
     def finish(self) -> str:
-        """The text held back (a possible stop-string start, an incomplete character as U+FFFD)."""
+        """The text held back (a possible stop-string start, an incomplete character as U+FFFD):
+        what the full decode of the row's tokens holds beyond the streamed text."""
         if self.stopped:
             return ""
-        piece, _ = self._advance(self._decoded(None, final=True), final=True)
+        full = self.tok.decode(self._ids)
+        piece, _ = self._advance(full[len(self._full):] if full.startswith(self._full) else "", final=True)
         return piece
 
     def _advance(self, new: str, final: bool) -> tuple[str, bool]:
-        start = max(0, len(self._full) - max((len(s) for s in self.stop), default=0) + 1)
+        at = len(self._full)
         self._full += new
-        if self.stop:
-            hits = [i for i in (self._full.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self._cut, self.stopped = min(hits), True
-                piece = self._full[self._sent:self._cut] if self._cut > self._sent else ""
-                self._sent = max(self._sent, self._cut)
-                return piece, True
-        end = len(self._full) if final else len(self._full) - _held(self._full, self.stop)
+        hit = self._stops.feed(new, at) if self.stop and new else None
+        if hit is not None:
+            self._cut, self.stopped = hit, True
+            piece = self._full[self._sent:self._cut] if self._cut > self._sent else ""
+            self._sent = max(self._sent, self._cut)
+            return piece, True
+        end = len(self._full) if final else len(self._full) - self._stops.held()
         piece = self._full[self._sent:end] if end > self._sent else ""
         self._sent = max(self._sent, end)
         return piece, False
 
 
-def _held(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+class _StopMatcher:
+    """Stop strings over a growing text, one character at a time (Knuth-Morris-Pratt): for each
+    stop string, the length of its longest beginning that ends the text so far. Each character
+    costs amortised O(1) per stop string, however long the text and the stop strings."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+
+    def feed(self, text: str, offset: int) -> int | None:
+        """Advance over ``text`` (its first character at index ``offset`` of the whole text);
+        the start of the earliest stop string that ends in it, or None."""
+        best = None
+        for k, s in enumerate(self.stops):
+            q, fail, n = self.state[k], self.fail[k], len(s)
+            for i, c in enumerate(text):
+                while q and s[q] != c:
+                    q = fail[q - 1]
+                if s[q] == c:
+                    q += 1
+                    if q == n:
+                        start = offset + i - n + 1
+                        best = start if best is None else min(best, start)
+                        break
+            self.state[k] = q
+        return best
+
+    def held(self) -> int:
+        """The longest end of the text that is a proper beginning of a stop string."""
+        return max(self.state, default=0)
+
+
+def _failure(s: str) -> list[int]:
+    """KMP's failure function: f[i] = the longest proper border of s[:i + 1]."""
+    f, q = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while q and s[i] != s[q]:
+            q = f[q - 1]
+        if s[i] == s[q]:
+            q += 1
+        f[i] = q
+    return f
