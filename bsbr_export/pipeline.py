@@ -177,7 +177,9 @@ def check_memory(cfg, max_len: int, engine: str = "onnx", log=print, what: str =
 @contextlib.contextmanager
 def output_lock(out: Path):
     """Hold ``.OUT.lock`` beside ``out`` for the whole run; a second writer fails at once, naming
-    the first (its pid)."""
+    the first (its pid). The lock file is never removed (its pid is cleared on release): a writer
+    that opened it before a release then locks the same file as one that opens it after, so two
+    writers can never both hold the lock."""
     import fcntl
 
     path = out.parent / f".{out.name}.lock"
@@ -193,7 +195,7 @@ def output_lock(out: Path):
         try:
             yield path
         finally:
-            path.unlink(missing_ok=True)
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 

@@ -157,7 +157,7 @@ def test_leftover_partial_removed_and_modes_uniform(tiny_hf_dir, work):
     assert res.exit_code == 0, res.output
     assert not left.exists() and other.exists()
     assert f"removed {left}" in res.output
-    assert sorted(p.name for p in work.iterdir()) == [".other.partial.keep", "o"]
+    assert sorted(p.name for p in work.iterdir()) == [".o.lock", ".other.partial.keep", "o"]  # the lock file stays
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert any(k.endswith(".onnx.data") for k in modes)
     bad = {k: oct(m) for k, m in modes.items() if m != (0o755 if (out / k).is_dir() else 0o644)}
@@ -197,3 +197,52 @@ def test_bench_quick_writes_under_cwd_and_says_targets_not_judged(tmp_path, monk
     assert after == before
     assert "targets not judged" in res.output
     assert not any(ln.strip().startswith("miss") for ln in res.output.splitlines())
+
+
+def test_output_lock_three_writers_never_both_hold(work, monkeypatch):
+    """Writer A holds the lock; B has opened the lock file and locks it just after A releases;
+    C starts after A's release. B and C must not both hold it (a lock file removed on release
+    let B lock the old file and C a new one)."""
+    import fcntl
+    import threading
+
+    from bsbr_export.errors import ConfigError
+    from bsbr_export.pipeline import output_lock
+
+    out = work / "o"
+    real, opened, released = fcntl.flock, threading.Event(), threading.Event()
+
+    def flock(fd, op):  # B: the file is open; its lock call waits until A has released
+        if threading.current_thread().name == "B" and op & fcntl.LOCK_EX:
+            opened.set()
+            assert released.wait(30)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    holders, refused = [], []
+
+    def writer_b():
+        try:
+            with output_lock(out):
+                holders.append("B")
+        except ConfigError as e:
+            refused.append(str(e))
+
+    with output_lock(out) as path:
+        inode = path.stat().st_ino
+        b = threading.Thread(target=writer_b, name="B")
+        b.start()
+        assert opened.wait(30)
+    c = output_lock(out)
+    c.__enter__()  # C, after A's release
+    try:
+        released.set()
+        b.join(30)
+        assert not b.is_alive()
+        assert holders == [] and len(refused) == 1, (holders, refused)
+        assert f"pid {os.getpid()}" in refused[0]  # B names the holder (C, this process)
+        assert path.stat().st_ino == inode  # one lock file all along
+    finally:
+        c.__exit__(None, None, None)
+    with output_lock(out):  # free again
+        pass
