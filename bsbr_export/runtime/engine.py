@@ -434,16 +434,18 @@ class Engine:
         if st._io is None:
             sp = self.spec
             st._feeds = {"input_ids": np.zeros((st.batch, 1), np.int64), "position": np.zeros(st.batch, np.int64)}
+            # every output to scratch rows, xa too: ``decode`` writes the active rows' into the state
             st._rows = {n: [np.zeros(sp.layer_shape(n, st.batch), np.float32) for _ in range(sp.layer)]
-                        for n in (S.ROW_K, S.ROW_V)}
+                        for n in S.DECODE_OUT}
             st._io = self.sessions["decode"].io_binding()
             self._bind(st._io, st._feeds | self._layers(S.DECODE_IN, st.buf.__getitem__),
-                       self._layers(S.DECODE_OUT, lambda n: st.buf[n] if n == S.XA else st._rows[n], out=True))
+                       self._layers(S.DECODE_OUT, st._rows.__getitem__, out=True))
         return st._io
 
     def decode(self, st: State, tokens, active=None) -> np.ndarray:
         """One token per row -> logits (batch, V). Rows outside ``active`` (a bool mask; all rows
-        by default) keep their state, bytes and position whatever token they are fed."""
+        by default) keep their state, every byte of it (xa included), and position, whatever
+        token and position they are fed (with chunk 1 every position closes a chunk)."""
         tokens = self._check_ids(tokens, "tokens")
         if tokens.shape != (st.batch,):
             raise InputError(f"tokens must be one per row, shape ({st.batch},), got {tokens.shape}")
@@ -455,11 +457,13 @@ class Engine:
         logits = np.empty((st.batch, self.vocab_size), dtype=np.float32)
         io.bind_ortvalue_output("logits", self._value(logits))
         self.sessions["decode"].run_with_iobinding(io)
-        # The token's k/v into its slot, for the active rows only.
+        # The token's k/v into its slot and its xa, for the active rows only.
         act = np.flatnonzero(active)
         pos = st.positions[act]
         slot = self.spec.window - self.chunk + pos % self.chunk
         write_rows([*st.buf[S.K], *st.buf[S.V]], [*st._rows[S.ROW_K], *st._rows[S.ROW_V]], act, slot)
+        for b, x in zip(st.buf[S.XA], st._rows[S.XA]):
+            b[act] = x[act]
         for r in act[pos % self.chunk == self.chunk - 1]:
             self._close_row(st, int(r))
         st.positions[act] += 1
