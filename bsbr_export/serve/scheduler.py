@@ -26,6 +26,9 @@ An admitted request starts from the longest state in the prefix cache its prompt
 (``runtime.prefix``). ``n`` completions of one prompt: the leader is prefilled, then its state is
 copied into its followers' rows (admitted with it); each samples with its own generator.
 
+Failures (``serve.failures``): a failed engine call ends only the requests of the rows it touched
+(a generic error); the loop outlives any step; if its thread ends, ``submit`` refuses (503).
+
 So a long prompt is fed in pieces between decode steps: running streams wait at most one piece
 per token. A finished row (stop token, stop string, ``max_tokens``) is freed in the same
 iteration. Each request samples with its own options and its own ``numpy`` generator
@@ -42,44 +45,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
 from ..runtime import prefix
 from ..runtime.sampling import SamplingOptions, choose_rows
+from .failures import ENGINE_ERROR, FailureHandling, log  # noqa: F401 (ENGINE_ERROR: the clients' message)
 from .penalties import apply_penalties
+from .state_memory import _check_budget, check_state_memory, default_bank_memory, held_tokens  # noqa: F401
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
 IDLE_PREFILL_CHUNK = 2048  # the same while no row is decoding (no stream to stall; longer pieces run faster)
-
-
-def default_bank_memory() -> int:
-    """The state memory a server takes beside its rows' buffers when none is given: half the
-    memory available now (after the weights are mapped), at least 256 MiB."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        avail = 8 * 2**30
-    return max(256 * 2**20, avail // 2)
-
-
-def _check_budget(state_memory, fixed: int, max_batch: int) -> None:
-    if isinstance(state_memory, bool) or not isinstance(state_memory, int) or state_memory <= fixed:
-        raise InputError(f"state memory must be more than the {fixed / 2**20:.1f} MiB that {max_batch} rows' "
-                         f"buffers take; got {state_memory!r} bytes (lower --max-batch or raise --state-memory)")
-
-
-def check_state_memory(export_dir, max_batch: int, state_memory: int | None) -> None:
-    """Refuse, before anything loads, a state memory that cannot hold ``max_batch`` rows' buffers."""
-    if state_memory is None:
-        return
-    from ..runtime.engine import _Spec, read_metadata, row_bytes
-
-    spec = _Spec(read_metadata(Path(export_dir) / "extend.onnx")["config"])
-    _check_budget(state_memory, max_batch * row_bytes(spec, 0, 1), max_batch)
 
 
 class QueueFull(Exception):
@@ -154,7 +131,7 @@ class GenRequest:
         self.cancelled = True
 
 
-class Scheduler:
+class Scheduler(FailureHandling):
     """Continuous batching of ``GenRequest`` over an ``Engine`` (see the module docstring).
 
     engine: a ``runtime.engine.Engine``; tokenizer: a ``runtime.text.Tokenizer``; metrics: an
@@ -192,15 +169,15 @@ class Scheduler:
         """Queue requests (all or none): ``QueueFull`` past ``max_queue`` waiting requests,
         ``ShuttingDown`` once ``stop`` has begun; ``InputError`` for a request that cannot fit."""
         for r in reqs:
-            if len(r.ids) + r.max_tokens > self.max_len:
-                raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} exceeds the export's "
-                                 f"maximum of {self.max_len} tokens")
             if len(r.ids) == 0 or r.max_tokens < 1:
                 raise InputError("a scheduled request needs >= 1 prompt token and max_tokens >= 1")
+            if held_tokens(r) > self.max_len:  # its last token is never fed: it takes no room
+                raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} exceeds the export's "
+                                 f"maximum of {self.max_len} tokens (+ 1: the last token is not fed)")
             if r.forks + 1 > self.max_batch:
                 raise InputError(f"{r.forks + 1} completions of one prompt exceed the server's --max-batch "
                                  f"{self.max_batch}")
-            need = self.engine.bank_bytes(len(r.ids) + r.max_tokens)
+            need = self.engine.bank_bytes(held_tokens(r))
             if need > self.bank_budget:
                 raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} needs {need / 2**20:.1f} MiB "
                                  f"of state, over the server's state memory for one request "
@@ -208,6 +185,8 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
+            if not self._thread.is_alive():
+                raise ShuttingDown("the server's scheduler is not running")
             if len(self._waiting) + len(reqs) > self.max_queue + self.free_rows_locked():
                 if self.metrics:
                     self.metrics.rejected(len(reqs))
@@ -261,21 +240,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop thread
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self._waiting and all(r is None for r in self._rows):
-                    self._cv.wait()
-                if self._stop:
-                    self._drop_all()
-                    return
-                self._admit()
-            try:
-                self._prefill()
-                self._decode()
-            except Exception as e:  # an engine failure ends the rows it touched, not the server
-                self._fail_rows(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-            if self.metrics:
-                self.metrics.sample(self)
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._waiting and all(r is None for r in self._rows):
+                        self._cv.wait()
+                    if self._stop:
+                        self._drop_all()
+                        return
+                    self._guarded(self._admit)
+                self._guarded(self._prefill)
+                self._guarded(self._decode)
+                if self.metrics:
+                    self._guarded(self.metrics.sample, self)
+        except BaseException:  # the loop cannot go on: end what it holds and refuse new requests
+            log.critical("the scheduler loop stopped", exc_info=True)
+            self._died()
 
     def _admit(self) -> None:
         """Free the rows of cancelled requests and fill free rows from the queue (lock held)."""
@@ -291,7 +271,7 @@ class Scheduler:
         while free and self._waiting:
             head = self._waiting[0]
             group = [self._waiting[k] for k in range(min(1 + head.forks, len(self._waiting)))]
-            need = [self.engine.bank_bytes(len(r.ids) + r.max_tokens) for r in group]
+            need = [self.engine.bank_bytes(held_tokens(r)) for r in group]
             if len(free) < len(group) or self.reserved + sum(need) > self.bank_budget:
                 break  # waits until running requests end and free their rows and banks
             for r, nb in zip(group, need):
@@ -307,25 +287,36 @@ class Scheduler:
                 f.leader = head
                 head.followers.append(f)
         if fresh:
-            self.engine.reset_rows(self.state, fresh)
-            for row in fresh:
-                r = self._rows[row]
-                self.engine.reserve(self.state, row, len(r.ids) + r.max_tokens)
-                if r.leader is None and self.cache.enabled:
-                    snap = self.cache.lookup(r.ids)
-                    if snap is not None:
-                        prefix.restore(self.engine, self.state, row, snap)
-                        r.fed = r.cached = snap.position
-                        if snap.position == len(r.ids):
-                            r.ready = snap.logits
+            try:
+                self._start_rows(fresh)
+            except Exception:
+                self._fail_rows([self._rows[row] for row in fresh])
+
+    def _start_rows(self, fresh: list[int]) -> None:
+        """Reset the admitted rows, reserve their banks and restore their cached prefixes."""
+        self.engine.reset_rows(self.state, fresh)
+        for row in fresh:
+            r = self._rows[row]
+            self.engine.reserve(self.state, row, held_tokens(r))
+            if r.leader is None and self.cache.enabled:
+                snap = self.cache.lookup(r.ids)
+                if snap is not None:
+                    prefix.restore(self.engine, self.state, row, snap)
+                    r.fed = r.cached = snap.position
+                    if snap.position == len(r.ids):
+                        r.ready = snap.logits
 
     def _prefill(self) -> None:
         ready = [r for r in self._rows if r is not None and r.ready is not None]
         if ready:  # the whole prompt was cached: the first token needs no model call
-            logits = np.stack([r.ready for r in ready])
-            for r in ready:
-                r.ready = None
-            self._prompt_done(ready, logits)
+            touched = _with_followers(ready)
+            try:
+                logits = np.stack([r.ready for r in ready])
+                for r in ready:
+                    r.ready = None
+                self._prompt_done(ready, logits)
+            except Exception:
+                self._fail_rows(touched)
         decoding = any(r is not None and r.pending >= 0 for r in self._rows)
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, IDLE_PREFILL_CHUNK)
         rows, pieces, reqs = [], [], []
@@ -342,23 +333,27 @@ class Scheduler:
             budget -= end - r.fed
         if not rows:
             return
-        t0 = time.perf_counter()
-        logits = self.engine.extend(self.state, rows, pieces)
-        self.steps["prefill"] += 1
-        self.prompt_tokens_computed += sum(len(p) for p in pieces)
-        if self.metrics:
-            self.metrics.step("prefill", time.perf_counter() - t0, sum(len(p) for p in pieces))
-        done = []
-        for j, (r, p) in enumerate(zip(reqs, pieces)):
-            r.fed += len(p)
-            n = len(r.ids)
-            if snapping and r.fed in prefix.snapshot_points(n, L, self.cache.interval):
-                r.snaps.append(prefix.capture(self.engine, self.state, r.row, r.ids[:r.fed],
-                                              logits[j] if r.fed == n else None))
-            if r.fed == n:
-                done.append(j)
-        if done:
-            self._prompt_done([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
+        touched = _with_followers(reqs)
+        try:
+            t0 = time.perf_counter()
+            logits = self.engine.extend(self.state, rows, pieces)
+            self.steps["prefill"] += 1
+            self.prompt_tokens_computed += sum(len(p) for p in pieces)
+            if self.metrics:
+                self.metrics.step("prefill", time.perf_counter() - t0, sum(len(p) for p in pieces))
+            done = []
+            for j, (r, p) in enumerate(zip(reqs, pieces)):
+                r.fed += len(p)
+                n = len(r.ids)
+                if snapping and r.fed in prefix.snapshot_points(n, L, self.cache.interval):
+                    r.snaps.append(prefix.capture(self.engine, self.state, r.row, r.ids[:r.fed],
+                                                  logits[j] if r.fed == n else None))
+                if r.fed == n:
+                    done.append(j)
+            if done:
+                self._prompt_done([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
+        except Exception:  # ends the rows this piece touched (and followers waiting on them), not the others
+            self._fail_rows(touched)
 
     def _prompt_done(self, reqs: list[GenRequest], logits: np.ndarray) -> None:
         """The prompts of ``reqs`` are in: commit their snapshots, hand each leader's state to its
@@ -371,7 +366,7 @@ class Scheduler:
             if live:
                 self.engine.copy_rows(self.state, r.row, [f.row for f in live])
             for f in live:
-                self.engine.reserve(self.state, f.row, len(f.ids) + f.max_tokens)
+                self.engine.reserve(self.state, f.row, held_tokens(f))
                 f.leader, f.fed, f.cached = None, len(f.ids), len(f.ids)
             pairs += [(r, j)] + [(f, j) for f in live]
             r.followers, r.snaps = [], []
@@ -386,15 +381,18 @@ class Scheduler:
         active = np.zeros(self.max_batch, bool)
         for r in reqs:
             tokens[r.row], active[r.row] = r.pending, True
-        t0 = time.perf_counter()
-        logits = self.engine.decode(self.state, tokens, active)
-        self.steps["decode"] += 1
-        if self.metrics:
-            self.metrics.step("decode", time.perf_counter() - t0, len(reqs))
-        for r in reqs:
-            r.pending = -1
-        rows = [r.row for r in reqs]
-        self._sample(reqs, logits if rows == list(range(len(logits))) else logits[rows])
+        try:
+            t0 = time.perf_counter()
+            logits = self.engine.decode(self.state, tokens, active)
+            self.steps["decode"] += 1
+            if self.metrics:
+                self.metrics.step("decode", time.perf_counter() - t0, len(reqs))
+            for r in reqs:
+                r.pending = -1
+            rows = [r.row for r in reqs]
+            self._sample(reqs, logits if rows == list(range(len(logits))) else logits[rows])
+        except Exception:  # ends the rows this step touched (the decoding ones), not those mid-prefill
+            self._fail_rows(reqs)
 
     def _sample(self, reqs: list[GenRequest], logits: np.ndarray) -> None:
         """Choose the next token of each request of ``reqs`` from its row of ``logits``
@@ -466,24 +464,22 @@ class Scheduler:
         r.followers, r.snaps = [], []
         if r.row >= 0 and self._rows[r.row] is r and reason in ("stop", "length") and self.cache.budget > 0:
             tokens = np.concatenate([r.ids, np.asarray(r.tokens[:-1], np.int64)])
-            if int(self.state.positions[r.row]) == tokens.size:
-                self.cache.commit(self.state, r.row, [prefix.capture(self.engine, self.state, r.row, tokens)])
+            try:
+                if int(self.state.positions[r.row]) == tokens.size:
+                    self.cache.commit(self.state, r.row, [prefix.capture(self.engine, self.state, r.row, tokens)])
+            except Exception:
+                log.exception("caching the state of row %d failed", r.row)
         if r.row >= 0 and self._rows[r.row] is r:
             self._rows[r.row] = None
-            self.engine.reset_rows(self.state, [r.row])  # frees its bank
             self.reserved -= r.reserved
+            try:
+                self.engine.reset_rows(self.state, [r.row])  # frees its bank (admission resets it again)
+            except Exception:
+                log.exception("freeing row %d failed", r.row)
         r.pending, r.finish_reason = -1, reason
         if self.metrics:
             self.metrics.finished(reason)
         self._emit(r, Event(finish_reason=reason, error=error))
-
-    def _fail_rows(self, message: str) -> None:
-        with self._cv:
-            failed = [r for r in self._rows if r is not None]
-            for r in failed:
-                self._finish(r, "error", message)
-        if failed:
-            self.engine.reset_rows(self.state, [r.row for r in failed])
 
     def _drop_all(self) -> None:
         for r in [*self._waiting, *(r for r in self._rows if r is not None)]:
@@ -496,3 +492,8 @@ class Scheduler:
             r.sink(ev)
         except Exception:  # a sink whose consumer is gone (closed event loop): the request is over
             r.cancelled = True
+
+
+def _with_followers(reqs: list[GenRequest]) -> list[GenRequest]:
+    """``reqs`` and the followers that wait for their prompts (their rows take the leaders' state)."""
+    return [*reqs, *(f for r in reqs for f in r.followers if f.leader is r)]
