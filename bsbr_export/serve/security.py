@@ -71,12 +71,19 @@ def check_exposure(host: str, keys, insecure: bool) -> None:
                          f"${ENV_KEY}, or --insecure to serve without one")
 
 
-def key_ok(header: str | None, keys) -> bool:
-    """``Authorization: Bearer KEY`` against every key, each compared in constant time."""
-    scheme, _, given = (header or "").partition(" ")
-    if scheme.lower() != "bearer":
-        given = ""
-    given_b = given.strip().encode("utf-8", "surrogateescape")
+def key_ok(header: str | bytes | None, keys) -> bool:
+    """``Authorization: Bearer KEY`` against every key, each compared in constant time, as bytes:
+    the header's bytes as they came (a str header is the ASGI server's latin-1 decoding of them)
+    against each key's UTF-8 bytes, so a non-ASCII key sent as UTF-8 matches."""
+    if isinstance(header, str):
+        try:
+            header = header.encode("latin-1")
+        except UnicodeEncodeError:  # not a header as an ASGI server decodes it: its text as UTF-8
+            header = header.encode("utf-8", "surrogateescape")
+    scheme, _, given = (header or b"").partition(b" ")
+    if scheme.lower() != b"bearer":
+        given = b""
+    given_b = given.strip()
     ok = False
     for k in keys:  # no early exit: the time does not tell which key matched
         ok |= hmac.compare_digest(given_b, k.encode("utf-8", "surrogateescape"))
