@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +48,9 @@ REQUEST_TIMEOUT_S = 900.0  # a queued stream gets no byte until it has a row
 # --------------------------------------------------------------------------- one server process
 
 class ServerProcess:
-    """``bsbr-export serve`` in a child process on 127.0.0.1 (an ephemeral port)."""
+    """``bsbr-export serve`` in a child process on 127.0.0.1 (an ephemeral port). Its log
+    (stderr) is read all along by a thread, which keeps the last lines (``log``): an unread pipe
+    fills (64 KiB) and then blocks the server on its next log line."""
 
     def __init__(self, export_dir, max_batch: int, threads: int, prefill_chunk: int = 256, max_queue: int = 512,
                  prefix_cache: str = "0"):
@@ -58,18 +62,29 @@ class ServerProcess:
                "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
                "--prefill-chunk", str(prefill_chunk), "--model-name", MODEL, "--drain", "5",
                "--prefix-cache", prefix_cache]  # off unless asked: the batching figures compute every prompt
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     errors="replace")
+        self.log: collections.deque[str] = collections.deque(maxlen=200)
+        self._reader = threading.Thread(target=self._drain, name="bench-server-log", daemon=True)
+        self._reader.start()
         import httpx
 
         end = time.monotonic() + 120
         while True:
             if self.proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"server did not start: {self.proc.stderr.read()[-2000:] if self.proc.stderr else ''}")
+                if self.proc.poll() is None:
+                    self.stop()
+                self._reader.join(5)
+                raise RuntimeError(f"server did not start: {''.join(self.log)[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.1)
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
 
     def peak_rss(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -158,6 +173,10 @@ async def long_prompt_gap(url: str, prompts, long_ids, streams: int) -> dict:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    if not long["times"]:  # the long request failed (refused, or its stream ended without a token)
+        return {"streams": streams, "long_prompt_tokens": len(long_ids), "long_ttft_s": None, "max_gap_ms": None,
+                "tokens_during_prefill": None, "median_gap_before_ms": None,
+                "error": f"the long request failed (HTTP {long['status']}, no token)"}
     t_send, t_first = long["t0"], long["times"][0]
     gaps, before = [], []
     for rec in records:  # every gap between two tokens of a running stream that overlaps the prefill
@@ -322,8 +341,8 @@ def main(argv=None) -> dict:
             finally:
                 srv.stop()
             result["long_prompt"].append(row)
-            print(f"[bench-serve] long prompt, prefill chunk {chunk}: max gap {row['max_gap_ms']:.0f} ms, "
-                  f"TTFT {row['long_ttft_s']:.1f} s", flush=True)
+            print(f"[bench-serve] long prompt, prefill chunk {chunk}: " + (row.get("error") or
+                  f"max gap {row['max_gap_ms']:.0f} ms, TTFT {row['long_ttft_s']:.1f} s"), flush=True)
     for d in dict.fromkeys((export_dir, long_dir)):
         result["engine_costs"] += [dict(r, export=str(d)) for r in engine_costs(d, a.threads)]
     result["seconds"] = time.monotonic() - t_all
@@ -374,7 +393,8 @@ def write_report(result: dict, out: Path) -> None:
                markdown_table(["prefill chunk", "long prompt TTFT s", "longest gap of running streams ms",
                                "tokens of running streams meanwhile", "median gap before ms"],
                               [[r["prefill_chunk"], f(r["long_ttft_s"], 2), f(r["max_gap_ms"], 0),
-                                r["tokens_during_prefill"], f(r["median_gap_before_ms"])]
+                                "-" if r["tokens_during_prefill"] is None else r["tokens_during_prefill"],
+                                f(r["median_gap_before_ms"])]
                                for r in result["long_prompt"]])]
     if result.get("engine_costs"):
         md += ["What the engine spends per scheduler step, by rows in the batch (this process, same threads): a "
