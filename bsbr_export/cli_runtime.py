@@ -136,6 +136,8 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
               show_default=True, help="Seconds a request body may take to arrive (slow clients get 408).")
 @click.option("--header-timeout", "header_timeout_s", type=click.FloatRange(min=0, min_open=True), default=10.0,
               show_default=True, help="Seconds a request's headers may take to arrive; the connection is then closed.")
+@click.option("--send-timeout", "send_timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds a streaming client may read nothing; it is then dropped (row freed).")
 @click.option("--log-content", is_flag=True, help="Log prompt and completion text (off: counts only).")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
@@ -152,8 +154,8 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
                    "rest; least recently used states go first. 0 turns it off.")
 def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefill_chunk, model_name, drain_s,
           providers, api_keys, api_key_file, insecure, max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts,
-          max_tokens_in_flight, request_timeout_s, receive_timeout_s, header_timeout_s, log_content, ssl_certfile,
-          ssl_keyfile, state_memory, prepack, prefix_cache):
+          max_tokens_in_flight, request_timeout_s, receive_timeout_s, header_timeout_s, send_timeout_s, log_content,
+          ssl_certfile, ssl_keyfile, state_memory, prepack, prefix_cache):
     """OpenAI-compatible completions server over an export, with continuous batching.
 
     \b
@@ -179,7 +181,7 @@ def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefi
                              max_prompt_tokens=max_prompt_tokens, max_tokens_cap=max_tokens_cap,
                              max_prompts=max_prompts, max_tokens_in_flight=max_tokens_in_flight,
                              request_timeout_s=request_timeout_s, receive_timeout_s=receive_timeout_s,
-                             header_timeout_s=header_timeout_s, log_content=log_content,
+                             header_timeout_s=header_timeout_s, send_timeout_s=send_timeout_s, log_content=log_content,
                              state_memory=None if state_memory is None else parse_size(state_memory, "--state-memory"),
                              prepack={"all": True, "none": False}.get(prepack, "decode"),
                              prefix_cache=parse_size(prefix_cache, "--prefix-cache", zero=True))

@@ -260,8 +260,8 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": "x", "max_tokens": MAX_LEN}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": [1] * (MAX_LEN - 4), "max_tokens": 5}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": MAX_LEN + 1}, 400, "max_tokens"),  # the last token is not fed
+    ({"model": MODEL, "prompt": [1] * (MAX_LEN - 3), "max_tokens": 5}, 400, "max_tokens"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
 ]
 

@@ -218,12 +218,14 @@ def test_text_prompt_token_limit(limited):
 
 
 def test_tokens_in_flight_at_and_past(limited):
-    # 3 prompts x (12 + 8) = 60 = the limit; 3 x (13 + 8) = 63 is past it
+    # 3 prompts x (12 + 8) = 60 = the limit; 3 x (13 + 8) = 63 is past it: it could never fit,
+    # so 400 (no Retry-After: a retry would never succeed); 429 is for requests that fit alone
+    # (test_tokens_in_flight_counts_running_requests)
     r = limited.post(body_of(prompt=[[1] * 12] * 3, max_tokens=8))
     assert r.status_code == 200, r.text
-    e = err(limited.post(body_of(prompt=[[1] * 13] * 3, max_tokens=8)), 429, "tokens_in_flight",
-            "max_tokens_in_flight")
-    assert e["type"] == "rate_limit_error"
+    r = limited.post(body_of(prompt=[[1] * 13] * 3, max_tokens=8))
+    e = err(r, 400, "tokens_in_flight_exceeded", "max_tokens")
+    assert "--max-tokens-in-flight 60" in e["message"] and "Retry-After" not in r.headers
     wait_idle(limited)
 
 

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BSBRExportError, InputError
 from ..runtime.sampling import SamplingOptions
 from . import fanout
+from .flow import OVERFLOW_MESSAGE, BoundedStreamingResponse, RequestFlow
+from .metrics import HTTPMetrics
 from .protocol import APIError, CompletionRequest, error_body, parse_completion
 from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
 from .security import LOG_KEY, Guard, check_exposure, header_timeout_protocol
@@ -67,16 +69,20 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     receive_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
+    send_timeout_s: float = 30.0  # a streaming client that reads nothing for this long is dropped
+    stream_buffer: int = 1024  # token events per prompt waiting for the response; past it, dropped
     log_content: bool = False
 
     def __post_init__(self):
         self.api_keys = tuple(self.api_keys or ())
-        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight"):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight",
+                     "stream_buffer"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in (n for n in ("request_timeout_s", "receive_timeout_s", "header_timeout_s") if not getattr(self, n) > 0):
-            raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("request_timeout_s", "receive_timeout_s", "header_timeout_s", "send_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:  # keys never reach a log through the config
         return f"ServeConfig({self.export_dir!r}, api_keys=<{len(self.api_keys)} keys>, ...)"
@@ -148,6 +154,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="bsbr-export serve", lifespan=lifespan)
     app.state.config = config
     app.add_middleware(Guard, config=config)
+    app.add_middleware(HTTPMetrics)  # outermost: counts the Guard's answers too
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -192,9 +199,6 @@ def create_app(config: ServeConfig) -> FastAPI:
 
 
 def _error_response(request, e: APIError) -> JSONResponse:
-    srv = getattr(request.app.state, "server", None)
-    if srv is not None:
-        srv.metrics.http.labels(str(e.status)).inc()
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
@@ -234,8 +238,8 @@ def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRe
     if max_tokens > srv.config.max_tokens_cap:
         raise APIError(400, f"max_tokens {max_tokens} is over --max-tokens-cap {srv.config.max_tokens_cap}",
                        param="max_tokens", code="max_tokens_too_large")
-    for i, ids in enumerate(prompts):
-        if ids.size + max_tokens > srv.max_len:
+    for i, ids in enumerate(prompts):  # the last token is never fed: it takes no room
+        if ids.size > srv.max_len or ids.size + max_tokens > srv.max_len + 1:
             raise APIError(400, f"This model's maximum context length is {srv.max_len} tokens; prompt "
                            f"{i} has {ids.size} tokens and max_tokens is {max_tokens} ({ids.size + max_tokens} in "
                            f"all). Reduce the prompt or max_tokens.", param="max_tokens",
@@ -302,40 +306,35 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
     if body.model != srv.name:
         raise APIError(404, f"The model '{body.model}' does not exist (this server holds '{srv.name}')",
                        param="model", code="model_not_found")
-    prompts = _prompts(srv, body)
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    prompts = await loop.run_in_executor(None, _prompts, srv, body)  # a long text does not stall other streams
+    k = fanout.per_prompt(body)  # completions drawn per prompt
+    events = RequestFlow(srv, len(prompts) * k, srv.config.stream_buffer)
     deadline = loop.time() + srv.config.request_timeout_s
     info = request.scope.get(LOG_KEY, {})
     info["prompt_tokens"], info["completion_tokens"] = sum(int(p.size) for p in prompts), 0
     if srv.config.log_content:
         info["prompt"] = body.prompt
-    k = fanout.per_prompt(body)  # completions drawn per prompt
-    held = [0] * (len(prompts) * k)  # tokens of --max-tokens-in-flight each request holds until its last event
-
-    def sink(i, ev):  # called on the scheduler's thread
-        if ev.finish_reason is not None and held[i]:
-            srv.release(held[i])
-            held[i] = 0
-        loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-
-    reqs = fanout.expand(_requests(srv, body, prompts, sink), k, sink)
-    choices = [_Choice(srv, body, i * k + j, p) for i, p in enumerate(prompts) for j in range(k)]
+    events.reqs = reqs = fanout.expand(_requests(srv, body, prompts, events.put), k, events.put)
+    choices = await loop.run_in_executor(None, lambda: [_Choice(srv, body, i * k + j, p) for i, p in enumerate(prompts) for j in range(k)])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": srv.name}
     if reqs[0].max_tokens > 0:
         need = [int(r.ids.size) + r.max_tokens for r in reqs]
+        if sum(need) > srv.config.max_tokens_in_flight:  # could never fit: a retry would not help
+            raise APIError(400, f"this request's {sum(need)} tokens (prompt + max_tokens) exceed --max-tokens-in-flight "
+                           f"{srv.config.max_tokens_in_flight}", param="max_tokens", code="tokens_in_flight_exceeded")
         if not srv.reserve(sum(need)):
             raise APIError(429, f"the server is busy: this request's {sum(need)} tokens (prompt + max_tokens) do not "
                            f"fit in --max-tokens-in-flight {srv.config.max_tokens_in_flight} "
                            f"({srv.in_flight} in flight); retry after {RETRY_AFTER_S} s", type="rate_limit_error",
                            param="max_tokens_in_flight", code="tokens_in_flight",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        held[:] = need
+        events.hold(need)
         try:
             srv.scheduler.submit(*reqs)
         except BaseException as e:
-            srv.release(sum(held))
-            held[:] = [0] * len(held)
+            events.release()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy: {e}; retry after {RETRY_AFTER_S} s",
                                type="rate_limit_error", code="queue_full",
@@ -351,8 +350,9 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
     watcher = asyncio.create_task(_watch_disconnect(request, srv, reqs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage, deadline, info),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return BoundedStreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage, deadline,
+                                                info), srv.config.send_timeout_s, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache"})
     timed_out = False
     try:
         left = sum(ch.finish_reason is None for ch in choices)
@@ -368,7 +368,7 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
                 choices[i].end(ev)
                 left -= 1
     finally:
-        _finish(srv, watcher, reqs, info, choices)
+        _finish(srv, watcher, reqs, info, choices, events)
     if timed_out:
         raise _timeout(srv)
     failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
@@ -380,7 +380,6 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
             raise APIError(500, failed.error or "internal error", type="server_error")
         raise APIError(503, "the request was cancelled (server shutting down)", type="server_error",
                        code="shutting_down")
-    srv.metrics.http.labels("200").inc()
     return {**head, "choices": [c.json() for c in fanout.best(choices, body.n or 1, k)], "usage": fanout.usage(choices, reqs, k)}
 
 
@@ -440,21 +439,22 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
             ch.end(ev)
             left -= 1
             if ev.finish_reason in ("error", "cancelled"):
-                yield _sse(error_body(ev.error or "the request was cancelled (server shutting down)", "server_error"))
+                yield _sse(error_body(OVERFLOW_MESSAGE if events.overflowed else ev.error
+                                      or "the request was cancelled (server shutting down)", "server_error"))
                 return
             yield chunk(i, "", None, ev.finish_reason)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": fanout.usage(choices, reqs, reqs[0].forks + 1)})
         yield b"data: [DONE]\n\n"
-        srv.metrics.http.labels("200").inc()
     finally:
-        _finish(srv, watcher, reqs, info, choices)
+        _finish(srv, watcher, reqs, info, choices, events)
 
 
-def _finish(srv, watcher, reqs, info, choices) -> None:
+def _finish(srv, watcher, reqs, info, choices, events) -> None:
     """After a response, whatever ended it: stop watching the client, cancel what still runs
-    (its rows go back to the scheduler), and log the request."""
+    (its rows go back to the scheduler), give its in-flight tokens back, and log the request."""
     watcher.cancel()
+    events.close()
     for r in reqs:
         if r.finish_reason is None:
             srv.scheduler.cancel(r)

@@ -7,6 +7,8 @@ from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..runtime.text import MAX_STOP_CHARS
+
 MAX_STOP = 4  # as OpenAI
 MAX_TOP_LOGPROBS = 5  # as OpenAI's completions endpoint
 
@@ -83,6 +85,10 @@ class CompletionRequest(_Strict):
             return APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":
             return APIError(400, "stop strings must be non-empty", param="stop")
+        longest = max(map(len, [self.stop] if isinstance(self.stop, str) else self.stop or []), default=0)
+        if longest > MAX_STOP_CHARS:
+            return APIError(400, f"a stop string has {longest} characters, over the limit of {MAX_STOP_CHARS}",
+                            param="stop", code="stop_too_long")
         return None
 
 

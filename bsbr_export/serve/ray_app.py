@@ -16,7 +16,7 @@ the head node; Ray places the replicas on the nodes. Each replica answers /v1/co
 Keys and limits as ``bsbr-export serve`` (the same app factory, the same ``security.Guard``):
 api_key=KEY (several separated by commas), api_key_file=FILE or $BSBR_API_KEY on the driver;
 max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts, max_tokens_in_flight,
-request_timeout_s, receive_timeout_s, log_content=1. Ray's proxy listens on 127.0.0.1 unless
+request_timeout_s, receive_timeout_s, send_timeout_s, stream_buffer, log_content=1. Ray's proxy listens on 127.0.0.1 unless
 told otherwise; give a key before exposing it.
 """
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 from .app import ServeConfig, create_app
 
 INT_ARGS = ("num_replicas", "max_batch", "max_queue", "threads", "prefill_chunk", "max_body_bytes",
-            "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight")
-FLOAT_ARGS = ("num_cpus", "drain_s", "request_timeout_s", "receive_timeout_s", "header_timeout_s")
+            "max_prompt_tokens", "max_tokens_cap", "max_prompts", "max_tokens_in_flight", "stream_buffer")
+FLOAT_ARGS = ("num_cpus", "drain_s", "request_timeout_s", "receive_timeout_s", "header_timeout_s", "send_timeout_s")
 
 
 def deployment(config: ServeConfig, num_replicas: int = 1, num_cpus: float | None = None):
