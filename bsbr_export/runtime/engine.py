@@ -434,7 +434,6 @@ class Engine:
         if st._io is None:
             sp = self.spec
             st._feeds = {"input_ids": np.zeros((st.batch, 1), np.int64), "position": np.zeros(st.batch, np.int64)}
-            # every output to scratch rows, xa too: ``decode`` writes the active rows' into the state
             st._rows = {n: [np.zeros(sp.layer_shape(n, st.batch), np.float32) for _ in range(sp.layer)]
                         for n in S.DECODE_OUT}
             st._io = self.sessions["decode"].io_binding()
@@ -444,8 +443,7 @@ class Engine:
 
     def decode(self, st: State, tokens, active=None) -> np.ndarray:
         """One token per row -> logits (batch, V). Rows outside ``active`` (a bool mask; all rows
-        by default) keep their state, every byte of it (xa included), and position, whatever
-        token and position they are fed (with chunk 1 every position closes a chunk)."""
+        by default) keep every byte of their state and their position, whatever they are fed."""
         tokens = self._check_ids(tokens, "tokens")
         if tokens.shape != (st.batch,):
             raise InputError(f"tokens must be one per row, shape ({st.batch},), got {tokens.shape}")
@@ -457,13 +455,11 @@ class Engine:
         logits = np.empty((st.batch, self.vocab_size), dtype=np.float32)
         io.bind_ortvalue_output("logits", self._value(logits))
         self.sessions["decode"].run_with_iobinding(io)
-        # The token's k/v into its slot and its xa, for the active rows only.
+        # The token's k/v into its slot, for the active rows only (xa stays in scratch: the close reads it).
         act = np.flatnonzero(active)
         pos = st.positions[act]
         slot = self.spec.window - self.chunk + pos % self.chunk
         write_rows([*st.buf[S.K], *st.buf[S.V]], [*st._rows[S.ROW_K], *st._rows[S.ROW_V]], act, slot)
-        for b, x in zip(st.buf[S.XA], st._rows[S.XA]):
-            b[act] = x[act]
         for r in act[pos % self.chunk == self.chunk - 1]:
             self._close_row(st, int(r))
         st.positions[act] += 1
@@ -477,7 +473,7 @@ class Engine:
         pos = st.positions[r]
         j = int(pos // L)
         bank = st.bank_room(r, j + 1)
-        view = lambda n: [b[r:r + 1] for b in st.buf[n]]  # noqa: E731  contiguous: no copy
+        view = lambda n: [b[r:r + 1] for b in (st._rows if n == S.XA else st.buf)[n]]  # noqa: E731  no copy
         new = {n: [np.empty(sp.layer_shape(n, 1, 1), np.float32) for _ in range(sp.layer)] for n in S.BANKED}
         ins = self._layers((S.K, S.V, S.XA), view) | self._layers(S.BANKED.values(), lambda n: list(bank[n]))
         outs = self._layers((S.S,), view, out=True) | self._layers(S.BANKED, new.__getitem__, out=True)
