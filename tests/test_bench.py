@@ -5,6 +5,7 @@ Every case must carry a median and a peak memory, or an explicit skip / parity-f
 
 import json
 import math
+from pathlib import Path
 
 from click.testing import CliRunner
 
