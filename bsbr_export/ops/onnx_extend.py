@@ -27,6 +27,12 @@ def gather_rows(g: Graph, x, idx, heads: bool = False, rank: int = 4):
     return g.op("Transpose", gather_rows(g, xt, idx), perm=perm)
 
 
+def _two_terms(g: Graph, w, bank, new, cap):
+    """w (..., cap + Cc) over the bank's chunks then the piece's: w[..., :cap] bank + w[..., cap:] new."""
+    return g.op("Add", g.op("MatMul", g.op("Slice", w, g.const([0]), cap, g.const([-1])), bank),
+                g.op("MatMul", g.op("Slice", w, cap, g.const([2 ** 62]), g.const([-1])), new))
+
+
 def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     """One layer of a prefill that continues each row's state (``extend.onnx``).
 
@@ -78,8 +84,11 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
                   g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
     flat = g.const([0, H, -1, dp * dc])
-    F_all = g.op("Concat", g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat), axis=2)
-    SZ = g.op("MatMul", retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), F_all)
+    bank_flat, new_flat = g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat)
+    # The bank and the piece's chunks as two terms of one softmax: the bank is read in place,
+    # never concatenated with the new chunks (its size grows with the context, not the piece).
+    SZ = _two_terms(g, retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), bank_flat, new_flat,
+                    g.dim(own[BANK_H], 2))
     SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
     SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
@@ -88,13 +97,14 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     for n, t_ in ((K, k), (V, v)):
         rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
         states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
-    bank_h = g.op("Where", ctx["new_slot_h"], gather_rows(g, h_new, ctx["slot_chunk"], heads=True), own[BANK_H])
-    bank_F = g.op("Where", ctx["new_slot_F"], gather_rows(g, F_new, ctx["slot_chunk"], heads=True, rank=5),
-                  own[BANK_F])
+    # S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
+    # piece closed before it, again as two terms (the bank read in place).
     r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
-    sc = g.op("Mul", g.op("MatMul", r_last, g.op("Transpose", bank_h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,cap)
-    S_next = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, ctx["banked"]), g.op("Reshape", bank_F, flat)),
-                  g.const([0, H, dp, dc]))
+    sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
+                          g.op("MatMul", r_last, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1),
+              scale)  # (B, H, 1, cap + Cc)
+    S_next = g.op("Reshape", _two_terms(g, retrieval_softmax(g, sc, ctx["next_from"]), bank_flat, new_flat,
+                                        g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
     states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
     if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
         h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
@@ -177,16 +187,16 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     else:
         ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), r), g.op("Sub", Tc, one))
         ctx["open_valid"] = heads4(g.op("Less", r, col(c_new)))  # (B, 1, L, 1)
-    ctx["slot_chunk"] = g.op("Min", g.op("Max", g.op("Sub", jcap, col(base)), g.const(0)),
-                             g.op("Sub", Cc, one))  # (B, cap): bank slot j <- combined chunk j - base
-    new_slot = g.op("And", g.op("GreaterOrEqual", jcap, col(m)), g.op("Less", jcap, col(m_new)))  # (B, cap)
-    ctx["new_slot_h"] = heads4(new_slot)
-    ctx["new_slot_F"] = g.op("Unsqueeze", new_slot, g.const([1, 3, 4]))
     closing = g.op("Sub", o_new, one) if not n else g.op("Add", g.op("Sub", o_new, one), s_b)
     ctx["closing_chunk"] = col(g.op("Max", closing, g.const(0)))  # (B, 1): the last closed chunk
     # The next chunk retrieves from the bank's chunks before its window: j < m_new - n.
-    ctx["banked"] = g.op("Unsqueeze", g.op("Less", jcap, col(g.op("Sub", m_new, g.const(n)) if n else m_new)),
-                         g.const([1, 2]))  # (B, 1, 1, cap)
+    # The next chunk retrieves from chunks j < m_new - n: the bank's (j < m) and the piece's
+    # (combined chunk i is the row's chunk base + i, closed inside the piece when >= m).
+    upto = col(g.op("Sub", m_new, g.const(n)) if n else m_new)  # (B, 1)
+    old_ok = g.op("And", g.op("Less", jcap, upto), g.op("Less", jcap, col(m)))  # (B, cap)
+    j_new = g.op("Add", g.op("Unsqueeze", jc, zero), col(base))  # (B, Cc): the combined chunks' indices
+    new_ok = g.op("And", g.op("GreaterOrEqual", j_new, col(m)), g.op("Less", j_new, upto))
+    ctx["next_from"] = g.op("Unsqueeze", g.op("Concat", old_ok, new_ok, axis=1), g.const([1, 2]))  # (B,1,1,cap+Cc)
     ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
     ctx["logit_row"] = col(g.op("Sub", lengths, g.const(1)))  # (B, 1): last new token
     ctx["src_last"] = g.op("Gather", ctx["src"], ctx["last"], axis=1)  # (B, Cc): each chunk's last token
