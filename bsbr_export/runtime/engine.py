@@ -363,15 +363,16 @@ class Engine:
         held = pos // L
         whole = B == st.batch and (rows == np.arange(st.batch)).all()
         # This piece's rows of the buffers (the buffers themselves when it is the whole batch) and
-        # their banks side by side, with room for the chunks they hold after the piece (the graph
-        # retrieves the next S from the bank with the piece's closed chunks written in).
+        # their banks, with room for the chunks they hold after the piece: one row's own bank, read
+        # in place, else the rows' banks side by side.
         take = (lambda a: a) if whole else (lambda a: np.ascontiguousarray(a[rows]))  # noqa: E731
         ins = self._layers((S.K, S.V, S.S), lambda n: [take(b) for b in st.buf[n]])
         cap = max(1, int(((pos + lengths) // L).max()))
-        banks = {n: np.zeros([sp.layer] + sp.layer_shape(n, B, cap), dtype=np.float32) for n in S.BANKED.values()}
-        for i, r in enumerate(rows):
-            for n in banks:
-                if held[i]:
+        banks = st.banks[rows[0]] if B == 1 else None
+        if banks is None or banks[S.BANK_H].shape[3] < cap:
+            banks = {n: np.zeros([sp.layer] + sp.layer_shape(n, B, cap), np.float32) for n in S.BANKED.values()}
+            for i, r in enumerate(rows):
+                for n in banks if held[i] else ():
                     banks[n][:, i, :, :held[i]] = st.banks[r][n][:, 0, :, :held[i]]
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
         kept = (S.K, S.V, S.S)
