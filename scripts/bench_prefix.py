@@ -41,9 +41,10 @@ TIMEOUT = 900.0
 
 
 def ask(url: str, prompt, new: int) -> dict:
-    """One streaming request: TTFT, the reply's text, the usage's cached tokens."""
+    """One streaming request: TTFT (its first token's event: ``logprobs`` 0 makes every token an
+    event, also one whose text is held back or empty), the reply's text, the cached tokens."""
     body = {"model": MODEL, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
     t0, ttft, text, usage = time.perf_counter(), None, "", {}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
         if r.status_code != 200:
@@ -53,7 +54,7 @@ def ask(url: str, prompt, new: int) -> dict:
                 continue
             ev = json.loads(line[6:])
             for ch in ev.get("choices", []):
-                if ch.get("text") and ttft is None:
+                if ttft is None and (ch.get("text") or ch.get("logprobs")):
                     ttft = time.perf_counter() - t0
                 text += ch.get("text") or ""
             usage = ev.get("usage") or usage
