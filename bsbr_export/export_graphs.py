@@ -208,8 +208,10 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     it holds (``position[b]`` tokens), for prompts of any lengths and prompts fed in pieces.
 
     inputs: input_ids int64 [batch, seq] (right padded), lengths int64 [batch] (new tokens per
-    row, 0 leaves a row as it is), position int64 [batch], the carried state at a fixed
-    capacity; outputs: logits [batch, vocab] of each row's last new token, the carried state.
+    row, 0 leaves a row as it is), position int64 [batch], logit_rows int64 [rows] (flat
+    indices b x seq + t of the positions whose logits are returned: each row's last new token
+    for generation, every position for prompt log-probabilities), the carried state at a fixed
+    capacity; outputs: logits [rows, vocab], the carried state.
     """
     from onnx import TensorProto, helper
 
@@ -230,14 +232,17 @@ def extend_graph(model, spec: ExportSpec, sink=None):
         x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-    g.output(_lm_head(g, W, cfg, ops_extend.gather_rows(g, x, ctx["logit_row"])), "logits")  # (B, V)
+    # Logits at the positions ``logit_rows`` asks for (flat indices into (B x T)): (rows, V).
+    picked = g.op("Gather", g.op("Reshape", x, g.const([-1, E])), state.LOGIT_ROWS, axis=0)
+    g.output(_lm_head(g, W, cfg, picked), "logits")
     _state_outputs(g, states)
     st = model.state_spec()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("lengths", TensorProto.INT64, ["batch"]),
-              helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"])]
+              helper.make_tensor_value_info("position", TensorProto.INT64, ["batch"]),
+              helper.make_tensor_value_info(state.LOGIT_ROWS, TensorProto.INT64, ["rows"])]
     inputs += _state_infos(st, state.CARRIED)
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
     return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True)
 
 

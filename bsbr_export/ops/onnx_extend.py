@@ -198,6 +198,5 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     new_ok = g.op("And", g.op("GreaterOrEqual", j_new, col(m)), g.op("Less", j_new, upto))
     ctx["next_from"] = g.op("Unsqueeze", g.op("Concat", old_ok, new_ok, axis=1), g.const([1, 2]))  # (B,1,1,cap+Cc)
     ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
-    ctx["logit_row"] = col(g.op("Sub", lengths, g.const(1)))  # (B, 1): last new token
     ctx["src_last"] = g.op("Gather", ctx["src"], ctx["last"], axis=1)  # (B, Cc): each chunk's last token
     return ctx

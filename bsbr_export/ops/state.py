@@ -66,6 +66,10 @@ CLOSE_IN, CLOSE_OUT = (K, V, XA, BANK_H, BANK_F), (S, NEW_H, NEW_F)
 # Prefill in pieces: reads the whole state, returns the open chunk, S and the chunks it closed.
 EXTEND_OUT = (K, V, S, NEW_H, NEW_F)
 BANKED = {NEW_H: BANK_H, NEW_F: BANK_F}  # where the caller writes each returned chunk
+# The extend graph's flat indices (row x piece position, row-major) whose logits it returns: each
+# row's last new token for generation, every position of a piece for prompt log-probabilities.
+# An export without this input returns the last token's logits only (it cannot score prompts).
+LOGIT_ROWS = "logit_rows"
 FRESH = (NEW_H, NEW_F, ROW_K, ROW_V)  # outputs that replace no input: named as they are
 OUT_SUFFIX = "_out"  # a graph output that replaces an input of the same name
 

@@ -7,8 +7,10 @@ from .runners import (HFRunner, ORTRunner, TorchHalfRunner, TorchRunner, availab
 from .steppers import ORTStepper, TorchStepper
 from .api import Completion, Runtime, StreamEvent, check_export, load
 from .sampling import SamplingOptions
+from .scoring import TokenScores
 from .text import Tokenizer
 
-__all__ = ["Completion", "Runtime", "SamplingOptions", "StreamEvent", "Tokenizer", "check_export", "load",
+__all__ = ["Completion", "Runtime", "SamplingOptions", "StreamEvent", "TokenScores", "Tokenizer", "check_export",
+           "load",
            "HFRunner", "ORTRunner", "ORTStepper", "TorchHalfRunner", "TorchRunner", "TorchStepper",
            "available_providers", "check_feeds", "onnx_metadata", "session_from_onnx"]

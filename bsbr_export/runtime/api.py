@@ -25,9 +25,10 @@ import numpy as np
 from ..errors import InputError
 from ..ops import state
 from . import runners
-from . import prefix
+from . import prefix, scoring
 from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, PREFILL_TOKENS, Engine, graph_file, read_metadata
 from .sampling import SamplingOptions, choose_rows, row_generators
+from .scoring import TokenScores, score_prefill
 from .text import Tokenizer, check_stop
 
 OPTIMIZATIONS = ("none", "basic", "extended", "all")
@@ -408,6 +409,32 @@ class Runtime:
         snap = prefix.load_snapshot(self.engine, path)
         self.cache.put(snap)
         return snap.position
+
+    def score(self, texts, top_logprobs: int = 0, batch: int = 8) -> list[TokenScores]:
+        """Per-token log-probabilities of given texts (a list of str or of token-id lists): one
+        ``scoring.TokenScores`` per text, ``logprobs[t]`` = log p(token t | the tokens before it)
+        (NaN for the first token, which nothing precedes: prepend e.g. ``rt.eos_token_id`` to score
+        it), ``.total`` their sum (a perplexity is exp(-total / (T - 1))), and the
+        ``top_logprobs`` most likely tokens at each position. Texts run ``batch`` at a time, each
+        in pieces whose logits stay within ``scoring.SCORE_LOGIT_BYTES``."""
+        for name, v, lo in (("top_logprobs", top_logprobs, 0), ("batch", batch, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= self.vocab_size:
+                raise InputError(f"{name} must be an integer in [{lo}, {self.vocab_size}], got {v!r}")
+        if not scoring.can_score(self.engine):
+            raise InputError(scoring.NO_SCORES if hasattr(self.engine, "sessions") else
+                             "score runs on an export's ONNX engine (runtime.load), not on the torch backend")
+        ids, out = self.encode(texts), []
+        for a in range(0, len(ids), batch):
+            part = ids[a:a + batch]
+            need = sum(self.engine.row_bytes(0) + self.engine.bank_bytes(x.size) for x in part)
+            if self.state_memory is not None and need > self.state_memory:
+                raise InputError(f"{len(part)} texts need {need / 2**20:.1f} MiB of decode state, over state_memory "
+                                 f"({self.state_memory / 2**20:.1f} MiB): lower batch or raise state_memory")
+            st = self.engine.new_state(len(part))
+            for b, x in enumerate(part):
+                self.engine.reserve(st, b, x.size)
+            out += score_prefill(self.engine, st, list(range(len(part))), part, int(top_logprobs))[1]
+        return out
 
     def stream(self, prompt, max_new_tokens: int = 64, **options) -> Iterator[str]:
         """One prompt (a str or a token-id list) -> its new text, piece by piece as it is produced.

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 from ..util import release_free_memory
+from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
 PREFILL_TOKENS = 1024  # tokens per extend call in ``Engine.prefill``: bounds a prefill's activations
@@ -341,11 +342,11 @@ class Engine:
         """{``NAME[_out].i``: arrays_of(name)[i]} for every layer."""
         return {S.layer_name(S.out_name(n) if out else n, i): a for n in names for i, a in enumerate(arrays_of(n))}
 
-    def extend(self, st: State, rows, ids_list) -> np.ndarray:
+    def extend(self, st: State, rows, ids_list, every=None):
         """Feed each listed row its next tokens (prefill, or a prompt continued in pieces).
 
-        rows: row indices; ids_list: one 1-D int64 array (>= 1 token) per row. Returns the
-        logits of each row's last new token, float32 (len(rows), V).
+        rows: row indices; ids_list: one 1-D int64 array (>= 1 token) per row. Returns the last new
+        token's logits (len(rows), V); with ``every`` (a bool per row) also ``scoring.split_rows``'s.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) != len(ids_list) or len(rows) == 0:
@@ -377,9 +378,9 @@ class Engine:
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
         kept = (S.K, S.V, S.S)
         outs = {n: [np.empty(sp.layer_shape(n, B), dtype=np.float32) for _ in range(sp.layer)] for n in kept}
-        logits = np.empty((B, self.vocab_size), dtype=np.float32)
+        feed, logits, counts = scoring.logit_rows(self, lengths, ids.shape[1], every)
         io = self.sessions["extend"].io_binding()
-        self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos},
+        self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos} | feed,
                    self._layers(kept, outs.__getitem__, out=True) | {"logits": logits})
         # The closed chunks: as many as the piece's combined sequence spans, so ORT sizes them
         # (outputs are returned in the order they were bound: these last).
@@ -402,7 +403,7 @@ class Engine:
                         bank[n][layer, 0, :, held[i]:held[i] + count[i]] = a[i, :, :count[i]]
         st.positions[rows] += lengths
         release_free_memory()  # the piece's activations: the arena-less session freed them to the C heap
-        return logits
+        return logits if every is None else scoring.split_rows(logits, counts, every)
 
     def prefill(self, st: State, rows, ids_list, max_tokens: int = PREFILL_TOKENS) -> np.ndarray:
         """``extend`` in bounded calls: each feeds at most ``max_tokens`` tokens in all (a longer
