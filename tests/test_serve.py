@@ -255,7 +255,6 @@ BAD = [
     ({"model": MODEL, "prompt": "x", "best_of": 3, "stream": True}, 400, "best_of"),
     ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
     ({"model": MODEL, "prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
-    ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),

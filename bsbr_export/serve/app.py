@@ -32,12 +32,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BSBRExportError, InputError
+from ..runtime import scoring
 from ..runtime.sampling import SamplingOptions
 from . import fanout
 from .flow import OVERFLOW_MESSAGE, BoundedStreamingResponse, RequestFlow
 from .metrics import HTTPMetrics
+from .logprobs import Choice as _Choice
 from .protocol import APIError, CompletionRequest, error_body, parse_completion
-from .scheduler import PREFILL_CHUNK, Event, GenRequest, QueueFull, Scheduler, ShuttingDown
+from .scheduler import PREFILL_CHUNK, GenRequest, QueueFull, Scheduler, ShuttingDown
 from .security import LOG_KEY, Guard, check_exposure, header_timeout_protocol
 
 RETRY_AFTER_S = 1
@@ -258,45 +260,8 @@ def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRe
     return [GenRequest(ids=ids, max_tokens=max_tokens, sink=(lambda ev, i=i: sink(i, ev)), opts=opts,
                        seed=body.seed, stop=stop, stop_tokens=stops, presence_penalty=body.presence_penalty or 0.0,
                        frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=body.logprobs or 0,
-                       logprobs=body.logprobs is not None)
+                       logprobs=body.logprobs is not None, score_prompt=bool(body.echo) and body.logprobs is not None)
             for i, ids in enumerate(prompts)]
-
-
-class _Choice:
-    """One prompt's text, tokens and logprobs as they come."""
-
-    def __init__(self, srv: Server, body: CompletionRequest, index: int, prompt: np.ndarray):
-        self.index, self.prompt_tokens = index, int(prompt.size)
-        self.echo = srv.tokenizer.decode(prompt.tolist()) if body.echo else ""
-        self.text, self.finish_reason, self.error = self.echo, None, None
-        self.tokens, self.want_logprobs, self.tok = [], body.logprobs is not None, srv.tokenizer
-        self.logprob_sum = 0.0
-        self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [] if body.logprobs else None,
-                   "text_offset": []}
-
-    def add(self, ev: Event) -> dict | None:
-        """Record a token event; returns its logprobs fragment (streaming) when asked for."""
-        offset = len(self.text)
-        self.tokens.append(ev.token)
-        self.logprob_sum += ev.logprob
-        self.text += ev.piece
-        if not self.want_logprobs:
-            return None
-        frag = {"tokens": [self.tok.decode([ev.token])], "token_logprobs": [ev.logprob],
-                "top_logprobs": [{self.tok.decode([t]): lp for t, lp in ev.top.items()}] if ev.top else None,
-                "text_offset": [offset]}
-        for k in ("tokens", "token_logprobs", "text_offset"):
-            self.lp[k] += frag[k]
-        if self.lp["top_logprobs"] is not None:
-            self.lp["top_logprobs"] += frag["top_logprobs"] or [{}]
-        return frag
-
-    def end(self, ev: Event) -> None:
-        self.finish_reason, self.error = ev.finish_reason, ev.error
-
-    def json(self) -> dict:
-        return {"index": self.index, "text": self.text, "logprobs": self.lp if self.want_logprobs else None,
-                "finish_reason": self.finish_reason}
 
 
 async def _complete(srv: Server, request: Request, body: CompletionRequest):
@@ -316,10 +281,12 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
     if srv.config.log_content:
         info["prompt"] = body.prompt
     events.reqs = reqs = fanout.expand(_requests(srv, body, prompts, events.put), k, events.put)
+    if reqs[0].score_prompt and not scoring.can_score(srv.engine):  # an export made before extend took logit_rows
+        raise APIError(400, f"echo with logprobs: {scoring.NO_SCORES}", param="logprobs", code="unsupported_value")
     choices = await loop.run_in_executor(None, lambda: [_Choice(srv, body, i * k + j, p) for i, p in enumerate(prompts) for j in range(k)])
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": srv.name}
-    if reqs[0].max_tokens > 0:
+    if reqs[0].max_tokens > 0 or reqs[0].score_prompt:
         need = [int(r.ids.size) + r.max_tokens for r in reqs]
         if sum(need) > srv.config.max_tokens_in_flight:  # could never fit: a retry would not help
             raise APIError(400, f"this request's {sum(need)} tokens (prompt + max_tokens) exceed --max-tokens-in-flight "
@@ -344,7 +311,7 @@ async def _complete(srv: Server, request: Request, body: CompletionRequest):
             if isinstance(e, InputError):
                 raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
             raise
-    else:  # max_tokens 0: the prompt (echo) and nothing else, no model work
+    else:  # max_tokens 0 without the prompt's logprobs: the prompt (echo) and nothing else, no model work
         for ch in choices:
             ch.finish_reason = "length"
     watcher = asyncio.create_task(_watch_disconnect(request, srv, reqs))
@@ -421,7 +388,7 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
                                               "finish_reason": finish_reason}], **usage_null})
 
         for ch in choices:
-            if ch.echo or ch.finish_reason is not None:  # the echoed prompt; max_tokens 0 ends here
+            if (ch.echo and not ch.scores_prompt) or ch.finish_reason is not None:  # echo; max_tokens 0 ends here
                 yield chunk(ch.index, ch.echo, None, ch.finish_reason)
         left = sum(ch.finish_reason is None for ch in choices)
         while left:
@@ -433,8 +400,8 @@ async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue,
             ch = choices[i]
             if ev.finish_reason is None:
                 frag = ch.add(ev)
-                if ev.piece or frag is not None:
-                    yield chunk(i, ev.piece, frag)
+                if ch.piece or frag is not None:
+                    yield chunk(i, ch.piece, frag)
                 continue
             ch.end(ev)
             left -= 1

@@ -19,6 +19,14 @@ log = logging.getLogger("bsbr_export.serve")
 ENGINE_ERROR = "internal error while generating this completion (the server log has the details)"
 
 
+class QueueFull(Exception):
+    """More waiting requests than ``max_queue``: the caller answers 429."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler no longer accepts requests (it is stopping, or its loop thread ended)."""
+
+
 class FailureHandling:
     """The scheduler's failure paths (see the module docstring); needs ``_cv``, ``_rows``,
     ``_waiting``, ``_accepting`` and ``_finish`` of ``Scheduler``."""

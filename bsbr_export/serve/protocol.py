@@ -78,9 +78,6 @@ class CompletionRequest(_Strict):
                             code="unsupported_value")
         if self.logit_bias:
             return APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported_value")
-        if self.echo and self.logprobs is not None:
-            return APIError(400, "logprobs with echo is not supported (the prompt's own log-probabilities are "
-                            "not computed)", param="logprobs", code="unsupported_value")
         if self.stream_options is not None and not self.stream:
             return APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if isinstance(self.stop, list) and any(not s for s in self.stop) or self.stop == "":

@@ -51,20 +51,13 @@ import numpy as np
 from ..errors import InputError
 from ..runtime import prefix
 from ..runtime.sampling import SamplingOptions, choose_rows
-from .failures import ENGINE_ERROR, FailureHandling, log  # noqa: F401 (ENGINE_ERROR: the clients' message)
+from . import scored
+from .failures import ENGINE_ERROR, FailureHandling, QueueFull, ShuttingDown, log  # noqa: F401 (clients' imports)
 from .penalties import apply_penalties
 from .state_memory import _check_budget, check_state_memory, default_bank_memory, held_tokens  # noqa: F401
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
 IDLE_PREFILL_CHUNK = 2048  # the same while no row is decoding (no stream to stall; longer pieces run faster)
-
-
-class QueueFull(Exception):
-    """More waiting requests than ``max_queue``: the caller answers 429."""
-
-
-class ShuttingDown(Exception):
-    """The scheduler no longer accepts requests."""
 
 
 @dataclass
@@ -87,6 +80,7 @@ class Event:
     margin: float = float("inf")
     finish_reason: str | None = None
     error: str | None = None
+    prompt: object = None  # a scored prompt's ``scoring.TokenScores``, before its first token (``scored``)
 
 
 @dataclass(eq=False)
@@ -105,6 +99,7 @@ class GenRequest:
     top_logprobs: int = 0
     logprobs: bool = True  # compute each token's log-probability (and the top ones, margin) for the events
     forks: int = 0  # requests submitted right after this one that take its prompt's state (n completions)
+    score_prompt: bool = False  # its prompt's log-probabilities too (echo with logprobs: ``scored``); max_tokens >= 0
     # set by the scheduler
     leader: "GenRequest | None" = None  # a follower's leader, until the leader's prompt is in
     followers: list = field(default_factory=list)
@@ -125,6 +120,7 @@ class GenRequest:
     rng: np.random.Generator | None = None  # the request's own generator (seeded with ``seed``)
     detok: object = None  # its ``runtime.text.Detokenizer``
     counts: np.ndarray | None = None  # generated-token counts (presence/frequency penalties only)
+    scorer: object = None  # its ``scoring.PromptScorer`` as its prompt's pieces are fed (score_prompt)
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this request (thread-safe; the row is freed next iteration)."""
@@ -169,7 +165,7 @@ class Scheduler(FailureHandling):
         """Queue requests (all or none): ``QueueFull`` past ``max_queue`` waiting requests,
         ``ShuttingDown`` once ``stop`` has begun; ``InputError`` for a request that cannot fit."""
         for r in reqs:
-            if len(r.ids) == 0 or r.max_tokens < 1:
+            if len(r.ids) == 0 or r.max_tokens < (0 if r.score_prompt else 1):
                 raise InputError("a scheduled request needs >= 1 prompt token and max_tokens >= 1")
             if held_tokens(r) > self.max_len:  # its last token is never fed: it takes no room
                 raise InputError(f"prompt ({len(r.ids)} tokens) + max_tokens {r.max_tokens} exceeds the export's "
@@ -298,7 +294,7 @@ class Scheduler(FailureHandling):
         for row in fresh:
             r = self._rows[row]
             self.engine.reserve(self.state, row, held_tokens(r))
-            if r.leader is None and self.cache.enabled:
+            if r.leader is None and self.cache.enabled and not r.score_prompt:  # scored: all computed
                 snap = self.cache.lookup(r.ids)
                 if snap is not None:
                     prefix.restore(self.engine, self.state, row, snap)
@@ -321,12 +317,13 @@ class Scheduler(FailureHandling):
         budget = self.prefill_chunk if decoding else max(self.prefill_chunk, IDLE_PREFILL_CHUNK)
         rows, pieces, reqs = [], [], []
         L, snapping = self.engine.chunk, self.cache.budget > 0
+        cap = scored.ScoreBudget(self.engine.vocab_size)  # scored prompts' pieces: bounded logits
         for r in sorted((r for r in self._rows if r is not None and r.leader is None and r.fed < len(r.ids)),
                         key=lambda r: r.id):
             if budget <= 0:
                 break
-            end = min(r.fed + budget, prefix.next_cut(r.fed, len(r.ids), L, self.cache.interval) if snapping
-                      else len(r.ids))
+            end = cap(r, min(r.fed + budget, prefix.next_cut(r.fed, len(r.ids), L, self.cache.interval) if snapping
+                             else len(r.ids)))
             rows.append(r.row)
             pieces.append(r.ids[r.fed:end])
             reqs.append(r)
@@ -336,7 +333,7 @@ class Scheduler(FailureHandling):
         touched = _with_followers(reqs)
         try:
             t0 = time.perf_counter()
-            logits = self.engine.extend(self.state, rows, pieces)
+            logits = scored.extend(self.engine, self.state, rows, pieces, reqs)  # engine.extend (+ scored prompts)
             self.steps["prefill"] += 1
             self.prompt_tokens_computed += sum(len(p) for p in pieces)
             if self.metrics:
@@ -350,6 +347,7 @@ class Scheduler(FailureHandling):
                                                   logits[j] if r.fed == n else None))
                 if r.fed == n:
                     done.append(j)
+            done = scored.prompts_in(self, reqs, done)  # scored prompts' events; max_tokens 0 ends them
             if done:
                 self._prompt_done([reqs[j] for j in done], logits if len(done) == len(reqs) else logits[done])
         except Exception:  # ends the rows this piece touched (and followers waiting on them), not the others

@@ -36,5 +36,5 @@ def check_state_memory(export_dir, max_batch: int, state_memory: int | None) -> 
 
 def held_tokens(r) -> int:
     """Tokens a request's row holds at its longest: its prompt and every generated token but
-    the last, which ends the request without being fed."""
-    return len(r.ids) + r.max_tokens - 1
+    the last, which ends the request without being fed (max_tokens 0, a scored prompt: the prompt)."""
+    return len(r.ids) + max(r.max_tokens - 1, 0)
