@@ -363,9 +363,8 @@ class Engine:
         pos = st.positions[rows].copy()
         held = pos // L
         whole = B == st.batch and (rows == np.arange(st.batch)).all()
-        # This piece's rows of the buffers (the buffers themselves when it is the whole batch) and
-        # their banks, with room for the chunks they hold after the piece: one row's own bank, read
-        # in place, else the rows' banks side by side.
+        # This piece's rows of the buffers (the buffers themselves when it is the whole batch) and their banks, with
+        # room for the chunks they hold after the piece: one row's own bank, read in place, else the rows' side by side.
         take = (lambda a: a) if whole else (lambda a: np.ascontiguousarray(a[rows]))  # noqa: E731
         ins = self._layers((S.K, S.V, S.S), lambda n: [take(b) for b in st.buf[n]])
         cap = max(1, int(((pos + lengths) // L).max()))
