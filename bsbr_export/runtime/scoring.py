@@ -25,8 +25,8 @@ from ..ops.state import LOGIT_ROWS
 # The most bytes of logits one scoring extend call returns: pieces of up to 333 tokens at GPT-2's
 # vocabulary, against 4,096 x 50,257 x 4 = 785 MiB for a whole 4,096-token prompt. The peak over a
 # plain prefill grows with it, and time with the number of extend calls (docs/results/echo-memory.md,
-# 4,096 tokens at GPT-2 small shape: 93 MiB more and 1.8x the prefill's time at 64 MiB, 415 MiB
-# more and 1.2x at 256 MiB).
+# 4,096 tokens at GPT-2 small shape: 44 MiB more and 1.7x the prefill's time at 64 MiB, 393 MiB
+# more and 1.5x at 256 MiB).
 SCORE_LOGIT_BYTES = 64 << 20
 BLOCK = 64  # positions per log-softmax over the vocabulary
 NO_SCORES = ("this export's extend graph returns only the last token's logits, so it cannot score prompts; "
