@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP application (FastAPI on Starlette, served by uvicorn or Ray Serve).
 
     POST /v1/completions   OpenAI completions, streamed as server-sent events or not
+    POST /v1/chat/completions, /tokenize, /detokenize   chat (serve.chat)
     GET  /v1/models        the one model this server holds
     GET  /health           200 while the scheduler runs, 503 otherwise
     GET  /metrics          Prometheus text format
@@ -65,6 +66,7 @@ class ServeConfig:
     send_timeout_s: float = 30.0  # a streaming client that reads nothing for this long is dropped
     stream_buffer: int = 1024  # token events per prompt waiting for the response; past it, dropped
     log_content: bool = False
+    chat_template: str | None = None  # a Jinja file (--chat-template); None: the export's tokenizer_config.json
 
     def __post_init__(self):
         self.api_keys = tuple(self.api_keys or ())
@@ -188,6 +190,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         body = parse_completion(await request.body())
         return await complete(srv, request, body)
 
+    from .chat import add_routes  # /v1/chat/completions, /tokenize, /detokenize
+
+    add_routes(app)
     return app
 
 

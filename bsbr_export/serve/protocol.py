@@ -3,7 +3,7 @@ OpenAI's completions and chat completions, vLLM's tokenize and detokenize; and O
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -111,9 +111,12 @@ class CompletionRequest(Sampling):
         return self.logprobs
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts are supported (``unsupported`` says so)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+    text: str | None = None
 
 
 class Message(_Strict):
@@ -121,12 +124,12 @@ class Message(_Strict):
     given to the chat template; ``name`` is passed to the template too."""
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
-            return "\n".join(p.text for p in self.content)
+            return "\n".join(p.text or "" for p in self.content)
         return self.content
 
 
@@ -153,6 +156,9 @@ class ChatCompletionRequest(Sampling):
     chat_template_kwargs: dict | None = None
 
     def unsupported(self) -> APIError | None:
+        return _non_text(self.messages) or self._unsupported()
+
+    def _unsupported(self) -> APIError | None:
         if self.tools:
             return APIError(400, "tools are not supported (this server has no tool calling)", param="tools",
                             code="unsupported_value")
@@ -174,6 +180,16 @@ class ChatCompletionRequest(Sampling):
 
     def tokens_wanted(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def _non_text(messages) -> APIError | None:
+    for i, m in enumerate(messages or ()):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+            if part.type != "text" or part.text is None:
+                return APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, got type "
+                                f"{part.type!r}" + ("" if part.type != "text" else " without text"),
+                                param=f"messages.{i}.content.{j}", code="unsupported_value")
+    return None
 
 
 class TokenizeRequest(_Strict):
