@@ -150,6 +150,8 @@ class ChatCompletionRequest(Sampling):
     store: bool | None = None
     metadata: dict | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # extensions (as vLLM's)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
