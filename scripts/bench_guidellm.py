@@ -103,7 +103,8 @@ def summary(report: dict) -> dict:
             "output_tokens": m["output_token_count"]["successful"]["median"]}
 
 
-def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_cmd: str, version: str) -> str:
+def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_cmd: str, version: str,
+             load: tuple) -> str:
     rows = []
     for fmt, s in results.items():
         r = s["requests"]
@@ -134,7 +135,9 @@ def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_
         "Made by:", "", f"    {shell([sys.executable.rsplit('/', 1)[-1], *map(str, sys.argv)])}", "",
         "which ran:", "", f"    {export_cmd}", f"    {shell(server_cmd)}",
         *(f"    HF_HUB_OFFLINE=1 {shell(c)}" for c in commands.values()), "",
-        "On this project's 2 shared CPU cores (other jobs running): compare rows within one run.", ""]
+        f"guidellm runs on the same machine as the server. Load average (1 min) at the start / end: "
+        f"{load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores (other jobs share them): compare rows within "
+        "one run, and expect run-to-run differences of tens of percent.", ""]
     return "\n".join(lines)
 
 
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
     else:
         export, export_cmd = args.export, f"(export given: {args.export})"
     version = subprocess.run([args.guidellm, "--version"], capture_output=True, text=True).stdout.strip().split()[-1]
-    port = _free_port()
+    port, load0 = _free_port(), os.getloadavg()[0]
     proc, server_cmd = start_server(export, port, args, args.work / "server.log")
     results, commands, env = {}, {}, {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(60)
-    text = fragment(results, args, server_cmd, commands, export_cmd, version)
+    text = fragment(results, args, server_cmd, commands, export_cmd, version, (load0, os.getloadavg()[0]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     (args.work / "summary.json").write_text(json.dumps(results, indent=1))

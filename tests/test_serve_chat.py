@@ -164,6 +164,11 @@ def test_tokenize_then_detokenize_round_trips_heldout_text(chat_server, oracle, 
     # messages: the chat template's prompt, as the chat route counts it
     m = post(chat_server, "/tokenize", {"messages": MESSAGES}).json()
     assert m["tokens"] == tok.encode(RENDERED) and m["token_strs"] is None
+    # vLLM's continue_final_message: the prompt ends inside the last (assistant) message
+    msgs = [*MESSAGES, {"role": "assistant", "content": "def read("}]
+    m = post(chat_server, "/tokenize", {"messages": msgs, "add_generation_prompt": False,
+                                        "continue_final_message": True}).json()
+    assert m["tokens"] == tok.encode(RENDERED + " def read(")
     # special tokens survive the round trip
     eos = tok.eos_token_id
     assert post(chat_server, "/detokenize", {"tokens": [eos]}).json()["prompt"] == "<|endoftext|>"
