@@ -121,7 +121,7 @@ CHAT_BAD = [
     ({"model": MODEL, "messages": [{"role": "user"}], "foo": 1}, "foo"),
     ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
      "messages.0.content.0"),
-    ({"model": MODEL, "messages": MESSAGES, "n": 2}, "n"),
+    ({"model": MODEL, "messages": MESSAGES, "n": 0}, "n"),
     ({"model": MODEL, "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
     ({"model": MODEL, "messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
     ({"model": MODEL, "messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
@@ -138,6 +138,16 @@ def test_bad_chat_requests_name_the_field(chat_server, body, param):
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and "\n" not in err["message"]
     assert chat_server.sched.steps == before
+
+
+def test_chat_n_choices_equal_single_seeded_requests(chat_server):
+    c = chat_server.client()
+    args = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    r = c.chat.completions.create(**args, n=2, seed=5)
+    assert [ch.index for ch in r.choices] == [0, 1] and r.usage.completion_tokens == 16
+    for j, ch in enumerate(r.choices):  # choice j draws what a request seeded seed + j draws
+        alone = c.chat.completions.create(**args, seed=5 + j).choices[0].message.content
+        assert ch.message.content == alone
 
 
 def test_chat_ignores_fields_that_change_nothing(chat_server):

@@ -1,5 +1,6 @@
 """The requests of the routes (pydantic, strict: wrong types and unknown fields are refused):
-OpenAI's completions and chat completions, vLLM's tokenize and detokenize; and OpenAI-style errors ``{"error": {"message", "type", "param", "code"}}``."""
+OpenAI's completions and chat completions, vLLM's tokenize and detokenize; and OpenAI-style
+errors ``{"error": {"message", "type", "param", "code"}}``."""
 
 from __future__ import annotations
 
