@@ -106,9 +106,9 @@ def summary(report: dict) -> dict:
 def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_cmd: str, version: str,
              load: tuple) -> str:
     rows = []
-    for fmt, s in results.items():
+    for (fmt, run), s in results.items():
         r = s["requests"]
-        rows.append([f"{fmt} (`{FORMATS[fmt]}`)", f"{r['successful']} / {r['errored']} / {r['incomplete']}",
+        rows.append([f"{fmt} (`{FORMATS[fmt]}`)", str(run + 1), f"{r['successful']} / {r['errored']} / {r['incomplete']}",
                      f"{s['prompt_tokens']:.0f} / {s['output_tokens']:.0f}", f"{s['duration_s']:.1f}",
                      f"{s['ttft_ms']['mean']:.0f} / {s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f}",
                      f"{s['itl_ms']['mean']:.1f} / {s['itl_ms']['p50']:.1f} / {s['itl_ms']['p99']:.1f}",
@@ -123,13 +123,14 @@ def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_
         f"128 and `max_seq_len` {args.max_len}), `--max-batch {args.max_batch}`"
         + (f", `--threads {args.threads}`" if args.threads else "") + ", the chat template of "
         "`tests/data/chat_template.jinja`. guidellm, in its own virtual environment, at "
-        f"{args.streams} concurrent streams, {args.requests} requests per format, synthetic prompts of "
+        f"{args.streams} concurrent streams, {args.requests} requests per run, {args.rounds} run(s) per format "
+        "(the formats alternate, the order reversed every round, one server for all), synthetic prompts of "
         f"{args.prompt_tokens} tokens (counted by the bundled model's tokenizer; chat prompts are a few "
         f"tokens longer once the template wraps them) and {args.output_tokens} new tokens each (guidellm sends "
         "`ignore_eos`, `stream: true` and `stream_options: {include_usage, continuous_usage_stats}`). "
         "TTFT, inter-token latency (ITL) and time per output token (TPOT) are guidellm's, measured at the "
         "client over the successful requests; tokens/s are the server's throughput over the run.", "",
-        markdown_table(["format", "requests ok / errored / incomplete", "prompt / output tokens (median)",
+        markdown_table(["format", "run", "requests ok / errored / incomplete", "prompt / output tokens (median)",
                         "duration s", "TTFT ms mean / p50 / p99", "ITL ms mean / p50 / p99", "TPOT ms p50",
                         "requests/s", "output tokens/s", "total tokens/s"], rows).rstrip(), "",
         "Made by:", "", f"    {shell([sys.executable.rsplit('/', 1)[-1], *map(str, sys.argv)])}", "",
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "guidellm.md")
     ap.add_argument("--formats", default="completions,chat", help="comma-separated: completions, chat")
     ap.add_argument("--streams", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=80)
+    ap.add_argument("--requests", type=int, default=80, help="requests per run")
+    ap.add_argument("--rounds", type=int, default=2, help="runs per format (alternating formats)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
@@ -175,27 +177,31 @@ def main(argv=None) -> int:
     proc, server_cmd = start_server(export, port, args, args.work / "server.log")
     results, commands, env = {}, {}, {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        for fmt in formats:
-            out = args.work / f"guidellm-{fmt}.json"
+        order = [(fmt, run) for run in range(args.rounds) for fmt in (formats if run % 2 == 0 else formats[::-1])]
+        for fmt, run in order:
+            out = args.work / f"guidellm-{fmt}-{run + 1}.json"
             out.unlink(missing_ok=True)
             cmd = commands[fmt] = guidellm_command(args, port, fmt, out)
             print(f"[guidellm] {fmt}: {' '.join(cmd)}", flush=True)
-            with open(args.work / f"guidellm-{fmt}.log", "w") as log:
+            log_path = args.work / f"guidellm-{fmt}-{run + 1}.log"
+            with open(log_path, "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=args.work, env=env,
                                     timeout=1800).returncode
             if rc != 0 or not out.is_file():
-                raise SystemExit(f"guidellm failed ({rc}); its log: {args.work / f'guidellm-{fmt}.log'}")
-            results[fmt] = summary(json.loads(out.read_text()))
-            print(f"[guidellm] {fmt}: {json.dumps(results[fmt])}", flush=True)
+                raise SystemExit(f"guidellm failed ({rc}); its log: {log_path}")
+            results[fmt, run] = summary(json.loads(out.read_text()))
+            print(f"[guidellm] {fmt} run {run + 1}: {json.dumps(results[fmt, run])}", flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
     text = fragment(results, args, server_cmd, commands, export_cmd, version, (load0, os.getloadavg()[0]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    (args.work / "summary.json").write_text(json.dumps(results, indent=1))
+    flat = {f"{f} {run + 1}": x for (f, run), x in results.items()}
+    (args.work / "summary.json").write_text(json.dumps(flat, indent=1))
     print(text)
-    bad = {f: s["requests"] for f, s in results.items() if s["requests"]["errored"] or s["requests"]["incomplete"]}
+    bad = {f"{f} {run + 1}": s["requests"] for (f, run), s in results.items()
+           if s["requests"]["errored"] or s["requests"]["incomplete"]}
     if bad:
         print(f"requests errored or incomplete: {bad}", file=sys.stderr)
         return 1
