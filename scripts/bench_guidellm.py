@@ -35,6 +35,7 @@ from bsbr_export.util import machine_line, markdown_table  # noqa: E402
 BUNDLED = ROOT / "models" / "gpt2-pystdlib"
 TEMPLATE = ROOT / "tests" / "data" / "chat_template.jinja"
 MODEL = "gpt2-pystdlib"
+SEED = 42  # guidellm's data seed of the first round; round r uses SEED + r (new prompts: no prefix-cache hits)
 FORMATS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
@@ -73,7 +74,7 @@ def start_server(export: Path, port: int, args, log: Path) -> tuple[subprocess.P
             time.sleep(0.2)
 
 
-def guidellm_command(args, port: int, fmt: str, out: Path) -> list[str]:
+def guidellm_command(args, port: int, fmt: str, out: Path, seed: int) -> list[str]:
     return [args.guidellm, "run",
             "--backend", f"kind=openai_http,target=http://127.0.0.1:{port},model={MODEL},"
                          f"request_format={FORMATS[fmt]}",
@@ -81,7 +82,8 @@ def guidellm_command(args, port: int, fmt: str, out: Path) -> list[str]:
             "--constraint", f"kind=max_requests,count={args.requests}",
             "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
             "--tokenizer", f"kind=huggingface_auto,model={BUNDLED}",
-            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+            "--seed", f"kind=static,value={seed}", "--output", f"kind=json,path={out}",
+            "--disable-console-interactive"]
 
 
 def summary(report: dict) -> dict:
@@ -124,7 +126,8 @@ def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_
         + (f", `--threads {args.threads}`" if args.threads else "") + ", the chat template of "
         "`tests/data/chat_template.jinja`. guidellm, in its own virtual environment, at "
         f"{args.streams} concurrent streams, {args.requests} requests per run, {args.rounds} run(s) per format "
-        "(the formats alternate, the order reversed every round, one server for all), synthetic prompts of "
+        "(the formats alternate, the order reversed every round, one server for all, its prefix cache on as by "
+        "default; each round has prompts of its own, so no prompt is served from the cache), synthetic prompts of "
         f"{args.prompt_tokens} tokens (counted by the bundled model's tokenizer; chat prompts are a few "
         f"tokens longer once the template wraps them) and {args.output_tokens} new tokens each (guidellm sends "
         "`ignore_eos`, `stream: true` and `stream_options: {include_usage, continuous_usage_stats}`). "
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
         for fmt, run in order:
             out = args.work / f"guidellm-{fmt}-{run + 1}.json"
             out.unlink(missing_ok=True)
-            cmd = commands[fmt] = guidellm_command(args, port, fmt, out)
+            cmd = commands[fmt, run] = guidellm_command(args, port, fmt, out, SEED + run)
             print(f"[guidellm] {fmt}: {' '.join(cmd)}", flush=True)
             log_path = args.work / f"guidellm-{fmt}-{run + 1}.log"
             with open(log_path, "w") as log:
