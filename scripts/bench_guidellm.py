@@ -55,6 +55,8 @@ def start_server(export: Path, port: int, args, log: Path) -> tuple[subprocess.P
            "--model-name", MODEL, "--chat-template", str(TEMPLATE)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.prefix_cache is not None:
+        cmd += ["--prefix-cache", args.prefix_cache]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "w") as f:  # a file, not a pipe: the server never blocks on its log
         proc = subprocess.Popen([sys.executable, "-m", "bsbr_export.cli", *cmd[1:]], stdout=f,
@@ -126,8 +128,9 @@ def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_
         + (f", `--threads {args.threads}`" if args.threads else "") + ", the chat template of "
         "`tests/data/chat_template.jinja`. guidellm, in its own virtual environment, at "
         f"{args.streams} concurrent streams, {args.requests} requests per run, {args.rounds} run(s) per format "
-        "(the formats alternate, the order reversed every round, one server for all, its prefix cache on as by "
-        "default; each round has prompts of its own, so no prompt is served from the cache), synthetic prompts of "
+        "(the formats alternate, the order reversed every round, one server for all, "
+        + ("its prefix cache on as by default" if args.prefix_cache is None else f"`--prefix-cache {args.prefix_cache}`")
+        + "; each round has prompts of its own, so no prompt is served whole from a cache), synthetic prompts of "
         f"{args.prompt_tokens} tokens (counted by the bundled model's tokenizer; chat prompts are a few "
         f"tokens longer once the template wraps them) and {args.output_tokens} new tokens each (guidellm sends "
         "`ignore_eos`, `stream: true` and `stream_options: {include_usage, continuous_usage_stats}`). "
@@ -160,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1024, help="max_seq_len of the export made when no --export")
     ap.add_argument("--threads", type=int, default=None, help="server's ONNX Runtime threads [all cores]")
+    ap.add_argument("--prefix-cache", default=None, help="server's --prefix-cache SIZE [its default]")
     args = ap.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     if any(f not in FORMATS for f in formats):
