@@ -298,3 +298,22 @@ def test_cli_serve_bad_chat_template_fails_in_one_line(export_dir, tmp_path):
         r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--chat-template",
                             str(f), "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, r.stderr[-500:]
+
+
+def test_chat_template_from_the_tokenizer_config(tmp_path):
+    """Without --chat-template the export's tokenizer_config.json gives the template (a string, or
+    OpenAI-style named templates: "default"); --chat-template wins over it; none: None."""
+    from bsbr_export.serve.app import ServeConfig
+    from bsbr_export.serve.chat import load_template
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert load_template(ServeConfig(str(tmp_path))) is None
+    cfg = tmp_path / "bsbr" / "tokenizer_config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": "{{ messages[0]['content'] }}!"}))
+    assert load_template(ServeConfig(str(tmp_path))).render(messages=msgs) == "hi!"
+    cfg.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "T"},
+                                                 {"name": "default", "template": "D{{ messages|length }}"}]}))
+    assert load_template(ServeConfig(str(tmp_path))).render(messages=msgs) == "D1"
+    t = load_template(ServeConfig(str(tmp_path), chat_template=str(TEMPLATE)))
+    assert t.render(messages=msgs, add_generation_prompt=True) == "# Q: hi\n# A:"
