@@ -73,18 +73,21 @@ def test_chat_with_the_openai_client(chat_server, oracle):
     assert all(max(t.logprob for t in e.top_logprobs) == pytest.approx(e.logprob) for e in lps)  # greedy
     assert "".join(e.token for e in lps).startswith(ch.message.content[:8])
     # the same through max_completion_tokens, streamed: the deltas add up to the same text
-    pieces, roles, reasons, usage = [], [], [], None
+    pieces, roles, reasons, usage, streamed_lps = [], [], [], None, []
     for chunk in c.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=24, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
+                                           stream=True, stream_options={"include_usage": True}, logprobs=True,
+                                           top_logprobs=2):
         assert chunk.object == "chat.completion.chunk"
         if chunk.choices:
             d = chunk.choices[0].delta
             roles.append(d.role)
             pieces.append(d.content or "")
             reasons.append(chunk.choices[0].finish_reason)
+            streamed_lps += chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else []
         else:
             usage = chunk.usage
     assert "".join(pieces) == ch.message.content
+    assert [e.logprob for e in streamed_lps] == pytest.approx([e.logprob for e in lps], abs=1e-5)
     assert roles[0] == "assistant" and reasons[-1] == ch.finish_reason and set(reasons[:-1]) == {None}
     assert usage.completion_tokens == r.usage.completion_tokens and usage.prompt_tokens == len(ids)
     # vLLM's add_generation_prompt: false renders no "# A:"
