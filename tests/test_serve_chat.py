@@ -320,3 +320,22 @@ def test_chat_template_from_the_tokenizer_config(tmp_path):
     assert load_template(ServeConfig(str(tmp_path))).render(messages=msgs) == "D1"
     t = load_template(ServeConfig(str(tmp_path), chat_template=str(TEMPLATE)))
     assert t.render(messages=msgs, add_generation_prompt=True) == "# Q: hi\n# A:"
+
+
+def test_detokenizer_arms_stop_strings_late_and_writes_special_tokens(bundled_dir):
+    """``Detokenizer.arm`` looks for stop strings only in the text from then on (min_tokens);
+    ``skip_special=False`` writes special tokens' text."""
+    from bsbr_export.runtime.text import Tokenizer
+
+    tok = Tokenizer.from_dir(bundled_dir)
+    x = tok.encode(" zip")[0]
+    d = tok.detokenizer(())
+    pieces = [d.push(x)[0] for _ in range(2)]
+    d.arm(["zip"])
+    piece, hit = d.push(x)
+    assert "".join(pieces) + piece == " zip zip " and hit and d.text == " zip zip "
+    d = tok.detokenizer((), skip_special=False)
+    text = "".join(d.push(t)[0] for t in (x, tok.eos_token_id)) + d.finish()
+    assert text == " zip<|endoftext|>"
+    d = tok.detokenizer(())
+    assert "".join(d.push(t)[0] for t in (x, tok.eos_token_id)) + d.finish() == " zip"
