@@ -152,18 +152,21 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
               help="Memory for prompt states kept for reuse: a request whose prompt starts with a cached prefix "
                    "(a repeated prompt, a conversation's earlier turns, a shared system prompt) computes only the "
                    "rest; least recently used states go first. 0 turns it off.")
+@click.option("--chat-template", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Jinja chat template for /v1/chat/completions [chat_template of the export's tokenizer_config.json; "
+                   "without either, chat requests get 400].")
 def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefill_chunk, model_name, drain_s,
           providers, api_keys, api_key_file, insecure, max_body_bytes, max_prompt_tokens, max_tokens_cap, max_prompts,
           max_tokens_in_flight, request_timeout_s, receive_timeout_s, header_timeout_s, send_timeout_s, log_content,
-          ssl_certfile, ssl_keyfile, state_memory, prepack, prefix_cache):
-    """OpenAI-compatible completions server over an export, with continuous batching.
+          ssl_certfile, ssl_keyfile, state_memory, prepack, prefix_cache, chat_template):
+    """OpenAI-compatible completions and chat server over an export, with continuous batching.
 
     \b
     bsbr-export serve DIR --port 8000 --max-batch 16
     curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "DIR-NAME", "prompt": "def parse(", "max_tokens": 32, "temperature": 0}'
-    Endpoints: POST /v1/completions (n and best_of too), GET /v1/models, /health, /metrics.
-    Needs the serve extra.
+    Endpoints: POST /v1/completions (n and best_of too), /v1/chat/completions, /tokenize,
+    /detokenize; GET /v1/models, /health, /metrics. Needs the serve extra.
     With an API key every endpoint but /health needs 'Authorization: Bearer KEY'; a non-loopback
     --host without a key is refused unless --insecure.
     """
@@ -184,13 +187,17 @@ def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefi
                              header_timeout_s=header_timeout_s, send_timeout_s=send_timeout_s, log_content=log_content,
                              state_memory=None if state_memory is None else parse_size(state_memory, "--state-memory"),
                              prepack={"all": True, "none": False}.get(prepack, "decode"),
-                             prefix_cache=parse_size(prefix_cache, "--prefix-cache", zero=True))
+                             prefix_cache=parse_size(prefix_cache, "--prefix-cache", zero=True),
+                             chat_template=None if chat_template is None else str(chat_template))
         from .runtime.api import check_export
 
         check_export(model_dir, precision)
         from .serve.scheduler import check_state_memory
 
         check_state_memory(model_dir, max_batch, config.state_memory)
+        from .serve.chat import load_template
+
+        load_template(config)  # a bad template fails here, in one line
         run_server(config, host=host, port=port, insecure=insecure, ssl_certfile=ssl_certfile,
                    ssl_keyfile=ssl_keyfile)
     except (BSBRExportError, OSError) as e:

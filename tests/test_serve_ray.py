@@ -60,6 +60,9 @@ def test_ray_serve_replica_answers_like_the_server(ray_url):
     assert text == whole.choices[0].text
     r = httpx.post(ray_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 0}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(ray_url + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"]  # GPT-2 has no template
     assert httpx.get(ray_url + "/health", timeout=60).json()["status"] == "ok"
     assert "bsbr_generated_tokens_total" in httpx.get(ray_url + "/metrics", timeout=60).text
 

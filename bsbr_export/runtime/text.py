@@ -71,18 +71,18 @@ class Tokenizer:
             raise ModelLoadError(f"{f}: cannot be read as a tokenizer ({str(e).splitlines()[0][:200]})") from None
         return cls(tok, _eos_id(f.parent, tok))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise InputError(f"a text prompt must be a str, got {type(text).__name__}")
         if len(text) >= LONG_INPUT:
-            return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
-        return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         if len(ids) >= LONG_INPUT:
-            return self._tok.decode_batch([ids], skip_special_tokens=True)[0]
-        return self._tok.decode(ids, skip_special_tokens=True)
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes a token adds to the text (b"" for special tokens); byte-level tokenizers only."""
@@ -98,8 +98,8 @@ class Tokenizer:
             self._bytes[token] = b
         return b
 
-    def detokenizer(self, stop: Sequence[str] = ()) -> "Detokenizer":
-        return Detokenizer(self, stop)
+    def detokenizer(self, stop: Sequence[str] = (), skip_special: bool = True) -> "Detokenizer":
+        return Detokenizer(self, stop, skip_special)
 
 
 def _eos_id(d: Path, tok) -> int | None:
@@ -138,14 +138,14 @@ class Detokenizer:
 
     ``text`` is the row's text so far, cut before the first stop string once one appears.
     Pieces hold back any end of the text that could begin a stop string, so no streamed text
-    is ever taken back.
+    is ever taken back. ``skip_special=False``: special tokens add their text (``<|endoftext|>``).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special: bool = True):
         from tokenizers.decoders import DecodeStream
 
-        self.tok, self.stop = tokenizer, check_stop(stop)
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self.tok, self.stop, self.skip_special = tokenizer, check_stop(stop), skip_special
+        self._stream = DecodeStream(skip_special_tokens=skip_special)
         self._stops = _StopMatcher(self.stop)
         self._ids: list[int] = []
         self._full = ""  # everything decoded so far
@@ -155,6 +155,11 @@ class Detokenizer:
     @property
     def text(self) -> str:
         return self._full if not self.stopped else self._full[:self._cut]
+
+    def arm(self, stop: Sequence[str]) -> None:
+        """Look for ``stop`` strings in the text that comes from now on (a request's min_tokens)."""
+        self.stop = check_stop(stop)
+        self._stops = _StopMatcher(self.stop)  # a fresh matcher sees only what comes next
 
     def push(self, token: int) -> tuple[str, bool]:
         if self.stopped:
@@ -168,7 +173,7 @@ class Detokenizer:
         what the full decode of the row's tokens holds beyond the streamed text."""
         if self.stopped:
             return ""
-        full = self.tok.decode(self._ids)
+        full = self.tok.decode(self._ids, skip_special_tokens=self.skip_special)
         piece, _ = self._advance(full[len(self._full):] if full.startswith(self._full) else "", final=True)
         return piece
 

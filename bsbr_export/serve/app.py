@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP application (FastAPI on Starlette, served by uvicorn or Ray Serve).
 
     POST /v1/completions   OpenAI completions, streamed as server-sent events or not
+    POST /v1/chat/completions, /tokenize, /detokenize   chat (serve.chat)
     GET  /v1/models        the one model this server holds
     GET  /health           200 while the scheduler runs, 503 otherwise
     GET  /metrics          Prometheus text format
@@ -17,32 +18,23 @@ the request timeout. Every error is OpenAI-style JSON
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BSBRExportError, InputError
-from ..runtime import scoring
-from ..runtime.sampling import SamplingOptions
-from . import fanout
-from .flow import OVERFLOW_MESSAGE, BoundedStreamingResponse, RequestFlow
+from .completions import complete
 from .metrics import HTTPMetrics
-from .logprobs import Choice as _Choice
-from .protocol import APIError, CompletionRequest, error_body, parse_completion
-from .scheduler import PREFILL_CHUNK, GenRequest, QueueFull, Scheduler, ShuttingDown
-from .security import LOG_KEY, Guard, check_exposure, header_timeout_protocol
-
-RETRY_AFTER_S = 1
+from .protocol import APIError, parse_completion
+from .scheduler import PREFILL_CHUNK, Scheduler
+from .security import Guard, check_exposure, header_timeout_protocol
 
 
 @dataclass
@@ -74,6 +66,7 @@ class ServeConfig:
     send_timeout_s: float = 30.0  # a streaming client that reads nothing for this long is dropped
     stream_buffer: int = 1024  # token events per prompt waiting for the response; past it, dropped
     log_content: bool = False
+    chat_template: str | None = None  # a Jinja file (--chat-template); None: the export's tokenizer_config.json
 
     def __post_init__(self):
         self.api_keys = tuple(self.api_keys or ())
@@ -195,237 +188,16 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def completions(request: Request):
         srv = server_of(request.app)
         body = parse_completion(await request.body())
-        return await _complete(srv, request, body)
+        return await complete(srv, request, body)
 
+    from .chat import add_routes  # /v1/chat/completions, /tokenize, /detokenize
+
+    add_routes(app)
     return app
 
 
 def _error_response(request, e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-# --------------------------------------------------------------------------- completions
-
-def _prompts(srv: Server, body: CompletionRequest) -> list[np.ndarray]:
-    p = body.prompt
-    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)):
-        p = [p]
-    if not p:
-        raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
-    cfg = srv.config
-    if len(p) > cfg.max_prompts:
-        raise APIError(400, f"{len(p)} prompts in one request exceed --max-prompts {cfg.max_prompts}", param="prompt",
-                       code="too_many_prompts")
-    out = []
-    for i, x in enumerate(p):
-        x = srv.tokenizer.encode(x) if isinstance(x, str) else x
-        if len(x) > cfg.max_prompt_tokens:  # before any array is made
-            raise APIError(400, f"prompt {i} has {len(x)} tokens, over --max-prompt-tokens {cfg.max_prompt_tokens}",
-                           param="prompt", code="prompt_too_long")
-        try:
-            ids = np.asarray(x, dtype=np.int64)
-        except OverflowError:
-            raise APIError(400, f"prompt {i}: token ids must lie in [0, {srv.vocab_size})", param="prompt") from None
-        if ids.size == 0:
-            raise APIError(400, f"prompt {i} is empty (no tokens)", param="prompt")
-        if ids.max() >= srv.vocab_size:
-            raise APIError(400, f"prompt {i}: token ids must lie in [0, {srv.vocab_size}), got {int(ids.max())}",
-                           param="prompt")
-        out.append(ids)
-    return out
-
-
-def _requests(srv: Server, body: CompletionRequest, prompts, sink) -> list[GenRequest]:
-    max_tokens = min(16, srv.config.max_tokens_cap) if body.max_tokens is None else body.max_tokens
-    if max_tokens > srv.config.max_tokens_cap:
-        raise APIError(400, f"max_tokens {max_tokens} is over --max-tokens-cap {srv.config.max_tokens_cap}",
-                       param="max_tokens", code="max_tokens_too_large")
-    for i, ids in enumerate(prompts):  # the last token is never fed: it takes no room
-        if ids.size > srv.max_len or ids.size + max_tokens > srv.max_len + 1:
-            raise APIError(400, f"This model's maximum context length is {srv.max_len} tokens; prompt "
-                           f"{i} has {ids.size} tokens and max_tokens is {max_tokens} ({ids.size + max_tokens} in "
-                           f"all). Reduce the prompt or max_tokens.", param="max_tokens",
-                           code="context_length_exceeded")
-    try:
-        opts = SamplingOptions(temperature=1.0 if body.temperature is None else body.temperature, top_k=body.top_k,
-                               top_p=None if body.top_p in (None, 1) else body.top_p,
-                               repetition_penalty=body.repetition_penalty)
-    except InputError as e:
-        raise APIError(400, str(e), param=str(e).split(" ", 1)[0]) from None
-    if body.seed is not None and not 0 <= body.seed < 2 ** 63:
-        raise APIError(400, f"seed must lie in [0, 2**63), got {body.seed}", param="seed", code="invalid_value")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    eos = srv.tokenizer.eos_token_id
-    stops = frozenset() if body.ignore_eos or eos is None else frozenset({int(eos)})
-    return [GenRequest(ids=ids, max_tokens=max_tokens, sink=(lambda ev, i=i: sink(i, ev)), opts=opts,
-                       seed=body.seed, stop=stop, stop_tokens=stops, presence_penalty=body.presence_penalty or 0.0,
-                       frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=body.logprobs or 0,
-                       logprobs=body.logprobs is not None, score_prompt=bool(body.echo) and body.logprobs is not None)
-            for i, ids in enumerate(prompts)]
-
-
-async def _complete(srv: Server, request: Request, body: CompletionRequest):
-    bad = body.unsupported()
-    if bad is not None:
-        raise bad
-    if body.model != srv.name:
-        raise APIError(404, f"The model '{body.model}' does not exist (this server holds '{srv.name}')",
-                       param="model", code="model_not_found")
-    loop = asyncio.get_running_loop()
-    prompts = await loop.run_in_executor(None, _prompts, srv, body)  # a long text does not stall other streams
-    k = fanout.per_prompt(body)  # completions drawn per prompt
-    events = RequestFlow(srv, len(prompts) * k, srv.config.stream_buffer)
-    deadline = loop.time() + srv.config.request_timeout_s
-    info = request.scope.get(LOG_KEY, {})
-    info["prompt_tokens"], info["completion_tokens"] = sum(int(p.size) for p in prompts), 0
-    if srv.config.log_content:
-        info["prompt"] = body.prompt
-    events.reqs = reqs = fanout.expand(_requests(srv, body, prompts, events.put), k, events.put)
-    if reqs[0].score_prompt and not scoring.can_score(srv.engine):  # an export made before extend took logit_rows
-        raise APIError(400, f"echo with logprobs: {scoring.NO_SCORES}", param="logprobs", code="unsupported_value")
-    choices = await loop.run_in_executor(None, lambda: [_Choice(srv, body, i * k + j, p) for i, p in enumerate(prompts) for j in range(k)])
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": srv.name}
-    if reqs[0].max_tokens > 0 or reqs[0].score_prompt:
-        need = [int(r.ids.size) + r.max_tokens for r in reqs]
-        if sum(need) > srv.config.max_tokens_in_flight:  # could never fit: a retry would not help
-            raise APIError(400, f"this request's {sum(need)} tokens (prompt + max_tokens) exceed --max-tokens-in-flight "
-                           f"{srv.config.max_tokens_in_flight}", param="max_tokens", code="tokens_in_flight_exceeded")
-        if not srv.reserve(sum(need)):
-            raise APIError(429, f"the server is busy: this request's {sum(need)} tokens (prompt + max_tokens) do not "
-                           f"fit in --max-tokens-in-flight {srv.config.max_tokens_in_flight} "
-                           f"({srv.in_flight} in flight); retry after {RETRY_AFTER_S} s", type="rate_limit_error",
-                           param="max_tokens_in_flight", code="tokens_in_flight",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        events.hold(need)
-        try:
-            srv.scheduler.submit(*reqs)
-        except BaseException as e:
-            events.release()
-            if isinstance(e, QueueFull):
-                raise APIError(429, f"the server is busy: {e}; retry after {RETRY_AFTER_S} s",
-                               type="rate_limit_error", code="queue_full",
-                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-            if isinstance(e, ShuttingDown):
-                raise APIError(503, str(e), type="server_error", code="shutting_down") from None
-            if isinstance(e, InputError):
-                raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
-            raise
-    else:  # max_tokens 0 without the prompt's logprobs: the prompt (echo) and nothing else, no model work
-        for ch in choices:
-            ch.finish_reason = "length"
-    watcher = asyncio.create_task(_watch_disconnect(request, srv, reqs))
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return BoundedStreamingResponse(_stream(srv, head, choices, reqs, events, watcher, include_usage, deadline,
-                                                info), srv.config.send_timeout_s, media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
-    timed_out = False
-    try:
-        left = sum(ch.finish_reason is None for ch in choices)
-        while left:
-            try:
-                i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
-                timed_out = True
-                break
-            if ev.finish_reason is None:
-                choices[i].add(ev)
-            else:
-                choices[i].end(ev)
-                left -= 1
-    finally:
-        _finish(srv, watcher, reqs, info, choices, events)
-    if timed_out:
-        raise _timeout(srv)
-    failed = next((ch for ch in choices if ch.finish_reason in ("error", "cancelled")), None)
-    if failed is not None:
-        if watcher.done() and not watcher.cancelled() and watcher.result():
-            # nobody reads this answer; 499 (client closed request) keeps it out of the 5xx counts
-            raise APIError(499, "the client closed the request", code="client_closed_request")
-        if failed.finish_reason == "error":
-            raise APIError(500, failed.error or "internal error", type="server_error")
-        raise APIError(503, "the request was cancelled (server shutting down)", type="server_error",
-                       code="shutting_down")
-    return {**head, "choices": [c.json() for c in fanout.best(choices, body.n or 1, k)], "usage": fanout.usage(choices, reqs, k)}
-
-
-def _note(srv: Server, info: dict, choices) -> None:
-    """Token counts (and, with --log-content, the text) for the request's log line."""
-    info["completion_tokens"] = sum(len(ch.tokens) for ch in choices)
-    if srv.config.log_content:
-        info["completion"] = [ch.text for ch in choices]
-
-
-def _timeout(srv: Server) -> APIError:
-    return APIError(408, f"the request ran past --request-timeout {srv.config.request_timeout_s:g} s and was "
-                    "cancelled", param="request_timeout", code="request_timeout")
-
-
-async def _watch_disconnect(request: Request, srv: Server, reqs) -> bool:
-    """Cancel the requests when the client goes away (their rows are freed at once); True then."""
-    try:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                for r in reqs:
-                    srv.scheduler.cancel(r)
-                return True
-    except RuntimeError:
-        return False
-
-
-def _sse(obj) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
-
-
-async def _stream(srv: Server, head: dict, choices, reqs, events: asyncio.Queue, watcher, include_usage: bool,
-                  deadline: float, info: dict):
-    usage_null = {"usage": None} if include_usage else {}
-    try:
-        def chunk(i, text, logprobs=None, finish_reason=None):
-            return _sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs,
-                                              "finish_reason": finish_reason}], **usage_null})
-
-        for ch in choices:
-            if (ch.echo and not ch.scores_prompt) or ch.finish_reason is not None:  # echo; max_tokens 0 ends here
-                yield chunk(ch.index, ch.echo, None, ch.finish_reason)
-        left = sum(ch.finish_reason is None for ch in choices)
-        while left:
-            try:
-                i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
-            except asyncio.TimeoutError:
-                yield _sse(_timeout(srv).body())
-                return
-            ch = choices[i]
-            if ev.finish_reason is None:
-                frag = ch.add(ev)
-                if ch.piece or frag is not None:
-                    yield chunk(i, ch.piece, frag)
-                continue
-            ch.end(ev)
-            left -= 1
-            if ev.finish_reason in ("error", "cancelled"):
-                yield _sse(error_body(OVERFLOW_MESSAGE if events.overflowed else ev.error
-                                      or "the request was cancelled (server shutting down)", "server_error"))
-                return
-            yield chunk(i, "", None, ev.finish_reason)
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": fanout.usage(choices, reqs, reqs[0].forks + 1)})
-        yield b"data: [DONE]\n\n"
-    finally:
-        _finish(srv, watcher, reqs, info, choices, events)
-
-
-def _finish(srv, watcher, reqs, info, choices, events) -> None:
-    """After a response, whatever ended it: stop watching the client, cancel what still runs
-    (its rows go back to the scheduler), give its in-flight tokens back, and log the request."""
-    watcher.cancel()
-    events.close()
-    for r in reqs:
-        if r.finish_reason is None:
-            srv.scheduler.cancel(r)
-    _note(srv, info, choices)
 
 
 def uvicorn_options(config: ServeConfig) -> dict:

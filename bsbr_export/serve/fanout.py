@@ -19,7 +19,7 @@ def per_prompt(body) -> int:
     n = 1 if body.n is None else body.n
     if n < 1:
         raise APIError(400, f"n must be >= 1, got {n}", param="n", code="invalid_value")
-    k = n if body.best_of is None else body.best_of
+    k = n if getattr(body, "best_of", None) is None else body.best_of  # chat has no best_of
     if k < n:
         raise APIError(400, f"best_of ({k}) must be >= n ({n})", param="best_of", code="invalid_value")
     if k > n and body.stream:

@@ -54,7 +54,7 @@ def config_from_args(args: dict) -> tuple[ServeConfig, int, float | None]:
     args = dict(args)
     if "export_dir" not in args:
         raise InputError("export_dir=DIR is required")
-    known = {"export_dir", "precision", "model_name", "api_key", "api_key_file", "log_content", *INT_ARGS, *FLOAT_ARGS}
+    known = {"export_dir", "precision", "model_name", "api_key", "api_key_file", "log_content", "chat_template", *INT_ARGS, *FLOAT_ARGS}
     unknown = sorted(set(args) - known)
     if unknown:
         raise InputError(f"unknown argument(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")

@@ -53,7 +53,7 @@ from ..runtime import prefix
 from ..runtime.sampling import SamplingOptions, choose_rows
 from . import scored
 from .failures import ENGINE_ERROR, FailureHandling, QueueFull, ShuttingDown, log  # noqa: F401 (clients' imports)
-from .penalties import apply_penalties
+from .penalties import processed_logits
 from .state_memory import _check_budget, check_state_memory, default_bank_memory, held_tokens  # noqa: F401
 
 PREFILL_CHUNK = 256  # prompt tokens fed per loop iteration (all prefilling rows together)
@@ -100,6 +100,9 @@ class GenRequest:
     logprobs: bool = True  # compute each token's log-probability (and the top ones, margin) for the events
     forks: int = 0  # requests submitted right after this one that take its prompt's state (n completions)
     score_prompt: bool = False  # its prompt's log-probabilities too (echo with logprobs: ``scored``); max_tokens >= 0
+    logit_bias: tuple | None = None  # (token ids, biases) added to the logits (serve.penalties)
+    min_tokens: int = 0  # no stop token, no stop string before this many tokens
+    skip_special_tokens: bool = True  # special tokens add no text
     # set by the scheduler
     leader: "GenRequest | None" = None  # a follower's leader, until the leader's prompt is in
     followers: list = field(default_factory=list)
@@ -275,7 +278,7 @@ class Scheduler(FailureHandling):
                 r.row = free.pop(0)
                 r.reserved, self.reserved = nb, self.reserved + nb
                 r.rng = np.random.default_rng(r.seed)
-                r.detok = self.tokenizer.detokenizer(r.stop)
+                r.detok = self.tokenizer.detokenizer(() if r.min_tokens else r.stop, r.skip_special_tokens)
                 r.counts = np.zeros(self.engine.vocab_size, np.int64) if (r.presence_penalty or r.frequency_penalty) else None
                 self._rows[r.row] = r
                 fresh.append(r.row)
@@ -407,12 +410,7 @@ class Scheduler(FailureHandling):
             return
         if len(live) < len(reqs):
             reqs, logits = [reqs[j] for j in live], logits[live]
-        proc = None
-        for j, r in enumerate(reqs):
-            if r.counts is not None and (r.presence_penalty or r.frequency_penalty):
-                if proc is None:
-                    proc = np.array(logits, dtype=np.float32)
-                proc[j] = apply_penalties(logits[j], r.counts, r.presence_penalty, r.frequency_penalty)
+        proc = processed_logits(logits, reqs)
         seen = [np.concatenate([r.ids, np.asarray(r.tokens, np.int64)]) if r.opts.repetition_penalty else None
                 for r in reqs]
         want = [r.logprobs for r in reqs]  # log-probabilities, top ones and margin only for those who ask
@@ -438,6 +436,8 @@ class Scheduler(FailureHandling):
         r.t_first = r.t_first if r.t_first is not None else now
         r.t_last = now
         reason = None
+        if r.min_tokens and len(r.tokens) == r.min_tokens and r.stop:
+            r.detok.arm(r.stop)  # stop strings count from here on
         if tok in r.stop_tokens:
             piece, reason = r.detok.finish(), "stop"
         else:
