@@ -319,23 +319,17 @@ def worker_tune(out: Path, budget: float) -> dict:
 
 
 def _cuda_ms(fn, runs: int) -> tuple[float, float]:
-    """Median ms of ``fn()`` over ``runs`` (after one warm-up) and its peak memory in GiB."""
-    import statistics
-
+    """Median ms of ``fn()`` over ``runs`` after one warm-up (``bench_kernel.time_ms``, CUDA events)
+    and the peak memory of the timed calls in GiB."""
     import torch
+
+    from bench_kernel import time_ms  # scripts/ is on the path of a script run from it
 
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 2), round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    ms = time_ms(fn, "cuda", 0, runs)
+    return round(ms, 2), round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def worker_model(out: Path, budget: float) -> dict:

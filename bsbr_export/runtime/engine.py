@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 from ..util import release_free_memory
+from .prefix import next_pieces
 from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
@@ -416,12 +417,7 @@ class Engine:
         out = np.empty((len(rows), self.vocab_size), dtype=np.float32)
         done = [0] * len(rows)
         while True:
-            budget, sel, pieces = max_tokens, [], []
-            for i, x in enumerate(seqs):
-                if done[i] < len(x) and budget > 0:
-                    pieces.append(x[done[i]:done[i] + budget])
-                    sel.append(i)
-                    budget -= len(pieces[-1])
+            sel, pieces = next_pieces(seqs, done, max_tokens)
             if not sel:
                 return out
             logits = self.extend(st, rows[sel], pieces)

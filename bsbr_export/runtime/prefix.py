@@ -52,6 +52,20 @@ def snapshot_points(n: int, chunk: int, interval: int) -> list[int]:
     return sorted(set(range(step, n, step)) | set(range(tail, n, chunk)) | {n})
 
 
+def next_pieces(seqs, done, budget: int, end=None) -> tuple[list[int], list]:
+    """One extend call's pieces of a prefill: the rows (indices into ``seqs``) with tokens left
+    after ``done[i]`` and each one's next piece, in order, ``budget`` tokens in all; ``end(i)``
+    (optional) is where row i's piece must stop at the latest (a snapshot point)."""
+    sel, pieces = [], []
+    for i, x in enumerate(seqs):
+        if done[i] < len(x) and budget > 0:
+            stop = min(done[i] + budget, len(x) if end is None else end(i))
+            pieces.append(x[done[i]:stop])
+            sel.append(i)
+            budget -= stop - done[i]
+    return sel, pieces
+
+
 def next_cut(fed: int, n: int, chunk: int, interval: int) -> int:
     """The first snapshot point after ``fed`` tokens of an ``n``-token prompt."""
     return next(p for p in snapshot_points(n, chunk, interval) if p > fed)
@@ -276,13 +290,7 @@ def prefill(engine, st, rows, ids_list, cache: PrefixCache | None, max_tokens: i
                 out[i] = snap.logits
     cached = list(done)
     while True:
-        budget, sel, pieces = max_tokens, [], []
-        for i, x in enumerate(seqs):
-            if done[i] < x.size and budget > 0:
-                end = min(next_cut(done[i], x.size, L, cache.interval), done[i] + budget)
-                pieces.append(x[done[i]:end])
-                sel.append(i)
-                budget -= end - done[i]
+        sel, pieces = next_pieces(seqs, done, max_tokens, lambda i: next_cut(done[i], seqs[i].size, L, cache.interval))
         if not sel:
             break
         logits = engine.extend(st, [rows[i] for i in sel], pieces)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.state import LOGIT_ROWS
+from .prefix import next_pieces
 
 # The most bytes of logits one scoring extend call returns: pieces of up to 333 tokens at GPT-2's
 # vocabulary, against 4,096 x 50,257 x 4 = 785 MiB for a whole 4,096-token prompt. The peak over a
@@ -133,12 +134,7 @@ def score_prefill(engine, st, rows, ids_list, top: int = 0, max_tokens: int | No
     out = np.empty((len(rows), engine.vocab_size), dtype=np.float32)
     done = [0] * len(rows)
     while True:
-        budget, sel, pieces = per_call, [], []
-        for i, x in enumerate(seqs):
-            if done[i] < len(x) and budget > 0:
-                pieces.append(x[done[i]:done[i] + budget])
-                sel.append(i)
-                budget -= len(pieces[-1])
+        sel, pieces = next_pieces(seqs, done, per_call)
         if not sel:
             return out, [s.result() for s in scorers]
         last, every = engine.extend(st, rows[sel], pieces, every=[True] * len(sel))
