@@ -121,7 +121,7 @@ def fragment(results: dict, args, server_cmd: list[str], commands: dict, export_
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     shell = lambda cmd: " ".join(_short(c) if " " not in str(c) else repr(_short(c)) for c in cmd)  # noqa: E731
     lines = [
-        "# guidellm against `bsbr-export serve`", "",
+        "## guidellm against `bsbr-export serve`", "",
         f"{date}; guidellm {version}; machine: {machine_line()}.", "",
         f"`bsbr-export serve` on the bundled model (`models/gpt2-pystdlib`, 4 layers x 256, exported with chunk "
         f"128 and `max_seq_len` {args.max_len}), `--max-batch {args.max_batch}`"
