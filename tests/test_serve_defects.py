@@ -17,6 +17,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
+from test_serve_security import slow_decode  # noqa: E402
 from test_serve import MAX_LEN, MODEL, TIMEOUT, Running, _prompt, assert_same, export_dir, oracle  # noqa: F401
 
 from bsbr_export.runtime.engine import Engine
@@ -371,23 +372,12 @@ def slow_server(export_dir):
     s.stop()
 
 
-def _slow_decode(srv, seconds):
-    real = srv.engine.decode
-
-    def slow(*a, **k):
-        time.sleep(seconds)
-        return real(*a, **k)
-
-    srv.engine.decode = slow
-    return real
-
-
 def test_stalled_reader_past_its_buffer_is_dropped_while_others_stream(slow_server, oracle, heldout_ids):
     """A streaming client that stops reading: once 16 token events wait for it, its generation is
     cancelled and its row freed (long before its 400 tokens), while another stream goes on to its
     lone output; the server stays up."""
     s, srv = slow_server, server_of(slow_server.app)
-    real = _slow_decode(srv, 0.01)
+    real = slow_decode(srv, 0.01)
     try:
         cancelled = s.metric('bsbr_requests_finished_total{reason="cancelled"}')
         ids = _prompt(heldout_ids, 10, 9)
