@@ -258,16 +258,9 @@ class Runtime:
                 raise InputError(f"{len(ids) * n} rows with max_new_tokens {max_new_tokens} need {need / 2**20:.1f} MiB "
                                  f"of decode state, over state_memory ({self.state_memory / 2**20:.1f} MiB): "
                                  f"generate fewer prompts at once or raise state_memory")
-        if n > 1:
-            base = row_generators(seed, len(ids))  # checks seed
-            del base
-            if seed is None or isinstance(seed, (int, np.integer)):
-                seeds = [None if seed is None else int(seed) + j for _ in ids for j in range(n)]
-            else:
-                seeds = [None if s is None else int(s) + j for s in seed for j in range(n)]
-            rngs = row_generators(seeds, len(ids) * n)
-        else:
-            rngs = row_generators(seed, len(ids))
+        row_generators(seed, len(ids))  # checks the seeds in one line, as for n = 1
+        per_prompt = [seed] * len(ids) if seed is None or isinstance(seed, (int, np.integer)) else list(seed)
+        rngs = row_generators([None if s is None else int(s) + j for s in per_prompt for j in range(n)], len(ids) * n)
         return dict(ids=ids, n=int(n), max_new=int(max_new_tokens), opts=opts, rngs=rngs, stop=stop, stops=stops,
                     results=[Completion(prompt_tokens=int(x.size), prompt=i) for i, x in enumerate(ids) for _ in range(n)])
 
