@@ -389,8 +389,7 @@ class Runtime:
             logits = self.engine.prefill(st, [0], [ids])
             self.prompt_tokens_computed += ids.size
             snap = prefix.capture(self.engine, st, 0, ids, logits[0])
-            held = ids.size // self.engine.chunk
-            snap.bank = {m: st.banks[0][m][:, 0, :, :held].copy() for m in state.BANKED.values()} if held else {}
+            snap.bank = prefix.bank_chunks(st, 0, 0, ids.size // self.engine.chunk)
         return prefix.save_snapshot(self.engine, snap, path)
 
     def load_state(self, path) -> int:

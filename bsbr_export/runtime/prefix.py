@@ -108,6 +108,13 @@ def capture(engine, st, row: int, tokens, logits=None) -> Snapshot:
                     logits=None if logits is None else np.array(logits, dtype=np.float32))
 
 
+def bank_chunks(st, row: int, first: int, held: int) -> dict:
+    """Copies of the row's closed chunks ``first`` .. ``held`` - 1 ({} when there are none)."""
+    if held <= first:
+        return {}
+    return {n: st.banks[row][n][:, 0, :, first:held].copy() for n in S.BANKED.values()}
+
+
 def restore(engine, st, row: int, snap: Snapshot) -> None:
     """Write ``snap``'s state into ``row`` (its bank from the snapshot's chain)."""
     held = snap.position // engine.chunk
@@ -194,8 +201,7 @@ class PrefixCache:
             held, first = snap.position // self.engine.chunk, 0
             if parent is not None:
                 first = parent.position // self.engine.chunk
-            bank = st.banks[row]
-            snap.bank = {} if held == first else {n: bank[n][:, 0, :, first:held].copy() for n in S.BANKED.values()}
+            snap.bank = bank_chunks(st, row, first, held)
             snap.first, snap.parent, snap.key = first, parent, key
             size = snap.nbytes
             if size > self.budget or not self._make_room(size, keep=parent):
