@@ -513,8 +513,9 @@ def test_cli_serve_sigterm_drains_and_exits_0(export_dir):
         lines = []
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=TIMEOUT) as r:
             for line in r.iter_lines():
-                if line:
-                    lines.append(line)
+                if not line:
+                    continue  # the blank line between events: one SIGTERM only, after the second event
+                lines.append(line)
                 if len(lines) == 2:
                     proc.send_signal(signal.SIGTERM)
                     time.sleep(0.5)
