@@ -45,6 +45,15 @@ def test_greedy_is_argmax():
     assert (generate_sample(z) == z.argmax(-1)).all()
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    z = _logits()
+    with np.errstate(invalid="raise", over="raise"):  # no NaN, no warning
+        p = sampling.probabilities(z, SamplingOptions(temperature=1e-310))
+    assert np.isfinite(p).all() and (p.argmax(-1) == z.argmax(-1)).all() and np.allclose(p.max(-1), 1)
+    rng = np.random.default_rng(0)
+    assert [sampling.draw(row, rng) for row in p] == z.argmax(-1).tolist()
+
+
 def test_top_k_and_top_p_keep_the_expected_sets():
     z = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     keep = lambda k=None, p=None: np.flatnonzero(np.isfinite(filtered(z, k, p)[0])).tolist()

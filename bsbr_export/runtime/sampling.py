@@ -124,7 +124,11 @@ def filtered(z: np.ndarray, top_k: int | None, top_p: float | None) -> np.ndarra
 
 def probabilities(logits: np.ndarray, opts: SamplingOptions) -> np.ndarray:
     """Sampling distribution (B, V), float64, of already-penalised logits at temperature > 0."""
-    z = filtered(np.asarray(logits, dtype=np.float64) / opts.temperature, opts.top_k, opts.top_p)
+    z = np.asarray(logits, dtype=np.float64)
+    # shifted before scaling: the best token is 0 at any temperature, so a tiny one (1e-310)
+    # cannot overflow into inf - inf = NaN; it leaves the best token alone, i.e. greedy
+    with np.errstate(over="ignore"):  # the others may overflow to -inf: probability 0, as they should
+        z = filtered((z - z.max(-1, keepdims=True)) / opts.temperature, opts.top_k, opts.top_p)
     p = np.exp(z - z.max(-1, keepdims=True))
     return p / p.sum(-1, keepdims=True)
 
