@@ -6,8 +6,9 @@ each tensor stored once; ``ExportSpec`` says what an export writes and how it is
 
 int8 graphs (``ExportSpec(int8=True)``: ``model_int8.onnx`` ...) are the fp32 graphs with the
 dense weights (attention c_attn and c_proj, MLP c_fc and c_proj, and the LM head unless
-``int8_head=False``) stored int8, symmetric per output column, and run by ONNX Runtime's
-``DynamicQuantizeMatMul`` (activations quantized to uint8 per call); embeddings, LayerNorm,
+``int8_head=False``) stored int8, symmetric per output column, and multiplied by ONNX Runtime's
+``com.microsoft.MatMulIntegerToFloat`` with the activations quantized per token (``graph.Graph.qlinear``: a
+token's output does not depend on the other tokens of the call); embeddings, LayerNorm,
 the BSBR chunk attention (its meta projections included), softmax and every state stay fp32.
 The int8 tensors and their scales go to ``weights_int8.onnx.data``; an fp32 tensor whose
 bytes already lie in the directory's ``weights.onnx.data`` (the fp32 export, checked by
@@ -44,7 +45,7 @@ class ExportSpec:
     opset: int = OPSET
     inline: bool = False
     fp16: bool = False
-    # int8 dense weights (DynamicQuantizeMatMul); int8_head: the LM head too.
+    # int8 dense weights, activations per token (MatMulIntegerToFloat); int8_head: the LM head too.
     int8: bool = False
     int8_head: bool = True
     # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
@@ -92,7 +93,7 @@ def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRCon
             "state": state.StateSpec.from_config(cfg).to_dict()}
     if spec.int8:
         meta["quantization"] = {"weights": "int8 symmetric per output column",
-                                "activations": "uint8 per call (DynamicQuantizeMatMul)",
+                                "activations": "int8 symmetric per token (MatMulIntegerToFloat)",
                                 "layers": "attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
                                           + (", lm_head" if spec.int8_head else ""),
                                 "fp32_weights": "weights.onnx.data" if g.sink is not None and g.sink.base else None}

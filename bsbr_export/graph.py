@@ -3,9 +3,9 @@
 Float tensors live in the graph's precision (fp32 or fp16); LayerNorm and softmax always run
 in fp32. Initializers are numpy arrays named once; constants are shared by value. An int8
 graph is an fp32 graph whose dense weights were registered through ``qweight``: its
-``linear`` on such a weight is ONNX Runtime's ``com.microsoft.DynamicQuantizeMatMul`` (the
-activation quantized to uint8 per call, the weight int8 symmetric per output column, the bias
-added in the same node).
+``linear`` on such a weight quantizes the activations per token (``qlinear``: int8 symmetric
+per row, ORT's MatMulIntegerToFloat: an exact integer product, then the two scales; the weight int8
+symmetric per output column).
 """
 
 from __future__ import annotations
@@ -94,13 +94,30 @@ class Graph:
 
     # -- building blocks
     def linear(self, x, w_name, b_name=None, lead=None):
-        """x @ w + b; an int8 weight (``qweight``) gives one DynamicQuantizeMatMul with the bias."""
+        """x @ w + b; an int8 weight (``qweight``) goes through ``qlinear``."""
         if w_name in self.scales:
-            return self.op("DynamicQuantizeMatMul", x, w_name, self.scales[w_name], "", *([b_name] if b_name else []),
-                           domain="com.microsoft")
+            return self.qlinear(x, w_name, b_name)
         if b_name and self.fdt == np.float32:
             return self.gemm_rows(x, w_name, b_name, lead)
         y = self.op("MatMul", x, w_name)
+        return self.op("Add", y, b_name) if b_name else y
+
+    def qlinear(self, x, w_name, b_name=None):
+        """x @ w + b for an int8 weight, the activations quantized per token: each row of ``x``
+        symmetric with its own scale (max |x_row| / 127), stored as uint8 with zero point 128 (the
+        fast u8 x s8 kernel). The integer product is exact and every other step works on
+        one row, so a token's output does not depend on the other tokens of the call: a prompt
+        fed in other pieces, or batched with other rows, gives the same bits for the same input."""
+        peak = self.op("Max", self.op("ReduceMax", self.op("Abs", x), self.const([-1]), keepdims=1),
+                       self.const(1e-30, np.float32))
+        scale = self.op("Mul", peak, self.const(1 / 127, np.float32))  # (..., 1)
+        q = self.op("QuantizeLinear", self.op("Div", x, scale), self.const(1.0, np.float32),
+                    self.const(128, np.uint8))
+        # The weight's scale inside ORT's fused integer product, the row's after it: given a scale
+        # per row, the fusion of MatMulInteger + Cast + Mul takes it for one per column.
+        y = self.op("MatMulIntegerToFloat", q, w_name, self.const(1.0, np.float32), self.scales[w_name],
+                    self.const(128, np.uint8), domain="com.microsoft")
+        y = self.op("Mul", y, scale)
         return self.op("Add", y, b_name) if b_name else y
 
     # The leading dims (1-d int64 tensor) of the activations every ``linear`` without its own

@@ -71,7 +71,7 @@ def test_int8_graphs_share_one_int8_weights_file(int8_dir):
         if g == "model":
             n_layer = json.loads({p.key: p.value for p in m.metadata_props}["bsbr_export"])["config"]["n_layer"]
             ops = [n.op_type for n in m.graph.node]
-            assert ops.count("DynamicQuantizeMatMul") == 4 * n_layer + 1  # QKV, c_proj, c_fc, mlp c_proj; LM head
+            assert ops.count("MatMulIntegerToFloat") == 4 * n_layer + 1  # QKV, c_proj, c_fc, mlp c_proj; LM head
     # Four dense layers per block and the LM head, each with its scale.
     assert len(int8_names) == 4 * n_layer + 1 and "wte.weight.T.int8" in int8_names
     spans = sorted(seen.values())

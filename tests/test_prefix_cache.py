@@ -39,10 +39,12 @@ def exports(tmp_path_factory):
     return out
 
 
-# int8 graphs quantize activations per tensor of each call (DynamicQuantizeMatMul), so a prompt
-# fed in other pieces differs in the low bits whether or not the cache cut it (a cold prompt in
-# other pieces differs as much): their log-probabilities are compared at int8's own noise.
-INT8_ATOL = 0.05
+# int8 graphs quantize activations per token (graph.Graph.qlinear), so a token's int8 product
+# does not depend on the piece it came in. What differs between a prompt fed in other pieces is
+# fp32 rounding (as in fp32 graphs, up to about 1e-6), and int8 rounding turns such a difference
+# into a whole quantization step when a value lies at a rounding boundary: rare in a short prompt,
+# measured up to 1.3e-3 in the decode steps after the 4096-token prompt (16 pieces against one).
+INT8_LONG_ATOL = 5e-3
 FP16_ATOL = 1e-3  # fp16 graphs: the rounding of a piece's fp16 sums (measured up to 1.1e-5)
 
 
@@ -62,8 +64,8 @@ def test_cached_prefixes_equal_cold(exports, heldout_ids, window, precision):
     cold = load(d, precision=precision, threads=2)
     rt = load(d, precision=precision, threads=2, prefix_cache=256 * MIB)
     extra = heldout_ids[5000:5007]
-    atol = {"int8": INT8_ATOL, "fp16": FP16_ATOL}.get(precision, 1e-5)
     for P in (1, L - 1, L, L + 1, 3 * L + 5, 4096):
+        atol = FP16_ATOL if precision == "fp16" else INT8_LONG_ATOL if precision == "int8" and P > 1000 else 1e-5
         base = heldout_ids[:P]
         first = _one(rt, base)  # stores the prompt's state, then the generation's
         _same(first, _one(cold, base), f"{window} {precision} P={P} first", atol)
@@ -75,20 +77,17 @@ def test_cached_prefixes_equal_cold(exports, heldout_ids, window, precision):
         got = _one(rt, longer)
         assert got.cached_tokens == P, (P, got.cached_tokens)
         _same(got, _one(cold, longer), f"{window} {precision} P={P} + 7", atol)
-        # The next turn resends the reply: it starts from the end-of-generation state. (In int8 the
-        # reply's state came from decode steps, which quantize each token on its own, and the cold
-        # run prefills the same tokens in one piece: int8's noise, not the cache's, can change a
-        # greedy token there, so int8 checks this path by the cached length only.)
+        # The next turn resends the reply: it starts from the end-of-generation state.
         turn = np.concatenate([base, first.tokens, extra])
         got = _one(rt, turn)
         assert got.cached_tokens == P + len(first.tokens) - 1, (P, got.cached_tokens)
-        if precision != "int8":
-            _same(got, _one(cold, turn), f"{window} {precision} P={P} next turn", atol)
+        _same(got, _one(cold, turn), f"{window} {precision} P={P} next turn", atol)
 
 
-def test_cached_row_batched_with_cold_rows_equals_each_alone(exports, heldout_ids):
-    rt = load(exports["chunk"], threads=2, prefix_cache=64 * MIB)
-    cold = load(exports["chunk"], threads=2)
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cached_row_batched_with_cold_rows_equals_each_alone(exports, heldout_ids, precision):
+    rt = load(exports["chunk"], precision=precision, threads=2, prefix_cache=64 * MIB)
+    cold = load(exports["chunk"], precision=precision, threads=2)
     warm = heldout_ids[:3 * L + 5]
     _one(rt, warm)
     prompts = [np.concatenate([warm, heldout_ids[900:903]]), heldout_ids[2000:2000 + 2 * L + 3], heldout_ids[7:9]]
