@@ -89,7 +89,7 @@ def measure(name: str, work: Path) -> dict:
         r |= {"W": W, "onnx_bytes": onnx, "stages": m["stages"], "seconds": m["seconds"],
               "cases": m["parity"]["onnx_fp32"]["cases"], "worst": m["parity"]["onnx_fp32"]["worst_max_abs"],
               "reference": m["parity_reference"]["mode"],
-              # The bound: 2.5 W + twice the largest grid case's logits (batch 3 x N x vocab, fp32).
+              # The bound: 2.5 W + twice the largest grid case's logits (batch 3 x N x vocab, fp32).
               "target_bytes": 2.5 * W + 2 * 3 * max_len * VOCAB * 4}
     else:
         r["error"] = (log.strip().splitlines() or ["no output"])[-1][:300]

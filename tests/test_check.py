@@ -1,4 +1,4 @@
-"""The memory-bounded parity checker gives the old checker's statistics (issue 16).
+"""The memory-bounded parity checker gives the old checker's statistics.
 
 The old checker held both [batch, T, vocab] tensors and their float64 copies; the new one
 reduces row by row and slice by slice. Both are compared on the same logits, on the
@@ -14,7 +14,7 @@ from bsbr_export import check as C
 
 
 def old_compare_logits(ref: np.ndarray, out: np.ndarray) -> dict:
-    """The checker's formulas before issue 16, verbatim: whole tensors in float64."""
+    """The checker's formulas before the memory-bounded rewrite, verbatim: whole tensors in float64."""
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
     diff = np.abs(out64 - ref64)
 
@@ -119,7 +119,7 @@ def test_config_difference_names_first_key():
     assert "max_seq_len" in C.config_difference({**meta, "max_seq_len": 0}, cfg)
 
 
-# --------------------------------------------------------------------------- one model at a time (issue 17)
+# --------------------------------------------------------------------------- one model at a time
 
 def test_recorded_reference_gives_the_live_statistics(tiny_hf_dir, tmp_path):
     """The grid checked against torch's recorded logits (the model freed before the session

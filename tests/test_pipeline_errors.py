@@ -1,7 +1,7 @@
 """Every bad input of the main command, ``check`` and ``bench`` fails early with one line.
 
 Each test asserts the one-line message, the exit code and that nothing was written or
-overwritten (issue 16, one test per item of "Why").
+overwritten (one test per failure a user met).
 """
 
 from __future__ import annotations

@@ -176,15 +176,15 @@ def test_saved_state_continues_in_a_fresh_runtime(exports, heldout_ids, tmp_path
         fresh.load_state(tmp_path / "junk.npz")
 
 
-def test_readme_examples_of_reusing_state_run_as_written(exports, tmp_path):
+def test_python_doc_examples_of_reusing_state_run_as_written(exports, tmp_path):
     import os
     import subprocess
     import sys
 
     from test_runtime_api import ROOT
 
-    sec = (ROOT / "README.md").read_text()
-    sec = sec[sec.index("### Reusing a prompt's state"):]
+    sec = (ROOT / "docs" / "python.md").read_text()
+    sec = sec[sec.index("## Reusing a prompt's state"):]
     sec = sec[:sec.index("\n#", 5)]
     code = "\n".join(line[4:] for line in sec.splitlines() if line.startswith("    ") or not line.strip())
     env = {**os.environ, "BSBR_EXPORT_DIR": str(exports["chunk"])}

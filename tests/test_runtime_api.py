@@ -386,13 +386,12 @@ def test_other_load_errors(export_dir, tmp_path, no_engine):
 
 # --------------------------------------------------------------------------- README and CLI
 
-def readme_python_code() -> str:
-    """The code block of the README's Python section (indented four spaces)."""
-    s = (ROOT / "README.md").read_text()
-    sec = s[s.index("\n## Python\n"):]
-    sec = sec[:sec.index("\n## ", 1)]
+def first_code_block(path, heading: str) -> str:
+    """The first code block (indented four spaces) under ``heading`` in the Markdown file ``path``."""
+    s = "\n" + (ROOT / path).read_text()
+    sec = s[s.index(f"\n{heading}\n"):]
     lines, started = [], False
-    for line in sec.splitlines():
+    for line in sec.splitlines()[2:]:
         if line.startswith("    "):
             started = True
             lines.append(line[4:])
@@ -403,8 +402,9 @@ def readme_python_code() -> str:
     return "\n".join(lines)
 
 
-def test_readme_python_section_runs_as_written(export_dir, tmp_path):
-    code = readme_python_code()
+@pytest.mark.parametrize("path, heading", [("README.md", "## Python"), ("docs/python.md", "# The Python runtime")])
+def test_python_examples_run_as_written(export_dir, tmp_path, path, heading):
+    code = first_code_block(path, heading)
     assert "from bsbr_export.runtime import load" in code
     env = {**os.environ, "BSBR_EXPORT_DIR": str(export_dir)}
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

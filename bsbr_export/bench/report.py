@@ -119,7 +119,10 @@ def write_outputs(result: dict, out: Path, fragment=None) -> None:
     if fragment is not None:
         frag = Path(fragment)
         frag.parent.mkdir(parents=True, exist_ok=True)
-        rel = os.path.relpath(out.resolve(), frag.parent.resolve())
+        # A fragment's links are relative to the document it is assembled into: docs/RESULTS.md,
+        # one folder up, for a fragment in docs/results/ (scripts/make_results.py); else its own folder.
+        doc = frag.parent.parent if (frag.parent.parent / "RESULTS.md").is_file() else frag.parent
+        rel = os.path.relpath(out.resolve(), doc.resolve())
         links = "\n".join(f"![{p[:-4]}]({rel}/{p})" for p in pngs)
         atomic_write_text(frag, f"## Benchmark: {result['model']['name']} on CPU\n\n" + header(result) + "\n\n"
                           + f"Raw data: [`bench.json`]({rel}/bench.json).\n\n"

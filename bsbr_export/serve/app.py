@@ -9,7 +9,7 @@
 ``create_app(ServeConfig(...))`` builds the application; the runtime (engine, tokenizer,
 scheduler, metrics: ``Server``) starts in the application's lifespan, or on the first request
 where no lifespan runs. Every route reads it from ``app.state``; cross-cutting concerns (API
-keys, body size and receive timeout, the log line: issue 18) sit in ``security.Guard``, an ASGI
+keys, body size and receive timeout, the log line) sit in ``security.Guard``, an ASGI
 middleware around the routes; the routes check prompt, ``max_tokens`` and in-flight limits and
 the request timeout. Every error is OpenAI-style JSON
 ``{"error": {"message", "type", "param", "code"}}``.

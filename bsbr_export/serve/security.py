@@ -1,4 +1,4 @@
-"""Who may call the server and how much one request may take (issue 18).
+"""Who may call the server and how much one request may take.
 
 ``Guard`` is an ASGI middleware around the whole application (uvicorn and Ray Serve alike):
 
