@@ -24,6 +24,7 @@ DEFAULT_RESULTS, DEFAULT_FIGURES = ROOT / "docs" / "results", ROOT / "docs" / "f
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
          "study_external", "bench", "bench-gpt2-pystdlib", "platforms", "gpu-h200", "gpt2-size-main-command"]
 LAST = ["regeneration"]
+SUMMARY = "summary"
 # Run order: calibration before the scripts that also evaluate its checkpoints.
 RUN_ORDER = ["study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
              "study_external"]
@@ -102,14 +103,18 @@ hand-computed case.
 
 
 def fragments(results: Path) -> list[Path]:
-    have = {p.stem: p for p in sorted(results.glob("*.md"))}
+    have = {p.stem: p for p in sorted(results.glob("*.md")) if p.stem != SUMMARY}
     ordered = [have.pop(n) for n in ORDER if n in have]
     last = [have.pop(n) for n in LAST if n in have]
     return ordered + list(have.values()) + last
 
 
 def assemble(results: Path, out: Path) -> Path:
-    parts, seen = [INTRO], set()
+    # The document opens with its one-screen summary (docs/results/summary.md, written by hand
+    # from the sections below; tests/test_docs.py checks that each of its numbers is there).
+    title, _, rest = INTRO.partition("\n\n")
+    summary = results / f"{SUMMARY}.md"
+    parts, seen = [title] + ([summary.read_text().strip()] if summary.is_file() else []) + [rest], set()
     for p in fragments(results):
         text = p.read_text().strip()
         # A later run of the same benchmark (a recheck) is named by its fragment, so that two
@@ -121,7 +126,7 @@ def assemble(results: Path, out: Path) -> Path:
         # Fragments link figures relative to docs/; RESULTS.md lives in docs/ too.
         parts.append(text)
     out.write_text("\n\n".join(parts).rstrip() + "\n")
-    print(f"wrote {out} from {len(parts) - 1} fragments")
+    print(f"wrote {out} from {len(parts) - 2} fragments")
     return out
 
 

@@ -61,7 +61,8 @@ def test_links_resolve(page):
         path, _, frag = target.partition("#")
         # a fragment of docs/results/ is written for its place in docs/RESULTS.md
         base = page.parent.parent if page.parent.name == "results" else page.parent
-        dest = (base / path).resolve() if path else page
+        here = ROOT / "docs" / "RESULTS.md" if page.parent.name == "results" else page
+        dest = (base / path).resolve() if path else here
         if not dest.exists():
             bad.append(f"{target}: no such file")
         elif frag and dest.suffix == ".md" and frag not in anchors(dest):
@@ -72,3 +73,17 @@ def test_links_resolve(page):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_issue_numbers(page):
     assert not re.search(r"\bissue #?\d+", page.read_text(), re.IGNORECASE)
+
+
+def test_results_summary_fits_a_screen_and_every_number_is_below():
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    summary = (ROOT / "docs" / "results" / "summary.md").read_text().strip()
+    assert len(summary.splitlines()) <= 40
+    start = doc.index(summary)  # the document opens with it
+    assert start < doc.index("## Definitions")
+    below = doc[start + len(summary):].replace(",", "")
+    text = re.sub(r"\]\([^)]*\)", "]", summary)  # not the numbers of the links' anchors
+    numbers = re.findall(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?", text)
+    assert len(numbers) > 20
+    missing = [n for n in numbers if n.replace(",", "") not in below]
+    assert not missing, missing
