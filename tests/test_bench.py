@@ -17,21 +17,16 @@ def _num(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _tracked_state() -> str:
-    import subprocess
+def test_quick_bench_schema(tmp_path, monkeypatch):
+    from test_no_stray_writes import changed, snapshot
 
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                       text=True)
-    return p.stdout if p.returncode == 0 else "no git"
-
-
-def test_quick_bench_schema(tmp_path):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench"
-    before = _tracked_state()
+    before = snapshot()
     res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(out), "--fragment", str(out / "fragment.md")])
     assert res.exit_code == 0, res.output
-    assert _tracked_state() == before  # the run wrote under --out (and where --fragment said) only
+    assert changed(before, snapshot()) == []  # the run wrote under --out (and where --fragment said) only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
     r = json.loads((out / "bench.json").read_text())
     assert r["schema"] == SCHEMA and r["complete"] is True and r["quick"] is True
     for key in ("command", "date", "machine", "versions", "model", "spec", "backends", "prefill", "decode",
