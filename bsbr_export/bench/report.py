@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..util import atomic_write_text
 from .plots import plots
-from .results import cell, fmt_mib, fmt_x, lo_hi, timed_backends
+from .results import cell, fmt_mib, fmt_range, fmt_x, lo_hi, ratio_range, timed_backends
 from .sections import decode_table, miss_notes, opt_levels_table, profile_tables, table, targets_table
 from .spec import BACKENDS, LABELS, LONG_TOKENS, SHORT_WARMUP_SEQ
 
@@ -20,14 +20,20 @@ def _prefill_tables(result: dict) -> list[str]:
     vs = [b for b in shown if b != "floor-ort"]
     names = list(result["speedups"])
     pairs = [f"{LABELS[n.split('/')[0]]} over {LABELS[n.split('/')[1]]}" for n in names]
+    def x(v, num, den, T):  # a ratio of medians and the range of the runs' ratios
+        return fmt_x(v) + (fmt_range(ratio_range(result, num, den, T), fmt_x) if v is not None else "")
+
     return [
-        "\n### Prefill latency, batch 1 (median ms)\n",
-        table(["T"] + [LABELS[b] for b in shown], [[T] + [cell(result, b, T) for b in shown] for T in lengths]),
-        "\n### Latency as a multiple of the dense floor (1.00 = only the unavoidable matmul work)\n",
-        table(["T"] + [LABELS[b] for b in vs], [[T] + [fmt_x(result["vs_floor"][b][str(T)]) for b in vs]
-                                               for T in lengths]),
-        "\n### Speedups (ratio of median latencies)\n",
-        table(["T"] + pairs, [[T] + [fmt_x(result["speedups"][n][str(T)]) for n in names] for T in lengths]),
+        "\n### Prefill latency, batch 1 (median ms, in brackets the fastest and slowest run)\n",
+        table(["T"] + [LABELS[b] for b in shown],
+              [[T] + [cell(result, b, T, spread=True) for b in shown] for T in lengths]),
+        "\n### Latency as a multiple of the dense floor (1.00 = only the unavoidable matmul work; in brackets "
+        "the range over the runs)\n",
+        table(["T"] + [LABELS[b] for b in vs], [[T] + [x(result["vs_floor"][b][str(T)], b, "floor-ort", T)
+                                                       for b in vs] for T in lengths]),
+        "\n### Speedups (ratio of median latencies; in brackets the range over the runs)\n",
+        table(["T"] + pairs, [[T] + [x(result["speedups"][n][str(T)], n.split("/")[1], n.split("/")[0], T)
+                                     for n in names] for T in lengths]),
         "\n### Peak memory, batch 1 (process RSS high-water mark during inference, MiB)\n",
         table(["T"] + [LABELS[b] for b in shown],
               [[T] + [cell(result, b, T, fmt=fmt_mib, key="peak_rss_bytes") for b in shown] for T in lengths]),
@@ -55,7 +61,7 @@ def markdown_tables(result: dict) -> str:
         bt, T = spec["throughput"]
         parts.append(f"\n### Throughput, batch {bt} x T={T}\n")
         parts.append(table(["backend", "median ms", "tokens/s", "peak RSS MiB"], [
-            [LABELS[b], cell(result, b, T, bt), cell(result, b, T, bt, fmt=lambda v: f"{v:,.0f}", key="tokens_per_s"),
+            [LABELS[b], cell(result, b, T, bt, spread=True), cell(result, b, T, bt, fmt=lambda v: f"{v:,.0f}", key="tokens_per_s"),
              cell(result, b, T, bt, fmt=fmt_mib, key="peak_rss_bytes")] for b in timed_backends(result)]))
     parts.append(f"\n### Scaling exponent (log-log slope of latency over T in {lo_hi(result)})\n")
     parts.append(table(["backend", "exponent", "r²", "lengths"], [
@@ -97,7 +103,7 @@ def header(result: dict) -> str:
         f"{LONG_TOKENS} tokens on, the warm-up runs a {SHORT_WARMUP_SEQ}-token prefix; `--quick`: 2 runs); "
         "every prefill case in its own child process; peak memory = that process's RSS high-water mark "
         "during inference (weights and the logits tensor included). Decode: state filled at the context's "
-        "shape with random values, one chunk of steps.",
+        "shape with random values, one chunk of steps (one run: no spread).",
     ]
     if result.get("quick"):
         lines.append("- quick: a smoke test of the benchmark itself (tiny model, 2 runs): the targets below are "

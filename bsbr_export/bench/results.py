@@ -24,6 +24,23 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def times(result: dict, backend: str, seq: int, batch: int = 1):
+    """(fastest, slowest) timed run of a prefill case in ms; None if it was not timed."""
+    t = median(result, backend, seq, batch, key="times_ms")
+    return (min(t), max(t)) if t else None
+
+
+def ratio_range(result: dict, num: str, den: str, seq: int):
+    """The range of median(num) / median(den) over the runs: (fastest num / slowest den, slowest
+    num / fastest den); None where either case has no runs."""
+    a, b = times(result, num, seq), times(result, den, seq)
+    return None if a is None or b is None else (a[0] / b[1], a[1] / b[0])
+
+
+def fmt_range(r, fmt) -> str:
+    return "" if r is None else f" ({fmt(r[0])}-{fmt(r[1])})"
+
+
 def timed_backends(result: dict) -> list[str]:
     """Backends with a prefill row to show: timed, failed while timed, or stopped by the gate."""
     return [b for b in BACKENDS if any(c["backend"] == b and c["status"] in ("ok", "failed", "parity_failed")
@@ -50,11 +67,12 @@ def fmt_x(v, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def cell(result: dict, b: str, T: int, batch: int = 1, fmt=fmt_ms, key="median_ms") -> str:
-    """A prefill table cell: the formatted value, or why there is none."""
+def cell(result: dict, b: str, T: int, batch: int = 1, fmt=fmt_ms, key="median_ms", spread=False) -> str:
+    """A prefill table cell: the formatted value (with ``spread``, the median and its runs'
+    range), or why there is none."""
     for c in result["prefill"]:
         if c["backend"] == b and c["seq"] == T and c["batch"] == batch:
             if c["status"] == "ok":
-                return fmt(c[key])
+                return fmt(c[key]) + (fmt_range(times(result, b, T, batch), fmt) if spread else "")
             return "parity FAILED" if c["status"] == "parity_failed" else c["status"]
     return "—"
