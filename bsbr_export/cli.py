@@ -149,9 +149,12 @@ def _case_line(case) -> None:
               help="--engine int8: least top-1 agreement with the fp32 graph, per source over the grid [0.97].")
 @click.option("--int8-max-kl", type=float, default=None,
               help="--engine int8: largest mean KL(fp32 || int8) in nats, per source over the grid [0.02].")
+@click.option("--onnx-only", is_flag=True,
+              help="--engine fp32/fp16: write and check the graphs, build no TensorRT engine (without this, "
+                   "a missing TensorRT stops the command before any work).")
 @conversion_options
 def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, int8_min_top1, int8_max_kl,
-        allow_pickle, **opts):
+        onnx_only, allow_pickle, **opts):
     """Whole pipeline: convert, export, check parity, build (the default command).
 
     \b
@@ -169,12 +172,12 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
       manifest.json         versions, options, file hashes, parity summary, where the
                             reference lived, time and peak memory of each stage
 
-    Options, paths and the parity check's memory are checked before any work. While it
+    Options, paths, the parity check's memory and (for an engine) TensorRT are checked
+    before any work. While it
     runs, .OUT.lock beside OUT keeps a second writer out; leftovers of a killed run
     (.OUT.partial.*) are removed. Files are 0644, directories 0755.
     """
     from .pipeline import run_pipeline
-    from .trt import TensorRTNotInstalled
 
     if max_seq_len is not None and max_seq_len < 1:
         fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
@@ -182,10 +185,8 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
         manifest = run_pipeline(model, out, engine=engine, max_seq_len=max_seq_len, force=force,
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
-                                int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, **_options(**opts))
-    except TensorRTNotInstalled as e:
-        fail(f"wrote {out} up to the {'fp16 ONNX' if engine == 'fp16' else 'ONNX'} graph; "
-             f"engine not built: {str(e).splitlines()[0]}", code=3)
+                                int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, onnx_only=onnx_only,
+                                **_options(**opts))
     except BSBRExportError as e:
         fail(str(e))
     except OSError as e:
