@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .cli_runtime import fail, generate, serve
+from .cli_runtime import Choice, fail, generate, serve
 from .errors import BSBRExportError
 
 
@@ -43,21 +43,21 @@ def conversion_options(f):
                      help="Tokens per chunk L: softmax attention inside a chunk, retrieval between chunks."),
         click.option("--compression", type=int, default=None,
                      help="State compression factor kappa (must divide the head dim); default: off."),
-        click.option("--position-policy", type=click.Choice(["absolute", "chunk"]), default="absolute",
+        click.option("--position-policy", type=Choice(["absolute", "chunk"]), default="absolute",
                      show_default=True, help="Positions for t >= n_positions (see README)."),
-        click.option("--meta-init", type=click.Choice(["qk", "random"]), default="qk", show_default=True,
+        click.option("--meta-init", type=Choice(["qk", "random"]), default="qk", show_default=True,
                      help="Initialisation of the meta query/key projections."),
         click.option("--retrieval-scale", type=float, default=None,
                      help="Initial per-head retrieval scale g [normalised: 0.03; plain: 0, i.e. "
                           "block-local attention only]."),
-        click.option("--retrieval", type=click.Choice(["plain", "normalised"]), default="normalised",
+        click.option("--retrieval", type=Choice(["plain", "normalised"]), default="normalised",
                      show_default=True,
                      help="plain: o = a + g q S. normalised: local and retrieved terms share one softmax "
                           "denominator (needs a positive --feature-map)."),
-        click.option("--feature-map", type=click.Choice(["identity", "elu1", "relu"]), default=None,
+        click.option("--feature-map", type=Choice(["identity", "elu1", "relu"]), default=None,
                      help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
                           "plain: identity]."),
-        click.option("--local-window", type=click.Choice(["chunk", "lookback"]), default="chunk",
+        click.option("--local-window", type=Choice(["chunk", "lookback"]), default="chunk",
                      show_default=True,
                      help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "
                           "lookback: those and the whole previous chunk (retrieval from the chunks before "
@@ -129,7 +129,7 @@ def _case_line(case) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--engine", type=click.Choice(["onnx", "fp32", "fp16", "int8"]), default="onnx", show_default=True,
+@click.option("--engine", type=Choice(["onnx", "fp32", "fp16", "int8"]), default="onnx", show_default=True,
               help="onnx: ONNX + ONNX Runtime parity. fp32/fp16: also a TensorRT engine (needs TensorRT); "
                    "fp16 writes and checks the fp16 ONNX first. int8: also the int8 CPU graphs (dense "
                    "weights int8), gated against the fp32 graph (--int8-min-top1, --int8-max-kl).")
@@ -138,7 +138,7 @@ def _case_line(case) -> None:
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph (no bsbr::ChunkAttention function).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-@click.option("--parity-reference", type=click.Choice(["auto", "memory", "disk"]), default="auto",
+@click.option("--parity-reference", type=Choice(["auto", "memory", "disk"]), default="auto",
               show_default=True,
               help="Where torch's reference logits live during parity. memory: the torch model runs beside "
                    "each ONNX Runtime session (the weights held twice). disk: torch runs the whole grid first, "
@@ -281,7 +281,7 @@ def _changed(opts: dict) -> dict:
               help="The model the graph came from: the bsbr/ directory of the main command's output, or "
                    "the original HF GPT-2 with the same conversion options. The graph's recorded "
                    "configuration must match it.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write parity JSON/Markdown here.")
 @click.option("--threads", type=int, default=None)
 @conversion_options
