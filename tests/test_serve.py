@@ -532,6 +532,23 @@ def test_cli_serve_sigterm_drains_and_exits_0(export_dir):
     assert "Shutting down" in log or "Finished server process" in log, log[-2000:]
 
 
+def test_cli_serve_busy_port_fails_in_one_line_before_loading(export_dir):
+    """A port another process listens on: one error line naming the address, before the model
+    is loaded or uvicorn starts (no "[Errno 98]" from uvicorn after a load)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 1 and r.stdout == "", r.stdout[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: 127.0.0.1:{port} is already in use (another process listens "
+                                             f"there): stop it or choose another --port"], r.stderr[-2000:]
+    assert took < 20, f"took {took:.1f} s"
+
+
 def test_cli_serve_bad_export_fails_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)

@@ -34,7 +34,7 @@ from .completions import complete
 from .metrics import HTTPMetrics
 from .protocol import APIError, parse_completion
 from .scheduler import PREFILL_CHUNK, Scheduler
-from .security import Guard, check_exposure, header_timeout_protocol
+from .security import Guard, check_exposure, check_port, header_timeout_protocol
 
 
 @dataclass
@@ -212,7 +212,8 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets streams finish for up to
     ``config.drain_s`` seconds, then the scheduler cancels what is left and the process exits 0.
     A non-loopback ``host`` without an API key is refused (InputError) before anything binds,
-    unless ``insecure``; ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's own TLS)."""
+    unless ``insecure``, and so is an address already in use, before the runtime is loaded;
+    ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's own TLS)."""
     import logging
 
     import uvicorn
@@ -220,6 +221,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     check_exposure(host, config.api_keys, insecure)
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise InputError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    check_port(host, port)
     app = create_app(config)
     logging.getLogger("bsbr_export.serve").setLevel(logging.INFO)
     if not logging.getLogger("bsbr_export.serve").handlers:
