@@ -18,6 +18,22 @@ def fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
+class Choice(click.Choice):
+    """``click.Choice`` that names the nearest choice when a value is mistyped
+    (``--engine onxx``: "... did you mean 'onnx'?")."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            import difflib
+
+            near = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1)
+            if near:
+                e.message = f"{e.message.rstrip('.')}; did you mean {near[0]!r}?"
+            raise
+
+
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -37,9 +53,9 @@ def parse_size(text: str, name: str, zero: bool = False) -> int:
 @click.argument("prompt", required=False)
 @click.option("--prompts-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A file of prompts, one per line, generated as one batch (instead of PROMPT).")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="onnx", show_default=True,
+@click.option("--backend", type=Choice(["torch", "onnx"]), default="onnx", show_default=True,
               help="onnx: the torch-free runtime over the exported graphs. torch: the PyTorch model in bsbr/.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Graphs to run (onnx backend): fp16 needs the _fp16 graphs (--engine fp16), int8 the _int8 "
                    "graphs (--engine int8).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -108,7 +124,7 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
 @click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
               help="Requests waiting for a row beyond the free rows; more get 429 with Retry-After.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads [all cores].")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+@click.option("--precision", type=Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="Graphs to serve: fp16 needs --engine fp16's graphs, int8 --engine int8's.")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompt tokens fed per scheduler step, between decode steps of running streams.")
@@ -145,7 +161,7 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
               help="Memory for the decode state of all rows, e.g. 4GiB or 512MiB: the rows' buffers and each "
                    "request's bank of closed chunks, reserved when it is admitted (a request that does not fit "
                    "waits in the queue; one that could never fit gets 400) [half the memory free at start].")
-@click.option("--prepack", type=click.Choice(["decode", "all", "none"]), default="decode", show_default=True,
+@click.option("--prepack", type=Choice(["decode", "all", "none"]), default="decode", show_default=True,
               help="ONNX Runtime weight prepacking: for the per-token graph (batched decode at full speed, one "
                    "packed copy of the dense weights), for every graph (faster prompts, a second copy), or none.")
 @click.option("--prefix-cache", default="1GiB", metavar="SIZE", show_default=True,

@@ -146,6 +146,19 @@ def check_output(out: Path, force: bool) -> None:
         raise ConfigError(f"{out}: cannot be created, {parent} is not writable")
 
 
+def check_tensorrt(engine: str) -> None:
+    """Refuse ``--engine fp32|fp16`` before any work when TensorRT cannot be imported, saying
+    what to do instead."""
+    from .trt import TensorRTNotInstalled, require_tensorrt
+
+    try:
+        require_tensorrt()
+    except TensorRTNotInstalled as e:
+        raise ConfigError(f"--engine {engine} builds a TensorRT engine: {str(e).splitlines()[0]}; "
+                          f"or use --engine onnx or int8 (ONNX Runtime), or add --onnx-only to write and "
+                          f"check the {engine} graphs without an engine") from None
+
+
 def estimate_peak(cfg, max_len: int, engine: str = "onnx", recorded: bool = False) -> int:
     """The parity grid's estimated peak for an engine (fp16 adds the torch fp16 baseline and the
     fp16 graph's check)."""
@@ -214,8 +227,11 @@ def remove_leftovers(out: Path, log=print) -> list[Path]:
 def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
                  log=print, case_progress=None, parity_reference: str = "auto", int8_min_top1: float | None = None,
-                 int8_max_kl: float | None = None, **options) -> dict:
-    """Run the pipeline; returns the manifest. Raises ParityError, TensorRTNotInstalled, ...
+                 int8_max_kl: float | None = None, onnx_only: bool = False, **options) -> dict:
+    """Run the pipeline; returns the manifest. Raises ParityError, ConfigError, ...
+
+    ``onnx_only``: with engine fp32 or fp16, write and check the graphs but build no TensorRT
+    engine (without it, a missing TensorRT stops the run before any work).
 
     Every option and path is checked before any work (the configuration is read from
     config.json alone); the output is built under ``.OUT.partial.*`` beside it, under a lock.
@@ -242,6 +258,9 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     t0 = time.time()
     step = iter(range(1, 10))
     log(f"[{next(step)}] checking options and memory")
+    build_engine = engine in ("fp32", "fp16") and not onnx_only
+    if build_engine:
+        check_tensorrt(engine)
     where = reference_mode(cfg, max_len, engine, out.parent, parity_reference)
     check_memory(cfg, max_len, engine, log, recorded=where["mode"] == "disk")
     from .util import map_large_allocations
@@ -257,7 +276,6 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         text_ids = heldout_text(src_dir)
         manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
                     "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
-        tensorrt_missing = None
         with atomic_dir(out, force=force) as tmp:
             log(f"[{next(step)}] exporting ONNX (prefill, extend, decode and close graphs, max {max_len} tokens)")
             with stage("export"):
@@ -308,17 +326,12 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                                          case_progress)
                 _record(manifest, "onnx_fp16", report, tmp)
                 onnx_for_engine = tmp / "model_fp16.onnx"
-            if engine in ("fp32", "fp16"):
-                from .trt import TensorRTNotInstalled, require_tensorrt
-
-                try:
-                    require_tensorrt()
-                    log(f"[{next(step)}] building the TensorRT engine ({engine})")
-                    _build_and_check(reference, onnx_for_engine, tmp, engine, max_len, text_ids, manifest,
-                                     case_progress)
-                except TensorRTNotInstalled as e:
-                    tensorrt_missing = e
-                    manifest["engine_status"] = f"not built: {e}"
+            if build_engine:
+                log(f"[{next(step)}] building the TensorRT engine ({engine})")
+                _build_and_check(reference, onnx_for_engine, tmp, engine, max_len, text_ids, manifest,
+                                 case_progress)
+            elif engine in ("fp32", "fp16"):
+                manifest["engine_status"] = "not built (--onnx-only)"
             if where["mode"] == "disk":
                 reference.remove()
             for f in sorted(tmp.rglob("*")):
@@ -329,8 +342,6 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
             log("    peak memory by stage: " + ", ".join(f"{k} {v['peak_rss_bytes'] / 2**30:.2f} GiB"
                                                          for k, v in stage.record.items()))
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if tensorrt_missing is not None:
-        raise tensorrt_missing
     return manifest
 
 

@@ -27,6 +27,12 @@ def test_quick_bench_schema(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert changed(before, snapshot()) == []  # the run wrote under --out (and where --fragment said) only
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench"]
+    # What it prints: no target lines (the smoke run judges none), no profile op that reads 0 ms.
+    lines = res.output.splitlines()
+    assert not [x for x in lines if x.startswith("  -  ") or "(need " in x], res.output[-3000:]
+    assert lines[-1].startswith("quick run: targets not judged")
+    tops = [x.split("top ops (ms): ")[1] for x in lines if x.startswith("  profile ") and "top ops (ms): " in x]
+    assert tops and all(not op.endswith((" 0", " 0.00")) for top in tops for op in top.split(", ")), tops
     r = json.loads((out / "bench.json").read_text())
     assert r["schema"] == SCHEMA and r["complete"] is True and r["quick"] is True
     for key in ("command", "date", "machine", "versions", "model", "spec", "backends", "prefill", "decode",

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from bsbr_export.cli import main
@@ -42,3 +43,23 @@ def test_hub_name_without_hub_is_one_line(tmp_path, monkeypatch):
     assert lines[-1].startswith("error: 'gpt2' is not a local directory and cannot be fetched from the HuggingFace hub")
     assert "models/gpt2-pystdlib" in lines[-1]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, near", [
+    (["MODEL", "--engine", "onxx", "--out", "o"], "'onnx'"),
+    (["MODEL", "--out", "o", "--local-window", "lookbak"], "'lookback'"),
+    (["convert", "MODEL", "--out", "o", "--retrieval", "normalized"], "'normalised'"),
+    (["serve", "DIR", "--precision", "fp61"], "'fp16'"),
+    (["generate", "DIR", "p", "--backend", "onx"], "'onnx'"),
+])
+def test_mistyped_choice_suggests_the_nearest(args, near):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].endswith(f"did you mean {near}?"), res.output
+
+
+def test_choice_far_from_every_option_gets_no_suggestion():
+    res = CliRunner().invoke(main, ["MODEL", "--engine", "zzz", "--out", "o"])
+    assert res.exit_code == 2
+    last = res.output.strip().splitlines()[-1]
+    assert "'zzz' is not one of 'onnx', 'fp32', 'fp16', 'int8'" in last and "did you mean" not in last

@@ -3,6 +3,9 @@
 import json
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,12 +23,14 @@ from bsbr_export.generate import generate
 from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner, TorchStepper
 from conftest import assert_close, assert_ort_decode_matches
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def fp16_run(bundled_dir, tmp_path_factory):
-    """The full pipeline with --engine fp16 on the bundled model (no TensorRT here)."""
+    """The full pipeline with --engine fp16 on the bundled model, graphs only (no TensorRT here)."""
     out = tmp_path_factory.mktemp("run") / "fp16"
-    res = CliRunner().invoke(main, [str(bundled_dir), "--engine", "fp16", "--out", str(out)])
+    res = CliRunner().invoke(main, [str(bundled_dir), "--engine", "fp16", "--onnx-only", "--out", str(out)])
     return res, out
 
 
@@ -66,14 +71,39 @@ def test_tiny_parity_with_retrieval_on(tiny_hf_dir, tmp_path, inline):
     assert rep["lengths"] == [1, 23, 24, 25, 51, 96, 200]
 
 
-def test_main_command_fp16_without_tensorrt(fp16_run):
+def _tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_tensorrt_importable(), reason="TensorRT is installed: the command would build the engine")
+@pytest.mark.parametrize("engine", ["fp16", "fp32"])
+def test_main_command_without_tensorrt_fails_before_any_work(bundled_dir, tmp_path, engine):
+    """--engine fp16|fp32 without TensorRT: one error line at step 1, nothing converted or written."""
+    out = tmp_path / "o"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", str(bundled_dir), "--engine", engine,
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert err[0] == "[1] checking options and memory" and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert err[-1].startswith(f"error: --engine {engine} builds a TensorRT engine: TensorRT not installed")
+    assert "--engine onnx or int8" in err[-1] and "--onnx-only" in err[-1]
+    assert not any(line.startswith("[2]") for line in err)  # stopped before converting
+    assert not out.exists() and not list(tmp_path.glob(".o.partial.*"))
+    assert took < 60, f"took {took:.0f} s"
+
+
+def test_main_command_fp16_onnx_only(fp16_run):
     res, out = fp16_run
-    assert res.exit_code == 3, res.output
-    last = res.output.strip().splitlines()[-1]
-    assert last.startswith("error: wrote") and "TensorRT not installed" in last
+    assert res.exit_code == 0, res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["chunk_size"] == 128
-    assert manifest["engine_status"].startswith("not built: TensorRT not installed")
+    assert manifest["engine_status"] == "not built (--onnx-only)"
     for name in ("model.onnx", "weights.onnx.data", "decode.onnx", "model_fp16.onnx", "bsbr/model.safetensors"):
         assert name in manifest["files"], name
         assert (out / name).is_file()

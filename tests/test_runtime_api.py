@@ -335,6 +335,18 @@ def test_missing_graph(export_dir, tmp_path, no_engine):
     assert "missing graph decode.onnx" in _load_error(d)
 
 
+def test_empty_graph_file(export_dir, tmp_path, no_engine):
+    """A 0-byte graph (an interrupted copy) is named as such, through load and the generate command."""
+    d = _linked_copy(export_dir, tmp_path / "x", skip=("decode.onnx",))
+    (d / "decode.onnx").write_bytes(b"")
+    assert _load_error(d).startswith(f"{d / 'decode.onnx'}: empty file (0 bytes)")
+    r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "generate", str(d), "def f("], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == "", r.stdout[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {d / 'decode.onnx'}: empty file (0 bytes)"), lines
+
+
 def _weights_file(export_dir, graph: str) -> str:
     """The weights file a graph's external-data records name (one file per export and precision)."""
     (name,) = {loc for loc, _, _ in api._external_data(export_dir / graph)}

@@ -530,6 +530,27 @@ def test_cli_serve_sigterm_drains_and_exits_0(export_dir):
             proc.wait(10)
     log = proc.stdout.read()
     assert "Shutting down" in log or "Finished server process" in log, log[-2000:]
+    started = [line for line in log.splitlines() if " serving " in line]  # one line: what, how, where
+    assert len(started) == 1, log[-2000:]
+    assert started[0].endswith(f"serving {MODEL} (fp32) at {url}: max batch 2, queue 64, context {MAX_LEN} tokens, "
+                               f"prompt <= 8192 tokens, max_tokens <= 4096, 131072 tokens in flight"), started
+
+
+def test_cli_serve_busy_port_fails_in_one_line_before_loading(export_dir):
+    """A port another process listens on: one error line naming the address, before the model
+    is loaded or uvicorn starts (no "[Errno 98]" from uvicorn after a load)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "bsbr_export.cli", "serve", str(export_dir), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 1 and r.stdout == "", r.stdout[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: 127.0.0.1:{port} is already in use (another process listens "
+                                             f"there): stop it or choose another --port"], r.stderr[-2000:]
+    assert took < 20, f"took {took:.1f} s"
 
 
 def test_cli_serve_bad_export_fails_in_one_line(tmp_path):

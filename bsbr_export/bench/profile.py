@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .child import make_job, run_child
+from .results import fmt_ms
 from .spec import BenchSpec
 
 
@@ -116,8 +117,9 @@ def run_profiles(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
                                  warmup=0 if spec.quick else 1), work, spec.case_timeout_s)
         out[b] = res
         if res.get("status") == "ok":
-            top = ", ".join(f"{k} {v:.0f}" for k, v in list(res["op_types_ms"].items())[:4])
-            log(f"  profile {b:10s} T {T}: run {res['run_ms']:.0f} ms; top ops (ms): {top}")
+            top = [f"{k} {fmt_ms(v)}" for k, v in list(res["op_types_ms"].items())[:4]]
+            top = ", ".join(t for t in top if not t.endswith(" 0.00")) or "none over 0.005"  # no zero rows
+            log(f"  profile {b:10s} T {T}: run {fmt_ms(res['run_ms'])} ms; top ops (ms): {top}")
         else:
             log(f"  profile {b:10s} T {T}: {res['reason']}")
     return out

@@ -51,6 +51,9 @@ def read_metadata(path) -> dict:
     """The ``bsbr_export`` metadata JSON of an exported graph, without loading its weights."""
     import onnx
 
+    if Path(path).is_file() and Path(path).stat().st_size == 0:  # onnx reads it as an empty graph
+        raise ModelLoadError(f"{path}: empty file (0 bytes), not a graph (an interrupted write or copy; "
+                             f"export it again)")
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # a truncated or foreign file

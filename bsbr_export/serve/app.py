@@ -34,7 +34,7 @@ from .completions import complete
 from .metrics import HTTPMetrics
 from .protocol import APIError, parse_completion
 from .scheduler import PREFILL_CHUNK, Scheduler
-from .security import Guard, check_exposure, header_timeout_protocol
+from .security import Guard, check_exposure, check_port, header_timeout_protocol
 
 
 @dataclass
@@ -212,7 +212,9 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     """Serve until SIGINT/SIGTERM: uvicorn stops accepting, lets streams finish for up to
     ``config.drain_s`` seconds, then the scheduler cancels what is left and the process exits 0.
     A non-loopback ``host`` without an API key is refused (InputError) before anything binds,
-    unless ``insecure``; ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's own TLS)."""
+    unless ``insecure``, and so is an address already in use, before the runtime is loaded;
+    ``ssl_certfile``/``ssl_keyfile`` serve HTTPS (uvicorn's own TLS). Once listening, one line
+    says what is served where (``started_line``)."""
     import logging
 
     import uvicorn
@@ -220,6 +222,7 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     check_exposure(host, config.api_keys, insecure)
     if (ssl_certfile is None) != (ssl_keyfile is None):
         raise InputError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    check_port(host, port)
     app = create_app(config)
     logging.getLogger("bsbr_export.serve").setLevel(logging.INFO)
     if not logging.getLogger("bsbr_export.serve").handlers:
@@ -229,7 +232,17 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     # uvicorn's access log is replaced by the Guard's line per request (status, latency, tokens)
     uv = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=config.drain_s,
                         lifespan="on", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, **uvicorn_options(config))
-    server = uvicorn.Server(uv)
+    scheme = "https" if ssl_certfile else "http"
+
+    class Uvicorn(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the runtime loaded (lifespan) and the socket bound: the actual port
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                logging.getLogger("bsbr_export.serve").info(
+                    started_line(server_of(app), f"{scheme}://{_url_host(host)}:{bound}"))
+
+    server = Uvicorn(uv)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal that stopped it once it has shut down; a drained SIGTERM
         # is a clean stop here (exit code 0), so the re-raised SIGTERM is ignored.
@@ -237,3 +250,16 @@ def run(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     server.run()
     if not server.started:
         raise BSBRExportError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def started_line(srv: Server, url: str) -> str:
+    """The one start-up line: what is served, how many rows at once, the limits, and where."""
+    c = srv.config
+    queue = f"queue {c.max_queue}" if c.max_queue else "no queue"
+    return (f"serving {srv.name} ({c.precision}) at {url}: max batch {c.max_batch}, {queue}, context "
+            f"{srv.max_len} tokens, prompt <= {c.max_prompt_tokens} tokens, max_tokens <= {c.max_tokens_cap}, "
+            f"{c.max_tokens_in_flight} tokens in flight")

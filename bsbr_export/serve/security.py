@@ -71,6 +71,31 @@ def check_exposure(host: str, keys, insecure: bool) -> None:
                          f"${ENV_KEY}, or --insecure to serve without one")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse (InputError, one line) an address the server could not listen on, before the
+    runtime is loaded: bind it as uvicorn will (every address the host resolves to, with
+    SO_REUSEADDR) and let go at once. Port 0 (any free port) always binds."""
+    import errno
+    import socket
+
+    try:
+        addrs = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    for family, kind, proto, _, addr in addrs:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise InputError(f"{host}:{port} is already in use (another process listens there): "
+                                     f"stop it or choose another --port") from None
+                raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def key_ok(header: str | bytes | None, keys) -> bool:
     """``Authorization: Bearer KEY`` against every key, each compared in constant time, as bytes:
     the header's bytes as they came (a str header is the ASGI server's latin-1 decoding of them)
