@@ -1,6 +1,6 @@
-"""The serving benchmark's report (``serving.py`` runs it): bench_serve.md with its tables and
-bench_serve.png. It reads a result dict only, so a committed bench_serve.json renders again
-without a server."""
+"""The serving benchmark's report (``serving.py`` runs it): bench_serve.md with its tables, the
+targets judged on the run, and bench_serve.png. It reads a result dict only, so a committed
+bench_serve.json renders again without a server."""
 
 from __future__ import annotations
 
@@ -8,8 +8,55 @@ import json
 from pathlib import Path
 
 from ..util import atomic_write_text, machine_line, markdown_table
+from .sections import table
 
 LONG = 8192  # the long context: the prompt of the long-prompt test and the memory table's context
+TARGET_STREAMS = 16  # the batching target and the latencies beside it are stated at this many streams
+# name -> (comparison, threshold, unit): the serving benchmark's acceptance thresholds.
+THRESHOLDS = {"continuous batching": (">=", 3.0, "x")}
+
+
+def _level(result: dict, length: int, n: int, mode: str):
+    return next((r for r in result["levels"] if r["prompt_tokens"] == length and r["streams"] == n
+                 and r["mode"] == mode), None)
+
+
+def targets(result: dict) -> list[dict]:
+    """The batching target (tokens/s batched over one request at a time at ``TARGET_STREAMS``
+    streams, the shortest prompt measured: the decode-bound load) as pass, miss or n/a, and the
+    TTFT and per-token latencies of that batched level, reported without a threshold."""
+    lengths = sorted({r["prompt_tokens"] for r in result["levels"]})
+    length = lengths[0] if lengths else None
+    n = TARGET_STREAMS
+    at = f"{n} streams, {length}-token prompts"
+    out = []
+    for name, (op, thr, unit) in THRESHOLDS.items():
+        value = None if length is None else _ratio(result, length, n)
+        status = "n/a" if value is None else "pass" if (value >= thr if op == ">=" else value <= thr) else "miss"
+        out.append({"name": name, "description": f"tokens/s batched / one request at a time at {at}",
+                    "measured": value, "comparison": op, "threshold": thr, "unit": unit, "status": status})
+    row = None if length is None else _level(result, length, n, "batched")
+    for key, what in (("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+                      ("tpot_p50_ms", "inter-token latency p50"), ("tpot_p99_ms", "inter-token latency p99")):
+        value = None if row is None else row[key]
+        out.append({"name": what, "description": f"{what}, batched, at {at}", "measured": value,
+                    "comparison": None, "threshold": None, "unit": " ms", "status": "n/a" if value is None
+                    else "reported"})
+    return out
+
+
+def targets_table(result: dict) -> str:
+    """The targets section: each target against its threshold, the latencies beside it."""
+    rows = []
+    for t in targets(result):
+        fmt = "{:.2f}" if t["unit"] == "x" else "{:.1f}"
+        rows.append([t["description"], "—" if t["measured"] is None else fmt.format(t["measured"]) + t["unit"],
+                     "—" if t["threshold"] is None else f"{t['comparison']} {t['threshold']:.2f}{t['unit']}",
+                     t["status"]])
+    na = (f" n/a: the run has no {TARGET_STREAMS}-stream level (or no one-at-a-time baseline) at its shortest "
+          f"prompt." if any(t["status"] == "n/a" for t in targets(result)) else "")
+    return ("### Targets\n\n" + table(["target", "measured", "required", "result"], rows)
+            + "\n\nLatencies are measured at the client and reported without a threshold." + na)
 
 
 def _ratio(result, length, n):
@@ -42,7 +89,9 @@ def write_report(result: dict, out: Path) -> None:
               result["levels"]}) for n in sorted({r["streams"] for r in result["levels"]}) if n > 1
               and _ratio(result, length, n) is not None]
     if ratios:
-        md += ["Continuous batching over one request at a time (tokens/s ratio; target >= 3 at 16 streams):", "",
+        op, thr, _ = THRESHOLDS["continuous batching"]
+        md += [f"Continuous batching over one request at a time (tokens/s ratio; target {op} {thr:g} at "
+               f"{TARGET_STREAMS} streams):", "",
                markdown_table(["prompt", "streams", "batched / one at a time"], ratios)]
     if result["long_prompt"]:
         md += [f"A {LONG}-token prompt arriving while {result['long_prompt'][0]['streams']} streams decode "
@@ -77,6 +126,7 @@ def write_report(result: dict, out: Path) -> None:
                             f"{m['engine_row_bytes'] / 2**20:.2f} ({m['engine_capacity']} chunks)",
                             f(m["kv_cache_bytes"] / 2**20, 2), f(m["kv_cache_bytes"] / m["bsbr_state_bytes"], 1)]
                            for m in mem])]
+    md += [targets_table(result), ""]
     md += [f"Total time: {result['seconds'] / 60:.1f} min. Plot: `bench_serve.png`.", ""]
     atomic_write_text(out / "bench_serve.md", "\n".join(md))
     plot(result, out / "bench_serve.png")
