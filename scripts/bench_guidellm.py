@@ -172,10 +172,10 @@ def main(argv=None) -> int:
         ap.error(f"--guidellm {args.guidellm}: no such file (python -m venv DIR && DIR/bin/pip install guidellm)")
     args.work.mkdir(parents=True, exist_ok=True)
     if args.export is None:
-        from bsbr_export.serve.bench import make_export
+        from bsbr_export.bench.serving import make_export
 
         export = make_export(args.work, args.max_len)
-        export_cmd = (f"python -c 'from pathlib import Path; from bsbr_export.serve.bench import make_export; "
+        export_cmd = (f"python -c 'from pathlib import Path; from bsbr_export.bench.serving import make_export; "
                       f"make_export(Path(\"{args.work}\"), {args.max_len})'")
     else:
         export, export_cmd = args.export, f"(export given: {args.export})"

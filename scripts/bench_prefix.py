@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bsbr_export.serve.bench import BUNDLED, MODEL, ServerProcess
+from bsbr_export.bench.serving import BUNDLED, MODEL, ServerProcess
 from bsbr_export.util import machine_info, machine_line, markdown_table
 
 TIMEOUT = 900.0

@@ -578,7 +578,7 @@ def test_chunk_size_1_paused_rows_keep_every_byte(export_l1, heldout_ids):
 def test_bench_server_log_is_drained(export_dir):
     """A benchmark server that logs over 64 KiB (a line per request) keeps answering: its stderr
     pipe is read all along."""
-    from bsbr_export.serve.bench import ServerProcess
+    from bsbr_export.bench.serving import ServerProcess
 
     srv = ServerProcess(export_dir, max_batch=1, threads=1)
     try:
@@ -593,7 +593,7 @@ def test_bench_server_log_is_drained(export_dir):
 def test_bench_long_prompt_failure_is_reported(server):
     """The long-prompt test against a server that refuses the long prompt: a row with the error,
     no IndexError."""
-    from bsbr_export.serve import bench
+    from bsbr_export.bench import serving as bench
 
     row = asyncio.run(bench.long_prompt_gap(server.url, [[1, 2, 3]] * 2, [5] * (MAX_LEN + 8), 2))
     assert row["max_gap_ms"] is None and row["long_ttft_s"] is None and "long request failed (HTTP 4" in row["error"]

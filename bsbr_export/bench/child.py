@@ -1,66 +1,21 @@
-"""The child-process protocol: the parent writes a job (JSON), ``python -m bsbr_export.bench JOB RESULT``
-runs it in a fresh process and writes the result (JSON). Each job kind has one handler."""
+"""The child-process protocol: the parent writes a job (JSON, ``jobs.make_job``) and runs it with
+``jobs.run_child``; ``python -m bsbr_export.bench JOB RESULT`` runs it here in a fresh process and writes
+the result (JSON). Each job kind has one handler: this dispatcher is the one module that imports the cases."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from ..util import atomic_write_text
+from . import decode, prefill, prepare, profile, runtime_memory
 
-def make_job(kind: str, spec, work: Path, prep: dict, threads: int, **kw) -> dict:
-    """A timing job: the prepared paths, threads, seed and vocabulary, plus the kind's own fields."""
-    return {"kind": kind, "work": str(work), "paths": prep["paths"], "threads": threads, "seed": spec.seed,
-            "vocab_size": prep["model"]["vocab_size"], **kw}
-
-
-def run_child(job: dict, work: Path, timeout_s: int) -> dict:
-    """Run ``job`` in a fresh Python process; a crash or timeout becomes {"status": "failed"}."""
-    work.mkdir(parents=True, exist_ok=True)
-    fd, job_path = tempfile.mkstemp(prefix="job-", suffix=".json", dir=work)
-    with os.fdopen(fd, "w") as f:
-        json.dump(job, f)
-    res_path = job_path[:-5] + ".result.json"
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bsbr_export.bench", job_path, res_path],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"child process timed out after {timeout_s}s"}
-    wall = round(time.perf_counter() - t0, 2)
-    if proc.returncode != 0 or not Path(res_path).is_file():
-        rc = proc.returncode
-        if rc in (-9, 137):
-            why = "child process killed by SIGKILL (out of memory?)"
-        else:
-            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-            why = f"child process exited with code {rc}: {tail[0][:300]}"
-        return {"status": "failed", "reason": why, "child_wall_s": wall}
-    out = json.loads(Path(res_path).read_text())
-    for p in (job_path, res_path):
-        Path(p).unlink(missing_ok=True)
-    return out | {"child_wall_s": wall}
+HANDLERS = {"prepare": prepare.prepare, "prefill": prefill.prefill_cases, "decode": decode.decode_cases,
+            "profile": profile.profile_case, "runtime_memory": runtime_memory.runtime_memory_case}
 
 
 def child_main(job_path: str, result_path: str) -> None:
     """The child: run the job's handler, write its result atomically."""
-    from . import decode, prefill, prepare, profile, runtime_memory  # they run children themselves
-
-    handlers = {"prepare": prepare.prepare, "prefill": prefill.prefill_cases, "decode": decode.decode_cases,
-                "profile": profile.profile_case, "runtime_memory": runtime_memory.runtime_memory_case}
     job = json.loads(Path(job_path).read_text())
-    result = handlers[job["kind"]](job)
+    result = HANDLERS[job["kind"]](job)
     atomic_write_text(result_path, json.dumps(result))
-
-
-def set_torch_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ import numpy as np
 from ..ops import state
 from ..ops.state import StateSpec, kv_cache_bytes
 from ..util import summarize
-from .child import make_job, run_child, set_torch_threads
+from .jobs import make_job, run_child, set_torch_threads
 from .spec import BACKENDS, DECODE_BACKENDS, DECODE_WARMUP, KINDS, MIB, BenchSpec
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..util import machine_info
 from .analysis import analyse
-from .child import run_child
+from .jobs import run_child
 from .decode import run_decode
 from .prefill import run_opt_levels, run_prefill
 from .profile import run_profiles

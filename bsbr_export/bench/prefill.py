@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..util import peak_rss_bytes, reset_peak_rss, rss_bytes, time_calls
-from .child import make_job, run_child, set_torch_threads
+from .jobs import make_job, run_child, set_torch_threads
 from .spec import BACKENDS, KINDS, MIB, BenchSpec, prefill_plan, schedule
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .child import set_torch_threads
+from .jobs import set_torch_threads
 from .spec import RANDOM_MODELS, BenchSpec
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .child import make_job, run_child
+from .jobs import make_job, run_child
 from .results import fmt_ms
 from .spec import BenchSpec
 

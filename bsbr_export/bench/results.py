@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..ops.state import kv_cache_bytes
 from .spec import BACKENDS, MIB
 
 
@@ -18,6 +19,22 @@ def decode_mean(result: dict, backend: str, context: int):
         if c["backend"] == backend and c["context"] == context and c["status"] == "ok":
             return c["per_token_mean_ms"]
     return None
+
+
+def decode_row(result: dict, backend: str, context: int):
+    """The decode case of ``backend`` at ``context`` (any status); None if there is none."""
+    return next((c for c in result["decode"] if c["backend"] == backend and c["context"] == context), None)
+
+
+def decode_state_bytes(result: dict, context: int) -> tuple:
+    """(BSBR state bytes, KV cache bytes) at ``context``: the BSBR state as a BSBR backend's
+    decode row records it (``ops.state.StateSpec``), the KV cache from the model's sizes
+    (``ops.state.kv_cache_bytes``, what every KV-cache backend holds); None where not measured."""
+    bsbr = next((c["state_bytes"] for b in ("bsbr-ort", "bsbr-torch") for c in [decode_row(result, b, context)]
+                 if c is not None and c["status"] == "ok"), None)
+    m = result.get("model") or {}
+    kv = kv_cache_bytes(m["n_layer"], m["n_embd"], context) if "n_layer" in m and "n_embd" in m else None
+    return bsbr, kv
 
 
 def ratio(a, b):

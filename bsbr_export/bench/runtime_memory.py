@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .child import make_job, run_child
 from ..util import rss_bytes
+from .jobs import make_job, run_child
 from .spec import BenchSpec
 
 PROMPT, STEPS = 32, 4

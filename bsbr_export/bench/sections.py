@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 from ..util import markdown_table
-from .results import cell, decode_mean, fmt_mib, fmt_ms, fmt_x, median, ratio
+from .results import cell, decode_mean, decode_row, decode_state_bytes, fmt_mib, fmt_ms, fmt_x, median, ratio
 from .spec import DECODE_BACKENDS, DECODE_LABELS, LABELS, SHORT_WARMUP_SEQ
+from .targets import TARGET_DECODE_LONG, TARGET_DECODE_SHORT
 
 
 def table(head: list, rows: list[list]) -> str:
     """A Markdown table without the trailing newline (sections are joined by newlines)."""
     return markdown_table(head, rows).rstrip("\n")
-
-
-def _decode_row(result: dict, backend: str, context: int):
-    return next((c for c in result["decode"] if c["backend"] == backend and c["context"] == context), None)
-
-
-def decode_state_bytes(result: dict, context: int) -> tuple:
-    """(BSBR state bytes, KV cache bytes) at ``context``: the BSBR state as a BSBR backend's
-    decode row records it (``ops.state.StateSpec``), the KV cache from the model's sizes
-    (``ops.state.kv_cache_bytes``, what every KV-cache backend holds); None where not measured."""
-    from ..ops.state import kv_cache_bytes
-
-    bsbr = next((c["state_bytes"] for b in ("bsbr-ort", "bsbr-torch") for c in [_decode_row(result, b, context)]
-                 if c is not None and c["status"] == "ok"), None)
-    m = result.get("model") or {}
-    kv = kv_cache_bytes(m["n_layer"], m["n_embd"], context) if "n_layer" in m and "n_embd" in m else None
-    return bsbr, kv
 
 
 def decode_table(result: dict) -> str:
@@ -39,7 +23,7 @@ def decode_table(result: dict) -> str:
     for cx in ctxs:
         lat = []
         for b in bs:
-            c = _decode_row(result, b, cx)
+            c = decode_row(result, b, cx)
             lat.append(fmt_ms(c["per_token_mean_ms"]) if c is not None and c["status"] == "ok"
                        else (c["status"] if c else "—"))
         bsbr, kv = decode_state_bytes(result, cx)
@@ -152,14 +136,12 @@ def _speedup_note(result: dict, t: dict, Tmax: int) -> str:
 
 def _kv_cache_note(result: dict, name: str) -> str:
     """Why a decode target against GPT-2 + KV cache in ORT is missed, from the decode rows of this run."""
-    from .targets import TARGET_DECODE_LONG, TARGET_DECODE_SHORT
-
     ctx = sorted({c["context"] for c in result["decode"]})
     cs = ctx[0] if result.get("quick") or TARGET_DECODE_SHORT not in ctx else TARGET_DECODE_SHORT
     cl = ctx[-1] if result.get("quick") or TARGET_DECODE_LONG not in ctx else TARGET_DECODE_LONG
     if name == "kv-cache state":
         bsbr, kv = decode_state_bytes(result, cl)
-        row = next((c for b in ("bsbr-ort", "bsbr-torch") for c in [_decode_row(result, b, cl)]
+        row = next((c for b in ("bsbr-ort", "bsbr-torch") for c in [decode_row(result, b, cl)]
                     if c is not None and c.get("state_parts")), None)
         text = f"At context {cl} the KV cache holds {fmt_mib(kv)} MiB and the BSBR state {fmt_mib(bsbr)} MiB"
         if row:
@@ -168,7 +150,7 @@ def _kv_cache_note(result: dict, name: str) -> str:
                      f"state per closed chunk, head and layer, so the ratio tends to that bank's bytes per token "
                      f"over the cache's (shrunk by a longer chunk or by --compression)")
         return text + "."
-    row = lambda b, c: _decode_row(result, b, c) or {}  # noqa: E731
+    row = lambda b, c: decode_row(result, b, c) or {}  # noqa: E731
     kv_s, kv_l = decode_mean(result, "kv-ort", cs), decode_mean(result, "kv-ort", cl)
     b_s, b_l = decode_mean(result, "bsbr-ort", cs), decode_mean(result, "bsbr-ort", cl)
     text = (f"GPT-2 + KV cache ORT takes {fmt_ms(kv_s)} ms per token at context {cs} and {fmt_ms(kv_l)} ms at "

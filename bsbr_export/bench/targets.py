@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .results import decode_mean, lo_hi, median, ratio
+from .results import decode_mean, decode_state_bytes, lo_hi, median, ratio
+from .spec import KINDS
 
 # The targets are stated at T = 8192 (long) and T = 128 (short).
 TARGET_SHORT, TARGET_LONG = 128, 8192
@@ -76,8 +77,6 @@ def _measured(result: dict) -> tuple[dict, dict]:
 def _kv_measured(result: dict, ctx: list) -> tuple[dict, dict]:
     """The decode targets against GPT-2 + KV cache in ORT; their bounds from the KV-cache decoder's
     per-token dense work (one token on an empty cache): the lowest latency any attention could add to."""
-    from .sections import decode_state_bytes
-
     cs = TARGET_DECODE_SHORT if TARGET_DECODE_SHORT in ctx else None
     cl = TARGET_DECODE_LONG if TARGET_DECODE_LONG in ctx else None
     if result.get("quick"):  # the smoke test judges its own shortest and longest contexts
@@ -101,8 +100,6 @@ PREFILL_SHORT = (1, 32, 128)  # the lengths of the "prefill vs HF export" target
 def _prefill_measured(result: dict) -> tuple[dict, dict]:
     """The prefill targets against the HF export and the dense floor; bound of the first: the
     floor over the HF export (the lowest ratio any attention could reach)."""
-    from .spec import KINDS
-
     lengths = sorted(result["spec"]["lengths"])
     quick = result.get("quick")
     m = lambda b, T: None if T is None else median(result, b, T)  # noqa: E731

@@ -1,4 +1,5 @@
-"""Serving benchmark: ``bsbr-export serve`` under load, each load level in its own server process.
+"""Serving benchmark: ``bsbr-export serve`` under load, each load level in its own server process
+(the load generator and the run; the report, its targets and plot: ``serving_report.py``).
 
     python scripts/bench_serve.py [--export DIR] [--out docs/serve] [--quick]
 
@@ -37,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .serving_report import LONG, write_report
+
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "models" / "gpt2-pystdlib"
 MODEL = "bench"
-LONG = 8192
 LEVEL_DEADLINE_S = 1800.0
 REQUEST_TIMEOUT_S = 900.0  # a queued stream gets no byte until it has a row
 
@@ -348,111 +350,6 @@ def main(argv=None) -> dict:
     result["seconds"] = time.monotonic() - t_all
     write_report(result, a.out)
     return result
-
-
-# --------------------------------------------------------------------------- report
-
-def _ratio(result, length, n):
-    rows = {r["mode"]: r for r in result["levels"] if r["prompt_tokens"] == length and r["streams"] == n}
-    if "batched" in rows and "one at a time" in rows:
-        return rows["batched"]["tokens_per_s"] / rows["one at a time"]["tokens_per_s"]
-    return None
-
-
-def write_report(result: dict, out: Path) -> None:
-    from ..util import atomic_write_text, machine_line, markdown_table
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bench_serve.json", json.dumps(result, indent=1) + "\n")
-    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"
-    rows = [[r["prompt_tokens"], r["streams"], r["mode"], r["max_batch"], r["requests"], r["tokens"],
-             f(r["tokens_per_s"]), f(r["ttft_p50_ms"], 0), f(r["ttft_p99_ms"], 0), f(r["tpot_p50_ms"]),
-             f(r["tpot_p99_ms"]), f(r["peak_rss_bytes"] / 2**20, 0), r["failed"]] for r in result["levels"]]
-    md = ["# Serving benchmark (`bsbr-export serve`)", "",
-          "Made by:", "", f"    {result['command']}", "",
-          f"Machine: {machine_line(result['machine'])}. {result['note']}", "",
-          f"Each row: a fresh server process (`--threads {result['threads']}`, `--max-batch` as listed) over "
-          f"`{result.get('model', 'gpt2-pystdlib')}` exported with chunk 128 and `max_seq_len` "
-          f"{result['max_seq_len']}; "
-          f"that many streaming clients, {result['requests_per_stream']} request(s) each one after the other, "
-          f"{result['new_tokens']} new tokens per request (greedy, `ignore_eos`). Tokens/s: all tokens over the "
-          f"level's wall time. TTFT and per-token gaps measured at the client (p50/p99). RSS: the server's peak.",
-          "", markdown_table(["prompt", "streams", "mode", "max-batch", "requests", "tokens", "tokens/s",
-                              "TTFT p50 ms", "TTFT p99 ms", "per-token p50 ms", "per-token p99 ms",
-                              "peak RSS MiB", "failed"], rows)]
-    ratios = [[length, n, f(_ratio(result, length, n), 2)] for length in sorted({r["prompt_tokens"] for r in
-              result["levels"]}) for n in sorted({r["streams"] for r in result["levels"]}) if n > 1
-              and _ratio(result, length, n) is not None]
-    if ratios:
-        md += ["Continuous batching over one request at a time (tokens/s ratio; target >= 3 at 16 streams):", "",
-               markdown_table(["prompt", "streams", "batched / one at a time"], ratios)]
-    if result["long_prompt"]:
-        md += [f"A {LONG}-token prompt arriving while {result['long_prompt'][0]['streams']} streams decode "
-               f"(`--max-batch 5`): the longest gap between two tokens of a running stream from its arrival to "
-               f"its first token, with the prompt fed in pieces and whole.", "",
-               markdown_table(["prefill chunk", "long prompt TTFT s", "longest gap of running streams ms",
-                               "tokens of running streams meanwhile", "median gap before ms"],
-                              [[r["prefill_chunk"], f(r["long_ttft_s"], 2), f(r["max_gap_ms"], 0),
-                                "-" if r["tokens_during_prefill"] is None else r["tokens_during_prefill"],
-                                f(r["median_gap_before_ms"])]
-                               for r in result["long_prompt"]])]
-    if result.get("engine_costs"):
-        md += ["What the engine spends per scheduler step, by rows in the batch (this process, same threads): a "
-               "decode step, the chunk closes of a step in which every row ends its chunk (each closing row is closed on "
-               "its own, so a batch pays one close per row per chunk of 128 steps, whatever the rows' phases), and one "
-               "row's 128-token prefill inside the batch. Capacity: the most bank slots a row can hold.", "",
-               markdown_table(["batch", "capacity", "decode step ms", "chunk close ms",
-                               "one row prefill 128 ms", "close amortised per step ms"],
-                              [[r["batch"], r["capacity"], f(r["decode_ms"], 2), f(r["close_ms"], 1),
-                                f(r["prefill_one_row_128_ms"], 1), f(r["close_ms"] / 128, 2)]
-                               for r in result["engine_costs"]])]
-    mem = result["memory"]
-    md += [f"Memory per active sequence at {LONG} tokens of context (float32): the BSBR state "
-           f"(`StateSpec.bytes_at`), what the engine allocates per row of the batch in an export that holds "
-           f"{LONG} tokens (its K/V/S buffers and its bank as the engine grows it with the chunks the row "
-           f"closes), and a standard "
-           f"GPT-2 KV cache (`kv_cache_bytes`).", "",
-           markdown_table(["model", "layers x width", "chunk", "BSBR state MiB", "engine per row MiB (capacity)",
-                           "GPT-2 KV cache MiB", "KV / state"],
-                          [[m["model"], f"{m['layers']} x {m['embd']}", m["chunk"],
-                            f(m["bsbr_state_bytes"] / 2**20, 2),
-                            f"{m['engine_row_bytes'] / 2**20:.2f} ({m['engine_capacity']} chunks)",
-                            f(m["kv_cache_bytes"] / 2**20, 2), f(m["kv_cache_bytes"] / m["bsbr_state_bytes"], 1)]
-                           for m in mem])]
-    md += [f"Total time: {result['seconds'] / 60:.1f} min. Plot: `bench_serve.png`.", ""]
-    atomic_write_text(out / "bench_serve.md", "\n".join(md))
-    plot(result, out / "bench_serve.png")
-
-
-def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    lengths = sorted({r["prompt_tokens"] for r in result["levels"]})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for length in lengths:
-        for mode, style in (("batched", "-o"), ("one at a time", "--s")):
-            rs = sorted((r for r in result["levels"] if r["prompt_tokens"] == length
-                         and (r["mode"] == mode or r["streams"] == 1)), key=lambda r: r["streams"])
-            if len(rs) < 2 and mode != "batched":
-                continue
-            xs = [r["streams"] for r in rs]
-            axes[0].plot(xs, [r["tokens_per_s"] for r in rs], style, label=f"prompt {length}, {mode}")
-            axes[1].plot(xs, [r["tpot_p50_ms"] for r in rs], style, label=f"prompt {length}, {mode}")
-    for ax, title in zip(axes, ("tokens/s", "per-token latency p50 (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent streams")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"bsbr-export serve, {result.get('model', 'gpt2-pystdlib')}, 2 shared CPU cores (noisy)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
