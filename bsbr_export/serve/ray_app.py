@@ -6,9 +6,9 @@ One command (Ray's own CLI; ``pip install 'bsbr-export[ray]'``):
     serve run bsbr_export.serve.ray_app:build export_dir=out/gpt2-pystdlib num_replicas=2 max_batch=16
 
 Arguments (all ``key=value``, read into ``RayArgs``, which Ray validates before calling the
-builder: a misspelt key or a bad number is refused with the field's name): export_dir (required), num_replicas [1], max_batch [8],
-max_queue [64], threads [1], precision [fp32], prefill_chunk [256], model_name [the directory's
-name], num_cpus per replica [threads]. On a cluster: ``ray start --head`` on one node, ``ray
+builder: a misspelt key or a bad number is refused with the field's name): export_dir
+(required), num_replicas [1], max_batch [8], max_queue [64], threads [1], precision [fp32],
+prefill_chunk [256], model_name [the directory's name], num_cpus per replica [threads]. On a cluster: ``ray start --head`` on one node, ``ray
 start --address=HEAD:6379`` on each other node (same Python environment and the export at the
 same path on every node), then the command above with ``--address=ray://HEAD:10001`` or run on
 the head node; Ray places the replicas on the nodes. Each replica answers /v1/completions,
