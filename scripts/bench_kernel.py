@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bsbr_export.ops.chunk import chunk_attention, chunk_attention_normalised  # noqa: E402
 from bsbr_export.ops.naive import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
                                    compare_to_baseline)
+from bsbr_export.util import median_ms  # noqa: E402
 
 
 def _flash_only():
@@ -111,14 +111,7 @@ def time_ms(fn, device: str, warmup: int, runs: int) -> float:
         torch.cuda.synchronize()
         est = (time.perf_counter() - t0) * 1e3
         return do_bench(fn, warmup=max(25.0, warmup * est), rep=max(100.0, runs * est), return_mode="median")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, runs, warmup)
 
 
 def bench_length(T, args, dtype, backends) -> dict:

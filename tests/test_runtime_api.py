@@ -16,7 +16,7 @@ import pytest
 from bsbr_export.errors import InputError
 from bsbr_export.ops import state
 from bsbr_export.runtime import Runtime, TorchStepper, api, load
-from bsbr_export.runtime.sampling import log_softmax
+from bsbr_export.util import log_softmax
 from bsbr_export.runtime.text import REPLACEMENT
 
 from test_text import _incomplete  # tests/ is on sys.path (rootdir conftest)
