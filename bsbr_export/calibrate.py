@@ -150,9 +150,13 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
     named = trainable(model, what)
     g_params = [p for n, p in named if n.endswith("attn.g") or "parametrizations.g" in n]
     rest = [p for n, p in named if not any(p is q for q in g_params)]
-    groups = [{"params": rest, "base_lr": lr}, {"params": g_params, "base_lr": lr_g if normalised else lr}]
+    groups = [{"params": rest, "lr": lr}, {"params": g_params, "lr": lr_g if normalised else lr}]
     opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     log = log or CalibrationLog()
+    # Linear warm-up over the first ``warmup`` steps, counted from the log's steps (a log handed
+    # back in continues it): factor min(1, (step + 1) / warmup) on each group's lr.
+    done = log.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (done + s + 1) / warmup))
     cache: dict[int, object] = {}
 
     def cached(i: int, x: torch.Tensor):
@@ -171,12 +175,11 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
             t0 = time.time()
             for i in torch.randperm(len(windows), generator=order_gen).tolist():
                 x = windows[i]
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * min(1.0, (log.steps + 1) / warmup)
                 loss = step_loss(x, cached(i, x))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 log.steps += 1
                 log.tokens += x.numel()
                 log.losses.append(loss.item())

@@ -134,9 +134,11 @@ def _case_line(case) -> None:
                    "fp16 writes and checks the fp16 ONNX first. int8: also the int8 CPU graphs (dense "
                    "weights int8), gated against the fp32 graph (--int8-min-top1, --int8-max-kl).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory (created atomically).")
-@click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Longest sequence the export serves [n_positions].")
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph (no bsbr::ChunkAttention function).")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads [all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime intra-op threads [all cores].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--parity-reference", type=Choice(["auto", "memory", "disk"]), default="auto",
               show_default=True,
@@ -145,9 +147,9 @@ def _case_line(case) -> None:
                    "its logits go to a file in the partial output (deleted at the end) and the model is freed "
                    "before any session opens (the weights held once; needs disk for the logits: 3.5 GB at "
                    "1024 tokens). auto: disk when the disk has room for twice that, else memory.")
-@click.option("--int8-min-top1", type=float, default=None,
+@click.option("--int8-min-top1", type=click.FloatRange(0.0, 1.0), default=None,
               help="--engine int8: least top-1 agreement with the fp32 graph, per source over the grid [0.97].")
-@click.option("--int8-max-kl", type=float, default=None,
+@click.option("--int8-max-kl", type=click.FloatRange(min=0.0), default=None,
               help="--engine int8: largest mean KL(fp32 || int8) in nats, per source over the grid [0.02].")
 @click.option("--onnx-only", is_flag=True,
               help="--engine fp32/fp16: write and check the graphs, build no TensorRT engine (without this, "
@@ -179,8 +181,6 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
     """
     from .pipeline import run_pipeline
 
-    if max_seq_len is not None and max_seq_len < 1:
-        fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
     try:
         manifest = run_pipeline(model, out, engine=engine, max_seq_len=max_seq_len, force=force,
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
@@ -224,7 +224,8 @@ def _summary(manifest: dict, out: Path) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Directory for the ONNX files.")
-@click.option("--max-seq-len", type=int, default=None, help="Longest sequence the export serves [n_positions].")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Longest sequence the export serves [n_positions].")
 @click.option("--fp16", is_flag=True, help="Write the fp16 graph (LayerNorm and softmax kept in fp32).")
 @click.option("--int8", is_flag=True,
               help="Write the int8 graphs (dense weights int8, the rest fp32); beside an fp32 export in OUT "
@@ -238,8 +239,6 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, allow_pickle,
     from .convert import load_any
     from .export import ExportSpec, export_onnx
 
-    if max_seq_len is not None and max_seq_len < 1:
-        fail(f"--max-seq-len must be >= 1, got {max_seq_len}")
     try:
         m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
         spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, int8=int8, inline=inline)
@@ -317,16 +316,43 @@ def check(onnx_file, model_src, precision, report, threads, allow_pickle, **opts
                f"{max(c['max_abs'] for c in rep['cases']):.2e}")
 
 
-def _int_list(text: str | None, name: str) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        fail(f"{name} must be comma-separated integers, got {text!r}")
-    if not vals or min(vals) < 1:
-        fail(f"{name} must be positive integers, got {text!r}")
-    return vals
+class IntList(click.ParamType):
+    """Comma-separated positive integers as a tuple; with ``zero_skips``, a lone ``0`` is ``()``."""
+
+    name = "N,N,..."
+
+    def __init__(self, zero_skips: bool = False):
+        self.zero_skips = zero_skips
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        if self.zero_skips and value.strip() == "0":
+            return ()
+        try:
+            vals = tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            self.fail(f"must be comma-separated integers, got {value!r}", param, ctx)
+        if not vals or min(vals) < 1:
+            self.fail(f"must be positive integers, got {value!r}", param, ctx)
+        return vals
+
+
+class BatchByLength(click.ParamType):
+    """``BATCHxT`` (e.g. ``8x256``) as the tuple ``(batch, T)``, both positive."""
+
+    name = "BATCHxT"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            bt, T = (int(v) for v in value.lower().split("x"))
+        except ValueError:
+            self.fail(f"must read BATCHxT, e.g. 8x256, got {value!r}", param, ctx)
+        if bt < 1 or T < 1:
+            self.fail(f"batch and T must be positive, got {value!r}", param, ctx)
+        return bt, T
 
 
 @main.command()
@@ -337,13 +363,17 @@ def _int_list(text: str | None, name: str) -> tuple | None:
 @click.option("--model", default=None,
               help="gpt2-small-random (GPT2Config() shape, random weights) or a local HF GPT-2 directory "
                    "[gpt2-small-random; --quick: tiny-random].")
-@click.option("--lengths", default=None, help="Prefill lengths T, comma-separated [1,32,128,...,8192].")
-@click.option("--decode-contexts", default=None, help="Decode contexts, comma-separated [256,...,8192]; 0 = skip.")
-@click.option("--throughput", default=None, help="Throughput point BATCHxT [8x256].")
-@click.option("--runs", type=int, default=None, help="Timed runs per case [5-7 by length].")
-@click.option("--threads", type=int, default=0, help="Threads for torch and ONNX Runtime [all cores].")
-@click.option("--chunk-size", type=int, default=None, help="BSBR chunk L [128; --quick: 16].")
-@click.option("--profile-len", type=int, default=None, help="T of the ORT op-type profiles [the longest T].")
+@click.option("--lengths", type=IntList(), default=None,
+              help="Prefill lengths T, comma-separated [1,32,128,...,8192].")
+@click.option("--decode-contexts", type=IntList(zero_skips=True), default=None,
+              help="Decode contexts, comma-separated [256,...,8192]; 0 = skip.")
+@click.option("--throughput", type=BatchByLength(), default=None, help="Throughput point BATCHxT [8x256].")
+@click.option("--runs", type=click.IntRange(min=1), default=None, help="Timed runs per case [5-7 by length].")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="Threads for torch and ONNX Runtime [0: all cores].")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="BSBR chunk L [128; --quick: 16].")
+@click.option("--profile-len", type=click.IntRange(min=1), default=None,
+              help="T of the ORT op-type profiles [the longest T].")
 @click.option("--fragment", type=click.Path(path_type=Path), default=None,
               help="Also write the Markdown fragment for docs/RESULTS.md here (scripts/make_results.py asks for "
                    "docs/results/bench.md) [none: the run writes under --out only].")
@@ -366,37 +396,19 @@ def bench(quick, out, model, lengths, decode_contexts, throughput, runs, threads
     from .bench import BenchSpec, quick_spec, run_bench
 
     root = Path(__file__).resolve().parents[1]
-    changes = {}
-    if model is not None:
-        changes["model"] = model
-    for key, val in (("lengths", _int_list(lengths, "--lengths")),):
-        if val is not None:
-            changes[key] = val
-    if decode_contexts is not None:
-        changes["decode_contexts"] = () if decode_contexts.strip() == "0" else _int_list(decode_contexts,
-                                                                                         "--decode-contexts")
-    if throughput is not None:
-        try:
-            bt, T = (int(v) for v in throughput.lower().split("x"))
-        except ValueError:
-            fail(f"--throughput must read BATCHxT, e.g. 8x256, got {throughput!r}")
-        changes["throughput"] = (bt, T)
-    if runs is not None:
-        if runs < 1:
-            fail(f"--runs must be >= 1, got {runs}")
-        changes["runs"] = runs
-    if chunk_size is not None:
-        changes["chunk_size"] = chunk_size
-    if profile_len is not None:
-        changes["profile_len"] = profile_len
-    if threads < 0:
-        fail(f"--threads must be >= 0, got {threads}")
+    changes = {key: val for key, val in (
+        ("model", model), ("lengths", lengths), ("decode_contexts", decode_contexts), ("throughput", throughput),
+        ("runs", runs), ("chunk_size", chunk_size), ("profile_len", profile_len)) if val is not None}
     changes["threads"] = threads
     spec = quick_spec(**changes) if quick else BenchSpec(**changes)
+    # The options as typed again: lists comma-separated, () as 0, the throughput point as BATCHxT.
+    listed = {"--lengths": lengths, "--decode-contexts": decode_contexts}
+    listed = {k: None if v is None else ",".join(map(str, v)) or "0" for k, v in listed.items()}
+    point = None if throughput is None else "{}x{}".format(*throughput)
     command = "bsbr-export bench" + "".join(
         f" {flag}" if val is True else f" {flag} {repo_relative(val, root)}" for flag, val in (
-            ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", lengths),
-            ("--decode-contexts", decode_contexts), ("--throughput", throughput), ("--runs", runs),
+            ("--quick", quick or None), ("--model", model), ("--out", out), ("--lengths", listed["--lengths"]),
+            ("--decode-contexts", listed["--decode-contexts"]), ("--throughput", point), ("--runs", runs),
             ("--threads", threads or None), ("--chunk-size", chunk_size), ("--profile-len", profile_len),
             ("--fragment", fragment), ("--work", work)) if val)
     tag = spec.model if spec.model in ("gpt2-small-random", "tiny-random") else Path(spec.model).name

@@ -55,45 +55,26 @@ def check_gpt2_config(cfg: dict, where: str) -> None:
         raise UnsupportedArchitectureError(f"{where}: GPT-2 with cross-attention is not supported")
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
 class SafetensorsFiles(Mapping):
     """The tensors of safetensors files, each read from disk when it is asked for and not kept:
     a conversion then holds the converted model and one source tensor at a time, never the whole
-    source checkpoint (files are read with plain reads, not mapped, so untouched and finished
-    tensors cost no resident memory)."""
+    source checkpoint. Each read opens its file with ``safetensors.safe_open`` and closes it
+    again: a handle held open keeps every page it has read resident (the whole checkpoint by the
+    end), one per tensor frees them with the tensor."""
 
     def __init__(self, files):
-        self.where = {}  # name -> (file, dtype, shape, begin, end)
+        from safetensors import safe_open
+
+        self.where = {}  # name -> file
         for f in files:
-            with open(f, "rb") as fh:
-                head = fh.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else -1
-                header = json.loads(fh.read(n)) if 0 < n < (1 << 27) else None
-            if not isinstance(header, dict):
-                raise ValueError(f"{Path(f).name}: not a safetensors file (bad header)")
-            size = Path(f).stat().st_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                if info["dtype"] not in SAFETENSORS_DTYPES or 8 + n + end > size or end < begin:
-                    raise ValueError(f"{Path(f).name}: tensor {name!r} lies outside the file or has an unknown type")
-                self.where[name] = (f, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin,
-                                    8 + n + end)
+            with safe_open(str(f), framework="pt") as fh:  # checks the header against the file's size
+                self.where.update(dict.fromkeys(fh.keys(), f))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        f, dtype, shape, begin, end = self.where[name]
-        t = torch.empty(shape, dtype=dtype)
-        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else bytearray()
-        with open(f, "rb") as fh:
-            fh.seek(begin)
-            if fh.readinto(buf) != end - begin:
-                raise ModelLoadError(f"{f}: truncated at tensor {name!r}")
-        return t
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[name]), framework="pt") as fh:
+            return fh.get_tensor(name)
 
     def __iter__(self):
         return iter(self.where)

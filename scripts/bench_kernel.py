@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bsbr_export.ops.chunk import chunk_attention, chunk_attention_normalised  # noqa: E402
 from bsbr_export.ops.naive import (chunk_attention_normalised_ref, chunk_attention_ref,  # noqa: E402
                                    compare_to_baseline)
+from bsbr_export.util import median_ms  # noqa: E402
 
 
 def _flash_only():
@@ -97,25 +97,21 @@ OPS = {  # op -> (fp32 reference, vectorised torch path)
 
 
 def time_ms(fn, device: str, warmup: int, runs: int) -> float:
-    """Median wall time of `fn()` in ms: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
+    """Median wall time of `fn()` in ms after `warmup` warm-up calls over `runs` runs: on GPU
+    triton's ``do_bench`` (CUDA events, L2 cleared before each run), whose budgets are times:
+    `runs` (`warmup`) times one timed call, at least its defaults of 100 ms (25 ms), so a short
+    call runs more often; perf_counter on CPU."""
     if device == "cuda":
+        from triton.testing import do_bench
+
+        fn()  # compiles and allocates; its time sets do_bench's budgets
         torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = (time.perf_counter() - t0) * 1e3
+        return do_bench(fn, warmup=max(25.0, warmup * est), rep=max(100.0, runs * est), return_mode="median")
+    return median_ms(fn, runs, warmup)
 
 
 def bench_length(T, args, dtype, backends) -> dict:
@@ -159,7 +155,8 @@ def header(args, dtype, fused_note: str) -> list[str]:
         f"- {where}",
         f"- torch {torch.__version__}, triton {triton_version}",
         f"- batch 1, {args.heads} heads, head dim {args.head_dim}, chunk {args.chunk}, {dtype}, "
-        f"median of {args.runs} runs after {args.warmup} warm-up runs",
+        + (f"median of {args.runs} runs after {args.warmup} warm-up runs" if args.device != "cuda" else
+           f"median of triton.testing.do_bench over >= 100 ms or about {args.runs} runs, L2 cleared per run"),
         "- parity: max/mean |out - fp32 reference| within 3x the reference's own low-precision distance",
     ]
     if fused_note:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +58,6 @@ def old_path(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return toks, lps
 
 
-def median_ms(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +71,7 @@ def main(argv=None) -> int:
         ap.error("--batch >= 1, --vocab >= 2, --runs >= 1, --warmup >= 0")
 
     sampling = load_sampling()
+    from bsbr_export.util import median_ms  # ROOT is on the path now
     greedy = sampling.SamplingOptions()
     rng = np.random.default_rng(args.seed)
     print(f"vocab {args.vocab}, median of {args.runs} runs (ms); ratio = old / new")

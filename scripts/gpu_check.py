@@ -279,6 +279,8 @@ def worker_tune(out: Path, budget: float) -> dict:
     """Time each candidate launch configuration at one shape; report the fastest."""
     import torch
 
+    from bench_kernel import time_ms  # scripts/ is on the path of a script run from it
+
     from bsbr_export.ops import kernel as kt
     from bsbr_export.ops.naive import chunk_attention_ref, compare_to_baseline
 
@@ -300,16 +302,8 @@ def worker_tune(out: Path, budget: float) -> dict:
         try:
             out_t = kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
             parity = compare_to_baseline(out_t, ref32, ref_low)["ok"]
-            for _ in range(3):
-                kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg)
-            end.record()
-            end.synchronize()
-            results.append({**cfg, "ms": round(start.elapsed_time(end) / 10, 4), "parity_ok": parity})
+            ms = time_ms(lambda: kt.chunk_attention_triton(*low, g.cuda(), L, config=cfg), "cuda", 3, 10)
+            results.append({**cfg, "ms": round(ms, 4), "parity_ok": parity})
         except Exception as exc:  # a configuration that does not compile or fit is a result
             results.append({**cfg, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
     timed = [r for r in results if "ms" in r and r["parity_ok"]]
@@ -319,8 +313,8 @@ def worker_tune(out: Path, budget: float) -> dict:
 
 
 def _cuda_ms(fn, runs: int) -> tuple[float, float]:
-    """Median ms of ``fn()`` over ``runs`` after one warm-up (``bench_kernel.time_ms``, CUDA events)
-    and the peak memory of the timed calls in GiB."""
+    """Median ms of ``fn()`` over about ``runs`` runs (``bench_kernel.time_ms``: triton's
+    ``do_bench``) and the peak memory of the timed calls in GiB."""
     import torch
 
     from bench_kernel import time_ms  # scripts/ is on the path of a script run from it

@@ -18,6 +18,7 @@ import torch
 
 import studylib as S
 from bsbr_export import metrics as M
+from bsbr_export.util import markdown_table
 
 
 def options():
@@ -149,7 +150,7 @@ def main():
             f"(earlier chunks), and the mass on token 0 (an attention sink when large).", ""]
     rows = [[li, hd, f"{m[li, hd, 0]:.3f}", f"{m[li, hd, 1]:.3f}", f"{m[li, hd, 2]:.3f}"]
             for li in range(m.shape[0]) for hd in range(m.shape[1])]
-    out += [S.md_table(["layer", "head", "own chunk", "earlier chunks", "token 0"], rows)]
+    out += [markdown_table(["layer", "head", "own chunk", "earlier chunks", "token 0"], rows)]
     # ---------------------------------------------------------------- table 4
     out += ["### Table 4: attention density against T", "",
             S.provenance(args, "none (counted from the shapes)"),
@@ -162,8 +163,8 @@ def main():
         rows.append([Tn, f"{Tn * (Tn + 1) // 2:,}", "1.000" if Tn <= N else f"n/a (> {N})"]
                     + [f"{M.attention_density(Tn, Lc):.4f}" for Lc in args.chunk_sizes]
                     + [f"{M.retrieval_pairs(Tn, L):,}"])
-    out += [S.md_table(["T", "causal pairs", "original"] + [f"BSBR L={Lc}" for Lc in args.chunk_sizes]
-                       + [f"retrieval scores (L={L})"], rows)]
+    out += [markdown_table(["T", "causal pairs", "original"] + [f"BSBR L={Lc}" for Lc in args.chunk_sizes]
+                           + [f"retrieval scores (L={L})"], rows)]
     out.append(f"_study_attention wall time: {time.time() - t0:.0f} s_\n")
     S.write_fragment(args, "attention", "\n".join(out))
 

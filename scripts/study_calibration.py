@@ -22,6 +22,7 @@ import studylib as S
 from bsbr_export import metrics as M
 from bsbr_export.calibrate import TRANSFER_LOSSES, calibrate, trainable, transfer
 from bsbr_export.convert import save_bsbr
+from bsbr_export.util import markdown_table
 
 # The fidelity targets (bundled model, chunk 128, held-out text, T = 1024).
 TARGETS = {"top1": 0.90, "kl": 0.05, "ppl_ratio": 1.02}
@@ -145,8 +146,8 @@ def main():
            "Pass 0 is the conversion before any training.", "",
            "### Table 9: metrics of tables 1 and 2 after each number of passes", "",
            S.provenance(args, f"{desc_eval}; {desc_train}"),
-           S.md_table(["start (trained, size)", "passes", "tokens seen", "cos final", "MSE final", "KL (nats)",
-                       "top-1", "top-5", "top-10", f"ppl T={T} (orig {ppl_orig:.3f})"], rows9)]
+           markdown_table(["start (trained, size)", "passes", "tokens seen", "cos final", "MSE final", "KL (nats)",
+                           "top-1", "top-5", "top-10", f"ppl T={T} (orig {ppl_orig:.3f})"], rows9)]
     out += ["### Table 9 (cont.): perplexity beyond the original's position limit", "",
             S.provenance(args, f"{data_desc}; windows of T tokens, up to {S.describe_counts(n_long)}"),
             "Each cell: BSBR perplexity over one T-token window / the same tokens in "
@@ -154,12 +155,12 @@ def main():
             "on those pieces, with its 95% interval (paired bootstrap over windows; one window gives no "
             "interval) (the original on those pieces: "
             + ", ".join(f"T={Tl}: {long_ref[Tl]['orig_pieces']:.3f}" for Tl in args.long if long_ref[Tl]) + ").", "",
-            S.md_table(["start", "passes"] + [f"T={Tl}" for Tl in args.long], rows7)]
+            markdown_table(["start", "passes"] + [f"T={Tl}" for Tl in args.long], rows7)]
     out += ["### Targets (T = " + str(T) + f", chunk {L}, after calibration)", "",
             S.provenance(args, desc_eval),
-            S.md_table(["model", "passes", f"top-1 ≥ {TARGETS['top1']:.0%}", f"KL ≤ {TARGETS['kl']}",
-                        f"ppl ≤ +{(TARGETS['ppl_ratio'] - 1):.0%} of original", BEYOND_HEADER],
-                       targets), TRIED]
+            markdown_table(["model", "passes", f"top-1 ≥ {TARGETS['top1']:.0%}", f"KL ≤ {TARGETS['kl']}",
+                            f"ppl ≤ +{(TARGETS['ppl_ratio'] - 1):.0%} of original", BEYOND_HEADER],
+                           targets), TRIED]
     out.append(f"_study_calibration wall time: {time.time() - t_start:.0f} s_\n")
     S.write_fragment(args, "calibration", "\n".join(out))
 

@@ -25,6 +25,7 @@ import studylib as S
 from bsbr_export import metrics as M
 from bsbr_export.generate import generate
 from bsbr_export.runtime import TorchStepper
+from bsbr_export.util import markdown_table
 
 
 def options():
@@ -100,9 +101,9 @@ def main():
                 "articles for summarisation and a long-context question set). The script takes them by path:", "",
                 "    python scripts/study_external.py --summarisation articles.jsonl --qa questions.jsonl", "",
                 S.provenance(args, "none given (no dataset path)"),
-                S.md_table(["task", "metric"] + names,
-                           [["summarisation", "ROUGE-1 / ROUGE-2 / ROUGE-L F1"] + ["unrun"] * len(names),
-                            ["long-context QA", "accuracy"] + ["unrun"] * len(names)])]
+                markdown_table(["task", "metric"] + names,
+                               [["summarisation", "ROUGE-1 / ROUGE-2 / ROUGE-L F1"] + ["unrun"] * len(names),
+                                ["long-context QA", "accuracy"] + ["unrun"] * len(names)])]
     if args.summarisation is not None:
         data = read_jsonl(args.summarisation, args.limit)
         gen = run(models, hf, tok, [d["article"] + "\nTL;DR:" for d in data], args.new_tokens, N)
@@ -116,7 +117,7 @@ def main():
                  (lambda a, b: M.rouge_n(a, b, 1), lambda a, b: M.rouge_n(a, b, 2), M.rouge_l)]
             row.append(" / ".join(f"{v:.3f}" for v in r) + f" (n={len(pairs)})")
         out += ["### Table 10a: summarisation", "", S.provenance(args, f"`{args.summarisation}`"),
-                S.md_table(["task", "metric"] + names, [row])]
+                markdown_table(["task", "metric"] + names, [row])]
     if args.qa is not None:
         data = read_jsonl(args.qa, args.limit)
         prompts = [d["context"] + "\nQuestion: " + d["question"] + "\nAnswer:" for d in data]
@@ -126,7 +127,7 @@ def main():
             ok = [g.strip().startswith(d["answer"].strip()) for d, g in zip(data, gen[n]) if g is not None]
             row.append(f"{100 * np.mean(ok):.1f}% (n={len(ok)})" if ok else "cannot run (prompts too long)")
         out += ["### Table 10b: long-context QA", "", S.provenance(args, f"`{args.qa}`"),
-                S.md_table(["task", "metric"] + names, [row])]
+                markdown_table(["task", "metric"] + names, [row])]
     out.append(f"_study_external wall time: {time.time() - t0:.0f} s_\n")
     S.write_fragment(args, "external", "\n".join(out))
 

@@ -17,6 +17,7 @@ import torch
 
 import studylib as S
 from bsbr_export import metrics as M
+from bsbr_export.util import markdown_table
 
 
 def options():
@@ -100,7 +101,7 @@ def main():
         cost = {n: [f"{secs[n]:.3f}", S.mib(state[n])] for n in vs}
     hdr += cost_hdr
     rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
-    out += [S.md_table(hdr, rows),
+    out += [markdown_table(hdr, rows),
             "Mean ± standard deviation over windows of the per-window mean. Cosine and MSE are over hidden "
             "states at every position (layer i: the residual stream after block i; final: after ln_f); KL is "
             "KL(original ‖ converted) of the next-token distributions."
@@ -110,7 +111,7 @@ def main():
     rows = [[n] + [S.pct(summ[n][f"top{k}"]) for k in (1, 5, 10)] for n in vs]
     hdr = ["variant", "top-1", "top-5", "top-10"] + cost_hdr
     rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
-    out += [S.md_table(hdr, rows),
+    out += [markdown_table(hdr, rows),
             "Top-k agreement: the share of positions where the original model's top-1 token is among the "
             "converted model's k highest logits (mean ± std over windows)."
             + (" " + S.cost_note(T_cost) if args.with_baselines else ""), ""]
@@ -120,11 +121,11 @@ def main():
     tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
     rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]
     out += ["Top-1 agreement by chunk index (chunk 0 is exact by construction):", "",
-            S.md_table(["chunk"] + list(vs), rows)]
+            markdown_table(["chunk"] + list(vs), rows)]
     rows = [[f"{b * bucket}-{min(L, (b + 1) * bucket) - 1}"] + [f"{100 * tabs[n][1][b]:.2f}%" for n in vs]
             for b in tabs[next(iter(vs))][1]]
     out += ["Top-1 agreement by position inside the chunk (all chunks pooled):", "",
-            S.md_table(["position in chunk"] + list(vs), rows)]
+            markdown_table(["position in chunk"] + list(vs), rows)]
     # ---------------------------------------------------------------- table 7
     out += perplexity_tables(args, hf, model_dir, ids, data_desc, vs)
     out.append(f"_study_fidelity wall time: {time.time() - t_start:.0f} s_\n")
@@ -155,9 +156,9 @@ def ahead_of_baselines(vs, summ, secs, state, T_cost) -> list[str]:
             f"at T={T_cost} and decode state are both at least the variant's). Last column: the variant against "
             f"the baseline with the highest top-1 at any cost (`{best}`: {100 * summ[best]['top1'][0]:.2f}%, "
             f"KL {summ[best]['kl'][0]:.4f}, {S.mib(state[best])} MiB):", "",
-            S.md_table(["variant", "top-1", "KL (nats)", f"prefill s at T={T_cost}",
-                        f"decode state MiB at T={S.COST_CONTEXT}", "baselines costing at least as much",
-                        "target", f"against `{best}`"], rows), ""]
+            markdown_table(["variant", "top-1", "KL (nats)", f"prefill s at T={T_cost}",
+                            f"decode state MiB at T={S.COST_CONTEXT}", "baselines costing at least as much",
+                            "target", f"against `{best}`"], rows), ""]
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
         rows.append([T, len(wins), f"{ref:.3f}"]
                     + [f"{M.perplexity(nll[n]):.3f} ({M.format_change(M.perplexity_change(nll['original'], nll[n]))})"
                        for n in names])
-    out += [S.md_table(["T", "windows", "original"] + names, rows),
+    out += [markdown_table(["T", "windows", "original"] + names, rows),
             "Perplexity exp(mean NLL) over every prediction of every window; in brackets the change against "
             "the original on the same windows and its 95% interval (paired bootstrap over windows, "
             "2000 resamples).", ""]
@@ -212,10 +213,10 @@ def perplexity_tables(args, hf, model_dir, ids, data_desc, vs):
                          M.format_change(change)])
     if rows:
         out += [f"Beyond the original's {N}-position limit (the original cannot run one window of T tokens):", "",
-                S.md_table(["T", "windows", "variant", f"original, {N}-token pieces",
-                            f"BSBR, {N}-token pieces", "BSBR, one window (absolute positions)",
-                            "BSBR, one window (chunk positions)",
-                            "one window (absolute) against the original's pieces [95% interval]"], rows),
+                markdown_table(["T", "windows", "variant", f"original, {N}-token pieces",
+                                f"BSBR, {N}-token pieces", "BSBR, one window (absolute positions)",
+                                "BSBR, one window (chunk positions)",
+                                "one window (absolute) against the original's pieces [95% interval]"], rows),
                 f"All columns score the same tokens. Position policies: `absolute` keeps GPT-2's positions below "
                 f"{N} and reuses the table's last {L} positions per chunk beyond; `chunk` restarts positions "
                 f"every chunk. The last column: the perplexity change of the one-window model against the "

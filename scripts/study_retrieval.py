@@ -23,6 +23,7 @@ import torch
 
 import studylib as S
 from bsbr_export.convert import load_bsbr
+from bsbr_export.util import markdown_table
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -161,8 +162,8 @@ def main():
             f"identifiers of ≥ {args.min_chars} characters and ≥ 2 tokens")
     out = ["## Long-context retrieval (table 8)", "",
            "### Table 8: identifier recall from more than two chunks back", "", S.provenance(args, desc),
-           S.md_table(["T", "items", "count", "distance (tokens)", "control: original on last 2 chunks",
-                       "original (full window)"] + names, rows),
+           markdown_table(["T", "items", "count", "distance (tokens)", "control: original on last 2 chunks",
+                           "original (full window)"] + names, rows),
            "Accuracy: the share of items whose every continuation token is the model's argmax. "
            "`hard`: items the control gets wrong, so the answer has to come from more than two chunks back. "
            f"The original cannot run windows longer than its {N} positions. Distance: tokens from the end of the "
@@ -172,8 +173,8 @@ def main():
            "tokens, same items and models as above; lower is better. Unlike exact recall this is graded: a model "
            "that uses the earlier occurrence puts more probability on the right tokens even when another token "
            "wins the argmax. The control sees only the last two chunks.", "",
-           S.md_table(["T", "items", "count", "distance (tokens)", "control: original on last 2 chunks",
-                       "original (full window)"] + names, nll_rows)]
+           markdown_table(["T", "items", "count", "distance (tokens)", "control: original on last 2 chunks",
+                           "original (full window)"] + names, nll_rows)]
     out.append(f"_study_retrieval wall time: {time.time() - t0:.0f} s_\n")
     S.write_fragment(args, "retrieval", "\n".join(out))
 

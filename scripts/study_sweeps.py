@@ -18,6 +18,7 @@ import torch
 import studylib as S
 from bsbr_export.convert import _random_orthogonal, build_model, load_bsbr
 from bsbr_export.ops.state import kv_cache_bytes
+from bsbr_export.util import markdown_table, median_ms
 
 
 def options():
@@ -54,7 +55,7 @@ def with_compression(model, kappa: int | None, seed: int = 0):
 def speed(model, T: int, repeats: int, vocab: int) -> float:
     x = torch.randint(0, vocab, (1, T), generator=torch.Generator().manual_seed(T))
     with torch.no_grad():
-        return S.timed(lambda: model(x), repeats=repeats)
+        return median_ms(lambda: model(x), runs=repeats)
 
 
 def main():
@@ -66,7 +67,7 @@ def main():
     desc = f"{data_desc}; {len(ref.wins)} windows of {T} tokens for similarity; random ids for timing"
     with torch.no_grad():
         x = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(T))
-        t_orig = S.timed(lambda: hf(input_ids=x), repeats=args.repeats)
+        t_orig = median_ms(lambda: hf(input_ids=x), runs=args.repeats)
     kv = kv_cache_bytes(hf.config.n_layer, hf.config.n_embd, T)
 
     out = ["## Hyperparameters (tables 5, 6)", "",
@@ -86,9 +87,9 @@ def main():
         rows.append([L or "-", n, f"{speed(m, T, args.repeats, V):.1f}", f"{speed(m, Tl, args.repeats, V):.1f}",
                      f"{S.state_bytes(m, T) / 2**20:.2f}", f"{S.state_bytes(m, Tl) / 2**20:.2f}",
                      S.fmt(summ["cos_final"]), S.fmt(summ["kl"]), S.pct(summ["top1"])])
-    out += [S.md_table(["chunk L", "variant", f"forward ms T={T}", f"forward ms T={Tl}",
-                        f"decode state MiB (T={T})", f"decode state MiB (T={Tl})", "cos final", "KL (nats)",
-                        "top-1"], rows),
+    out += [markdown_table(["chunk L", "variant", f"forward ms T={T}", f"forward ms T={Tl}",
+                            f"decode state MiB (T={T})", f"decode state MiB (T={Tl})", "cos final", "KL (nats)",
+                            "top-1"], rows),
             "Forward times are medians of batch-1 fp32 forwards (vectorised PyTorch path) on this CPU; "
             "decode state: the preallocated streaming state (current chunk's keys and values, retrieved state, "
             "bank of chunk states and meta keys) for batch 1; a baseline's: its KV cache of window and sinks.", ""]
@@ -113,9 +114,9 @@ def main():
                          f"{speed(m, T, args.repeats, V):.1f}", S.pct(summ["top1"]), S.fmt(summ["kl"]),
                          f"{summ['ppl']:.3f}", f"{100 * (summ['ppl'] / summ['ppl_ref'] - 1):+.2f}%",
                          f"{100 * (summ['ppl'] / ppl0 - 1):+.2f}%"])
-    out += [S.md_table(["variant", "compression κ", f"decode state MiB (T={Tl})", "bank KiB per chunk",
-                        f"forward ms T={T}", "top-1", "KL (nats)", f"ppl T={T}", "ppl vs original",
-                        "ppl vs κ = none"], rows),
+    out += [markdown_table(["variant", "compression κ", f"decode state MiB (T={Tl})", "bank KiB per chunk",
+                            f"forward ms T={T}", "top-1", "KL (nats)", f"ppl T={T}", "ppl vs original",
+                            "ppl vs κ = none"], rows),
             "The block-local variant (g = 0) never reads its chunk states, so compression changes nothing "
             "in it but memory. Bank per chunk: one F_j (d' x d), z_j (d', normalised only, counted for all) "
             "and meta key h_j (d) per layer and head, fp32.", ""]

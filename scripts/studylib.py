@@ -30,6 +30,7 @@ from bsbr_export.convert import convert, hf_config, planned_config, resolve_mode
 from bsbr_export.errors import BSBRExportError  # noqa: E402
 from bsbr_export.ops.baselines import WindowAttention  # noqa: E402
 from bsbr_export.ops.state import StateSpec  # noqa: E402
+from bsbr_export.util import machine_info  # noqa: E402
 
 DEFAULT_MODEL = "models/gpt2-pystdlib"
 EOT = "<|endoftext|>"
@@ -161,15 +162,8 @@ def command_line() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads ({os.cpu_count()} CPUs visible), "
+    """The study's machine line: the CPU (``util.machine_info``), torch's threads and versions."""
+    return (f"{machine_info()['cpu']}, {torch.get_num_threads()} torch threads ({os.cpu_count()} CPUs visible), "
             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}")
 
 
@@ -410,22 +404,6 @@ def pct(ms) -> str:
     return f"{100 * m:.2f}% ± {100 * s:.2f}"
 
 
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def timed(fn, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
 
 
 def state_bytes(model, max_len: int) -> int:

@@ -63,3 +63,48 @@ def test_choice_far_from_every_option_gets_no_suggestion():
     assert res.exit_code == 2
     last = res.output.strip().splitlines()[-1]
     assert "'zzz' is not one of 'onnx', 'fp32', 'fp16', 'int8'" in last and "did you mean" not in last
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--runs", "0"], "Invalid value for '--runs': 0 is not in the range x>=1."),
+    (["--threads", "-1"], "Invalid value for '--threads': -1 is not in the range x>=0."),
+    (["--chunk-size", "0"], "Invalid value for '--chunk-size': 0 is not in the range x>=1."),
+    (["--profile-len", "0"], "Invalid value for '--profile-len': 0 is not in the range x>=1."),
+    (["--lengths", "16,a"], "Invalid value for '--lengths': must be comma-separated integers, got '16,a'"),
+    (["--lengths", "16,0"], "Invalid value for '--lengths': must be positive integers, got '16,0'"),
+    (["--lengths", ","], "Invalid value for '--lengths': must be positive integers, got ','"),
+    (["--decode-contexts", "0,16"], "Invalid value for '--decode-contexts': must be positive integers, got '0,16'"),
+    (["--throughput", "8by256"], "Invalid value for '--throughput': must read BATCHxT, e.g. 8x256, got '8by256'"),
+    (["--throughput", "0x256"], "Invalid value for '--throughput': batch and T must be positive, got '0x256'"),
+])
+def test_bench_bad_option_is_a_usage_error(args, msg, tmp_path, monkeypatch):
+    import bsbr_export.bench as driver
+
+    monkeypatch.setattr(driver, "run_bench", lambda *a, **kw: pytest.fail("bench ran"))
+    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path / "b"), *args])
+    assert res.exit_code == 2, res.output
+    assert msg in res.output, res.output
+
+
+def test_bench_options_reach_the_spec_and_the_recorded_command(tmp_path, monkeypatch):
+    import bsbr_export.bench as driver
+
+    seen = {}
+
+    def fake(spec, out, command=None, **kw):
+        seen.update(spec=spec, command=command)
+        return {"targets": [], "seconds": 0.0}
+
+    monkeypatch.setattr(driver, "run_bench", fake)
+    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path / "b"), "--lengths", "16, 32,",
+                                    "--decode-contexts", "0", "--throughput", "2X24", "--runs", "3",
+                                    "--threads", "2", "--chunk-size", "8", "--profile-len", "32"])
+    assert res.exit_code == 0, res.output
+    s = seen["spec"]
+    assert (s.lengths, s.decode_contexts, s.throughput, s.runs, s.threads, s.chunk_size, s.profile_len) == (
+        (16, 32), (), (2, 24), 3, 2, 8, 32)
+    assert seen["command"] == (f"bsbr-export bench --quick --out {tmp_path / 'b'} --lengths 16,32 "
+                               "--decode-contexts 0 --throughput 2x24 --runs 3 --threads 2 --chunk-size 8 "
+                               "--profile-len 32")
+    res = CliRunner().invoke(main, ["bench", "--quick", "--out", str(tmp_path / "b"), "--decode-contexts", "16,48"])
+    assert res.exit_code == 0 and seen["spec"].decode_contexts == (16, 48), res.output

@@ -125,3 +125,38 @@ def test_config_validation():
         BSBRConfig(vocab_size=10, n_positions=64, n_embd=30, n_layer=1, n_head=4)
     with pytest.raises(ConfigError, match="position policy"):
         BSBRConfig(vocab_size=10, n_positions=256, n_embd=32, n_layer=1, n_head=4, position_policy="sinusoid")
+
+
+def test_checkpoint_reader_matches_safetensors(bundled_dir, tmp_path):
+    """The lazy reader gives the bundled model's tensors exactly as safetensors reads them:
+    the same names, dtypes, shapes and values; a file cut inside its data is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bsbr_export.convert import SafetensorsFiles
+
+    sd, _, _ = load_hf_checkpoint(bundled_dir)
+    with safe_open(str(bundled_dir / "model.safetensors"), framework="pt") as ref:
+        assert sorted(sd) == sorted(ref.keys()) and len(sd) == len(list(ref.keys()))
+        for name in ref.keys():
+            want, got = ref.get_tensor(name), sd[name]
+            assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+            assert torch.equal(got, want), name
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, generator=g)
+    others = {"f16": x.half(), "bf16": x.bfloat16(), "i64": torch.arange(7), "u8": torch.arange(4, dtype=torch.uint8),
+              "bool": x > 0, "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    save_file(others, tmp_path / "t.safetensors")
+    files = SafetensorsFiles([tmp_path / "t.safetensors"])
+    for k, v in others.items():  # other dtypes and shapes through the same reader
+        assert files[k].dtype == v.dtype and files[k].shape == v.shape and torch.equal(files[k], v), k
+    files["f16"].zero_()  # each read is its own tensor: writing to one leaves the file and later reads
+    assert torch.equal(files["f16"], others["f16"])
+    d = tmp_path / "cut"
+    d.mkdir()
+    shutil.copy(bundled_dir / "config.json", d)
+    data = (bundled_dir / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(ModelLoadError, match="unreadable weights"):
+        load_hf_checkpoint(d)
+

@@ -208,13 +208,21 @@ def test_unreadable_onnx(tmp_path):
             pass
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
-    (["--chunk-size", "-4"], "chunk size must be a positive integer"),
+@pytest.mark.parametrize("args,code,msg", [
+    # Option ranges are click's: a usage error (exit 2) that names the option.
+    (["--max-seq-len", "0"], 2, "Invalid value for '--max-seq-len': 0 is not in the range x>=1."),
+    (["--threads", "0"], 2, "Invalid value for '--threads': 0 is not in the range x>=1."),
+    (["--chunk-size", "-4"], 1, "chunk size must be a positive integer"),  # the configuration's own check
 ])
-def test_main_command_bad_options(tiny_hf_dir, tmp_path, args, msg):
+def test_main_command_bad_options(tiny_hf_dir, tmp_path, args, code, msg):
     res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(tmp_path / "o"), *args])
-    assert res.exit_code == 1 and msg in res.output
+    assert res.exit_code == code and msg in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_command_bad_max_seq_len(tiny_hf_dir, tmp_path):
+    res = CliRunner().invoke(main, ["export", str(tiny_hf_dir), "--out", str(tmp_path / "o"), "--max-seq-len", "-1"])
+    assert res.exit_code == 2 and "Invalid value for '--max-seq-len': -1 is not in the range x>=1." in res.output
     assert not (tmp_path / "o").exists()
 
 

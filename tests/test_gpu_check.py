@@ -81,3 +81,31 @@ def test_ort_step_model_on_the_cpu_provider(tmp_path):
     pytest.importorskip("onnxruntime")
     result = _gpu_check().worker_ort(tmp_path, provider="CPUExecutionProvider")
     assert result["ok"], result
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_cuda_time_is_do_bench_median_with_budgets_from_one_call(monkeypatch):
+    """On GPU, bench_kernel.time_ms is triton.testing.do_bench's median; its time budgets are the
+    run counts times one timed call, at least do_bench's own defaults."""
+    import triton.testing
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import bench_kernel
+
+    seen = {}
+
+    def fake_do_bench(fn, warmup=25, rep=100, return_mode="mean", **kw):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return 1.25
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+    assert bench_kernel.time_ms(lambda: (calls.append(1), time.sleep(0.02)), "cuda", 3, 10) == 1.25
+    assert seen["return_mode"] == "median" and len(calls) == 3  # two before do_bench, its own after
+    assert seen["warmup"] >= 3 * 20 and seen["rep"] >= 10 * 20  # 20 ms a call: the counts set the budgets
+    bench_kernel.time_ms(lambda: None, "cuda", 3, 10)
+    assert (seen["warmup"], seen["rep"]) == (25.0, 100.0)  # a short call: do_bench's defaults
+    calls.clear()
+    assert bench_kernel.time_ms(lambda: calls.append(1), "cpu", 2, 5) >= 0 and len(calls) == 7

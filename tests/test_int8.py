@@ -117,10 +117,20 @@ def test_int8_gate_failure_is_one_line_and_leaves_nothing(tmp_path, tiny_hf_dir)
     assert not [p for p in tmp_path.glob(".out.*") if p.name != ".out.lock"], list(tmp_path.iterdir())  # no partial dir
 
 
-def test_int8_bad_thresholds_refused_before_any_work(tmp_path, tiny_hf_dir):
-    out, res = _tiny_run(tmp_path, tiny_hf_dir, "--int8-min-top1", "1.5")
-    assert res.exit_code == 1 and "minimum top-1" in res.output and "converting" not in res.output
+@pytest.mark.parametrize("args, msg", [
+    (["--int8-min-top1", "1.5"], "Invalid value for '--int8-min-top1': 1.5 is not in the range 0.0<=x<=1.0."),
+    (["--int8-max-kl", "-0.1"], "Invalid value for '--int8-max-kl': -0.1 is not in the range x>=0.0."),
+])
+def test_int8_bad_thresholds_refused_before_any_work(tmp_path, tiny_hf_dir, args, msg):
+    out, res = _tiny_run(tmp_path, tiny_hf_dir, *args)
+    assert res.exit_code == 2 and msg in res.output and "converting" not in res.output, res.output
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_int8_non_finite_kl_refused_by_the_pipeline(tmp_path, tiny_hf_dir):
+    out, res = _tiny_run(tmp_path, tiny_hf_dir, "--int8-max-kl", "inf")
+    assert res.exit_code == 1 and "maximum mean KL must be a finite number" in res.output, res.output
+    assert not out.exists()
 
 
 def test_runtime_generates_from_int8(int8_dir):

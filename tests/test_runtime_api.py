@@ -16,7 +16,7 @@ import pytest
 from bsbr_export.errors import InputError
 from bsbr_export.ops import state
 from bsbr_export.runtime import Runtime, TorchStepper, api, load
-from bsbr_export.runtime.sampling import log_softmax
+from bsbr_export.util import log_softmax
 from bsbr_export.runtime.text import REPLACEMENT
 
 from test_text import _incomplete  # tests/ is on sys.path (rootdir conftest)
@@ -446,3 +446,49 @@ def test_cli_generate_streams_and_batches(export_dir, rt, tmp_path):
     assert sorted(line[:3] for line in out.output.splitlines() if line.startswith("[")) == ["[0]", "[1]"]
     out = CliRunner().invoke(main, ["generate", str(export_dir), "x", "--max-new-tokens", str(MAX_LEN)])
     assert out.exit_code == 1 and "would overflow the state capacity" in out.output
+
+
+def test_external_data_records_of_every_tensor(tmp_path):
+    """A graph's external-data records: initializers (of the graph and of subgraphs) and tensor
+    attributes (of nodes, subgraph nodes and functions); tensors stored inline are not records."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def ext(name, loc, off, length):
+        t = helper.make_tensor(name, TensorProto.FLOAT, [1], [0.0])
+        t.ClearField("float_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", loc), ("offset", off), ("length", length)):
+            t.external_data.add(key=k, value=str(v))
+        return t
+
+    then = helper.make_graph([helper.make_node("Constant", [], ["c"], value=ext("sub_attr", "w.data", 32, 4))],
+                             "then", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])],
+                             initializer=[ext("sub_init", "w.data", 16, 4)])
+    nodes = [helper.make_node("Constant", [], ["k"], value=ext("attr", "w.data", 8, 4)),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=then),
+             helper.make_node("F", ["y"], ["z"], domain="local")]
+    fn = helper.make_function("local", "F", ["a"], ["b"],
+                              [helper.make_node("Constant", [], ["b"], value=ext("fn_attr", "v.data", 0, 8))],
+                              [helper.make_opsetid("", 17)])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+                              initializer=[ext("init", "w.data", 0, 8), helper.make_tensor("inline", 1, [1], [1.0])])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 17),
+                                                                    helper.make_opsetid("local", 1)])
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    assert sorted(api._external_data(tmp_path / "g.onnx")) == sorted([
+        ("w.data", 0, 8), ("w.data", 16, 4), ("w.data", 16, 4), ("w.data", 8, 4), ("w.data", 32, 4),
+        ("w.data", 32, 4), ("v.data", 0, 8)])
+    for key, value, msg in (("offset", "-8", "offset must be non-negative"), ("length", None, "without a length")):
+        bad = ext("bad", "w.data", 0, 8)
+        entry = next(e for e in bad.external_data if e.key == key)
+        if value is None:
+            bad.external_data.remove(entry)
+        else:
+            entry.value = value
+        model.graph.initializer.append(bad)
+        onnx.save(model, str(tmp_path / "bad.onnx"))
+        with pytest.raises(InputError, match=msg):
+            api._external_data(tmp_path / "bad.onnx")
+        model.graph.initializer.pop()

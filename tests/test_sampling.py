@@ -14,9 +14,9 @@ from bsbr_export.runtime.sampling import (
     choose_rows,
     chosen_logprobs,
     filtered,
-    log_softmax,
     penalise,
 )
+from bsbr_export.util import log_softmax
 
 
 def _logits(rows=4, vocab=50, seed=0):

@@ -3,6 +3,7 @@ HTTP proxy on 127.0.0.1 (the ``openai`` client and raw HTTP). Skips without Ray.
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 
@@ -14,8 +15,9 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from bsbr_export.errors import InputError
-from bsbr_export.serve.ray_app import build, config_from_args
+from pydantic import ValidationError
+
+from bsbr_export.serve.ray_app import RayArgs, build, config_from_args
 
 pytestmark = pytest.mark.slow
 MODEL = "pystdlib"
@@ -68,10 +70,40 @@ def test_ray_serve_replica_answers_like_the_server(ray_url):
 
 
 def test_ray_arguments_are_checked():
-    with pytest.raises(InputError, match="export_dir"):
+    # A dict (a direct call) is validated into RayArgs: pydantic's error names the field.
+    with pytest.raises(ValidationError, match=r"export_dir\n  Field required"):
         config_from_args({})
-    with pytest.raises(InputError, match="unknown argument"):
+    with pytest.raises(ValidationError, match=r"replicas\n  Extra inputs are not permitted"):
         config_from_args({"export_dir": "x", "replicas": "2"})
+    with pytest.raises(ValidationError, match=r"max_batch\n  Input should be a valid integer"):
+        config_from_args({"export_dir": "x", "max_batch": "many"})
+    with pytest.raises(ValidationError, match=r"num_replicas\n  Input should be greater than or equal to 1"):
+        config_from_args({"export_dir": "x", "num_replicas": "0"})
     config, replicas, cpus = config_from_args({"export_dir": "x", "num_replicas": "3", "max_batch": "16"})
     assert (config.max_batch, replicas, cpus, config.threads) == (16, 3, None, 1)
+    assert (config.precision, config.max_queue, config.log_content, config.api_keys) == ("fp32", 64, False, ())
     assert json.dumps(config.served_name)
+    config, _, cpus = config_from_args(RayArgs(export_dir="x", num_cpus="0.5", log_content="1", api_key="a,b",
+                                               request_timeout_s="12.5"))
+    assert (cpus, config.log_content, config.api_keys, config.request_timeout_s) == (0.5, True, ("a", "b"), 12.5)
+
+
+def test_serve_run_reads_its_key_value_strings_into_the_typed_arguments(export_dir, monkeypatch):
+    """``serve run bsbr_export.serve.ray_app:build export_dir=... num_replicas=2``: Ray reads the
+    strings into the builder's annotated model before calling it (the function ``serve run`` calls)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as serve_run_builder
+
+    from bsbr_export.serve import ray_app
+
+    assert inspect.signature(build).parameters["args"].annotation is RayArgs  # what Ray looks for
+    seen = []
+    real = ray_app.deployment
+    monkeypatch.setattr(ray_app, "deployment", lambda *a: seen.append(a) or real(*a))
+    app = serve_run_builder(build, {"export_dir": str(export_dir), "num_replicas": "2", "max_batch": "4",
+                                    "log_content": "true"})
+    assert isinstance(app, serve.Application)
+    config, replicas, cpus = seen[0]
+    assert (config.export_dir, replicas, cpus, config.max_batch, config.log_content) == (
+        str(export_dir), 2, None, 4, True)
+    with pytest.raises(ValidationError, match="replicas"):
+        serve_run_builder(build, {"export_dir": str(export_dir), "replicas": "2"})

@@ -70,20 +70,39 @@ class StreamEvent:
 
 # --------------------------------------------------------------------------- checking an export
 
+def _tensors(graph) -> Iterator:
+    """Every tensor of a graph or function: initializers and tensor attributes, subgraphs included."""
+    yield from getattr(graph, "initializer", ())
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
 def _external_data(path: Path) -> list[tuple[str, int, int]]:
     """A graph's external-data records (location, offset, length), without reading the data."""
     import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     try:
         m = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # a truncated or foreign file
         raise InputError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0][:200]})") from None
     records = []
-    for t in _get_all_tensors(m):
+    for t in (t for g in (m.graph, *m.functions) for t in _tensors(g)):
         if uses_external_data(t):
-            d = {e.key: e.value for e in t.external_data}
-            records.append((d.get("location", ""), int(d.get("offset", 0)), int(d["length"])))
+            try:
+                info = ExternalDataInfo(t)
+            except ValueError as e:  # a negative offset or length
+                raise InputError(f"{path}: {e}") from None
+            if info.length is None:
+                raise InputError(f"{path}: tensor {t.name!r} stored outside the graph without a length")
+            records.append((info.location, info.offset or 0, info.length))
     return records
 
 

@@ -62,13 +62,6 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis, in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 _LSE_ROWS = 4  # rows per pass of logsumexp: their exponentials stay in cache (GPT-2: 4 x 200 KB)
 
 
