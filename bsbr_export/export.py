@@ -2,7 +2,8 @@
 
 ``export_onnx`` writes an export directory's graphs (built by ``export_graphs``, which
 describes each graph's inputs and outputs) over one external-data weights file per precision,
-each tensor stored once; ``ExportSpec`` says what an export writes and how it is validated.
+each tensor stored once; ``ExportSpec`` (defined beside the graphs it shapes) says what an
+export writes and how it is validated.
 
 int8 graphs (``ExportSpec(int8=True)``: ``model_int8.onnx`` ...) are the fp32 graphs with the
 dense weights (attention c_attn and c_proj, MLP c_fc and c_proj, and the LM head unless
@@ -28,48 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import BSBRConfig
-from .export_graphs import close_graph, decode_graph, extend_graph, prefill_graph
+from .export_graphs import ExportSpec, close_graph, decode_graph, extend_graph, prefill_graph
 from .graph import Graph
 from .ops import onnx_graph as ops_onnx
 from .ops import state
 from .util import fix_modes
 
-OPSET = 18
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """What an export writes and how it is validated (names, axes, opset, tolerances)."""
-
-    max_seq_len: int = 1024
-    opset: int = OPSET
-    inline: bool = False
-    fp16: bool = False
-    # int8 dense weights, activations per token (MatMulIntegerToFloat); int8_head: the LM head too.
-    int8: bool = False
-    int8_head: bool = True
-    # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
-    attention: str = "bsbr"
-    state_outputs: bool = True
-
-    def __post_init__(self):
-        from .errors import ConfigError
-
-        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
-            raise ConfigError(f"max sequence length must be an integer >= 1, got {self.max_seq_len!r}")
-        if self.attention not in ("bsbr", "full", "none"):
-            raise ConfigError(f"attention must be bsbr, full or none, got {self.attention!r}")
-        if self.opset < 18:
-            raise ConfigError(f"opset must be >= 18, got {self.opset}")
-        if self.fp16 and self.int8:
-            raise ConfigError("an export is fp16 or int8, not both")
-
-    @property
-    def precision(self) -> str:
-        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
-
-
-# --------------------------------------------------------------------------- writing
 
 def _model_proto(g: Graph, inputs, outputs, name, spec: ExportSpec, cfg: BSBRConfig):
     import json

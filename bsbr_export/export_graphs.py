@@ -30,12 +30,13 @@ K/V after a close.
 
 Every float input and output is float32 (fp16 graphs cast at their edges); the metadata
 property ``bsbr_export`` records the version, the configuration and the state format.
+``ExportSpec`` says which graphs and forms an export holds (``export.export_onnx`` writes them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,8 +46,39 @@ from .ops import onnx_extend as ops_extend
 from .ops import onnx_graph as ops_onnx
 from .ops import state
 
-if TYPE_CHECKING:
-    from .export import ExportSpec
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What an export writes and how it is validated (names, axes, opset, tolerances)."""
+
+    max_seq_len: int = 1024
+    opset: int = OPSET
+    inline: bool = False
+    fp16: bool = False
+    # int8 dense weights, activations per token (MatMulIntegerToFloat); int8_head: the LM head too.
+    int8: bool = False
+    int8_head: bool = True
+    # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
+    attention: str = "bsbr"
+    state_outputs: bool = True
+
+    def __post_init__(self):
+        from .errors import ConfigError
+
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 1:
+            raise ConfigError(f"max sequence length must be an integer >= 1, got {self.max_seq_len!r}")
+        if self.attention not in ("bsbr", "full", "none"):
+            raise ConfigError(f"attention must be bsbr, full or none, got {self.attention!r}")
+        if self.opset < 18:
+            raise ConfigError(f"opset must be >= 18, got {self.opset}")
+        if self.fp16 and self.int8:
+            raise ConfigError("an export is fp16 or int8, not both")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "int8" if self.int8 else "fp32"
 
 
 def _np(t):

@@ -26,7 +26,8 @@ from ..errors import InputError
 from ..ops import state
 from . import runners
 from . import prefix, scoring
-from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, PREFILL_TOKENS, Engine, graph_file, read_metadata
+from .engine import GRAPHS, PRECISION_ENGINE, PRECISIONS, Engine, graph_file, read_metadata
+from .prefix import PREFILL_TOKENS
 from .sampling import SamplingOptions, choose_rows, row_generators
 from .scoring import TokenScores, score_prefill
 from .text import Tokenizer, check_stop

@@ -32,11 +32,10 @@ import numpy as np
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 from ..util import release_free_memory
-from .prefix import next_pieces
+from .prefix import PREFILL_TOKENS, next_pieces
 from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
-PREFILL_TOKENS = 1024  # tokens per extend call in ``Engine.prefill``: bounds a prefill's activations
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
 PRECISION_ENGINE = {"fp32": "the main command", "fp16": "--engine fp16", "int8": "--engine int8"}

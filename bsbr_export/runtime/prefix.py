@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 
+PREFILL_TOKENS = 1024  # tokens per extend call in ``Engine.prefill``: bounds a prefill's activations
 SNAPSHOT_INTERVAL = 512  # tokens between snapshots inside a prompt (rounded down to whole chunks)
 STATE_FILE_TAG = "bsbr-export-state"
 

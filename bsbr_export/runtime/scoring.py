@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.state import LOGIT_ROWS
-from .prefix import next_pieces
+from .prefix import PREFILL_TOKENS, next_pieces
 
 # The most bytes of logits one scoring extend call returns: pieces of up to 333 tokens at GPT-2's
 # vocabulary, against 4,096 x 50,257 x 4 = 785 MiB for a whole 4,096-token prompt. The peak over a
@@ -120,8 +120,6 @@ def score_prefill(engine, st, rows, ids_list, top: int = 0, max_tokens: int | No
     """``Engine.prefill`` of ``ids_list`` into ``rows`` with every token's log-probability:
     returns (the logits of each row's last token (len(rows), V), one ``TokenScores`` per row).
     Pieces of at most ``score_tokens`` tokens in all per extend call (``max_tokens`` lowers it)."""
-    from .engine import PREFILL_TOKENS
-
     if not can_score(engine):
         raise InputError(NO_SCORES)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)

@@ -19,7 +19,6 @@ import json
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import Request
@@ -27,10 +26,8 @@ from fastapi import Request
 from ..errors import InputError
 from .completions import Shape, _prompts, check_model, generate
 from .protocol import APIError, ChatCompletionRequest, DetokenizeRequest, TokenizeRequest, _non_text, parse
-from .scheduler import Event
-
-if TYPE_CHECKING:
-    from .app import Server
+from .request import Event
+from .server import Server, server_of
 
 TEMPLATE_CONFIG = "tokenizer_config.json"
 _lock = threading.Lock()
@@ -213,8 +210,6 @@ async def detokenize(srv: Server, body: DetokenizeRequest) -> dict:
 
 def add_routes(app) -> None:
     """Register the chat, tokenize and detokenize routes on ``app`` (``app.create_app``)."""
-    from .app import server_of
-
     @app.post("/v1/chat/completions")
     async def _chat(request: Request):
         body = parse(ChatCompletionRequest, await request.body())

@@ -11,7 +11,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import Request
@@ -20,14 +19,13 @@ from ..errors import InputError
 from ..runtime import scoring
 from ..runtime.sampling import SamplingOptions
 from . import fanout
+from .failures import QueueFull, ShuttingDown
 from .flow import OVERFLOW_MESSAGE, BoundedStreamingResponse, RequestFlow
 from .logprobs import Choice
-from .protocol import MAX_BIAS, APIError, CompletionRequest, Sampling, error_body
-from .scheduler import Event, GenRequest, QueueFull, ShuttingDown
+from .protocol import MAX_BIAS, APIError, CompletionRequest, Sampling, error_body, parse_completion
+from .request import Event, GenRequest
 from .security import LOG_KEY
-
-if TYPE_CHECKING:
-    from .app import Server
+from .server import Server, server_of
 
 RETRY_AFTER_S = 1
 
@@ -152,6 +150,16 @@ def check_model(srv: Server, model: str | None) -> None:
     if model is not None and model != srv.name:
         raise APIError(404, f"The model '{model}' does not exist (this server holds '{srv.name}')",
                        param="model", code="model_not_found")
+
+
+def add_routes(app) -> None:
+    """Register the completions route on ``app`` (``app.create_app``)."""
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        srv = server_of(request.app)
+        body = parse_completion(await request.body())
+        return await complete(srv, request, body)
 
 
 async def complete(srv: Server, request: Request, body: CompletionRequest):

@@ -72,7 +72,7 @@ class Offsets:
 
 
 class Choice:
-    """One prompt's text, tokens and logprobs as its events come (``scheduler.Event``: the prompt's
+    """One prompt's text, tokens and logprobs as its events come (``request.Event``: the prompt's
     scores, then one per generated token, then its end). ``piece``: the text the last event
     added (the echoed prompt on the prompt's event when echo waited for its scores)."""
 

@@ -11,6 +11,7 @@ the followers that take its state (``n`` completions) get an event with ``prompt
 from __future__ import annotations
 
 from ..runtime.scoring import PromptScorer, score_tokens
+from .request import Event
 
 
 class ScoreBudget:
@@ -54,16 +55,10 @@ def prompts_in(sched, reqs: list, done: list) -> list:
         group = [r] + [f for f in r.followers if f.leader is r and sched._rows[f.row] is f]
         scores = r.scorer.result()
         for x in group:
-            sched._emit(x, _event(prompt=scores))
+            sched._emit(x, Event(prompt=scores))
         if r.max_tokens == 0:
             ended.append(j)
             with sched._cv:
                 for x in group:
                     sched._finish(x, "length")
     return [j for j in done if j not in ended]
-
-
-def _event(**fields):
-    from .scheduler import Event
-
-    return Event(**fields)
