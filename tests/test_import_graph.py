@@ -124,3 +124,13 @@ def test_the_checks_see_a_loop_and_an_upward_import(tmp_path):
     assert graph["bsbr_export.ops.b"] == {"bsbr_export.ops.a"}
     assert loops(graph) == [["bsbr_export.ops.a", "bsbr_export.ops.b", "bsbr_export.util"]]
     assert upward(graph) == ["bsbr_export.util -> bsbr_export.ops", "bsbr_export.util -> bsbr_export.ops.a"]
+
+
+def test_the_package_map_in_docs_is_this_list():
+    rows = {}
+    for line in (ROOT / "docs" / "packages.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`"):
+            rows[cells[0]] = [m.strip(" `") for m in cells[1].split(",")]
+    short = lambda m: m if m == "bsbr_export" else m.removeprefix("bsbr_export.")  # noqa: E731
+    assert rows == {name: [short(m) for m in mods] for name, mods in LAYERS}
