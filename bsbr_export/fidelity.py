@@ -123,20 +123,41 @@ def eval_ids(path, model_dir: Path, T: int, least: int) -> np.ndarray:
     return np.asarray(ids[:T + 1], dtype=np.int64)
 
 
+def peak_bytes(cfg) -> int:
+    """Estimated peak of the fidelity step: the original's and the converted model's fp32
+    weights, both models' logits and hidden states of one window, the float64 log-softmaxes of
+    ``compare``, one layer's eager attention weights, and the process (as ``check.peak_bytes``)."""
+    from .check import n_params
+
+    T, V, E = min(WINDOW, cfg.n_positions), cfg.vocab_size, cfg.n_embd
+    outputs = 2 * (T * V + (cfg.n_layer + 1) * T * E) * 4
+    return 2 * n_params(cfg) * 4 + outputs + 4 * T * V * 8 + 2 * cfg.n_head * T * T * 4 + (15 << 28)
+
+
 def plan(cfg, model_dir: Path, eval_text=None, heldout=None) -> dict:
     """What the fidelity step will read, decided (and ``--eval-text`` checked) before any work:
-    ``{"ids", "windows", "tokens", "source"}``, or ``{"skipped": reason}`` without a text."""
+    ``{"ids", "windows", "tokens", "source"}``, or ``{"skipped": reason}`` without a text or
+    without the memory to hold the original GPT-2 beside the conversion."""
+    from .check import available_bytes, gib
+
     T = min(WINDOW, cfg.n_positions)
     least = min(2 * cfg.chunk_size, T)  # past the first chunk, which is exact by construction
     if eval_text is not None:
         ids = eval_ids(eval_text, model_dir, T, least)
-        return {"ids": ids, "windows": 1, "tokens": len(ids) - 1, "source": str(eval_text)}
-    if heldout is not None and len(heldout) > least:
+        p = {"ids": ids, "windows": 1, "tokens": len(ids) - 1, "source": str(eval_text)}
+    elif heldout is not None and len(heldout) > least:
         T = min(T, len(heldout) - 1)
         n = min(WINDOWS, (len(heldout) - 1) // T)
-        return {"ids": heldout, "windows": n, "tokens": T, "source": "heldout_ids.npy"}
-    return {"skipped": "the model ships no heldout_ids.npy; pass --eval-text FILE (a UTF-8 text of "
-                       f"{T}+ tokens) to compare the conversion with the original GPT-2"}
+        p = {"ids": heldout, "windows": n, "tokens": T, "source": "heldout_ids.npy"}
+    else:
+        what = "ships no heldout_ids.npy" if heldout is None else f"has {len(heldout)} held-out tokens only"
+        return {"skipped": f"the model {what}; pass --eval-text FILE (a UTF-8 text of {T}+ tokens) to "
+                           f"compare the conversion with the original GPT-2"}
+    need, have = peak_bytes(cfg), available_bytes()
+    if have is not None and need > have:
+        return {"skipped": f"the original GPT-2 beside the conversion needs about {gib(need)}, more than the "
+                           f"{gib(have)} available"}
+    return p
 
 
 def measure(source, model, p: dict) -> dict:

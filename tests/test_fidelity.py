@@ -82,3 +82,15 @@ def test_plan_skips_without_text_and_says_how_to_get_it(tiny_hf_dir):
     p = F.plan(cfg, d)
     assert "--eval-text FILE" in p["skipped"]
     assert F.summary_line(p).startswith("skipped: the model ships no heldout_ids.npy; pass --eval-text FILE")
+
+
+def test_plan_skips_without_the_memory_for_both_models(bundled_dir, heldout_ids, monkeypatch):
+    from bsbr_export import check
+
+    cfg, d = planned_config(bundled_dir)
+    assert "ids" in F.plan(cfg, d, heldout=heldout_ids)
+    monkeypatch.setattr(check, "available_bytes", lambda: F.peak_bytes(cfg) - 1)
+    p = F.plan(cfg, d, heldout=heldout_ids)
+    assert p["skipped"].startswith("the original GPT-2 beside the conversion needs about ")
+    short = F.plan(cfg, d, heldout=heldout_ids[:200])  # fewer than two chunks
+    assert short["skipped"].startswith("the model has 200 held-out tokens only; pass --eval-text FILE")
