@@ -154,9 +154,14 @@ def _case_line(case) -> None:
 @click.option("--onnx-only", is_flag=True,
               help="--engine fp32/fp16: write and check the graphs, build no TensorRT engine (without this, "
                    "a missing TensorRT stops the command before any work).")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text whose first 1024 tokens (the model's tokenizer; at least two chunks) measure "
+                   "the conversion against the original GPT-2, both in torch: top-1 agreement and mean "
+                   "KL(original || converted), printed after the parity lines and kept in manifest.json "
+                   "[the model's heldout_ids.npy, 4 windows of 1024 tokens; without either: skipped].")
 @conversion_options
 def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, int8_min_top1, int8_max_kl,
-        onnx_only, allow_pickle, **opts):
+        onnx_only, eval_text, allow_pickle, **opts):
     """Whole pipeline: convert, export, check parity, build (the default command).
 
     \b
@@ -171,8 +176,12 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
       *_int8.onnx, weights_int8.onnx.data   int8 dense weights (fp32 tensors read from
                             weights.onnx.data), with --engine int8
       parity_*.json/.md     parity reports (parity_onnx_int8: int8 vs the fp32 graph)
-      manifest.json         versions, options, file hashes, parity summary, where the
-                            reference lived, time and peak memory of each stage
+      manifest.json         versions, options, file hashes, parity summary, fidelity to
+                            the original GPT-2, where the reference lived, time and peak
+                            memory of each stage
+
+    Parity compares the graphs with the converted torch model; the fidelity line compares
+    the converted model with the original GPT-2 (the conversion's own change).
 
     Options, paths, the parity check's memory and (for an engine) TensorRT are checked
     before any work. While it
@@ -186,7 +195,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
                                 int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, onnx_only=onnx_only,
-                                **_options(**opts))
+                                eval_text=eval_text, **_options(**opts))
     except BSBRExportError as e:
         fail(str(e))
     except OSError as e:
@@ -215,8 +224,13 @@ def _summary(manifest: dict, out: Path) -> None:
             click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {p['cases']} cases vs the fp32 "
                        f"graph, min top-1 {p['min_top1']:.1%}, max mean KL {p['max_kl_mean']:.2e} nats")
             continue
-        click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {p['cases']} cases, "
-                   f"worst max|diff| {p['worst_max_abs']:.2e}, min top-1 {p['min_top1']:.1%}")
+        graph = "TensorRT" if key.startswith("tensorrt") else "ONNX"
+        click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {graph} vs converted torch, "
+                   f"{p['cases']} cases, worst max|diff| {p['worst_max_abs']:.2e}, min top-1 {p['min_top1']:.1%}")
+    if "fidelity" in manifest:
+        from .fidelity import summary_line
+
+        click.echo(f"  fidelity            {summary_line(manifest['fidelity'])}")
     if "engine_status" in manifest:
         click.echo(f"  engine: {manifest['engine_status']}")
 

@@ -3,8 +3,8 @@
 Every option and path is checked before any work. Everything is written into a
 temporary directory beside ``out`` (``.OUT.partial.*``, under the lock ``.OUT.lock``) and
 renamed into place at the end, so an interrupted or failed run never leaves a directory
-that looks valid; the next run to the same ``out`` removes what a killed one left. ``manifest.json`` records versions, options, file hashes and the
-parity results.
+that looks valid; the next run to the same ``out`` removes what a killed one left. ``manifest.json`` records versions, options, file hashes, the
+parity results and the conversion's fidelity to the original GPT-2 (``fidelity.py``).
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ def remove_leftovers(out: Path, log=print) -> list[Path]:
 def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = None, force: bool = False,
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
                  log=print, case_progress=None, parity_reference: str = "auto", int8_min_top1: float | None = None,
-                 int8_max_kl: float | None = None, onnx_only: bool = False, **options) -> dict:
+                 int8_max_kl: float | None = None, onnx_only: bool = False, eval_text=None,
+                 **options) -> dict:
     """Run the pipeline; returns the manifest. Raises ParityError, ConfigError, ...
 
     ``onnx_only``: with engine fp32 or fp16, write and check the graphs but build no TensorRT
@@ -235,7 +236,10 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
 
     Every option and path is checked before any work (the configuration is read from
     config.json alone); the output is built under ``.OUT.partial.*`` beside it, under a lock.
+    ``eval_text``: a UTF-8 text whose first tokens measure the conversion against the original
+    GPT-2 (``fidelity``) in place of the model's held-out ids.
     """
+    from . import fidelity
     from .convert import convert, planned_config, save_bsbr
     from .export import ExportSpec, export_onnx
     from .util import Stages, atomic_dir
@@ -256,11 +260,13 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     max_len = max_seq_len if max_seq_len is not None else cfg.n_positions
     spec = ExportSpec(max_seq_len=max_len, inline=inline)
     t0 = time.time()
-    step = iter(range(1, 10))
+    step = iter(range(1, 20))
     log(f"[{next(step)}] checking options and memory")
     build_engine = engine in ("fp32", "fp16") and not onnx_only
     if build_engine:
         check_tensorrt(engine)
+    text_ids = heldout_text(src_dir)
+    fid_plan = fidelity.plan(cfg, src_dir, eval_text, text_ids)  # --eval-text read and checked here
     where = reference_mode(cfg, max_len, engine, out.parent, parity_reference)
     check_memory(cfg, max_len, engine, log, recorded=where["mode"] == "disk")
     from .util import map_large_allocations
@@ -273,7 +279,6 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         stage = Stages()  # time and peak memory per stage, for the manifest (machines are sized by them)
         with stage("convert"):
             model = convert(src_dir, allow_pickle=allow_pickle, **options)
-        text_ids = heldout_text(src_dir)
         manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
                     "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
         with atomic_dir(out, force=force) as tmp:
@@ -291,6 +296,14 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                     f"and embeddings fp32)")
                 with stage("export_int8"):
                     quantize.export_int8(model, tmp, max_len, inline=inline, log=log)
+            if "skipped" in fid_plan:
+                manifest["fidelity"] = {"skipped": fid_plan["skipped"]}
+            else:
+                log(f"[{next(step)}] fidelity: the converted model vs the original GPT-2, both torch "
+                    f"({fid_plan['windows']} x {fid_plan['tokens']} tokens of {fid_plan['source']})")
+                with stage("fidelity"):
+                    manifest["fidelity"] = fidelity.measure(src_dir, model, fid_plan)
+                _free_torch_memory()
             reference = model
             if where["mode"] == "disk":
                 log(f"[{next(step)}] torch reference over the parity grid, recorded to disk "
@@ -306,7 +319,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
             where["session"] = dict(PARITY_SESSION, malloc_mmap_threshold=(
                 PARITY_SESSION["malloc_mmap_threshold"] if mapped else None))
             manifest["parity_reference"] = where
-            log(f"[{next(step)}] parity: onnxruntime vs torch fp32")
+            log(f"[{next(step)}] parity: onnxruntime vs the converted torch model (fp32)")
             with stage("parity_fp32"):
                 report = parity_onnx(reference, tmp / "model.onnx", max_len, text_ids, "fp32", threads,
                                      case_progress)
@@ -320,7 +333,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                         tmp, cfg, max_len, text_ids, threads, **gate,
                         progress=lambda c: log(quantize.case_line(c)) if case_progress else None)
             if engine == "fp16":
-                log(f"[{next(step)}] parity: onnxruntime fp16 graph vs torch fp32")
+                log(f"[{next(step)}] parity: onnxruntime fp16 graph vs the converted torch model (fp32)")
                 with stage("parity_fp16"):
                     report = parity_onnx(reference, tmp / "model_fp16.onnx", max_len, text_ids, "fp16", threads,
                                          case_progress)

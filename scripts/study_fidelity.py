@@ -66,12 +66,10 @@ def main():
     wins = S.windows(ids, T, args.windows)
     per = {n: [] for n in vs}
     top1_pos = {n: [] for n in vs}
-    for x in wins:
-        inp, tgt = x[:, :-1], x[:, 1:]
-        ref_logits, ref_hidden = S.original_outputs(hf, inp)
+    for x in wins:  # per window and model: the main command's fidelity line is the same (fidelity.agreement)
+        ref_out = S.original_outputs(hf, x[:, :-1])
         for n, m in models.items():
-            logits, hidden = S.converted_outputs(m, inp)
-            r = S.compare(ref_logits, ref_hidden, logits, hidden, tgt)
+            r = S.window_metrics(ref_out, m, x)
             per[n].append(r)
             top1_pos[n].append(r["top1"])
     summ = {n: S.summarise(per[n]) for n in vs}

@@ -26,8 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export import metrics as M  # noqa: E402
-from bsbr_export.convert import convert, hf_config, planned_config, resolve_model_dir  # noqa: E402
+from bsbr_export.convert import convert, hf_config, planned_config  # noqa: E402
 from bsbr_export.errors import BSBRExportError  # noqa: E402
+# The per-window metrics and their summary: table 2's figures and the main command's fidelity line.
+from bsbr_export.fidelity import (agreement, compare, converted_outputs, load_original,  # noqa: E402,F401
+                                  original_outputs, summarise, window_metrics, windows)
 from bsbr_export.ops.baselines import WindowAttention  # noqa: E402
 from bsbr_export.ops.state import StateSpec  # noqa: E402
 from bsbr_export.util import machine_info  # noqa: E402
@@ -212,13 +215,6 @@ def start(args, with_heldout: bool = True):
     return t0, hf, model_dir, ids, data_desc
 
 
-def load_original(model: str):
-    from transformers import GPT2LMHeadModel
-
-    d = resolve_model_dir(model)
-    return GPT2LMHeadModel.from_pretrained(d, attn_implementation="eager").eval(), d
-
-
 def load_converted(model: str, **options):
     return convert(model, **options).eval()
 
@@ -344,55 +340,7 @@ def heldout(args, model_dir: Path) -> tuple[np.ndarray, str]:
     return ids, f"held-out stdlib files of the bundled manifest, tokenised by the model's tokenizer ({len(ids):,} tokens)"
 
 
-def windows(ids: np.ndarray, T: int, n: int | None) -> list[torch.Tensor]:
-    """Up to ``n`` non-overlapping windows of T + 1 tokens (inputs + shifted targets), spread
-    evenly over the stream (all of them when n is None)."""
-    total = (len(ids) - 1) // T
-    if total < 1:
-        return []
-    idx = np.arange(total) if n is None or n >= total else np.linspace(0, total - 1, n).round().astype(int)
-    return [torch.from_numpy(ids[i * T: i * T + T + 1].copy())[None] for i in idx]
-
-
 # --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def original_outputs(hf, x: torch.Tensor):
-    """(logits (1, T, V), hidden states: embeddings, after each block, final after ln_f)."""
-    out = hf(input_ids=x, output_hidden_states=True)
-    return out.logits, list(out.hidden_states)
-
-
-@torch.no_grad()
-def converted_outputs(model, x: torch.Tensor):
-    return model(x, output_hidden_states=True)
-
-
-def compare(ref_logits, ref_hidden, logits, hidden, targets, L: int | None = None) -> dict:
-    """Per-position metrics of one window, as 1-D tensors over positions."""
-    r = {"kl": M.kl_next_token(ref_logits[0], logits[0]),
-         "mse": M.mse(ref_hidden[-1][0], hidden[-1][0]),
-         "cos_final": M.cosine(ref_hidden[-1][0], hidden[-1][0]),
-         "nll_ref": M.nll(ref_logits[0], targets[0]),
-         "nll": M.nll(logits[0], targets[0])}
-    for i in range(1, len(hidden) - 1):
-        r[f"cos_layer{i}"] = M.cosine(ref_hidden[i][0], hidden[i][0])
-    for k in (1, 5, 10):
-        r[f"top{k}"] = M.topk_agreement(ref_logits[0], logits[0], k)
-    return r
-
-
-def summarise(per_window: list[dict]) -> dict:
-    """Mean +- std over windows of each window's mean; perplexities over all predictions."""
-    out = {}
-    for key in per_window[0]:
-        if key.startswith("nll"):
-            continue
-        out[key] = M.mean_std([w[key].mean().item() for w in per_window])
-    out["ppl_ref"] = M.perplexity([w["nll_ref"] for w in per_window])
-    out["ppl"] = M.perplexity([w["nll"] for w in per_window])
-    return out
-
 
 def fmt(ms, digits=4) -> str:
     m, s = ms
@@ -428,10 +376,7 @@ class Reference:
 @torch.no_grad()
 def evaluate(ref: Reference, model) -> tuple[dict, torch.Tensor]:
     """(summary of tables 1-2 metrics and perplexity, top-1 agreement per window and position)."""
-    per = []
-    for x, (rl, rh) in zip(ref.wins, ref.outs):
-        logits, hidden = converted_outputs(model, x[:, :-1])
-        per.append(compare(rl, rh, logits, hidden, x[:, 1:]))
+    per = [window_metrics(out, model, x) for x, out in zip(ref.wins, ref.outs)]
     return summarise(per), torch.stack([r["top1"] for r in per])
 
 

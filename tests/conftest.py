@@ -118,3 +118,21 @@ def heldout_ids(bundled_dir):
     import numpy as np
 
     return np.load(bundled_dir / "heldout_ids.npy").astype("int64")
+
+
+BUNDLED_INT8_MAX_LEN = 140  # lengths 1, L-1, L, L+1 and 140: none but L a multiple of the chunk
+
+
+@pytest.fixture(scope="session")
+def bundled_int8_run(bundled_dir, tmp_path_factory):
+    """One main-command run on the bundled model (--engine int8, --max-seq-len 140), shared by the
+    int8 tests and the fidelity line's: (its output, stdout and stderr together; its directory)."""
+    from click.testing import CliRunner
+
+    from bsbr_export.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "out"
+    res = CliRunner().invoke(main, [str(bundled_dir), "--engine", "int8", "--out", str(out), "--threads", "2",
+                                    "--max-seq-len", str(BUNDLED_INT8_MAX_LEN)])
+    assert res.exit_code == 0, res.output
+    return res.output, out

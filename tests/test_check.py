@@ -200,6 +200,7 @@ def test_main_command_with_the_reference_on_disk(tiny_hf_dir, tmp_path, monkeypa
     assert where["mode"] == "disk" and where["record_bytes"] > 0
     assert where["session"] == C.PARITY_SESSION  # glibc here: the threshold was set
     assert list(man["stages"]) == ["convert", "export", "export_fp16", "reference", "parity_fp32", "parity_fp16"]
+    assert "--eval-text" in man["fidelity"]["skipped"]  # no held-out ids: no fidelity stage
     assert man["parity"]["onnx_fp32"]["passed"] and man["parity"]["onnx_fp16"]["passed"]
     assert not [p for p in out.rglob("*") if "reference" in p.name]  # the record is gone
     assert not any("reference" in f for f in man["files"])

@@ -110,7 +110,8 @@ def test_main_command_fp16_onnx_only(fp16_run):
     # Time and peak memory of every stage, for sizing machines.
     stages = manifest["stages"]
     recorded = ["reference"] if manifest["parity_reference"]["mode"] == "disk" else []
-    assert list(stages) == ["convert", "export", "export_fp16", *recorded, "parity_fp32", "parity_fp16"]
+    assert list(stages) == ["convert", "export", "export_fp16", "fidelity", *recorded, "parity_fp32", "parity_fp16"]
+    assert manifest["fidelity"]["windows"] == 4  # against the original GPT-2, on the held-out ids
     assert all(s["seconds"] >= 0 and s["peak_rss_bytes"] > 50 * 2**20 for s in stages.values())
 
 

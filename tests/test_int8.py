@@ -1,8 +1,8 @@
 """The int8 CPU engine: ``--engine int8`` on the bundled model, its files, its gate, and the runtime.
 
-One main-command run on the bundled model (--max-seq-len 140: lengths 1, L-1, L, L+1 and 140,
-none but L a multiple of the chunk) is shared by the tests; gate failures run on the tiny
-random model of the other tests.
+One main-command run on the bundled model (``bundled_int8_run`` in conftest.py, --max-seq-len
+140: lengths 1, L-1, L, L+1 and 140, none but L a multiple of the chunk) is shared by the tests
+here and in test_fidelity.py; gate failures run on the tiny random model of the other tests.
 """
 
 from __future__ import annotations
@@ -19,18 +19,16 @@ from bsbr_export.check import grid_lengths
 from bsbr_export.cli import main
 from bsbr_export.errors import ConfigError, InputError
 from bsbr_export.quantize import MAX_KL, MIN_TOP1
+from conftest import BUNDLED_INT8_MAX_LEN
 
-MAX_LEN = 140
+MAX_LEN = BUNDLED_INT8_MAX_LEN
 GRAPHS = ("model", "extend", "decode", "close")
 
 
 @pytest.fixture(scope="module")
-def int8_dir(tmp_path_factory, bundled_dir):
-    out = tmp_path_factory.mktemp("int8") / "out"
-    res = CliRunner().invoke(main, [str(bundled_dir), "--engine", "int8", "--out", str(out), "--threads", "2",
-                                    "--max-seq-len", str(MAX_LEN)])
-    assert res.exit_code == 0, res.output
-    assert "parity onnx_int8" in res.output and "pass" in res.output
+def int8_dir(bundled_int8_run):
+    output, out = bundled_int8_run
+    assert "parity onnx_int8" in output and "pass" in output
     return out
 
 

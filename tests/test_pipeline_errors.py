@@ -136,8 +136,13 @@ def test_second_writer_real_processes(bundled_dir, work):
         second = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=120)
         first_was_running = first.poll() is None
     finally:
-        _, err = first.communicate(timeout=300)
+        out_text, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
+    # The summary: parity against the converted model, then fidelity against the original GPT-2.
+    summary = [ln for ln in out_text.splitlines() if ln.startswith(("  parity ", "  fidelity "))]
+    assert [ln.split()[0] for ln in summary] == ["parity", "fidelity"], out_text
+    assert "pass: ONNX vs converted torch, 24 cases" in summary[0]  # --max-seq-len 300: 6 lengths
+    assert "converted vs original GPT-2 (torch): top-1 agreement " in summary[1], out_text
     if not first_was_running and second.returncode == 0:
         pytest.skip("the first run finished before the second reached the lock")
     lines = second.stderr.strip().splitlines()
@@ -157,6 +162,7 @@ def test_leftover_partial_removed_and_modes_uniform(tiny_hf_dir, work):
     assert res.exit_code == 0, res.output
     assert not left.exists() and other.exists()
     assert f"removed {left}" in res.output
+    assert "  fidelity            skipped: the model ships no heldout_ids.npy; pass --eval-text FILE" in res.output
     assert sorted(p.name for p in work.iterdir()) == [".o.lock", ".other.partial.keep", "o"]  # the lock file stays
     modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert any(k.endswith(".onnx.data") for k in modes)
@@ -246,3 +252,32 @@ def test_output_lock_three_writers_never_both_hold(work, monkeypatch):
         c.__exit__(None, None, None)
     with output_lock(out):  # free again
         pass
+
+
+@pytest.mark.parametrize("content, msg", [
+    (None, "No such file or directory"),
+    ("dir", "Is a directory"),
+    (b"", "empty file"),
+    (b"  \n\t\n", "empty file"),
+    (b"def f():\n    return '\xff\xfe'\n", "not UTF-8 text (byte 21 cannot be decoded)"),
+    (b"def f():\n    return 1\n", "tokens, too short: the fidelity check needs at least 257"),
+])
+def test_bad_eval_text_is_one_line_before_any_work(bundled_dir, work, content, msg):
+    text = work / "t.txt"
+    if content == "dir":
+        text.mkdir()
+    elif content is not None:
+        text.write_bytes(content)
+    before = _tree(work)
+    res = _run(bundled_dir, "--out", work / "o", "--eval-text", text)
+    line = _one_error_line(res, f"--eval-text {text}: ", msg)
+    assert res.output.splitlines()[0] == "[1] checking options and memory" and "[2]" not in res.output, line
+    assert _tree(work) == before  # no output, no lock
+
+
+def test_eval_text_needs_the_model_tokenizer(tiny_hf_dir, work):
+    text = work / "t.txt"
+    text.write_text("def f():\n    return 1\n" * 200)
+    res = _run(tiny_hf_dir, "--out", work / "o", "--eval-text", text)
+    _one_error_line(res, "--eval-text needs the model's tokenizer: ", "no tokenizer.json")
+    assert not (work / "o").exists()
