@@ -75,15 +75,35 @@ def test_no_issue_numbers(page):
     assert not re.search(r"\bissue #?\d+", page.read_text(), re.IGNORECASE)
 
 
-def test_results_summary_fits_a_screen_and_every_number_is_below():
-    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+def sections(page: Path) -> dict[str, str]:
+    """{anchor: the text under that heading, up to the next heading of its level or above}."""
+    lines = page.read_text().splitlines()
+    heads = [(i, len(m.group(1)), slug(m.group(2))) for i, line in enumerate(lines)
+             for m in [re.match(r"(#{1,6}) (.+)", line)] if m]
+    out = {}
+    for k, (i, level, anchor) in enumerate(heads):
+        end = next((j for j, lv, _ in heads[k + 1:] if lv <= level), len(lines))
+        out.setdefault(anchor, "\n".join(lines[i:end]))
+    return out
+
+
+NUMBER = r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?"
+
+
+def test_results_summary_fits_a_screen_and_each_number_stands_in_its_section():
+    doc = ROOT / "docs" / "RESULTS.md"
     summary = (ROOT / "docs" / "results" / "summary.md").read_text().strip()
     assert len(summary.splitlines()) <= 40
-    start = doc.index(summary)  # the document opens with it
-    assert start < doc.index("## Definitions")
-    below = doc[start + len(summary):].replace(",", "")
-    text = re.sub(r"\]\([^)]*\)", "]", summary)  # not the numbers of the links' anchors
-    numbers = re.findall(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?", text)
-    assert len(numbers) > 20
-    missing = [n for n in numbers if n.replace(",", "") not in below]
+    text = doc.read_text()
+    assert text.index(summary) < text.index("## Definitions")  # the document opens with it
+    secs = sections(doc)
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "](#" in line]
+    assert len(rows) >= 8
+    missing = []
+    for row in rows:
+        behind = " ".join(secs[a] for a in re.findall(r"\]\(#([^)]+)\)", row)).replace(",", "")
+        found = set(re.findall(NUMBER, behind))
+        for n in re.findall(NUMBER, re.sub(r"\]\([^)]*\)", "]", row)):
+            if n.replace(",", "") not in found:
+                missing.append((n, row[:60]))
     assert not missing, missing
