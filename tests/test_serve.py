@@ -533,7 +533,7 @@ def test_cli_serve_sigterm_drains_and_exits_0(export_dir):
     started = [line for line in log.splitlines() if " serving " in line]  # one line: what, how, where
     assert len(started) == 1, log[-2000:]
     assert started[0].endswith(f"serving {MODEL} (fp32) at {url}: max batch 2, queue 64, context {MAX_LEN} tokens, "
-                               f"prompt <= 8192 tokens, max_tokens <= 4096, 131072 tokens in flight"), started
+                               f"prompt <= {MAX_LEN} tokens, max_tokens <= 4096, 131072 tokens in flight"), started
 
 
 def test_cli_serve_busy_port_fails_in_one_line_before_loading(export_dir):

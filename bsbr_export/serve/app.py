@@ -124,9 +124,11 @@ def _url_host(host: str) -> str:
 
 
 def started_line(srv: Server, url: str) -> str:
-    """The one start-up line: what is served, how many rows at once, the limits, and where."""
+    """The one start-up line: what is served, how many rows at once, the limits in effect (a
+    prompt never exceeds the export's context, whatever --max-prompt-tokens says), and where."""
     c = srv.config
     queue = f"queue {c.max_queue}" if c.max_queue else "no queue"
     return (f"serving {srv.name} ({c.precision}) at {url}: max batch {c.max_batch}, {queue}, context "
-            f"{srv.max_len} tokens, prompt <= {c.max_prompt_tokens} tokens, max_tokens <= {c.max_tokens_cap}, "
+            f"{srv.max_len} tokens, prompt <= {min(c.max_prompt_tokens, srv.max_len)} tokens, "
+            f"max_tokens <= {c.max_tokens_cap}, "
             f"{c.max_tokens_in_flight} tokens in flight")
