@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_summary import fill
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS, DEFAULT_FIGURES = ROOT / "docs" / "results", ROOT / "docs" / "figures"
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
@@ -110,23 +112,25 @@ def fragments(results: Path) -> list[Path]:
 
 
 def assemble(results: Path, out: Path) -> Path:
-    # The document opens with its one-screen summary (docs/results/summary.md, written by hand
-    # from the sections below; tests/test_docs.py checks that each of its numbers is there).
     title, _, rest = INTRO.partition("\n\n")
-    summary = results / f"{SUMMARY}.md"
-    parts, seen = [title] + ([summary.read_text().strip()] if summary.is_file() else []) + [rest], set()
+    parts, seen = [rest], set()
     for p in fragments(results):
         text = p.read_text().strip()
         # A later run of the same benchmark (a recheck) is named by its fragment, so that two
         # sections never share a title.
-        title, _, rest = text.partition("\n")
-        if title in seen:
-            text = f"{title} ({p.stem})\n{rest}"
-        seen.add(title)
+        heading, _, body = text.partition("\n")
+        if heading in seen:
+            text = f"{heading} ({p.stem})\n{body}"
+        seen.add(heading)
         # Fragments link figures relative to docs/; RESULTS.md lives in docs/ too.
         parts.append(text)
-    out.write_text("\n\n".join(parts).rstrip() + "\n")
-    print(f"wrote {out} from {len(parts) - 2} fragments")
+    body = "\n\n".join(parts)
+    # The document opens with its one-screen summary: docs/results/summary.md, a template whose
+    # figures are read from the sections' tables (results_summary.fill).
+    summary = results / f"{SUMMARY}.md"
+    head = [title] + ([fill(summary.read_text(), body).strip()] if summary.is_file() else [])
+    out.write_text("\n\n".join(head + [body]).rstrip() + "\n")
+    print(f"wrote {out} from {len(parts) - 1} fragments")
     return out
 
 

@@ -5,20 +5,17 @@ and no page speaks of the project's issue tracker."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from results_summary import fill, sections, slug  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 LINK = re.compile(r"\[[^\]]+\]\(([^)\s]+)\)")
-
-
-def slug(heading: str) -> str:
-    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
-    s = re.sub(r"[`*_]", "", heading.strip().lower())
-    s = re.sub(r"[^\w\- ]", "", s)
-    return s.replace(" ", "-")
 
 
 def anchors(page: Path) -> set[str]:
@@ -75,29 +72,27 @@ def test_no_issue_numbers(page):
     assert not re.search(r"\bissue #?\d+", page.read_text(), re.IGNORECASE)
 
 
-def sections(page: Path) -> dict[str, str]:
-    """{anchor: the text under that heading, up to the next heading of its level or above}."""
-    lines = page.read_text().splitlines()
-    heads = [(i, len(m.group(1)), slug(m.group(2))) for i, line in enumerate(lines)
-             for m in [re.match(r"(#{1,6}) (.+)", line)] if m]
-    out = {}
-    for k, (i, level, anchor) in enumerate(heads):
-        end = next((j for j, lv, _ in heads[k + 1:] if lv <= level), len(lines))
-        out.setdefault(anchor, "\n".join(lines[i:end]))
-    return out
-
-
 NUMBER = r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?"
 
 
-def test_results_summary_fits_a_screen_and_each_number_stands_in_its_section():
-    doc = ROOT / "docs" / "RESULTS.md"
-    summary = (ROOT / "docs" / "results" / "summary.md").read_text().strip()
+def _summary(doc: str) -> str:
+    start = doc.index("## Summary")
+    return doc[start:doc.index("\n\n", doc.index("| question |", start))].strip()
+
+
+def test_results_summary_is_filled_from_the_sections_below_it():
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    template = (ROOT / "docs" / "results" / "summary.md").read_text()
+    summary = _summary(doc)
     assert len(summary.splitlines()) <= 40
-    text = doc.read_text()
-    assert text.index(summary) < text.index("## Definitions")  # the document opens with it
+    assert doc.index(summary) < doc.index("## Definitions")  # the document opens with it
+    assert "{{" not in summary and summary == fill(template, doc).strip()  # the figures are the tables'
+
+
+def test_each_summary_number_stands_in_its_section():
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
     secs = sections(doc)
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and "](#" in line]
+    rows = [line for line in _summary(doc).splitlines() if line.startswith("| ") and "](#" in line]
     assert len(rows) >= 8
     missing = []
     for row in rows:
@@ -107,3 +102,21 @@ def test_results_summary_fits_a_screen_and_each_number_stands_in_its_section():
             if n.replace(",", "") not in found:
                 missing.append((n, row[:60]))
     assert not missing, missing
+
+
+def test_readme_results_are_the_summary_figures():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Results at a glance"):readme.index("## Set up")]
+    answers = " ".join(line.split(" | ")[1] for line in table.splitlines() if line.startswith("| ") and " | " in line)
+    summary = _summary((ROOT / "docs" / "RESULTS.md").read_text()).replace(",", "")
+    found = set(re.findall(NUMBER, summary))
+    missing = [n for n in re.findall(NUMBER, answers.replace(",", "")) if n not in found]
+    assert not missing, missing
+
+
+def test_a_summary_reference_that_finds_nothing_is_an_error():
+    doc = "## A b\n\n| k | v |\n|---|---|\n| x | 1.5 ± 0.2 |\n"
+    assert fill("{{a-b|x|v}} and {{a-b|x|v|~}}", doc) == "1.5 ± 0.2 and 1.5"
+    for bad in ("{{a-c|x|v}}", "{{a-b|y|v}}", "{{a-b|x|w}}"):
+        with pytest.raises(KeyError):
+            fill(bad, doc)
