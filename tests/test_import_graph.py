@@ -13,6 +13,7 @@ LAYERS = [
     ("ground", ["bsbr_export", "bsbr_export.errors", "bsbr_export.util", "bsbr_export.config", "bsbr_export.graph"]),
     ("the op", ["bsbr_export.ops"]),
     ("model and graphs", ["bsbr_export.modeling", "bsbr_export.convert", "bsbr_export.calibrate",
+                          "bsbr_export.self_sample",
                           "bsbr_export.metrics", "bsbr_export.export", "bsbr_export.export_graphs",
                           "bsbr_export.trt"]),
     ("runtime", ["bsbr_export.runtime", "bsbr_export.generate"]),
