@@ -251,8 +251,10 @@ def convert(source, allow_pickle: bool = False, **options):
 
 # --------------------------------------------------------------------------- BSBR checkpoints
 
-def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) atomically."""
+def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = False,
+              extra: dict[str, str] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files, + ``extra``: file name -> text)
+    atomically."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -266,6 +268,8 @@ def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = 
             for f in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / f).is_file():
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
