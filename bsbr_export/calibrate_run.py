@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from .calibrate_data import Corpus, load as load_corpus
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 STAGES = {1: "attention transfer", 2: "KL distillation"}
@@ -70,40 +70,21 @@ class Plan:
     settings: Settings
 
 
-def recorded_original(d: Path) -> str | None:
-    """The original GPT-2 a converted directory came from, where it says: its calibration.json, or
-    the main command's manifest.json when ``d`` is an output's ``bsbr/``."""
-    for f, key in ((d / "calibration.json", ("source", "original")), (d.parent / "manifest.json", ("source",))):
-        try:
-            val = json.loads(f.read_text())
-            for k in key:
-                val = val[k]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(val, str) and val:
-            return val
-    return None
-
-
 def prepare(model: str, data, out: Path, settings: Settings, original: str | None = None, work: Path | None = None,
             force: bool = False, allow_pickle: bool = False, options: dict | None = None) -> Plan:
     """Check the output, the model, the options and the data (tokenised and split), loading no
     weights: every problem is a one-line ``BSBRExportError``."""
-    from .config import BSBRConfig
-    from .convert import _read_config, hf_config, planned_config
+    from .convert import converted_config, converted_dir, hf_config, planned_config, recorded_original
 
     out = Path(out)
     options = dict(options or {})
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists (use --force to replace it)")
     p = Path(model)
-    if p.is_dir() and (p / "config.json").is_file() and _read_config(p).get("format") == "bsbr-export":
+    if converted_dir(p) is not None:
         if options:
             raise ConfigError(f"{p} is already converted; conversion options {sorted(options)} do not apply")
-        try:
-            cfg = BSBRConfig.from_dict(_read_config(p))
-        except (TypeError, ConfigError) as e:
-            raise ModelLoadError(f"{p}: invalid BSBR config ({e})") from None
+        cfg = converted_config(p)
         original = original or recorded_original(p)
         if original is None:
             raise ConfigError(f"{p} is a converted model that does not record its original GPT-2: pass "

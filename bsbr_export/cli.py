@@ -151,6 +151,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
     runs, .OUT.lock beside OUT keeps a second writer out; leftovers of a killed run
     (.OUT.partial.*) are removed. Files are 0644, directories 0755.
     """
+    from .convert import converted_dir
     from .pipeline import run_pipeline
 
     try:
@@ -158,7 +159,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
                                 int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, onnx_only=onnx_only,
-                                eval_text=eval_text, **_options(**opts))
+                                eval_text=eval_text, **(_changed(opts) if converted_dir(model) else _options(**opts)))
     except BSBRExportError as e:
         fail(str(e))
     except OSError as e:
