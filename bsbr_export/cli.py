@@ -144,7 +144,8 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                             memory of each stage
 
     Parity compares the graphs with the converted torch model; the fidelity line compares
-    the converted model with the original GPT-2 (the conversion's own change).
+    the converted model with the original GPT-2 (the conversion's own change). MODEL may be
+    a converted directory (convert's or calibrate's output): exported as it is.
 
     Options, paths, the parity check's memory and (for an engine) TensorRT are checked
     before any work. While it

@@ -224,3 +224,21 @@ def test_help_explains_data_budget_and_resume():
     assert res.exit_code == 0
     for word in (".jsonl", "--minutes", "--max-steps", "Resume", "calibration.json", "--stage2", "--patience"):
         assert word in res.output, word
+
+
+def test_the_main_command_exports_a_calibrated_model_as_it_is(tiny_run, bundled_dir, tmp_path):
+    out, _ = tiny_run
+    text = tmp_path / "eval.txt"
+    text.write_text((STDLIB / "keyword.py").read_text())
+    dest = tmp_path / "export"
+    res = CliRunner().invoke(main, [str(out), "--out", str(dest), "--max-seq-len", "40", "--threads", "2",
+                                    "--eval-text", str(text)])
+    assert res.exit_code == 0, res.output
+    assert "fidelity            converted vs original GPT-2" in res.output
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert manifest["original"] == str(bundled_dir.resolve()) and manifest["options"]["chunk_size"] == 16
+    assert (dest / "bsbr" / "calibration.json").read_text() == (out / "calibration.json").read_text()
+    got, want = load_bsbr(dest / "bsbr").state_dict(), load_bsbr(out).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    res = CliRunner().invoke(main, [str(out), "--out", str(tmp_path / "x"), "--chunk-size", "32"])
+    assert res.exit_code == 1 and "already converted" in res.output.strip().splitlines()[-1]
