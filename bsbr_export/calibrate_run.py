@@ -283,7 +283,8 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
         state = {"fingerprint": fp, "stages": [], "resumed": 0}
     plan.work.mkdir(parents=True, exist_ok=True)
 
-    log(f"loading {plan.model}" + (" (converting it)" if plan.kind == "hf" else "") + f" and the original {plan.original}")
+    how = " (converting it)" if plan.kind == "hf" else ""
+    log(f"loading {plan.model}{how} and the original {plan.original}")
     model = (convert(plan.model, allow_pickle=plan.allow_pickle, **plan.options) if plan.kind == "hf"
              else load_bsbr(plan.model))
     from transformers.utils import logging as hf_logging
