@@ -222,3 +222,41 @@ def load(paths, model_dir: Path, seq_len: int, vocab_size: int, eos_fallback: in
                         f"lower --seq-len")
     train, heldout, n_held, cut = split(docs, seq_len, seed)
     return Corpus([str(p) for p in paths], files, skipped, len(docs), n_held, cut, train, heldout, seq_len, seed)
+
+
+# --------------------------------------------------------------------------- sampled from the original
+
+def sampled_plan(tokens: int, seq_len: int, heldout_windows: int) -> tuple[int, int]:
+    """(training documents, held-out documents) of ``seq_len`` tokens each for ``tokens`` training
+    tokens: about ``HELDOUT_FRACTION`` more held out, at least ``heldout_windows`` windows' worth."""
+    train = max(1, math.ceil(tokens / seq_len))
+    return train, max(math.ceil(HELDOUT_FRACTION * train), heldout_windows) + 1
+
+
+def sampled(hf, tokens: int, seq_len: int, heldout_windows: int, seed: int, eos: int,
+            progress=None, cache: Path | None = None) -> Corpus:
+    """A corpus sampled from the original itself (``self_sample.sample_windows``), for a user with
+    nothing but the checkpoint: each document is ``seq_len - 1`` sampled tokens and the end-of-text
+    token; the held-out documents are sampled after the training ones, from the same seed. With
+    ``cache`` (an .npy path), the documents are read from there when they match, written otherwise
+    (a resumed run samples nothing again)."""
+    from .self_sample import sample_windows
+
+    n_train, n_held = sampled_plan(tokens, seq_len, heldout_windows)
+    n = n_train + n_held
+    ids = None
+    if cache is not None and cache.is_file():
+        ids = np.load(cache)
+        if ids.shape != (n, seq_len - 1):
+            ids = None
+    if ids is None:
+        ids = sample_windows(hf, n, seq_len - 1, batch=32, seed=seed, progress=progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp.npy")
+            np.save(tmp, ids)
+            os.replace(tmp, cache)
+    docs = np.concatenate([ids, np.full((n, 1), eos, dtype=np.int64)], axis=1)  # (n, seq_len)
+    label = f"(sampled from the original: {n} documents of {seq_len} tokens, seed {seed})"
+    return Corpus([label], [], {}, n, n_held, False, docs[:n_train].reshape(-1), docs[n_train:].reshape(-1),
+                  seq_len, seed)

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .calibrate_data import Corpus, load as load_corpus
+from .calibrate_data import Corpus, load as load_corpus, sampled, sampled_plan
 from .errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
+SAMPLED = "sampled.npy"  # --self: the documents sampled from the original, kept for a resumed run
 STAGES = {1: "attention transfer", 2: "KL distillation"}
 MIN_IMPROVEMENT = 1e-4  # relative: a held-out loss lower by less is no improvement
 
@@ -49,6 +50,7 @@ class Settings:
     warmup: int = 10
     heldout_windows: int = 8
     seed: int = 0
+    self_tokens: int | None = None  # train on this many tokens sampled from the original (no --data)
 
 
 @dataclass
@@ -105,7 +107,13 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     s.seq_len = s.seq_len or min(1024, cfg.n_positions)
     if s.seq_len > cfg.n_positions:
         raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
-    corpus = load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size, cfg.eos_token_id, s.seed)
+    if s.self_tokens is not None and data:
+        raise ConfigError("--self trains on text sampled from the original: give it or --data, not both")
+    if s.self_tokens is None and not data:
+        raise ConfigError("no data: give --data PATH (your text) or --self (text sampled from the original)")
+    # Sampled text needs the original loaded: ``run`` samples it (the corpus is None until then).
+    corpus = None if data == () or not data else load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size,
+                                                             cfg.eos_token_id, s.seed)
     given = work is not None
     work = Path(work) if given else out.with_name(out.name + ".partial")
     return Plan(str(model), kind, str(original), Path(tok_dir), options, allow_pickle, cfg, corpus, out, work, given,
@@ -271,7 +279,18 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
     from .convert import convert, load_bsbr, save_bsbr
     from .fidelity import load_original
 
-    s, corpus = plan.settings, plan.corpus
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    s, hf = plan.settings, None
+    if plan.corpus is None:  # --self: sample the data from the original first (cached in the work dir)
+        hf, _ = load_original(plan.original)
+        n_train, n_held = sampled_plan(s.self_tokens, s.seq_len, s.heldout_windows)
+        log(f"sampling {n_train + n_held} documents of {s.seq_len} tokens from the original "
+            f"({n_held} held out)")
+        plan.corpus = sampled(hf, s.self_tokens, s.seq_len, s.heldout_windows, s.seed,
+                              _eos(plan.cfg), log, plan.work / SAMPLED)
+    corpus = plan.corpus
     fp = _fingerprint(plan)
     state = load_checkpoint(plan.work, fp)
     if state is not None:
@@ -287,13 +306,12 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
     log(f"loading {plan.model}{how} and the original {plan.original}")
     model = (convert(plan.model, allow_pickle=plan.allow_pickle, **plan.options) if plan.kind == "hf"
              else load_bsbr(plan.model))
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf, _ = load_original(plan.original)
+    if hf is None:
+        hf, _ = load_original(plan.original)
     wins = corpus.windows(s.heldout_windows)
     d = corpus.summary(len(wins))
-    log(f"data: {d['files']} files, {d['documents']} documents, {d['tokens_train']:,} training and "
+    src = f"{d['files']} files" if d['files'] else d['paths'][0]
+    log(f"data: {src}, {d['documents']} documents, {d['tokens_train']:,} training and "
         f"{d['tokens_heldout']:,} held-out tokens; {len(wins)} held-out windows of {s.seq_len} tokens")
     if "before" not in state:
         state["before"] = _metrics(hf, model, wins)
@@ -350,10 +368,16 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
     save_bsbr(model, plan.out, tokenizer_from=plan.tokenizer_dir, force=plan.force,
               extra={"calibration.json": json.dumps(record, indent=2) + "\n"})
     if plan.work_given:
-        (plan.work / CHECKPOINT).unlink(missing_ok=True)
+        for name in (CHECKPOINT, SAMPLED):
+            (plan.work / name).unlink(missing_ok=True)
     else:
         shutil.rmtree(plan.work, ignore_errors=True)
     return record
+
+
+def _eos(cfg) -> int:
+    """The token that ends a sampled document (and starts the next): the config's, else 0."""
+    return next((t for t in (cfg.eos_token_id, cfg.bos_token_id) if t is not None), 0)
 
 
 def _where(source: str) -> str:

@@ -16,9 +16,14 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--data", "data", multiple=True, type=click.Path(path_type=Path),
               help="Text to calibrate on (repeatable): a text file, a directory (every non-hidden text file "
                    "under it) or a .jsonl file (a \"text\" field per line).")
+@click.option("--self", "self_data", is_flag=True,
+              help="No text of yours: train on documents sampled from the original GPT-2 itself "
+                   "(temperature 1; --self-tokens of them, about 10% more held out).")
+@click.option("--self-tokens", type=click.IntRange(min=1), default=65536, show_default=True,
+              help="With --self: training tokens to sample.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output directory: the calibrated BSBR checkpoint (written atomically at the end).")
 @click.option("--original", default=None,
@@ -51,8 +56,8 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
               help="Directory for the resumable checkpoint [OUT.partial beside OUT].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @conversion_options
-def calibrate(model, data, out, original, seq_len, batch_size, stage2, minutes, max_steps, eval_every, patience,
-              heldout_windows, lr, lr_g, seed, work, force, allow_pickle, **opts):
+def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch_size, stage2, minutes, max_steps,
+              eval_every, patience, heldout_windows, lr, lr_g, seed, work, force, allow_pickle, **opts):
     """Calibrate a conversion on your own text: train what the conversion added (the meta
     query/key projections, the retrieval scale g, a learned feature map) to imitate the
     original GPT-2, and write the calibrated checkpoint to OUT.
@@ -73,6 +78,8 @@ def calibrate(model, data, out, original, seq_len, batch_size, stage2, minutes, 
     window) are held out. Training draws a fresh random window of --seq-len tokens per
     step; held-out windows are fixed. Bad data (missing path, empty or non-UTF-8 file,
     bad JSONL line, fewer tokens than two windows) fails in one line before any work.
+    --self in place of --data: documents sampled from the original itself (seeded;
+    kept in the checkpoint directory, so a resumed run samples nothing again).
 
     \b
     Training: stage 1, attention transfer (each layer's attention against softmax's,
@@ -97,7 +104,7 @@ def calibrate(model, data, out, original, seq_len, batch_size, stage2, minutes, 
 
     settings = Settings(seq_len=seq_len, batch_size=batch_size, stage2=stage2, minutes=minutes, max_steps=max_steps,
                         eval_every=eval_every, patience=patience, lr=lr, lr_g=lr_g,
-                        heldout_windows=heldout_windows, seed=seed)
+                        heldout_windows=heldout_windows, seed=seed, self_tokens=self_tokens if self_data else None)
     plan = None
     try:
         plan = prepare(model, data, out, settings, original=original, work=work, force=force,

@@ -242,3 +242,45 @@ def test_the_main_command_exports_a_calibrated_model_as_it_is(tiny_run, bundled_
     assert all(torch.equal(got[k], want[k]) for k in want)
     res = CliRunner().invoke(main, [str(out), "--out", str(tmp_path / "x"), "--chunk-size", "32"])
     assert res.exit_code == 1 and "already converted" in res.output.strip().splitlines()[-1]
+
+
+def test_self_trains_on_text_sampled_from_the_original_and_resumes_without_sampling_again(
+        bundled_dir, tmp_path, monkeypatch):
+    out = tmp_path / "self"
+    args = [bundled_dir, "--self", "--self-tokens", "256", "--out", out, "--max-steps", "3", *TINY]
+    real, calls = calibrate_data.Corpus.sample, []
+
+    def sample(self, gen, batch=1):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during step 2: the sampled documents stay beside the checkpoint
+            raise KeyboardInterrupt
+        return real(self, gen, batch)
+
+    monkeypatch.setattr(calibrate_data.Corpus, "sample", sample)
+    res = invoke(args)
+    partial = tmp_path / "self.partial"
+    assert res.exit_code == 130 and (partial / calibrate_run.SAMPLED).is_file(), res.output
+    assert "sampling 7 documents of 64 tokens from the original (3 held out)" in res.output
+    monkeypatch.setattr(calibrate_data.Corpus, "sample", real)
+    sampled_ids = __import__("numpy").load(partial / calibrate_run.SAMPLED)
+    assert sampled_ids.shape == (7, 63)
+
+    res = invoke(args)
+    assert res.exit_code == 0, res.output
+    assert "sampling" in res.output and "sampled 7/7" not in res.output  # read back, not sampled again
+    assert "resuming from" in res.output and not partial.exists()
+    rec = json.loads((out / "calibration.json").read_text())
+    assert rec["data"]["paths"][0].startswith("(sampled from the original: 7 documents of 64 tokens, seed 0)")
+    assert rec["data"]["tokens_train"] == 256 and rec["data"]["tokens_heldout"] == 3 * 64
+    assert rec["data"]["files"] == 0 and rec["stages"][0]["steps"] == 3
+    assert math.isfinite(rec["heldout"]["after"]["kl_mean_nats"])
+    load_bsbr(out)
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--self", "--data", "README.md"], "give it or --data, not both"),
+    ([], "no data: give --data PATH (your text) or --self"),
+])
+def test_self_and_data_are_one_or_the_other(bundled_dir, tmp_path, extra, msg):
+    res = invoke([bundled_dir, "--out", tmp_path / "o", *TINY, *extra])
+    assert msg in one_line_error(res) and not (tmp_path / "o").exists()
