@@ -270,8 +270,10 @@ class Stage:
         _save_checkpoint(self.plan.work, self.state)
 
 
-def run(plan: Plan, log: Callable[[str], None]) -> dict:
-    """Calibrate as planned and write ``plan.out``; returns what calibration.json holds."""
+def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
+    """Calibrate as planned and write ``plan.out``; returns what calibration.json holds. ``model``:
+    the converted model, already in memory (the main command's ``--calibrate self``): calibrated in
+    place and not written (``plan.out`` unused)."""
     import torch
 
     from . import __version__
@@ -303,9 +305,12 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
     plan.work.mkdir(parents=True, exist_ok=True)
 
     how = " (converting it)" if plan.kind == "hf" else ""
-    log(f"loading {plan.model}{how} and the original {plan.original}")
-    model = (convert(plan.model, allow_pickle=plan.allow_pickle, **plan.options) if plan.kind == "hf"
-             else load_bsbr(plan.model))
+    log(f"loading {plan.model}{how} and the original {plan.original}" if model is None else
+        f"loading the original {plan.original}")
+    keep = model is not None
+    if not keep:
+        model = (convert(plan.model, allow_pickle=plan.allow_pickle, **plan.options) if plan.kind == "hf"
+                 else load_bsbr(plan.model))
     if hf is None:
         hf, _ = load_original(plan.original)
     wins = corpus.windows(s.heldout_windows)
@@ -365,8 +370,9 @@ def run(plan: Plan, log: Callable[[str], None]) -> dict:
               "heldout": {"windows": len(wins), "tokens_per_window": s.seq_len, "before": state["before"],
                           "after": after},
               "seconds": round(sum(r["seconds"] for r in state["stages"]), 1), "resumed": state["resumed"]}
-    save_bsbr(model, plan.out, tokenizer_from=plan.tokenizer_dir, force=plan.force,
-              extra={"calibration.json": json.dumps(record, indent=2) + "\n"})
+    if not keep:
+        save_bsbr(model, plan.out, tokenizer_from=plan.tokenizer_dir, force=plan.force,
+                  extra={"calibration.json": json.dumps(record, indent=2) + "\n"})
     if plan.work_given:
         for name in (CHECKPOINT, SAMPLED):
             (plan.work / name).unlink(missing_ok=True)
@@ -384,3 +390,20 @@ def _where(source: str) -> str:
     """A local original as an absolute path (so that a later run finds it from anywhere), a hub name as it is."""
     p = Path(source)
     return str(p.resolve()) if p.exists() else source
+
+
+SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
+
+
+def self_calibrate(model, source: str, options: dict, minutes: float, work: Path, log: Callable[[str], None],
+                   tokens: int = SELF_TOKENS, original: str | None = None) -> dict:
+    """``--calibrate self`` of the main command and ``export``: ``run`` on the converted ``model``
+    in memory (calibrated in place) with ``tokens`` training tokens sampled from the original,
+    a budget of ``minutes``; the checkpoint lives in ``work`` (removed at the end). Returns the
+    calibration record."""
+    plan = prepare(str(source), (), work / "calibrated", Settings(minutes=minutes, self_tokens=tokens),
+                   original=original, work=work, options=options)
+    try:
+        return run(plan, log, model=model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -122,9 +122,16 @@ def _case_line(case) -> None:
                    "the conversion against the original GPT-2, both in torch: top-1 agreement and mean "
                    "KL(original || converted), printed after the parity lines and kept in manifest.json "
                    "[the model's heldout_ids.npy, 4 windows of 1024 tokens; without either: skipped].")
+@click.option("--calibrate", type=Choice(["none", "self"]), default="none", show_default=True,
+              help="self: before the export, calibrate the conversion on text sampled from the original GPT-2 "
+                   "itself (the calibrate command's --self: attention transfer, early-stopped on held-out "
+                   "samples; the record in manifest.json and bsbr/calibration.json). For your own text, or a "
+                   "run that resumes after an interruption, use `bsbr-export calibrate` and pass its output.")
+@click.option("--calibrate-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Wall-clock budget of --calibrate self.")
 @conversion_options
 def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, int8_min_top1, int8_max_kl,
-        onnx_only, eval_text, allow_pickle, **opts):
+        onnx_only, eval_text, calibrate, calibrate_minutes, allow_pickle, **opts):
     """Whole pipeline: convert, export, check parity, build (the default command).
 
     \b
@@ -160,7 +167,8 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
                                 int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, onnx_only=onnx_only,
-                                eval_text=eval_text, **(_changed(opts) if converted_dir(model) else _options(**opts)))
+                                eval_text=eval_text, calibrate=calibrate, calibrate_minutes=calibrate_minutes,
+                                **(_changed(opts) if converted_dir(model) else _options(**opts)))
     except BSBRExportError as e:
         fail(str(e))
     except OSError as e:
@@ -192,6 +200,12 @@ def _summary(manifest: dict, out: Path) -> None:
         graph = "TensorRT" if key.startswith("tensorrt") else "ONNX"
         click.echo(f"  parity {key:12s} {'pass' if p['passed'] else 'FAIL'}: {graph} vs converted torch, "
                    f"{p['cases']} cases, worst max|diff| {p['worst_max_abs']:.2e}, min top-1 {p['min_top1']:.1%}")
+    if "calibration" in manifest:
+        c = manifest["calibration"]
+        b, a = c["heldout"]["before"], c["heldout"]["after"]
+        click.echo(f"  calibration         {sum(s['steps'] for s in c['stages'])} steps in {c['seconds']:.0f} s on "
+                   f"samples of the original: held-out top-1 {b['top1']:.1%} -> {a['top1']:.1%}, KL "
+                   f"{b['kl_mean_nats']:.4f} -> {a['kl_mean_nats']:.4f}")
     if "fidelity" in manifest:
         from .fidelity import summary_line
 

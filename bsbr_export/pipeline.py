@@ -24,6 +24,7 @@ from .errors import BSBRExportError, ConfigError, ModelLoadError
 from .runtime import TorchHalfRunner
 
 ENGINES = ("onnx", "fp32", "fp16", "int8")
+CALIBRATIONS = ("none", "self")  # --calibrate: none, or on text sampled from the original (calibrate_run)
 
 
 class ParityError(BSBRExportError):
@@ -228,7 +229,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                  allow_pickle: bool = False, inline: bool = False, threads: int | None = None,
                  log=print, case_progress=None, parity_reference: str = "auto", int8_min_top1: float | None = None,
                  int8_max_kl: float | None = None, onnx_only: bool = False, eval_text=None,
-                 **options) -> dict:
+                 calibrate: str = "none", calibrate_minutes: float = 10.0, **options) -> dict:
     """Run the pipeline; returns the manifest. Raises ParityError, ConfigError, ...
 
     ``onnx_only``: with engine fp32 or fp16, write and check the graphs but build no TensorRT
@@ -237,7 +238,9 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     Every option and path is checked before any work (the configuration is read from
     config.json alone); the output is built under ``.OUT.partial.*`` beside it, under a lock.
     ``eval_text``: a UTF-8 text whose first tokens measure the conversion against the original
-    GPT-2 (``fidelity``) in place of the model's held-out ids.
+    GPT-2 (``fidelity``) in place of the model's held-out ids. ``calibrate="self"``: before the
+    export, calibrate the conversion on text sampled from the original (``calibrate_run.self_calibrate``,
+    a budget of ``calibrate_minutes``); its record goes into the manifest and bsbr/calibration.json.
     """
     from . import fidelity
     from .convert import (convert, converted_config, converted_dir, load_bsbr, planned_config, recorded_original,
@@ -249,6 +252,10 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if calibrate not in CALIBRATIONS:
+        raise ConfigError(f"--calibrate must be one of {CALIBRATIONS}, got {calibrate!r}")
+    if calibrate != "none" and not calibrate_minutes > 0:
+        raise ConfigError(f"--calibrate-minutes must be > 0, got {calibrate_minutes}")
     if engine == "int8":  # the int8 gate's thresholds (quantize.py), checked before any work
         from . import quantize
 
@@ -269,6 +276,8 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     else:
         cfg, src_dir = planned_config(source, **options)
         original, orig_dir = str(source), src_dir
+    if calibrate != "none" and orig_dir is None:
+        raise ConfigError(f"--calibrate {calibrate} needs the original GPT-2 of {source}, which is not at hand")
     max_len = max_seq_len if max_seq_len is not None else cfg.n_positions
     spec = ExportSpec(max_seq_len=max_len, inline=inline)
     t0 = time.time()
@@ -297,11 +306,22 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                     "engine": engine, "max_seq_len": max_len, "inline": inline,
                     "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
         with atomic_dir(out, force=force) as tmp:
+            if calibrate == "self":
+                from .calibrate_run import self_calibrate
+
+                log(f"[{next(step)}] calibrating on text sampled from the original (budget {calibrate_minutes:g} min)")
+                with stage("calibrate"):
+                    manifest["calibration"] = self_calibrate(model, str(source), options, calibrate_minutes,
+                                                             tmp / ".calibrate", lambda m: log(f"    {m}"),
+                                                             original=original if bsbr_dir else None)
+                _free_torch_memory()
             log(f"[{next(step)}] exporting ONNX (prefill, extend, decode and close graphs, max {max_len} tokens)")
             with stage("export"):
                 record = None if bsbr_dir is None else bsbr_dir / "calibration.json"
-                save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir, extra={"calibration.json": record.read_text()}
-                          if record is not None and record.is_file() else None)
+                record = (json.dumps(manifest["calibration"], indent=2) + "\n" if "calibration" in manifest
+                          else record.read_text() if record is not None and record.is_file() else None)
+                save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir,
+                          extra=None if record is None else {"calibration.json": record})
                 export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
             if engine == "fp16":
                 log(f"[{next(step)}] exporting the fp16 graphs (LayerNorm and softmax in fp32)")
