@@ -121,6 +121,19 @@ def test_log_weights_train_the_decay():
     assert lam.grad is not None and lam.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("loss", ["weights", "output"])
+def test_transfer_trains_the_decay_within_its_range(tiny_hf_dir, tiny_hf, loss):
+    """Attention transfer moves lambda (started at 1, the range's edge) and leaves it in (0, 1]."""
+    from bsbr_export.calibrate import transfer
+
+    model = convert(tiny_hf_dir, **model_opts("decay", "chunk", "normalised") | {"retrieval_decay": 1.0})
+    wins = [rand_ids(4 * L + 1, s, B=1) for s in range(2)]
+    transfer(model, lambda x: tiny_hf(input_ids=x, output_hidden_states=True).hidden_states, wins, passes=3,
+             loss=loss, lr=3e-2, warmup=1)
+    lam = torch.stack([b.attn.decay for b in model.h])
+    assert (lam > 0).all() and (lam <= 1).all() and (lam < 1).any(), lam
+
+
 @pytest.fixture(scope="module")
 def models(tiny_hf_dir):
     return {(w, win, ret): convert(tiny_hf_dir, **model_opts(w, win, ret))
