@@ -282,3 +282,21 @@ def test_cli_offers_the_retrieval_weights(tiny_hf_dir, tmp_path):
     res = CliRunner().invoke(main, ["convert", str(tiny_hf_dir), "--out", str(tmp_path / "bad"),
                                     "--retrieval-weights", "decay", "--retrieval-decay", "1.5"])
     assert res.exit_code != 0 and "retrieval decay must be a number in (0, 1]" in res.output, res.output
+
+
+@pytest.mark.parametrize("weights,window", [("decay", "lookback"), ("gate", "chunk")])
+def test_fp16_engine_equals_torch(models, tmp_path, weights, window):
+    """fp16 graphs compute the weights in fp32 (Pow, Sigmoid): extend then decode across closes,
+    within the fp16 tolerance of the other fp16 tests (1e-3)."""
+    model = models[(weights, window, "normalised")]
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=MAX, fp16=True))
+    ids = ids_np(MAX, 5)
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids))
+    eng = Engine(tmp_path, precision="fp16", max_len=MAX)
+    st = eng.new_state(2)
+    logits = eng.extend(st, [0, 1], [ids[0, :13], ids[1, :13]])
+    assert_close(torch.from_numpy(logits), full[:, 12], 1e-3, f"{weights} fp16 prefill")
+    for t in range(13, MAX):
+        out = eng.decode(st, ids[:, t], np.array([True, True]))
+        assert_close(torch.from_numpy(out), full[:, t], 1e-3, f"{weights} fp16 t={t}")
