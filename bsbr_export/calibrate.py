@@ -21,6 +21,7 @@ the original's hidden states as inputs; ``calibrate`` then runs as the second st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -137,10 +138,12 @@ def transfer(model, hidden_states: Callable[[torch.Tensor], list[torch.Tensor]],
                   log, progress, f"{loss} transfer loss")
 
 
-def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass, cache_teacher, warmup, log,
-           progress, loss_name) -> CalibrationLog:
-    """The loop both stages share: Adam over ``trainable(model, what)``, g in log space when
-    normalised, one window per step in a fixed shuffled order, the teacher's targets cached."""
+@contextlib.contextmanager
+def training(model, what: str = "conversion", lr: float = 1e-3, lr_g: float = 0.05):
+    """The optimiser every calibration loop uses: yields ``(named, opt)``, the trainable
+    ``(name, parameter)`` pairs and Adam over them (``lr``; a normalised g trained as exp(theta) at
+    ``lr_g``, so ``named`` holds theta, ``...parametrizations.g.original``). On exit g is a plain
+    parameter again (its trained value), every parameter requires grad and the model is in eval mode."""
     normalised = model.cfg.retrieval == "normalised"
     if normalised:
         # g > 0 is trained in log space: multiplicative steps, and it can never turn negative.
@@ -148,16 +151,35 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
             with torch.no_grad():
                 blk.attn.g.clamp_(min=1e-6)
             parametrize.register_parametrization(blk.attn, "g", _Exp())
-    named = trainable(model, what)
-    g_params = [p for n, p in named if n.endswith("attn.g") or "parametrizations.g" in n]
-    rest = [p for n, p in named if not any(p is q for q in g_params)]
-    groups = [{"params": rest, "lr": lr}, {"params": g_params, "lr": lr_g if normalised else lr}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    try:
+        named = trainable(model, what)
+        g_params = [p for n, p in named if n.endswith("attn.g") or "parametrizations.g" in n]
+        rest = [p for n, p in named if not any(p is q for q in g_params)]
+        groups = [{"params": rest, "lr": lr}, {"params": g_params, "lr": lr_g if normalised else lr}]
+        yield named, torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    finally:
+        if normalised:
+            for blk in model.h:
+                parametrize.remove_parametrizations(blk.attn, "g", leave_parametrized=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.eval()
+
+
+@torch.no_grad()
+def keep_in_range(model) -> None:
+    """After an optimiser step: a learned decay (``retrieval_weights="decay"``) stays in (0, 1], as
+    the config requires."""
+    for blk in model.h:
+        if getattr(blk.attn, "decay", None) is not None:
+            blk.attn.decay.clamp_(1e-4, 1.0)
+
+
+def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass, cache_teacher, warmup, log,
+           progress, loss_name) -> CalibrationLog:
+    """The loop both stages share: Adam over ``trainable(model, what)`` (``training``), g in log
+    space when normalised, one window per step in a fixed shuffled order, the teacher's targets cached."""
     log = log or CalibrationLog()
-    # Linear warm-up over the first ``warmup`` steps, counted from the log's steps (a log handed
-    # back in continues it): factor min(1, (step + 1) / warmup) on each group's lr.
-    done = log.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (done + s + 1) / warmup))
     cache: dict[int, object] = {}
 
     def cached(i: int, x: torch.Tensor):
@@ -170,7 +192,11 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
         return t
 
     order_gen = torch.Generator().manual_seed(0)
-    try:
+    with training(model, what, lr, lr_g) as (_, opt):
+        # Linear warm-up over the first ``warmup`` steps, counted from the log's steps (a log handed
+        # back in continues it): factor min(1, (step + 1) / warmup) on each group's lr.
+        done = log.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (done + s + 1) / warmup))
         for k in range(1, passes + 1):
             model.train()
             t0 = time.time()
@@ -180,10 +206,7 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                with torch.no_grad():  # a learned decay stays in (0, 1], as the config requires
-                    for blk in model.h:
-                        if getattr(blk.attn, "decay", None) is not None:
-                            blk.attn.decay.clamp_(1e-4, 1.0)
+                keep_in_range(model)
                 sched.step()
                 log.steps += 1
                 log.tokens += x.numel()
@@ -195,13 +218,6 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
                 progress(f"pass {k}/{passes}: mean {loss_name} {sum(log.losses[-n:]) / n:.4f}, {log.seconds:.0f} s")
             if after_pass is not None:
                 after_pass(k, model)
-    finally:
-        if normalised:
-            for blk in model.h:
-                parametrize.remove_parametrizations(blk.attn, "g", leave_parametrized=True)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.eval()
     return log
 
 

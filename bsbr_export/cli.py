@@ -1,7 +1,8 @@
 """The ``bsbr-export`` command line: parse options, then call one function of a stage.
 
 ``bsbr-export MODEL --engine onnx|fp32|fp16 --out DIR`` runs the whole pipeline;
-subcommands run one stage each. This is the only module that talks to the terminal.
+subcommands run one stage each. This module and the other ``cli_*`` modules are the only ones
+that talk to the terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from .cli_calibrate import calibrate
+from .cli_options import changed_options as _changed, conversion_options, options_dict as _options
 from .cli_runtime import Choice, fail, generate, serve
 from .errors import BSBRExportError
 
@@ -36,52 +39,6 @@ class PipelineGroup(click.Group):
 EXPORT_EXTRA = ("torch", "transformers", "safetensors", "huggingface_hub")
 
 
-def conversion_options(f):
-    """Options shared by every command that converts a GPT-2."""
-    opts = [
-        click.option("--chunk-size", type=int, default=128, show_default=True,
-                     help="Tokens per chunk L: softmax attention inside a chunk, retrieval between chunks."),
-        click.option("--compression", type=int, default=None,
-                     help="State compression factor kappa (must divide the head dim); default: off."),
-        click.option("--position-policy", type=Choice(["absolute", "chunk"]), default="absolute",
-                     show_default=True, help="Positions for t >= n_positions (see README)."),
-        click.option("--meta-init", type=Choice(["qk", "random"]), default="qk", show_default=True,
-                     help="Initialisation of the meta query/key projections."),
-        click.option("--retrieval-scale", type=float, default=None,
-                     help="Initial per-head retrieval scale g [normalised: 0.03; plain: 0, i.e. "
-                          "block-local attention only]."),
-        click.option("--retrieval", type=Choice(["plain", "normalised"]), default="normalised",
-                     show_default=True,
-                     help="plain: o = a + g q S. normalised: local and retrieved terms share one softmax "
-                          "denominator (needs a positive --feature-map)."),
-        click.option("--feature-map", type=Choice(["identity", "elu1", "relu"]), default=None,
-                     help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
-                          "plain: identity]."),
-        click.option("--local-window", type=Choice(["chunk", "lookback"]), default="chunk",
-                     show_default=True,
-                     help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "
-                          "lookback: those and the whole previous chunk (retrieval from the chunks before "
-                          "that); exact GPT-2 up to 2 chunks, state K/V of 2 chunks."),
-        click.option("--retrieval-weights", type=Choice(["softmax", "sum", "decay", "gate"]), default="softmax",
-                     show_default=True, help="Weights of the retrieved chunks: softmax over them; sum (all 1); "
-                     "decay (lambda^age, lambda learned per head); gate (sigmoid, unnormalised)."),
-        click.option("--retrieval-decay", type=float, default=0.95, show_default=True,
-                     help="Initial lambda in (0, 1] of --retrieval-weights decay."),
-        click.option("--allow-pickle", is_flag=True,
-                     help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _options(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map,
-             local_window, retrieval_weights, retrieval_decay) -> dict:
-    return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
-                meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
-                local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay)
-
-
 @click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bsbr-export")
 def main():
@@ -99,6 +56,7 @@ def main():
 
 main.add_command(generate)  # the commands over an export (cli_runtime.py)
 main.add_command(serve)
+main.add_command(calibrate)  # cli_calibrate.py
 
 
 @main.command()
@@ -186,13 +144,15 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                             memory of each stage
 
     Parity compares the graphs with the converted torch model; the fidelity line compares
-    the converted model with the original GPT-2 (the conversion's own change).
+    the converted model with the original GPT-2 (the conversion's own change). MODEL may be
+    a converted directory (convert's or calibrate's output): exported as it is.
 
     Options, paths, the parity check's memory and (for an engine) TensorRT are checked
     before any work. While it
     runs, .OUT.lock beside OUT keeps a second writer out; leftovers of a killed run
     (.OUT.partial.*) are removed. Files are 0644, directories 0755.
     """
+    from .convert import converted_dir
     from .pipeline import run_pipeline
 
     try:
@@ -200,7 +160,7 @@ def run(model, engine, out, max_seq_len, inline, threads, force, parity_referenc
                                 allow_pickle=allow_pickle, inline=inline, threads=threads, log=_log,
                                 case_progress=_case_line, parity_reference=parity_reference,
                                 int8_min_top1=int8_min_top1, int8_max_kl=int8_max_kl, onnx_only=onnx_only,
-                                eval_text=eval_text, **_options(**opts))
+                                eval_text=eval_text, **(_changed(opts) if converted_dir(model) else _options(**opts)))
     except BSBRExportError as e:
         fail(str(e))
     except OSError as e:
@@ -284,14 +244,6 @@ def _copy_tokenizer(model, out: Path) -> list[str]:
             shutil.copy2(src / f, out / f)
             copied.append(f)
     return copied
-
-
-def _changed(opts: dict) -> dict:
-    """Conversion options the user set away from their defaults (a converted model takes none)."""
-    defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window="chunk",
-                    retrieval_weights="softmax", retrieval_decay=0.95)
-    return {k: v for k, v in _options(**opts).items() if v != defaults[k]}
 
 
 @main.command()

@@ -253,8 +253,10 @@ def convert(source, allow_pickle: bool = False, **options):
 
 # --------------------------------------------------------------------------- BSBR checkpoints
 
-def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = False) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) atomically."""
+def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = False,
+              extra: dict[str, str] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files, + ``extra``: file name -> text)
+    atomically."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -268,6 +270,8 @@ def save_bsbr(model, out_dir, tokenizer_from: Path | None = None, force: bool = 
             for f in TOKENIZER_FILES:
                 if (Path(tokenizer_from) / f).is_file():
                     shutil.copy2(Path(tokenizer_from) / f, tmp / f)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -290,6 +294,47 @@ def load_bsbr(path):
     except Exception as e:
         raise ModelLoadError(f"{d}: unreadable weights ({type(e).__name__}: {e})") from None
     return build_model(sd, bcfg)
+
+
+def converted_dir(source) -> Path | None:
+    """``source`` as a Path when it is a converted BSBR directory (``save_bsbr``'s), else None."""
+    p = Path(source)
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            if _read_config(p).get("format") == "bsbr-export":
+                return p
+        except ModelLoadError:
+            return None
+    return None
+
+
+def converted_config(d) -> BSBRConfig:
+    """The ``BSBRConfig`` of a converted directory, read from its config.json alone (no weights)."""
+    try:
+        return BSBRConfig.from_dict(_read_config(Path(d)))
+    except (TypeError, ConfigError) as e:
+        raise ModelLoadError(f"{d}: invalid BSBR config ({e})") from None
+
+
+def recorded_original(d) -> str | None:
+    """The original GPT-2 a converted directory came from, where it says so: its calibration.json
+    (the calibrate command), or the manifest.json beside it when it is the ``bsbr/`` of the main
+    command's output (its ``original``, else its ``source`` when that is a local GPT-2 directory)."""
+    d = Path(d)
+    for f, keys in ((d / "calibration.json", ("source", "original")), (d.parent / "manifest.json", ("original",)),
+                    (d.parent / "manifest.json", ("source",))):
+        try:
+            val = json.loads(f.read_text())
+            for k in keys:
+                val = val[k]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not isinstance(val, str) or not val:
+            continue
+        if keys == ("source",) and not (Path(val).is_dir() and converted_dir(val) is None):
+            continue  # a source typed relative to another directory, or itself converted
+        return val
+    return None
 
 
 def load_any(source, allow_pickle: bool = False, **options):

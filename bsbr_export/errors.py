@@ -27,3 +27,8 @@ class HubUnreachableError(ModelLoadError):
 
 class InputError(BSBRExportError, ValueError):
     """Inference inputs of the wrong dtype, rank or length."""
+
+
+class DataError(BSBRExportError, ValueError):
+    """Calibration data that cannot be used: a missing, empty or non-UTF-8 file, a bad JSONL
+    line, or too few tokens."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BSBRExportError, ConfigError
+from .errors import BSBRExportError, ConfigError, ModelLoadError
 from .runtime import TorchHalfRunner
 
 ENGINES = ("onnx", "fp32", "fp16", "int8")
@@ -240,7 +240,8 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     GPT-2 (``fidelity``) in place of the model's held-out ids.
     """
     from . import fidelity
-    from .convert import convert, planned_config, save_bsbr
+    from .convert import (convert, converted_config, converted_dir, load_bsbr, planned_config, recorded_original,
+                          resolve_model_dir, save_bsbr)
     from .export import ExportSpec, export_onnx
     from .util import Stages, atomic_dir
 
@@ -256,7 +257,18 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         quantize.check_thresholds(**gate)
     out = Path(out)
     check_output(out, force)
-    cfg, src_dir = planned_config(source, **options)
+    bsbr_dir = converted_dir(source)  # a converted (e.g. calibrated) model is exported as it is
+    if bsbr_dir is not None:
+        if options:
+            raise ConfigError(f"{source} is already converted; conversion options {sorted(options)} do not apply")
+        cfg, src_dir, original = converted_config(bsbr_dir), bsbr_dir, recorded_original(bsbr_dir)
+        try:
+            orig_dir = None if original is None else resolve_model_dir(original)
+        except ModelLoadError:  # moved, or a hub name offline: no fidelity step, the export goes on
+            orig_dir = None
+    else:
+        cfg, src_dir = planned_config(source, **options)
+        original, orig_dir = str(source), src_dir
     max_len = max_seq_len if max_seq_len is not None else cfg.n_positions
     spec = ExportSpec(max_seq_len=max_len, inline=inline)
     t0 = time.time()
@@ -265,8 +277,9 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     build_engine = engine in ("fp32", "fp16") and not onnx_only
     if build_engine:
         check_tensorrt(engine)
-    text_ids = heldout_text(src_dir)
-    fid_plan = fidelity.plan(cfg, src_dir, eval_text, text_ids)  # --eval-text read and checked here
+    text_ids = heldout_text(orig_dir or src_dir)
+    fid_plan = (fidelity.plan(cfg, src_dir, eval_text, text_ids) if orig_dir is not None  # --eval-text checked here
+                else {"skipped": f"the original GPT-2 of {source} ({original or 'not recorded'}) is not at hand"})
     where = reference_mode(cfg, max_len, engine, out.parent, parity_reference)
     check_memory(cfg, max_len, engine, log, recorded=where["mode"] == "disk")
     from .util import map_large_allocations
@@ -278,13 +291,17 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         log(f"[{next(step)}] converting {source}")
         stage = Stages()  # time and peak memory per stage, for the manifest (machines are sized by them)
         with stage("convert"):
-            model = convert(src_dir, allow_pickle=allow_pickle, **options)
-        manifest = {"source": str(source), "engine": engine, "max_seq_len": max_len, "inline": inline,
+            model = load_bsbr(bsbr_dir) if bsbr_dir else convert(src_dir, allow_pickle=allow_pickle, **options)
+        local = orig_dir is not None and Path(original).exists()
+        manifest = {"source": str(source), "original": str(Path(original).resolve()) if local else original,
+                    "engine": engine, "max_seq_len": max_len, "inline": inline,
                     "options": model.cfg.to_dict(), "versions": versions(), "parity": {}, "files": {}}
         with atomic_dir(out, force=force) as tmp:
             log(f"[{next(step)}] exporting ONNX (prefill, extend, decode and close graphs, max {max_len} tokens)")
             with stage("export"):
-                save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir)
+                record = None if bsbr_dir is None else bsbr_dir / "calibration.json"
+                save_bsbr(model, tmp / "bsbr", tokenizer_from=src_dir, extra={"calibration.json": record.read_text()}
+                          if record is not None and record.is_file() else None)
                 export_onnx(model, tmp, spec, progress=lambda m: log(f"    {m}"))
             if engine == "fp16":
                 log(f"[{next(step)}] exporting the fp16 graphs (LayerNorm and softmax in fp32)")
@@ -302,7 +319,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
                 log(f"[{next(step)}] fidelity: the converted model vs the original GPT-2, both torch "
                     f"({fid_plan['windows']} x {fid_plan['tokens']} tokens of {fid_plan['source']})")
                 with stage("fidelity"):
-                    manifest["fidelity"] = fidelity.measure(src_dir, model, fid_plan)
+                    manifest["fidelity"] = fidelity.measure(orig_dir, model, fid_plan)
                 _free_torch_memory()
             reference = model
             if where["mode"] == "disk":

@@ -13,12 +13,15 @@ LAYERS = [
     ("ground", ["bsbr_export", "bsbr_export.errors", "bsbr_export.util", "bsbr_export.config", "bsbr_export.graph"]),
     ("the op", ["bsbr_export.ops"]),
     ("model and graphs", ["bsbr_export.modeling", "bsbr_export.convert", "bsbr_export.calibrate",
+                          "bsbr_export.self_sample",
                           "bsbr_export.metrics", "bsbr_export.export", "bsbr_export.export_graphs",
                           "bsbr_export.trt"]),
     ("runtime", ["bsbr_export.runtime", "bsbr_export.generate"]),
     ("checks", ["bsbr_export.check", "bsbr_export.quantize", "bsbr_export.fidelity", "bsbr_export.kvcache"]),
-    ("applications", ["bsbr_export.pipeline", "bsbr_export.serve", "bsbr_export.bench"]),
-    ("command line", ["bsbr_export.cli", "bsbr_export.cli_runtime"]),
+    ("applications", ["bsbr_export.pipeline", "bsbr_export.serve", "bsbr_export.bench", "bsbr_export.calibrate_data",
+                      "bsbr_export.calibrate_run"]),
+    ("command line", ["bsbr_export.cli", "bsbr_export.cli_runtime", "bsbr_export.cli_options",
+                      "bsbr_export.cli_calibrate"]),
 ]
 
 

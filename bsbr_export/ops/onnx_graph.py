@@ -78,21 +78,27 @@ def chunk_states(g: Graph, fk, v, U, normalised: bool, rank: int):
     return Fs
 
 
-def attend_two(g: Graph, own, prev, v, v_prev, qs, S_full, Z_col, gg, normalised: bool):
-    """``attend`` over two blocks of keys scored apart (masked by additive biases): the chunk's own
-    (own, v) and the previous chunk's (prev, v_prev), with one row maximum. Plain: softmax over both
+def attend_two(g: Graph, own, prev, v, v_prev, qs, S_full, Z_col, gg, normalised: bool, later):
+    """``attend`` over two blocks of keys scored apart: the chunk's own (own, masked by an additive
+    bias, and v) and the previous chunk's (prev, v_prev), with one row maximum. ``later`` (C, 1, 1)
+    is false for chunk 0, whose previous block (zero keys and values) counts nothing: its exponentials
+    leave the denominator after the row sums, never through a (C, L, L) mask (the normalised row
+    maximum is at least 0, the zero keys' score, so they cannot raise it). Plain: softmax over both
     blocks + g qs S; normalised: ``combine``'s formula over both."""
     from onnx import TensorProto
 
     f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
     own, prev, v, v_prev, qs, S_full, gg = (f32(t) for t in (own, prev, v, v_prev, qs, S_full, gg))
     axis = g.const([-1])
+    if not normalised:  # a plain row maximum may be below 0: chunk 0's block is masked outright
+        prev = g.op("Add", prev, g.op("Where", later, g.const([0.0], np.float32), g.const([NEG], np.float32)))
     m = g.op("Max", g.op("ReduceMax", own, axis, keepdims=1), g.op("ReduceMax", prev, axis, keepdims=1))
     if normalised:
         m = g.op("Max", m, g.const([0.0], np.float32))
     e_own, e_prev = g.op("Exp", g.op("Sub", own, m)), g.op("Exp", g.op("Sub", prev, m))
     num = g.op("Add", g.op("MatMul", e_own, v), g.op("MatMul", e_prev, v_prev))
-    den = g.op("Add", g.op("ReduceSum", e_own, axis, keepdims=1), g.op("ReduceSum", e_prev, axis, keepdims=1))
+    den_prev = g.op("Mul", g.op("ReduceSum", e_prev, axis, keepdims=1), g.op("Cast", later, to=TensorProto.FLOAT))
+    den = g.op("Add", g.op("ReduceSum", e_own, axis, keepdims=1), den_prev)
     qS = g.op("MatMul", qs, S_full)
     if normalised:
         wb = g.op("Mul", gg, g.op("Exp", g.op("Neg", m)))
@@ -198,45 +204,61 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
     L1 = g.op("Min", g.op("Reshape", L, one), T)  # (1,)
     C = g.op("Div", g.op("Sub", g.op("Add", T, L1), one), L1)
     padlen = g.op("Sub", g.op("Mul", C, L1), T)
-    pads = g.cat(c([0, 0, 0]), zero, c([0, 0]), padlen, zero)  # pad the seq axis at its end
     chunked = g.cat(B_H, C, L1, d)  # (B, H, C, L, d)
-
-    def chunks(x):
-        return g.op("Reshape", g.op("Pad", x, pads), chunked)
-
-    qc, kc, vc = chunks("q"), chunks("k"), chunks("v")
+    exact = g.op("Equal", g.op("Squeeze", padlen, zero), c(0))
+    names = ["q", "k", "v"] + (["qf"] if normalised else [])
+    # A Pad copies even when it adds nothing: a length that is a multiple of the chunk is only
+    # reshaped (an If over the remainder; its branch reads the inputs in place).
+    pads = g.cat(c([0, 0, 0]), zero, c([0, 0]), padlen, zero)  # pad the seq axis at its end
+    qc, kc, vc, *rest = _branch(g, exact, names, lambda x: g.op("Reshape", x, chunked),
+                                lambda x: g.op("Reshape", g.op("Pad", x, pads), chunked))
     scale = g.op("Div", g.fconst(1.0), g.op("Sqrt", g.op("Cast", d, to=g.fproto)))
     LL = g.cat(L1, L1)
     ones = g.op("ConstantOfShape", LL, value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32: Trilu has kernels
     causal = g.op("Cast", g.op("Trilu", ones, upper=0), to=9)  # (L, L) bool, key <= query
+    bias = g.op("Where", causal, g.fconst(0.0), g.fconst(NEG))  # (L, L): added, never a (C, L, L) Where
     gg = g.op("Reshape", "g", c([1, -1, 1, 1, 1]))
-    qs = chunks("qf") if normalised else qc
+    qs = rest[0] if normalised else qc
     S_in, Z_col = "S", g.op("Unsqueeze", "Z", c([-1])) if normalised else None
+    kT = lambda x: g.op("Transpose", x, perm=[0, 1, 2, 4, 3])  # noqa: E731
     if lookback:
-        # The previous chunk as an L x L block of its own: scores against the chunk-shifted K/V
-        # (zeros before chunk 0, which an additive bias masks), one row maximum shared by the two
+        # The previous chunk as an L x L block of its own: scores against the chunk-shifted K/V (one
+        # Pad each: L zero rows in front, L rows fewer at the end), one row maximum shared by the two
         # blocks; no (C, L, 2L) concatenation of keys, values or mask.
-        prev_pads = c([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
-        shift = lambda x: g.op("Slice", g.op("Pad", x, prev_pads), zero, C, c([2]))  # noqa: E731  chunk c -> c-1
+        shift = g.cat(c([0, 0]), L1, zero, c([0, 0]), g.op("Sub", padlen, L1), zero)
+        prev_k, prev_v = (g.op("Reshape", g.op("Pad", x, shift), chunked) for x in ("k", "v"))
         qk = g.op("Mul", qc, scale)  # the scale on the queries: L x d, not 2 L x L
-        own = g.op("Add", g.op("MatMul", qk, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])),
-                   g.op("Where", causal, g.fconst(0.0), g.fconst(NEG)))  # (B, H, C, L, L)
-        first = g.op("Unsqueeze", g.op("Equal", g.op("Range", c(0), g.op("Squeeze", C, zero), c(1)), c(0)),
+        own = g.op("Add", g.op("MatMul", qk, kT(kc)), bias)  # (B, H, C, L, L)
+        prev = g.op("MatMul", qk, kT(prev_k))  # chunk 0's block: zero keys and values
+        later = g.op("Unsqueeze", g.op("Greater", g.op("Range", c(0), g.op("Squeeze", C, zero), c(1)), c(0)),
                      c([1, 2]))  # (C, 1, 1): chunk 0 has no previous chunk
-        prev = g.op("Add", g.op("MatMul", qk, g.op("Transpose", shift(kc), perm=[0, 1, 2, 4, 3])),
-                    g.op("Where", first, g.fconst(NEG), g.fconst(0.0)))  # (B, H, C, L, L)
-        o = attend_two(g, own, prev, vc, shift(vc), qs, S_in, Z_col, gg, normalised)
+        o = attend_two(g, own, prev, vc, prev_v, qs, S_in, Z_col, gg, normalised, later)
     else:
-        scores = g.op("Mul", g.op("MatMul", qc, g.op("Transpose", kc, perm=[0, 1, 2, 4, 3])), scale)  # (B,H,C,L,L)
-        scores = g.op("Where", causal, scores, g.fconst(NEG))
+        scores = g.op("Add", g.op("Mul", g.op("MatMul", qc, kT(kc)), scale), bias)  # (B, H, C, L, L)
         o = attend(g, scores, vc, qs, S_in, Z_col, gg)
+    flat = g.cat(B_H, c([-1]), d)  # (B, H, C L, d), then the first T rows
+    _branch(g, exact, [o], lambda x: g.op("Reshape", x, flat),
+            lambda x: g.op("Slice", g.op("Reshape", x, flat), zero, T, c([2])), outputs=["o"])
     inputs = ["q", "k", "v", "qf", "S", "Z", "g"] if normalised else ["q", "k", "v", "S", "g"]
     name = function_name(normalised, lookback)
-    o = g.op("Reshape", o, g.cat(B_H, c([-1]), d))  # (B, H, C*L, d)
-    g.op("Slice", o, zero, T, c([2]), outputs=["o"])
     return helper.make_function(DOMAIN, name, inputs, ["o"], consts + g.nodes,
                                 [helper.make_opsetid("", opset)], attributes=["chunk_size"],
                                 doc_string="BSBR fused chunk attention (see bsbr_export.ops.chunk)")
+
+
+def _branch(g: Graph, cond, xs, then_fn, else_fn, outputs=None):
+    """One If node: ``then_fn(x)`` for every x of ``xs`` where ``cond`` holds, ``else_fn(x)``
+    otherwise; both branches read ``xs`` from the enclosing scope. Returns the outputs."""
+    from onnx import helper
+
+    bodies = []
+    for fn in (then_fn, else_fn):
+        outer, g.nodes = g.nodes, []
+        outs = [fn(x) for x in xs]
+        body, g.nodes = g.nodes, outer
+        bodies.append(helper.make_graph(body, g.name("branch"), [],
+                                        [helper.make_tensor_value_info(o, g.fproto, None) for o in outs]))
+    return g.op("If", cond, then_branch=bodies[0], else_branch=bodies[1], outputs=outputs or len(xs))
 
 
 def fused_chunk_attention(g: Graph, W, cfg, p, q, k, v, SZ, U5):

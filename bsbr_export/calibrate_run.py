@@ -1,0 +1,363 @@
+"""The calibrate command's driver: convert (or load) the model, train what the conversion added
+on the user's text until it stops improving, and write the calibrated checkpoint.
+
+Stage 1 is attention transfer (``calibrate.transfer_loss``: the conversion's attention weights
+against softmax's when the retrieval is normalised without compression, else the attention
+outputs), each layer fed the original's hidden states. Stage 2 (optional) is KL distillation of
+the next-token distributions (``calibrate.distill_loss``). Each stage trains the conversion's
+parameters with Adam (``calibrate.training``) on a fresh random window of the training text per
+step, evaluates its loss on the fixed held-out windows every ``eval_every`` steps, stops after
+``patience`` evaluations without improvement (or at the budget: wall-clock minutes, steps) and
+keeps the parameters of its best evaluation.
+
+Every evaluation writes a checkpoint (the trainable parameters, Adam's state, the step, the
+sampler's RNG state, the best so far) atomically to the work directory (``OUT.partial`` unless
+given); the same command run again resumes from it. The output is written atomically at the end
+(``save_bsbr``) with ``calibration.json`` beside config.json; then the checkpoint goes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .calibrate_data import Corpus, load as load_corpus
+from .errors import ConfigError
+
+CHECKPOINT = "checkpoint.pt"
+STAGES = {1: "attention transfer", 2: "KL distillation"}
+MIN_IMPROVEMENT = 1e-4  # relative: a held-out loss lower by less is no improvement
+
+
+@dataclass
+class Settings:
+    seq_len: int | None = None  # default: min(1024, n_positions)
+    batch_size: int = 1
+    stage2: bool = False
+    minutes: float | None = 30.0
+    max_steps: int | None = None  # per stage
+    eval_every: int = 50
+    patience: int = 5
+    lr: float = 1e-3
+    lr_g: float = 0.05
+    warmup: int = 10
+    heldout_windows: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    """Everything checked before any model is loaded."""
+
+    model: str
+    kind: str  # "hf": an HF GPT-2 converted here; "bsbr": an already converted directory
+    original: str
+    tokenizer_dir: Path
+    options: dict
+    allow_pickle: bool
+    cfg: object  # the BSBRConfig of the model to calibrate
+    corpus: Corpus
+    out: Path
+    work: Path
+    work_given: bool  # --work: only the checkpoint file goes at the end, not the directory
+    force: bool
+    settings: Settings
+
+
+def prepare(model: str, data, out: Path, settings: Settings, original: str | None = None, work: Path | None = None,
+            force: bool = False, allow_pickle: bool = False, options: dict | None = None) -> Plan:
+    """Check the output, the model, the options and the data (tokenised and split), loading no
+    weights: every problem is a one-line ``BSBRExportError``."""
+    from .convert import converted_config, converted_dir, hf_config, planned_config, recorded_original
+
+    out = Path(out)
+    options = dict(options or {})
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists (use --force to replace it)")
+    p = Path(model)
+    if converted_dir(p) is not None:
+        if options:
+            raise ConfigError(f"{p} is already converted; conversion options {sorted(options)} do not apply")
+        cfg = converted_config(p)
+        original = original or recorded_original(p)
+        if original is None:
+            raise ConfigError(f"{p} is a converted model that does not record its original GPT-2: pass "
+                              f"--original (the HF GPT-2 it was converted from)")
+        hf, orig_dir = hf_config(original)
+        shape = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions")
+        diff = [k for k in shape if hf.get(k, 1024 if k == "n_positions" else None) != getattr(cfg, k)]
+        if diff:
+            raise ConfigError(f"--original {original} is not the model {p} was converted from ({', '.join(diff)} "
+                              f"differ)")
+        kind, tok_dir = "bsbr", p if (p / "tokenizer.json").is_file() else orig_dir
+    else:
+        if original is not None:
+            raise ConfigError(f"--original is for a converted MODEL; {model} is the original itself")
+        cfg, tok_dir = planned_config(model, **options)
+        kind, original = "hf", model
+    s = Settings(**asdict(settings))
+    s.seq_len = s.seq_len or min(1024, cfg.n_positions)
+    if s.seq_len > cfg.n_positions:
+        raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
+    corpus = load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size, cfg.eos_token_id, s.seed)
+    given = work is not None
+    work = Path(work) if given else out.with_name(out.name + ".partial")
+    return Plan(str(model), kind, str(original), Path(tok_dir), options, allow_pickle, cfg, corpus, out, work, given,
+                force, s)
+
+
+def clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def _fingerprint(plan: Plan) -> dict:
+    s = plan.settings
+    return {"model": str(Path(plan.model).resolve()) if Path(plan.model).exists() else plan.model,
+            "original": plan.original, "config": plan.cfg.to_dict(), "data": plan.corpus.fingerprint(),
+            "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr, "lr_g": s.lr_g,
+            "warmup": s.warmup, "heldout_windows": s.heldout_windows, "seed": s.seed}
+
+
+def _metrics(hf, model, wins) -> dict:
+    from .fidelity import agreement
+
+    a = agreement(hf, model, wins)
+    return {"top1": a["top1"][0], "kl_mean_nats": a["kl"][0], "ppl": a["ppl"], "ppl_original": a["ppl_ref"]}
+
+
+def _metrics_line(m: dict) -> str:
+    return (f"top-1 agreement {m['top1']:.1%}, mean KL {m['kl_mean_nats']:.4f} nats, perplexity "
+            f"{m['ppl']:.3f} (original {m['ppl_original']:.3f})")
+
+
+def _save_checkpoint(work: Path, state: dict) -> None:
+    import torch
+
+    from .util import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(work / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(work: Path, fingerprint: dict) -> dict | None:
+    """The work directory's checkpoint, checked to be this calibration's; None when there is none."""
+    import torch
+
+    f = work / CHECKPOINT
+    if not f.is_file():
+        return None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{f}: unreadable checkpoint ({type(e).__name__}); remove it to start over") from None
+    diff = [k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k]]
+    if diff:
+        raise ConfigError(f"{f} is the checkpoint of a different calibration ({', '.join(diff)} differ); remove "
+                          f"{work} to start over, or rerun the command that wrote it")
+    return state
+
+
+class Stage:
+    """One stage's loop: steps, evaluations, early stopping, checkpoints."""
+
+    def __init__(self, k: int, loss_name: str, step_loss: Callable, eval_loss: Callable, budget_s: float,
+                 plan: Plan, state: dict, log: Callable[[str], None]):
+        self.k, self.loss_name, self.step_loss, self.eval_loss = k, loss_name, step_loss, eval_loss
+        self.budget_s, self.plan, self.state, self.log = budget_s, plan, state, log
+
+    def run(self, model) -> dict:
+        import torch
+
+        from .calibrate import keep_in_range, training
+
+        s, st = self.plan.settings, self.state
+        gen = torch.Generator().manual_seed(s.seed * 1009 + self.k)
+        with training(model, "conversion", s.lr, s.lr_g) as (named, opt):
+            params = dict(named)
+            base = [g["lr"] for g in opt.param_groups]
+            resume = st.get("current") if st.get("stage") == self.k else None
+            if resume is not None:
+                with torch.no_grad():
+                    for n, v in resume["params"].items():
+                        params[n].copy_(v)
+                opt.load_state_dict(resume["opt"])
+                gen.set_state(resume["rng"])
+                cur = {k: resume[k] for k in ("step", "elapsed", "best", "bad", "history")}
+            else:
+                cur = {"step": 0, "elapsed": 0.0, "best": None, "bad": 0, "history": []}
+            st["stage"] = self.k
+            t0 = time.time() - cur["elapsed"]
+            if resume is None:
+                self._evaluate(cur, [], t0, params, opt, gen)
+            losses, stop = [], None
+            while stop is None:
+                stop = self._stop(cur, t0)
+                if stop is not None:
+                    break
+                for g, lr in zip(opt.param_groups, base):
+                    g["lr"] = lr * min(1.0, (cur["step"] + 1) / s.warmup)
+                x = self.plan.corpus.sample(gen, s.batch_size)
+                model.train()
+                loss = self.step_loss(x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                keep_in_range(model)
+                model.eval()
+                losses.append(loss.item())
+                cur["step"] += 1
+                if cur["step"] % s.eval_every == 0 or self._stop(cur, t0) is not None:
+                    self._evaluate(cur, losses, t0, params, opt, gen)
+                    losses = []
+            with torch.no_grad():
+                for n, v in cur["best"]["params"].items():
+                    params[n].copy_(v)
+        h0 = cur["history"][0]["heldout"]
+        return {"stage": self.k, "name": STAGES[self.k], "loss": self.loss_name, "steps": cur["step"],
+                "seconds": round(cur["elapsed"], 1), "initial_heldout_loss": h0,
+                "best_heldout_loss": cur["best"]["loss"], "best_step": cur["best"]["step"], "stopped": stop,
+                "evaluations": cur["history"]}
+
+    def _stop(self, cur: dict, t0: float) -> str | None:
+        s = self.plan.settings
+        if cur["bad"] >= s.patience:
+            return f"converged (no improvement in {s.patience} evaluations)"
+        if s.max_steps is not None and cur["step"] >= s.max_steps:
+            return f"max steps ({s.max_steps})"
+        if time.time() - t0 >= self.budget_s:
+            return "time budget"
+        return None
+
+    def _evaluate(self, cur, losses, t0, params, opt, gen) -> None:
+        s = self.plan.settings
+        ev = self.eval_loss()
+        best = cur["best"]
+        if best is None or ev < best["loss"] - max(1e-12, MIN_IMPROVEMENT * abs(best["loss"])):
+            cur["best"] = {"loss": ev, "step": cur["step"],
+                           "params": {n: p.detach().clone() for n, p in params.items()}}
+            cur["bad"] = 0
+        else:
+            cur["bad"] += 1
+        cur["elapsed"] = time.time() - t0
+        train = sum(losses) / len(losses) if losses else None
+        cur["history"].append({"step": cur["step"], "train": train, "heldout": ev,
+                               "seconds": round(cur["elapsed"], 1)})
+        left = self.budget_s - cur["elapsed"]
+        if s.max_steps is not None and cur["step"]:
+            left = min(left, (s.max_steps - cur["step"]) * cur["elapsed"] / cur["step"])
+        eta = "" if not math.isfinite(left) else f", ETA <= {clock(max(0.0, left))}"
+        tl = "-" if train is None else f"{train:.4f}"
+        self.log(f"stage {self.k} ({STAGES[self.k]}) step {cur['step']}: train {tl}, held-out {ev:.4f} "
+                 f"(best {cur['best']['loss']:.4f} at step {cur['best']['step']}), {clock(cur['elapsed'])} "
+                 f"elapsed{eta}")
+        self.state["current"] = {**cur, "params": {n: p.detach().clone() for n, p in params.items()},
+                                 "opt": opt.state_dict(), "rng": gen.get_state()}
+        _save_checkpoint(self.plan.work, self.state)
+
+
+def run(plan: Plan, log: Callable[[str], None]) -> dict:
+    """Calibrate as planned and write ``plan.out``; returns what calibration.json holds."""
+    import torch
+
+    from . import __version__
+    from .calibrate import distill_loss, transfer_loss
+    from .convert import convert, load_bsbr, save_bsbr
+    from .fidelity import load_original
+
+    s, corpus = plan.settings, plan.corpus
+    fp = _fingerprint(plan)
+    state = load_checkpoint(plan.work, fp)
+    if state is not None:
+        cur = state.get("current") or {}
+        log(f"resuming from {plan.work / CHECKPOINT}: stage {state['stage']} step {cur.get('step', 0)} "
+            f"({clock(cur.get('elapsed', 0.0))} of training done)")
+        state["resumed"] = state.get("resumed", 0) + 1
+    else:
+        state = {"fingerprint": fp, "stages": [], "resumed": 0}
+    plan.work.mkdir(parents=True, exist_ok=True)
+
+    how = " (converting it)" if plan.kind == "hf" else ""
+    log(f"loading {plan.model}{how} and the original {plan.original}")
+    model = (convert(plan.model, allow_pickle=plan.allow_pickle, **plan.options) if plan.kind == "hf"
+             else load_bsbr(plan.model))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf, _ = load_original(plan.original)
+    wins = corpus.windows(s.heldout_windows)
+    d = corpus.summary(len(wins))
+    log(f"data: {d['files']} files, {d['documents']} documents, {d['tokens_train']:,} training and "
+        f"{d['tokens_heldout']:,} held-out tokens; {len(wins)} held-out windows of {s.seq_len} tokens")
+    if "before" not in state:
+        state["before"] = _metrics(hf, model, wins)
+    log(f"held-out before: {_metrics_line(state['before'])}")
+    n_layer = model.cfg.n_layer
+    cfg = model.cfg
+    kind = "weights" if cfg.retrieval == "normalised" and cfg.compression is None else "output"
+
+    def hidden(x):
+        with torch.no_grad():
+            return [t.float() for t in hf(input_ids=x, output_hidden_states=True).hidden_states[:n_layer]]
+
+    def transfer_step(x):
+        return sum(transfer_loss(b, h, kind) for b, h in zip(model.h, hidden(x)))
+
+    def teacher_logp(x):
+        with torch.no_grad():
+            return torch.log_softmax(hf(input_ids=x).logits.float(), -1)
+
+    def distill_step(x):
+        return distill_loss(model(x), teacher_logp(x))
+
+    def heldout(step_loss):
+        def ev():
+            with torch.no_grad():
+                return sum(step_loss(x[:, :-1]).item() for x in wins) / len(wins)
+        return ev
+
+    total_s = math.inf if s.minutes is None else 60.0 * s.minutes
+    stages = [(1, f"{kind} transfer loss", transfer_step)] + ([(2, "KL (nats)", distill_step)] if s.stage2 else [])
+    for k, name, step_loss in stages:
+        if any(r["stage"] == k for r in state["stages"]):
+            continue
+        spent = sum(r["seconds"] for r in state["stages"])
+        budget = total_s / 2 if k == 1 and s.stage2 else total_s - spent
+        log(f"stage {k}: {STAGES[k]}, {name}" + ("" if not math.isfinite(budget) else f", budget {clock(budget)}"))
+        r = Stage(k, name, step_loss, heldout(step_loss), budget, plan, state, log).run(model)
+        state["stages"].append(r)
+        state.pop("current", None)
+        log(f"stage {k} done: {r['steps']} steps, {clock(r['seconds'])}, {r['stopped']}; best held-out "
+            f"{r['best_heldout_loss']:.4f} at step {r['best_step']} (from {r['initial_heldout_loss']:.4f})")
+    after = _metrics(hf, model, wins)
+    log(f"held-out after:  {_metrics_line(after)}")
+    record = {"format": "bsbr-export calibration", "bsbr_export_version": __version__,
+              "source": {"model": plan.model, "kind": plan.kind, "original": _where(plan.original)},
+              "options": plan.options, "data": d,
+              "training": {"trained": "the conversion's parameters (meta query/key projections, retrieval "
+                                      "scale g, a learned feature map)",
+                           **{k: v for k, v in asdict(s).items() if k != "seq_len"}},
+              "stages": state["stages"],
+              "heldout": {"windows": len(wins), "tokens_per_window": s.seq_len, "before": state["before"],
+                          "after": after},
+              "seconds": round(sum(r["seconds"] for r in state["stages"]), 1), "resumed": state["resumed"]}
+    save_bsbr(model, plan.out, tokenizer_from=plan.tokenizer_dir, force=plan.force,
+              extra={"calibration.json": json.dumps(record, indent=2) + "\n"})
+    if plan.work_given:
+        (plan.work / CHECKPOINT).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(plan.work, ignore_errors=True)
+    return record
+
+
+def _where(source: str) -> str:
+    """A local original as an absolute path (so that a later run finds it from anywhere), a hub name as it is."""
+    p = Path(source)
+    return str(p.resolve()) if p.exists() else source
