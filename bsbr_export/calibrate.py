@@ -7,7 +7,8 @@ converted model towards the original's behaviour rather than towards the data.
 
 ``what="conversion"`` trains only the parameters the conversion introduced: the meta
 query/key projections (``meta_q``, ``meta_k``) and the per-head retrieval scale ``g``
-and a learned feature map (``feature_map="learned"``; ``elu1``/``relu`` have no parameters).
+and a learned feature map (``feature_map="learned"``; ``elu1``/``relu`` have no parameters) and the
+per-head decay of ``retrieval_weights="decay"`` (kept in (0, 1] after every step).
 ``what="full"`` fine-tunes every
 parameter. With the normalised retrieval, ``g`` is trained as ``exp(theta)`` at learning
 rate ``lr_g`` (its shared denominator needs g > 0; scales that differ by orders of magnitude
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 from .ops.chunk import bsbr_attention
 from .ops.naive import normalised_log_weights
 
-CONVERSION_PARAMS = ("attn.meta_q.", "attn.meta_k.", "attn.g", "attn.parametrizations.g.", "attn.fm.")
+CONVERSION_PARAMS = ("attn.meta_q.", "attn.meta_k.", "attn.g", "attn.parametrizations.g.", "attn.fm.", "attn.decay")
 
 
 def trainable(model, what: str = "conversion") -> list[tuple[str, torch.nn.Parameter]]:
@@ -102,14 +103,14 @@ def transfer_loss(block, hidden: torch.Tensor, loss: str = "weights") -> torch.T
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             log_a = torch.log_softmax(scores.masked_fill(~causal, float("-inf")), -1)
-        log_w = normalised_log_weights(q, k, r, h, a.g, L, a.fmap, cfg.local_window)
+        log_w = normalised_log_weights(q, k, r, h, a.g, L, a.fmap, cfg.local_window, cfg.retrieval_weights, a.decay)
         kl = torch.where(causal, log_a.exp() * (log_a - log_w), torch.zeros_like(log_w))
         return kl.sum(-1).mean()
     if loss == "output":
         with torch.no_grad():
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         o = bsbr_attention(q, k, v, r, h, a.g, L, a.U, retrieval=cfg.retrieval, feature_map=a.fmap,
-                           local_window=cfg.local_window)
+                           local_window=cfg.local_window, retrieval_weights=cfg.retrieval_weights, decay=a.decay)
         return F.mse_loss(o, ref)
     raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {loss!r}")
 
@@ -165,6 +166,15 @@ def training(model, what: str = "conversion", lr: float = 1e-3, lr_g: float = 0.
         model.eval()
 
 
+@torch.no_grad()
+def keep_in_range(model) -> None:
+    """After an optimiser step: a learned decay (``retrieval_weights="decay"``) stays in (0, 1], as
+    the config requires."""
+    for blk in model.h:
+        if getattr(blk.attn, "decay", None) is not None:
+            blk.attn.decay.clamp_(1e-4, 1.0)
+
+
 def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass, cache_teacher, warmup, log,
            progress, loss_name) -> CalibrationLog:
     """The loop both stages share: Adam over ``trainable(model, what)`` (``training``), g in log
@@ -196,6 +206,7 @@ def _train(model, step_loss, target, windows, passes, lr, what, lr_g, after_pass
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                keep_in_range(model)
                 sched.step()
                 log.steps += 1
                 log.tokens += x.numel()

@@ -184,7 +184,7 @@ class Stage:
     def run(self, model) -> dict:
         import torch
 
-        from .calibrate import training
+        from .calibrate import keep_in_range, training
 
         s, st = self.plan.settings, self.state
         gen = torch.Generator().manual_seed(s.seed * 1009 + self.k)
@@ -218,6 +218,7 @@ class Stage:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                keep_in_range(model)
                 model.eval()
                 losses.append(loss.item())
                 cur["step"] += 1

@@ -34,6 +34,11 @@ def conversion_options(f):
                      help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "
                           "lookback: those and the whole previous chunk (retrieval from the chunks before "
                           "that); exact GPT-2 up to 2 chunks, state K/V of 2 chunks."),
+        click.option("--retrieval-weights", type=Choice(["softmax", "sum", "decay", "gate"]), default="softmax",
+                     show_default=True, help="Weights of the retrieved chunks: softmax over them; sum (all 1); "
+                     "decay (lambda^age, lambda learned per head); gate (sigmoid, unnormalised)."),
+        click.option("--retrieval-decay", type=float, default=0.95, show_default=True,
+                     help="Initial lambda in (0, 1] of --retrieval-weights decay."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -43,14 +48,15 @@ def conversion_options(f):
 
 
 def options_dict(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map,
-                 local_window) -> dict:
+                 local_window, retrieval_weights, retrieval_decay) -> dict:
     return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
                 meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
-                local_window=local_window)
+                local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay)
 
 
 def changed_options(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window="chunk")
+                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window="chunk",
+                    retrieval_weights="softmax", retrieval_decay=0.95)
     return {k: v for k, v in options_dict(**opts).items() if v != defaults[k]}

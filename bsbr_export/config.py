@@ -21,6 +21,9 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 LOCAL_WINDOWS = ("chunk", "lookback")
 # Earlier chunks each local window adds to the token's own chunk.
 LOOKBACK_CHUNKS = {"chunk": 0, "lookback": 1}
+# The weights p_ij of the retrieved chunks: a softmax over them (one chunk's worth of mass), all
+# ones (their sum), a learned per-head decay lambda^age, or an unnormalised sigmoid gate.
+RETRIEVAL_WEIGHTS = ("softmax", "sum", "decay", "gate")
 # The look-back window keeps the original's behaviour better (docs/RESULTS.md, tables 1, 2 and 9)
 # but its ORT prefill is 1.26x the dense floor at 8192 tokens (docs/results/lookback-cost.md),
 # over the 1.15x a default conversion may cost: it stays an option (--local-window lookback).
@@ -79,6 +82,13 @@ class BSBRConfig:
         retrieve nothing and a sequence of up to two chunks is computed exactly as by GPT-2
         (with ``absolute`` positions). Every backend computes it (ONNX ``...Lookback`` functions,
         the Triton kernel's ``lookback``); state_k/state_v then hold two chunks.
+    retrieval_weights: the weights p_ij of S_i = sum_{j < i - lookback} p_ij F_j.
+      ``softmax``: softmax_j(r_i . h_j / sqrt d) (they sum to one);
+      ``sum``: 1 for every retrieved chunk (S_i is the sum of their F_j);
+      ``decay``: lambda_h^(i - 1 - lookback - j), a learned per-head decay (``attn.decay``, started
+        at ``retrieval_decay``, in (0, 1]): S_i = lambda S_{i-1} + F_{i-1-lookback}, no meta vectors;
+      ``gate``: sigmoid(r_i . h_j / sqrt d), unnormalised.
+      The fused op takes each chunk's S as it is, so only the retrieval changes.
     """
 
     vocab_size: int
@@ -98,6 +108,8 @@ class BSBRConfig:
     retrieval: str = "normalised"
     feature_map: str | None = None  # None: the variant's default (DEFAULT_FEATURE_MAP)
     local_window: str = "chunk"
+    retrieval_weights: str = "softmax"
+    retrieval_decay: float = 0.95  # initial lambda of ``decay``
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -130,6 +142,11 @@ class BSBRConfig:
             raise ConfigError(f"feature map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if self.local_window not in LOCAL_WINDOWS:
             raise ConfigError(f"local window must be one of {LOCAL_WINDOWS}, got {self.local_window!r}")
+        if self.retrieval_weights not in RETRIEVAL_WEIGHTS:
+            raise ConfigError(f"retrieval weights must be one of {RETRIEVAL_WEIGHTS}, got {self.retrieval_weights!r}")
+        lam = self.retrieval_decay
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
+            raise ConfigError(f"retrieval decay must be a number in (0, 1], got {lam!r}")
         if self.retrieval == "plain" and self.feature_map != "identity":
             raise ConfigError(f"plain retrieval uses the identity feature map, got {self.feature_map!r}")
         if self.retrieval == "normalised":

@@ -205,13 +205,17 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     n_done = g.op("Div", T, L1)  # (1,)
     n_cur = g.op("Sub", T, g.op("Mul", n_done, L1))
     n = cfg.lookback  # chunk i retrieves from chunks j < i - n
+    decay = cfg.retrieval_weights == "decay"
     jn = g.op("Add", j, g.const(n)) if n else j
     earlier = g.op("Less", g.op("Unsqueeze", jn, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i - n
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
+    jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1)) if n or decay else None
     if n:  # the bank's chunks the open chunk n_done retrieves from: j < n_done - n, (1, n_done)
-        jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1))
         ctx["bank_before_window"] = g.op("Unsqueeze", g.op("Less", g.op("Add", jd, g.const(n)), n_done), zero)
+    if decay:  # ages i - 1 - n - j of the decaying retrieval weights: (C, C), and the open chunk's (n_done,)
+        ctx["age"] = g.op("Sub", g.op("Unsqueeze", g.op("Sub", j, g.const(1 + n)), one), g.op("Unsqueeze", j, zero))
+        ctx["bank_age"] = g.op("Sub", g.op("Sub", n_done, g.const([1 + n])), jd)
     states = {n: [] for n in state.CARRIED}
     for i in range(cfg.n_layer):
         p = f"h.{i}."

@@ -62,6 +62,14 @@ class Attention(nn.Module):
             self.U = None
         if cfg.feature_map == "learned":
             self.fm = LearnedFeature(H, cfg.head_dim)
+        # lambda of the ``decay`` retrieval weights, per head (None for the others)
+        self.decay = (nn.Parameter(torch.full((H,), float(cfg.retrieval_decay)))
+                      if cfg.retrieval_weights == "decay" else None)
+
+    @property
+    def weights(self) -> dict:
+        """The retrieval weights' arguments of the ops (``ops.chunk.weigh``)."""
+        return dict(weights=self.cfg.retrieval_weights, decay=self.decay)
 
     @property
     def fmap(self):
@@ -93,8 +101,8 @@ class Attention(nn.Module):
             return self.c_proj(impl(q, k, v).transpose(1, 2).reshape(B, T, E))
         r, h = self.meta(x)
         L = self.cfg.chunk_size
-        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.fmap,
-                    local_window=self.cfg.local_window)
+        mode = dict(retrieval=self.cfg.retrieval, feature_map=self.fmap, local_window=self.cfg.local_window,
+                    retrieval_weights=self.cfg.retrieval_weights, decay=self.decay)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl == "vectorised":
@@ -222,7 +230,7 @@ class BSBRGPT2(nn.Module):
                 st.k[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = k[:, :, lo:lo + L]
                 st.v[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = v[:, :, lo:lo + L]
             if n_cur:  # the open chunk n_done already has its S in the full computation
-                st.S[:, i] = retrieve(r, h, Fs, c.lookback)[:, :, n_done]  # (B, H, d', dc)
+                st.S[:, i] = retrieve(r, h, Fs, c.lookback, **a.weights)[:, :, n_done]  # (B, H, d', dc)
             else:  # the prompt ended on a chunk boundary: build S for the next chunk
                 st.S[:, i] = self._next_S(a, xa[:, T - 1], st, i, n_done)
             x = block(x)
@@ -234,7 +242,7 @@ class BSBRGPT2(nn.Module):
         local window (all closed chunks, or all but the last ``lookback``): (B, H, d', dc)."""
         n = max(0, n_closed - self.cfg.lookback)
         r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
-        return retrieve_one(r, st.bank_h[:, layer, :, :n], st.bank_F[:, layer, :, :n])
+        return retrieve_one(r, st.bank_h[:, layer, :, :n], st.bank_F[:, layer, :, :n], **a.weights)
 
     def lm_logits(self, x):
         return self.ln_f(x) @ self.wte.weight.T

@@ -5,7 +5,8 @@ Computes the definition in docs/bsbr-math.md for one layer, all heads:
     a_t  = causal softmax attention of q_t over the keys of its own chunk (with the look-back
            window, ``lookback = 1``: of its own chunk and the chunk before it)
     F_j  = sum_{s in chunk j} phi(k_s) v_s^T          phi(x) = feature(x) U  (U = I without compression)
-    S_i  = sum_{j<i-lookback} softmax_j(r_i . h_j / sqrt(d)) F_j,   0 when no chunk qualifies
+    S_i  = sum_{j<i-lookback} p_ij F_j,   0 when no chunk qualifies; p_ij = softmax_j(r_i . h_j / sqrt(d))
+           or another of ``weigh``'s retrieval weights (sum, decay, gate)
     plain:      o_t = a_t + g phi(q_t) S_{c(t)}
     normalised: o_t = (sum_s e^{q_t.k_s/sqrt d} v_s + g phi(q_t) S) / (sum_s e^{q_t.k_s/sqrt d} + g phi(q_t) . Z)
 
@@ -17,7 +18,7 @@ Inputs, per layer: q, k, v (B, H, T, d); r, h (B, H, C, d) meta queries (r[:, :,
 the end of chunk i-1; r[:, :, 0] never used) and meta keys; g (H,); U (H, d, d') or None.
 
 The pieces, each written once: ``feature`` / ``phi`` (the feature map), ``chunk_states``
-(F_j with z_j), ``retrieve`` (S_i from earlier chunks), ``combine`` (the normalised
+(F_j with z_j), ``weigh`` (the retrieval weights p_ij), ``retrieve`` (S_i from earlier chunks), ``combine`` (the normalised
 shared-denominator formula, also used by the one-token step), ``chunk_attention`` (the fused
 op: ONNX function, Triton kernel and TensorRT plugin compute the same thing).
 """
@@ -113,16 +114,39 @@ def chunk_states(k, v, L: int, U, feature_map: str, normalised: bool) -> torch.T
     return Fs
 
 
-def retrieve(r: torch.Tensor, h: torch.Tensor, Fs: torch.Tensor, lookback: int = 0) -> torch.Tensor:
-    """S_i = sum_{j<i-lookback} softmax_j(r_i . h_j / sqrt(d)) F_j for every chunk: (B, H, C, d', dc);
-    S_i = 0 for the first 1 + lookback chunks (the chunks the local window already covers are
-    never retrieved)."""
+def weigh(scores: torch.Tensor, allowed: torch.Tensor, age: torch.Tensor, weights: str = "softmax",
+          decay: torch.Tensor | None = None) -> torch.Tensor:
+    """The retrieval weights p_ij over the allowed chunks, 0 elsewhere (docs/bsbr-math.md):
+    ``softmax`` of the scores (a row with no allowed chunk gives zeros), ``sum`` (ones),
+    ``decay`` (decay_h ** age), ``gate`` (sigmoid of the scores).
+
+    scores (B, H, ..., n) = r_i . h_j / sqrt(d); allowed and age (the chunks between j and the
+    newest retrievable one, i - 1 - lookback - j) broadcastable to it; decay (H,)."""
+    if weights == "softmax":
+        # A row without any such chunk: softmax of all -inf is NaN, replaced by 0 (S = 0).
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    if weights == "sum":
+        p = torch.ones_like(scores)
+    elif weights == "decay":
+        lam = decay.to(scores.dtype).view(1, -1, *([1] * (scores.dim() - 2)))
+        p = lam ** age.clamp_min(0).to(scores.dtype)  # (B, H, ..., n)
+    elif weights == "gate":
+        p = torch.sigmoid(scores)
+    else:
+        raise ValueError(f"unknown retrieval weights {weights!r}")
+    return p * allowed
+
+
+def retrieve(r: torch.Tensor, h: torch.Tensor, Fs: torch.Tensor, lookback: int = 0, weights: str = "softmax",
+             decay: torch.Tensor | None = None) -> torch.Tensor:
+    """S_i = sum_{j<i-lookback} p_ij F_j for every chunk: (B, H, C, d', dc), p_ij of ``weigh``
+    (``softmax``: softmax_j(r_i . h_j / sqrt(d))); S_i = 0 for the first 1 + lookback chunks (the
+    chunks the local window already covers are never retrieved)."""
     B, H, C, d = r.shape
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
-    earlier = torch.ones(C, C, dtype=torch.bool, device=r.device).tril(-1 - lookback)  # j < i - lookback
-    scores = scores.masked_fill(~earlier, float("-inf"))
-    # A row without any such chunk: softmax of all -inf is NaN, replaced by 0 (S = 0).
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, H, C, C)
+    i = torch.arange(C, device=r.device)
+    age = i[:, None] - 1 - lookback - i[None, :]  # (C, C): i - 1 - lookback - j
+    p = weigh(scores, age >= 0, age, weights, decay)  # j < i - lookback
     return (p @ Fs.flatten(-2)).view(Fs.shape)  # (B, H, C, d', dc)
 
 
@@ -190,12 +214,14 @@ def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int, lookback:
 
 
 def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str = "plain",
-                   feature_map: str = "identity", local_window: str = "chunk") -> torch.Tensor:
+                   feature_map: str = "identity", local_window: str = "chunk", retrieval_weights: str = "softmax",
+                   decay=None) -> torch.Tensor:
     """Vectorised BSBR attention; ``fused`` may replace the last step (the Triton kernel, called
-    with the ONNX function's arguments, and ``lookback=1`` with the look-back window)."""
+    with the ONNX function's arguments, and ``lookback=1`` with the look-back window).
+    ``retrieval_weights`` and ``decay`` (H,): the retrieval's weights (``weigh``)."""
     norm = retrieval == "normalised"
     n = LOOKBACK_CHUNKS[local_window]
-    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n)  # (B, H, C, d', dc)
+    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n, retrieval_weights, decay)  # (B, H, C, d', dc)
     S_full, Z_full = expand(SZ, U, norm)
     window = {"lookback": n} if n else {}
     if not norm:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..config import LOOKBACK_CHUNKS
 from .chunk import feature, num_chunks
@@ -128,12 +129,13 @@ def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 
 
 @torch.no_grad()
 def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = "plain",
-                             feature_map: str = "identity", local_window: str = "chunk") -> torch.Tensor:
+                             feature_map: str = "identity", local_window: str = "chunk",
+                             retrieval_weights: str = "softmax", decay=None) -> torch.Tensor:
     """Plain loops over chunks and tokens, fp32: slow and obviously correct.
 
     Token t of chunk i attends by softmax to the keys from ``first`` to t, where ``first`` is
     the start of chunk i (``chunk``) or of chunk i - 1 (``lookback``), and retrieves from the
-    chunks that end before ``first``."""
+    chunks that end before ``first`` with weights ``retrieval_weights`` (``decay`` (H,): lambda)."""
     n = LOOKBACK_CHUNKS[local_window]
     out_dtype = q.dtype
     q, k, v, r, h, g = (t.float() for t in (q, k, v, r, h, g))
@@ -155,7 +157,7 @@ def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = 
             S, Z = torch.zeros(B, H, dp, d), torch.zeros(B, H, dp)
         else:
             w = torch.stack([(r[:, :, i] * h[:, :, j]).sum(-1) * scale for j in retrieved], -1)  # (B, H, i - n)
-            p = torch.softmax(w, -1)
+            p = retrieval_weights_reference(w, i - n, retrieval_weights, decay)
             S = sum(p[:, :, j, None, None] * bank[j] for j in retrieved)
             Z = sum(p[:, :, j, None] * zbank[j] for j in retrieved)
         for t in range(lo, hi):
@@ -178,6 +180,21 @@ def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = 
     return o.to(out_dtype)
 
 
+def retrieval_weights_reference(w, n: int, weights: str, decay=None):
+    """p_ij over the n retrieved chunks j = 0 .. n - 1 of one chunk i (scores w (B, H, n)): softmax,
+    ones (``sum``), lambda_h^(n - 1 - j) (``decay``: the newest retrieved chunk weighs 1), sigmoid
+    (``gate``)."""
+    if weights == "softmax":
+        return torch.softmax(w, -1)
+    if weights == "sum":
+        return torch.ones_like(w)
+    if weights == "decay":
+        return torch.stack([decay.float().view(1, -1) ** (n - 1 - j) for j in range(n)], -1).expand_as(w)
+    if weights == "gate":
+        return torch.sigmoid(w)
+    raise ValueError(f"unknown retrieval weights {weights!r}")
+
+
 @torch.no_grad()
 def window_attention_reference(q, k, v, window: int, sinks: int = 0) -> torch.Tensor:
     """Causal softmax attention of each token t over the keys s <= t with s > t - window (the
@@ -193,13 +210,14 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0) -> torch.Te
     return o.to(q.dtype)
 
 
-def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_window: str = "chunk") -> torch.Tensor:
+def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_window: str = "chunk",
+                           retrieval_weights: str = "softmax", decay=None) -> torch.Tensor:
     """The normalised op as an explicit attention matrix: log w[t, s], (B, H, T, T), -inf where
     token t gives token s no weight. Differentiable (it is what ``calibrate.transfer`` trains).
 
     Token t of chunk i weighs a key s of its local window by e^{q_t.k_s/sqrt d} and a key s of a
-    retrieved chunk j by g p_ij phi(q_t).phi(k_s); each row is divided by its sum, so
-    ``exp(log_w) @ v`` is the op's output (no compression: U = I)."""
+    retrieved chunk j by g p_ij phi(q_t).phi(k_s) (p_ij of ``retrieval_weights``, ``decay`` (H,));
+    each row is divided by its sum, so ``exp(log_w) @ v`` is the op's output (no compression: U = I)."""
     B, H, T, d = q.shape
     n = LOOKBACK_CHUNKS[local_window]
     C = num_chunks(T, L)
@@ -208,8 +226,19 @@ def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_wind
     local = causal & (chunk[None, :] >= chunk[:, None] - n)  # the same chunk or the n before it
     meta = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
     earlier = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 - n)
-    # Masked with a finite value first: a row without earlier chunks must not give NaN gradients.
-    logp = torch.log_softmax(meta.masked_fill(~earlier, -1e9), -1)
+    if retrieval_weights == "softmax":
+        # Masked with a finite value first: a row without earlier chunks must not give NaN gradients.
+        logp = torch.log_softmax(meta.masked_fill(~earlier, -1e9), -1)
+    elif retrieval_weights == "sum":
+        logp = torch.zeros_like(meta)
+    elif retrieval_weights == "decay":
+        i = torch.arange(C, device=q.device)
+        age = (i[:, None] - 1 - n - i[None, :]).clamp_min(0).float()  # (C, C)
+        logp = (age * decay.float().log().view(1, H, 1, 1)).expand_as(meta)
+    elif retrieval_weights == "gate":
+        logp = F.logsigmoid(meta)
+    else:
+        raise ValueError(f"unknown retrieval weights {retrieval_weights!r}")
     logp = logp.masked_fill(~earlier, float("-inf"))[:, :, chunk][:, :, :, chunk]  # (B, H, T, T)
     lin = feature(q.float(), feature_map) @ feature(k.float(), feature_map).transpose(-1, -2)
     retrieved = causal & ~local

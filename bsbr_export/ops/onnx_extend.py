@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..graph import Graph
-from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_softmax
+from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_weights
 from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
 
 
@@ -87,8 +87,8 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     bank_flat, new_flat = g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat)
     # The bank and the piece's chunks as two terms of one softmax: the bank is read in place,
     # never concatenated with the new chunks (its size grows with the context, not the piece).
-    SZ = _two_terms(g, retrieval_softmax(g, g.op("Mul", scores, scale), ctx["retrievable"]), bank_flat, new_flat,
-                    g.dim(own[BANK_H], 2))
+    w = retrieval_weights(g, W, cfg, p, g.op("Mul", scores, scale), ctx["retrievable"], ctx.get("age"))
+    SZ = _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2))
     SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
     SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
@@ -103,8 +103,8 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
                           g.op("MatMul", r_last, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1),
               scale)  # (B, H, 1, cap + Cc)
-    S_next = g.op("Reshape", _two_terms(g, retrieval_softmax(g, sc, ctx["next_from"]), bank_flat, new_flat,
-                                        g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
+    w = retrieval_weights(g, W, cfg, p, sc, ctx["next_from"], ctx.get("next_age"))
+    S_next = g.op("Reshape", _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
     states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
     if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
         h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
@@ -198,5 +198,11 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     new_ok = g.op("And", g.op("GreaterOrEqual", j_new, col(m)), g.op("Less", j_new, upto))
     ctx["next_from"] = g.op("Unsqueeze", g.op("Concat", old_ok, new_ok, axis=1), g.const([1, 2]))  # (B,1,1,cap+Cc)
     ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
+    if cfg.retrieval_weights == "decay":  # ages i - 1 - n - j of the retrieval's columns (bank, then piece)
+        cols = g.op("Concat", g.op("Expand", jcap, g.cat(g.dim(ids, 0), cap)), j_new, axis=1)  # (B, cap + Cc)
+        rows_ = g.op("Sub", j_new, g.const(1 + n))  # (B, Cc): each combined chunk's index - 1 - n
+        ctx["age"] = g.op("Sub", g.op("Unsqueeze", rows_, g.const([1, 3])), g.op("Unsqueeze", cols, g.const([1, 2])))
+        ctx["next_age"] = g.op("Unsqueeze", g.op("Sub", g.op("Sub", col(m_new), g.const(1 + n)), cols),
+                               g.const([1, 2]))  # (B, 1, 1, cap + Cc)
     ctx["src_last"] = g.op("Gather", ctx["src"], ctx["last"], axis=1)  # (B, Cc): each chunk's last token
     return ctx

@@ -280,6 +280,34 @@ def retrieval_softmax(g: Graph, scores, allowed):
     return g.op("Mul", p, g.op("Cast", allowed, to=g.fproto))
 
 
+def retrieval_weights(g: Graph, W, cfg, p, scores, allowed, age=None):
+    """The retrieval weights p_ij of ``cfg.retrieval_weights`` (``ops.chunk.weigh``) over the
+    allowed entries of ``scores`` (r_i . h_j / sqrt d), zeros elsewhere, in ``scores``' shape:
+    ``softmax`` (``retrieval_softmax``), ``sum`` (ones), ``decay`` (lambda_h ** age, lambda the
+    layer's ``attn.decay``; age int64: i - 1 - lookback - j), ``gate`` (sigmoid). ``allowed``
+    (bool, broadcastable) None: every entry. Computed in fp32 (fp16 graphs cast)."""
+    from onnx import TensorProto
+
+    mode = cfg.retrieval_weights
+    if mode == "softmax":
+        return retrieval_softmax(g, scores, allowed) if allowed is not None else g.softmax(scores)
+    f32 = (lambda x: g.op("Cast", x, to=TensorProto.FLOAT)) if g.fdt == np.float16 else (lambda x: x)
+    one = g.const([1.0], np.float32)
+    if mode == "sum":
+        w = one
+    elif mode == "decay":
+        lam = g.op("Reshape", f32(W(p + "attn.decay")), g.const([1, cfg.n_head, 1, 1]))
+        w = g.op("Pow", lam, g.op("Cast", g.op("Max", age, g.const(0)), to=TensorProto.FLOAT))
+    elif mode == "gate":
+        w = g.op("Sigmoid", f32(scores))
+    else:
+        raise ValueError(f"retrieval weights {mode!r} have no ONNX form")
+    if allowed is not None:
+        w = g.op("Mul", w, g.op("Cast", allowed, to=TensorProto.FLOAT))
+    w = g.op("Expand", w, g.op("Shape", scores))
+    return g.op("Cast", w, to=TensorProto.FLOAT16) if g.fdt == np.float16 else w
+
+
 def _meta(g: Graph, W, p, x, which: str, H: int, d: int, lead=None):
     """Meta keys (``meta_k``) or meta queries (``meta_q``) of ``x`` (B, N, E): (B, H, N, d).
     ``lead``: Shape(x)[:2] when the caller has it."""
@@ -327,7 +355,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     Ff_r = g.op("Slice", Ff, zero, Cp, g.const([2])) if states is not None else Ff  # the first C - 1
     scale = g.fconst(1.0 / math.sqrt(d))
     sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h_r, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C-1)
-    SZ = g.op("Reshape", g.op("MatMul", retrieval_softmax(g, sc, rows["earlier"]), Ff_r),
+    SZ = g.op("Reshape", g.op("MatMul", retrieval_weights(g, W, cfg, p, sc, rows["earlier"], rows.get("age")), Ff_r),
               rows["states"])  # (B, H, C, d', dc)
     o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
     if states is None:
@@ -339,7 +367,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
                    keepdims=1)  # (B, H, 1, d)
     sc_state = g.op("Mul", g.op("MatMul", r_state, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B,H,1,n_done)
     # Look-back: the open chunk retrieves from the closed chunks before its window only.
-    p_state = retrieval_softmax(g, sc_state, ctx["bank_before_window"]) if cfg.lookback else g.softmax(sc_state)
+    p_state = retrieval_weights(g, W, cfg, p, sc_state, ctx.get("bank_before_window"), ctx.get("bank_age"))
     S_state = g.op("Reshape", g.op("MatMul", p_state, Ff), g.const([0, H, dp, dc]))  # (B, H, d', dc)
     for name, t_ in ((K, k), (V, v)):
         open_rows = g.op("Slice", t_, g.op("Mul", n_done, L1), T, g.const([2]))  # (B, H, n_cur, d)
@@ -377,6 +405,8 @@ def _meta_rows(g: Graph, ctx: dict, with_state: bool, dims: tuple, xa) -> dict:
                     "chunked": g.cat(g.const([0, H]), Cm, g.const([L, d])),
                     "flat": g.cat(g.const([0, H]), Cm, g.const([dp * dc])),
                     "states": g.cat(g.const([0, H]), C, g.const([dp, dc]))}
+        if "age" in ctx:  # (C, C-1): i - 1 - lookback - j, for the decaying retrieval weights
+            ctx[key]["age"] = g.op("Slice", ctx["age"], zero, Cp, one)
     return ctx[key]
 
 
@@ -433,13 +463,19 @@ def close_chunk(g: Graph, W, cfg, i: int, kk, vv, xa, bank_h, bank_F, position):
     limit = g.op("Add", chunk, g.const(1 - max(n, 1)))
     allowed = g.op("Unsqueeze", g.op("Less", jj, limit), g.const([1, 2]))  # (B, 1, 1, cap)
     flat = g.const([0, H, -1, dp * dc])
+    # Chunk j' is j - n - j' chunks older than the newest chunk that j + 1 retrieves (decay only).
+    age = g.op("Sub", g.op("Sub", chunk, g.const(n)), jj) if cfg.retrieval_weights == "decay" else None  # (B, cap)
     if n == 0:
         own = g.op("Mul", g.op("ReduceSum", g.op("Mul", r, hj), g.const([-1]), keepdims=1), scale)  # (B, H, 1, 1)
         sc = g.op("Concat", sc, own, axis=-1)
         allowed = g.op("Concat", allowed, g.op("Expand", g.const(True, np.bool_), g.cat(g.dim(allowed, 0),
                                                                                         g.const([1, 1, 1]))), axis=-1)
-        w = retrieval_softmax(g, sc, allowed)  # (B, H, 1, cap + 1)
+        if age is not None:  # the closed chunk itself is the newest: age 0
+            age = g.op("Concat", age, g.op("Sub", chunk, chunk), axis=1)
+        age = None if age is None else g.op("Unsqueeze", age, g.const([1, 2]))
+        w = retrieval_weights(g, W, cfg, p, sc, allowed, age)  # (B, H, 1, cap + 1)
         S_next = _values(g, w, g.op("Reshape", bank_F, flat), g.op("Reshape", Fj, flat))  # (B, H, 1, d'dc)
     else:
-        S_next = g.op("MatMul", retrieval_softmax(g, sc, allowed), g.op("Reshape", bank_F, flat))
+        age = None if age is None else g.op("Unsqueeze", age, g.const([1, 2]))
+        S_next = g.op("MatMul", retrieval_weights(g, W, cfg, p, sc, allowed, age), g.op("Reshape", bank_F, flat))
     return g.op("Reshape", S_next, g.const([0, H, dp, dc])), hj, Fj

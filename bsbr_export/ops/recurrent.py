@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .chunk import chunk_states, combine, expand, feature, phi
+from .chunk import chunk_states, combine, expand, feature, phi, weigh
 from .state import CARRIED, StateSpec
 
 
@@ -100,10 +100,15 @@ def close_chunk(kk, vv, U, feature_map: str, normalised: bool) -> torch.Tensor:
     return chunk_states(kk, vv, kk.shape[2], U, feature_map, normalised)[:, :, 0]
 
 
-def retrieve_one(r: torch.Tensor, bank_h: torch.Tensor, bank_F: torch.Tensor) -> torch.Tensor:
-    """S for the next chunk from the n closed chunks of the bank: r (B, H, d), bank_h (B, H, n, d),
-    bank_F (B, H, n, d', dc) -> (B, H, d', dc); 0 when n = 0."""
-    if bank_h.shape[2] == 0:
+def retrieve_one(r: torch.Tensor, bank_h: torch.Tensor, bank_F: torch.Tensor, weights: str = "softmax",
+                 decay: torch.Tensor | None = None) -> torch.Tensor:
+    """S for the next chunk from the n closed chunks of the bank it retrieves from: r (B, H, d),
+    bank_h (B, H, n, d), bank_F (B, H, n, d', dc) -> (B, H, d', dc); 0 when n = 0. The weights are
+    ``ops.chunk.weigh``'s (``decay``: chunk j is n - 1 - j chunks older than the newest)."""
+    n = bank_h.shape[2]
+    if n == 0:
         return bank_F.new_zeros(bank_F.shape[:2] + bank_F.shape[3:])
-    p = torch.softmax((bank_h @ r[..., None])[..., 0] / math.sqrt(r.shape[-1]), dim=-1)  # (B, H, n)
+    scores = (bank_h @ r[..., None])[..., 0] / math.sqrt(r.shape[-1])  # (B, H, n)
+    age = n - 1 - torch.arange(n, device=r.device)
+    p = weigh(scores, torch.ones(n, dtype=torch.bool, device=r.device), age, weights, decay)  # (B, H, n)
     return torch.einsum("bhn,bhnef->bhef", p, bank_F)
