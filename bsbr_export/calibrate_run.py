@@ -397,12 +397,14 @@ SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
 
 
 def self_calibrate(model, source: str, options: dict, minutes: float, work: Path, log: Callable[[str], None],
-                   tokens: int = SELF_TOKENS, original: str | None = None) -> dict:
+                   tokens: int = SELF_TOKENS, original: str | None = None, stage2: bool = False,
+                   seq_len: int | None = None) -> dict:
     """``--calibrate self`` of the main command and ``export``: ``run`` on the converted ``model``
     in memory (calibrated in place) with ``tokens`` training tokens sampled from the original,
-    a budget of ``minutes``; the checkpoint lives in ``work`` (removed at the end). Returns the
+    a budget of ``minutes`` (``stage2``: KL distillation after the transfer); the checkpoint lives in ``work`` (removed at the end). Returns the
     calibration record."""
-    plan = prepare(str(source), (), work / "calibrated", Settings(minutes=minutes, self_tokens=tokens),
+    settings = Settings(minutes=minutes, self_tokens=tokens, stage2=stage2, seq_len=seq_len)
+    plan = prepare(str(source), (), work / "calibrated", settings,
                    original=original, work=work, options=options)
     try:
         return run(plan, log, model=model)

@@ -226,14 +226,25 @@ def _summary(manifest: dict, out: Path) -> None:
                    "--engine int8 checks them.")
 @click.option("--inline", is_flag=True, help="Write the standard-ops-only graph.")
 @click.option("--no-decode", is_flag=True, help="Skip the decode graph.")
+@click.option("--calibrate", type=Choice(["none", "self"]), default="none", show_default=True,
+              help="self: calibrate the conversion on text sampled from the original first (as the main command).")
+@click.option("--calibrate-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Wall-clock budget of --calibrate self.")
 @conversion_options
-def export(model, out, max_seq_len, fp16, int8, inline, no_decode, allow_pickle, **opts):
+def export(model, out, max_seq_len, fp16, int8, inline, no_decode, calibrate, calibrate_minutes, allow_pickle, **opts):
     """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""
+    import tempfile
+
     from .convert import load_any
     from .export import ExportSpec, export_onnx
 
     try:
         m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
+        if calibrate == "self":
+            from .calibrate_run import self_calibrate
+
+            with tempfile.TemporaryDirectory(prefix="bsbr-calibrate-") as work:
+                self_calibrate(m, model, _changed(opts), calibrate_minutes, Path(work) / "work", _log)
         spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, int8=int8, inline=inline)
         files = [*export_onnx(m, out, spec, decode=not no_decode, progress=_log), *_copy_tokenizer(model, out)]
     except BSBRExportError as e:

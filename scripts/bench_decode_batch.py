@@ -42,18 +42,20 @@ BACKENDS = ("bsbr", "kv-ort", "optimum", "bsbr-int8", "optimum-int8")
 
 # --------------------------------------------------------------------------- preparing the models
 
-def prepare(work: Path, max_len: int, backends, optimum_python: str | None, log) -> dict:
-    """Every model a backend needs, made once in ``work``: {backend: path or a reason string}."""
+def prepare(work: Path, max_len: int, backends, optimum_python: str | None, log, conversion: str = "") -> dict:
+    """Every model a backend needs, made once in ``work``: {backend: path or a reason string}.
+    ``conversion``: conversion options of the BSBR export (e.g. "--local-window lookback")."""
     hf, paths = work / "hf", {}
     if not (hf / "config.json").is_file():
         log(f"writing the random GPT-2 small to {hf}")
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_gpt2.py"), str(hf)], check=True)
     for b, flag in (("bsbr", []), ("bsbr-int8", ["--int8"])):
-        d = work / f"bsbr-{max_len}"
+        tag = "".join(f"-{w.lstrip('-')}" for w in conversion.split())
+        d = work / f"bsbr-{max_len}{tag}"
         if b in backends and not (d / ("decode_int8.onnx" if flag else "decode.onnx")).is_file():
             log(f"exporting BSBR {' '.join(flag) or 'fp32'} to {d}")
             subprocess.run([sys.executable, "-m", "bsbr_export.cli", "export", str(hf), "--out", str(d),
-                            "--max-seq-len", str(max_len), *flag], check=True)
+                            "--max-seq-len", str(max_len), *flag, *conversion.split()], check=True)
         paths[b] = str(d)
     if "kv-ort" in backends:
         from bsbr_export.kvcache import GRAPH_FILE, export_kvcache
@@ -267,6 +269,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=8448, help="the BSBR export's length [8448: 8192 + steps]")
     ap.add_argument("--optimum-python", default=None, help="python of a virtual environment with optimum-onnx")
+    ap.add_argument("--conversion", default="", help="conversion options of the BSBR export, e.g. "
+                    "\"--local-window lookback --retrieval-weights gate\" [the default conversion]")
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-batch.json"))
     ap.add_argument("--md", type=Path, default=Path("docs/results/decode-batch.md"))
     ap.add_argument("--memory-md", type=Path, default=Path("docs/results/decode-memory.md"))
@@ -294,7 +298,7 @@ def main(argv=None) -> None:
         ap.error("batches and contexts >= 1, --steps >= 1, and context + steps + warmup within --max-seq-len")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if a.memory:
-        paths = prepare(a.work, a.max_seq_len, ["bsbr"], None, log)
+        paths = prepare(a.work, a.max_seq_len, ["bsbr"], None, log, a.conversion)
         mem = {}
         for rows in (1, 16):
             case = {"path": paths["bsbr"], "rows": rows, "threads": a.threads}
@@ -309,7 +313,7 @@ def main(argv=None) -> None:
         res = json.loads(a.out.read_text())
         a.md.write_text(markdown({k: v for k, v in res.items() if k != "_commands"}, a, res.get("_commands", [])))
         return
-    paths = prepare(a.work, a.max_seq_len, backends, a.optimum_python, log)
+    paths = prepare(a.work, a.max_seq_len, backends, a.optimum_python, log, a.conversion)
     res = json.loads(a.out.read_text()) if a.out.is_file() else {}
     cmd = " ".join(["python scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
     cmds = res.pop("_commands", []) + [cmd]  # every invocation that wrote into this --out

@@ -43,16 +43,19 @@ import sys
 from pathlib import Path
 from bsbr_export.convert import convert
 from bsbr_export.export import ExportSpec, export_onnx
-hf, out, window, attention, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-m = convert(hf, chunk_size={chunk}, local_window=window)
+hf, out, window, attention, n, weights = (sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                                         sys.argv[6])
+m = convert(hf, chunk_size={chunk}, local_window=window, retrieval_weights=weights)
 export_onnx(m, out, ExportSpec(max_seq_len=n, attention=attention, state_outputs=False), decode=False)
 """.format(chunk=CHUNK)
-LABELS = {"chunk": "BSBR, chunk window", "lookback": "BSBR, look-back window", "floor": "dense floor"}
+LABELS = {"chunk": "BSBR, chunk window", "lookback": "BSBR, look-back window",
+          "lookback-gate": "BSBR, look-back window, gate weights", "floor": "dense floor"}
+BSBR = ("chunk", "lookback", "lookback-gate")
 
 
-def export(hf: Path, out: Path, window: str, attention: str, max_len: int) -> Path:
+def export(hf: Path, out: Path, window: str, attention: str, max_len: int, weights: str = "softmax") -> Path:
     """One export in a child process (its memory is returned before timing starts)."""
-    subprocess.run([sys.executable, "-c", EXPORT, str(hf), str(out), window, attention, str(max_len)],
+    subprocess.run([sys.executable, "-c", EXPORT, str(hf), str(out), window, attention, str(max_len), weights],
                    check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
     return out / "model.onnx"
 
@@ -89,9 +92,10 @@ def main(argv=None):
     if not (hf / "config.json").is_file():
         _make_random_hf("gpt2-small-random", hf, SEED)
     n = max(lengths)
-    print("exporting the three graphs", flush=True)
+    print("exporting the four graphs", flush=True)
     paths = {"chunk": export(hf, work / "chunk", "chunk", "bsbr", n),
              "lookback": export(hf, work / "lookback", "lookback", "bsbr", n),
+             "lookback-gate": export(hf, work / "lookback-gate", "lookback", "bsbr", n, "gate"),
              "floor": export(hf, work / "floor", "chunk", "none", n)}
     names = list(paths)
     results = profile_lengths(paths, lengths, args.threads, args.runs, args.warmup, work, SEED)
@@ -104,13 +108,13 @@ def main(argv=None):
     rows = []
     for T in lengths:
         r = results[T]
-        ratio = {k: r[k]["wall_ms"] / r["floor"]["wall_ms"] for k in ("chunk", "lookback")}
         rows.append([T] + [f"{r[k]['wall_ms'] / 1e3:.2f}" for k in names]
-                    + [f"{ratio['chunk']:.2f}x", f"{ratio['lookback']:.2f}x",
-                       f"{r['lookback']['wall_ms'] / r['chunk']['wall_ms']:.2f}x"])
+                    + [f"{r[k]['wall_ms'] / r['floor']['wall_ms']:.2f}x" for k in BSBR]
+                    + [f"{r['lookback']['wall_ms'] / r['chunk']['wall_ms']:.2f}x"])
     lines += ["#### Wall time per call (s) and ratios", "",
               markdown_table(["T"] + [LABELS[k] for k in names]
-                             + ["chunk / floor", "look-back / floor", "look-back / chunk"], rows)]
+                             + ["chunk / floor", "look-back / floor", "look-back, gate / floor", "look-back / chunk"],
+                             rows)]
     r = results[n]
     ok = r["lookback"]["wall_ms"] / r["floor"]["wall_ms"] <= FLOOR_LIMIT
     lines += [f"Condition for a default conversion (look-back prefill within {FLOOR_LIMIT}x the dense floor at "
