@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .cli_runtime import Choice
+from .config import DEFAULT_LOCAL_WINDOW, DEFAULT_RETRIEVAL_WEIGHTS
 
 
 def conversion_options(f):
@@ -29,12 +30,13 @@ def conversion_options(f):
         click.option("--feature-map", type=Choice(["identity", "elu1", "relu"]), default=None,
                      help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
                           "plain: identity]."),
-        click.option("--local-window", type=Choice(["chunk", "lookback"]), default="chunk",
+        click.option("--local-window", type=Choice(["chunk", "lookback"]), default=DEFAULT_LOCAL_WINDOW,
                      show_default=True,
                      help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "
                           "lookback: those and the whole previous chunk (retrieval from the chunks before "
                           "that); exact GPT-2 up to 2 chunks, state K/V of 2 chunks."),
-        click.option("--retrieval-weights", type=Choice(["softmax", "sum", "decay", "gate"]), default="softmax",
+        click.option("--retrieval-weights", type=Choice(["softmax", "sum", "decay", "gate"]),
+                     default=DEFAULT_RETRIEVAL_WEIGHTS,
                      show_default=True, help="Weights of the retrieved chunks: softmax over them; sum (all 1); "
                      "decay (lambda^age, lambda learned per head); gate (sigmoid, unnormalised)."),
         click.option("--retrieval-decay", type=float, default=0.95, show_default=True,
@@ -57,6 +59,6 @@ def options_dict(chunk_size, compression, position_policy, meta_init, retrieval_
 def changed_options(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
-                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window="chunk",
-                    retrieval_weights="softmax", retrieval_decay=0.95)
+                    retrieval_scale=None, retrieval="normalised", feature_map=None, local_window=DEFAULT_LOCAL_WINDOW,
+                    retrieval_weights=DEFAULT_RETRIEVAL_WEIGHTS, retrieval_decay=0.95)
     return {k: v for k, v in options_dict(**opts).items() if v != defaults[k]}

@@ -24,9 +24,13 @@ LOOKBACK_CHUNKS = {"chunk": 0, "lookback": 1}
 # The weights p_ij of the retrieved chunks: a softmax over them (one chunk's worth of mass), all
 # ones (their sum), a learned per-head decay lambda^age, or an unnormalised sigmoid gate.
 RETRIEVAL_WEIGHTS = ("softmax", "sum", "decay", "gate")
-# The look-back window keeps the original's behaviour better (docs/RESULTS.md, tables 1, 2 and 9)
-# but its ORT prefill is 1.26x the dense floor at 8192 tokens (docs/results/lookback-cost.md),
-# over the 1.15x a default conversion may cost: it stays an option (--local-window lookback).
+# The default conversion: the look-back window with gate weights keeps the original's behaviour
+# best before any calibration (docs/results/retrieval-weights.md: 86.6% top-1, KL 0.032 on 64
+# held-out windows, against 77.7% / 0.079 for the chunk window with softmax weights) at an ORT
+# prefill within 1.15x the dense floor at 8192 tokens (docs/results/lookback-cost.md: 1.11x).
+DEFAULT_LOCAL_WINDOW, DEFAULT_RETRIEVAL_WEIGHTS = "lookback", "gate"
+# What a saved config without the key meant when it was written (before the key existed).
+LEGACY = {"retrieval_weights": "softmax", "local_window": "chunk"}
 
 
 def check_chunk_size(value) -> int:
@@ -107,8 +111,8 @@ class BSBRConfig:
     retrieval_scale: float | None = None  # None: the variant's default (DEFAULT_SCALE)
     retrieval: str = "normalised"
     feature_map: str | None = None  # None: the variant's default (DEFAULT_FEATURE_MAP)
-    local_window: str = "chunk"
-    retrieval_weights: str = "softmax"
+    local_window: str = DEFAULT_LOCAL_WINDOW
+    retrieval_weights: str = DEFAULT_RETRIEVAL_WEIGHTS
     retrieval_decay: float = 0.95  # initial lambda of ``decay``
     seed: int = 0
     bos_token_id: int | None = None
@@ -193,7 +197,7 @@ class BSBRConfig:
         unknown = set(d) - names - {"format", "bsbr_export_version"}
         if unknown:
             raise ConfigError(f"unknown BSBR config keys: {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**LEGACY, **{k: v for k, v in d.items() if k in names}})
 
     def save(self, path: Path) -> None:
         from . import __version__

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -238,7 +239,7 @@ def markdown(res: dict, args, cmds: list) -> str:
 
 
 def memory_markdown(mem: dict, args) -> str:
-    cmd = " ".join(["python scripts/bench_decode_batch.py", *sys.argv[1:]])
+    cmd = shlex.join(["python", "scripts/bench_decode_batch.py", *sys.argv[1:]])
     lines = ["## Runtime memory by rows: 1 and 16 sequences of ~200 + 56 tokens (GPT-2 small shape)", "",
              f"`{cmd}`: one process per row count over the BSBR export ({args.max_seq_len} tokens): "
              f"`Engine.prefill` of 200-token prompts (each row's bank reserved for 256 tokens, as a server "
@@ -315,7 +316,7 @@ def main(argv=None) -> None:
         return
     paths = prepare(a.work, a.max_seq_len, backends, a.optimum_python, log, a.conversion)
     res = json.loads(a.out.read_text()) if a.out.is_file() else {}
-    cmd = " ".join(["python scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = shlex.join(["python", "scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
     cmds = res.pop("_commands", []) + [cmd]  # every invocation that wrote into this --out
     for b in backends:
         for ctx in contexts:

@@ -209,10 +209,11 @@ def test_decode_writes_one_row_and_leaves_other_rows_untouched(exported, engine)
                 changed = np.flatnonzero((b[r] != a[r]).any(axis=(0, 2)))
                 if n == S.S:
                     assert changed.size == 0, "S changes only when a chunk closes"
-                else:
-                    assert changed.tolist() == [pos[r] % L], (n, i, r, changed)
+                else:  # the open chunk's slot (after the previous chunk's rows with the look-back window)
+                    slot = model.cfg.lookback * L + pos[r] % L
+                    assert changed.tolist() == [slot], (n, i, r, changed)
                     row = st._rows[S.ROW_K if n == S.K else S.ROW_V][i][r, :, 0]
-                    assert np.array_equal(b[r, :, pos[r] % L], row)
+                    assert np.array_equal(b[r, :, slot], row)
     assert all(np.array_equal(st.banks[2][n], a) for n, a in bank_before.items())
 
 

@@ -18,7 +18,7 @@ from bsbr_export.cli import main
 from bsbr_export.convert import convert
 from bsbr_export.errors import InputError, ModelLoadError
 from bsbr_export.export import ExportSpec, export_onnx
-from bsbr_export.ops.onnx_graph import DOMAIN, FUNCTION
+from bsbr_export.ops.onnx_graph import DOMAIN, function_name
 from bsbr_export.generate import generate
 from bsbr_export.runtime import ORTRunner, ORTStepper, TorchRunner, TorchStepper
 from conftest import assert_close, assert_ort_decode_matches
@@ -44,11 +44,12 @@ def tiny_export(tiny_hf_dir, tmp_path_factory):
 
 
 def test_function_graph_structure(tiny_export):
-    _, out = tiny_export
+    model, out = tiny_export
     m = onnx.load(out / "model.onnx", load_external_data=False)
     assert m.opset_import[0].version >= 18
-    assert [(f.domain, f.name) for f in m.functions] == [(DOMAIN, FUNCTION)]
-    nodes = [n for n in m.graph.node if n.op_type == FUNCTION]
+    name = function_name(False, model.cfg.lookback)  # the default conversion's local window
+    assert [(f.domain, f.name) for f in m.functions] == [(DOMAIN, name)]
+    nodes = [n for n in m.graph.node if n.op_type == name]
     assert len(nodes) == 2 and all(n.domain == DOMAIN for n in nodes)
     attrs = {a.name: a for a in nodes[0].attribute}
     assert attrs["chunk_size"].i == 24 and attrs["plugin_namespace"].s == b"bsbr"
@@ -281,7 +282,7 @@ def test_normalised_retrieval_exports(tiny_hf_dir, tmp_path, compression, fmap):
                     feature_map=fmap, retrieval_scale=1.0)
     export_onnx(model, tmp_path, ExportSpec(max_seq_len=200))
     m = onnx.load(tmp_path / "model.onnx", load_external_data=False)
-    assert [f.name for f in m.functions] == ["ChunkAttentionNormalised"]
+    assert [f.name for f in m.functions] == [function_name(True, model.cfg.lookback)]
     with ORTRunner(tmp_path / "model.onnx") as r:
         rep = check_parity(TorchRunner(model), r, chunk=24, max_len=200, vocab=101)
     assert rep["passed"], [c for c in rep["cases"] if not c["passed"]]

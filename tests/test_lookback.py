@@ -220,7 +220,12 @@ def test_fused_runs_the_vectorised_path_on_cpu(models):
 
 def test_config_switch():
     base = dict(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=8)
-    assert BSBRConfig(**base).local_window == "chunk" and BSBRConfig(**base).lookback == 0
+    # The default conversion has the look-back window; a saved config without the key (written
+    # before it existed) meant the chunk window.
+    assert BSBRConfig(**base).local_window == "lookback" and BSBRConfig(**base).lookback == 1
+    assert BSBRConfig(**base, local_window="chunk").lookback == 0
+    legacy = {k: v for k, v in BSBRConfig(**base).to_dict().items() if k != "local_window"}
+    assert BSBRConfig.from_dict(legacy).local_window == "chunk"
     cfg = BSBRConfig(**base, local_window="lookback")
     assert cfg.lookback == 1
     assert BSBRConfig.from_dict(cfg.to_dict()) == cfg

@@ -87,9 +87,9 @@ def test_graphs_carry_the_window(exports, name):
     assert not [o.name for o in close.graph.output if o.name.startswith((S.K, S.V))]
 
 
-def test_default_window_graphs_unchanged(tiny_hf_dir, tmp_path):
+def test_chunk_window_graphs_unchanged(tiny_hf_dir, tmp_path):
     """The chunk window keeps its function, its L-row K/V and a close graph without K/V."""
-    model = convert(tiny_hf_dir, chunk_size=L)
+    model = convert(tiny_hf_dir, chunk_size=L, local_window="chunk")
     export_onnx(model, tmp_path, ExportSpec(max_seq_len=MAX))
     meta = read_metadata(tmp_path / "close.onnx")
     assert meta["state"]["sizes"]["window"] == L and meta["state"]["dims"][S.K][3] == "chunk"

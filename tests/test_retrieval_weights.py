@@ -243,10 +243,12 @@ def test_engine_extend_in_pieces_equals_torch(exports, key):
 
 
 def test_default_export_has_no_decay_parameter(tiny_hf_dir, tmp_path):
-    """softmax (the default) adds no parameter, and its config records the default."""
+    """gate (the default) and softmax add no parameter, and the config records the choice."""
     model = convert(tiny_hf_dir, chunk_size=L)
-    assert model.cfg.retrieval_weights == "softmax"
+    assert model.cfg.retrieval_weights == "gate"
     assert not [n for n in model.state_dict() if "decay" in n]
+    assert not [n for n in convert(tiny_hf_dir, chunk_size=L, retrieval_weights="softmax").state_dict()
+                if "decay" in n]
 
 
 # --------------------------------------------------------------------------- config and command line
@@ -254,7 +256,10 @@ def test_default_export_has_no_decay_parameter(tiny_hf_dir, tmp_path):
 
 def test_config_validation():
     base = dict(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=8)
-    assert BSBRConfig(**base).retrieval_weights == "softmax"
+    assert BSBRConfig(**base).retrieval_weights == "gate"
+    # A saved config without the key (written before it existed) meant softmax weights.
+    legacy = {k: v for k, v in BSBRConfig(**base).to_dict().items() if k != "retrieval_weights"}
+    assert BSBRConfig.from_dict(legacy).retrieval_weights == "softmax"
     with pytest.raises(ConfigError, match="retrieval weights must be one of"):
         BSBRConfig(**base, retrieval_weights="mean")
     for bad in (0.0, -0.5, 1.5, float("nan"), True, "0.9", None):
