@@ -81,6 +81,14 @@ each table's header are the ones of that run.
   `weights` (KL of the attention weights, Hedgehog's objective) or `output` (MSE of the
   attention outputs, LoLCATs' first stage). **Baselines**: `window W`, the original's attention
   over the W most recent tokens; `sinks 4 + window W`, plus the first 4 tokens (StreamingLLM).
+- **Round three.** Retrieval weights (docs/bsbr-math.md, "Retrieval weights"): `softmax` (the
+  tables above), `sum`, `decay` and `gate` (an unnormalised sigmoid of the meta scores). **The
+  default conversion** is the look-back window with gate weights: of every conversion measured
+  before calibration it keeps the original's next token best (section "Retrieval weights"),
+  its ORT prefill is within 1.15x the dense floor at 8192 tokens (section "Look-back local
+  window"), and its batch-1 decode costs what the chunk window's does; the study's tables
+  (1-10) keep their own variant names. **`--calibrate self`**: calibration on text sampled from
+  the original (section "Calibration without the user's text").
 - **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and
   the decode state one sequence carries at T = 8192; table 5 times every chunk size the same
   way; the ONNX Runtime cost of the look-back window is in its own section.

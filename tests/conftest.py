@@ -136,3 +136,15 @@ def bundled_int8_run(bundled_dir, tmp_path_factory):
                                     "--max-seq-len", str(BUNDLED_INT8_MAX_LEN)])
     assert res.exit_code == 0, res.output
     return res.output, out
+
+
+def op_inputs(T: int, seed: int, L: int, B: int = 2, H: int = 3, d: int = 8, scale: float = 0.7, g_min: float = 0.2):
+    """Seeded inputs of the BSBR op over T tokens in chunks of L: q, k, v (B, H, T, d) times
+    ``scale``, meta vectors r, h (B, H, C, d) and a positive g (H,) in [g_min, g_min + 1)."""
+    from bsbr_export.ops.chunk import num_chunks
+
+    g = torch.Generator().manual_seed(seed)
+    C = num_chunks(T, L)
+    q, k, v = (scale * torch.randn(B, H, T, d, generator=g) for _ in range(3))
+    r, h = (torch.randn(B, H, C, d, generator=g) for _ in range(2))
+    return q, k, v, r, h, torch.rand(H, generator=g) + g_min

@@ -20,7 +20,8 @@ from bsbr_export.ops.chunk import bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
 from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
-from conftest import assert_close, assert_decode_matches, assert_ort_decode_matches, rand_ids
+from conftest import (assert_close, assert_decode_matches, assert_ort_decode_matches, rand_ids,
+                      op_inputs as shared_op_inputs)
 
 L, MAX = 8, 29
 LENGTHS = [5, 13, 29]
@@ -31,12 +32,8 @@ RETRIEVALS = {"normalised": dict(retrieval="normalised", feature_map="elu1", ret
 DECAY = torch.tensor([0.5, 0.9, 1.0])  # per head: fast, slow, none
 
 
-def op_inputs(T, seed, B=2, H=3, d=16):
-    g = torch.Generator().manual_seed(seed)
-    C = num_chunks(T, L)
-    q, k, v = (0.5 * torch.randn(B, H, T, d, generator=g) for _ in range(3))
-    r, h = (torch.randn(B, H, C, d, generator=g) for _ in range(2))
-    return q, k, v, r, h, torch.rand(H, generator=g) + 0.5
+def op_inputs(T, seed):
+    return shared_op_inputs(T, seed, L, d=16, scale=0.5, g_min=0.5)
 
 
 def model_opts(weights, window, retrieval, **extra):

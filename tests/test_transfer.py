@@ -16,7 +16,8 @@ from bsbr_export.convert import convert
 from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops.chunk import LearnedFeature, bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
-from conftest import ROOT, assert_causal_at, assert_close, assert_decode_matches, assert_ort_decode_matches, rand_ids
+from conftest import (ROOT, assert_causal_at, assert_close, assert_decode_matches, assert_ort_decode_matches,
+                      op_inputs as shared_op_inputs, rand_ids)
 
 L = 12  # not a power of two
 LENGTHS = [1, L - 1, L + 1, 2 * L + 5, 4 * L + 3]
@@ -38,12 +39,8 @@ def learned(request, tiny_hf_dir):
     return perturb(convert(tiny_hf_dir, chunk_size=L, local_window=request.param, **NORMALISED))
 
 
-def op_inputs(T, seed, B=2, H=3, d=8):
-    g = torch.Generator().manual_seed(seed)
-    C = num_chunks(T, L)
-    q, k, v = (0.7 * torch.randn(B, H, T, d, generator=g) for _ in range(3))
-    r, h = (torch.randn(B, H, C, d, generator=g) for _ in range(2))
-    return q, k, v, r, h, torch.rand(H, generator=g) + 0.2
+def op_inputs(T, seed):
+    return shared_op_inputs(T, seed, L)
 
 
 def test_untrained_learned_map_is_elu1(tiny_hf_dir):
