@@ -284,3 +284,26 @@ def test_self_trains_on_text_sampled_from_the_original_and_resumes_without_sampl
 def test_self_and_data_are_one_or_the_other(bundled_dir, tmp_path, extra, msg):
     res = invoke([bundled_dir, "--out", tmp_path / "o", *TINY, *extra])
     assert msg in one_line_error(res) and not (tmp_path / "o").exists()
+
+
+def test_the_main_command_calibrates_on_samples_of_the_original_before_the_export(tiny_hf_dir, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(out), "--max-seq-len", "48", "--chunk-size", "16",
+                                    "--calibrate", "self", "--calibrate-minutes", "0.05"])
+    assert res.exit_code == 0, res.output
+    assert "calibrating on text sampled from the original (budget 0.05 min)" in res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    rec = manifest["calibration"]
+    assert rec["data"]["paths"][0].startswith("(sampled from the original:") and rec["stages"][0]["steps"] >= 1
+    assert json.loads((out / "bsbr" / "calibration.json").read_text()) == rec
+    assert manifest["parity"]["onnx_fp32"]["passed"]  # the graphs are those of the calibrated model
+    assert any(line.startswith("  calibration ") and "samples of the original" in line
+               for line in res.output.splitlines())
+    assert not list(out.rglob("*.partial*")) and not (out / ".calibrate").exists()
+
+
+def test_calibrate_self_needs_the_original_at_hand(tiny_hf_dir, tmp_path):
+    conv = tmp_path / "conv"
+    save_bsbr(convert(tiny_hf_dir, chunk_size=16), conv)  # records no original
+    res = CliRunner().invoke(main, [str(conv), "--out", str(tmp_path / "o"), "--calibrate", "self"])
+    assert "needs the original GPT-2" in one_line_error(res) and not (tmp_path / "o").exists()
