@@ -27,7 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bsbr_export import metrics as M  # noqa: E402
 from bsbr_export.calibrate_run import self_calibrate  # noqa: E402
 from bsbr_export.convert import convert  # noqa: E402
 from bsbr_export.fidelity import load_original, original_outputs, summarise, window_metrics, windows  # noqa: E402
@@ -58,16 +60,31 @@ def main(argv=None):
     ap.add_argument("--stage2", action="store_true", help="KL distillation after the transfer")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--feature-map", default="learned", help="the conversion's feature map (learned starts as elu + 1)")
+    ap.add_argument("--long", type=int, nargs="*", default=[],
+                    help="also perplexity over every non-overlapping window of these lengths the held-out stream "
+                         "holds, one window against the original in n_positions pieces (table 7's measure)")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="measure the conversions only (the retrieval-weights table: no calibration)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/self-calibration.md"))
+    ap.add_argument("--title", default=None, help="the section's heading [by what the run measures]")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
     hf, d = load_original(a.model)
     wins = windows(np.load(d / "heldout_ids.npy"), 1024, a.windows)
     hf_outs = [original_outputs(hf, x[:, :-1]) for x in wins]
-    rows = []
+    held = np.load(d / "heldout_ids.npy")
+    rows, long_rows = [], []
+
+    def long(name: str, calibration: str, model) -> None:
+        from studylib import long_perplexity
+
+        for T in a.long:
+            r = long_perplexity(hf, model, held, T, None)
+            if r is not None:
+                long_rows.append([name, calibration, T, r["windows"], f"{r['orig_pieces']:.3f}", f"{r['window']:.3f}",
+                                  M.format_change(r["change"])])
+                print(long_rows[-1], flush=True)
     for v in a.variants:
         window, weights = v.split(":")
         opts = dict(chunk_size=CHUNK, local_window=window, retrieval_weights=weights, feature_map=a.feature_map)
@@ -75,6 +92,7 @@ def main(argv=None):
         model = convert(a.model, **opts)
         before = measure(hf_outs, model, wins)
         print(f"{v}: before {before}", flush=True)
+        long(f"{window}, {weights} weights, {fm}", "none", model)
         if a.no_calibrate:
             rows.append(row(f"{window}, {weights} weights, {fm}", "none", before))
             continue
@@ -82,13 +100,14 @@ def main(argv=None):
             rec = self_calibrate(model, a.model, opts, a.minutes, Path(work) / "w", print, tokens=a.tokens,
                                  stage2=a.stage2)
         after = measure(hf_outs, model, wins)
+        long(f"{window}, {weights} weights, {fm}", "self", model)
         print(f"{v}: after {after}", flush=True)
         steps = " + ".join(f"{s['steps']}" for s in rec["stages"])
         for label, m in (("none", before), (f"self, {rec['seconds']:.0f} s ({steps} steps)", after)):
             rows.append(row(f"{window}, {weights} weights, {fm}", label, m))
     cmd = "python scripts/self_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    title = ("Retrieval weights: the conversions before any calibration" if a.no_calibrate
-             else "Calibration without the user's text (`--calibrate self`)")
+    title = a.title or ("Retrieval weights: the conversions before any calibration" if a.no_calibrate
+                        else "Calibration without the user's text (`--calibrate self`)")
     how = ("no calibration" if a.no_calibrate else
            f"calibration: {a.tokens:,} training tokens sampled from the original (temperature 1), attention "
            f"transfer{' then KL distillation' if a.stage2 else ''}, early-stopped on held-out samples, budget "
@@ -99,8 +118,14 @@ def main(argv=None):
              "calibration never sees); perplexity against the original's on the same windows; chunk 2 / chunk 7: "
              "top-1 agreement inside those chunks", "",
              markdown_table(["conversion", "calibration", "top-1", "mean KL (nats)", "perplexity vs original",
-                             "top-1, chunk 2", "top-1, chunk 7"], rows),
-             f"Whole script: {time.time() - t0:.0f} s."]
+                             "top-1, chunk 2", "top-1, chunk 7"], rows)]
+    if long_rows:
+        lines += ["Long contexts: every non-overlapping window of T tokens the held-out stream holds, the converted "
+                  "model over the whole window against the original in 1024-token pieces (the change's 95% "
+                  "interval: a paired bootstrap over windows):", "",
+                  markdown_table(["conversion", "calibration", "T", "windows", "original, 1024-token pieces",
+                                  "converted, one window", "change [95% interval]"], long_rows)]
+    lines += [f"Whole script: {time.time() - t0:.0f} s."]
     atomic_write_text(a.out, "\n".join(lines) + "\n")
     print(f"wrote {a.out}")
 
