@@ -83,10 +83,11 @@ each table's header are the ones of that run.
   over the W most recent tokens; `sinks 4 + window W`, plus the first 4 tokens (StreamingLLM).
 - **Round three.** Retrieval weights (docs/bsbr-math.md, "Retrieval weights"): `softmax` (the
   tables above), `sum`, `decay` and `gate` (an unnormalised sigmoid of the meta scores). **The
-  default conversion** is the look-back window with gate weights: of every conversion measured
-  before calibration it keeps the original's next token best (section "Retrieval weights"),
-  its ORT prefill is within 1.15x the dense floor at 8192 tokens (section "Look-back local
-  window"), and its batch-1 decode costs what the chunk window's does; the study's tables
+  default conversion** is the look-back window with softmax weights: before calibration it keeps
+  the original's next token far better than the chunk window (section "Retrieval weights"; gate
+  weights a little better still at 1024 tokens, but worse at longer contexts: sections "Long
+  contexts"), its ORT prefill is within 1.15x the dense floor at 8192 tokens (section "Look-back
+  local window"), and its batch-1 decode costs what the chunk window's does; the study's tables
   (1-10) keep their own variant names. **`--calibrate self`**: calibration on text sampled from
   the original (section "Calibration without the user's text").
 - **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and

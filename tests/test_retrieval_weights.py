@@ -240,11 +240,11 @@ def test_engine_extend_in_pieces_equals_torch(exports, key):
 
 
 def test_default_export_has_no_decay_parameter(tiny_hf_dir, tmp_path):
-    """gate (the default) and softmax add no parameter, and the config records the choice."""
+    """softmax (the default) and gate add no parameter, and the config records the choice."""
     model = convert(tiny_hf_dir, chunk_size=L)
-    assert model.cfg.retrieval_weights == "gate"
+    assert model.cfg.retrieval_weights == "softmax"
     assert not [n for n in model.state_dict() if "decay" in n]
-    assert not [n for n in convert(tiny_hf_dir, chunk_size=L, retrieval_weights="softmax").state_dict()
+    assert not [n for n in convert(tiny_hf_dir, chunk_size=L, retrieval_weights="gate").state_dict()
                 if "decay" in n]
 
 
@@ -253,9 +253,10 @@ def test_default_export_has_no_decay_parameter(tiny_hf_dir, tmp_path):
 
 def test_config_validation():
     base = dict(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=8)
-    assert BSBRConfig(**base).retrieval_weights == "gate"
+    assert BSBRConfig(**base).retrieval_weights == "softmax"
     # A saved config without the key (written before it existed) meant softmax weights.
-    legacy = {k: v for k, v in BSBRConfig(**base).to_dict().items() if k != "retrieval_weights"}
+    legacy = {k: v for k, v in BSBRConfig(**base, retrieval_weights="gate").to_dict().items()
+              if k != "retrieval_weights"}
     assert BSBRConfig.from_dict(legacy).retrieval_weights == "softmax"
     with pytest.raises(ConfigError, match="retrieval weights must be one of"):
         BSBRConfig(**base, retrieval_weights="mean")
