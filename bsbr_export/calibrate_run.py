@@ -112,8 +112,7 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     if s.self_tokens is None and not data:
         raise ConfigError("no data: give --data PATH (your text) or --self (text sampled from the original)")
     # Sampled text needs the original loaded: ``run`` samples it (the corpus is None until then).
-    corpus = None if data == () or not data else load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size,
-                                                             cfg.eos_token_id, s.seed)
+    corpus = load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size, cfg.eos_token_id, s.seed) if data else None
     given = work is not None
     work = Path(work) if given else out.with_name(out.name + ".partial")
     return Plan(str(model), kind, str(original), Path(tok_dir), options, allow_pickle, cfg, corpus, out, work, given,

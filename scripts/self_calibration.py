@@ -17,6 +17,7 @@ the later chunks keep up. Writes one Markdown fragment; run it alone on the mach
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 import time
@@ -105,7 +106,7 @@ def main(argv=None):
         steps = " + ".join(f"{s['steps']}" for s in rec["stages"])
         for label, m in (("none", before), (f"self, {rec['seconds']:.0f} s ({steps} steps)", after)):
             rows.append(row(f"{window}, {weights} weights, {fm}", label, m))
-    cmd = "python scripts/self_calibration.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = shlex.join(["python", "scripts/self_calibration.py", *(argv if argv is not None else sys.argv[1:])])
     title = a.title or ("Retrieval weights: the conversions before any calibration" if a.no_calibrate
                         else "Calibration without the user's text (`--calibrate self`)")
     how = ("no calibration" if a.no_calibrate else
