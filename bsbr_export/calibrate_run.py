@@ -107,6 +107,11 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     s.seq_len = s.seq_len or min(1024, cfg.n_positions)
     if s.seq_len > cfg.n_positions:
         raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
+    exact = (1 + cfg.lookback) * cfg.chunk_size  # tokens the conversion computes exactly as GPT-2 does
+    if s.seq_len <= exact:
+        raise ConfigError(f"--seq-len {s.seq_len} lies within the {exact} tokens the conversion computes exactly "
+                          f"as the original (chunk {cfg.chunk_size}, {cfg.local_window} window): there is nothing "
+                          f"to calibrate; use a longer --seq-len or a smaller --chunk-size")
     if s.self_tokens is not None and data:
         raise ConfigError("--self trains on text sampled from the original: give it or --data, not both")
     if s.self_tokens is None and not data:

@@ -194,7 +194,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_run, bundled_dir, d
 
 def test_a_checkpoint_of_another_calibration_is_refused(bundled_dir, data_dir, tmp_path):
     plan = prepare(str(bundled_dir), [data_dir], tmp_path / "o", Settings(seq_len=64), options={"chunk_size": 16})
-    other = prepare(str(bundled_dir), [data_dir], tmp_path / "o", Settings(seq_len=64), options={"chunk_size": 32})
+    other = prepare(str(bundled_dir), [data_dir], tmp_path / "o", Settings(seq_len=64), options={"chunk_size": 8})
     plan.work.mkdir()
     calibrate_run._save_checkpoint(plan.work, {"fingerprint": calibrate_run._fingerprint(plan)})
     assert calibrate_run.load_checkpoint(plan.work, calibrate_run._fingerprint(plan)) is not None
@@ -307,3 +307,9 @@ def test_calibrate_self_needs_the_original_at_hand(tiny_hf_dir, tmp_path):
     save_bsbr(convert(tiny_hf_dir, chunk_size=16), conv)  # records no original
     res = CliRunner().invoke(main, [str(conv), "--out", str(tmp_path / "o"), "--calibrate", "self"])
     assert "needs the original GPT-2" in one_line_error(res) and not (tmp_path / "o").exists()
+
+
+def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_path):
+    res = invoke([bundled_dir, "--self", "--seq-len", "64", "--out", tmp_path / "o"])  # chunk 128, look-back
+    assert "lies within the 256 tokens the conversion computes exactly" in one_line_error(res)
+    assert not (tmp_path / "o").exists()
