@@ -27,9 +27,11 @@ def conversion_options(f):
                      show_default=True,
                      help="plain: o = a + g q S. normalised: local and retrieved terms share one softmax "
                           "denominator (needs a positive --feature-map)."),
-        click.option("--feature-map", type=Choice(["identity", "elu1", "relu"]), default=None,
+        click.option("--feature-map", type=Choice(["identity", "elu1", "relu", "learned", "hedgehog"]), default=None,
                      help="Feature map phi on keys and queries of the retrieval [normalised: elu1; "
-                          "plain: identity]."),
+                          "plain: identity]. learned (elu(xW + b) + 1) and hedgehog (softmax of xW, both signs) "
+                          "have weights of their own: train them with --calibrate self or the calibrate command "
+                          "(an untrained hedgehog map retrieves poorly)."),
         click.option("--local-window", type=Choice(["chunk", "lookback"]), default=DEFAULT_LOCAL_WINDOW,
                      show_default=True,
                      help="What a token's local softmax covers. chunk: the earlier tokens of its own chunk. "

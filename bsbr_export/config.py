@@ -13,9 +13,11 @@ POSITION_POLICIES = ("absolute", "chunk")
 META_INITS = ("qk", "random")
 COMPRESSION_INITS = ("random-orthogonal",)
 RETRIEVALS = ("plain", "normalised")
-FEATURE_MAPS = ("identity", "elu1", "relu", "learned")
+FEATURE_MAPS = ("identity", "elu1", "relu", "learned", "hedgehog")
 # Feature maps that keep every phi(x) >= 0, so a shared denominator never vanishes.
-POSITIVE_FEATURE_MAPS = ("elu1", "relu", "learned")
+POSITIVE_FEATURE_MAPS = ("elu1", "relu", "learned", "hedgehog")
+# Feature maps with parameters of their own (``attn.fm``), trained by calibration.
+TRAINED_FEATURE_MAPS = ("learned", "hedgehog")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 # The local softmax's window: the token's own chunk, or its own chunk and the one before it.
 LOCAL_WINDOWS = ("chunk", "lookback")
@@ -81,6 +83,11 @@ class BSBRConfig:
       weights imitate the original's softmax weights (``calibrate.transfer``). The ONNX graphs
       compute it before the fused op (which takes phi(q) as an input), so kernel and plugin are
       those of ``elu1``.
+      ``hedgehog``: [softmax(x W_h), softmax(-x W_h)] with a per-head W_h (d x d/2), started as
+      the first d/2 columns of the identity (Hedgehog's map: positive, spiky like the softmax it
+      imitates, d features in all, so every state keeps its shape); untrained it is a poor
+      retrieval (calibrate it: ``calibrate.transfer``), computed before the fused op like
+      ``learned``.
     local_window: what the local softmax of token t covers.
       ``chunk``: the keys s <= t of t's own chunk; retrieval from every earlier chunk.
       ``lookback``: the keys s <= t of t's own chunk and of the chunk before it; retrieval from
@@ -146,6 +153,8 @@ class BSBRConfig:
             raise ConfigError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ConfigError(f"feature map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.feature_map == "hedgehog" and self.head_dim % 2:
+            raise ConfigError(f"the hedgehog feature map needs an even head dim, got {self.head_dim}")
         if self.local_window not in LOCAL_WINDOWS:
             raise ConfigError(f"local window must be one of {LOCAL_WINDOWS}, got {self.local_window!r}")
         if self.retrieval_weights not in RETRIEVAL_WEIGHTS:

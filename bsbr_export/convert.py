@@ -226,6 +226,8 @@ def convert_state_dict(hf_sd: dict, hf_config: dict, **options) -> tuple[dict, B
         if cfg.feature_map == "learned":  # starts as elu + 1 (the identity map)
             out[p + "attn.fm.W"] = torch.eye(cfg.head_dim).repeat(cfg.n_head, 1, 1)
             out[p + "attn.fm.b"] = torch.zeros(cfg.n_head, cfg.head_dim)
+        if cfg.feature_map == "hedgehog":  # the identity's first d/2 columns (ops.chunk.HedgehogFeature)
+            out[p + "attn.fm.W"] = torch.eye(cfg.head_dim)[:, :cfg.head_dim // 2].repeat(cfg.n_head, 1, 1)
         if cfg.retrieval_weights == "decay":  # lambda of the decaying retrieval weights, per head
             out[p + "attn.decay"] = torch.full((cfg.n_head,), float(cfg.retrieval_decay))
     return out, cfg

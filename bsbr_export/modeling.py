@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import BSBRConfig
+from .config import TRAINED_FEATURE_MAPS, BSBRConfig
 from .errors import InputError
 from .ops.baselines import WindowAttention
-from .ops.chunk import LearnedFeature, bsbr_attention, chunk_states, num_chunks, retrieve
+from .ops.chunk import HedgehogFeature, LearnedFeature, bsbr_attention, chunk_states, num_chunks, retrieve
 from .ops.naive import bsbr_attention_reference
 from .ops.recurrent import (DecodeState, close_chunk, open_row, retrieve_one, slide, step_attention,
                             visible_rows)
@@ -60,8 +60,8 @@ class Attention(nn.Module):
             self.register_buffer("U", torch.zeros(H, cfg.head_dim, cfg.state_dim))
         else:
             self.U = None
-        if cfg.feature_map == "learned":
-            self.fm = LearnedFeature(H, cfg.head_dim)
+        if cfg.feature_map in TRAINED_FEATURE_MAPS:
+            self.fm = (LearnedFeature if cfg.feature_map == "learned" else HedgehogFeature)(H, cfg.head_dim)
         # lambda of the ``decay`` retrieval weights, per head (None for the others)
         self.decay = (nn.Parameter(torch.full((H,), float(cfg.retrieval_decay)))
                       if cfg.retrieval_weights == "decay" else None)
@@ -74,7 +74,7 @@ class Attention(nn.Module):
     @property
     def fmap(self):
         """The feature map the ops take: its name, or the learned map itself."""
-        return self.fm if self.cfg.feature_map == "learned" else self.cfg.feature_map
+        return self.fm if self.cfg.feature_map in TRAINED_FEATURE_MAPS else self.cfg.feature_map
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, E) -> (B, H, N, d)."""

@@ -1,6 +1,8 @@
-"""The learned feature map (``feature_map="learned"``) and attention transfer (``calibrate.transfer``).
+"""The trained feature maps (``feature_map="learned"`` and ``"hedgehog"``) and attention transfer
+(``calibrate.transfer``).
 
-A learned map starts as elu + 1 and, trained or not, keeps the conversion's contract: every torch
+A learned map starts as elu + 1, a hedgehog map as the softmax of half the coordinates, both
+signs; trained or not, each keeps the conversion's contract: every torch
 path computes the same model, causally, exactly GPT-2 within the local window, and so do its
 ONNX graphs. The transfer
 stage trains only what the conversion added and lowers its loss; the dense weight matrix it
@@ -14,7 +16,7 @@ import torch
 from bsbr_export.calibrate import CONVERSION_PARAMS, CalibrationLog, transfer, transfer_loss
 from bsbr_export.convert import convert
 from bsbr_export.export import ExportSpec, export_onnx
-from bsbr_export.ops.chunk import LearnedFeature, bsbr_attention, num_chunks
+from bsbr_export.ops.chunk import HedgehogFeature, LearnedFeature, bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
 from conftest import (ROOT, assert_causal_at, assert_close, assert_decode_matches, assert_ort_decode_matches,
                       op_inputs as shared_op_inputs, rand_ids)
@@ -25,18 +27,20 @@ NORMALISED = dict(retrieval="normalised", feature_map="learned", retrieval_scale
 
 
 def perturb(model, seed=0, scale=0.3):
-    """A learned map away from the identity, as training leaves it."""
+    """A trained map away from its start, as training leaves it."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for blk in model.h:
-            blk.attn.fm.W.add_(scale * torch.randn(blk.attn.fm.W.shape, generator=g))
-            blk.attn.fm.b.add_(scale * torch.randn(blk.attn.fm.b.shape, generator=g))
+            for p in blk.attn.fm.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
     return model
 
 
-@pytest.fixture(scope="module", params=["chunk", "lookback"])
+@pytest.fixture(scope="module", params=[(w, fm) for fm in ("learned", "hedgehog") for w in ("chunk", "lookback")],
+                ids=lambda p: "-".join(p))
 def learned(request, tiny_hf_dir):
-    return perturb(convert(tiny_hf_dir, chunk_size=L, local_window=request.param, **NORMALISED))
+    window, fm = request.param
+    return perturb(convert(tiny_hf_dir, chunk_size=L, local_window=window, **{**NORMALISED, "feature_map": fm}))
 
 
 def op_inputs(T, seed):
@@ -53,6 +57,27 @@ def test_untrained_learned_map_is_elu1(tiny_hf_dir):
     assert torch.equal(LearnedFeature(3, 8)(x), torch.nn.functional.elu(x) + 1)
 
 
+def test_hedgehog_map_at_its_start(tiny_hf_dir):
+    """Softmax of the first d/2 coordinates and of their negation: positive, each half sums to 1;
+    the converted model holds that map in every layer and runs it through the op."""
+    x = torch.randn(2, 3, 5, 8)
+    f = HedgehogFeature(3, 8)(x)
+    h = x[..., :4]
+    assert torch.allclose(f, torch.cat([h.softmax(-1), (-h).softmax(-1)], -1), atol=1e-6)
+    assert (f > 0).all() and torch.allclose(f.sum(-1), torch.full(f.shape[:-1], 2.0))
+    m = convert(tiny_hf_dir, chunk_size=L, **{**NORMALISED, "feature_map": "hedgehog"})
+    assert all(isinstance(b.attn.fm, HedgehogFeature) and b.attn.fm.W.shape == (m.cfg.n_head, m.cfg.head_dim, m.cfg.head_dim // 2)
+               for b in m.h)
+
+
+def test_hedgehog_needs_an_even_head_dim():
+    from bsbr_export.config import BSBRConfig
+    from bsbr_export.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="even head dim"):
+        BSBRConfig(vocab_size=10, n_positions=64, n_embd=9, n_layer=1, n_head=3, chunk_size=16, **{**NORMALISED, "feature_map": "hedgehog"})
+
+
 @pytest.mark.parametrize("T", LENGTHS)
 def test_vectorised_matches_reference(learned, T):
     ids = rand_ids(T, T)
@@ -62,7 +87,7 @@ def test_vectorised_matches_reference(learned, T):
 
 @pytest.mark.parametrize("t", [L - 1, L + 2, 3 * L])
 def test_causal(learned, t):
-    assert_causal_at(learned, t, 4 * L + 3, f"learned {learned.cfg.local_window}")
+    assert_causal_at(learned, t, 4 * L + 3, f"{learned.cfg.feature_map} {learned.cfg.local_window}")
 
 
 def test_exact_within_the_local_window(learned, tiny_hf):
@@ -82,8 +107,7 @@ def test_decode_matches_prefill(learned, prompt):
 def test_weight_matrix_is_the_op(local_window, T):
     """exp(log w) @ v is the normalised op's output; rows sum to 1; no weight on the future."""
     q, k, v, r, h, g = op_inputs(T, T)
-    fm = perturb_map(LearnedFeature(3, 8))
-    for feat in ("elu1", fm):
+    for feat in ("elu1", perturb_map(LearnedFeature(3, 8)), perturb_map(HedgehogFeature(3, 8))):
         logw = normalised_log_weights(q, k, r, h, g, L, feat, local_window)
         with torch.no_grad():
             op = bsbr_attention(q, k, v, r, h, g, L, retrieval="normalised", feature_map=feat,

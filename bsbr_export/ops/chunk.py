@@ -97,6 +97,19 @@ class LearnedFeature(torch.nn.Module):
         return F.elu(torch.einsum("bh...d,hde->bh...e", x, self.W) + b) + 1.0
 
 
+class HedgehogFeature(torch.nn.Module):
+    """phi(x) = [softmax(x W_h), softmax(-x W_h)] per head h (Hedgehog's map): W (H, d, d/2) starts as
+    the identity's first d/2 columns. Positive and d features wide, like the other maps."""
+
+    def __init__(self, n_head: int, head_dim: int):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.eye(head_dim)[:, :head_dim // 2].repeat(n_head, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, ..., d)
+        y = torch.einsum("bh...d,hde->bh...e", x, self.W)
+        return torch.cat([torch.softmax(y, -1), torch.softmax(-y, -1)], -1)
+
+
 def phi(x: torch.Tensor, feature_map: str, U: torch.Tensor | None) -> torch.Tensor:
     """feature(x) U: (B, H, ..., d) -> (B, H, ..., d')."""
     f = feature(x, feature_map)

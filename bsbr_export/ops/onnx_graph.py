@@ -53,8 +53,12 @@ def feature(g: Graph, x, name: str):
 
 
 def phi(g: Graph, W, cfg, p, x):
-    """The layer's feature map on x (B, H, N, d): ``feature``, or the learned map
-    elu(x W_h + b_h) + 1 with the layer's W (H, d, d) and b (H, d) (``ops.chunk.LearnedFeature``)."""
+    """The layer's feature map on x (B, H, N, d): ``feature``, the learned map elu(x W_h + b_h) + 1
+    with the layer's W (H, d, d) and b (H, d) (``ops.chunk.LearnedFeature``), or the hedgehog map
+    [softmax(x W_h), softmax(-x W_h)], W (H, d, d/2) (``ops.chunk.HedgehogFeature``)."""
+    if cfg.feature_map == "hedgehog":
+        y = g.op("MatMul", x, W(p + "attn.fm.W"))  # (B, H, N, d/2)
+        return g.op("Concat", g.op("Softmax", y, axis=-1), g.op("Softmax", g.op("Neg", y), axis=-1), axis=-1)
     if cfg.feature_map != "learned":
         return feature(g, x, cfg.feature_map)
     b = g.op("Unsqueeze", W(p + "attn.fm.b"), g.const([1]))  # (H, 1, d)
