@@ -33,6 +33,10 @@ from .errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 SAMPLED = "sampled.npy"  # --self: the documents sampled from the original, kept for a resumed run
 STAGES = {1: "attention transfer", 2: "KL distillation"}
+# Stage 1's Adam learning rate per feature map (measured on the bundled model: a hedgehog map
+# trained at 1e-3 has barely moved when the budget ends; at 3e-2 it overshoots).
+STAGE1_LR = {"hedgehog": 1e-2}
+DEFAULT_LR = 1e-3
 MIN_IMPROVEMENT = 1e-4  # relative: a held-out loss lower by less is no improvement
 
 
@@ -45,7 +49,8 @@ class Settings:
     max_steps: int | None = None  # per stage
     eval_every: int = 50
     patience: int = 5
-    lr: float = 1e-3
+    lr: float | None = None  # stage 1; None: STAGE1_LR of the feature map
+    lr_kl: float = 1e-3  # stage 2
     lr_g: float = 0.05
     warmup: int = 10
     heldout_windows: int = 8
@@ -105,6 +110,7 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
         kind, original = "hf", model
     s = Settings(**asdict(settings))
     s.seq_len = s.seq_len or min(1024, cfg.n_positions)
+    s.lr = s.lr or STAGE1_LR.get(cfg.feature_map, DEFAULT_LR)
     if s.seq_len > cfg.n_positions:
         raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
     exact = (1 + cfg.lookback) * cfg.chunk_size  # tokens the conversion computes exactly as GPT-2 does
@@ -133,7 +139,7 @@ def _fingerprint(plan: Plan) -> dict:
     s = plan.settings
     return {"model": str(Path(plan.model).resolve()) if Path(plan.model).exists() else plan.model,
             "original": plan.original, "config": plan.cfg.to_dict(), "data": plan.corpus.fingerprint(),
-            "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr, "lr_g": s.lr_g,
+            "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr, "lr_kl": s.lr_kl, "lr_g": s.lr_g,
             "warmup": s.warmup, "heldout_windows": s.heldout_windows, "seed": s.seed}
 
 
@@ -192,7 +198,7 @@ class Stage:
 
         s, st = self.plan.settings, self.state
         gen = torch.Generator().manual_seed(s.seed * 1009 + self.k)
-        with training(model, "conversion", s.lr, s.lr_g) as (named, opt):
+        with training(model, "conversion", s.lr if self.k == 1 else s.lr_kl, s.lr_g) as (named, opt):
             params = dict(named)
             base = [g["lr"] for g in opt.param_groups]
             resume = st.get("current") if st.get("stage") == self.k else None
@@ -398,15 +404,27 @@ def _where(source: str) -> str:
 
 
 SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
+# The feature map a conversion calibrated by ``--calibrate self`` gets when the user names none:
+# trained, it retrieves much better than elu + 1 (docs/results/self-calibration.md).
+CALIBRATION_FEATURE_MAP = "hedgehog"
+
+
+def calibration_options(options: dict) -> dict:
+    """The conversion options of ``--calibrate self``: ``options`` with the hedgehog feature map
+    when they name no feature map and keep the normalised retrieval (the default)."""
+    if options.get("feature_map") is None and options.get("retrieval", "normalised") == "normalised":
+        return {**options, "feature_map": CALIBRATION_FEATURE_MAP}
+    return dict(options)
 
 
 def self_calibrate(model, source: str, options: dict, minutes: float, work: Path, log: Callable[[str], None],
-                   tokens: int = SELF_TOKENS, original: str | None = None, stage2: bool = False,
+                   tokens: int = SELF_TOKENS, original: str | None = None, stage2: bool = True,
                    seq_len: int | None = None) -> dict:
     """``--calibrate self`` of the main command and ``export``: ``run`` on the converted ``model``
     in memory (calibrated in place) with ``tokens`` training tokens sampled from the original,
-    a budget of ``minutes`` (``stage2``: KL distillation after the transfer); the checkpoint lives in ``work`` (removed at the end). Returns the
-    calibration record."""
+    a budget of ``minutes`` (``stage2``: KL distillation after the transfer, which gets half);
+    the checkpoint lives in ``work`` (removed at the end). Returns the calibration record.
+    ``options``: those the model was converted with (``calibration_options`` of the user's)."""
     settings = Settings(minutes=minutes, self_tokens=tokens, stage2=stage2, seq_len=seq_len)
     plan = prepare(str(source), (), work / "calibrated", settings,
                    original=original, work=work, options=options)

@@ -235,16 +235,18 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, calibrate, ca
     """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""
     import tempfile
 
-    from .convert import load_any
+    from .calibrate_run import self_calibrate, calibration_options
+    from .convert import converted_dir, load_any
     from .export import ExportSpec, export_onnx
 
     try:
-        m = load_any(model, allow_pickle=allow_pickle, **_changed(opts))
+        options = _changed(opts)
+        if calibrate == "self" and converted_dir(model) is None:
+            options = calibration_options(options)  # a trained feature map unless one is named
+        m = load_any(model, allow_pickle=allow_pickle, **options)
         if calibrate == "self":
-            from .calibrate_run import self_calibrate
-
             with tempfile.TemporaryDirectory(prefix="bsbr-calibrate-") as work:
-                self_calibrate(m, model, _changed(opts), calibrate_minutes, Path(work) / "work", _log)
+                self_calibrate(m, model, options, calibrate_minutes, Path(work) / "work", _log)
         spec = ExportSpec(max_seq_len=max_seq_len or m.cfg.n_positions, fp16=fp16, int8=int8, inline=inline)
         files = [*export_onnx(m, out, spec, decode=not no_decode, progress=_log), *_copy_tokenizer(model, out)]
     except BSBRExportError as e:

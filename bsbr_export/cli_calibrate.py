@@ -46,8 +46,11 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
               help="Evaluations without improvement before a stage stops.")
 @click.option("--heldout-windows", type=click.IntRange(min=1), default=8, show_default=True,
               help="Held-out windows each evaluation reads (spread over the held-out text).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Adam learning rate of the meta projections (and a learned feature map).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam learning rate of stage 1 (meta projections, a trained feature map) [1e-2 with the "
+                   "hedgehog map, else 1e-3].")
+@click.option("--lr-kl", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Adam learning rate of stage 2 (--stage2).")
 @click.option("--lr-g", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
               help="Learning rate of a normalised retrieval scale g, trained as exp(theta).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -57,15 +60,15 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @conversion_options
 def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch_size, stage2, minutes, max_steps,
-              eval_every, patience, heldout_windows, lr, lr_g, seed, work, force, allow_pickle, **opts):
+              eval_every, patience, heldout_windows, lr, lr_kl, lr_g, seed, work, force, allow_pickle, **opts):
     """Calibrate a conversion on your own text: train what the conversion added (the meta
-    query/key projections, the retrieval scale g, a learned feature map) to imitate the
+    query/key projections, the retrieval scale g, a trained feature map) to imitate the
     original GPT-2, and write the calibrated checkpoint to OUT.
 
     \b
     MODEL: an HF GPT-2 (directory or hub name), converted first with the conversion
-    options below; or a converted BSBR directory (then --original, unless it records
-    its original).
+    options below (with the hedgehog feature map unless --feature-map names one);
+    or a converted BSBR directory (then --original, unless it records its original).
 
     \b
     Data (--data, repeatable):
@@ -100,15 +103,17 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
     the data, each stage's steps, time and best held-out loss, and the held-out top-1
     agreement, KL and perplexity against the original before and after.
     """
-    from .calibrate_run import CHECKPOINT, Settings, prepare, run
+    from .calibrate_run import CHECKPOINT, Settings, calibration_options, prepare, run
+    from .convert import converted_dir
 
     settings = Settings(seq_len=seq_len, batch_size=batch_size, stage2=stage2, minutes=minutes, max_steps=max_steps,
-                        eval_every=eval_every, patience=patience, lr=lr, lr_g=lr_g,
+                        eval_every=eval_every, patience=patience, lr=lr, lr_kl=lr_kl, lr_g=lr_g,
                         heldout_windows=heldout_windows, seed=seed, self_tokens=self_tokens if self_data else None)
     plan = None
     try:
         plan = prepare(model, data, out, settings, original=original, work=work, force=force,
-                       allow_pickle=allow_pickle, options=changed_options(opts))
+                       allow_pickle=allow_pickle,
+                       options=changed_options(opts) if converted_dir(model) else calibration_options(changed_options(opts)))
         record = run(plan, lambda msg: click.echo(msg, err=True))
     except BSBRExportError as e:
         fail(str(e))

@@ -274,6 +274,10 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         except ModelLoadError:  # moved, or a hub name offline: no fidelity step, the export goes on
             orig_dir = None
     else:
+        if calibrate == "self":  # a trained feature map unless the user named one
+            from .calibrate_run import calibration_options
+
+            options = calibration_options(options)
         cfg, src_dir = planned_config(source, **options)
         original, orig_dir = str(source), src_dir
     if calibrate != "none" and orig_dir is None:

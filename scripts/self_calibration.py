@@ -89,7 +89,7 @@ def main(argv=None):
     for v in a.variants:
         window, weights = v.split(":")
         opts = dict(chunk_size=CHUNK, local_window=window, retrieval_weights=weights, feature_map=a.feature_map)
-        fm = {"learned": "learned φ", "elu1": "elu + 1"}.get(a.feature_map, a.feature_map)
+        fm = {"learned": "learned φ", "elu1": "elu + 1", "hedgehog": "hedgehog φ"}.get(a.feature_map, a.feature_map)
         model = convert(a.model, **opts)
         before = measure(hf_outs, model, wins)
         print(f"{v}: before {before}", flush=True)
@@ -97,14 +97,17 @@ def main(argv=None):
         if a.no_calibrate:
             rows.append(row(f"{window}, {weights} weights, {fm}", "none", before))
             continue
+        t_cal = time.time()
         with tempfile.TemporaryDirectory() as work:
             rec = self_calibrate(model, a.model, opts, a.minutes, Path(work) / "w", print, tokens=a.tokens,
                                  stage2=a.stage2)
+        t_cal = time.time() - t_cal  # sampling, training, the held-out measures: what the user waits
         after = measure(hf_outs, model, wins)
         long(f"{window}, {weights} weights, {fm}", "self", model)
         print(f"{v}: after {after}", flush=True)
         steps = " + ".join(f"{s['steps']}" for s in rec["stages"])
-        for label, m in (("none", before), (f"self, {rec['seconds']:.0f} s ({steps} steps)", after)):
+        for label, m in (("none", before), (f"self: {rec['seconds']:.0f} s training ({steps} steps), "
+                                            f"{t_cal:.0f} s in all", after)):
             rows.append(row(f"{window}, {weights} weights, {fm}", label, m))
     cmd = shlex.join(["python", "scripts/self_calibration.py", *(argv if argv is not None else sys.argv[1:])])
     title = a.title or ("Retrieval weights: the conversions before any calibration" if a.no_calibrate

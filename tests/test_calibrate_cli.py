@@ -149,10 +149,13 @@ def test_a_tiny_run_writes_a_loadable_checkpoint_with_its_record(tiny_run, bundl
 
 def test_training_moves_the_conversion_and_the_heldout_loss_does_not_rise(tiny_run, bundled_dir):
     out, _ = tiny_run
-    start = convert(bundled_dir, chunk_size=16).state_dict()
+    # No --feature-map: the conversion calibrated has the hedgehog map, which training moves too.
+    start = convert(bundled_dir, chunk_size=16, feature_map="hedgehog").state_dict()
     after = load_bsbr(out).state_dict()
+    assert load_bsbr(out).cfg.feature_map == "hedgehog"
     moved = [k for k in after if not torch.equal(after[k], start[k])]
-    assert moved and all(any(s in k for s in ("meta_q", "meta_k", "attn.g")) for k in moved), moved
+    assert moved and all(any(s in k for s in ("meta_q", "meta_k", "attn.g", "attn.fm.")) for k in moved), moved
+    assert any("attn.fm." in k for k in moved)
     stage = json.loads((out / "calibration.json").read_text())["stages"][0]
     assert stage["best_heldout_loss"] < stage["initial_heldout_loss"]
     assert stage["best_heldout_loss"] == min(e["heldout"] for e in stage["evaluations"])
@@ -297,6 +300,9 @@ def test_the_main_command_calibrates_on_samples_of_the_original_before_the_expor
     assert rec["data"]["paths"][0].startswith("(sampled from the original:") and rec["stages"][0]["steps"] >= 1
     assert json.loads((out / "bsbr" / "calibration.json").read_text()) == rec
     assert manifest["parity"]["onnx_fp32"]["passed"]  # the graphs are those of the calibrated model
+    # No --feature-map given: the conversion calibrated is the hedgehog one, both stages ran.
+    assert manifest["options"]["feature_map"] == "hedgehog" and rec["options"]["feature_map"] == "hedgehog"
+    assert [s["stage"] for s in rec["stages"]] == [1, 2] and rec["training"]["lr"] == 1e-2
     assert any(line.startswith("  calibration ") and "samples of the original" in line
                for line in res.output.splitlines())
     assert not list(out.rglob("*.partial*")) and not (out / ".calibrate").exists()
@@ -313,3 +319,18 @@ def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_pa
     res = invoke([bundled_dir, "--self", "--seq-len", "64", "--out", tmp_path / "o"])  # chunk 128, look-back
     assert "lies within the 256 tokens the conversion computes exactly" in one_line_error(res)
     assert not (tmp_path / "o").exists()
+
+
+def test_calibration_options_and_learning_rates(bundled_dir, tmp_path):
+    """A calibrated conversion gets the hedgehog map unless the user named a map (or chose the plain
+    retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
+    co = calibrate_run.calibration_options
+    assert co({}) == {"feature_map": "hedgehog"}
+    assert co({"chunk_size": 64}) == {"chunk_size": 64, "feature_map": "hedgehog"}
+    assert co({"feature_map": "elu1"}) == {"feature_map": "elu1"}
+    assert co({"retrieval": "plain"}) == {"retrieval": "plain"}
+    s = Settings(self_tokens=4096)
+    assert prepare(bundled_dir, (), tmp_path / "a", s, options=co({})).settings.lr == 1e-2
+    assert prepare(bundled_dir, (), tmp_path / "b", s, options={"feature_map": "elu1"}).settings.lr == 1e-3
+    given = prepare(bundled_dir, (), tmp_path / "c", Settings(self_tokens=4096, lr=5e-3, lr_kl=2e-4), options={})
+    assert (given.settings.lr, given.settings.lr_kl) == (5e-3, 2e-4)
