@@ -89,7 +89,9 @@ each table's header are the ones of that run.
   contexts"), its ORT prefill is within 1.15x the dense floor at 8192 tokens (section "Look-back
   local window"), and its batch-1 decode costs what the chunk window's does; the study's tables
   (1-10) keep their own variant names. **`--calibrate self`**: calibration on text sampled from
-  the original (section "Calibration without the user's text").
+  the original, by default of a conversion with the hedgehog feature map
+  `φ(x) = [softmax(x W), softmax(−x W)]`, which only training makes a good retrieval (sections
+  "Calibration without the user's text").
 - **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and
   the decode state one sequence carries at T = 8192; table 5 times every chunk size the same
   way; the ONNX Runtime cost of the look-back window is in its own section.

@@ -47,9 +47,9 @@ def measure(hf_outs, model, wins) -> dict:
     return {"top1": s["top1"][0], "kl": s["kl"][0], "ppl": s["ppl"], "ppl_ref": s["ppl_ref"], "chunk": chunk}
 
 
-def row(name: str, calibration: str, m: dict) -> list:
+def row(name: str, calibration: str, m: dict, took: str = "") -> list:
     return [name, calibration, f"{m['top1']:.2%}", f"{m['kl']:.4f}", f"{m['ppl'] / m['ppl_ref'] - 1:+.2%}",
-            f"{m['chunk'][2]:.1%}", f"{m['chunk'][7]:.1%}"]
+            f"{m['chunk'][2]:.1%}", f"{m['chunk'][7]:.1%}", took]
 
 
 def main(argv=None):
@@ -106,9 +106,9 @@ def main(argv=None):
         long(f"{window}, {weights} weights, {fm}", "self", model)
         print(f"{v}: after {after}", flush=True)
         steps = " + ".join(f"{s['steps']}" for s in rec["stages"])
-        for label, m in (("none", before), (f"self: {rec['seconds']:.0f} s training ({steps} steps), "
-                                            f"{t_cal:.0f} s in all", after)):
-            rows.append(row(f"{window}, {weights} weights, {fm}", label, m))
+        took = f"{rec['seconds']:.0f} s training ({steps} steps), {t_cal:.0f} s in all"
+        rows.append(row(f"{window}, {weights} weights, {fm}", "none", before))
+        rows.append(row(f"{window}, {weights} weights, {fm}", "self", after, took))
     cmd = shlex.join(["python", "scripts/self_calibration.py", *(argv if argv is not None else sys.argv[1:])])
     title = a.title or ("Retrieval weights: the conversions before any calibration" if a.no_calibrate
                         else "Calibration without the user's text (`--calibrate self`)")
@@ -122,7 +122,7 @@ def main(argv=None):
              "calibration never sees); perplexity against the original's on the same windows; chunk 2 / chunk 7: "
              "top-1 agreement inside those chunks", "",
              markdown_table(["conversion", "calibration", "top-1", "mean KL (nats)", "perplexity vs original",
-                             "top-1, chunk 2", "top-1, chunk 7"], rows)]
+                             "top-1, chunk 2", "top-1, chunk 7", "time"], rows)]
     if long_rows:
         lines += ["Long contexts: every non-overlapping window of T tokens the held-out stream holds, the converted "
                   "model over the whole window against the original in 1024-token pieces (the change's 95% "
