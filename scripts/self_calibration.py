@@ -64,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--long", type=int, nargs="*", default=[],
                     help="also perplexity over every non-overlapping window of these lengths the held-out stream "
                          "holds, one window against the original in n_positions pieces (table 7's measure)")
+    ap.add_argument("--long-after-only", action="store_true",
+                    help="--long for the calibrated model only (not the untrained conversion)")
     ap.add_argument("--no-calibrate", action="store_true",
                     help="measure the conversions only (the retrieval-weights table: no calibration)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/self-calibration.md"))
@@ -93,7 +95,8 @@ def main(argv=None):
         model = convert(a.model, **opts)
         before = measure(hf_outs, model, wins)
         print(f"{v}: before {before}", flush=True)
-        long(f"{window}, {weights} weights, {fm}", "none", model)
+        if not a.long_after_only or a.no_calibrate:
+            long(f"{window}, {weights} weights, {fm}", "none", model)
         if a.no_calibrate:
             rows.append(row(f"{window}, {weights} weights, {fm}", "none", before))
             continue

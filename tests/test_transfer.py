@@ -218,3 +218,24 @@ def test_study_run_specs():
                 "normalised"):
         with pytest.raises(SystemExit):
             parse_run(bad, 1024, 1024)
+
+
+@pytest.mark.parametrize("weights", ["gate", "sum"])
+def test_hedgehog_with_retrieval_weights_that_grow_through_onnx(tiny_hf_dir, tmp_path, weights):
+    """The calibrated default of --calibrate self (look-back, hedgehog map, gate weights) and the sum
+    weights: the loop reference, and the ONNX prefill and decode graphs, against the torch model."""
+    from bsbr_export.runtime import ORTRunner
+
+    m = perturb(convert(tiny_hf_dir, chunk_size=L, local_window="lookback", retrieval_weights=weights,
+                        **{**NORMALISED, "feature_map": "hedgehog"}))
+    T_max = 5 * L + 3
+    ids = rand_ids(T_max, 5).numpy()
+    with torch.no_grad():
+        full = m(torch.from_numpy(ids))
+        assert_close(m(torch.from_numpy(ids[:, :3 * L + 2]), impl="reference"), full[:, :3 * L + 2], 2e-5, "loops")
+    export_onnx(m, tmp_path, ExportSpec(max_seq_len=T_max))
+    with ORTRunner(tmp_path / "model.onnx") as r:
+        for T in (2 * L + 1, 3 * L + 7, T_max):
+            assert_close(torch.from_numpy(r.infer({"input_ids": ids[:, :T]})["logits"]), full[:, :T], 1e-4,
+                         f"{weights} prefill T={T}")
+    assert_ort_decode_matches(full, tmp_path, ids, L + 2, 1e-4, f"hedgehog {weights}")
