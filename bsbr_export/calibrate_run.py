@@ -139,7 +139,8 @@ def _fingerprint(plan: Plan) -> dict:
     s = plan.settings
     return {"model": str(Path(plan.model).resolve()) if Path(plan.model).exists() else plan.model,
             "original": plan.original, "config": plan.cfg.to_dict(), "data": plan.corpus.fingerprint(),
-            "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr, "lr_kl": s.lr_kl, "lr_g": s.lr_g,
+            "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr,
+            "lr_kl": s.lr_kl, "lr_g": s.lr_g,
             "warmup": s.warmup, "heldout_windows": s.heldout_windows, "seed": s.seed}
 
 
@@ -405,7 +406,7 @@ def _where(source: str) -> str:
 
 SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
 # The feature map a conversion calibrated by ``--calibrate self`` gets when the user names none:
-# trained, it retrieves much better than elu + 1 (docs/results/self-calibration.md).
+# trained, it retrieves much better than elu + 1 (docs/results/self-calibration-hedgehog*.md).
 CALIBRATION_FEATURE_MAP = "hedgehog"
 
 

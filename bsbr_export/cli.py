@@ -235,7 +235,7 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, calibrate, ca
     """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""
     import tempfile
 
-    from .calibrate_run import self_calibrate, calibration_options
+    from .calibrate_run import calibration_options, self_calibrate
     from .convert import converted_dir, load_any
     from .export import ExportSpec, export_onnx
 

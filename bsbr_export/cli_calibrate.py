@@ -111,9 +111,11 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
                         heldout_windows=heldout_windows, seed=seed, self_tokens=self_tokens if self_data else None)
     plan = None
     try:
+        options = changed_options(opts)
+        if converted_dir(model) is None:  # converted here: a trained feature map unless one is named
+            options = calibration_options(options)
         plan = prepare(model, data, out, settings, original=original, work=work, force=force,
-                       allow_pickle=allow_pickle,
-                       options=changed_options(opts) if converted_dir(model) else calibration_options(changed_options(opts)))
+                       allow_pickle=allow_pickle, options=options)
         record = run(plan, lambda msg: click.echo(msg, err=True))
     except BSBRExportError as e:
         fail(str(e))

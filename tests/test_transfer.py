@@ -66,8 +66,8 @@ def test_hedgehog_map_at_its_start(tiny_hf_dir):
     assert torch.allclose(f, torch.cat([h.softmax(-1), (-h).softmax(-1)], -1), atol=1e-6)
     assert (f > 0).all() and torch.allclose(f.sum(-1), torch.full(f.shape[:-1], 2.0))
     m = convert(tiny_hf_dir, chunk_size=L, **{**NORMALISED, "feature_map": "hedgehog"})
-    assert all(isinstance(b.attn.fm, HedgehogFeature) and b.attn.fm.W.shape == (m.cfg.n_head, m.cfg.head_dim, m.cfg.head_dim // 2)
-               for b in m.h)
+    shape = (m.cfg.n_head, m.cfg.head_dim, m.cfg.head_dim // 2)
+    assert all(isinstance(b.attn.fm, HedgehogFeature) and b.attn.fm.W.shape == shape for b in m.h)
 
 
 def test_hedgehog_needs_an_even_head_dim():
@@ -75,7 +75,8 @@ def test_hedgehog_needs_an_even_head_dim():
     from bsbr_export.errors import ConfigError
 
     with pytest.raises(ConfigError, match="even head dim"):
-        BSBRConfig(vocab_size=10, n_positions=64, n_embd=9, n_layer=1, n_head=3, chunk_size=16, **{**NORMALISED, "feature_map": "hedgehog"})
+        BSBRConfig(vocab_size=10, n_positions=64, n_embd=9, n_layer=1, n_head=3, chunk_size=16,
+                   **{**NORMALISED, "feature_map": "hedgehog"})
 
 
 @pytest.mark.parametrize("T", LENGTHS)
