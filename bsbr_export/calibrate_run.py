@@ -110,7 +110,8 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
         kind, original = "hf", model
     s = Settings(**asdict(settings))
     s.seq_len = s.seq_len or min(1024, cfg.n_positions)
-    s.lr = s.lr or STAGE1_LR.get(cfg.feature_map, DEFAULT_LR)
+    if s.lr is None:
+        s.lr = STAGE1_LR.get(cfg.feature_map, DEFAULT_LR)
     if s.seq_len > cfg.n_positions:
         raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
     exact = (1 + cfg.lookback) * cfg.chunk_size  # tokens the conversion computes exactly as GPT-2 does
@@ -410,10 +411,14 @@ SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
 CALIBRATION_FEATURE_MAP = "hedgehog"
 
 
-def calibration_options(options: dict) -> dict:
-    """The conversion options of ``--calibrate self``: ``options`` with the hedgehog feature map
-    when they name no feature map and keep the normalised retrieval (the default)."""
-    if options.get("feature_map") is None and options.get("retrieval", "normalised") == "normalised":
+def calibration_options(model, options: dict) -> dict:
+    """The conversion options of a calibration of ``model`` (``calibrate``, ``--calibrate self``):
+    ``options`` with the hedgehog feature map when ``model`` is converted here (not a converted
+    directory) and they name no feature map and keep the normalised retrieval (the default)."""
+    from .convert import converted_dir
+
+    if (converted_dir(model) is None and options.get("feature_map") is None
+            and options.get("retrieval", "normalised") == "normalised"):
         return {**options, "feature_map": CALIBRATION_FEATURE_MAP}
     return dict(options)
 

@@ -236,13 +236,13 @@ def export(model, out, max_seq_len, fp16, int8, inline, no_decode, calibrate, ca
     import tempfile
 
     from .calibrate_run import calibration_options, self_calibrate
-    from .convert import converted_dir, load_any
+    from .convert import load_any
     from .export import ExportSpec, export_onnx
 
     try:
         options = _changed(opts)
-        if calibrate == "self" and converted_dir(model) is None:
-            options = calibration_options(options)  # a trained feature map unless one is named
+        if calibrate == "self":  # a trained feature map unless one is named
+            options = calibration_options(model, options)
         m = load_any(model, allow_pickle=allow_pickle, **options)
         if calibrate == "self":
             with tempfile.TemporaryDirectory(prefix="bsbr-calibrate-") as work:

@@ -104,18 +104,14 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
     agreement, KL and perplexity against the original before and after.
     """
     from .calibrate_run import CHECKPOINT, Settings, calibration_options, prepare, run
-    from .convert import converted_dir
 
     settings = Settings(seq_len=seq_len, batch_size=batch_size, stage2=stage2, minutes=minutes, max_steps=max_steps,
                         eval_every=eval_every, patience=patience, lr=lr, lr_kl=lr_kl, lr_g=lr_g,
                         heldout_windows=heldout_windows, seed=seed, self_tokens=self_tokens if self_data else None)
     plan = None
     try:
-        options = changed_options(opts)
-        if converted_dir(model) is None:  # converted here: a trained feature map unless one is named
-            options = calibration_options(options)
         plan = prepare(model, data, out, settings, original=original, work=work, force=force,
-                       allow_pickle=allow_pickle, options=options)
+                       allow_pickle=allow_pickle, options=calibration_options(model, changed_options(opts)))
         record = run(plan, lambda msg: click.echo(msg, err=True))
     except BSBRExportError as e:
         fail(str(e))

@@ -277,7 +277,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
         if calibrate == "self":  # a trained feature map unless the user named one
             from .calibrate_run import calibration_options
 
-            options = calibration_options(options)
+            options = calibration_options(source, options)
         cfg, src_dir = planned_config(source, **options)
         original, orig_dir = str(source), src_dir
     if calibrate != "none" and orig_dir is None:

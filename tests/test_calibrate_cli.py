@@ -324,11 +324,16 @@ def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_pa
 def test_calibration_options_and_learning_rates(bundled_dir, tmp_path):
     """A calibrated conversion gets the hedgehog map unless the user named a map (or chose the plain
     retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
-    co = calibrate_run.calibration_options
+    def co(options):
+        return calibrate_run.calibration_options(bundled_dir, options)
+
     assert co({}) == {"feature_map": "hedgehog"}
     assert co({"chunk_size": 64}) == {"chunk_size": 64, "feature_map": "hedgehog"}
     assert co({"feature_map": "elu1"}) == {"feature_map": "elu1"}
     assert co({"retrieval": "plain"}) == {"retrieval": "plain"}
+    conv = tmp_path / "conv"  # an already converted model keeps what it was converted with
+    save_bsbr(convert(bundled_dir, chunk_size=64), conv)
+    assert calibrate_run.calibration_options(conv, {}) == {}
     s = Settings(self_tokens=4096)
     assert prepare(bundled_dir, (), tmp_path / "a", s, options=co({})).settings.lr == 1e-2
     assert prepare(bundled_dir, (), tmp_path / "b", s, options={"feature_map": "elu1"}).settings.lr == 1e-3
