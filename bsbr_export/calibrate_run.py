@@ -33,8 +33,8 @@ from .errors import ConfigError
 CHECKPOINT = "checkpoint.pt"
 SAMPLED = "sampled.npy"  # --self: the documents sampled from the original, kept for a resumed run
 STAGES = {1: "attention transfer", 2: "KL distillation"}
-# Stage 1's Adam learning rate per feature map (measured on the bundled model: a hedgehog map
-# trained at 1e-3 has barely moved when the budget ends; at 3e-2 it overshoots).
+# Stage 1's Adam learning rate per feature map: a hedgehog map starts far from where training
+# takes it (the runs of docs/results/self-calibration-hedgehog*.md used 1e-2).
 STAGE1_LR = {"hedgehog": 1e-2}
 DEFAULT_LR = 1e-3
 MIN_IMPROVEMENT = 1e-4  # relative: a held-out loss lower by less is no improvement
