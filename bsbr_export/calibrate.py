@@ -56,6 +56,29 @@ def distill_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> to
     return F.kl_div(lq, teacher_logp.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
+@torch.no_grad()
+def sliding_logp(teacher: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int) -> torch.Tensor:
+    """The original's next-token log-probs over input ids ``x`` (B, N) of any length: the original
+    over ``window`` tokens at a time, each window advanced by ``window // 2``, so that every position
+    past the first window is predicted from at least ``window // 2`` tokens before it (the original
+    with a sliding context, which a long converted window should match, not beat by guessing).
+    ``teacher``: input ids -> logits. (B, N, V)."""
+    def logp(ids):
+        return torch.log_softmax(teacher(ids).float(), -1)
+
+    N = x.shape[1]
+    if N <= window:
+        return logp(x)
+    half = max(1, window // 2)
+    out, pos = [logp(x[:, :window])], window
+    while pos < N:
+        end = min(pos + half, N)
+        lo = max(0, end - window)
+        out.append(logp(x[:, lo:end])[:, pos - lo:])
+        pos = end
+    return torch.cat(out, 1)
+
+
 @dataclass
 class CalibrationLog:
     steps: int = 0

@@ -56,12 +56,13 @@ class Corpus:
 
         return windows(self.heldout, self.seq_len, n)
 
-    def sample(self, gen, batch: int = 1):
-        """``batch`` fresh training windows of T tokens at random places, (batch, T) int64."""
+    def sample(self, gen, batch: int = 1, length: int | None = None):
+        """``batch`` fresh training windows of ``length`` tokens (default T) at random places, (batch, length) int64."""
         import torch
 
-        starts = torch.randint(0, len(self.train) - self.seq_len + 1, (batch,), generator=gen).tolist()
-        return torch.stack([torch.from_numpy(self.train[s:s + self.seq_len].copy()) for s in starts])
+        n = length or self.seq_len
+        starts = torch.randint(0, len(self.train) - n + 1, (batch,), generator=gen).tolist()
+        return torch.stack([torch.from_numpy(self.train[s:s + n].copy()) for s in starts])
 
     def fingerprint(self) -> str:
         """sha256 of both streams and the window length: a checkpoint resumes only on the same data."""

@@ -37,6 +37,11 @@ STAGES = {1: "attention transfer", 2: "KL distillation"}
 # takes it (the runs of docs/results/self-calibration-hedgehog*.md used 1e-2).
 STAGE1_LR = {"hedgehog": 1e-2}
 DEFAULT_LR = 1e-3
+# Long windows of stage 2 (``Settings.long_every``): this many training windows joined, the
+# original's targets over them from a sliding context (``calibrate.sliding_logp``), so that
+# the retrieval learns what chunks beyond the original's positions are worth.
+LONG_WINDOWS = 4
+LONG_EVERY = 4  # 1 stage-2 step in 4 (docs/results/self-calibration-hedgehog-decay-long.md)
 MIN_IMPROVEMENT = 1e-4  # relative: a held-out loss lower by less is no improvement
 
 
@@ -56,6 +61,8 @@ class Settings:
     heldout_windows: int = 8
     seed: int = 0
     self_tokens: int | None = None  # train on this many tokens sampled from the original (no --data)
+    long_every: int | None = None  # stage 2: 1 step in long_every on a long window (0: never; None: LONG_EVERY)
+    long_len: int | None = None  # its tokens; default LONG_WINDOWS x seq_len
 
 
 @dataclass
@@ -112,6 +119,16 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     s.seq_len = s.seq_len or min(1024, cfg.n_positions)
     if s.lr is None:
         s.lr = STAGE1_LR.get(cfg.feature_map, DEFAULT_LR)
+    asked = s.long_every is not None
+    if not asked:
+        s.long_every = LONG_EVERY if s.stage2 else 0
+    if s.long_every:
+        if not s.stage2:
+            raise ConfigError("--long-every trains stage 2 on long windows: add --stage2")
+        s.long_len = s.long_len or LONG_WINDOWS * s.seq_len
+        if s.long_len <= s.seq_len or s.long_every < 1:
+            raise ConfigError(f"long windows need --long-every >= 1 and --long-len above --seq-len {s.seq_len}, "
+                              f"got {s.long_every} and {s.long_len}")
     if s.seq_len > cfg.n_positions:
         raise ConfigError(f"--seq-len {s.seq_len} is longer than the original's {cfg.n_positions} positions")
     exact = (1 + cfg.lookback) * cfg.chunk_size  # tokens the conversion computes exactly as GPT-2 does
@@ -125,6 +142,11 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
         raise ConfigError("no data: give --data PATH (your text) or --self (text sampled from the original)")
     # Sampled text needs the original loaded: ``run`` samples it (the corpus is None until then).
     corpus = load_corpus(data, tok_dir, s.seq_len, cfg.vocab_size, cfg.eos_token_id, s.seed) if data else None
+    have = len(corpus.train) if corpus is not None else sampled_plan(s.self_tokens, s.seq_len, 1)[0] * s.seq_len
+    if s.long_every and have < s.long_len:
+        if asked:
+            raise ConfigError(f"--long-len {s.long_len} is more than the {have} training tokens")
+        s.long_every, s.long_len = 0, None  # the default, where the text is too short for it: short windows only
     given = work is not None
     work = Path(work) if given else out.with_name(out.name + ".partial")
     return Plan(str(model), kind, str(original), Path(tok_dir), options, allow_pickle, cfg, corpus, out, work, given,
@@ -141,7 +163,7 @@ def _fingerprint(plan: Plan) -> dict:
     return {"model": str(Path(plan.model).resolve()) if Path(plan.model).exists() else plan.model,
             "original": plan.original, "config": plan.cfg.to_dict(), "data": plan.corpus.fingerprint(),
             "seq_len": s.seq_len, "batch_size": s.batch_size, "stage2": s.stage2, "lr": s.lr,
-            "lr_kl": s.lr_kl, "lr_g": s.lr_g,
+            "lr_kl": s.lr_kl, "lr_g": s.lr_g, "long_every": s.long_every, "long_len": s.long_len,
             "warmup": s.warmup, "heldout_windows": s.heldout_windows, "seed": s.seed}
 
 
@@ -189,9 +211,10 @@ class Stage:
     """One stage's loop: steps, evaluations, early stopping, checkpoints."""
 
     def __init__(self, k: int, loss_name: str, step_loss: Callable, eval_loss: Callable, budget_s: float,
-                 plan: Plan, state: dict, log: Callable[[str], None]):
+                 plan: Plan, state: dict, log: Callable[[str], None], long: bool = False):
         self.k, self.loss_name, self.step_loss, self.eval_loss = k, loss_name, step_loss, eval_loss
-        self.budget_s, self.plan, self.state, self.log = budget_s, plan, state, log
+        self.budget_s, self.plan, self.state, self.log, self.long = budget_s, plan, state, log, long
+        self.step_s = self.eval_s = 0.0  # the longest step and the last evaluation: the budget keeps room for both
 
     def run(self, model) -> dict:
         import torch
@@ -224,7 +247,9 @@ class Stage:
                     break
                 for g, lr in zip(opt.param_groups, base):
                     g["lr"] = lr * min(1.0, (cur["step"] + 1) / s.warmup)
-                x = self.plan.corpus.sample(gen, s.batch_size)
+                n = s.long_len if self.long and cur["step"] % s.long_every == s.long_every - 1 else None
+                t_step = time.time()
+                x = self.plan.corpus.sample(gen, s.batch_size, n)
                 model.train()
                 loss = self.step_loss(x)
                 opt.zero_grad(set_to_none=True)
@@ -234,6 +259,7 @@ class Stage:
                 model.eval()
                 losses.append(loss.item())
                 cur["step"] += 1
+                self.step_s = max(self.step_s, time.time() - t_step)
                 if cur["step"] % s.eval_every == 0 or self._stop(cur, t0) is not None:
                     self._evaluate(cur, losses, t0, params, opt, gen)
                     losses = []
@@ -252,13 +278,15 @@ class Stage:
             return f"converged (no improvement in {s.patience} evaluations)"
         if s.max_steps is not None and cur["step"] >= s.max_steps:
             return f"max steps ({s.max_steps})"
-        if time.time() - t0 >= self.budget_s:
+        if time.time() - t0 + self.step_s + self.eval_s >= self.budget_s:
             return "time budget"
         return None
 
     def _evaluate(self, cur, losses, t0, params, opt, gen) -> None:
         s = self.plan.settings
+        t_eval = time.time()
         ev = self.eval_loss()
+        self.eval_s = time.time() - t_eval
         best = cur["best"]
         if best is None or ev < best["loss"] - max(1e-12, MIN_IMPROVEMENT * abs(best["loss"])):
             cur["best"] = {"loss": ev, "step": cur["step"],
@@ -290,14 +318,14 @@ def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
     import torch
 
     from . import __version__
-    from .calibrate import distill_loss, transfer_loss
+    from .calibrate import distill_loss, sliding_logp, transfer_loss
     from .convert import convert, load_bsbr, save_bsbr
-    from .fidelity import load_original
+    from .fidelity import load_original, windows
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    s, hf = plan.settings, None
+    s, hf, t_start = plan.settings, None, time.time()
     if plan.corpus is None:  # --self: sample the data from the original first (cached in the work dir)
         hf, _ = load_original(plan.original)
         n_train, n_held = sampled_plan(s.self_tokens, s.seq_len, s.heldout_windows)
@@ -332,7 +360,9 @@ def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
     log(f"data: {src}, {d['documents']} documents, {d['tokens_train']:,} training and "
         f"{d['tokens_heldout']:,} held-out tokens; {len(wins)} held-out windows of {s.seq_len} tokens")
     if "before" not in state:
+        t_measure = time.time()
         state["before"] = _metrics(hf, model, wins)
+        state["measure_s"] = time.time() - t_measure
     log(f"held-out before: {_metrics_line(state['before'])}")
     n_layer = model.cfg.n_layer
     cfg = model.cfg
@@ -345,20 +375,33 @@ def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
     def transfer_step(x):
         return sum(transfer_loss(b, h, kind) for b, h in zip(model.h, hidden(x)))
 
-    def teacher_logp(x):
-        with torch.no_grad():
-            return torch.log_softmax(hf(input_ids=x).logits.float(), -1)
+    def distill_step(x):  # a long window's targets: the original over a sliding context
+        return distill_loss(model(x), sliding_logp(lambda i: hf(input_ids=i).logits, x, plan.cfg.n_positions))
 
-    def distill_step(x):
-        return distill_loss(model(x), teacher_logp(x))
+    long_wins = []
+    if s.long_every:
+        long_wins = [w[:, :-1] for w in windows(corpus.heldout, s.long_len, 2)]
+        n = len(long_wins)
+        log(f"stage 2: 1 step in {s.long_every} on a window of {s.long_len} tokens; " +
+            (f"{n} held-out window{'s' if n > 1 else ''} of {s.long_len} tokens" if n else
+             "the held-out text holds no window that long: held-out loss on short windows only"))
 
-    def heldout(step_loss):
+    def heldout(step_loss, long=False):
         def ev():
             with torch.no_grad():
-                return sum(step_loss(x[:, :-1]).item() for x in wins) / len(wins)
+                short = sum(step_loss(x[:, :-1]).item() for x in wins) / len(wins)
+                if not (long and long_wins):
+                    return short
+                return (short + sum(step_loss(x).item() for x in long_wins) / len(long_wins)) / 2
         return ev
 
-    total_s = math.inf if s.minutes is None else 60.0 * s.minutes
+    # The budget counts from the start (sampling, loading and the first measures included) and
+    # keeps room for the last measures.
+    total_s = (math.inf if s.minutes is None else
+               60.0 * s.minutes - (time.time() - t_start) - state.get("measure_s", 0.0))
+    if total_s <= 0:
+        log(f"the budget of {s.minutes:g} min is spent before training (sampling, loading and measures took "
+            f"{clock(time.time() - t_start)}): no step will run; give more minutes")
     stages = [(1, f"{kind} transfer loss", transfer_step)] + ([(2, "KL (nats)", distill_step)] if s.stage2 else [])
     for k, name, step_loss in stages:
         if any(r["stage"] == k for r in state["stages"]):
@@ -366,7 +409,8 @@ def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
         spent = sum(r["seconds"] for r in state["stages"])
         budget = total_s / 2 if k == 1 and s.stage2 else total_s - spent
         log(f"stage {k}: {STAGES[k]}, {name}" + ("" if not math.isfinite(budget) else f", budget {clock(budget)}"))
-        r = Stage(k, name, step_loss, heldout(step_loss), budget, plan, state, log).run(model)
+        long = k == 2 and bool(s.long_every)
+        r = Stage(k, name, step_loss, heldout(step_loss, long), budget, plan, state, log, long).run(model)
         state["stages"].append(r)
         state.pop("current", None)
         log(f"stage {k} done: {r['steps']} steps, {clock(r['seconds'])}, {r['stopped']}; best held-out "
@@ -405,33 +449,38 @@ def _where(source: str) -> str:
     return str(p.resolve()) if p.exists() else source
 
 
-SELF_TOKENS = 65536  # --self's training tokens unless told otherwise
-# The feature map a conversion calibrated by ``--calibrate self`` gets when the user names none:
-# trained, it retrieves much better than elu + 1 (docs/results/self-calibration-hedgehog*.md).
-CALIBRATION_FEATURE_MAP = "hedgehog"
+# --self's training tokens unless told otherwise: sampling them takes about a tenth of
+# --calibrate self's 10 minutes on 2 cores (the runs of docs/results/self-calibration*.md).
+SELF_TOKENS = 32768
+# What a conversion calibrated here gets when the user names neither (docs/results/
+# self-calibration-hedgehog*.md): the hedgehog map, trained, retrieves much better than elu + 1,
+# and decay weights keep later chunks' agreement close to the first ones'.
+CALIBRATION_DEFAULTS = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
 
 
 def calibration_options(model, options: dict) -> dict:
     """The conversion options of a calibration of ``model`` (``calibrate``, ``--calibrate self``):
-    ``options`` with the hedgehog feature map when ``model`` is converted here (not a converted
-    directory) and they name no feature map and keep the normalised retrieval (the default)."""
+    when ``model`` is converted here (not a converted directory) with the normalised retrieval
+    (the default), ``options`` with ``CALIBRATION_DEFAULTS`` for what they do not name."""
     from .convert import converted_dir
 
-    if (converted_dir(model) is None and options.get("feature_map") is None
-            and options.get("retrieval", "normalised") == "normalised"):
-        return {**options, "feature_map": CALIBRATION_FEATURE_MAP}
+    if converted_dir(model) is None and options.get("retrieval", "normalised") == "normalised":
+        return {**{k: v for k, v in CALIBRATION_DEFAULTS.items() if options.get(k) is None},
+                **{k: v for k, v in options.items() if v is not None or k not in CALIBRATION_DEFAULTS}}
     return dict(options)
 
 
 def self_calibrate(model, source: str, options: dict, minutes: float, work: Path, log: Callable[[str], None],
-                   tokens: int = SELF_TOKENS, original: str | None = None, stage2: bool = True,
-                   seq_len: int | None = None) -> dict:
+                   tokens: int | None = None, original: str | None = None, stage2: bool = True,
+                   seq_len: int | None = None, long_every: int | None = None) -> dict:
     """``--calibrate self`` of the main command and ``export``: ``run`` on the converted ``model``
-    in memory (calibrated in place) with ``tokens`` training tokens sampled from the original,
-    a budget of ``minutes`` (``stage2``: KL distillation after the transfer, which gets half);
+    in memory (calibrated in place) with ``tokens`` training tokens sampled from the original
+    (``SELF_TOKENS`` unless given), a budget of ``minutes`` (``stage2``: KL distillation after the
+    transfer, which gets half, 1 step in ``long_every`` on long windows, ``LONG_EVERY`` unless given);
     the checkpoint lives in ``work`` (removed at the end). Returns the calibration record.
     ``options``: those the model was converted with (``calibration_options`` of the user's)."""
-    settings = Settings(minutes=minutes, self_tokens=tokens, stage2=stage2, seq_len=seq_len)
+    settings = Settings(minutes=minutes, self_tokens=tokens or SELF_TOKENS, stage2=stage2, seq_len=seq_len,
+                        long_every=long_every)
     plan = prepare(str(source), (), work / "calibrated", settings,
                    original=original, work=work, options=options)
     try:

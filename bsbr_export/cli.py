@@ -124,11 +124,13 @@ def _case_line(case) -> None:
                    "[the model's heldout_ids.npy, 4 windows of 1024 tokens; without either: skipped].")
 @click.option("--calibrate", type=Choice(["none", "self"]), default="none", show_default=True,
               help="self: before the export, calibrate the conversion on text sampled from the original GPT-2 "
-                   "itself (the calibrate command's --self: attention transfer, early-stopped on held-out "
-                   "samples; the record in manifest.json and bsbr/calibration.json). For your own text, or a "
-                   "run that resumes after an interruption, use `bsbr-export calibrate` and pass its output.")
+                   "itself (the calibrate command's --self --stage2: attention transfer, then KL distillation "
+                   "with some steps on long windows, each early-stopped on held-out samples; hedgehog map and "
+                   "decay weights unless named; the record in manifest.json and bsbr/calibration.json). For "
+                   "your own text, or a run that resumes after an interruption, use `bsbr-export calibrate` "
+                   "and pass its output.")
 @click.option("--calibrate-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Wall-clock budget of --calibrate self.")
+              help="Wall-clock budget of --calibrate self, sampling included.")
 @conversion_options
 def run(model, engine, out, max_seq_len, inline, threads, force, parity_reference, int8_min_top1, int8_max_kl,
         onnx_only, eval_text, calibrate, calibrate_minutes, allow_pickle, **opts):
@@ -229,7 +231,7 @@ def _summary(manifest: dict, out: Path) -> None:
 @click.option("--calibrate", type=Choice(["none", "self"]), default="none", show_default=True,
               help="self: calibrate the conversion on text sampled from the original first (as the main command).")
 @click.option("--calibrate-minutes", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
-              help="Wall-clock budget of --calibrate self.")
+              help="Wall-clock budget of --calibrate self, sampling included.")
 @conversion_options
 def export(model, out, max_seq_len, fp16, int8, inline, no_decode, calibrate, calibrate_minutes, allow_pickle, **opts):
     """Export a converted (or convert-on-the-fly) model to ONNX, without parity checks."""

@@ -22,7 +22,7 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 @click.option("--self", "self_data", is_flag=True,
               help="No text of yours: train on documents sampled from the original GPT-2 itself "
                    "(temperature 1; --self-tokens of them, about 10% more held out).")
-@click.option("--self-tokens", type=click.IntRange(min=1), default=65536, show_default=True,
+@click.option("--self-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="With --self: training tokens to sample.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output directory: the calibrated BSBR checkpoint (written atomically at the end).")
@@ -36,9 +36,16 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 @click.option("--stage2", is_flag=True,
               help="After attention transfer, distil: KL(original || converted) of the next-token "
                    "distributions, early-stopped on the held-out KL.")
+@click.option("--long-every", type=click.IntRange(min=0), default=None,
+              help="With --stage2: 1 step in N on a long window (--long-len tokens), its targets the original "
+                   "over a sliding context of its n_positions, so that the retrieval learns what context beyond "
+                   "them is worth; 0: never [4 with --stage2].")
+@click.option("--long-len", type=click.IntRange(min=2), default=None,
+              help="Tokens of a --long-every window [4 x --seq-len].")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
-              help="Wall-clock budget of the training, all stages and resumed runs together (with --stage2, "
-                   "attention transfer gets at most half).")
+              help="Wall-clock budget from start to end (sampling for --self, the held-out measures, every "
+                   "stage; resumed runs add their training to it; with --stage2, attention transfer gets at "
+                   "most half).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Most training steps per stage.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between held-out evaluations (each writes a checkpoint).")
@@ -59,7 +66,8 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
               help="Directory for the resumable checkpoint [OUT.partial beside OUT].")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @conversion_options
-def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch_size, stage2, minutes, max_steps,
+def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch_size, stage2, long_every, long_len,
+              minutes, max_steps,
               eval_every, patience, heldout_windows, lr, lr_kl, lr_g, seed, work, force, allow_pickle, **opts):
     """Calibrate a conversion on your own text: train what the conversion added (the meta
     query/key projections, the retrieval scale g, a trained feature map) to imitate the
@@ -87,7 +95,8 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
     \b
     Training: stage 1, attention transfer (each layer's attention against softmax's,
     the original's hidden states as input); with --stage2, then KL distillation to the
-    original's next-token distributions. Each stage evaluates its held-out loss every
+    original's next-token distributions (with --long-every, some steps on long windows).
+    Each stage evaluates its held-out loss every
     --eval-every steps, stops after --patience evaluations without improvement, and
     keeps its best parameters. Budget: --minutes (wall clock) and --max-steps (per stage).
     One progress line per evaluation on stderr: step, train and held-out loss, elapsed, ETA.
@@ -105,7 +114,8 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
     """
     from .calibrate_run import CHECKPOINT, Settings, calibration_options, prepare, run
 
-    settings = Settings(seq_len=seq_len, batch_size=batch_size, stage2=stage2, minutes=minutes, max_steps=max_steps,
+    settings = Settings(seq_len=seq_len, batch_size=batch_size, stage2=stage2, long_every=long_every,
+                        long_len=long_len, minutes=minutes, max_steps=max_steps,
                         eval_every=eval_every, patience=patience, lr=lr, lr_kl=lr_kl, lr_g=lr_g,
                         heldout_windows=heldout_windows, seed=seed, self_tokens=self_tokens if self_data else None)
     plan = None

@@ -38,9 +38,10 @@ def conversion_options(f):
                           "lookback: those and the whole previous chunk (retrieval from the chunks before "
                           "that); exact GPT-2 up to 2 chunks, state K/V of 2 chunks."),
         click.option("--retrieval-weights", type=Choice(["softmax", "sum", "decay", "gate"]),
-                     default=DEFAULT_RETRIEVAL_WEIGHTS,
-                     show_default=True, help="Weights of the retrieved chunks: softmax over them; sum (all 1); "
-                     "decay (lambda^age, lambda learned per head); gate (sigmoid, unnormalised)."),
+                     default=None,
+                     help="Weights of the retrieved chunks: softmax over them; sum (all 1); "
+                     f"decay (lambda^age, lambda learned per head); gate (sigmoid, unnormalised) "
+                     f"[{DEFAULT_RETRIEVAL_WEIGHTS}; decay when calibrated: --calibrate self, calibrate]."),
         click.option("--retrieval-decay", type=float, default=0.95, show_default=True,
                      help="Initial lambda in (0, 1] of --retrieval-weights decay."),
         click.option("--allow-pickle", is_flag=True,
@@ -62,5 +63,5 @@ def changed_options(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
                     retrieval_scale=None, retrieval="normalised", feature_map=None, local_window=DEFAULT_LOCAL_WINDOW,
-                    retrieval_weights=DEFAULT_RETRIEVAL_WEIGHTS, retrieval_decay=0.95)
+                    retrieval_weights=None, retrieval_decay=0.95)
     return {k: v for k, v in options_dict(**opts).items() if v != defaults[k]}

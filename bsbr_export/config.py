@@ -129,6 +129,8 @@ class BSBRConfig:
 
     def __post_init__(self):
         # Variant-dependent defaults, resolved once so that saved configs are explicit.
+        if self.retrieval_weights is None:  # not named: the default (a calibration names its own)
+            object.__setattr__(self, "retrieval_weights", DEFAULT_RETRIEVAL_WEIGHTS)
         if self.feature_map is None and self.retrieval in DEFAULT_FEATURE_MAP:
             object.__setattr__(self, "feature_map", DEFAULT_FEATURE_MAP[self.retrieval])
         if self.retrieval_scale is None and self.retrieval in DEFAULT_SCALE:

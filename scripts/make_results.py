@@ -90,8 +90,11 @@ each table's header are the ones of that run.
   local window"), and its batch-1 decode costs what the chunk window's does; the study's tables
   (1-10) keep their own variant names. **`--calibrate self`**: calibration on text sampled from
   the original, by default of a conversion with the hedgehog feature map
-  `φ(x) = [softmax(x W), softmax(−x W)]`, which only training makes a good retrieval (sections
-  "Calibration without the user's text").
+  `φ(x) = [softmax(x W), softmax(−x W)]`, which only training makes a good retrieval, and decay
+  retrieval weights; one KL step in four on a long window of joined samples, the original's
+  targets over a sliding 1024-token context (sections "Calibration without the user's text").
+  **`calibrate --data`**: the same on the user's own text (section "`bsbr-export calibrate
+  --data`").
 - **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and
   the decode state one sequence carries at T = 8192; table 5 times every chunk size the same
   way; the ONNX Runtime cost of the look-back window is in its own section.

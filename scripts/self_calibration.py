@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bsbr_export import metrics as M  # noqa: E402
-from bsbr_export.calibrate_run import self_calibrate  # noqa: E402
+from bsbr_export.calibrate_run import SELF_TOKENS, self_calibrate  # noqa: E402
 from bsbr_export.convert import convert  # noqa: E402
 from bsbr_export.fidelity import load_original, original_outputs, summarise, window_metrics, windows  # noqa: E402
 from bsbr_export.util import atomic_write_text, machine_line, markdown_table  # noqa: E402
@@ -56,9 +56,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/gpt2-pystdlib")
     ap.add_argument("--minutes", type=float, default=4.0)
-    ap.add_argument("--tokens", type=int, default=32768, help="sampled training tokens")
+    ap.add_argument("--tokens", type=int, default=SELF_TOKENS, help="sampled training tokens [--calibrate self's]")
     ap.add_argument("--variants", nargs="+", default=["chunk:softmax", "lookback:gate"])
     ap.add_argument("--stage2", action="store_true", help="KL distillation after the transfer")
+    ap.add_argument("--long-every", type=int, default=0,
+                    help="stage 2: 1 step in N on a window of 4 joined documents, the original's targets from a "
+                         "sliding context (0: never; --calibrate self uses calibrate_run.LONG_EVERY)")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--feature-map", default="learned", help="the conversion's feature map (learned starts as elu + 1)")
     ap.add_argument("--long", type=int, nargs="*", default=[],
@@ -103,7 +106,7 @@ def main(argv=None):
         t_cal = time.time()
         with tempfile.TemporaryDirectory() as work:
             rec = self_calibrate(model, a.model, opts, a.minutes, Path(work) / "w", print, tokens=a.tokens,
-                                 stage2=a.stage2)
+                                 stage2=a.stage2, long_every=a.long_every)
         t_cal = time.time() - t_cal  # sampling, training, the held-out measures: what the user waits
         after = measure(hf_outs, model, wins)
         long(f"{window}, {weights} weights, {fm}", "self", model)
@@ -117,8 +120,11 @@ def main(argv=None):
                         else "Calibration without the user's text (`--calibrate self`)")
     how = ("no calibration" if a.no_calibrate else
            f"calibration: {a.tokens:,} training tokens sampled from the original (temperature 1), attention "
-           f"transfer{' then KL distillation' if a.stage2 else ''}, early-stopped on held-out samples, budget "
-           f"{a.minutes:g} min on 2 threads")
+           f"transfer{' then KL distillation' if a.stage2 else ''}"
+           + (f" ({'every step' if a.long_every == 1 else f'1 step in {a.long_every}'} on a window of 4 joined "
+              "samples, the original's targets over a sliding 1024-token context)" if a.long_every else "")
+           + f", early-stopped on held-out samples, budget {a.minutes:g} min on 2 threads, sampling and measures "
+           "included")
     lines = [f"## {title}", "", f"    {cmd.strip()}", "", f"- machine: {machine_line()}",
              f"- model {a.model}; chunk {CHUNK}, normalised retrieval, g = 0.03; {how}",
              f"- measured on {len(wins)} held-out windows of 1024 tokens of heldout_ids.npy (real text the "

@@ -149,12 +149,14 @@ def test_a_tiny_run_writes_a_loadable_checkpoint_with_its_record(tiny_run, bundl
 
 def test_training_moves_the_conversion_and_the_heldout_loss_does_not_rise(tiny_run, bundled_dir):
     out, _ = tiny_run
-    # No --feature-map: the conversion calibrated has the hedgehog map, which training moves too.
-    start = convert(bundled_dir, chunk_size=16, feature_map="hedgehog").state_dict()
+    # No --feature-map nor --retrieval-weights: the conversion calibrated has the hedgehog map and
+    # decay weights, which training moves too.
+    start = convert(bundled_dir, chunk_size=16, feature_map="hedgehog", retrieval_weights="decay").state_dict()
     after = load_bsbr(out).state_dict()
-    assert load_bsbr(out).cfg.feature_map == "hedgehog"
+    assert (load_bsbr(out).cfg.feature_map, load_bsbr(out).cfg.retrieval_weights) == ("hedgehog", "decay")
     moved = [k for k in after if not torch.equal(after[k], start[k])]
-    assert moved and all(any(s in k for s in ("meta_q", "meta_k", "attn.g", "attn.fm.")) for k in moved), moved
+    assert moved and all(any(s in k for s in ("meta_q", "meta_k", "attn.g", "attn.fm.", "attn.decay"))
+                         for k in moved), moved
     assert any("attn.fm." in k for k in moved)
     stage = json.loads((out / "calibration.json").read_text())["stages"][0]
     assert stage["best_heldout_loss"] < stage["initial_heldout_loss"]
@@ -166,11 +168,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_run, bundled_dir, d
     args = [bundled_dir, "--data", data_dir, "--out", out, "--max-steps", "4", *TINY]
     real, calls = calibrate_data.Corpus.sample, []
 
-    def sample(self, gen, batch=1):
+    def sample(self, gen, batch=1, length=None):
         calls.append(1)
         if len(calls) == 3:  # Ctrl-C during step 3: the checkpoint of step 2's evaluation stays
             raise KeyboardInterrupt
-        return real(self, gen, batch)
+        return real(self, gen, batch, length)
 
     monkeypatch.setattr(calibrate_data.Corpus, "sample", sample)
     res = invoke(args)
@@ -253,11 +255,11 @@ def test_self_trains_on_text_sampled_from_the_original_and_resumes_without_sampl
     args = [bundled_dir, "--self", "--self-tokens", "256", "--out", out, "--max-steps", "3", *TINY]
     real, calls = calibrate_data.Corpus.sample, []
 
-    def sample(self, gen, batch=1):
+    def sample(self, gen, batch=1, length=None):
         calls.append(1)
         if len(calls) == 2:  # Ctrl-C during step 2: the sampled documents stay beside the checkpoint
             raise KeyboardInterrupt
-        return real(self, gen, batch)
+        return real(self, gen, batch, length)
 
     monkeypatch.setattr(calibrate_data.Corpus, "sample", sample)
     res = invoke(args)
@@ -289,12 +291,15 @@ def test_self_and_data_are_one_or_the_other(bundled_dir, tmp_path, extra, msg):
     assert msg in one_line_error(res) and not (tmp_path / "o").exists()
 
 
-def test_the_main_command_calibrates_on_samples_of_the_original_before_the_export(tiny_hf_dir, tmp_path):
+def test_the_main_command_calibrates_on_samples_of_the_original_before_the_export(tiny_hf_dir, tmp_path,
+                                                                                   monkeypatch):
+    # The budget counts the sampling too: few samples, so that a loaded machine still trains.
+    monkeypatch.setattr(calibrate_run, "SELF_TOKENS", 2048)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, [str(tiny_hf_dir), "--out", str(out), "--max-seq-len", "48", "--chunk-size", "16",
-                                    "--calibrate", "self", "--calibrate-minutes", "0.05"])
+                                    "--calibrate", "self", "--calibrate-minutes", "0.3"])
     assert res.exit_code == 0, res.output
-    assert "calibrating on text sampled from the original (budget 0.05 min)" in res.output
+    assert "calibrating on text sampled from the original (budget 0.3 min)" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
     rec = manifest["calibration"]
     assert rec["data"]["paths"][0].startswith("(sampled from the original:") and rec["stages"][0]["steps"] >= 1
@@ -302,6 +307,7 @@ def test_the_main_command_calibrates_on_samples_of_the_original_before_the_expor
     assert manifest["parity"]["onnx_fp32"]["passed"]  # the graphs are those of the calibrated model
     # No --feature-map given: the conversion calibrated is the hedgehog one, both stages ran.
     assert manifest["options"]["feature_map"] == "hedgehog" and rec["options"]["feature_map"] == "hedgehog"
+    assert manifest["options"]["retrieval_weights"] == "decay" and rec["training"]["long_every"] == 4
     assert [s["stage"] for s in rec["stages"]] == [1, 2] and rec["training"]["lr"] == 1e-2
     assert any(line.startswith("  calibration ") and "samples of the original" in line
                for line in res.output.splitlines())
@@ -322,14 +328,16 @@ def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_pa
 
 
 def test_calibration_options_and_learning_rates(bundled_dir, tmp_path):
-    """A calibrated conversion gets the hedgehog map unless the user named a map (or chose the plain
-    retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
+    """A calibrated conversion gets the hedgehog map and decay weights unless the user named them (or
+    chose the plain retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
     def co(options):
         return calibrate_run.calibration_options(bundled_dir, options)
 
-    assert co({}) == {"feature_map": "hedgehog"}
-    assert co({"chunk_size": 64}) == {"chunk_size": 64, "feature_map": "hedgehog"}
-    assert co({"feature_map": "elu1"}) == {"feature_map": "elu1"}
+    hd = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
+    assert co({}) == hd
+    assert co({"chunk_size": 64}) == {"chunk_size": 64, **hd}
+    assert co({"feature_map": "elu1"}) == {"feature_map": "elu1", "retrieval_weights": "decay"}
+    assert co({"retrieval_weights": "gate"}) == {"feature_map": "hedgehog", "retrieval_weights": "gate"}
     assert co({"retrieval": "plain"}) == {"retrieval": "plain"}
     conv = tmp_path / "conv"  # an already converted model keeps what it was converted with
     save_bsbr(convert(bundled_dir, chunk_size=64), conv)
