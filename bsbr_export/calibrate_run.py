@@ -472,7 +472,7 @@ def calibration_options(model, options: dict) -> dict:
 
 def self_calibrate(model, source: str, options: dict, minutes: float, work: Path, log: Callable[[str], None],
                    tokens: int | None = None, original: str | None = None, stage2: bool = True,
-                   seq_len: int | None = None, long_every: int | None = None) -> dict:
+                   seq_len: int | None = None, long_every: int | None = None, long_len: int | None = None) -> dict:
     """``--calibrate self`` of the main command and ``export``: ``run`` on the converted ``model``
     in memory (calibrated in place) with ``tokens`` training tokens sampled from the original
     (``SELF_TOKENS`` unless given), a budget of ``minutes`` (``stage2``: KL distillation after the
@@ -480,7 +480,7 @@ def self_calibrate(model, source: str, options: dict, minutes: float, work: Path
     the checkpoint lives in ``work`` (removed at the end). Returns the calibration record.
     ``options``: those the model was converted with (``calibration_options`` of the user's)."""
     settings = Settings(minutes=minutes, self_tokens=tokens or SELF_TOKENS, stage2=stage2, seq_len=seq_len,
-                        long_every=long_every)
+                        long_every=long_every, long_len=long_len)
     plan = prepare(str(source), (), work / "calibrated", settings,
                    original=original, work=work, options=options)
     try:

@@ -36,12 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bsbr_export import metrics as M  # noqa: E402
 from bsbr_export.convert import convert, load_bsbr  # noqa: E402
 from bsbr_export.fidelity import load_original, original_outputs, windows  # noqa: E402
-from bsbr_export.util import atomic_write_text, machine_line, markdown_table  # noqa: E402
-from self_calibration import measure, row  # noqa: E402
-from studylib import long_perplexity, manifest_path  # noqa: E402
+from bsbr_export.util import atomic_write_text, machine_line  # noqa: E402
+from self_calibration import long_rows, measure, row, tables  # noqa: E402
+from studylib import manifest_path  # noqa: E402
 
 
 def held_in_files(model: Path, dest: Path) -> int:
@@ -90,16 +89,10 @@ def main(argv=None):
         before = measure(hf_outs, convert(a.model, **rec["options"]), wins)
         after = measure(hf_outs, cal, wins)
         steps = " + ".join(str(s["steps"]) for s in rec["stages"])
-        rows = [row(name, "none", before), row(name, "calibrate --data", after,
-                                                 f"{rec['seconds']:.0f} s training ({steps} steps), {t_cal:.0f} s in all")]
+        took = f"{rec['seconds']:.0f} s training ({steps} steps), {t_cal:.0f} s in all"
+        rows = [row(name, "none", before), row(name, "calibrate --data", after, took)]
         print(rows, flush=True)
-        long_rows = []
-        for T in a.long:
-            r = long_perplexity(hf, cal, held, T, None)
-            if r is not None:
-                long_rows.append([name, "calibrate --data", T, r["windows"], f"{r['orig_pieces']:.3f}",
-                                  f"{r['window']:.3f}", M.format_change(r["change"])])
-                print(long_rows[-1], flush=True)
+        long = long_rows(hf, cal, held, a.long, name, "calibrate --data")
         exported = Path(tmp) / "exported"
         main_cmd = ["bsbr-export", str(out), "--out", str(exported), "--engine", "onnx"]
         t_main = time.time()
@@ -121,14 +114,7 @@ def main(argv=None):
              f"- measured on {len(wins)} held-out windows of 1024 tokens of heldout_ids.npy (files of the "
              "`heldout` split, which neither the model nor the calibration saw); perplexity against the "
              "original's on the same windows; chunk 2 / chunk 7: top-1 agreement inside those chunks", "",
-             markdown_table(["conversion", "calibration", "top-1", "mean KL (nats)", "perplexity vs original",
-                             "top-1, chunk 2", "top-1, chunk 7", "time"], rows)]
-    if long_rows:
-        lines += ["Long contexts: every non-overlapping window of T tokens the held-out stream holds, the calibrated "
-                  "model over the whole window against the original in 1024-token pieces (95% interval: a paired "
-                  "bootstrap over windows):", "",
-                  markdown_table(["conversion", "calibration", "T", "windows", "original, 1024-token pieces",
-                                  "converted, one window", "change [95% interval]"], long_rows)]
+             *tables(rows, long)]
     lines += [f"The main command on the calibrated checkpoint (`bsbr-export OUT --out DIR --engine onnx`): parity "
               f"{parity}, {t_main:.0f} s.", "", f"Whole script: {time.time() - t0:.0f} s."]
     atomic_write_text(a.out, "\n".join(lines) + "\n")

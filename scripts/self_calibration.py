@@ -47,6 +47,33 @@ def measure(hf_outs, model, wins) -> dict:
     return {"top1": s["top1"][0], "kl": s["kl"][0], "ppl": s["ppl"], "ppl_ref": s["ppl_ref"], "chunk": chunk}
 
 
+def long_rows(hf, model, held: np.ndarray, lengths, name: str, calibration: str) -> list:
+    """Table 7's measure for each length: every non-overlapping window the held-out stream holds."""
+    from studylib import long_perplexity
+
+    out = []
+    for T in lengths:
+        r = long_perplexity(hf, model, held, T, None)
+        if r is not None:
+            out.append([name, calibration, T, r["windows"], f"{r['orig_pieces']:.3f}", f"{r['window']:.3f}",
+                        M.format_change(r["change"])])
+            print(out[-1], flush=True)
+    return out
+
+
+def tables(rows: list, long: list) -> list[str]:
+    """The 1024-token table and, when measured, the long-context one (Markdown lines)."""
+    lines = [markdown_table(["conversion", "calibration", "top-1", "mean KL (nats)", "perplexity vs original",
+                             "top-1, chunk 2", "top-1, chunk 7", "time"], rows)]
+    if long:
+        lines += ["Long contexts: every non-overlapping window of T tokens the held-out stream holds, the converted "
+                  "model over the whole window against the original in 1024-token pieces (the change's 95% "
+                  "interval: a paired bootstrap over windows):", "",
+                  markdown_table(["conversion", "calibration", "T", "windows", "original, 1024-token pieces",
+                                  "converted, one window", "change [95% interval]"], long)]
+    return lines
+
+
 def row(name: str, calibration: str, m: dict, took: str = "") -> list:
     return [name, calibration, f"{m['top1']:.2%}", f"{m['kl']:.4f}", f"{m['ppl'] / m['ppl_ref'] - 1:+.2%}",
             f"{m['chunk'][2]:.1%}", f"{m['chunk'][7]:.1%}", took]
@@ -62,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--long-every", type=int, default=0,
                     help="stage 2: 1 step in N on a window of 4 joined documents, the original's targets from a "
                          "sliding context (0: never; --calibrate self uses calibrate_run.LONG_EVERY)")
+    ap.add_argument("--long-len", type=int, default=None, help="tokens of a --long-every window [4 x 1024]")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--feature-map", default="learned", help="the conversion's feature map (learned starts as elu + 1)")
     ap.add_argument("--long", type=int, nargs="*", default=[],
@@ -80,17 +108,7 @@ def main(argv=None):
     wins = windows(np.load(d / "heldout_ids.npy"), 1024, a.windows)
     hf_outs = [original_outputs(hf, x[:, :-1]) for x in wins]
     held = np.load(d / "heldout_ids.npy")
-    rows, long_rows = [], []
-
-    def long(name: str, calibration: str, model) -> None:
-        from studylib import long_perplexity
-
-        for T in a.long:
-            r = long_perplexity(hf, model, held, T, None)
-            if r is not None:
-                long_rows.append([name, calibration, T, r["windows"], f"{r['orig_pieces']:.3f}", f"{r['window']:.3f}",
-                                  M.format_change(r["change"])])
-                print(long_rows[-1], flush=True)
+    rows, long = [], []
     for v in a.variants:
         window, weights = v.split(":")
         opts = dict(chunk_size=CHUNK, local_window=window, retrieval_weights=weights, feature_map=a.feature_map)
@@ -99,17 +117,17 @@ def main(argv=None):
         before = measure(hf_outs, model, wins)
         print(f"{v}: before {before}", flush=True)
         if not a.long_after_only or a.no_calibrate:
-            long(f"{window}, {weights} weights, {fm}", "none", model)
+            long += long_rows(hf, model, held, a.long, f"{window}, {weights} weights, {fm}", "none")
         if a.no_calibrate:
             rows.append(row(f"{window}, {weights} weights, {fm}", "none", before))
             continue
         t_cal = time.time()
         with tempfile.TemporaryDirectory() as work:
             rec = self_calibrate(model, a.model, opts, a.minutes, Path(work) / "w", print, tokens=a.tokens,
-                                 stage2=a.stage2, long_every=a.long_every)
+                                 stage2=a.stage2, long_every=a.long_every, long_len=a.long_len)
         t_cal = time.time() - t_cal  # sampling, training, the held-out measures: what the user waits
         after = measure(hf_outs, model, wins)
-        long(f"{window}, {weights} weights, {fm}", "self", model)
+        long += long_rows(hf, model, held, a.long, f"{window}, {weights} weights, {fm}", "self")
         print(f"{v}: after {after}", flush=True)
         steps = " + ".join(f"{s['steps']}" for s in rec["stages"])
         took = f"{rec['seconds']:.0f} s training ({steps} steps), {t_cal:.0f} s in all"
@@ -121,23 +139,16 @@ def main(argv=None):
     how = ("no calibration" if a.no_calibrate else
            f"calibration: {a.tokens:,} training tokens sampled from the original (temperature 1), attention "
            f"transfer{' then KL distillation' if a.stage2 else ''}"
-           + (f" ({'every step' if a.long_every == 1 else f'1 step in {a.long_every}'} on a window of 4 joined "
-              "samples, the original's targets over a sliding 1024-token context)" if a.long_every else "")
+           + (f" ({'every step' if a.long_every == 1 else f'1 step in {a.long_every}'} on a window of "
+              f"{a.long_len or 4 * 1024} tokens of joined samples, the original's targets over a sliding 1024-token "
+              "context)" if a.long_every else "")
            + f", early-stopped on held-out samples, budget {a.minutes:g} min on 2 threads, sampling and measures "
            "included")
     lines = [f"## {title}", "", f"    {cmd.strip()}", "", f"- machine: {machine_line()}",
              f"- model {a.model}; chunk {CHUNK}, normalised retrieval, g = 0.03; {how}",
              f"- measured on {len(wins)} held-out windows of 1024 tokens of heldout_ids.npy (real text the "
              "calibration never sees); perplexity against the original's on the same windows; chunk 2 / chunk 7: "
-             "top-1 agreement inside those chunks", "",
-             markdown_table(["conversion", "calibration", "top-1", "mean KL (nats)", "perplexity vs original",
-                             "top-1, chunk 2", "top-1, chunk 7", "time"], rows)]
-    if long_rows:
-        lines += ["Long contexts: every non-overlapping window of T tokens the held-out stream holds, the converted "
-                  "model over the whole window against the original in 1024-token pieces (the change's 95% "
-                  "interval: a paired bootstrap over windows):", "",
-                  markdown_table(["conversion", "calibration", "T", "windows", "original, 1024-token pieces",
-                                  "converted, one window", "change [95% interval]"], long_rows)]
+             "top-1 agreement inside those chunks", "", *tables(rows, long)]
     lines += [f"Whole script: {time.time() - t0:.0f} s."]
     atomic_write_text(a.out, "\n".join(lines) + "\n")
     print(f"wrote {a.out}")
