@@ -145,7 +145,8 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     have = len(corpus.train) if corpus is not None else sampled_plan(s.self_tokens, s.seq_len, 1)[0] * s.seq_len
     if s.long_every and have < s.long_len:
         if asked:
-            raise ConfigError(f"--long-len {s.long_len} is more than the {have} training tokens")
+            raise ConfigError(f"long windows of {s.long_len} tokens (--long-len) need at least that many training "
+                              f"tokens, the data has {have}: lower --long-len or give more text")
         s.long_every, s.long_len = 0, None  # the default, where the text is too short for it: short windows only
     given = work is not None
     work = Path(work) if given else out.with_name(out.name + ".partial")

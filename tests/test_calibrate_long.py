@@ -71,7 +71,7 @@ def test_one_stage_2_step_in_n_trains_on_a_long_window(tiny_hf_dir, tmp_path, mo
 @pytest.mark.parametrize("extra, msg", [
     (["--long-every", "2"], "--long-every trains stage 2 on long windows: add --stage2"),
     (["--stage2", "--long-every", "2", "--long-len", "64"], "--long-len above --seq-len 64, got 2 and 64"),
-    (["--stage2", "--long-every", "2", "--long-len", "4096"], "--long-len 4096 is more than the 640 training tokens"),
+    (["--stage2", "--long-every", "2", "--long-len", "4096"], "long windows of 4096 tokens (--long-len) need at least that many training tokens, the data has 640"),
 ])
 def test_long_windows_that_cannot_work_fail_in_one_line(tiny_hf_dir, tmp_path, extra, msg):
     res = invoke([tiny_hf_dir, *TINY_SELF, "--self-tokens", "640", "--out", tmp_path / "o", *extra])
