@@ -466,8 +466,7 @@ def calibration_options(model, options: dict) -> dict:
     from .convert import converted_dir
 
     if converted_dir(model) is None and options.get("retrieval", "normalised") == "normalised":
-        return {**{k: v for k, v in CALIBRATION_DEFAULTS.items() if options.get(k) is None},
-                **{k: v for k, v in options.items() if v is not None or k not in CALIBRATION_DEFAULTS}}
+        return {**options, **{k: v for k, v in CALIBRATION_DEFAULTS.items() if options.get(k) is None}}
     return dict(options)
 
 
