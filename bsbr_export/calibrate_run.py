@@ -409,6 +409,9 @@ def run(plan: Plan, log: Callable[[str], None], model=None) -> dict:
             continue
         spent = sum(r["seconds"] for r in state["stages"])
         budget = total_s / 2 if k == 1 and s.stage2 else total_s - spent
+        if budget <= 0:  # spent before this stage began (the first log line of the run said why)
+            log(f"stage {k}: {STAGES[k]}, skipped: no budget left")
+            continue
         log(f"stage {k}: {STAGES[k]}, {name}" + ("" if not math.isfinite(budget) else f", budget {clock(budget)}"))
         long = k == 2 and bool(s.long_every)
         r = Stage(k, name, step_loss, heldout(step_loss, long), budget, plan, state, log, long).run(model)

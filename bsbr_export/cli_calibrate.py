@@ -131,7 +131,7 @@ def calibrate(model, data, self_data, self_tokens, out, original, seq_len, batch
                  INTERRUPTED)
         fail("interrupted before the first checkpoint; nothing to resume", INTERRUPTED)
     after, before = record["heldout"]["after"], record["heldout"]["before"]
-    click.echo(f"wrote {out}: {' + '.join(s['name'] for s in record['stages'])}, "
+    click.echo(f"wrote {out}: {' + '.join(s['name'] for s in record['stages']) or 'no stage ran'}, "
                f"{sum(s['steps'] for s in record['stages'])} steps in {record['seconds']:.0f} s; held-out top-1 "
                f"{before['top1']:.1%} -> {after['top1']:.1%}, KL {before['kl_mean_nats']:.4f} -> "
                f"{after['kl_mean_nats']:.4f} nats, perplexity {before['ppl']:.3f} -> {after['ppl']:.3f} "

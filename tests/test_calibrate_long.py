@@ -78,3 +78,14 @@ def test_long_windows_that_cannot_work_fail_in_one_line(tiny_hf_dir, tmp_path, e
     lines = res.output.strip().splitlines()
     assert res.exit_code != 0 and len(lines) == 1 and msg in lines[0], res.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_budget_spent_before_training_skips_the_stages(tiny_hf_dir, tmp_path):
+    out = tmp_path / "o"
+    res = invoke([tiny_hf_dir, *TINY_SELF, "--self-tokens", "640", "--stage2", "--minutes", "0.0001", "--out", out])
+    assert res.exit_code == 0, res.output
+    assert "is spent before training" in res.output and "stage 1: attention transfer, skipped: no budget left" \
+        in res.output and "stage 2: KL distillation, skipped: no budget left" in res.output
+    assert "no stage ran, 0 steps" in res.output
+    rec = json.loads((out / "calibration.json").read_text())
+    assert rec["stages"] == [] and rec["heldout"]["after"] == rec["heldout"]["before"]
