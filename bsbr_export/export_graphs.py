@@ -63,6 +63,10 @@ class ExportSpec:
     # "bsbr"; "full" (standard causal attention) and "none" (dense floor) exist for benchmarks.
     attention: str = "bsbr"
     state_outputs: bool = True
+    # The prefill graph takes plain causal attention, through one If per layer, for prompts within
+    # the exact span (chunk size x (look-back + 1) tokens: nothing to retrieve). ORT runs it; the
+    # graphs TensorRT parses are written without it (their plugin is not placed inside an If).
+    short_prompts: bool = True
 
     def __post_init__(self):
         from .errors import ConfigError
@@ -210,6 +214,10 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     earlier = g.op("Less", g.op("Unsqueeze", jn, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i - n
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
+    if spec.short_prompts and spec.attention == "bsbr":  # T <= the exact span: causal attention (one mask)
+        ctx["exact"] = g.op("LessOrEqual", Tsc, g.const(L * (cfg.lookback + 1)))
+        ctx["causal_bias"] = g.if_else(ctx["exact"], lambda: [ops_onnx.causal_bias(g, T)],
+                                       lambda: [g.op("Identity", g.fconst([[0.0]]))])
     jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1)) if n or decay else None
     if n:  # the bank's chunks the open chunk n_done retrieves from: j < n_done - n, (1, n_done)
         ctx["bank_before_window"] = g.op("Unsqueeze", g.op("Less", g.op("Add", jd, g.const(n)), n_done), zero)

@@ -66,11 +66,24 @@ class Graph:
 
         if self.fdt == np.float16:
             return self.op("Cast", value, to=TensorProto.FLOAT, outputs=[name])
-        for node in self.nodes:
-            for seq in (node.output, node.input):
-                for i, n in enumerate(seq):
-                    if n == value:
-                        seq[i] = name
+
+        def rename(nodes):  # the If branches read it from the enclosing scope
+            for node in nodes:
+                for seq in (node.output, node.input):
+                    for i, n in enumerate(seq):
+                        if n == value:
+                            seq[i] = name
+                for a in node.attribute:
+                    if a.type == a.GRAPH:
+                        rename(a.g.node)
+                        rename_outputs(a.g.output)
+
+        def rename_outputs(infos):
+            for info in infos:
+                if info.name == value:
+                    info.name = name
+
+        rename(self.nodes)
         return name
 
     def weight(self, name, array, dtype=None):
@@ -175,6 +188,22 @@ class Graph:
             y = self.op("Softmax", self.op("Cast", x, to=TensorProto.FLOAT), axis=axis)
             return self.op("Cast", y, to=TensorProto.FLOAT16)
         return self.op("Softmax", x, axis=axis)
+
+    def if_else(self, cond, then_fn, else_fn, outputs=None):
+        """One If node: the branches are the nodes ``then_fn()`` and ``else_fn()`` add (each returns
+        a list of values, read from the enclosing scope as needed). Builder caches filled inside a
+        branch are dropped after it, so no later node reads a value that only a branch defines.
+        Returns the If's outputs (one value, or a list)."""
+        from onnx import helper
+
+        bodies = []
+        for fn in (then_fn, else_fn):
+            outer, shapes, self.nodes = self.nodes, dict(self.__dict__.get("_out_shapes", {})), []
+            outs = fn()
+            body, self.nodes, self._out_shapes = self.nodes, outer, shapes
+            bodies.append(helper.make_graph(body, self.name("branch"), [],
+                                            [helper.make_tensor_value_info(o, self.fproto, None) for o in outs]))
+        return self.op("If", cond, then_branch=bodies[0], else_branch=bodies[1], outputs=outputs or len(outs))
 
     def dim(self, x, i: int):
         """Dimension i >= 0 of x as a 1-element int64 tensor."""

@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -283,11 +284,11 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
     if calibrate != "none" and orig_dir is None:
         raise ConfigError(f"--calibrate {calibrate} needs the original GPT-2 of {source}, which is not at hand")
     max_len = max_seq_len if max_seq_len is not None else cfg.n_positions
-    spec = ExportSpec(max_seq_len=max_len, inline=inline)
+    build_engine = engine in ("fp32", "fp16") and not onnx_only
+    spec = ExportSpec(max_seq_len=max_len, inline=inline, short_prompts=not build_engine)  # TensorRT parses it
     t0 = time.time()
     step = iter(range(1, 20))
     log(f"[{next(step)}] checking options and memory")
-    build_engine = engine in ("fp32", "fp16") and not onnx_only
     if build_engine:
         check_tensorrt(engine)
     text_ids = heldout_text(orig_dir or src_dir)
@@ -330,8 +331,7 @@ def run_pipeline(source, out, engine: str = "onnx", max_seq_len: int | None = No
             if engine == "fp16":
                 log(f"[{next(step)}] exporting the fp16 graphs (LayerNorm and softmax in fp32)")
                 with stage("export_fp16"):
-                    export_onnx(model, tmp, ExportSpec(max_seq_len=max_len, inline=inline, fp16=True),
-                                progress=lambda m: log(f"    {m}"))
+                    export_onnx(model, tmp, replace(spec, fp16=True), progress=lambda m: log(f"    {m}"))
             if engine == "int8":
                 log(f"[{next(step)}] exporting the int8 graphs (dense weights int8; attention, LayerNorm, softmax "
                     f"and embeddings fp32)")

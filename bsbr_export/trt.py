@@ -272,12 +272,17 @@ def set_plugin_override_flag(trt, parser) -> bool:
 
 
 def count_plugin_nodes(onnx_path) -> int:
-    """Number of ``bsbr::ChunkAttention*`` nodes in the main graph of an ONNX file (weights not loaded)."""
+    """Number of ``bsbr::ChunkAttention*`` nodes in an ONNX file's graph, If branches included
+    (weights not loaded)."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     names = {plugin_id.split("::")[1] for plugin_id in PLUGIN_IDS}
-    return sum(n.domain == PLUGIN_NAMESPACE and n.op_type in names for n in model.graph.node)
+
+    def count(nodes) -> int:
+        return sum((n.domain == PLUGIN_NAMESPACE and n.op_type in names) +
+                   sum(count(a.g.node) for a in n.attribute if a.type == a.GRAPH) for n in nodes)
+
+    return count(onnx.load(str(onnx_path), load_external_data=False).graph.node)
 
 
 def check_plugin_layers(trt, network, onnx_path) -> None:

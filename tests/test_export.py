@@ -49,7 +49,14 @@ def test_function_graph_structure(tiny_export):
     assert m.opset_import[0].version >= 18
     name = function_name(False, model.cfg.lookback)  # the default conversion's local window
     assert [(f.domain, f.name) for f in m.functions] == [(DOMAIN, name)]
-    nodes = [n for n in m.graph.node if n.op_type == name]
+    def walk(nodes):  # the short-prompt If holds each layer's fused op in its else branch
+        for n in nodes:
+            yield n
+            for a in n.attribute:
+                if a.type == a.GRAPH:
+                    yield from walk(a.g.node)
+
+    nodes = [n for n in walk(m.graph.node) if n.op_type == name]
     assert len(nodes) == 2 and all(n.domain == DOMAIN for n in nodes)
     attrs = {a.name: a for a in nodes[0].attribute}
     assert attrs["chunk_size"].i == 24 and attrs["plugin_namespace"].s == b"bsbr"

@@ -106,7 +106,7 @@ def _tensorrt_engine(paths: dict, work: Path, spec: BenchSpec, feeds, ref, atol,
             from ..trt import TensorRTRunner, engine_from_onnx
 
             engine = work / "bsbr.engine"
-            engine_from_onnx(paths["bsbr-ort"], engine, min_seq=1, opt_seq=min(1024, spec.max_len),
+            engine_from_onnx(paths["bsbr-trt"], engine, min_seq=1, opt_seq=min(1024, spec.max_len),
                              max_seq=spec.ext_positions, max_batch=max(1, spec.throughput[0] if spec.throughput
                                                                        else 1))
             paths["tensorrt"] = str(engine)
@@ -145,6 +145,8 @@ def prepare(job: dict) -> dict:
     E = ExportSpec
     exports = {"bsbr-ort": (bsbr, E(max_seq_len=spec.ext_positions, attention="bsbr", state_outputs=False)),
                "floor-ort": (bsbr, E(max_seq_len=spec.ext_positions, attention="none", state_outputs=False))}
+    if _tensorrt_reason() is None:  # TensorRT parses the graph without the short-prompt If
+        exports["bsbr-trt"] = (bsbr, E(max_seq_len=spec.ext_positions, state_outputs=False, short_prompts=False))
     paths = {"hf": str(hf_dir), "hf_ext": str(ext_dir), "bsbr": str(work / "bsbr")}
     for name, (m, es) in exports.items():
         export_onnx(m, work / name, es, decode=False)

@@ -106,7 +106,7 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     w = retrieval_weights(g, W, cfg, p, sc, ctx["next_from"], ctx.get("next_age"))
     S_next = g.op("Reshape", _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
     states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
-    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n, ...)
+    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n e, ...)
         h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
         F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
     states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
@@ -127,13 +127,16 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
     s_b = g.op("Min", m, g.const(n)) if n else None
     pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
     # Chunks of the combined sequence: as many as its longest row fills (a fresh prompt of L
-    # tokens is one chunk), and with look-back n more, so that Cc - n chunks from each row's open
-    # chunk on hold every chunk the piece closes.
+    # tokens is one chunk), and with look-back, once a row holds a closed chunk (e = 1), n more,
+    # so that Cc - n e chunks from each row's open chunk on hold every chunk the piece closes.
     span = g.op("ReduceMax", g.op("Add", pre, lengths), keepdims=1)  # (1,)
-    Cc = g.op("Add", g.op("Div", g.op("Add", span, g.const([L - 1])), g.const([L])), g.const([n]))
+    e = g.op("Min", g.op("ReduceMax", m, keepdims=1), g.const([1])) if n else g.const([0])  # (1,)
+    ne = g.op("Mul", e, g.const([n]))
+    Cc = g.op("Add", g.op("Div", g.op("Add", span, g.const([L - 1])), g.const([L])), ne)
     # The combined chunk length: L, or, when the piece and the open chunks fit in one chunk (no row
-    # closes one), just the span, so a short prompt attends over its own tokens and not L slots.
-    Lc = g.op("Min", span, g.const([L])) if not n else g.const([L])  # (1,)
+    # closes one, none holds a previous chunk), just the span, so a short prompt attends over its
+    # own tokens and not L (look-back: 2 L) slots.
+    Lc = g.op("Max", g.op("Min", span, g.const([L])), g.op("Mul", e, g.const([L])))  # (1,)
     Tc = g.op("Mul", Cc, Lc)
     tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     base = g.op("Sub", m, s_b) if n else m
@@ -166,9 +169,9 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
                                   axis=-1)  # (B, 1, Cc, cap+Cc)
         ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", g.op("Unsqueeze", jc, zero), col(s_b)),
                                   g.const([1, 3, 4]))  # (B, 1, Cc, 1, 1): the open chunk keeps the state's S
-        out = g.op("Range", g.const(0), g.op("Squeeze", g.op("Sub", Cc, g.const([n])), zero), g.const(1))
+        out = g.op("Range", g.const(0), g.op("Squeeze", g.op("Sub", Cc, ne), zero), g.const(1))
         ctx["new_out"] = g.op("Min", g.op("Add", g.op("Unsqueeze", out, zero), col(s_b)),
-                              g.op("Sub", Cc, one))  # (B, Cc - n): the returned chunks, from the open one
+                              g.op("Sub", Cc, one))  # (B, Cc - n e): the returned chunks, from the open one
     else:
         B1 = g.cat(g.dim(ids, 0), g.const([1, 1, 1]))
         earlier = g.op("Less", g.op("Unsqueeze", jc, zero), g.op("Unsqueeze", jc, one))  # (Cc, Cc): [i, j] = j < i

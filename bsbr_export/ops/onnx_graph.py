@@ -253,16 +253,7 @@ def chunk_attention_function(opset: int, float_dtype=np.float32, normalised: boo
 def _branch(g: Graph, cond, xs, then_fn, else_fn, outputs=None):
     """One If node: ``then_fn(x)`` for every x of ``xs`` where ``cond`` holds, ``else_fn(x)``
     otherwise; both branches read ``xs`` from the enclosing scope. Returns the outputs."""
-    from onnx import helper
-
-    bodies = []
-    for fn in (then_fn, else_fn):
-        outer, g.nodes = g.nodes, []
-        outs = [fn(x) for x in xs]
-        body, g.nodes = g.nodes, outer
-        bodies.append(helper.make_graph(body, g.name("branch"), [],
-                                        [helper.make_tensor_value_info(o, g.fproto, None) for o in outs]))
-    return g.op("If", cond, then_branch=bodies[0], else_branch=bodies[1], outputs=outputs or len(xs))
+    return g.if_else(cond, lambda: [then_fn(x) for x in xs], lambda: [else_fn(x) for x in xs], outputs)
 
 
 def fused_chunk_attention(g: Graph, W, cfg, p, q, k, v, SZ, U5):
@@ -327,6 +318,20 @@ def _split_state(g: Graph, SZ, d: int, normalised: bool):
     return g.op("Split", SZ, g.const([d, 1]), axis=-1, outputs=2)
 
 
+def causal_bias(g: Graph, T):
+    """(T, T) additive causal mask: 0 where key <= query, NEG above the diagonal."""
+    from onnx import helper
+
+    ones = g.op("ConstantOfShape", g.cat(T, T), value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32 (Trilu)
+    return g.op("Where", g.op("Cast", g.op("Trilu", ones, upper=0), to=9), g.fconst(0.0), g.fconst(NEG))
+
+
+def causal_attention(g: Graph, q, k, v, bias, scale):
+    """Causal softmax attention over all T keys: q, k, v (B, H, T, d), bias (T, T) -> (B, H, T, d)."""
+    scores = g.op("Add", g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale), bias)
+    return g.op("MatMul", g.softmax(scores), v)
+
+
 def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     """BSBR attention of one layer over the prompt -> o (B, H, T, d); appends the layer's decode
     state after the prompt to ``states`` (a dict of lists by state name) unless it is None."""
@@ -336,34 +341,44 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     zero, one = g.const([0]), g.const([1])
     T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
     rows = _meta_rows(g, ctx, states is not None, (H, d, dp, dc, L), xa)
-    # Meta keys and queries only where something reads them: the first C-1 chunks' (chunk C-1 is
-    # retrieved by no chunk of the prompt) or, with the state, the n_done closed chunks' (the bank).
-    # A prompt within one chunk then runs no meta projection at all (zero rows).
-    xl = g.op("Gather", xa, rows["last"], axis=1)  # (B, Cm, E)
-    h = _meta(g, W, p, xl, "meta_k", H, d, rows["lead"])  # (B, H, Cm, d)
-    rp = _meta(g, W, p, xl, "meta_q", H, d, rows["lead"])
-    Cp = rows["C_prev"]  # C - 1
-    if states is not None:  # Cm = n_done >= C - 1 rows: the retrieval reads the first C - 1
-        h_r, rp_r = (g.op("Slice", t_, zero, Cp, g.const([2])) for t_ in (h, rp))
-    else:
-        h_r, rp_r = h, rp
-    # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
-    r0 = g.op("Mul", g.op("Slice", q, zero, one, g.const([2])), g.fconst(0.0))  # (B, H, 1, d)
-    r = g.op("Concat", r0, rp_r, axis=2)  # (B, H, C, d)
-    # Chunk states of the same Cm chunks, all complete (Cm <= n_done): the first Cm * L tokens, no padding.
-    full = lambda t: g.op("Reshape", g.op("Slice", t, zero, rows["full"], g.const([2])), rows["chunked"])  # noqa: E731
-    kc, vc = full(phi(g, W, cfg, p, k)), full(v)  # (B, H, Cm, L, d)
-    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
-    Fs = chunk_states(g, kc, vc, U5, norm, rank=5)  # (B, H, Cm, d', dc)
-    Ff = g.op("Reshape", Fs, rows["flat"])  # (B, H, Cm, d'dc)
-    Ff_r = g.op("Slice", Ff, zero, Cp, g.const([2])) if states is not None else Ff  # the first C - 1
     scale = g.fconst(1.0 / math.sqrt(d))
-    sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h_r, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C-1)
-    SZ = g.op("Reshape", g.op("MatMul", retrieval_weights(g, W, cfg, p, sc, rows["earlier"], rows.get("age")), Ff_r),
-              rows["states"])  # (B, H, C, d', dc)
-    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
+    U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
+
+    def meta():
+        # Meta keys and queries only where something reads them: the first C-1 chunks' (chunk C-1 is
+        # retrieved by no chunk of the prompt) or, with the state, the n_done closed chunks' (the bank).
+        # A prompt within one chunk then runs no meta projection at all (zero rows).
+        xl = g.op("Gather", xa, rows["last"], axis=1)  # (B, Cm, E)
+        h = _meta(g, W, p, xl, "meta_k", H, d, rows["lead"])  # (B, H, Cm, d)
+        rp = _meta(g, W, p, xl, "meta_q", H, d, rows["lead"])
+        # Chunk states of the same Cm chunks, all complete (Cm <= n_done): the first Cm * L tokens, no padding.
+        full = lambda t: g.op("Reshape", g.op("Slice", t, zero, rows["full"], g.const([2])),  # noqa: E731
+                              rows["chunked"])
+        Fs = chunk_states(g, full(phi(g, W, cfg, p, k)), full(v), U5, norm, rank=5)  # (B, H, Cm, d', dc)
+        return h, rp, g.op("Reshape", Fs, rows["flat"]), Fs  # Ff: (B, H, Cm, d'dc)
+
+    def retrieve_and_attend(h, rp, Ff, _Fs=None):
+        Cp = rows["C_prev"]  # C - 1
+        if states is not None:  # Cm = n_done >= C - 1 rows: the retrieval reads the first C - 1
+            h, rp, Ff = (g.op("Slice", t_, zero, Cp, g.const([2])) for t_ in (h, rp, Ff))
+        # r_i comes from the end of chunk i-1: shift by one chunk, r_0 unused (zeros).
+        r0 = g.op("Mul", g.op("Slice", q, zero, one, g.const([2])), g.fconst(0.0))  # (B, H, 1, d)
+        r = g.op("Concat", r0, rp, axis=2)  # (B, H, C, d)
+        sc = g.op("Mul", g.op("MatMul", r, g.op("Transpose", h, perm=[0, 1, 3, 2])), scale)  # (B, H, C, C-1)
+        SZ = g.op("Reshape", g.op("MatMul", retrieval_weights(g, W, cfg, p, sc, rows["earlier"], rows.get("age")),
+                                  Ff), rows["states"])  # (B, H, C, d', dc)
+        return [fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)]
+
+    # A prompt within the exact span (``ctx["exact"]``) is plain causal softmax attention: one If
+    # takes it, and the retrieval, with nothing to retrieve, does not run.
+    exact = ctx.get("exact")
+    short = lambda: [causal_attention(g, q, k, v, ctx["causal_bias"], scale)]  # noqa: E731
     if states is None:
-        return o
+        long = lambda: retrieve_and_attend(*meta())  # noqa: E731
+        return long()[0] if exact is None else g.if_else(exact, short, long)
+    h, rp, Ff, Fs = meta()
+    o = (retrieve_and_attend(h, rp, Ff)[0] if exact is None
+         else g.if_else(exact, short, lambda: retrieve_and_attend(h, rp, Ff)))
     # Decode state after the prompt: the open chunk's k/v, its S, the bank of closed chunks.
     n_done, n_cur = ctx["n_done"], ctx["n_cur"]
     # The meta query of the last closed chunk (a sum over its one row, or zeros before any chunk closed).

@@ -1,7 +1,8 @@
 """The ONNX Runtime engine under generation and serving: the graphs of one export, and the state.
 
-``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths),
-``decode`` (one token per row) and ``close`` (once a row fills a chunk) graphs. A ``State``
+``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths) and
+``decode`` (one token per row) graphs, joined in one session (``joined``), and its ``close``
+graph (once a row fills a chunk). A ``State``
 holds a batch of sequences (``ops.state``, format 4: every tensor per layer, batch first):
 
 - the open chunk's K/V, S and xa per layer, one numpy buffer each for the whole batch, bound to
@@ -32,6 +33,7 @@ import numpy as np
 from ..errors import InputError, ModelLoadError
 from ..ops import state as S
 from ..util import release_free_memory
+from .joined import FLAG, idle_inputs, joined_model, shared_weights
 from .prefix import PREFILL_TOKENS, next_pieces
 from . import scoring
 
@@ -61,37 +63,6 @@ def read_metadata(path) -> dict:
     if "bsbr_export" not in props:
         raise ModelLoadError(f"{path}: not a bsbr-export graph (no bsbr_export metadata)")
     return json.loads(props["bsbr_export"])
-
-
-def shared_weights(paths) -> dict:
-    """{initializer name: OrtValue} over one copy-on-write map of each weights file that the
-    graphs at ``paths`` read, so that every session uses the same memory for its weights.
-    A tensor that lies beyond its file's end is refused (``api.check_export`` checks the exact
-    size of each weights file against every graph of the directory before anything loads)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    maps, values = {}, {}
-    for path in paths:
-        m = onnx.load(str(path), load_external_data=False)
-        for t in m.graph.initializer:
-            if t.data_location != TensorProto.EXTERNAL or t.name in values:
-                continue
-            info = {e.key: e.value for e in t.external_data}
-            f = Path(path).parent / info["location"]
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-            if f not in maps:
-                if not f.is_file():
-                    raise ModelLoadError(f"{f.parent}: missing the weights file {f.name}")
-                maps[f] = np.memmap(f, dtype=np.uint8, mode="c")
-            if offset + length > maps[f].size:
-                raise ModelLoadError(f"{f}: {maps[f].size} bytes, but the graphs read up to byte {offset + length} "
-                                     f"(a truncated or foreign weights file)")
-            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-            arr = maps[f][offset:offset + length].view(dtype).reshape(tuple(t.dims))
-            values[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-    return values
 
 
 class _Spec:
@@ -228,7 +199,7 @@ class Engine:
 
     def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
                  session_options: dict | None = None, optimization: str = "all", prepack: bool | str = "decode",
-                 max_len: int | None = None):
+                 max_len: int | None = None, join: bool = True):
         from .runners import check_providers, provider_name, session_from_onnx
 
         if precision not in PRECISIONS:
@@ -260,18 +231,18 @@ class Engine:
         self.providers = check_providers(providers)
         first = provider_name(self.providers[0])
         self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        # One copy of the weights for the three sessions (ORT shared initializers; an int8 export
+        # One copy of the weights for every session (ORT shared initializers; an int8 export
         # maps its own file and the fp32 file it shares with the fp32 graphs). ORT's prepacking
-        # gives a session a packed copy of its own of the dense weights: the per-token graph takes
-        # it by default (``prepack="decode"``), since without it every batched step repacks every
-        # weight (GPT-2 small, 16 rows: Gemm 63 ms per step unpacked, 28 ms packed; one row is
-        # memory-bound either way), at the cost of one packed copy (~ the fp32 dense weights);
-        # ``True`` packs every session, ``False`` none.
+        # gives a session a packed copy of its own of the dense weights; the prompt and per-token
+        # graphs run as one session (``join``, see ``joined``), so by default (``prepack="decode"``)
+        # both read one packed copy (unpacked, a batched step repacks every weight: GPT-2 small,
+        # 16 rows, Gemm 63 ms per step against 28). ``True`` packs the close too, ``False`` nothing.
         if prepack not in (True, False, "decode"):
             raise InputError(f"prepack must be True, False or 'decode', got {prepack!r}")
-        self.paths = paths
+        self.paths, self.joined = paths, bool(join)
         self._weights = shared_weights(paths.values())
         packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
+        step = joined_model(paths["extend"], paths["decode"]) if join else None
         config = {g: ({} if packed[g] else {"session.disable_prepacking": "1"}) | dict(session_options or {})
                   for g in GRAPHS}
         # The per-token graph keeps ORT's memory arena (its activations are small and the same
@@ -282,8 +253,10 @@ class Engine:
         self._shrink = ort.RunOptions()
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=config[g],
-                                              initializers=self._weights, arena=g != "close")
-                         for g, p in paths.items()}
+                                              initializers=self._weights, arena=g != "close",
+                                              model=step if g == "decode" else None)
+                         for g, p in paths.items() if not (join and g == "extend")}
+        self.sessions.setdefault("extend", self.sessions["decode"])
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int) -> State:
@@ -382,7 +355,8 @@ class Engine:
         outs = {n: [np.empty(sp.layer_shape(n, B), dtype=np.float32) for _ in range(sp.layer)] for n in kept}
         feed, logits, counts = scoring.logit_rows(self, lengths, ids.shape[1], every)
         io = self.sessions["extend"].io_binding()
-        self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos} | feed,
+        flag = {FLAG: np.array(True)} if self.joined else {}
+        self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos} | feed | flag,
                    self._layers(kept, outs.__getitem__, out=True) | {"logits": logits})
         # The closed chunks: as many as the piece's combined sequence spans, so ORT sizes them
         # (outputs are returned in the order they were bound: these last).
@@ -436,7 +410,10 @@ class Engine:
             st._rows = {n: [np.zeros(sp.layer_shape(n, st.batch), np.float32) for _ in range(sp.layer)]
                         for n in S.DECODE_OUT}
             st._io = self.sessions["decode"].io_binding()
-            self._bind(st._io, st._feeds | self._layers(S.DECODE_IN, st.buf.__getitem__),
+            ins = st._feeds | self._layers(S.DECODE_IN, st.buf.__getitem__)
+            if self.joined:  # the prompt graph's own inputs, empty
+                ins |= {FLAG: np.array(False)} | idle_inputs(self.sessions["decode"], ins)
+            self._bind(st._io, ins,
                        self._layers(S.DECODE_OUT, st._rows.__getitem__, out=True))
         return st._io
 

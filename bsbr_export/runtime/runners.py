@@ -143,7 +143,7 @@ def provider_name(provider) -> str:
 
 def session_from_onnx(path, threads: int | None = None, providers: list[str] | None = None,
                       optimization: str = "all", profile_prefix: str | None = None, config: dict | None = None,
-                      initializers: dict | None = None, arena: bool = True):
+                      initializers: dict | None = None, arena: bool = True, model=None):
     """An ONNX Runtime session: GPU execution providers when present, CPU otherwise.
 
     ``profile_prefix``: profile every run into ``<prefix>_<date>.json`` (``end_profiling`` names it).
@@ -152,11 +152,12 @@ def session_from_onnx(path, threads: int | None = None, providers: list[str] | N
     weights (several sessions then share one copy).
     ``arena=False``: no CPU memory arena and no memory pattern, so a single large run hands its
     memory back (the parity check's longest case at GPT-2 size holds ~3 GiB less).
+    ``model``: a ModelProto to load in place of the file (``path`` names it in errors).
     """
     import onnxruntime as ort
 
     p = Path(path)
-    if not p.is_file():
+    if model is None and not p.is_file():
         raise ModelLoadError(f"{p}: no such ONNX file")
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -175,8 +176,11 @@ def session_from_onnx(path, threads: int | None = None, providers: list[str] | N
         so.add_session_config_entry(str(key), str(value))
     for name, value in (initializers or {}).items():
         so.add_initializer(name, value)
+    if model is not None:  # its external weights lie beside ``path``
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(p.parent))
     try:
-        return ort.InferenceSession(str(p), so, providers=providers or available_providers())
+        source = str(p) if model is None else model.SerializeToString()
+        return ort.InferenceSession(source, so, providers=providers or available_providers())
     except Exception as e:  # ORT raises its own exception types for corrupt files / missing data
         raise ModelLoadError(f"{p}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
