@@ -263,7 +263,8 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     E = cfg.n_embd
     g, W = _graph_for(model, spec, sink)
     state_in = _state_inputs(g, state.CARRIED, cfg.n_layer)
-    ctx = ops_extend.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H][0])
+    ctx = ops_extend.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H][0],
+                                    short_prompts=spec.short_prompts)
     g.lead = g.op("Shape", "input_ids")  # [B, T]: the dense layers' rows (the piece's tokens)
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
              g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, T, E): the piece

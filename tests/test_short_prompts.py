@@ -1,7 +1,8 @@
 """Two fast paths for short prompts, each against the path it replaces and against torch:
 
 - the prefill graph's short-prompt If (``ExportSpec.short_prompts``): a prompt within the exact
-  span (chunk x (look-back + 1) tokens) takes plain causal attention;
+  span (chunk x (look-back + 1) tokens) takes plain causal attention; the extend graph's, for
+  pieces of fresh rows that leave nothing to retrieve;
 - the runtime's joined session (``runtime.joined``): the prompt graph and the per-token graph as
   the two branches of one If in one ORT session, so that both read one packed copy of the weights.
 
@@ -9,6 +10,8 @@ A tiny random GPT-2, chunk L = 6, both local windows, plain and normalised retri
 both sides of each chunk boundary."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -41,7 +44,7 @@ def exports(tiny_hf_dir, tmp_path_factory):
         dirs = []
         for short in (True, False):
             d = tmp_path_factory.mktemp(f"{name}_{short}")
-            export_onnx(model, d, ExportSpec(max_seq_len=MAX, short_prompts=short), decode=short)
+            export_onnx(model, d, ExportSpec(max_seq_len=MAX, short_prompts=short))
             dirs.append(d)
         out[name] = (model, *dirs)
     return out
@@ -76,6 +79,64 @@ def test_the_prefill_graph_takes_causal_attention_within_the_exact_span(exports,
         with torch.no_grad():
             ref = model(torch.from_numpy(ids)).numpy()
         np.testing.assert_allclose(got[0], ref, atol=5e-5, err_msg=f"T={T} torch")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fresh_prompts_through_the_extend_graph_equal_the_general_path(exports, name):
+    """Ragged batches of fresh prompts at every length (the extend graph's short path where it
+    applies, the general path beyond), then decode steps across a chunk close: the logits equal
+    the export without the short path, and torch's."""
+    model, short, full = exports[name]
+    n_layer = model.cfg.n_layer
+    ifs = _ifs(short / "extend.onnx")
+    assert len(ifs) == n_layer + 1 and not _ifs(full / "extend.onnx")
+    engines = [Engine(d, max_len=MAX) for d in (short, full)]
+    ids = rand_ids(MAX, seed=5).numpy()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).numpy()
+    for T in LENGTHS:
+        lengths = [T, max(1, T - 3)]
+        states = [e.new_state(2) for e in engines]
+        got = [e.extend(st, [0, 1], [ids[0, :lengths[0]], ids[1, :lengths[1]]]) for e, st in zip(engines, states)]
+        np.testing.assert_allclose(got[0], got[1], atol=2e-5, err_msg=f"T={T}")
+        np.testing.assert_allclose(got[0], ref[[0, 1], [lengths[0] - 1, lengths[1] - 1]], atol=5e-5, err_msg=f"T={T}")
+        pos = list(lengths)
+        for _ in range(min(L + 1, MAX - 1 - max(pos))):  # a chunk close on the way
+            toks = np.array([ids[0, pos[0]], ids[1, pos[1]]])
+            got = [e.decode(st, toks) for e, st in zip(engines, states)]
+            np.testing.assert_allclose(got[0], got[1], atol=2e-5, err_msg=f"T={T} at {pos}")
+            np.testing.assert_allclose(got[0], ref[[0, 1], pos], atol=5e-5, err_msg=f"T={T} at {pos}")
+            pos = [x + 1 for x in pos]
+
+
+def _nodes_run(path, position: int, T: int = 3) -> int:
+    """Nodes ORT runs for one extend call of 2 rows, ``T`` new tokens each on ``position`` held."""
+    import json
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.ones((2, T), np.int64), "lengths": np.full(2, T, np.int64),
+            "position": np.full(2, position, np.int64), "logit_rows": np.array([T - 1, 2 * T - 1])}
+    for i in sess.get_inputs():
+        if i.name not in feed:
+            feed[i.name] = np.zeros([2 if d == "batch" else d if isinstance(d, int) else 1 for d in i.shape],
+                                    np.float32)
+    sess.run(None, feed)
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    return sum(e.get("cat") == "Node" and e["name"].endswith("_kernel_time") for e in events)
+
+
+def test_the_extend_graph_takes_the_short_path_for_fresh_rows_only(exports, tmp_path, monkeypatch):
+    """A piece of fresh rows runs a fraction of the nodes that the same piece on top of held
+    tokens runs (the general path); the export without the short path runs as many either way."""
+    monkeypatch.chdir(tmp_path)  # ORT writes its profile to the working directory
+    _, short, full = exports["lookback-normalised"]
+    fresh, held = _nodes_run(short / "extend.onnx", 0), _nodes_run(short / "extend.onnx", 2)
+    assert fresh < held / 2, (fresh, held)
+    assert _nodes_run(full / "extend.onnx", 0) > held * 0.9
 
 
 def test_the_short_path_is_off_for_tensorrt_graphs(exports):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 from ..graph import Graph
-from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_weights
+from .onnx_graph import _meta, causal_attention, causal_bias, chunk_states, fused_chunk_attention, phi, \
+    retrieval_weights
 from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
 
 
@@ -57,66 +58,90 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     dc = StateSpec.from_config(cfg).state_cols
     norm = cfg.retrieval == "normalised"
     own = {n: state_in[n][ctx["layer"]] for n in CARRIED_NAMES}  # this layer's inputs
-    q, k, v = (gather_rows(g, t_, ctx["src"], heads=True) for t_ in (q, k, v))  # (B, H, Tc, d): combined
-    # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
-    if cfg.lookback:
-        k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
-                for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
-    else:
-        # The state's L rows padded to Tc (or its first Tc when the combined chunk is shorter).
-        grow = g.op("Max", g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
-        pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), grow, g.const([0]))
-        to_tc = lambda t_: g.op("Slice", g.op("Pad", t_, pad_to_tc), g.const([0]), ctx["Tc"], g.const([2]))  # noqa: E731
-        k = g.op("Where", ctx["from_state"], to_tc(own[K]), k)  # (B, H, Tc, d)
-        v = g.op("Where", ctx["from_state"], to_tc(own[V]), v)
-    chunked = g.cat(g.const([0, H]), ctx["Cc"], ctx["Lc"], g.const([d]))
-    fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
-    vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
-    F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
-    xl = gather_rows(g, xa, ctx["src_last"])  # (B, Cc, E): each combined chunk's last token
-    h_new = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, Cc, d)
-    rp = _meta(g, W, p, xl, "meta_q", H, d)
-    zero, one = g.const([0]), g.const([1])
-    r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
-             g.op("Slice", rp, zero, g.op("Sub", ctx["Cc"], one), g.const([2])), axis=2)  # r_i from chunk i-1
-    scale = g.fconst(1.0 / math.sqrt(d))
-    scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
-                  g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
-    flat = g.const([0, H, -1, dp * dc])
-    bank_flat, new_flat = g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat)
-    # The bank and the piece's chunks as two terms of one softmax: the bank is read in place,
-    # never concatenated with the new chunks (its size grows with the context, not the piece).
-    w = retrieval_weights(g, W, cfg, p, g.op("Mul", scores, scale), ctx["retrievable"], ctx.get("age"))
-    SZ = _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2))
-    SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
-    SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
-    o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
-    # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
-    # the bank with the closed chunks written in, built here for this retrieval only).
-    for n, t_ in ((K, k), (V, v)):
-        rows = gather_rows(g, t_, ctx["open_rows"], heads=True)  # (B, H, L, d)
-        states[n].append(g.op("Where", ctx["open_valid"], rows, g.fconst(0.0)))
-    # S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
-    # piece closed before it, again as two terms (the bank read in place).
-    r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
-    sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
-                          g.op("MatMul", r_last, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1),
-              scale)  # (B, H, 1, cap + Cc)
-    w = retrieval_weights(g, W, cfg, p, sc, ctx["next_from"], ctx.get("next_age"))
-    S_next = g.op("Reshape", _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
-    states[S].append(g.op("Where", ctx["chunk_closed"], S_next, own[S]))
-    if cfg.lookback:  # from the open chunk on: (B, H, Cc - n e, ...)
-        h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
-        F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
-    states[NEW_H].append(h_new)  # (B, H, Cc, d): chunks m .. m_new - 1 are the closed ones
-    states[NEW_F].append(F_new)
-    return gather_rows(g, o, ctx["dst"], heads=True)  # (B, H, T, d): the new tokens' rows
+
+    def general(q=q, k=k, v=v):
+        q, k, v = (gather_rows(g, t_, ctx["src"], heads=True) for t_ in (q, k, v))  # (B, H, Tc, d): combined
+        # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
+        if cfg.lookback:
+            k, v = (g.op("Where", ctx["from_state"], gather_rows(g, own[n], ctx["state_rows"], heads=True), t_)
+                    for n, t_ in ((K, k), (V, v)))  # (B, H, Tc, d)
+        else:
+            # The state's L rows padded to Tc (or its first Tc when the combined chunk is shorter).
+            grow = g.op("Max", g.op("Sub", ctx["Tc"], g.const([L])), g.const([0]))
+            pad_to_tc = g.cat(g.const([0, 0, 0, 0, 0, 0]), grow, g.const([0]))
+            to_tc = lambda t_: g.op("Slice", g.op("Pad", t_, pad_to_tc), g.const([0]), ctx["Tc"], g.const([2]))  # noqa: E731
+            k = g.op("Where", ctx["from_state"], to_tc(own[K]), k)  # (B, H, Tc, d)
+            v = g.op("Where", ctx["from_state"], to_tc(own[V]), v)
+        chunked = g.cat(g.const([0, H]), ctx["Cc"], ctx["Lc"], g.const([d]))
+        fk = g.op("Where", ctx["valid"], phi(g, W, cfg, p, k), g.fconst(0.0))  # padding counts zero
+        vm = g.op("Where", ctx["valid"], v, g.fconst(0.0))
+        F_new = chunk_states(g, g.op("Reshape", fk, chunked), g.op("Reshape", vm, chunked), U5, norm, rank=5)
+        xl = gather_rows(g, xa, ctx["src_last"])  # (B, Cc, E): each combined chunk's last token
+        h_new = _meta(g, W, p, xl, "meta_k", H, d)  # (B, H, Cc, d)
+        rp = _meta(g, W, p, xl, "meta_q", H, d)
+        zero, one = g.const([0]), g.const([1])
+        r = g.op("Concat", g.op("Mul", g.op("Slice", rp, zero, one, g.const([2])), g.fconst(0.0)),
+                 g.op("Slice", rp, zero, g.op("Sub", ctx["Cc"], one), g.const([2])), axis=2)  # r_i from chunk i-1
+        scale = g.fconst(1.0 / math.sqrt(d))
+        scores = g.op("Concat", g.op("MatMul", r, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
+                      g.op("MatMul", r, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1)  # (B, H, Cc, cap+Cc)
+        flat = g.const([0, H, -1, dp * dc])
+        bank_flat, new_flat = g.op("Reshape", own[BANK_F], flat), g.op("Reshape", F_new, flat)
+        # The bank and the piece's chunks as two terms of one softmax: the bank is read in place,
+        # never concatenated with the new chunks (its size grows with the context, not the piece).
+        w = retrieval_weights(g, W, cfg, p, g.op("Mul", scores, scale), ctx["retrievable"], ctx.get("age"))
+        SZ = _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2))
+        SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
+        SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
+        o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
+        # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
+        # the bank with the closed chunks written in, built here for this retrieval only).
+        kv_out = [g.op("Where", ctx["open_valid"], gather_rows(g, t_, ctx["open_rows"], heads=True), g.fconst(0.0))
+                  for t_ in (k, v)]  # (B, H, window, d)
+        # S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
+        # piece closed before it, again as two terms (the bank read in place).
+        r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
+        sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
+                              g.op("MatMul", r_last, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1),
+                  scale)  # (B, H, 1, cap + Cc)
+        w = retrieval_weights(g, W, cfg, p, sc, ctx["next_from"], ctx.get("next_age"))
+        S_next = g.op("Reshape", _two_terms(g, w, bank_flat, new_flat, g.dim(own[BANK_H], 2)), g.const([0, H, dp, dc]))
+        S_out = g.op("Where", ctx["chunk_closed"], S_next, own[S])
+        if cfg.lookback:  # from the open chunk on: (B, H, Cc - n e, ...)
+            h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
+            F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
+        # h, F: (B, H, Cc, ...): chunks m .. m_new - 1 are the closed ones; o: the new tokens' rows (B, H, T, d)
+        return [gather_rows(g, o, ctx["dst"], heads=True), *kv_out, S_out, h_new, F_new]
+
+    fresh = lambda: _fresh_prompt(g, W, cfg, p, xa, q, k, v, ctx, own, U5)  # noqa: E731
+    outs = g.if_else(ctx["fresh"], fresh, general) if "fresh" in ctx else general()
+    for n, val in zip((K, V, S, NEW_H, NEW_F), outs[1:]):
+        states[n].append(val)
+    return outs[0]
 
 
-def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
+def _fresh_prompt(g: Graph, W, cfg, p, xa, q, k, v, ctx, own, U5):
+    """``extend_layer``'s outputs when every row is fresh (position 0) and the piece fits the exact
+    span with nothing to retrieve after it (``ctx["fresh"]``): plain causal attention over the
+    piece; the K/V rows of the state after it; S as it was (zeros); h and F of the piece's first
+    chunk, the one it can close."""
+    H, d, L = cfg.n_head, cfg.head_dim, cfg.chunk_size
+    o = causal_attention(g, q, k, v, ctx["causal_bias"], g.fconst(1.0 / math.sqrt(d)))
+    kv_out = [g.op("Where", ctx["open_valid"], gather_rows(g, t_, ctx["fresh_rows"], heads=True), g.fconst(0.0))
+              for t_ in (k, v)]  # (B, H, window, d)
+    first = lambda t_: g.op("Slice", t_, g.const([0]), g.const([L]), g.const([2]))  # noqa: E731  (B, H, <= L, d)
+    U4 = None if U5 is None else g.op("Squeeze", U5, g.const([2]))  # (1, H, d, d')
+    F0 = chunk_states(g, phi(g, W, cfg, p, first(k)), first(v), U4, cfg.retrieval == "normalised", rank=4)
+    h0 = _meta(g, W, p, g.op("Gather", xa, ctx["fresh_last"], axis=1), "meta_k", H, d)  # (B, H, 1, d)
+    return [o, *kv_out, g.op("Identity", own[S]), h0, g.op("Unsqueeze", F0, g.const([2]))]
+
+
+def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts: bool = False):
     """Index tensors of ``extend_layer`` shared by every layer: ids (B, T), lengths (B,),
-    position (B,) (tokens each row holds), one layer's bank_h input (B, H, cap, d), for its capacity."""
+    position (B,) (tokens each row holds), one layer's bank_h input (B, H, cap, d), for its capacity.
+    ``short_prompts``: ``ctx["fresh"]`` tells when every row is fresh and the piece has nothing to
+    retrieve (``_fresh_prompt``)."""
     L, n = cfg.chunk_size, cfg.lookback
     zero, one = g.const([0]), g.const([1])
     col = lambda t: g.op("Unsqueeze", t, one)  # noqa: E731  (B,) -> (B, 1)
@@ -208,4 +233,11 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h):
         ctx["next_age"] = g.op("Unsqueeze", g.op("Sub", g.op("Sub", col(m_new), g.const(1 + n)), cols),
                                g.const([1, 2]))  # (B, 1, 1, cap + Cc)
     ctx["src_last"] = g.op("Gather", ctx["src"], ctx["last"], axis=1)  # (B, Cc): each chunk's last token
+    if short_prompts:  # fresh rows within n L + L - 1 tokens: no chunk to retrieve, before or after the piece
+        fresh = g.op("And", g.op("Equal", g.op("ReduceMax", position, keepdims=0), g.const(0)),
+                     g.op("LessOrEqual", g.op("Squeeze", span, zero), g.const(n * L + L - 1)))
+        ctx["fresh"] = fresh
+        ctx["causal_bias"] = g.if_else(fresh, lambda: [causal_bias(g, T)], lambda: [g.op("Identity", g.fconst([[0.0]]))])
+        ctx["fresh_rows"] = g.op("Min", ctx["open_rows"], Tm1)  # the state's rows, from the piece's tokens
+        ctx["fresh_last"] = g.op("Sub", g.op("Min", T, g.const([L])), one)  # (1,): the first chunk's last token
     return ctx
