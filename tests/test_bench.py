@@ -118,6 +118,11 @@ def test_quick_bench_schema(tmp_path, monkeypatch):
     assert mem["runtime"] > 0 and mem["prefill-session"] > 0 and _num(mem["ratio"])
     assert all(_num(s["exponent"]) for s in r["scaling"].values()) and "bsbr-ort" in r["scaling"]
     assert r["profiles"]["bsbr-ort"]["status"] == "ok" and r["profiles"]["bsbr-ort"]["op_types_ms"]
+    # The shortest length timed in pairs; the prefill targets against the HF export read its ratio.
+    (T, pair), = r["paired"]["lengths"].items()
+    assert int(T) == min(r["spec"]["lengths"]) and pair["bsbr-ort"] > 0 and pair["hf-ort"] > 0
+    short = [t for t in r["targets"] if t["name"].startswith("prefill vs HF export") and f"T={T}," in t["description"]]
+    assert short and all(math.isclose(t["measured"], pair["ratio"]) for t in short)
     # Markdown, fragment and plots.
     md = (out / "bench.md").read_text()
     assert "### Targets" in md and "Parity gate" in md

@@ -11,7 +11,8 @@ from ..util import atomic_write_text
 from . import decode, prefill, prepare, profile, runtime_memory
 
 HANDLERS = {"prepare": prepare.prepare, "prefill": prefill.prefill_cases, "decode": decode.decode_cases,
-            "profile": profile.profile_case, "runtime_memory": runtime_memory.runtime_memory_case}
+            "profile": profile.profile_case, "paired": profile.paired_case,
+            "runtime_memory": runtime_memory.runtime_memory_case}
 
 
 def child_main(job_path: str, result_path: str) -> None:

@@ -15,7 +15,7 @@ from .analysis import analyse
 from .jobs import run_child
 from .decode import run_decode
 from .prefill import run_opt_levels, run_prefill
-from .profile import run_profiles
+from .profile import run_paired, run_profiles
 from .runtime_memory import run_runtime_memory
 from .report import write_json, write_outputs
 from .spec import BACKENDS, KINDS, LABELS, SCHEMA, BenchSpec
@@ -78,6 +78,8 @@ def run_bench(spec: BenchSpec, out_dir, fragment=None, command: str = "bsbr-expo
         result["opt_levels"] = run_opt_levels(spec, work, prep, threads, log)
         log("ORT profiles")
         result["profiles"] = run_profiles(spec, work, prep, threads, log)
+        log("short prompts in pairs (BSBR ORT and the HF export alternating in one process)")
+        result["paired"] = run_paired(spec, work, prep, threads, log)
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)

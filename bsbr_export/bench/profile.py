@@ -1,4 +1,5 @@
-"""ORT profiles: node time per op type of the ORT backends, one profiled run at one length."""
+"""ORT profiles: node time per op type of the ORT backends, one profiled run at one length; and
+the short prompts timed in pairs (BSBR ORT and the HF export alternating in one process)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import numpy as np
 from .jobs import make_job, run_child
 from .results import fmt_ms
 from .spec import BenchSpec
+
+# The prefill targets against the HF export are judged on these lengths, timed in pairs.
+PAIRED_LENGTHS = (1, 32, 128)
 
 
 def op_totals(events: list, last_run_only: bool = True) -> dict:
@@ -49,26 +53,63 @@ def per_run_op_totals(events: list) -> list[dict]:
     return out
 
 
+def alternating_wall(paths: dict, feeds: dict, threads: int, runs: int, warmup: int,
+                     outputs=("logits",)) -> dict:
+    """Wall times of several ORT graphs on the same feeds, the graphs alternating call by call:
+    {name: [ms of each timed round]} (round i of every graph ran back to back)."""
+    import time
+
+    from ..runtime import session_from_onnx
+
+    sessions = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"]) for n, p in paths.items()}
+    wall = {n: [] for n in paths}
+    for i in range(warmup + runs):
+        for n, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(list(outputs), feeds)
+            if i >= warmup:
+                wall[n].append((time.perf_counter() - t0) * 1e3)
+    return wall
+
+
+def paired_case(job: dict) -> dict:
+    """Child: BSBR ORT and the HF export alternating call by call at each short length; per
+    length the median of each and the median of the rounds' ratios (BSBR / HF export), which
+    cancels what drifts between calls (separate processes differ by up to 2x here at T = 32)."""
+    paths = {b: job["paths"][b] for b in ("bsbr-ort", "hf-ort")}
+    out = {}
+    for T in job["lengths"]:
+        ids = np.random.default_rng(job["seed"] + T).integers(0, job["vocab_size"], size=(1, T), dtype=np.int64)
+        wall = alternating_wall(paths, {"input_ids": ids}, job["threads"], job["runs"], job["warmup"])
+        out[str(T)] = {b: float(np.median(v)) for b, v in wall.items()} | {
+            "ratio": float(np.median(np.array(wall["bsbr-ort"]) / np.array(wall["hf-ort"]))), "runs": job["runs"]}
+    return {"status": "ok", "lengths": out}
+
+
+def run_paired(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
+    """Parent: ``paired_case`` in one child over the short lengths the run has (``PAIRED_LENGTHS``)."""
+    # The smoke test (--quick) pairs its shortest length.
+    lengths = sorted(spec.lengths)[:1] if spec.quick else [T for T in PAIRED_LENGTHS if T in spec.lengths]
+    if not lengths or any(prep["parity"][b]["status"] != "pass" for b in ("bsbr-ort", "hf-ort")):
+        return {"status": "skipped", "reason": "no short length in the run, or a graph failed its parity gate"}
+    res = run_child(make_job("paired", spec, work, prep, threads, lengths=lengths, runs=5 if spec.quick else 21,
+                             warmup=2), work, spec.case_timeout_s)
+    for T, r in res.get("lengths", {}).items():
+        log(f"  paired T {T:>5}: BSBR ORT {fmt_ms(r['bsbr-ort'])} ms, HF export {fmt_ms(r['hf-ort'])} ms, "
+            f"median ratio {r['ratio']:.2f}")
+    return res
+
+
 def profile_alternating(paths: dict, feeds: dict, threads: int, runs: int, warmup: int, prefix: str,
                         outputs=("logits",)) -> dict:
     """Per-call medians of several ORT graphs on the same feeds, the graphs alternating call by call
     (a noisy machine then slows each alike): {name: {"wall_ms", "run_ms", "node_total_ms",
     "op_types_ms", "op_counts"}}. ``wall_ms``: unprofiled sessions timed with perf_counter; the rest
     from profiled sessions (ORT's profiler), ``warmup`` calls dropped."""
-    import time
-
     from ..runtime import session_from_onnx
 
     out = {}
-    plain = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"]) for n, p in paths.items()}
-    wall = {n: [] for n in paths}
-    for i in range(warmup + runs):
-        for n, sess in plain.items():
-            t0 = time.perf_counter()
-            sess.run(list(outputs), feeds)
-            if i >= warmup:
-                wall[n].append((time.perf_counter() - t0) * 1e3)
-    del plain
+    wall = alternating_wall(paths, feeds, threads, runs, warmup, outputs)
     prof = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"], profile_prefix=f"{prefix}-{n}")
             for n, p in paths.items()}
     for _ in range(warmup + runs):

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..util import atomic_write_text
 from .plots import plots
 from .results import cell, fmt_mib, fmt_range, fmt_x, lo_hi, ratio_range, timed_backends
-from .sections import decode_table, miss_notes, opt_levels_table, profile_tables, table, targets_table
+from .sections import decode_table, miss_notes, opt_levels_table, paired_table, profile_tables, table, \
+    targets_table
 from .spec import BACKENDS, LABELS, LONG_TOKENS, SHORT_WARMUP_SEQ
 
 
@@ -71,6 +72,7 @@ def markdown_tables(result: dict) -> str:
         parts.append(decode_table(result))
     if result.get("opt_levels"):
         parts.append(opt_levels_table(result))
+    parts.append(paired_table(result))
     parts.append(targets_table(result))
     if result.get("profiles"):
         parts.append(profile_tables(result))

@@ -1,0 +1,99 @@
+"""A decode step of many rows against a step of one row, timed in pairs in one process.
+
+``bench_decode_batch.py`` times each batch in a process of its own; on a shared machine the same
+one-row step then differs between processes by more than the target's margin (GPT-2 small,
+context 256 against 8192, same work: 25.1 against 20.4 ms in one run). Here one engine holds a
+state of 1 row and a state of ``--rows`` rows, both filled with random values of ``--context``
+tokens (``bench_decode_batch.random_bsbr_state``) and banks reserved for the whole run; each
+round steps the one-row state, then the many-row state, back to back. Reported: the median step
+of each, the mean (chunk closes included: any 128 consecutive steps hold one close per row), and
+the median and mean of the rounds' ratios.
+
+    python scripts/decode_rows_paired.py WORK [--rows 16] [--context 256] [--steps 128] [--threads 2]
+        [--out docs/results/decode-rows-paired.md]
+
+WORK: ``bench_decode_batch.py``'s working directory (the random GPT-2 small and its BSBR export,
+made there when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_batch import prepare, random_bsbr_state  # noqa: E402
+
+
+def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads: int) -> dict:
+    from bsbr_export.runtime.engine import Engine
+
+    eng = Engine(path, threads=threads)
+    rng = np.random.default_rng(0)
+    states = {}
+    for B in (1, rows):
+        st = eng.new_state(B)
+        st.set_rows(slice(None), random_bsbr_state(eng.spec, B, context, rng), context)
+        for r in range(B):
+            eng.reserve(st, r, context + warmup + steps)
+        states[B] = st
+    tok = {B: np.ones(B, np.int64) for B in states}
+    times = {B: [] for B in states}
+    for i in range(warmup + steps):
+        for B, st in states.items():
+            t0 = time.perf_counter()
+            tok[B] = eng.decode(st, tok[B]).argmax(-1).astype(np.int64)
+            if i >= warmup:
+                times[B].append((time.perf_counter() - t0) * 1e3)
+    one, many = np.array(times[1]), np.array(times[rows])
+    return {"one_median": float(np.median(one)), "one_mean": float(one.mean()), "many_median": float(np.median(many)),
+            "many_mean": float(many.mean()), "ratio_median": float(np.median(many / one)),
+            "ratio_of_means": float(many.mean() / one.mean())}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path, help="bench_decode_batch.py's working directory")
+    ap.add_argument("--rows", type=int, default=16, help="rows of the many-row state [16]")
+    ap.add_argument("--context", type=int, default=256, help="tokens each row holds at the start [256]")
+    ap.add_argument("--steps", type=int, default=128, help="timed rounds [128]")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first [3]")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
+    ap.add_argument("--max-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
+    ap.add_argument("--conversion", default=None, help="conversion options of the export (bench_decode_batch's)")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/decode-rows-paired.md"), help="Markdown to write")
+    a = ap.parse_args(argv)
+    if a.rows < 2 or a.context < 1 or a.steps < 1 or a.warmup < 0 or a.threads < 1:
+        ap.error("--rows must be >= 2; --context, --steps and --threads >= 1; --warmup >= 0")
+    if a.context + a.warmup + a.steps > a.max_len:
+        ap.error(f"--context + --warmup + --steps must fit the export's {a.max_len} tokens")
+    path = prepare(a.work, a.max_len, ["bsbr"], None, lambda m: print(m, flush=True), a.conversion or "")["bsbr"]
+    r = measure(str(path), a.rows, a.context, a.steps, a.warmup, a.threads)
+    import onnxruntime as ort
+
+    from bsbr_export.util import atomic_write_text, machine_line, markdown_table
+
+    cmd = " ".join(["python scripts/decode_rows_paired.py", *(argv if argv is not None else sys.argv[1:])])
+    text = "\n".join([
+        f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs", "",
+        f"`{cmd}`: GPT-2 small shape, random weights, fp32, the BSBR export of `bench_decode_batch.py` (its "
+        f"conversion: {a.conversion or 'the default'}); one engine, a 1-row and a {a.rows}-row state of "
+        f"{a.context} tokens each, stepped alternately, {a.steps} rounds after {a.warmup}; onnxruntime "
+        f"{ort.__version__}, {a.threads} threads; {machine_line()}.", "",
+        markdown_table(["", "1 row ms", f"{a.rows} rows ms", f"{a.rows} rows / 1 row"],
+                       [["median step", f"{r['one_median']:.1f}", f"{r['many_median']:.1f}",
+                         f"{r['ratio_median']:.2f}x (median of the rounds' ratios)"],
+                        ["mean step (closes included)", f"{r['one_mean']:.1f}", f"{r['many_mean']:.1f}",
+                         f"{r['ratio_of_means']:.2f}x (ratio of the means)"]]), ""])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
