@@ -93,7 +93,6 @@ def test_quick_bench_schema(tmp_path, monkeypatch):
     pre = {t["name"]: t for t in r["targets"] if t["name"].startswith(("prefill vs", "dense floor (", "floor is"))}
     assert len(pre) == 5 and all(t["measured"] is not None for t in pre.values())
     med = {(c["backend"], c["seq"]): c["median_ms"] for c in r["prefill"] if c["status"] == "ok" and c["batch"] == 1}
-    T0 = min(r["spec"]["lengths"])
     assert math.isclose(pre["prefill vs HF export (T=128)"]["measured"],
                         med["bsbr-ort", T_last := max(r["spec"]["lengths"])] / med["hf-ort", T_last])
     assert math.isclose(pre["dense floor (every T)"]["measured"],
