@@ -114,7 +114,7 @@ def test_quick_bench_schema(tmp_path, monkeypatch):
     assert math.isclose(kv_targets["kv-cache state"]["measured"], bsbr_state[ctx[-1]] / kv[ctx[-1]])
     assert all(_num(kv_targets[n]["bound_if_attention_free"]) for n in ("kv-cache decode (short)",
                                                                          "kv-cache decode (long)"))
-    # The loaded runtime (three sessions, one shared copy of the weights) against one prefill session.
+    # The loaded runtime (its sessions over one shared copy of the weights) against one prefill session.
     mem = r["runtime_memory"]
     assert mem["runtime"] > 0 and mem["prefill-session"] > 0 and _num(mem["ratio"])
     assert all(_num(s["exponent"]) for s in r["scaling"].values()) and "bsbr-ort" in r["scaling"]
