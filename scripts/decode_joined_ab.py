@@ -1,0 +1,96 @@
+"""What the joined session costs a decode step: ``Engine()`` (the prompt and per-token graphs as
+one ORT session, an If on a bool input: ``runtime.joined``) against ``Engine(join=False)`` (a
+session per graph), in one process, stepped alternately.
+
+Both engines hold a state of ``--rows`` rows filled with random values of ``--context`` tokens
+(``bench_decode_batch.random_bsbr_state``). ORT's thread spinning is off in both
+(``session.intra_op.allow_spinning = 0``): with it on, the idle engine's threads spin while the
+other runs, and both measure ~1.6x slower. Reported per row count: median and mean step of
+each, and the median of the rounds' ratios (joined / separate).
+
+    python scripts/decode_joined_ab.py WORK [--rows 1,16] [--context 256] [--steps 100]
+        [--out docs/results/decode-joined.md]
+
+WORK: ``bench_decode_batch.py``'s working directory (its BSBR export is made there when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_batch import prepare, random_bsbr_state  # noqa: E402
+
+
+def measure(path: str, rows: int, context: int, steps: int, threads: int) -> dict:
+    from bsbr_export.runtime.engine import Engine
+
+    so = {"session.intra_op.allow_spinning": "0"}
+    engines = {"joined": Engine(path, threads=threads, session_options=so),
+               "separate": Engine(path, threads=threads, session_options=so, join=False)}
+    rng = np.random.default_rng(0)
+    states = {}
+    for name, eng in engines.items():
+        st = eng.new_state(rows)
+        st.set_rows(slice(None), random_bsbr_state(eng.spec, rows, context, rng), context)
+        for r in range(rows):
+            eng.reserve(st, r, context + steps + 3)
+        states[name] = st
+    tok, times = np.ones(rows, np.int64), {n: [] for n in engines}
+    for i in range(steps + 3):
+        for name, eng in engines.items():
+            t0 = time.perf_counter()
+            eng.decode(states[name], tok)
+            if i >= 3:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    j, s = np.array(times["joined"]), np.array(times["separate"])
+    return {"rows": rows, "joined": float(np.median(j)), "separate": float(np.median(s)),
+            "joined_mean": float(j.mean()), "separate_mean": float(s.mean()), "ratio": float(np.median(j / s))}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", type=Path, help="bench_decode_batch.py's working directory")
+    ap.add_argument("--rows", default="1,16", help="row counts, comma-separated [1,16]")
+    ap.add_argument("--context", type=int, default=256, help="tokens each row holds [256]")
+    ap.add_argument("--steps", type=int, default=100, help="timed rounds [100]")
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
+    ap.add_argument("--max-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
+    ap.add_argument("--out", type=Path, default=Path("docs/results/decode-joined.md"), help="Markdown to write")
+    a = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in a.rows.split(",")]
+    except ValueError:
+        ap.error(f"--rows must be integers separated by commas, got {a.rows!r}")
+    if min(rows) < 1 or a.context < 1 or a.steps < 1 or a.threads < 1 or a.context + a.steps + 3 > a.max_len:
+        ap.error("--rows, --context, --steps and --threads must be >= 1, and the run must fit --max-len")
+    path = str(prepare(a.work, a.max_len, ["bsbr"], None, lambda m: print(m, flush=True))["bsbr"])
+    res = [measure(path, r, a.context, a.steps, a.threads) for r in rows]
+    import onnxruntime as ort
+
+    from bsbr_export.util import atomic_write_text, machine_line, markdown_table
+
+    cmd = " ".join(["python scripts/decode_joined_ab.py", *(argv if argv is not None else sys.argv[1:])])
+    text = "\n".join([
+        "## Decode step: the joined prompt + per-token session against a session per graph", "",
+        f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion, exported by "
+        f"`bench_decode_batch.py`; two engines in one process stepped alternately, {a.steps} rounds after 3, "
+        f"{a.context} tokens of context, ORT thread spinning off; onnxruntime {ort.__version__}, {a.threads} "
+        f"threads; {machine_line()}.", "",
+        markdown_table(["rows", "joined ms (median)", "separate ms (median)", "joined ms (mean)",
+                        "separate ms (mean)", "joined / separate (median of the rounds' ratios)"],
+                       [[r["rows"], f"{r['joined']:.1f}", f"{r['separate']:.1f}", f"{r['joined_mean']:.1f}",
+                         f"{r['separate_mean']:.1f}", f"{r['ratio']:.3f}x"] for r in res]), ""])
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
