@@ -64,8 +64,11 @@ class ExportSpec:
     attention: str = "bsbr"
     state_outputs: bool = True
     # The prefill graph takes plain causal attention, through one If per layer, for prompts within
-    # the exact span (chunk size x (look-back + 1) tokens: nothing to retrieve). ORT runs it; the
-    # graphs TensorRT parses are written without it (their plugin is not placed inside an If).
+    # the exact span (chunk size x (look-back + 1) tokens: nothing to retrieve), and so does the
+    # extend graph for fresh rows. ORT runs it; the graphs TensorRT parses are written without it
+    # (their plugin is not placed inside an If), and so are int8 graphs: their per-token
+    # quantization can turn the two paths' fp32 rounding differences into whole quantization
+    # steps, and an int8 prompt gives the same bits fed whole or in pieces (graph.Graph.qlinear).
     short_prompts: bool = True
 
     def __post_init__(self):
@@ -79,6 +82,10 @@ class ExportSpec:
             raise ConfigError(f"opset must be >= 18, got {self.opset}")
         if self.fp16 and self.int8:
             raise ConfigError("an export is fp16 or int8, not both")
+
+    @property
+    def short_path(self) -> bool:
+        return self.short_prompts and not self.int8 and self.attention == "bsbr"
 
     @property
     def precision(self) -> str:
@@ -214,7 +221,7 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     earlier = g.op("Less", g.op("Unsqueeze", jn, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i - n
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
-    if spec.short_prompts and spec.attention == "bsbr":  # T <= the exact span: causal attention (one mask)
+    if spec.short_path:  # T <= the exact span: causal attention (one mask)
         ctx["exact"] = g.op("LessOrEqual", Tsc, g.const(L * (cfg.lookback + 1)))
         ctx["causal_bias"] = g.if_else(ctx["exact"], lambda: [ops_onnx.causal_bias(g, T)],
                                        lambda: [g.op("Identity", g.fconst([[0.0]]))])
@@ -264,7 +271,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     g, W = _graph_for(model, spec, sink)
     state_in = _state_inputs(g, state.CARRIED, cfg.n_layer)
     ctx = ops_extend.extend_context(g, cfg, "input_ids", "lengths", "position", state_in[state.BANK_H][0],
-                                    short_prompts=spec.short_prompts)
+                                    short_prompts=spec.short_path)
     g.lead = g.op("Shape", "input_ids")  # [B, T]: the dense layers' rows (the piece's tokens)
     x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
              g.op("Gather", W("wpe.weight"), _positions(g, cfg, ctx["positions"])))  # (B, T, E): the piece

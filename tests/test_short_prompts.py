@@ -139,10 +139,13 @@ def test_the_extend_graph_takes_the_short_path_for_fresh_rows_only(exports, tmp_
     assert _nodes_run(full / "extend.onnx", 0) > held * 0.9
 
 
-def test_the_short_path_is_off_for_tensorrt_graphs(exports):
-    """``short_prompts=False`` (what the pipeline sets when it builds a TensorRT engine) writes no If."""
-    _, _, full = exports["lookback-normalised"]
+def test_the_short_path_is_off_for_tensorrt_and_int8_graphs(exports, tmp_path):
+    """``short_prompts=False`` (what the pipeline sets when it builds a TensorRT engine) writes no
+    If; nor do int8 graphs, whose prompts give the same bits fed whole or in pieces."""
+    model, _, full = exports["lookback-normalised"]
     assert not _ifs(full / "model.onnx")
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=MAX, int8=True))
+    assert not _ifs(tmp_path / "model_int8.onnx") and not _ifs(tmp_path / "extend_int8.onnx")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -433,13 +433,14 @@ def step_attention(g: Graph, W, cfg, p, q, k, v, K_state, V_state, visible, S_st
 
     The state is read, never copied or rewritten: the token's own key is a score column of its
     own (its row is written into the window by the caller after the step), and S is read by one
-    product whose small result is split into the S and Z terms. The scale goes on q as a vector:
-    a scalar would fuse into the product's alpha, which takes ORT's CPU kernel off its one-row
-    (GEMV) path (3x slower for 16 rows x 12 heads over 256 keys)."""
-    d = cfg.head_dim
-    qk = g.op("Mul", q, g.fconst([1.0 / math.sqrt(d)] * d))
+    product whose small result is split into the S and Z terms. Look-back: the scale on q as a
+    vector (a scalar fuses into the product's alpha, off ORT's one-row GEMV path: 3x slower). The
+    chunk window keeps the scalar of its extend graph, so that int8 decode and extend round alike."""
+    d, s = cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+    qk = g.op("Mul", q, g.fconst([s] * d)) if cfg.lookback else q
     sc = g.op("MatMul", qk, g.op("Transpose", K_state, perm=[0, 1, 3, 2]))  # (B, H, 1, rows)
     own = g.op("ReduceSum", g.op("Mul", qk, k), g.const([-1]), keepdims=1)  # (B, H, 1, 1)
+    sc, own = (sc, own) if cfg.lookback else (g.op("Mul", sc, g.fconst(s)), g.op("Mul", own, g.fconst(s)))
     scores = g.op("Concat", g.op("Where", visible, sc, g.fconst(NEG)), own, axis=-1)  # (B, H, 1, rows + 1)
     qs = phi(g, W, cfg, p, q)
     if cfg.compression is not None:
