@@ -4,9 +4,9 @@ session per graph), in one process, stepped alternately.
 
 Both engines hold a state of ``--rows`` rows filled with random values of ``--context`` tokens
 (``bench_decode_batch.random_bsbr_state``). ORT's thread spinning is off in both
-(``session.intra_op.allow_spinning = 0``): with it on, the idle engine's threads spin while the
-other runs, and both measure ~1.6x slower. Reported per row count: median and mean step of
-each, and the median of the rounds' ratios (joined / separate).
+(``session.intra_op.allow_spinning = 0``; ``--spin`` leaves it on): with it on, the idle
+engine's threads spin while the other runs and slow it. Reported per row count: median and
+mean step of each, and the median of the rounds' ratios (joined / separate).
 
     python scripts/decode_joined_ab.py WORK [--rows 1,16] [--context 256] [--steps 100]
         [--out docs/results/decode-joined.md]
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import prepare, random_bsbr_state  # noqa: E402
 
 
-def measure(path: str, rows: int, context: int, steps: int, threads: int) -> dict:
+def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
     from bsbr_export.runtime.engine import Engine
 
-    so = {"session.intra_op.allow_spinning": "0"}
+    so = {} if spin else {"session.intra_op.allow_spinning": "0"}
     engines = {"joined": Engine(path, threads=threads, session_options=so),
                "separate": Engine(path, threads=threads, session_options=so, join=False)}
     rng = np.random.default_rng(0)
@@ -62,6 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="timed rounds [100]")
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
     ap.add_argument("--max-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
+    ap.add_argument("--spin", action="store_true", help="leave ORT's thread spinning on (its default)")
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-joined.md"), help="Markdown to write")
     a = ap.parse_args(argv)
     try:
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     if min(rows) < 1 or a.context < 1 or a.steps < 1 or a.threads < 1 or a.context + a.steps + 3 > a.max_len:
         ap.error("--rows, --context, --steps and --threads must be >= 1, and the run must fit --max-len")
     path = str(prepare(a.work, a.max_len, ["bsbr"], None, lambda m: print(m, flush=True))["bsbr"])
-    res = [measure(path, r, a.context, a.steps, a.threads) for r in rows]
+    res = [measure(path, r, a.context, a.steps, a.threads, a.spin) for r in rows]
     import onnxruntime as ort
 
     from bsbr_export.util import atomic_write_text, machine_line, markdown_table
@@ -81,7 +82,7 @@ def main(argv=None) -> None:
         "## Decode step: the joined prompt + per-token session against a session per graph", "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion, exported by "
         f"`bench_decode_batch.py`; two engines in one process stepped alternately, {a.steps} rounds after 3, "
-        f"{a.context} tokens of context, ORT thread spinning off; onnxruntime {ort.__version__}, {a.threads} "
+        f"{a.context} tokens of context, ORT thread spinning {'on' if a.spin else 'off'}; onnxruntime {ort.__version__}, {a.threads} "
         f"threads; {machine_line()}.", "",
         markdown_table(["rows", "joined ms (median)", "separate ms (median)", "joined ms (mean)",
                         "separate ms (mean)", "joined / separate (median of the rounds' ratios)"],
