@@ -101,6 +101,17 @@ def random_bsbr_state(spec, batch: int, context: int, rng) -> dict:
     return st
 
 
+def filled_state(eng, batch: int, context: int, rng, room: int):
+    """A state of ``batch`` rows of ``eng`` holding random values of ``context`` tokens
+    (``random_bsbr_state``), each row's bank reserved for ``room`` tokens, as a server reserves
+    it at admission."""
+    st = eng.new_state(batch)
+    st.set_rows(slice(None), random_bsbr_state(eng.spec, batch, context, rng), context)
+    for r in range(batch):
+        eng.reserve(st, r, room)
+    return st
+
+
 def run_case(case: dict) -> dict:
     backend, B, ctx, threads = case["backend"], case["batch"], case["context"], case["threads"]
     rng = np.random.default_rng(0)
@@ -109,10 +120,7 @@ def run_case(case: dict) -> dict:
         from bsbr_export.runtime.engine import Engine
 
         eng = Engine(case["path"], precision="int8" if backend.endswith("int8") else "fp32", threads=threads)
-        st = eng.new_state(B)
-        st.set_rows(slice(None), random_bsbr_state(eng.spec, B, ctx, rng), ctx)
-        for r in range(B):  # each row's bank for the whole run, as a server reserves it at admission
-            eng.reserve(st, r, ctx + case["warmup"] + case["steps"])
+        st = filled_state(eng, B, ctx, rng, ctx + case["warmup"] + case["steps"])
         step = lambda tok: eng.decode(st, tok)  # noqa: E731
         state_bytes = st.nbytes() / B
     else:

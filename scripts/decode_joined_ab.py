@@ -3,7 +3,7 @@ one ORT session, an If on a bool input: ``runtime.joined``) against ``Engine(joi
 session per graph), in one process, stepped alternately.
 
 Both engines hold a state of ``--rows`` rows filled with random values of ``--context`` tokens
-(``bench_decode_batch.random_bsbr_state``). ORT's thread spinning is off in both
+(``bench_decode_batch.filled_state``). ORT's thread spinning is off in both
 (``session.intra_op.allow_spinning = 0``; ``--spin`` leaves it on): with it on, the idle
 engine's threads spin while the other runs and slow it. Reported per row count: median and
 mean step of each, and the median of the rounds' ratios (joined / separate).
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_batch import prepare, random_bsbr_state  # noqa: E402
+from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 
 def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
@@ -34,13 +34,7 @@ def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: 
     engines = {"joined": Engine(path, threads=threads, session_options=so),
                "separate": Engine(path, threads=threads, session_options=so, join=False)}
     rng = np.random.default_rng(0)
-    states = {}
-    for name, eng in engines.items():
-        st = eng.new_state(rows)
-        st.set_rows(slice(None), random_bsbr_state(eng.spec, rows, context, rng), context)
-        for r in range(rows):
-            eng.reserve(st, r, context + steps + 3)
-        states[name] = st
+    states = {name: filled_state(eng, rows, context, rng, context + steps + 3) for name, eng in engines.items()}
     tok, times = np.ones(rows, np.int64), {n: [] for n in engines}
     for i in range(steps + 3):
         for name, eng in engines.items():

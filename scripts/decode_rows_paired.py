@@ -4,7 +4,7 @@
 one-row step then differs between processes by more than the target's margin (GPT-2 small,
 context 256 against 8192, same work: 25.1 against 20.4 ms in one run). Here one engine holds a
 state of 1 row and a state of ``--rows`` rows, both filled with random values of ``--context``
-tokens (``bench_decode_batch.random_bsbr_state``) and banks reserved for the whole run; each
+tokens (``bench_decode_batch.filled_state``) and banks reserved for the whole run; each
 round steps the one-row state, then the many-row state, back to back. Reported: the median step
 of each, the mean (chunk closes included: any 128 consecutive steps hold one close per row), and
 the median and mean of the rounds' ratios.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_batch import prepare, random_bsbr_state  # noqa: E402
+from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 
 def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads: int) -> dict:
@@ -34,13 +34,7 @@ def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads
 
     eng = Engine(path, threads=threads)
     rng = np.random.default_rng(0)
-    states = {}
-    for B in (1, rows):
-        st = eng.new_state(B)
-        st.set_rows(slice(None), random_bsbr_state(eng.spec, B, context, rng), context)
-        for r in range(B):
-            eng.reserve(st, r, context + warmup + steps)
-        states[B] = st
+    states = {B: filled_state(eng, B, context, rng, context + warmup + steps) for B in (1, rows)}
     tok = {B: np.ones(B, np.int64) for B in states}
     times = {B: [] for B in states}
     for i in range(warmup + steps):
