@@ -44,6 +44,7 @@ from .config import BSBRConfig
 from .graph import NEG, Graph
 from .ops import onnx_extend as ops_extend
 from .ops import onnx_graph as ops_onnx
+from .ops.onnx_short import causal_bias
 from .ops import state
 
 OPSET = 18
@@ -223,8 +224,7 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
     if spec.short_path:  # T <= the exact span: causal attention (one mask)
         ctx["exact"] = g.op("LessOrEqual", Tsc, g.const(L * (cfg.lookback + 1)))
-        ctx["causal_bias"] = g.if_else(ctx["exact"], lambda: [ops_onnx.causal_bias(g, T)],
-                                       lambda: [g.op("Identity", g.fconst([[0.0]]))])
+        ctx["causal_bias"] = causal_bias(g, T, ctx["exact"])
     jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1)) if n or decay else None
     if n:  # the bank's chunks the open chunk n_done retrieves from: j < n_done - n, (1, n_done)
         ctx["bank_before_window"] = g.op("Unsqueeze", g.op("Less", g.op("Add", jd, g.const(n)), n_done), zero)

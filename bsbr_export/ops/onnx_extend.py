@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from ..graph import Graph
-from .onnx_graph import _meta, causal_attention, causal_bias, chunk_states, fused_chunk_attention, phi, \
-    retrieval_weights
+from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_weights
+from .onnx_short import causal_attention, causal_bias
 from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
 
 
@@ -237,7 +237,7 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
         fresh = g.op("And", g.op("Equal", g.op("ReduceMax", position, keepdims=0), g.const(0)),
                      g.op("LessOrEqual", g.op("Squeeze", span, zero), g.const(n * L + L - 1)))
         ctx["fresh"] = fresh
-        ctx["causal_bias"] = g.if_else(fresh, lambda: [causal_bias(g, T)], lambda: [g.op("Identity", g.fconst([[0.0]]))])
+        ctx["causal_bias"] = causal_bias(g, T, fresh)
         ctx["fresh_rows"] = g.op("Min", ctx["open_rows"], Tm1)  # the state's rows, from the piece's tokens
         ctx["fresh_last"] = g.op("Sub", g.op("Min", T, g.const([L])), one)  # (1,): the first chunk's last token
     return ctx

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..graph import NEG, Graph
+from .onnx_short import causal_attention
 from .state import BANK_F, BANK_H, K, S, V, StateSpec
 
 DOMAIN = "bsbr"
@@ -315,20 +316,6 @@ def _split_state(g: Graph, SZ, d: int, normalised: bool):
     return g.op("Split", SZ, g.const([d, 1]), axis=-1, outputs=2)
 
 
-def causal_bias(g: Graph, T):
-    """(T, T) additive causal mask: 0 where key <= query, NEG above the diagonal."""
-    from onnx import helper
-
-    ones = g.op("ConstantOfShape", g.cat(T, T), value=helper.make_tensor("one", 1, [1], [1.0]))  # fp32 (Trilu)
-    return g.op("Where", g.op("Cast", g.op("Trilu", ones, upper=0), to=9), g.fconst(0.0), g.fconst(NEG))
-
-
-def causal_attention(g: Graph, q, k, v, bias, scale):
-    """Causal softmax attention over all T keys: q, k, v (B, H, T, d), bias (T, T) -> (B, H, T, d)."""
-    scores = g.op("Add", g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), scale), bias)
-    return g.op("MatMul", g.softmax(scores), v)
-
-
 def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     """BSBR attention of one layer over the prompt -> o (B, H, T, d); appends the layer's decode
     state after the prompt to ``states`` (a dict of lists by state name) unless it is None."""
@@ -336,7 +323,7 @@ def bsbr_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, states):
     dc = StateSpec.from_config(cfg).state_cols
     norm = cfg.retrieval == "normalised"
     zero, one = g.const([0]), g.const([1])
-    T, C, L1 = ctx["T"], ctx["C"], ctx["L1"]
+    T, L1 = ctx["T"], ctx["L1"]
     rows = _meta_rows(g, ctx, states is not None, (H, d, dp, dc, L), xa)
     scale = g.fconst(1.0 / math.sqrt(d))
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
