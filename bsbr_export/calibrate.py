@@ -126,14 +126,16 @@ def transfer_loss(block, hidden: torch.Tensor, loss: str = "weights") -> torch.T
             causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             log_a = torch.log_softmax(scores.masked_fill(~causal, float("-inf")), -1)
-        log_w = normalised_log_weights(q, k, r, h, a.g, L, a.fmap, cfg.local_window, cfg.retrieval_weights, a.decay)
+        log_w = normalised_log_weights(q, k, r, h, a.g, L, a.fmap, cfg.local_window, cfg.retrieval_weights, a.decay,
+                                       cfg.retrieving_chunks)
         kl = torch.where(causal, log_a.exp() * (log_a - log_w), torch.zeros_like(log_w))
         return kl.sum(-1).mean()
     if loss == "output":
         with torch.no_grad():
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         o = bsbr_attention(q, k, v, r, h, a.g, L, a.U, retrieval=cfg.retrieval, feature_map=a.fmap,
-                           local_window=cfg.local_window, retrieval_weights=cfg.retrieval_weights, decay=a.decay)
+                           local_window=cfg.local_window, retrieval_weights=cfg.retrieval_weights, decay=a.decay,
+                           retrieval_until=cfg.retrieving_chunks)
         return F.mse_loss(o, ref)
     raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {loss!r}")
 

@@ -120,8 +120,8 @@ def prepare(model: str, data, out: Path, settings: Settings, original: str | Non
     if s.lr is None:
         s.lr = STAGE1_LR.get(cfg.feature_map, DEFAULT_LR)
     asked = s.long_every is not None
-    if not asked:
-        s.long_every = LONG_EVERY if s.stage2 else 0
+    if not asked:  # long windows teach the retrieval beyond the position table: none when it stops there
+        s.long_every = LONG_EVERY if s.stage2 and cfg.retrieval_until is None else 0
     if s.long_every:
         if not s.stage2:
             raise ConfigError("--long-every trains stage 2 on long windows: add --stage2")
@@ -458,8 +458,10 @@ def _where(source: str) -> str:
 SELF_TOKENS = 32768
 # What a conversion calibrated here gets when the user names neither (docs/results/
 # self-calibration-hedgehog*.md): the hedgehog map, trained, retrieves much better than elu + 1,
-# and decay weights keep later chunks' agreement close to the first ones'.
-CALIBRATION_DEFAULTS = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
+# and decay weights keep later chunks' agreement close to the first ones'. The retrieval stops at the
+# position table: beyond it, every calibrated conversion measured was worse with it than without
+# (docs/results/retrieval-until.md).
+CALIBRATION_DEFAULTS = {"feature_map": "hedgehog", "retrieval_weights": "decay", "retrieval_until": "positions"}
 
 
 def calibration_options(model, options: dict) -> dict:

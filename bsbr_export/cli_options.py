@@ -44,6 +44,10 @@ def conversion_options(f):
                      f"[{DEFAULT_RETRIEVAL_WEIGHTS}; decay when calibrated: --calibrate self, calibrate]."),
         click.option("--retrieval-decay", type=float, default=0.95, show_default=True,
                      help="Initial lambda in (0, 1] of --retrieval-weights decay."),
+        click.option("--retrieval-until", default=None, metavar="TOKENS|positions|all", callback=_until,
+                     help="Chunks that start at or after this token retrieve nothing (the local softmax alone). "
+                          "positions: the model's position table (n_positions); all: every chunk retrieves "
+                          "[all; positions when calibrated: --calibrate self, calibrate]."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -52,16 +56,22 @@ def conversion_options(f):
     return f
 
 
+def _until(ctx, param, value):
+    """--retrieval-until: a number of tokens as an int, a word as it is (the config checks both)."""
+    return int(value) if value is not None and value.strip().isdigit() else value
+
+
 def options_dict(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map,
-                 local_window, retrieval_weights, retrieval_decay) -> dict:
+                 local_window, retrieval_weights, retrieval_decay, retrieval_until) -> dict:
     return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
                 meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
-                local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay)
+                local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay,
+                retrieval_until=retrieval_until)
 
 
 def changed_options(opts: dict) -> dict:
     """Conversion options the user set away from their defaults (a converted model takes none)."""
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
                     retrieval_scale=None, retrieval="normalised", feature_map=None, local_window=DEFAULT_LOCAL_WINDOW,
-                    retrieval_weights=None, retrieval_decay=0.95)
+                    retrieval_weights=None, retrieval_decay=0.95, retrieval_until=None)
     return {k: v for k, v in options_dict(**opts).items() if v != defaults[k]}

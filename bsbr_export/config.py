@@ -102,6 +102,11 @@ class BSBRConfig:
         at ``retrieval_decay``, in (0, 1]): S_i = lambda S_{i-1} + F_{i-1-lookback}, no meta vectors;
       ``gate``: sigmoid(r_i . h_j / sqrt d), unnormalised.
       The fused op takes each chunk's S as it is, so only the retrieval changes.
+    retrieval_until: the tokens within which chunks retrieve: chunk i retrieves only when it starts
+      before this position (i L < retrieval_until); later chunks keep the local softmax alone (S_i = 0).
+      None (or "all"): every chunk retrieves; "positions": the position table, n_positions, where
+      GPT-2's learned positions end (beyond it the retrieval made perplexity worse for every
+      conversion measured: docs/results/retrieval-until.md).
     """
 
     vocab_size: int
@@ -123,6 +128,7 @@ class BSBRConfig:
     local_window: str = DEFAULT_LOCAL_WINDOW
     retrieval_weights: str = DEFAULT_RETRIEVAL_WEIGHTS
     retrieval_decay: float = 0.95  # initial lambda of ``decay``
+    retrieval_until: int | str | None = None  # None: every chunk retrieves
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -139,6 +145,11 @@ class BSBRConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        until = {"all": None, "positions": self.n_positions}.get(self.retrieval_until, self.retrieval_until)
+        if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
+            raise ConfigError(f"retrieval until must be a positive number of tokens, 'positions' or 'all', "
+                              f"got {self.retrieval_until!r}")
+        object.__setattr__(self, "retrieval_until", until)
         check_chunk_size(self.chunk_size)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -188,6 +199,12 @@ class BSBRConfig:
     def state_dim(self) -> int:
         """d': rows of a (compressed) chunk state."""
         return self.head_dim // (self.compression or 1)
+
+    @property
+    def retrieving_chunks(self) -> int | None:
+        """Chunks i that retrieve (i < this; ``retrieval_until``), None: every chunk."""
+        u = self.retrieval_until
+        return None if u is None else -(-u // self.chunk_size)
 
     @property
     def lookback(self) -> int:

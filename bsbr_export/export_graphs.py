@@ -220,6 +220,9 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     decay = cfg.retrieval_weights == "decay"
     jn = g.op("Add", j, g.const(n)) if n else j
     earlier = g.op("Less", g.op("Unsqueeze", jn, zero), g.op("Unsqueeze", j, one))  # (C, C): [i, j] = j < i - n
+    U = cfg.retrieving_chunks  # chunks i >= U retrieve nothing
+    if U is not None:
+        earlier = g.op("And", earlier, g.op("Less", g.op("Unsqueeze", j, one), g.const(U)))
     r_idx = g.op("Max", g.op("Sub", n_done, one), zero)  # meta query of the open chunk
     ctx = dict(T=T, C=C, L1=L1, last=last, n_done=n_done, n_cur=n_cur, earlier=earlier, r_idx=r_idx)
     if spec.short_path:  # T <= the exact span: causal attention (one mask)
@@ -228,6 +231,9 @@ def prefill_graph(model, spec: ExportSpec, sink=None):
     jd = g.op("Range", g.const(0), g.op("Squeeze", n_done, zero), g.const(1)) if n or decay else None
     if n:  # the bank's chunks the open chunk n_done retrieves from: j < n_done - n, (1, n_done)
         ctx["bank_before_window"] = g.op("Unsqueeze", g.op("Less", g.op("Add", jd, g.const(n)), n_done), zero)
+    if U is not None:  # none when the open chunk is past retrieval_until
+        open_ok = g.op("Less", n_done, g.const([U]))  # (1,)
+        ctx["bank_before_window"] = (g.op("And", ctx["bank_before_window"], open_ok) if n else open_ok)
     if decay:  # ages i - 1 - n - j of the decaying retrieval weights: (C, C), and the open chunk's (n_done,)
         ctx["age"] = g.op("Sub", g.op("Unsqueeze", g.op("Sub", j, g.const(1 + n)), one), g.op("Unsqueeze", j, zero))
         ctx["bank_age"] = g.op("Sub", g.op("Sub", n_done, g.const([1 + n])), jd)

@@ -96,8 +96,16 @@ def perplexity_change(nll_ref, nll_new, n_boot: int = 2000, level: float = 0.95,
 
 
 def format_change(c: dict) -> str:
-    """``+1.2% [-0.3, +2.8]`` (the interval at ``c["level"]``)."""
-    return f"{100 * c['change']:+.1f}% [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+    """``+1.2% [-0.3, +2.8]`` (the interval at ``c["level"]``). A bound that would print as 0.0
+    but is not zero gets the digits that show its sign (``[-1.0, -0.03]``): whether an interval
+    excludes zero is what a reader looks for."""
+    def bound(x: float) -> str:
+        for digits in (1, 2, 3):
+            s = f"{100 * x:+.{digits}f}"
+            if float(s) != 0 or x == 0:
+                return s
+        return s
+    return f"{100 * c['change']:+.1f}% [{bound(c['lo'])}, {bound(c['hi'])}]"
 
 
 def mean_std(values) -> tuple[float, float]:

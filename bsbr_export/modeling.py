@@ -102,7 +102,8 @@ class Attention(nn.Module):
         r, h = self.meta(x)
         L = self.cfg.chunk_size
         mode = dict(retrieval=self.cfg.retrieval, feature_map=self.fmap, local_window=self.cfg.local_window,
-                    retrieval_weights=self.cfg.retrieval_weights, decay=self.decay)
+                    retrieval_weights=self.cfg.retrieval_weights, decay=self.decay,
+                    retrieval_until=self.cfg.retrieving_chunks)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl == "vectorised":
@@ -230,7 +231,8 @@ class BSBRGPT2(nn.Module):
                 st.k[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = k[:, :, lo:lo + L]
                 st.v[:, i, :, base - m * L:base - m * L + min(L, T - lo)] = v[:, :, lo:lo + L]
             if n_cur:  # the open chunk n_done already has its S in the full computation
-                st.S[:, i] = retrieve(r, h, Fs, c.lookback, **a.weights)[:, :, n_done]  # (B, H, d', dc)
+                st.S[:, i] = retrieve(r, h, Fs, c.lookback, **a.weights,
+                                      until=c.retrieving_chunks)[:, :, n_done]  # (B, H, d', dc)
             else:  # the prompt ended on a chunk boundary: build S for the next chunk
                 st.S[:, i] = self._next_S(a, xa[:, T - 1], st, i, n_done)
             x = block(x)
@@ -241,6 +243,8 @@ class BSBRGPT2(nn.Module):
         """S of the chunk after the ``n_closed``-th closed one, from the bank's chunks before its
         local window (all closed chunks, or all but the last ``lookback``): (B, H, d', dc)."""
         n = max(0, n_closed - self.cfg.lookback)
+        if self.cfg.retrieving_chunks is not None and n_closed >= self.cfg.retrieving_chunks:
+            n = 0  # a chunk past retrieval_until retrieves nothing
         r = a.heads(a.meta_q(x_last)[:, None])[:, :, 0]  # (B, H, d)
         return retrieve_one(r, st.bank_h[:, layer, :, :n], st.bank_F[:, layer, :, :n], **a.weights)
 

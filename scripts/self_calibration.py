@@ -92,6 +92,8 @@ def main(argv=None):
     ap.add_argument("--long-len", type=int, default=None, help="tokens of a --long-every window [4 x 1024]")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--feature-map", default="learned", help="the conversion's feature map (learned starts as elu + 1)")
+    ap.add_argument("--retrieval-until", default="all",
+                    help="the conversion's retrieval_until: tokens, positions or all [all]")
     ap.add_argument("--long", type=int, nargs="*", default=[],
                     help="also perplexity over every non-overlapping window of these lengths the held-out stream "
                          "holds, one window against the original in n_positions pieces (table 7's measure)")
@@ -101,6 +103,8 @@ def main(argv=None):
                     help="measure the conversions only (the retrieval-weights table: no calibration)")
     ap.add_argument("--out", default=str(ROOT / "docs/results/self-calibration.md"))
     ap.add_argument("--title", default=None, help="the section's heading [by what the run measures]")
+    ap.add_argument("--save", default=None,
+                    help="also write each calibrated model to SAVE/LOCAL_WINDOW-WEIGHTS (a converted checkpoint)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
@@ -111,7 +115,9 @@ def main(argv=None):
     rows, long = [], []
     for v in a.variants:
         window, weights = v.split(":")
-        opts = dict(chunk_size=CHUNK, local_window=window, retrieval_weights=weights, feature_map=a.feature_map)
+        until = int(a.retrieval_until) if a.retrieval_until.isdigit() else a.retrieval_until
+        opts = dict(chunk_size=CHUNK, local_window=window, retrieval_weights=weights, feature_map=a.feature_map,
+                    retrieval_until=until)
         fm = {"learned": "learned φ", "elu1": "elu + 1", "hedgehog": "hedgehog φ"}.get(a.feature_map, a.feature_map)
         model = convert(a.model, **opts)
         before = measure(hf_outs, model, wins)
@@ -126,6 +132,9 @@ def main(argv=None):
             rec = self_calibrate(model, a.model, opts, a.minutes, Path(work) / "w", print, tokens=a.tokens,
                                  stage2=a.stage2, long_every=a.long_every, long_len=a.long_len)
         t_cal = time.time() - t_cal  # sampling, training, the held-out measures: what the user waits
+        if a.save:
+            from bsbr_export.convert import save_bsbr
+            save_bsbr(model, Path(a.save) / f"{window}-{weights}", tokenizer_from=Path(a.model), force=True)
         after = measure(hf_outs, model, wins)
         long += long_rows(hf, model, held, a.long, f"{window}, {weights} weights, {fm}", "self")
         print(f"{v}: after {after}", flush=True)
@@ -145,7 +154,8 @@ def main(argv=None):
            + f", early-stopped on held-out samples, budget {a.minutes:g} min on 2 threads, sampling and measures "
            "included")
     lines = [f"## {title}", "", f"    {cmd.strip()}", "", f"- machine: {machine_line()}",
-             f"- model {a.model}; chunk {CHUNK}, normalised retrieval, g = 0.03; {how}",
+             f"- model {a.model}; chunk {CHUNK}, normalised retrieval, g = 0.03, retrieval until "
+             f"{a.retrieval_until}; {how}",
              f"- measured on {len(wins)} held-out windows of 1024 tokens of heldout_ids.npy (real text the "
              "calibration never sees); perplexity against the original's on the same windows; chunk 2 / chunk 7: "
              "top-1 agreement inside those chunks", "", *tables(rows, long)]

@@ -307,7 +307,9 @@ def test_the_main_command_calibrates_on_samples_of_the_original_before_the_expor
     assert manifest["parity"]["onnx_fp32"]["passed"]  # the graphs are those of the calibrated model
     # No --feature-map given: the conversion calibrated is the hedgehog one, both stages ran.
     assert manifest["options"]["feature_map"] == "hedgehog" and rec["options"]["feature_map"] == "hedgehog"
-    assert manifest["options"]["retrieval_weights"] == "decay" and rec["training"]["long_every"] == 4
+    assert manifest["options"]["retrieval_weights"] == "decay"
+    # The retrieval stops at the position table, so no long windows (they teach the retrieval beyond it).
+    assert manifest["options"]["retrieval_until"] == 256 and rec["training"]["long_every"] == 0  # n_positions
     assert [s["stage"] for s in rec["stages"]] == [1, 2] and rec["training"]["lr"] == 1e-2
     assert any(line.startswith("  calibration ") and "samples of the original" in line
                for line in res.output.splitlines())
@@ -328,16 +330,18 @@ def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_pa
 
 
 def test_calibration_options_and_learning_rates(bundled_dir, tmp_path):
-    """A calibrated conversion gets the hedgehog map and decay weights unless the user named them (or
+    """A calibrated conversion gets the hedgehog map, decay weights and its retrieval stopped at the
+    position table unless the user named them (or
     chose the plain retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
     def co(options):
         return calibrate_run.calibration_options(bundled_dir, options)
 
-    hd = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
+    hd = {"feature_map": "hedgehog", "retrieval_weights": "decay", "retrieval_until": "positions"}
     assert co({}) == hd
     assert co({"chunk_size": 64}) == {"chunk_size": 64, **hd}
-    assert co({"feature_map": "elu1"}) == {"feature_map": "elu1", "retrieval_weights": "decay"}
-    assert co({"retrieval_weights": "gate"}) == {"feature_map": "hedgehog", "retrieval_weights": "gate"}
+    assert co({"feature_map": "elu1"}) == {**hd, "feature_map": "elu1"}
+    assert co({"retrieval_weights": "gate"}) == {**hd, "retrieval_weights": "gate"}
+    assert co({"retrieval_until": 4096}) == {**hd, "retrieval_until": 4096}
     assert co({"retrieval": "plain"}) == {"retrieval": "plain"}
     conv = tmp_path / "conv"  # an already converted model keeps what it was converted with
     save_bsbr(convert(bundled_dir, chunk_size=64), conv)

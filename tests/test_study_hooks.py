@@ -147,3 +147,11 @@ def test_fidelity_quick_with_baselines_has_every_row(tmp_path):
         row = next(line for line in tables[2].splitlines() if line.startswith(f"| {name} |"))
         assert row.rstrip(" |").endswith(state), (name, row)
     assert "% [" in tables[7]  # perplexity changes with their intervals
+
+
+def test_format_change_shows_the_sign_of_a_bound_near_zero():
+    """A bound that rounds to 0.0 at one decimal gets the digits that tell whether the interval
+    excludes zero; other bounds keep one decimal."""
+    assert format_change({"change": -0.005, "lo": -0.0104, "hi": -0.0003}) == "-0.5% [-1.0, -0.03]"
+    assert format_change({"change": 0.001, "lo": -0.0002, "hi": 0.0031}) == "+0.1% [-0.02, +0.3]"
+    assert format_change({"change": 0.0, "lo": 0.0, "hi": 0.012}) == "+0.0% [+0.0, +1.2]"

@@ -151,15 +151,19 @@ def weigh(scores: torch.Tensor, allowed: torch.Tensor, age: torch.Tensor, weight
 
 
 def retrieve(r: torch.Tensor, h: torch.Tensor, Fs: torch.Tensor, lookback: int = 0, weights: str = "softmax",
-             decay: torch.Tensor | None = None) -> torch.Tensor:
+             decay: torch.Tensor | None = None, until: int | None = None) -> torch.Tensor:
     """S_i = sum_{j<i-lookback} p_ij F_j for every chunk: (B, H, C, d', dc), p_ij of ``weigh``
     (``softmax``: softmax_j(r_i . h_j / sqrt(d))); S_i = 0 for the first 1 + lookback chunks (the
-    chunks the local window already covers are never retrieved)."""
+    chunks the local window already covers are never retrieved) and for chunks i >= ``until``
+    (``BSBRConfig.retrieving_chunks``; None: none such)."""
     B, H, C, d = r.shape
     scores = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
     i = torch.arange(C, device=r.device)
     age = i[:, None] - 1 - lookback - i[None, :]  # (C, C): i - 1 - lookback - j
-    p = weigh(scores, age >= 0, age, weights, decay)  # j < i - lookback
+    allowed = age >= 0  # j < i - lookback
+    if until is not None:
+        allowed = allowed & (i[:, None] < until)
+    p = weigh(scores, allowed, age, weights, decay)
     return (p @ Fs.flatten(-2)).view(Fs.shape)  # (B, H, C, d', dc)
 
 
@@ -228,13 +232,15 @@ def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int, lookback:
 
 def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str = "plain",
                    feature_map: str = "identity", local_window: str = "chunk", retrieval_weights: str = "softmax",
-                   decay=None) -> torch.Tensor:
+                   decay=None, retrieval_until: int | None = None) -> torch.Tensor:
     """Vectorised BSBR attention; ``fused`` may replace the last step (the Triton kernel, called
     with the ONNX function's arguments, and ``lookback=1`` with the look-back window).
-    ``retrieval_weights`` and ``decay`` (H,): the retrieval's weights (``weigh``)."""
+    ``retrieval_weights`` and ``decay`` (H,): the retrieval's weights (``weigh``); chunks from
+    ``retrieval_until`` on retrieve nothing (``retrieve``'s ``until``)."""
     norm = retrieval == "normalised"
     n = LOOKBACK_CHUNKS[local_window]
-    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n, retrieval_weights, decay)  # (B, H, C, d', dc)
+    SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n, retrieval_weights, decay,
+                  retrieval_until)  # (B, H, C, d', dc)
     S_full, Z_full = expand(SZ, U, norm)
     window = {"lookback": n} if n else {}
     if not norm:

@@ -225,6 +225,12 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
     j_new = g.op("Add", g.op("Unsqueeze", jc, zero), col(base))  # (B, Cc): the combined chunks' indices
     new_ok = g.op("And", g.op("GreaterOrEqual", j_new, col(m)), g.op("Less", j_new, upto))
     ctx["next_from"] = g.op("Unsqueeze", g.op("Concat", old_ok, new_ok, axis=1), g.const([1, 2]))  # (B,1,1,cap+Cc)
+    U = cfg.retrieving_chunks
+    if U is not None:  # chunks from U on (absolute indices) retrieve nothing
+        ctx["retrievable"] = g.op("And", ctx["retrievable"],
+                                  g.op("Unsqueeze", g.op("Less", j_new, g.const(U)), g.const([1, 3])))
+        ctx["next_from"] = g.op("And", ctx["next_from"],
+                                g.op("Unsqueeze", g.op("Less", m_new, g.const(U)), g.const([1, 2, 3])))
     ctx["chunk_closed"] = g.op("Unsqueeze", g.op("Greater", m_new, m), g.const([1, 2, 3]))  # (B, 1, 1, 1)
     if cfg.retrieval_weights == "decay":  # ages i - 1 - n - j of the retrieval's columns (bank, then piece)
         cols = g.op("Concat", g.op("Expand", jcap, g.cat(g.dim(ids, 0), cap)), j_new, axis=1)  # (B, cap + Cc)

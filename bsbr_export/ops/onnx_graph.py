@@ -471,6 +471,8 @@ def close_chunk(g: Graph, W, cfg, i: int, kk, vv, xa, bank_h, bank_F, position):
     flat = g.const([0, H, -1, dp * dc])
     # Chunk j' is j - n - j' chunks older than the newest chunk that j + 1 retrieves (decay only).
     age = g.op("Sub", g.op("Sub", chunk, g.const(n)), jj) if cfg.retrieval_weights == "decay" else None  # (B, cap)
+    U = cfg.retrieving_chunks  # chunk j + 1 >= U retrieves nothing
+    next_ok = None if U is None else g.op("Unsqueeze", g.op("Less", chunk, g.const(U - 1)), g.const([1, 2]))
     if n == 0:
         own = g.op("Mul", g.op("ReduceSum", g.op("Mul", r, hj), g.const([-1]), keepdims=1), scale)  # (B, H, 1, 1)
         sc = g.op("Concat", sc, own, axis=-1)
@@ -479,9 +481,11 @@ def close_chunk(g: Graph, W, cfg, i: int, kk, vv, xa, bank_h, bank_F, position):
         if age is not None:  # the closed chunk itself is the newest: age 0
             age = g.op("Concat", age, g.op("Sub", chunk, chunk), axis=1)
         age = None if age is None else g.op("Unsqueeze", age, g.const([1, 2]))
+        allowed = allowed if next_ok is None else g.op("And", allowed, next_ok)
         w = retrieval_weights(g, W, cfg, p, sc, allowed, age)  # (B, H, 1, cap + 1)
         S_next = _values(g, w, g.op("Reshape", bank_F, flat), g.op("Reshape", Fj, flat))  # (B, H, 1, d'dc)
     else:
         age = None if age is None else g.op("Unsqueeze", age, g.const([1, 2]))
+        allowed = allowed if next_ok is None else g.op("And", allowed, next_ok)
         S_next = g.op("MatMul", retrieval_weights(g, W, cfg, p, sc, allowed, age), g.op("Reshape", bank_F, flat))
     return g.op("Reshape", S_next, g.const([0, H, dp, dc])), hj, Fj

@@ -1,0 +1,163 @@
+"""``retrieval_until``: chunks that start at or after it retrieve nothing (the local softmax alone),
+through every backend: the torch chunk form against the loop reference, the explicit attention
+weights of the transfer, the recurrent decode against the prefill, the ONNX prefill, and the
+runtime engine (per-token, close and extend graphs) against torch. A tiny random GPT-2, chunk
+L = 8, retrieval until token 20 (chunks 0-2 retrieve), lengths that are not multiples of L."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsbr_export.config import BSBRConfig
+from bsbr_export.convert import convert, load_bsbr, save_bsbr
+from bsbr_export.errors import ConfigError
+from bsbr_export.export import ExportSpec, export_onnx
+from bsbr_export.ops import state as S
+from bsbr_export.ops.chunk import bsbr_attention
+from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
+from bsbr_export.runtime import ORTRunner
+from bsbr_export.runtime.engine import Engine, read_metadata
+from conftest import assert_close, assert_decode_matches, assert_ort_decode_matches, op_inputs, rand_ids
+
+L, UNTIL, MAX = 8, 20, 45
+U = 3  # chunks 0, 1, 2 start before token 20
+LENGTHS = [5, 21, 29, 45]
+DECAY = torch.tensor([0.5, 0.9, 1.0])
+VARIANTS = [("chunk", "softmax"), ("lookback", "softmax"), ("lookback", "decay"), ("chunk", "gate")]
+
+
+def model_opts(window, weights, until=UNTIL):
+    return dict(chunk_size=L, local_window=window, retrieval_weights=weights, retrieval_decay=0.8,
+                retrieval="normalised", feature_map="elu1", retrieval_scale=1.0, retrieval_until=until)
+
+
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("window,weights", VARIANTS)
+def test_chunk_form_equals_loop_reference(window, weights, T):
+    q, k, v, r, h, g = op_inputs(T, T, L, H=3, d=16, scale=0.5, g_min=0.5)
+    kw = dict(retrieval="normalised", feature_map="elu1", local_window=window, retrieval_weights=weights,
+              decay=DECAY)
+    vec = bsbr_attention(q, k, v, r, h, g, L, retrieval_until=U, **kw)
+    ref = bsbr_attention_reference(q, k, v, r, h, g, L, retrieval_until=U, **kw)
+    assert_close(vec, ref, 1e-5, f"{window} {weights} T={T}", rtol=4e-6)
+    # Before the limit the op is unchanged; from it on, the local softmax alone (no retrieval at all).
+    full = bsbr_attention(q, k, v, r, h, g, L, **kw)
+    assert_close(vec[:, :, :U * L], full[:, :, :U * L], 1e-6, "chunks before the limit")
+    if T > U * L:
+        local = bsbr_attention(q, k, v, r, h, torch.zeros_like(g), L, **kw)  # g = 0: no retrieved term
+        assert_close(vec[:, :, U * L:], local[:, :, U * L:], 1e-6, "chunks from the limit on")
+        assert (vec[:, :, U * L:] - full[:, :, U * L:]).abs().max() > 1e-4, "the limit changed nothing"
+
+
+@pytest.mark.parametrize("window,weights", VARIANTS)
+def test_log_weights_give_the_op(window, weights):
+    for T in LENGTHS:
+        q, k, v, r, h, g = op_inputs(T, 10 + T, L, H=3, d=16, scale=0.5, g_min=0.5)
+        log_w = normalised_log_weights(q, k, r, h, g, L, "elu1", window, weights, DECAY, U)
+        out = bsbr_attention(q, k, v, r, h, g, L, retrieval="normalised", feature_map="elu1", local_window=window,
+                             retrieval_weights=weights, decay=DECAY, retrieval_until=U)
+        assert_close(log_w.exp() @ v, out, 1e-5, f"{window} {weights} T={T}")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_hf_dir):
+    return {key: convert(tiny_hf_dir, **model_opts(*key)) for key in VARIANTS}
+
+
+@pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])
+def test_model_paths_and_decode(models, key):
+    model = models[key]
+    assert model.cfg.retrieving_chunks == U
+    ids = rand_ids(MAX, 7)
+    with torch.no_grad():
+        assert_close(model(ids), model(ids, impl="reference"), 1e-5, "reference")
+    for prompt in (1, 13, 2 * L, 3 * L + 1):
+        assert_decode_matches(model, ids, prompt, 1e-5, 2e-5, f"{key} prompt={prompt}")
+
+
+@pytest.fixture(scope="module")
+def exports(models, tmp_path_factory):
+    out = {}
+    for key in VARIANTS:
+        d = tmp_path_factory.mktemp("until_" + "_".join(key))
+        export_onnx(models[key], d, ExportSpec(max_seq_len=MAX))
+        out[key] = (models[key], d)
+    return out
+
+
+@pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])
+def test_onnx_prefill_equals_torch(exports, key):
+    model, d = exports[key]
+    assert read_metadata(d / "model.onnx")["config"]["retrieval_until"] == UNTIL
+    names = ["logits"] + [S.layer_name(n, i) for n in S.CARRIED for i in range(model.cfg.n_layer)]
+    with ORTRunner(d / "model.onnx", outputs=names) as r:
+        for T in [*LENGTHS, 3 * L, 4 * L]:
+            ids = rand_ids(T, T).numpy()
+            out = dict(zip(names, r.session.run(names, {"input_ids": ids})))
+            out |= S.stack(out, S.CARRIED, model.cfg.n_layer)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(ids), impl="reference")
+                _, st = model.prefill(torch.from_numpy(ids), max_len=T)
+            assert_close(torch.from_numpy(out["logits"]), ref, 1e-4, f"{key} T={T}")
+            assert_close(torch.from_numpy(out[S.S]), st.S, 1e-5, f"{key} T={T} S", rtol=1e-6)
+
+
+@pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])
+def test_engine_decode_and_extend_equal_torch(exports, key):
+    """Prompts, then one token at a time across the limit (per-token and close graphs), and a
+    prompt in pieces across it (extend graph): every position's logits equal the torch model's."""
+    model, d = exports[key]
+    ids = rand_ids(MAX, 5).numpy()
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids))
+    for prompt in (1, 13, 3 * L + 2):
+        assert_ort_decode_matches(full, d, ids, prompt, 1e-4, f"{key} prompt={prompt}")
+    eng = Engine(d, max_len=MAX)
+    st = eng.new_state(2)
+    for a, b in [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)]:  # tokens per row and call
+        pos = st.positions.copy()
+        logits = eng.extend(st, [0, 1], [ids[0, pos[0]:pos[0] + a], ids[1, pos[1]:pos[1] + b]])
+        for row, n in ((0, a), (1, b)):
+            assert_close(torch.from_numpy(logits[row]), full[row, pos[row] + n - 1], 1e-4,
+                         f"{key} row {row} at {pos[row] + n}")
+
+
+def test_config(tmp_path, tiny_hf_dir):
+    base = dict(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=8)
+    assert BSBRConfig(**base).retrieval_until is None and BSBRConfig(**base).retrieving_chunks is None
+    assert BSBRConfig(**base, retrieval_until="all").retrieval_until is None
+    cfg = BSBRConfig(**base, retrieval_until="positions")
+    assert (cfg.retrieval_until, cfg.retrieving_chunks) == (64, 8)
+    assert BSBRConfig(**base, retrieval_until=17).retrieving_chunks == 3  # chunk 2 starts at 16 < 17
+    assert BSBRConfig.from_dict(cfg.to_dict()) == cfg
+    legacy = {k: v for k, v in cfg.to_dict().items() if k != "retrieval_until"}  # written before the key
+    assert BSBRConfig.from_dict(legacy).retrieval_until is None
+    for bad in (0, -8, 2.5, True, "none", "1024"):
+        with pytest.raises(ConfigError, match="retrieval until must be"):
+            BSBRConfig(**base, retrieval_until=bad)
+    model = convert(tiny_hf_dir, **model_opts("lookback", "decay"))
+    save_bsbr(model, tmp_path / "m")
+    assert load_bsbr(tmp_path / "m").cfg.retrieval_until == UNTIL
+
+
+def test_cli_option_and_calibration_default(tiny_hf_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from bsbr_export.calibrate_run import calibration_options
+    from bsbr_export.cli import main
+
+    res = CliRunner().invoke(main, ["convert", "--help"])
+    assert res.exit_code == 0 and "--retrieval-until" in res.output, res.output
+    for value, want in (("positions", 256), ("all", None), ("40", 40)):
+        out = tmp_path / f"m-{value}"
+        res = CliRunner().invoke(main, ["convert", str(tiny_hf_dir), "--out", str(out), "--chunk-size", str(L),
+                                        "--retrieval-until", value])
+        assert res.exit_code == 0, res.output
+        assert load_bsbr(out).cfg.retrieval_until == want
+    res = CliRunner().invoke(main, ["convert", str(tiny_hf_dir), "--out", str(tmp_path / "bad"),
+                                    "--retrieval-until", "soon"])
+    assert res.exit_code != 0 and "retrieval until must be" in res.output and not (tmp_path / "bad").exists()
+    # A calibration retrieves within the position table unless told otherwise.
+    assert calibration_options(str(tiny_hf_dir), {})["retrieval_until"] == "positions"
+    assert calibration_options(str(tiny_hf_dir), {"retrieval_until": "all"})["retrieval_until"] == "all"
