@@ -458,10 +458,8 @@ def _where(source: str) -> str:
 SELF_TOKENS = 32768
 # What a conversion calibrated here gets when the user names neither (docs/results/
 # self-calibration-hedgehog*.md): the hedgehog map, trained, retrieves much better than elu + 1,
-# and decay weights keep later chunks' agreement close to the first ones'. The retrieval stops at the
-# position table: beyond it, every calibrated conversion measured was worse with it than without
-# (docs/results/retrieval-until.md).
-CALIBRATION_DEFAULTS = {"feature_map": "hedgehog", "retrieval_weights": "decay", "retrieval_until": "positions"}
+# and decay weights keep later chunks' agreement close to the first ones'.
+CALIBRATION_DEFAULTS = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
 
 
 def calibration_options(model, options: dict) -> dict:

@@ -46,8 +46,8 @@ def conversion_options(f):
                      help="Initial lambda in (0, 1] of --retrieval-weights decay."),
         click.option("--retrieval-until", default=None, metavar="TOKENS|positions|all", callback=_until,
                      help="Chunks that start at or after this token retrieve nothing (the local softmax alone). "
-                          "positions: the model's position table (n_positions); all: every chunk retrieves "
-                          "[all; positions when calibrated: --calibrate self, calibrate]."),
+                          "positions: the model's position table (n_positions), where GPT-2's learned positions "
+                          "end; all: every chunk retrieves [positions]."),
         click.option("--allow-pickle", is_flag=True,
                      help="Allow loading a pytorch_model.bin pickle checkpoint (runs code from the file)."),
     ]
@@ -63,10 +63,12 @@ def _until(ctx, param, value):
 
 def options_dict(chunk_size, compression, position_policy, meta_init, retrieval_scale, retrieval, feature_map,
                  local_window, retrieval_weights, retrieval_decay, retrieval_until) -> dict:
-    return dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
-                meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
-                local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay,
-                retrieval_until=retrieval_until)
+    out = dict(chunk_size=chunk_size, compression=compression, position_policy=position_policy,
+               meta_init=meta_init, retrieval_scale=retrieval_scale, retrieval=retrieval, feature_map=feature_map,
+               local_window=local_window, retrieval_weights=retrieval_weights, retrieval_decay=retrieval_decay)
+    if retrieval_until is not None:  # not named: the config's default
+        out["retrieval_until"] = retrieval_until
+    return out
 
 
 def changed_options(opts: dict) -> dict:
@@ -74,4 +76,4 @@ def changed_options(opts: dict) -> dict:
     defaults = dict(chunk_size=128, compression=None, position_policy="absolute", meta_init="qk",
                     retrieval_scale=None, retrieval="normalised", feature_map=None, local_window=DEFAULT_LOCAL_WINDOW,
                     retrieval_weights=None, retrieval_decay=0.95, retrieval_until=None)
-    return {k: v for k, v in options_dict(**opts).items() if v != defaults[k]}
+    return {k: v for k, v in options_dict(**opts).items() if v != defaults.get(k)}

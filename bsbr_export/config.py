@@ -33,8 +33,13 @@ RETRIEVAL_WEIGHTS = ("softmax", "sum", "decay", "gate")
 # agree a little better at 1024 tokens (86.6%) but their unnormalised retrieved mass grows with the
 # context and costs perplexity beyond it (docs/results/long-context.md: +14% at 8192).
 DEFAULT_LOCAL_WINDOW, DEFAULT_RETRIEVAL_WEIGHTS = "lookback", "softmax"
+# The retrieval stops at the position table (``retrieval_until``): beyond it, the retrieval made
+# perplexity over long windows worse than none for the default and for calibrated conversions alike
+# (docs/results/retrieval-until.md: at 8192 tokens the default went from -0.3% [-0.8, +0.3] against
+# the original in 1024-token pieces to -1.7% [-2.4, -1.0], --calibrate self from +13.8% to -1.3%).
+DEFAULT_RETRIEVAL_UNTIL = "positions"
 # What a saved config without the key meant when it was written (before the key existed).
-LEGACY = {"retrieval_weights": "softmax", "local_window": "chunk"}
+LEGACY = {"retrieval_weights": "softmax", "local_window": "chunk", "retrieval_until": None}
 
 
 def check_chunk_size(value) -> int:
@@ -104,9 +109,9 @@ class BSBRConfig:
       The fused op takes each chunk's S as it is, so only the retrieval changes.
     retrieval_until: the tokens within which chunks retrieve: chunk i retrieves only when it starts
       before this position (i L < retrieval_until); later chunks keep the local softmax alone (S_i = 0).
-      None (or "all"): every chunk retrieves; "positions": the position table, n_positions, where
-      GPT-2's learned positions end (beyond it the retrieval made perplexity worse for every
-      conversion measured: docs/results/retrieval-until.md).
+      "positions" (the default): the position table, n_positions, where GPT-2's learned positions
+      end (beyond it the retrieval made perplexity worse for every conversion measured:
+      docs/results/retrieval-until.md); None (or "all"): every chunk retrieves. Saved as tokens.
     """
 
     vocab_size: int
@@ -128,7 +133,7 @@ class BSBRConfig:
     local_window: str = DEFAULT_LOCAL_WINDOW
     retrieval_weights: str = DEFAULT_RETRIEVAL_WEIGHTS
     retrieval_decay: float = 0.95  # initial lambda of ``decay``
-    retrieval_until: int | str | None = None  # None: every chunk retrieves
+    retrieval_until: int | str | None = DEFAULT_RETRIEVAL_UNTIL  # None: every chunk retrieves
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None

@@ -330,13 +330,12 @@ def test_windows_the_conversion_computes_exactly_are_refused(bundled_dir, tmp_pa
 
 
 def test_calibration_options_and_learning_rates(bundled_dir, tmp_path):
-    """A calibrated conversion gets the hedgehog map, decay weights and its retrieval stopped at the
-    position table unless the user named them (or
+    """A calibrated conversion gets the hedgehog map and decay weights unless the user named them (or
     chose the plain retrieval); stage 1's learning rate follows the map unless given, stage 2 has its own."""
     def co(options):
         return calibrate_run.calibration_options(bundled_dir, options)
 
-    hd = {"feature_map": "hedgehog", "retrieval_weights": "decay", "retrieval_until": "positions"}
+    hd = {"feature_map": "hedgehog", "retrieval_weights": "decay"}
     assert co({}) == hd
     assert co({"chunk_size": 64}) == {"chunk_size": 64, **hd}
     assert co({"feature_map": "elu1"}) == {**hd, "feature_map": "elu1"}

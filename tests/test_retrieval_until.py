@@ -125,8 +125,9 @@ def test_engine_decode_and_extend_equal_torch(exports, key):
 
 def test_config(tmp_path, tiny_hf_dir):
     base = dict(vocab_size=10, n_positions=64, n_embd=8, n_layer=1, n_head=2, chunk_size=8)
-    assert BSBRConfig(**base).retrieval_until is None and BSBRConfig(**base).retrieving_chunks is None
+    assert (BSBRConfig(**base).retrieval_until, BSBRConfig(**base).retrieving_chunks) == (64, 8)  # the default
     assert BSBRConfig(**base, retrieval_until="all").retrieval_until is None
+    assert BSBRConfig(**base, retrieval_until=None).retrieving_chunks is None
     cfg = BSBRConfig(**base, retrieval_until="positions")
     assert (cfg.retrieval_until, cfg.retrieving_chunks) == (64, 8)
     assert BSBRConfig(**base, retrieval_until=17).retrieving_chunks == 3  # chunk 2 starts at 16 < 17
@@ -158,6 +159,7 @@ def test_cli_option_and_calibration_default(tiny_hf_dir, tmp_path):
     res = CliRunner().invoke(main, ["convert", str(tiny_hf_dir), "--out", str(tmp_path / "bad"),
                                     "--retrieval-until", "soon"])
     assert res.exit_code != 0 and "retrieval until must be" in res.output and not (tmp_path / "bad").exists()
-    # A calibration retrieves within the position table unless told otherwise.
-    assert calibration_options(str(tiny_hf_dir), {})["retrieval_until"] == "positions"
+    # Not named: the default, the position table (a calibration too); named: as given.
+    assert load_bsbr(tmp_path / "m-positions").cfg == convert(tiny_hf_dir, chunk_size=L).cfg
+    assert "retrieval_until" not in calibration_options(str(tiny_hf_dir), {})
     assert calibration_options(str(tiny_hf_dir), {"retrieval_until": "all"})["retrieval_until"] == "all"
