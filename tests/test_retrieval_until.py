@@ -1,16 +1,25 @@
 """``retrieval_until``: chunks that start at or after it retrieve nothing (the local softmax alone),
 through every backend: the torch chunk form against the loop reference, the explicit attention
-weights of the transfer, the recurrent decode against the prefill, the ONNX prefill, and the
-runtime engine (per-token, close and extend graphs) against torch. A tiny random GPT-2, chunk
+weights of the transfer, the recurrent decode against the prefill, the ONNX prefill, the runtime
+engine (per-token, close and extend graphs; fp32, fp16, int8) against torch, and the model
+through the Triton kernel (its interpreter). A tiny random GPT-2, chunk
 L = 8, retrieval until token 20 (chunks 0-2 retrieve), lengths that are not multiples of L."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from bsbr_export.config import BSBRConfig
-from bsbr_export.convert import convert, load_bsbr, save_bsbr
+from bsbr_export.convert import build_model, convert, load_bsbr, save_bsbr
 from bsbr_export.errors import ConfigError
 from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops import state as S
@@ -20,6 +29,7 @@ from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
 from conftest import assert_close, assert_decode_matches, assert_ort_decode_matches, op_inputs, rand_ids
 
+ROOT = Path(__file__).resolve().parents[1]
 L, UNTIL, MAX = 8, 20, 45
 U = 3  # chunks 0, 1, 2 start before token 20
 LENGTHS = [5, 21, 29, 45]
@@ -163,3 +173,66 @@ def test_cli_option_and_calibration_default(tiny_hf_dir, tmp_path):
     assert load_bsbr(tmp_path / "m-positions").cfg == convert(tiny_hf_dir, chunk_size=L).cfg
     assert "retrieval_until" not in calibration_options(str(tiny_hf_dir), {})
     assert calibration_options(str(tiny_hf_dir), {"retrieval_until": "all"})["retrieval_until"] == "all"
+
+
+# --------------------------------------------------------------------------- fp16, int8, Triton
+
+
+def test_fp16_engine_equals_torch(models, tmp_path):
+    """fp16 graphs: a prompt, then decode across the limit, within the fp16 tolerance (1e-3)."""
+    model = models[("lookback", "decay")]
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=MAX, fp16=True))
+    ids = rand_ids(MAX, 5).numpy()
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids))
+    eng = Engine(tmp_path, precision="fp16", max_len=MAX)
+    st = eng.new_state(2)
+    logits = eng.extend(st, [0, 1], [ids[0, :13], ids[1, :13]])
+    assert_close(torch.from_numpy(logits), full[:, 12], 1e-3, "fp16 prefill")
+    for t in range(13, MAX):
+        out = eng.decode(st, ids[:, t], np.array([True, True]))
+        assert_close(torch.from_numpy(out), full[:, t], 1e-3, f"fp16 t={t}")
+
+
+def test_int8_engine_follows_the_limit(models, tmp_path):
+    """int8 graphs: a prompt fed whole gives the bits of the same prompt in pieces then decoded
+    (the int8 graphs' rule), and past the limit the logits are nearer the torch model with the
+    limit than to the same weights retrieving from every chunk."""
+    model = models[("lookback", "softmax")]
+    export_onnx(model, tmp_path, ExportSpec(max_seq_len=MAX, int8=True))
+    ids = rand_ids(MAX, 6).numpy()
+    whole = Engine(tmp_path, precision="int8", max_len=MAX)
+    a = whole.extend(whole.new_state(2), [0, 1], [ids[0], ids[1]])
+    eng = Engine(tmp_path, precision="int8", max_len=MAX)
+    st = eng.new_state(2)
+    eng.extend(st, [0, 1], [ids[0, :11], ids[1, :29]])
+    eng.extend(st, [0], [ids[0, 11:29]])
+    for t in range(29, MAX - 1):
+        eng.decode(st, ids[:, t], np.array([True, True]))
+    b = eng.decode(st, ids[:, MAX - 1], np.array([True, True]))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        limited = model(torch.from_numpy(ids))[:, -1].numpy()
+        every = build_model(model.state_dict(), dataclasses.replace(model.cfg, retrieval_until=None))(
+            torch.from_numpy(ids))[:, -1].numpy()
+    assert np.abs(every - limited).max() > 10 * np.abs(a - limited).max(), "int8 did not follow the limit"
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed (pip install triton)")
+def test_model_impl_triton_follows_the_limit(models, tmp_path):
+    """The Triton kernel takes each chunk's S: the model through it (TRITON_INTERPRET=1, in a
+    subprocess) equals the vectorised model across the limit."""
+    model = models[("lookback", "decay")]
+    save_bsbr(model, tmp_path / "m")
+    code = ("import sys, torch; from bsbr_export.convert import load_bsbr; from conftest import rand_ids\n"
+            "m = load_bsbr(sys.argv[1]); ids = rand_ids(45, 1)\n"
+            "with torch.no_grad(): print((m(ids, impl='triton') - m(ids)).abs().max().item())")
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) <= 1e-5
