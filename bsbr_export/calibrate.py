@@ -135,7 +135,7 @@ def transfer_loss(block, hidden: torch.Tensor, loss: str = "weights") -> torch.T
             ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         o = bsbr_attention(q, k, v, r, h, a.g, L, a.U, retrieval=cfg.retrieval, feature_map=a.fmap,
                            local_window=cfg.local_window, retrieval_weights=cfg.retrieval_weights, decay=a.decay,
-                           retrieval_until=cfg.retrieving_chunks)
+                           retrieving_chunks=cfg.retrieving_chunks)
         return F.mse_loss(o, ref)
     raise ValueError(f"transfer loss must be one of {TRANSFER_LOSSES}, got {loss!r}")
 

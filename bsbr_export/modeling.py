@@ -103,7 +103,7 @@ class Attention(nn.Module):
         L = self.cfg.chunk_size
         mode = dict(retrieval=self.cfg.retrieval, feature_map=self.fmap, local_window=self.cfg.local_window,
                     retrieval_weights=self.cfg.retrieval_weights, decay=self.decay,
-                    retrieval_until=self.cfg.retrieving_chunks)
+                    retrieving_chunks=self.cfg.retrieving_chunks)
         if impl == "reference":
             o = bsbr_attention_reference(q, k, v, r, h, self.g, L, self.U, **mode)
         elif impl == "vectorised":

@@ -48,8 +48,8 @@ def test_chunk_form_equals_loop_reference(window, weights, T):
     q, k, v, r, h, g = op_inputs(T, T, L, H=3, d=16, scale=0.5, g_min=0.5)
     kw = dict(retrieval="normalised", feature_map="elu1", local_window=window, retrieval_weights=weights,
               decay=DECAY)
-    vec = bsbr_attention(q, k, v, r, h, g, L, retrieval_until=U, **kw)
-    ref = bsbr_attention_reference(q, k, v, r, h, g, L, retrieval_until=U, **kw)
+    vec = bsbr_attention(q, k, v, r, h, g, L, retrieving_chunks=U, **kw)
+    ref = bsbr_attention_reference(q, k, v, r, h, g, L, retrieving_chunks=U, **kw)
     assert_close(vec, ref, 1e-5, f"{window} {weights} T={T}", rtol=4e-6)
     # Before the limit the op is unchanged; from it on, the local softmax alone (no retrieval at all).
     full = bsbr_attention(q, k, v, r, h, g, L, **kw)
@@ -66,7 +66,7 @@ def test_log_weights_give_the_op(window, weights):
         q, k, v, r, h, g = op_inputs(T, 10 + T, L, H=3, d=16, scale=0.5, g_min=0.5)
         log_w = normalised_log_weights(q, k, r, h, g, L, "elu1", window, weights, DECAY, U)
         out = bsbr_attention(q, k, v, r, h, g, L, retrieval="normalised", feature_map="elu1", local_window=window,
-                             retrieval_weights=weights, decay=DECAY, retrieval_until=U)
+                             retrieval_weights=weights, decay=DECAY, retrieving_chunks=U)
         assert_close(log_w.exp() @ v, out, 1e-5, f"{window} {weights} T={T}")
 
 

@@ -232,15 +232,15 @@ def chunk_attention_normalised(q, k, v, qf, S_full, Z_full, g, L: int, lookback:
 
 def bsbr_attention(q, k, v, r, h, g, L: int, U=None, fused=None, retrieval: str = "plain",
                    feature_map: str = "identity", local_window: str = "chunk", retrieval_weights: str = "softmax",
-                   decay=None, retrieval_until: int | None = None) -> torch.Tensor:
+                   decay=None, retrieving_chunks: int | None = None) -> torch.Tensor:
     """Vectorised BSBR attention; ``fused`` may replace the last step (the Triton kernel, called
     with the ONNX function's arguments, and ``lookback=1`` with the look-back window).
-    ``retrieval_weights`` and ``decay`` (H,): the retrieval's weights (``weigh``); chunks from
-    ``retrieval_until`` on retrieve nothing (``retrieve``'s ``until``)."""
+    ``retrieval_weights`` and ``decay`` (H,): the retrieval's weights (``weigh``); chunks i >=
+    ``retrieving_chunks`` retrieve nothing (``retrieve``'s ``until``)."""
     norm = retrieval == "normalised"
     n = LOOKBACK_CHUNKS[local_window]
     SZ = retrieve(r, h, chunk_states(k, v, L, U, feature_map, norm), n, retrieval_weights, decay,
-                  retrieval_until)  # (B, H, C, d', dc)
+                  retrieving_chunks)  # (B, H, C, d', dc)
     S_full, Z_full = expand(SZ, U, norm)
     window = {"lookback": n} if n else {}
     if not norm:

@@ -131,13 +131,13 @@ def compare_to_baseline(out, ref32, ref_lowp, factor: float = 3.0, eps: float = 
 def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = "plain",
                              feature_map: str = "identity", local_window: str = "chunk",
                              retrieval_weights: str = "softmax", decay=None,
-                             retrieval_until: int | None = None) -> torch.Tensor:
+                             retrieving_chunks: int | None = None) -> torch.Tensor:
     """Plain loops over chunks and tokens, fp32: slow and obviously correct.
 
     Token t of chunk i attends by softmax to the keys from ``first`` to t, where ``first`` is
     the start of chunk i (``chunk``) or of chunk i - 1 (``lookback``), and retrieves from the
     chunks that end before ``first`` with weights ``retrieval_weights`` (``decay`` (H,): lambda),
-    unless i >= ``retrieval_until`` (chunks; None: every chunk retrieves)."""
+    unless i >= ``retrieving_chunks`` (``BSBRConfig.retrieving_chunks``; None: every chunk retrieves)."""
     n = LOOKBACK_CHUNKS[local_window]
     out_dtype = q.dtype
     q, k, v, r, h, g = (t.float() for t in (q, k, v, r, h, g))
@@ -153,7 +153,7 @@ def bsbr_attention_reference(q, k, v, r, h, g, L: int, U=None, retrieval: str = 
         lo, hi = i * L, min((i + 1) * L, T)
         first = max(0, (i - n) * L)  # the local window's first key
         retrieved = range(first // L)  # the chunks before the window: j < i - n
-        if retrieval_until is not None and i >= retrieval_until:
+        if retrieving_chunks is not None and i >= retrieving_chunks:
             retrieved = range(0)
         # Retrieved state for chunk i, from those chunks only.
         if len(retrieved) == 0:
@@ -216,7 +216,7 @@ def window_attention_reference(q, k, v, window: int, sinks: int = 0) -> torch.Te
 
 def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_window: str = "chunk",
                            retrieval_weights: str = "softmax", decay=None,
-                           retrieval_until: int | None = None) -> torch.Tensor:
+                           retrieving_chunks: int | None = None) -> torch.Tensor:
     """The normalised op as an explicit attention matrix: log w[t, s], (B, H, T, T), -inf where
     token t gives token s no weight. Differentiable (it is what ``calibrate.transfer`` trains).
 
@@ -231,8 +231,8 @@ def normalised_log_weights(q, k, r, h, g, L: int, feature_map="elu1", local_wind
     local = causal & (chunk[None, :] >= chunk[:, None] - n)  # the same chunk or the n before it
     meta = (r @ h.transpose(-1, -2)) / math.sqrt(d)  # (B, H, C, C)
     earlier = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 - n)
-    if retrieval_until is not None:  # chunks from retrieval_until on retrieve nothing
-        earlier = earlier & (torch.arange(C, device=q.device)[:, None] < retrieval_until)
+    if retrieving_chunks is not None:  # chunks from retrieving_chunks on retrieve nothing
+        earlier = earlier & (torch.arange(C, device=q.device)[:, None] < retrieving_chunks)
     if retrieval_weights == "softmax":
         # Masked with a finite value first: a row without earlier chunks must not give NaN gradients.
         logp = torch.log_softmax(meta.masked_fill(~earlier, -1e9), -1)
