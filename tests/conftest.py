@@ -70,6 +70,32 @@ def assert_ort_decode_matches(full, onnx_dir, ids, prompt: int, tol: float = 1e-
         assert_close(torch.from_numpy(st.decode(ids[:, t])), full[:, t], tol, f"{name} t={t}")
 
 
+def export_each(models: dict, keys, factory, prefix: str, max_len: int) -> dict:
+    """Each model of ``keys`` exported (fp32, ``max_len``) to a directory of its own: key ->
+    (model, directory)."""
+    from bsbr_export.export import ExportSpec, export_onnx
+
+    out = {}
+    for key in keys:
+        d = factory.mktemp(prefix + "_".join(key))
+        export_onnx(models[key], d, ExportSpec(max_seq_len=max_len))
+        out[key] = (models[key], d)
+    return out
+
+
+def assert_extend_pieces(eng, st, ids, full, pieces, tol: float, name: str = ""):
+    """Two rows fed ``pieces`` ((tokens of row 0, tokens of row 1) per call) through
+    ``eng.extend``: each call's last logits of each row against ``full`` (torch, (2, T, V))."""
+    import torch
+
+    for a, b in pieces:
+        pos = st.positions.copy()
+        logits = eng.extend(st, [0, 1], [ids[0, pos[0]:pos[0] + a], ids[1, pos[1]:pos[1] + b]])
+        for row, n in ((0, a), (1, b)):
+            assert_close(torch.from_numpy(logits[row]), full[row, pos[row] + n - 1], tol,
+                         f"{name} row {row} at {pos[row] + n}")
+
+
 def make_tiny_hf(path: Path, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

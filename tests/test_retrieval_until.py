@@ -27,7 +27,8 @@ from bsbr_export.ops.chunk import bsbr_attention
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
 from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
-from conftest import assert_close, assert_decode_matches, assert_ort_decode_matches, op_inputs, rand_ids
+from conftest import (assert_close, assert_decode_matches, assert_extend_pieces, assert_ort_decode_matches,
+                      export_each, op_inputs, rand_ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 L, UNTIL, MAX = 8, 20, 45
@@ -88,12 +89,7 @@ def test_model_paths_and_decode(models, key):
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    out = {}
-    for key in VARIANTS:
-        d = tmp_path_factory.mktemp("until_" + "_".join(key))
-        export_onnx(models[key], d, ExportSpec(max_seq_len=MAX))
-        out[key] = (models[key], d)
-    return out
+    return export_each(models, VARIANTS, tmp_path_factory, "until_", MAX)
 
 
 @pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])
@@ -124,13 +120,8 @@ def test_engine_decode_and_extend_equal_torch(exports, key):
     for prompt in (1, 13, 3 * L + 2):
         assert_ort_decode_matches(full, d, ids, prompt, 1e-4, f"{key} prompt={prompt}")
     eng = Engine(d, max_len=MAX)
-    st = eng.new_state(2)
-    for a, b in [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)]:  # tokens per row and call
-        pos = st.positions.copy()
-        logits = eng.extend(st, [0, 1], [ids[0, pos[0]:pos[0] + a], ids[1, pos[1]:pos[1] + b]])
-        for row, n in ((0, a), (1, b)):
-            assert_close(torch.from_numpy(logits[row]), full[row, pos[row] + n - 1], 1e-4,
-                         f"{key} row {row} at {pos[row] + n}")
+    assert_extend_pieces(eng, eng.new_state(2), ids, full, [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)], 1e-4,
+                         str(key))
 
 
 def test_config(tmp_path, tiny_hf_dir):

@@ -20,8 +20,8 @@ from bsbr_export.ops.chunk import bsbr_attention, num_chunks
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
 from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
-from conftest import (assert_close, assert_decode_matches, assert_ort_decode_matches, rand_ids,
-                      op_inputs as shared_op_inputs)
+from conftest import (assert_close, assert_decode_matches, assert_extend_pieces, assert_ort_decode_matches,
+                      export_each, rand_ids, op_inputs as shared_op_inputs)
 
 L, MAX = 8, 29
 LENGTHS = [5, 13, 29]
@@ -174,12 +174,7 @@ EXPORTED = [(w, win, "normalised") for w in WEIGHTS for win in WINDOWS] + [("dec
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    out = {}
-    for key in EXPORTED:
-        d = tmp_path_factory.mktemp("rw_" + "_".join(key))
-        export_onnx(models[key], d, ExportSpec(max_seq_len=MAX))
-        out[key] = (models[key], d)
-    return out
+    return export_each(models, EXPORTED, tmp_path_factory, "rw_", MAX)
 
 
 def ids_np(T, seed, B=2):
@@ -228,12 +223,7 @@ def test_engine_extend_in_pieces_equals_torch(exports, key):
         full = model(torch.from_numpy(ids))
     eng = Engine(d, max_len=MAX)
     st = eng.new_state(2)
-    for a, b in [(3, 9), (7, 2), (1, 11), (12, 1), (5, 4)]:  # tokens per row and call
-        pos = st.positions.copy()
-        logits = eng.extend(st, [0, 1], [ids[0, pos[0]:pos[0] + a], ids[1, pos[1]:pos[1] + b]])
-        for row, n in ((0, a), (1, b)):
-            assert_close(torch.from_numpy(logits[row]), full[row, pos[row] + n - 1], 1e-4,
-                         f"{key} row {row} at {pos[row] + n}")
+    assert_extend_pieces(eng, st, ids, full, [(3, 9), (7, 2), (1, 11), (12, 1), (5, 4)], 1e-4, str(key))
     for t in range(int(st.positions[1]), MAX):  # row 1 decodes on alone, across a chunk close
         out = eng.decode(st, np.array([0, ids[1, t]]), np.array([False, True]))
         assert_close(torch.from_numpy(out[1]), full[1, t], 1e-4, f"{key} decode t={t}")
