@@ -96,6 +96,26 @@ def assert_extend_pieces(eng, st, ids, full, pieces, tol: float, name: str = "")
                          f"{name} row {row} at {pos[row] + n}")
 
 
+def onnx_prefill_cases(model, onnx_dir, lengths, ids_for):
+    """ONNX Runtime's prefill (logits and every carried state, stacked) beside torch's reference
+    forward and prefill state, per length: yields (T, ids, out, ref, st)."""
+    import torch
+
+    from bsbr_export.ops import state as S
+    from bsbr_export.runtime import ORTRunner
+
+    names = ["logits"] + [S.layer_name(n, i) for n in S.CARRIED for i in range(model.cfg.n_layer)]
+    with ORTRunner(Path(onnx_dir) / "model.onnx", outputs=names) as r:
+        for T in lengths:
+            ids = ids_for(T)
+            out = dict(zip(names, r.session.run(names, {"input_ids": ids})))
+            out |= S.stack(out, S.CARRIED, model.cfg.n_layer)
+            with torch.no_grad():
+                ref = model(torch.from_numpy(ids), impl="reference")
+                _, st = model.prefill(torch.from_numpy(ids), max_len=T)
+            yield T, ids, out, ref, st
+
+
 def make_tiny_hf(path: Path, seed: int = 0, **overrides):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -25,10 +25,9 @@ from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops import state as S
 from bsbr_export.ops.chunk import bsbr_attention
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
-from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
 from conftest import (assert_close, assert_decode_matches, assert_extend_pieces, assert_ort_decode_matches,
-                      export_each, op_inputs, rand_ids)
+                      export_each, onnx_prefill_cases, op_inputs, rand_ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 L, UNTIL, MAX = 8, 20, 45
@@ -96,17 +95,9 @@ def exports(models, tmp_path_factory):
 def test_onnx_prefill_equals_torch(exports, key):
     model, d = exports[key]
     assert read_metadata(d / "model.onnx")["config"]["retrieval_until"] == UNTIL
-    names = ["logits"] + [S.layer_name(n, i) for n in S.CARRIED for i in range(model.cfg.n_layer)]
-    with ORTRunner(d / "model.onnx", outputs=names) as r:
-        for T in [*LENGTHS, 3 * L, 4 * L]:
-            ids = rand_ids(T, T).numpy()
-            out = dict(zip(names, r.session.run(names, {"input_ids": ids})))
-            out |= S.stack(out, S.CARRIED, model.cfg.n_layer)
-            with torch.no_grad():
-                ref = model(torch.from_numpy(ids), impl="reference")
-                _, st = model.prefill(torch.from_numpy(ids), max_len=T)
-            assert_close(torch.from_numpy(out["logits"]), ref, 1e-4, f"{key} T={T}")
-            assert_close(torch.from_numpy(out[S.S]), st.S, 1e-5, f"{key} T={T} S", rtol=1e-6)
+    for T, _, out, ref, st in onnx_prefill_cases(model, d, [*LENGTHS, 3 * L, 4 * L], lambda T: rand_ids(T, T).numpy()):
+        assert_close(torch.from_numpy(out["logits"]), ref, 1e-4, f"{key} T={T}")
+        assert_close(torch.from_numpy(out[S.S]), st.S, 1e-5, f"{key} T={T} S", rtol=1e-6)
 
 
 @pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])

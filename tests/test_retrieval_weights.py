@@ -16,12 +16,11 @@ from bsbr_export.convert import convert, load_bsbr, save_bsbr
 from bsbr_export.errors import ConfigError
 from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.ops import state as S
-from bsbr_export.ops.chunk import bsbr_attention, num_chunks
+from bsbr_export.ops.chunk import bsbr_attention
 from bsbr_export.ops.naive import bsbr_attention_reference, normalised_log_weights
-from bsbr_export.runtime import ORTRunner
 from bsbr_export.runtime.engine import Engine, read_metadata
 from conftest import (assert_close, assert_decode_matches, assert_extend_pieces, assert_ort_decode_matches,
-                      export_each, rand_ids, op_inputs as shared_op_inputs)
+                      export_each, onnx_prefill_cases, rand_ids, op_inputs as shared_op_inputs)
 
 L, MAX = 8, 29
 LENGTHS = [5, 13, 29]
@@ -185,22 +184,14 @@ def ids_np(T, seed, B=2):
 def test_onnx_prefill_equals_torch(exports, key):
     model, d = exports[key]
     assert read_metadata(d / "model.onnx")["config"]["retrieval_weights"] == key[0]
-    names = ["logits"] + [S.layer_name(n, i) for n in S.CARRIED for i in range(model.cfg.n_layer)]
-    with ORTRunner(d / "model.onnx", outputs=names) as r:
-        for T in [*LENGTHS, 2 * L, 3 * L]:
-            ids = ids_np(T, T)
-            out = dict(zip(names, r.session.run(names, {"input_ids": ids})))
-            out |= S.stack(out, S.CARRIED, model.cfg.n_layer)
-            with torch.no_grad():
-                ref = model(torch.from_numpy(ids), impl="reference")
-                _, st = model.prefill(torch.from_numpy(ids), max_len=T)
-            assert_close(torch.from_numpy(out["logits"]), ref, 1e-4, f"{key} T={T}")
-            n_done = T // L
-            for name, t_ in ((S.K, st.k), (S.V, st.v), (S.S, st.S), (S.BANK_H, st.bank_h[:, :, :, :n_done]),
-                             (S.BANK_F, st.bank_F[:, :, :, :n_done])):
-                assert out[name].shape == tuple(t_.shape), (name, out[name].shape)
-                if t_.numel():  # S of sum/gate grows with the chunks it adds: rounding relative to it
-                    assert_close(torch.from_numpy(out[name]), t_, 1e-5, f"{key} T={T} {name}", rtol=1e-6)
+    for T, ids, out, ref, st in onnx_prefill_cases(model, d, [*LENGTHS, 2 * L, 3 * L], lambda T: ids_np(T, T)):
+        assert_close(torch.from_numpy(out["logits"]), ref, 1e-4, f"{key} T={T}")
+        n_done = T // L
+        for name, t_ in ((S.K, st.k), (S.V, st.v), (S.S, st.S), (S.BANK_H, st.bank_h[:, :, :, :n_done]),
+                         (S.BANK_F, st.bank_F[:, :, :, :n_done])):
+            assert out[name].shape == tuple(t_.shape), (name, out[name].shape)
+            if t_.numel():  # S of sum/gate grows with the chunks it adds: rounding relative to it
+                assert_close(torch.from_numpy(out[name]), t_, 1e-5, f"{key} T={T} {name}", rtol=1e-6)
 
 
 @pytest.mark.parametrize("key", EXPORTED, ids=["-".join(k) for k in EXPORTED])
