@@ -6,7 +6,8 @@
     python scripts/make_results.py --run --bench       # also both benchmark sections (the whole document)
 
 Fragments: study_fidelity (tables 1, 2, 7), study_attention (3, 4), study_sweeps (5, 6),
-study_retrieval (8), study_calibration (9), study_external (10), then bench.md and
+study_retrieval (8), study_calibration (9), study_external (10), study_cost (the tables' ORT
+cost column, run first), then bench.md and
 platforms.md (written by the benchmark and platform jobs), then any other fragment.
 """
 
@@ -24,22 +25,27 @@ from results_summary import fill
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS, DEFAULT_FIGURES = ROOT / "docs" / "results", ROOT / "docs" / "figures"
 ORDER = ["study_fidelity", "study_attention", "study_sweeps", "study_retrieval", "study_calibration",
-         "study_external", "bench", "bench-gpt2-pystdlib", "platforms", "gpu-h200", "gpt2-size-main-command"]
+         "study_external", "study_cost", "bench", "bench-gpt2-pystdlib", "platforms", "gpu-h200", "gpt2-size-main-command"]
 LAST = ["regeneration"]
 SUMMARY = "summary"
 # Run order: calibration before the scripts that also evaluate its checkpoints.
-RUN_ORDER = ["study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
+# The cost run first: the other scripts read its ratios (study_cost.json) for their cost columns.
+RUN_ORDER = ["study_cost", "study_fidelity", "study_attention", "study_calibration", "study_sweeps", "study_retrieval",
              "study_external"]
 USES_CALIBRATED = ("study_sweeps", "study_retrieval")
 # The full study's sample counts, sized so that the whole run fits in two hours on 2 CPU
 # cores (measured: see the "Regeneration" section it writes). Each script alone defaults
 # to every window of the held-out text, for anyone with more time.
 FULL_ARGS = {
+    "study_cost": [],
     "study_fidelity": ["--windows", "64", "--long-windows", "8", "8", "4"],
     "study_attention": ["--windows", "32"],
-    "study_calibration": ["--runs", "normalised:conversion", "normalised:full", "normalised:conversion:4096",
-                          "normalised:output+conversion", "normalised, learned φ:weights+conversion",
-                          "normalised, look-back:conversion", "normalised, look-back, learned φ:weights+conversion",
+    # Round one's and two's best runs, then the main command's --calibrate self (10 minutes). Earlier
+    # runs of this table also had normalised:full, normalised:conversion:4096,
+    # normalised:output+conversion and "normalised, learned φ:weights+conversion" (--runs reruns them).
+    "study_calibration": ["--runs", "normalised:conversion", "normalised, look-back:conversion",
+                          "normalised, look-back, learned φ:weights+conversion",
+                          "default, hedgehog φ, decay weights:self:10",
                           "--budget", "65536",
                           "--eval-windows", "32", "--long-windows", "8", "8", "4"],
     "study_sweeps": ["--windows", "16", "--repeats", "3"],

@@ -45,7 +45,7 @@ def variants(args):
     for n in ("local", "normalised"):  # the position policy that restarts every chunk
         out[f"{n}, chunk positions"] = {**S.VARIANTS[n], "position_policy": "chunk"}
     if args.with_baselines:
-        out.update({n: S.row_spec(n) for n in S.round_two(args.chunk_size)})
+        out.update({n: S.row_spec(n) for n in S.added_rows(args.chunk_size)})
     return out
 
 
@@ -80,7 +80,7 @@ def main():
     out.append("Variants: " + "; ".join(f"**{n}**: {S.VARIANT_NOTES[n]}" for n in S.VARIANTS)
                + "; `normalised g=x`: the normalised variant at another initial g; `…, chunk positions`: the "
                "position policy that restarts positions every chunk (default: absolute)"
-               + (f"; {S.LOOKBACK_NOTE}; {S.BASELINE_NOTE}" if args.with_baselines else "")
+               + (f"; {S.LOOKBACK_NOTE}; {S.ROUND_THREE_NOTE}; {S.BASELINE_NOTE}" if args.with_baselines else "")
                + ". None is calibrated here (see table 9).\n")
     # ---------------------------------------------------------------- table 1
     out += ["### Table 1: output distribution comparison", "", S.provenance(args, desc)]
@@ -94,9 +94,9 @@ def main():
     if args.with_baselines:  # cost beside fidelity, in tables 1 and 2
         T_cost = 256 if args.quick else S.COST_PREFILL
         secs = S.prefill_seconds(models, T_cost)
-        cost_hdr = [f"prefill s at T={T_cost}", f"decode state MiB at T={S.COST_CONTEXT}"]
+        cost_hdr = [f"prefill s at T={T_cost}", S.ort_cost_header(args), f"decode state MiB at T={S.COST_CONTEXT}"]
         state = {n: S.decode_state_bytes(args.model, o, L) for n, o in vs.items()}
-        cost = {n: [f"{secs[n]:.3f}", S.mib(state[n])] for n in vs}
+        cost = {n: [f"{secs[n]:.3f}", S.ort_cost(args, o, L), S.mib(state[n])] for n, o in vs.items()}
     hdr += cost_hdr
     rows = [row + cost.get(n, []) for row, n in zip(rows, vs)]
     out += [markdown_table(hdr, rows),
@@ -114,7 +114,8 @@ def main():
             "converted model's k highest logits (mean ± std over windows)."
             + (" " + S.cost_note(T_cost) if args.with_baselines else ""), ""]
     if args.with_baselines:
-        out += ahead_of_baselines(vs, summ, secs, state, T_cost)
+        out += ahead_of_baselines(vs, summ, secs, state, T_cost, {n: c[1] for n, c in cost.items()},
+                                  cost_hdr[1])
     bucket = max(1, L // 8)
     tabs = {n: bucket_rows(torch.cat(top1_pos[n]).view(len(wins), T), L, T, bucket) for n in vs}
     rows = [[c] + [f"{100 * tabs[n][0][c]:.2f}%" for n in vs] for c in tabs[next(iter(vs))][0]]
@@ -130,7 +131,7 @@ def main():
     S.write_fragment(args, "fidelity", "\n".join(out))
 
 
-def ahead_of_baselines(vs, summ, secs, state, T_cost) -> list[str]:
+def ahead_of_baselines(vs, summ, secs, state, T_cost, ort, ort_hdr) -> list[str]:
     """The target "ahead of the baselines": each BSBR variant against every baseline whose cost is
     at least as high on both measures (prefill time and decode state); beside it, the baseline
     with the highest top-1 agreement at any cost, for the reader who weighs fidelity against cost."""
@@ -147,14 +148,14 @@ def ahead_of_baselines(vs, summ, secs, state, T_cost) -> list[str]:
                    "**missed** against " + ", ".join(b for b in costlier if b not in beaten))
         d_top1 = 100 * (summ[n]["top1"][0] - summ[best]["top1"][0])
         rows.append([n, f"{100 * summ[n]['top1'][0]:.2f}%", f"{summ[n]['kl'][0]:.4f}", f"{secs[n]:.3f}",
-                     S.mib(state[n]), ", ".join(costlier) or "-", verdict,
+                     ort[n], S.mib(state[n]), ", ".join(costlier) or "-", verdict,
                      f"{d_top1:+.2f} points, KL {summ[n]['kl'][0] - summ[best]['kl'][0]:+.4f}, "
                      f"state {state[n] / state[best]:.1f}x"])
     return [f"Ahead of the baselines (target: lower KL and higher top-1 than every baseline whose prefill time "
             f"at T={T_cost} and decode state are both at least the variant's). Last column: the variant against "
             f"the baseline with the highest top-1 at any cost (`{best}`: {100 * summ[best]['top1'][0]:.2f}%, "
             f"KL {summ[best]['kl'][0]:.4f}, {S.mib(state[best])} MiB):", "",
-            markdown_table(["variant", "top-1", "KL (nats)", f"prefill s at T={T_cost}",
+            markdown_table(["variant", "top-1", "KL (nats)", f"prefill s at T={T_cost}", ort_hdr,
                             f"decode state MiB at T={S.COST_CONTEXT}", "baselines costing at least as much",
                             "target", f"against `{best}`"], rows), ""]
 

@@ -110,7 +110,7 @@ def main():
     t0, hf, model_dir, ids, data_desc = S.start(args)
     tok = S.tokenizer(model_dir)
     L, N = args.chunk_size, hf.config.n_positions
-    rows_ = args.variants + (S.round_two(L) if args.with_baselines else [])  # names: variants or baselines
+    rows_ = args.variants + (S.added_rows(L) if args.with_baselines else [])  # names: variants or baselines
     models = {n: S.load_model(args.model, n, L) for n in dict.fromkeys(rows_)}
     for p in args.calibrated:
         if Path(p).is_dir():

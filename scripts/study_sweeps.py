@@ -75,9 +75,9 @@ def main():
            f"(median of {args.repeats}); its fp32 KV cache for {T} tokens is {kv / 2**20:.2f} MiB.", "",
            "### Table 5: chunk size sweep", "", S.provenance(args, desc)]
     rows = []
-    # --with-baselines: the look-back variants at every chunk size; the baselines, whose windows do
-    # not depend on the chunk, once (chunk column "-").
-    per_chunk = args.variants + (list(S.LOOKBACK_VARIANTS) if args.with_baselines else [])
+    # --with-baselines: the look-back variants and the main command's conversion at every chunk size;
+    # the baselines, whose windows do not depend on the chunk, once (chunk column "-").
+    per_chunk = args.variants + ([*S.LOOKBACK_VARIANTS, "default"] if args.with_baselines else [])
     runs = [(L, n) for L in args.chunk_sizes if L <= N for n in per_chunk if not S.is_baseline(S.row_spec(n))]
     runs += [(None, n) for n in args.variants if S.is_baseline(S.row_spec(n))]
     runs += [(None, n) for n in (S.baseline_names(args.chunk_size) if args.with_baselines else [])]

@@ -38,12 +38,15 @@ from bsbr_export.util import machine_info  # noqa: E402
 DEFAULT_MODEL = "models/gpt2-pystdlib"
 EOT = "<|endoftext|>"
 
-# The conversions compared throughout: name -> converter options.
+# The conversions compared throughout: name -> converter options. Rounds one and two retrieve
+# from every earlier chunk, however long the context (retrieval_until "all"); round three's rows
+# (ROUND_THREE) are the main command's conversion, which stops the retrieval at the position table.
 VARIANTS = {
-    "plain": dict(retrieval="plain", retrieval_scale=1.0, local_window="chunk"),
-    "local": dict(retrieval="plain", retrieval_scale=0.0, local_window="chunk"),
+    "plain": dict(retrieval="plain", retrieval_scale=1.0, local_window="chunk", retrieval_until="all"),
+    "local": dict(retrieval="plain", retrieval_scale=0.0, local_window="chunk", retrieval_until="all"),
     # Initial g from the sweep of table 1 (g = 0.01 .. 1 on the bundled model); calibration trains it.
-    "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=0.03, local_window="chunk"),
+    "normalised": dict(retrieval="normalised", feature_map="elu1", retrieval_scale=0.03, local_window="chunk",
+                       retrieval_until="all"),
 }
 VARIANT_NOTES = {
     "plain": "(a) g = 1, phi = identity, raw retrieved state added to the softmax output",
@@ -61,6 +64,17 @@ LEARNED_VARIANTS = {f"{n}, learned φ": {**spec, "feature_map": "learned"}
                                     ("normalised, look-back", LOOKBACK_VARIANTS["normalised, look-back"]))}
 LEARNED_NOTE = ("`…, learned φ`: the retrieval's feature map elu(x W + b) + 1 with a per-head W and b, "
                 "starting as elu + 1 and trained by attention transfer")
+# Round three (--with-baselines): the main command's conversion (convert's defaults: look-back window,
+# normalised retrieval, elu + 1, g = 0.03, softmax weights, retrieval until the position table) and
+# its other retrieval weights; ``self`` rows of table 9 calibrate them as ``--calibrate self`` does.
+ROUND_THREE = {"default": {}, **{f"default, {w} weights": {"retrieval_weights": w} for w in ("sum", "decay", "gate")}}
+ROUND_THREE_NOTE = ("`default`: the main command's conversion (look-back window, normalised retrieval, elu + 1, "
+                    "g = 0.03, softmax retrieval weights, retrieval until token 1024: chunks that start at or "
+                    "after the position table retrieve nothing); `default, W weights`: the same with the "
+                    "retrieval weights W (docs/bsbr-math.md, \"Retrieval weights\")")
+# --calibrate self's conversion (calibrate_run.CALIBRATION_DEFAULTS): only training makes hedgehog a
+# good retrieval, so it appears calibrated only (table 9) and in the cost table.
+SELF_RECIPE = {"default, hedgehog φ, decay weights": {"feature_map": "hedgehog", "retrieval_weights": "decay"}}
 BASELINE_SINKS = 4
 BASELINE_NOTE = ("`window W`: the original's attention over the W most recent tokens only (no retrieval); "
                  "`sinks 4 + window W`: the same plus the first 4 tokens (as StreamingLLM keeps them); "
@@ -98,9 +112,9 @@ def describe_counts(per: dict) -> str:
     return ", ".join(f"{n if n is not None else 'all'} at {T}" for T, n in per.items())
 
 
-def round_two(L: int) -> list[str]:
-    """Rows --with-baselines adds: the look-back variants, then the baselines."""
-    return list(LOOKBACK_VARIANTS) + baseline_names(L)
+def added_rows(L: int) -> list[str]:
+    """Rows --with-baselines adds: the look-back variants, round three's, then the baselines."""
+    return list(LOOKBACK_VARIANTS) + list(ROUND_THREE) + baseline_names(L)
 
 
 def row_spec(name: str):
@@ -110,13 +124,14 @@ def row_spec(name: str):
         return dict(VARIANTS[name])
     if name in LOOKBACK_VARIANTS:
         return dict(LOOKBACK_VARIANTS[name])
-    if name in LEARNED_VARIANTS:
-        return dict(LEARNED_VARIANTS[name])
+    for table in (LEARNED_VARIANTS, ROUND_THREE, SELF_RECIPE):
+        if name in table:
+            return dict(table[name])
     m = _BASELINE_NAME.fullmatch(name)
     if m:
         return WindowAttention(int(m.group(2)), int(m.group(1) or 0))
     raise SystemExit(f"error: unknown variant or baseline {name!r} (variants: "
-                     f"{', '.join([*VARIANTS, *LOOKBACK_VARIANTS, *LEARNED_VARIANTS])}; "
+                     f"{', '.join([*VARIANTS, *LOOKBACK_VARIANTS, *LEARNED_VARIANTS, *ROUND_THREE, *SELF_RECIPE])}; "
                      f"baselines: 'window W', 'sinks S + window W')")
 
 
@@ -262,6 +277,41 @@ def decode_state_bytes(model: str, spec, chunk_size: int, context: int = COST_CO
 
 
 COST_PREFILL = 4096
+COST_FILE = "study_cost.json"  # scripts/study_cost.py's ratios, beside the fragments
+COST_FIELDS = ("local_window", "retrieval", "feature_map", "retrieval_weights", "retrieval_until", "compression")
+
+
+def cost_key(model: str, spec, chunk_size: int):
+    """(key, converter options) of the graph a BSBR row exports to: what sets its cost (trained
+    values do not), read from the model's config alone; (None, None) for a baseline."""
+    spec = row_spec(spec) if isinstance(spec, str) else spec
+    if is_baseline(spec):
+        return None, None
+    cfg, _ = planned_config(model, chunk_size=chunk_size, **spec)
+    opts = {f: getattr(cfg, f) for f in COST_FIELDS}
+    until = opts["retrieval_until"]
+    opts["retrieval_until"] = "all" if until is None else "positions" if until == cfg.n_positions else until
+    key = " / ".join(str(opts[f]) for f in COST_FIELDS[:5]) + (f" / κ {opts['compression']}" if opts["compression"]
+                                                                 else "")
+    return key, opts
+
+
+def ort_cost(args, spec, chunk_size: int) -> str:
+    """A row's ORT prefill against the dense floor (scripts/study_cost.py, run first by
+    make_results --run): "1.10x", or "n/a" for a baseline, another chunk size or no cost run."""
+    f = args.out / COST_FILE
+    key, _ = cost_key(args.model, spec, chunk_size)
+    if key is None or not f.is_file():
+        return "n/a"
+    rec = json.loads(f.read_text())
+    r = rec["shapes"].get(key) if rec.get("chunk_size") == chunk_size else None
+    return f"{r['ratio']:.2f}x" if r else "n/a"
+
+
+def ort_cost_header(args) -> str:
+    f = args.out / COST_FILE
+    T = json.loads(f.read_text())["length"] if f.is_file() else COST_CONTEXT
+    return f"ORT prefill at T={T} / dense floor"
 
 
 @torch.no_grad()
@@ -283,7 +333,10 @@ def prefill_seconds(models: dict, T: int = COST_PREFILL, repeats: int = 3) -> di
 
 def cost_note(T: int = COST_PREFILL) -> str:
     return (f"Cost: prefill s at T={T}: one forward pass of the torch model over {T} tokens "
-            f"(batch 1, median of 3, rows timed round-robin in one process); decode state MiB at "
+            f"(batch 1, median of 3, rows timed round-robin in one process); ORT prefill / dense floor: the "
+            "row's graph at GPT-2 small shape in ONNX Runtime against the same graph without attention (section "
+            "\"Cost of each conversion in ONNX Runtime\"; n/a for the baselines, which export to no graph here); "
+            "decode state MiB at "
             f"T={COST_CONTEXT}: what one sequence carries while decoding after {COST_CONTEXT} tokens, float32 "
             "(BSBR: `StateSpec.bytes_at`; baselines: the KV cache of the window and sinks).")
 

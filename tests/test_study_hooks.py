@@ -82,7 +82,7 @@ def test_change_refuses_unpaired_windows():
 
 
 def test_rows_of_round_two():
-    names = S.round_two(128)
+    names = S.added_rows(128)
     assert {"window 128", "window 256", "sinks 4 + window 128", "sinks 4 + window 256"} <= set(names)
     assert S.row_spec("normalised, look-back")["local_window"] == "lookback"
     assert S.row_spec("sinks 4 + window 256") == WindowAttention(256, 4)
@@ -140,7 +140,7 @@ def test_fidelity_quick_with_baselines_has_every_row(tmp_path):
     text = (out / "study_fidelity.md").read_text()
     L = 16  # the quick chunk
     tables = {t: text[text.index(f"### Table {t}"):] for t in (1, 2, 7)}
-    for name in S.round_two(L):
+    for name in S.added_rows(L):
         for t, body in tables.items():
             assert f"| {name} |" in body, (t, name)
         state = S.mib(S.decode_state_bytes(str(model), name, L))
