@@ -93,17 +93,21 @@ each table's header are the ones of that run.
   the original's next token far better than the chunk window (section "Retrieval weights"; gate
   weights a little better still at 1024 tokens, but worse at longer contexts: sections "Long
   contexts"), its ORT prefill is within 1.15x the dense floor at 8192 tokens (section "Look-back
-  local window"), and its batch-1 decode costs what the chunk window's does; the study's tables
-  (1-10) keep their own variant names. **`--calibrate self`**: calibration on text sampled from
+  local window"), and its batch-1 decode costs what the chunk window's does. Chunks that start at
+  or after GPT-2's 1024 positions retrieve nothing (`retrieval_until`, section "Retrieval beyond
+  the position table"); rounds one and two retrieve from every earlier chunk. In the tables the
+  main command's conversion is the row `default`, and `default, W weights` the same with the
+  retrieval weights W (tables 1, 2, 5, 7 and 8). **`--calibrate self`**: calibration on text sampled from
   the original, by default of a conversion with the hedgehog feature map
   `φ(x) = [softmax(x W), softmax(−x W)]`, which only training makes a good retrieval, and decay
   retrieval weights; one KL step in four on a long window of joined samples, the original's
   targets over a sliding 1024-token context (sections "Calibration without the user's text").
   **`calibrate --data`**: the same on the user's own text (section "`bsbr-export calibrate
-  --data`").
-- **Cost** beside fidelity (tables 1 and 2): prefill seconds of the torch model at T = 4096 and
-  the decode state one sequence carries at T = 8192; table 5 times every chunk size the same
-  way; the ONNX Runtime cost of the look-back window is in its own section.
+  --data`"); in table 9 it is the row `default, hedgehog φ, decay weights (--calibrate self, 10 min)`.
+- **Cost** beside fidelity (tables 1, 2 and 9): prefill seconds of the torch model at T = 4096,
+  each row's ONNX Runtime prefill at T = 8192 against the dense floor (GPT-2 small shape; section
+  "Cost of each conversion in ONNX Runtime", `scripts/study_cost.py`) and the decode state one
+  sequence carries at T = 8192; table 5 times every chunk size in torch.
 - **Position policy** beyond the original's table: `absolute` (default) keeps GPT-2's
   positions below `n_positions` and reuses the table's last `L` positions per chunk beyond;
   `chunk` restarts positions every chunk.

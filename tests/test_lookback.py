@@ -234,8 +234,14 @@ def test_config_switch():
 
 
 def test_state_spec_grows_by_one_chunk_of_kv_and_records_its_window():
-    base = dict(vocab_size=10, n_positions=1024, n_embd=48, n_layer=3, n_head=4, chunk_size=16)
+    base = dict(vocab_size=10, n_positions=1024, n_embd=48, n_layer=3, n_head=4, chunk_size=16, retrieval_until="all")
     plain, look = (StateSpec.from_config(BSBRConfig(**base, local_window=w)) for w in ("chunk", "lookback"))
+    # Where the retrieval stops at the 1024 positions (64 chunks), a bank keeps the chunks j < 64 - 1 - lookback.
+    until = {w: StateSpec.from_config(BSBRConfig(**base | {"retrieval_until": "positions"}, local_window=w))
+             for w in ("chunk", "lookback")}
+    assert (until["chunk"].bank_limit, until["lookback"].bank_limit, look.bank_limit) == (63, 62, None)
+    assert until["lookback"].bytes_at(8192) == until["lookback"].bytes_at(62 * 16) < look.bytes_at(8192)
+    assert until["lookback"].bytes_at(100) == look.bytes_at(100)
     assert plain.window == 16 and look.window == 32
     assert plain.shape(K, 2, 5)[3] == 16 and look.shape(V, 2, 5)[3] == 32
     assert look.shape("state_bank_F", 2, 5) == plain.shape("state_bank_F", 2, 5)

@@ -111,8 +111,33 @@ def test_engine_decode_and_extend_equal_torch(exports, key):
     for prompt in (1, 13, 3 * L + 2):
         assert_ort_decode_matches(full, d, ids, prompt, 1e-4, f"{key} prompt={prompt}")
     eng = Engine(d, max_len=MAX)
-    assert_extend_pieces(eng, eng.new_state(2), ids, full, [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)], 1e-4,
-                         str(key))
+    st = eng.new_state(2)
+    assert_extend_pieces(eng, st, ids, full, [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)], 1e-4, str(key))
+
+
+@pytest.mark.parametrize("key", VARIANTS, ids=["-".join(k) for k in VARIANTS])
+def test_bank_keeps_only_the_retrieved_chunks(exports, key):
+    """A row's bank holds the chunks a retrieving chunk reads (j < U - 1 - lookback), however long
+    the row grows: its bytes stop growing there, and rows past the limit (in pieces, copied,
+    decoded across chunk closes) still give the torch model's logits."""
+    model, d = exports[key]
+    ids = rand_ids(MAX, 5).numpy()
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids))
+    eng = Engine(d, max_len=MAX)
+    slots = U - 1 - (key[0] == "lookback")
+    assert eng.capacity == slots < -(-MAX // L)
+    assert eng.row_bytes(MAX) == eng.row_bytes(slots * L) > eng.row_bytes(0)
+    assert eng.bank_bytes(MAX) == eng.bank_bytes(slots * L)
+    st = eng.new_state(2)
+    assert_extend_pieces(eng, st, ids, full, [(3, 9), (14, 2), (1, 13), (12, 1), (5, 4)], 1e-4, str(key))
+    assert [b[S.BANK_H].shape[3] for b in st.banks] == [slots, slots]
+    eng.copy_rows(st, 0, [1])  # row 1 takes row 0's state at 35 tokens
+    for t in range(int(st.positions[0]), MAX):
+        logits = eng.decode(st, np.array([ids[0, t], ids[0, t]]))
+        for row in (0, 1):
+            assert_close(torch.from_numpy(logits[row]), full[0, t], 1e-4, f"{key} row {row} at {t + 1}")
+    assert [b[S.BANK_H].shape[3] for b in st.banks] == [slots, slots]
 
 
 def test_config(tmp_path, tiny_hf_dir):

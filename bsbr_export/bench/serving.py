@@ -206,7 +206,7 @@ def memory_rows(export_dir) -> list[dict]:
     models = [("benchmarked model", spec)] + ([("GPT-2 small shape", small)] if small != spec else [])
     rows = []
     for name, sp in models:
-        cap = sp.capacity(LONG)
+        cap = sp.bank_slots(LONG)
         rows.append({"model": name, "layers": sp.layer, "embd": sp.embd, "chunk": sp.chunk,
                      "bsbr_state_bytes": sp.bytes_at(LONG), "engine_row_bytes": row_bytes(sp, LONG, cap),
                      "engine_capacity": cap, "kv_cache_bytes": S.kv_cache_bytes(sp.layer, sp.embd, LONG)})

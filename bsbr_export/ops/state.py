@@ -118,13 +118,14 @@ class StateSpec:
     embd: int
     normalised: bool
     lookback: int = 0  # earlier chunks kept in state_k/state_v beside the open one
+    bank_limit: int | None = None  # closed chunks a retrieval ever reads (``bank_limit``); None: all
 
     @classmethod
     def from_config(cls, cfg) -> "StateSpec":
         norm = cfg.retrieval == "normalised"
         return cls(layer=cfg.n_layer, head=cfg.n_head, chunk=cfg.chunk_size, head_dim=cfg.head_dim,
                    state_dim=cfg.state_dim, state_cols=cfg.head_dim + norm, embd=cfg.n_embd, normalised=norm,
-                   lookback=cfg.lookback)
+                   lookback=cfg.lookback, bank_limit=bank_limit(cfg.retrieval_until, cfg.chunk_size, cfg.lookback))
 
     @property
     def window(self) -> int:
@@ -166,14 +167,23 @@ class StateSpec:
         """Bytes of the carried state at the given capacity."""
         return sum(int(np.prod(self.shape(n, batch, capacity))) * itemsize for n in CARRIED)
 
+    def bank_slots(self, max_len: int) -> int:
+        """Bank slots a sequence of up to ``max_len`` tokens ever fills: ``capacity``, at most ``bank_limit``."""
+        return self.banked(self.capacity(max_len) * self.chunk)
+
+    def banked(self, tokens: int) -> int:
+        """Closed chunks a sequence of ``tokens`` tokens keeps in its bank (at most ``bank_limit``)."""
+        held = tokens // self.chunk
+        return held if self.bank_limit is None else min(held, self.bank_limit)
+
     def bytes_at(self, context: int, batch: int = 1, itemsize: int = 4) -> int:
-        """Bytes a state holding ``context`` tokens needs: its bank sized to the closed chunks."""
-        return self.nbytes(batch, context // self.chunk, itemsize)
+        """Bytes a state holding ``context`` tokens needs: its bank sized to the chunks it keeps."""
+        return self.nbytes(batch, self.banked(context), itemsize)
 
     def to_dict(self) -> dict:
         """What an export records about its state (ONNX metadata and manifest); ``sizes`` holds
         ``window``, the rows of state_k/state_v."""
-        sizes = {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback")}
+        sizes = {k: v for k, v in self.__dict__.items() if k not in ("normalised", "lookback", "bank_limit")}
         return {"format": FORMAT, "names": list(CARRIED), "dims": {n: list(self.dims(n)) for n in DIMS},
                 "io": "per layer: NAME.LAYER, the dims without 'layer'",
                 "sizes": sizes | {"window": self.window},
@@ -194,3 +204,13 @@ def window_cache_bytes(n_layer: int, n_embd: int, window: int, sinks: int = 0, c
     context is shorter than that."""
     rows = window + sinks if context is None else min(context, window + sinks)
     return kv_cache_bytes(n_layer, n_embd, rows, batch, itemsize)
+
+
+def bank_limit(retrieval_until: int | None, chunk: int, lookback: int) -> int | None:
+    """Closed chunks a bank ever needs where the retrieval stops (``retrieval_until``): chunk
+    i < U = ceil(until / chunk) retrieves from chunks j < i - lookback, so only chunks
+    j < U - 1 - lookback are read (6 for GPT-2's 1024 positions, chunk 128 and the look-back
+    window); at least one (every graph takes a bank of one slot or more). None: every chunk."""
+    if retrieval_until is None:
+        return None
+    return max(1, -(-int(retrieval_until) // chunk) - 1 - lookback)

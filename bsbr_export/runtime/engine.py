@@ -13,7 +13,9 @@ holds a batch of sequences (``ops.state``, format 4: every tensor per layer, bat
   them, so the one write the step needs is the engine's.)
 - each row's bank of closed chunks, one array per row that grows with the chunks it closes
   (to a power of two of chunks, at most the export's capacity), so memory follows what the rows hold, not
-  ``batch x capacity``. The chunk close runs for the closing rows only, one row at a time over
+  ``batch x capacity``. Where the retrieval stops (``retrieval_until``), the bank keeps only the
+  chunks a retrieving chunk reads (``ops.state.bank_limit``: 6 for GPT-2's 1024 positions, chunk
+  128 and the look-back window), however long the row grows. The chunk close runs for the closing rows only, one row at a time over
   views of that row's buffers and bank (no copy); the engine writes the closed chunk into its
   slot and the next S into the row.
 
@@ -82,14 +84,17 @@ class _Spec:
                                  f"this runtime reads {', '.join(LOOKBACK_CHUNKS)}")
         return S.StateSpec(layer=config["n_layer"], head=H, chunk=config["chunk_size"], head_dim=d,
                            state_dim=dp, state_cols=d + norm, embd=E, normalised=norm,
-                           lookback=LOOKBACK_CHUNKS[window])
+                           lookback=LOOKBACK_CHUNKS[window],
+                           bank_limit=S.bank_limit(config.get("retrieval_until"), config["chunk_size"],
+                                                   LOOKBACK_CHUNKS[window]))
 
 
 def row_bytes(spec: S.StateSpec, tokens: int, capacity: int) -> int:
     """Bytes of one row's state in the engine once it holds ``tokens`` tokens: its buffers (K, V,
-    S, xa of every layer) and its bank as ``State.bank_room`` grows it (``_grown``)."""
+    S, xa of every layer) and its bank as ``State.bank_room`` grows it (``_grown``) to at most
+    ``capacity`` slots."""
     fixed = spec.layer * sum(int(np.prod(spec.layer_shape(n, 1))) for n in State.BUFFERS) * 4
-    held, cap = tokens // spec.chunk, 0
+    held, cap = min(tokens // spec.chunk, capacity), 0
     while cap < held:
         cap = _grown(cap, held, capacity)
     return fixed + (sum(int(np.prod(spec.shape(n, 1, cap))) for n in S.BANKED.values()) * 4 if cap else 0)
@@ -137,9 +142,10 @@ class State:
             sum(a.nbytes for b in self.banks if b is not None for a in b.values())
 
     def bank_room(self, row: int, chunks: int, exact: bool = False) -> dict:
-        """Row ``row``'s bank with room for ``chunks`` closed chunks (grown to a power of two, at
-        most the export's capacity: ``_grown``; to exactly ``chunks`` with ``exact``; the chunks it
-        holds are kept)."""
+        """Row ``row``'s bank with room for ``chunks`` closed chunks, at most the engine's bank
+        slots (grown to a power of two: ``_grown``; to exactly ``chunks`` with ``exact``; the
+        chunks it holds are kept)."""
+        chunks = min(chunks, self.capacity)
         bank = self.banks[row]
         cap = 0 if bank is None else bank[S.BANK_H].shape[3]
         if chunks <= cap:
@@ -160,7 +166,7 @@ class State:
         idx = np.atleast_1d(idx)
         sp, L = self._engine.spec, self._engine.chunk
         out = {n: np.stack([b[idx] for b in self.buf[n]], axis=1) for n in (S.K, S.V, S.S)}
-        held = self.positions[idx] // L
+        held = np.minimum(self.positions[idx] // L, self.capacity)
         cap = max(1, int(held.max(initial=0)))
         for n in S.BANKED.values():
             out[n] = np.zeros(sp.shape(n, len(idx), cap), dtype=np.float32)
@@ -174,7 +180,7 @@ class State:
     def set_rows(self, rows, arrays: dict, positions) -> None:
         """Write whole rows (e.g. a new sequence's state into a running batch): ``arrays`` holds
         stacked (rows, layer, ...) tensors or scalars by state name; a bank's first
-        position // chunk slots are the row's closed chunks."""
+        position // chunk slots (at most the bank's slots) are the row's closed chunks."""
         idx = np.atleast_1d(np.arange(self.batch)[rows])
         pos = np.broadcast_to(np.asarray(positions, dtype=np.int64), idx.shape)
         for n in (S.K, S.V, S.S):
@@ -184,7 +190,7 @@ class State:
         for b in self.buf[S.XA]:
             b[idx] = 0.0
         for j, r in enumerate(idx):
-            held = int(pos[j]) // self._engine.chunk
+            held = min(int(pos[j]) // self._engine.chunk, self.capacity)
             self.banks[r] = None
             if held:
                 bank = self.bank_room(int(r), held)
@@ -227,7 +233,8 @@ class Engine:
             raise ModelLoadError(f"{d}: the state records {window} K/V rows but its config a window of "
                                  f"{self.spec.window}; re-export with this version of bsbr-export")
         self.chunk = self.spec.chunk
-        self.capacity = self.spec.capacity(self.max_len)
+        # Bank slots per row: the export's chunks, at most those a retrieval reads (``StateSpec.bank_limit``).
+        self.capacity = self.spec.bank_slots(self.max_len)
         self.providers = check_providers(providers)
         first = provider_name(self.providers[0])
         self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
@@ -286,7 +293,8 @@ class Engine:
 
     def bank_bytes(self, tokens: int) -> int:
         """Bytes of the bank ``reserve`` gives a row of ``tokens`` tokens."""
-        return sum(int(np.prod(self.spec.shape(n, 1, tokens // self.chunk))) for n in S.BANKED.values()) * 4
+        held = min(tokens // self.chunk, self.capacity)
+        return sum(int(np.prod(self.spec.shape(n, 1, held))) for n in S.BANKED.values()) * 4
 
     def row_bytes(self, tokens: int) -> int:
         """Bytes of one row's state once it holds ``tokens`` tokens (``row_bytes``)."""
@@ -338,18 +346,19 @@ class Engine:
             ids[i, :len(x)] = x
         pos = st.positions[rows].copy()
         held = pos // L
+        kept_held = np.minimum(held, self.capacity)  # the closed chunks a bank keeps (StateSpec.bank_limit)
         whole = B == st.batch and (rows == np.arange(st.batch)).all()
         # This piece's rows of the buffers (the buffers themselves when it is the whole batch) and their banks, with
         # room for the chunks they hold after the piece: one row's own bank, read in place, else the rows' side by side.
         take = (lambda a: a) if whole else (lambda a: np.ascontiguousarray(a[rows]))  # noqa: E731
         ins = self._layers((S.K, S.V, S.S), lambda n: [take(b) for b in st.buf[n]])
-        cap = max(1, int(((pos + lengths) // L).max()))
+        cap = max(1, min(self.capacity, int(((pos + lengths) // L).max())))
         banks = st.banks[rows[0]] if B == 1 else None
         if banks is None or banks[S.BANK_H].shape[3] < cap:
             banks = {n: np.zeros([sp.layer] + sp.layer_shape(n, B, cap), np.float32) for n in S.BANKED.values()}
             for i, r in enumerate(rows):
-                for n in banks if held[i] else ():
-                    banks[n][:, i, :, :held[i]] = st.banks[r][n][:, 0, :, :held[i]]
+                for n in banks if kept_held[i] else ():
+                    banks[n][:, i, :, :kept_held[i]] = st.banks[r][n][:, 0, :, :kept_held[i]]
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
         kept = (S.K, S.V, S.S)
         outs = {n: [np.empty(sp.layer_shape(n, B), dtype=np.float32) for _ in range(sp.layer)] for n in kept}
@@ -370,9 +379,10 @@ class Engine:
         for n in (S.K, S.V, S.S):
             for b, a in zip(st.buf[n], outs[n]):
                 b[rows] = a
-        count = (pos + lengths) // L - held
+        # The chunks the piece closed, into their slots (those within the bank's slots).
+        count = np.minimum((pos + lengths) // L, self.capacity) - kept_held
         for i, r in enumerate(rows):
-            if count[i]:
+            if count[i] > 0:
                 bank = st.bank_room(int(r), int(held[i] + count[i]))
                 for new, n in S.BANKED.items():
                     for layer, a in enumerate(outs[new]):
@@ -444,7 +454,8 @@ class Engine:
     def _close_row(self, st: State, r: int) -> None:
         """The chunk close of row ``r`` (its last decoded token filled the chunk): the close graph
         over views of the row's buffers and bank; the next S is written into the row's S, the
-        closed chunk into its bank slot; a look-back window slides by one chunk."""
+        closed chunk into its bank slot (when the bank keeps it: ``StateSpec.bank_limit``); a look-back
+        window slides by one chunk."""
         sp, L = self.spec, self.chunk
         pos = st.positions[r]
         j = int(pos // L)
@@ -456,7 +467,7 @@ class Engine:
         io = self.sessions["close"].io_binding()
         self._bind(io, ins | {"position": np.array([pos], np.int64)}, outs)
         self.sessions["close"].run_with_iobinding(io)
-        for n, b in S.BANKED.items():
+        for n, b in S.BANKED.items() if j < self.capacity else ():
             for layer, a in enumerate(new[n]):
                 bank[b][layer, 0, :, j] = a[0, :, 0]
         if sp.lookback:  # the closed chunk becomes the previous one
