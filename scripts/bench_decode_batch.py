@@ -91,8 +91,9 @@ def prepare(work: Path, max_len: int, backends, optimum_python: str | None, log,
 # --------------------------------------------------------------------------- one case (child process)
 
 def random_bsbr_state(spec, batch: int, context: int, rng) -> dict:
-    """Stacked random state (batch, layer, ...) of rows holding ``context`` tokens (normalisers positive)."""
-    held = context // spec.chunk
+    """Stacked random state (batch, layer, ...) of rows holding ``context`` tokens (normalisers positive),
+    their banks at the chunks the engine keeps (``StateSpec.banked``)."""
+    held = spec.banked(context)
     st = {n: rng.standard_normal([batch] + spec.shape(n, 1, max(held, 1))[1:], dtype=np.float32) * 0.1
           for n in ("state_k", "state_v", "state_S", "state_bank_h", "state_bank_F")}
     if spec.normalised:
@@ -219,7 +220,7 @@ def targets(res: dict) -> list[tuple[str, float | None, str, float]]:
 def markdown(res: dict, args, cmds: list) -> str:
     import onnxruntime as ort
 
-    lines = ["## Decode by rows x context: BSBR engine against GPT-2 with a KV cache (ONNX Runtime)", "",
+    lines = [f"## {args.title or 'Decode by rows x context: BSBR engine against GPT-2 with a KV cache (ONNX Runtime)'}", "",
              "Made by, in turn (each adds the cases it lacks to one JSON):", "",
              *[f"    {c}" for c in cmds], "",
              f"GPT-2 small shape, random weights, {args.threads} threads, {args.steps} timed steps (KV "
@@ -284,6 +285,7 @@ def main(argv=None) -> None:
     ap.add_argument("--md", type=Path, default=Path("docs/results/decode-batch.md"))
     ap.add_argument("--memory-md", type=Path, default=Path("docs/results/decode-memory.md"))
     ap.add_argument("--redo", action="store_true", help="measure again the cases --out already holds")
+    ap.add_argument("--title", default=None, help="the section's heading [Decode by rows x context: ...]")
     ap.add_argument("--report", action="store_true", help="only write --md again from --out's JSON")
     ap.add_argument("--memory", action="store_true",
                     help="instead: resident memory of 1 and 16 rows of ~200 + 56 tokens over the BSBR export "
@@ -320,7 +322,9 @@ def main(argv=None) -> None:
         return
     if a.report:  # the Markdown again from the JSON, nothing measured
         res = json.loads(a.out.read_text())
-        a.md.write_text(markdown({k: v for k, v in res.items() if k != "_commands"}, a, res.get("_commands", [])))
+        cmd = shlex.join(["python", "scripts/bench_decode_batch.py", *(argv if argv is not None else sys.argv[1:])])
+        a.md.write_text(markdown({k: v for k, v in res.items() if k != "_commands"}, a,
+                                 res.get("_commands", []) + [cmd + "  # the Markdown only"]))
         return
     paths = prepare(a.work, a.max_seq_len, backends, a.optimum_python, log, a.conversion)
     res = json.loads(a.out.read_text()) if a.out.is_file() else {}
