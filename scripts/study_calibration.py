@@ -198,7 +198,7 @@ TRIED = """What this document measures against the targets: the plain, block-loc
 retrievals and the initial retrieval scale g (tables 1 and 2), both position policies (tables 1,
 2 and 7), chunk sizes 32 to 512 (table 5), the look-back local window (tables 1, 2, 5, 7, 8 and
 9), the retrieval weights sum, decay and gate and the retrieval stopped at the position table
-(round three: tables 1, 2, 5, 7 and 8), a learned feature map trained by attention transfer on
+(round three: tables 1, 2, 7 and 8; the default at every chunk size in table 5), a learned feature map trained by attention transfer on
 the softmax weights (Hedgehog's objective) then KL distillation, KL distillation alone of the
 conversion's parameters, and the main command's `--calibrate self` (hedgehog feature map, decay
 weights, text sampled from the original, 10 minutes) in this table. Earlier runs of this table

@@ -47,9 +47,10 @@ def random_state(cfg, context: int, capacity: int, rng) -> dict:
 
 
 def state_parts(cfg, context: int) -> dict:
-    """Bytes of each carried BSBR state tensor (``ops.state``) holding ``context`` tokens (batch 1)."""
+    """Bytes of each carried BSBR state tensor (``ops.state``) holding ``context`` tokens (batch 1;
+    the bank at the chunks it keeps, ``StateSpec.banked``)."""
     spec = StateSpec.from_config(cfg)
-    return {n: int(np.prod(spec.shape(n, 1, context // spec.chunk))) * 4 for n in state.CARRIED}
+    return {n: int(np.prod(spec.shape(n, 1, spec.banked(context)))) * 4 for n in state.CARRIED}
 
 
 def _decode_steps(step, first_token: int, warmup: int, steps: int) -> dict:
