@@ -238,7 +238,9 @@ def parse_run(run: str, T: int, N: int):
         try:
             minutes = float(rest[0]) if rest else 10.0
         except ValueError:
-            raise SystemExit(f"error: run {run!r}: the budget of a self run is minutes, got {rest[0]!r}") from None
+            minutes = -1.0
+        if not minutes > 0 or len(rest) > 1:
+            raise SystemExit(f"error: run {run!r}: a self run is START:self[:MINUTES], MINUTES > 0") from None
         return start, (None, "self"), minutes
     parts = stages.split("+")
     loss1 = parts[0] if parts[0] in TRANSFER_LOSSES else None

@@ -131,7 +131,7 @@ def row_spec(name: str):
     if m:
         return WindowAttention(int(m.group(2)), int(m.group(1) or 0))
     raise SystemExit(f"error: unknown variant or baseline {name!r} (variants: "
-                     f"{', '.join([*VARIANTS, *LOOKBACK_VARIANTS, *LEARNED_VARIANTS, *ROUND_THREE, *SELF_RECIPE])}; "
+                     f"{', '.join(repr(n) for n in [*VARIANTS, *LOOKBACK_VARIANTS, *LEARNED_VARIANTS, *ROUND_THREE, *SELF_RECIPE])}; "
                      f"baselines: 'window W', 'sinks S + window W')")
 
 

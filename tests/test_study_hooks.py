@@ -155,3 +155,27 @@ def test_format_change_shows_the_sign_of_a_bound_near_zero():
     assert format_change({"change": -0.005, "lo": -0.0104, "hi": -0.0003}) == "-0.5% [-1.0, -0.03]"
     assert format_change({"change": 0.001, "lo": -0.0002, "hi": 0.0031}) == "+0.1% [-0.02, +0.3]"
     assert format_change({"change": 0.0, "lo": 0.0, "hi": 0.012}) == "+0.0% [+0.0, +1.2]"
+
+
+def test_calibration_run_specs_self_and_bad():
+    """study_calibration's START:self[:MINUTES] runs (the main command's --calibrate self) and the
+    one-line refusals of bad ones, before any model loads."""
+    import study_calibration as C
+
+    start = "default, hedgehog φ, decay weights"
+    assert C.parse_run(f"{start}:self:10", 1024, 1024) == (start, (None, "self"), 10.0)
+    assert C.parse_run("default:self", 1024, 1024) == ("default", (None, "self"), 10.0)
+    assert S.row_spec(start) == {"feature_map": "hedgehog", "retrieval_weights": "decay"}
+    for bad in ("default:self:abc", "default:self:0", "default:self:1:2", "nosuch:self:1", "normalised:bogus"):
+        with pytest.raises(SystemExit):
+            C.parse_run(bad, 1024, 1024)
+
+
+def test_cost_key_names_the_graph_shape(tiny_hf_dir):
+    """Rows that export to the same graph share a cost key; the limit and the weights change it."""
+    d, L = str(tiny_hf_dir), 8
+    keys = {n: S.cost_key(d, n, L)[0] for n in ("local", "plain", "default", "default, gate weights",
+                                                "normalised, look-back")}
+    assert keys["local"] == keys["plain"] and len(set(keys.values())) == 4
+    assert keys["default"].endswith("positions") and keys["normalised, look-back"].endswith("all")
+    assert S.cost_key(d, "window 16", L) == (None, None)
