@@ -34,14 +34,10 @@ from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 def floor_graph(work: Path) -> Path:
     """The dense floor of ``work``'s random GPT-2 (attention removed, no state), exported once."""
-    out = work / "floor"
-    if not (out / "model.onnx").is_file():
-        from bsbr_export.convert import convert
-        from bsbr_export.export import ExportSpec, export_onnx
+    from bsbr_export.bench.profile import export_prefill
 
-        export_onnx(convert(str(work / "hf")), out, ExportSpec(max_seq_len=1024, attention="none", state_outputs=False),
-                    decode=False)
-    return out / "model.onnx"
+    out = work / "floor" / "model.onnx"
+    return out if out.is_file() else export_prefill(work / "hf", out.parent, 1024, "none")
 
 
 def stats(one, many) -> dict:

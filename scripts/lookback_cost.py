@@ -22,8 +22,6 @@ under ``flock /tmp/bsbr-cpu.lock``.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,20 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsbr_export.bench.prepare import _make_random_hf  # noqa: E402
-from bsbr_export.bench.profile import profile_lengths, script_header  # noqa: E402
+from bsbr_export.bench.profile import export_prefill, profile_lengths, script_header  # noqa: E402
 from bsbr_export.util import atomic_write_text, markdown_table  # noqa: E402
 
 CHUNK, SEED, FLOOR_LIMIT = 128, 0, 1.15
-EXPORT = """
-import sys
-from pathlib import Path
-from bsbr_export.convert import convert
-from bsbr_export.export import ExportSpec, export_onnx
-hf, out, window, attention, n, weights = (sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
-                                         sys.argv[6])
-m = convert(hf, chunk_size={chunk}, local_window=window, retrieval_weights=weights)
-export_onnx(m, out, ExportSpec(max_seq_len=n, attention=attention, state_outputs=False), decode=False)
-""".format(chunk=CHUNK)
 LABELS = {"chunk": "BSBR, chunk window", "lookback": "BSBR, look-back window",
           "lookback-gate": "BSBR, look-back window, gate weights", "floor": "dense floor"}
 BSBR = ("chunk", "lookback", "lookback-gate")
@@ -55,9 +43,7 @@ BSBR = ("chunk", "lookback", "lookback-gate")
 
 def export(hf: Path, out: Path, window: str, attention: str, max_len: int, weights: str = "softmax") -> Path:
     """One export in a child process (its memory is returned before timing starts)."""
-    subprocess.run([sys.executable, "-c", EXPORT, str(hf), str(out), window, attention, str(max_len), weights],
-                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
-    return out / "model.onnx"
+    return export_prefill(hf, out, max_len, attention, chunk_size=CHUNK, local_window=window, retrieval_weights=weights)
 
 
 def op_rows(res: dict, names: list, top: int) -> list:

@@ -26,17 +26,10 @@ from pathlib import Path
 
 import studylib as S
 from bsbr_export.bench.prepare import _make_random_hf
+from bsbr_export.bench.profile import export_prefill
 from bsbr_export.util import atomic_write_text, machine_line, markdown_table
 
 SEED, PER_CHILD = 0, 3
-EXPORT = """
-import json, sys
-from pathlib import Path
-from bsbr_export.convert import convert
-from bsbr_export.export import ExportSpec, export_onnx
-hf, out, n, attention, opts = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
-export_onnx(convert(hf, **opts), out, ExportSpec(max_seq_len=n, attention=attention, state_outputs=False), decode=False)
-"""
 TIME = """
 import json, sys
 import numpy as np
@@ -83,14 +76,10 @@ def main():
     if not (hf / "config.json").is_file():
         _make_random_hf(hf_name, hf, SEED)
     found = shapes(args.model, args.chunk_size)
-    paths = {"floor": work / "floor" / "model.onnx"}
-    child(EXPORT, str(hf), str(paths["floor"].parent), str(args.length), "none",
-          json.dumps({"chunk_size": args.chunk_size}))
+    paths = {"floor": export_prefill(hf, work / "floor", args.length, "none", chunk_size=args.chunk_size)}
     for i, (key, (opts, rows)) in enumerate(found.items()):
         print(f"[{i + 1}/{len(found)}] export {key} ({', '.join(rows)})", flush=True)
-        paths[key] = work / f"g{i}" / "model.onnx"
-        child(EXPORT, str(hf), str(paths[key].parent), str(args.length), "bsbr",
-              json.dumps({"chunk_size": args.chunk_size, **opts}))
+        paths[key] = export_prefill(hf, work / f"g{i}", args.length, chunk_size=args.chunk_size, **opts)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     keys, res = list(found), {}
     for a in range(0, len(keys), PER_CHILD):

@@ -194,3 +194,27 @@ def script_header(root: Path, script: str, argv, title: str, threads: int, seed:
     return [f"## {title}", "", f"    flock /tmp/bsbr-cpu.lock {cmd.strip()}", "", f"- machine: {machine_line()}",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; checkout {rev}; {threads} ORT threads, batch 1, "
             f"fp32; GPT-2 small shape, random weights (seed {seed})"]
+
+
+_EXPORT_PREFILL = """
+import json, sys
+from pathlib import Path
+from bsbr_export.convert import convert
+from bsbr_export.export import ExportSpec, export_onnx
+hf, out, n, attention, opts = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+export_onnx(convert(hf, **opts), out, ExportSpec(max_seq_len=n, attention=attention, state_outputs=False), decode=False)
+"""
+
+
+def export_prefill(hf, out, max_len: int, attention: str = "bsbr", **options) -> Path:
+    """``out/model.onnx``: the prefill graph of ``hf`` converted with ``options`` (fp32, no state
+    outputs, as the benchmark times prefill; ``attention="none"``: the dense floor), exported in a
+    child process so that its memory is returned before anything is timed."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", _EXPORT_PREFILL, str(hf), str(out), str(max_len), attention,
+                    json.dumps(options)], check=True, env=dict(os.environ, PYTHONPATH=str(root)), cwd=str(root))
+    return Path(out) / "model.onnx"
