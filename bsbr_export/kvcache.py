@@ -150,15 +150,18 @@ class KVCacheDecoder:
     ``fill(arrays)`` sets it (one (key, value) pair of [batch, head, past, head_dim] arrays per
     layer); ``step(ids, attention_mask=None, position_ids=None)`` runs ``ids`` [batch, seq] on top
     of the cache and returns their logits [batch, seq, vocab] (a host array); by default every
-    cached token is real and positions continue from the cache length.
+    cached token is real and positions continue from the cache length. ``session_options``: ORT
+    session configuration entries (``Engine``'s).
     """
 
-    def __init__(self, path, threads: int | None = None, providers=None, optimization: str = "all"):
+    def __init__(self, path, threads: int | None = None, providers=None, optimization: str = "all",
+                 session_options: dict | None = None):
         from .runtime.runners import session_from_onnx
 
         p = Path(path)
         p = p / GRAPH_FILE if p.is_dir() else p
-        self.session = session_from_onnx(p, threads, providers or ["CPUExecutionProvider"], optimization)
+        self.session = session_from_onnx(p, threads, providers or ["CPUExecutionProvider"], optimization,
+                                         config=session_options)
         ins = {i.name: i for i in self.session.get_inputs()}
         self.n_layer = sum(1 for n in ins if n.startswith("past_key_values.") and n.endswith(".key"))
         _, self.n_head, _, self.head_dim = ins[past_name(0, "key")].shape

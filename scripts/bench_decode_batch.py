@@ -238,7 +238,9 @@ def markdown(res: dict, args, cmds: list) -> str:
         e = f"{r['empty_cache_ms']:.1f}" if "empty_cache_ms" in r else ""
         lines.append(f"| {b} | {B} | {ctx} | {r['median_ms']:.1f} | {r['mean_ms']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{e} | {r['state_bytes_per_row'] / 2**20:.1f} | {r['peak_rss_gib']:.2f} |")
-    lines += ["", "Targets (decode at the dense floor):", "", "| target | measured | need | status |",
+    lines += ["", "Targets (decode at the dense floor), across this table's processes (a process's step differs "
+              "from another's by more than some targets' margins on a shared machine: `decode_rows_paired.py --kv "
+              "--long 8192` judges them on steps of one process, taken in turn):", "", "| target | measured | need | status |",
               "|---|---|---|---|"]
     for desc, v, cmp, thr in targets(res):
         ok = None if v is None else (v <= thr if cmp == "<=" else v >= thr)

@@ -12,8 +12,13 @@ the median and mean of the rounds' ratios. With ``--floor``, each round also run
 can undercut) on one token of 1 row and of ``--rows`` rows, so the floor's own ratio of rows
 stands beside BSBR's.
 
+With ``--long N`` a 1-row state of N tokens joins the rounds (per-token time against context), and
+with ``--kv`` GPT-2 with a KV cache (``bench_decode_batch``'s kv-ort export) at 1 and ``--rows``
+rows, on an empty cache and (with ``--long``) at N tokens, so that every decode target is judged on
+steps of one process, taken in turn (the targets table).
+
     python scripts/decode_rows_paired.py WORK [--rows 16] [--context 256] [--steps 128] [--threads 2]
-        [--floor] [--out docs/results/decode-rows-paired.md]
+        [--floor] [--kv] [--long 8192] [--out docs/results/decode-rows-paired.md]
 
 WORK: ``bench_decode_batch.py``'s working directory (the random GPT-2 small and its BSBR export,
 made there when missing).
@@ -47,37 +52,99 @@ def stats(one, many) -> dict:
             "ratio_of_means": float(many.mean() / one.mean())}
 
 
-def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads: int, floor=None) -> dict:
+QUIET = {"session.intra_op.allow_spinning": "0"}  # several sessions stepped in turn (see ``measure``)
+
+
+def kv_stepper(path: str, rows: int, context: int | None, threads: int, rng):
+    """One step of GPT-2 with a KV cache (``kvcache.KVCacheDecoder``) over ``rows`` rows whose caches
+    hold ``context`` random tokens and grow by one per step; ``context=None``: every step on an
+    empty cache (the decoder's one-token step without past)."""
+    from bsbr_export.kvcache import KVCacheDecoder
+
+    m = KVCacheDecoder(path, threads=threads, session_options=QUIET)
+    if context:
+        m.fill([tuple(rng.standard_normal((rows, m.n_head, context, m.head_dim), dtype=np.float32)
+                      for _ in range(2)) for _ in range(m.n_layer)])
+    tok = np.ones(rows, np.int64)
+
+    def step():
+        nonlocal tok
+        if not context:
+            m.start(rows)
+        pos = np.full((rows, 1), min(m.length, 1023), np.int64)  # as bench_decode_batch: positions clamp at 1023
+        tok = m.step(tok[:, None], position_ids=pos)[:, -1].argmax(-1).astype(np.int64)
+    return step
+
+
+def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads: int, floor=None,
+            kv: str | None = None, long: int | None = None) -> dict:
+    """Median and mean step of every case, stepped in turn round after round in this process.
+
+    Cases: BSBR's 1-row and ``rows``-row states of ``context`` tokens; with ``floor``, the dense
+    floor's step of 1 and ``rows`` rows right after each; with ``long``, BSBR's 1-row state of
+    ``long`` tokens; with ``kv`` (a KV-cache graph), its 1-row and ``rows``-row steps at
+    ``context``, its empty-cache step, and (with ``long``) its 1-row step at ``long``."""
     from bsbr_export.runtime.engine import Engine
 
-    # Two sessions stepped in turn: with ORT's thread spinning on, each one's idle threads spin through
-    # the other's run (a step then costs about twice as much), so with the floor neither spins.
-    quiet = {"session.intra_op.allow_spinning": "0"} if floor else None
-    eng = Engine(path, threads=threads, session_options=quiet)
+    # Several sessions stepped in turn: with ORT's thread spinning on, each one's idle threads spin through
+    # the others' runs (a step then costs about twice as much), so with more than one session none spins.
+    several = bool(floor or kv)
+    eng = Engine(path, threads=threads, session_options=QUIET if several else None)
     rng = np.random.default_rng(0)
-    states = {B: filled_state(eng, B, context, rng, context + warmup + steps) for B in (1, rows)}
-    tok = {B: np.ones(B, np.int64) for B in states}
-    times = {B: [] for B in states} | {("floor", B): [] for B in states if floor}
+    room = lambda c: c + warmup + steps  # noqa: E731
+    states = {("bsbr", B, context): filled_state(eng, B, context, rng, room(context)) for B in (1, rows)}
+    if long:
+        states[("bsbr", 1, long)] = filled_state(eng, 1, long, rng, room(long))
+    tok = {k: np.ones(k[1], np.int64) for k in states}
     sess = None
     if floor:
         from bsbr_export.runtime import session_from_onnx
 
-        sess = session_from_onnx(str(floor), threads, ["CPUExecutionProvider"], config=quiet)
+        sess = session_from_onnx(str(floor), threads, ["CPUExecutionProvider"], config=QUIET)
+    cases = {}
+    for key, st in states.items():
+        def bsbr(key=key, st=st):
+            tok[key] = eng.decode(st, tok[key]).argmax(-1).astype(np.int64)
+        cases[key] = bsbr
+        if sess is not None and key[2] == context:  # the floor's step of the same rows, right after
+            cases[("floor", key[1], 1)] = lambda key=key: sess.run(["logits"], {"input_ids": tok[key][:, None]})
+    if kv:
+        for B, c in ((1, context), (rows, context), (1, None)) + (((1, long),) if long else ()):
+            cases[("kv", B, c)] = kv_stepper(kv, B, c, threads, rng)
+    times = {k: [] for k in cases}
     for i in range(warmup + steps):
-        for B, st in states.items():
+        for k, step in cases.items():
             t0 = time.perf_counter()
-            tok[B] = eng.decode(st, tok[B]).argmax(-1).astype(np.int64)
+            step()
             if i >= warmup:
-                times[B].append((time.perf_counter() - t0) * 1e3)
-            if sess is not None:  # the floor's step of the same rows, right after
-                t0 = time.perf_counter()
-                sess.run(["logits"], {"input_ids": tok[B][:, None]})
-                if i >= warmup:
-                    times[("floor", B)].append((time.perf_counter() - t0) * 1e3)
-    out = stats(times[1], times[rows])
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    out = stats(times[("bsbr", 1, context)], times[("bsbr", rows, context)])
     if floor:
-        out["floor"] = stats(times[("floor", 1)], times[("floor", rows)])
+        out["floor"] = stats(times[("floor", 1, 1)], times[("floor", rows, 1)])
+    out["cases"] = {k: np.array(t) for k, t in times.items()}
     return out
+
+
+def targets(r: dict, rows: int, context: int, long: int | None) -> list[list[str]]:
+    """Issue targets judged on the paired steps: [target, measured, need, status] rows."""
+    t = r["cases"]
+    med = lambda k: float(np.median(t[k]))  # noqa: E731
+    ratio = lambda a, b: float(np.median(t[a] / t[b]))  # noqa: E731  median of the rounds' ratios
+    one, many = ("bsbr", 1, context), ("bsbr", rows, context)
+    out = [(f"{rows}-row step / 1-row step @ {context}", ratio(many, one), "<=", 2.0)]
+    if ("kv", 1, context) in t:
+        out += [(f"batch 1 @ {context}: BSBR step / KV-cache step", ratio(one, ("kv", 1, context)), "<=", 1.0),
+                (f"batch 1 @ {context}: BSBR step / KV-cache empty-cache step", ratio(one, ("kv", 1, None)), "<=", 1.15),
+                (f"{rows} rows @ {context}: BSBR tokens/s / KV-cache tokens/s",
+                 med(("kv", rows, context)) / med(many), ">=", 1.5)]
+    if long:
+        out.append((f"batch 1: BSBR step @ {long} / @ {context} (means, closes included)",
+                    float(t[("bsbr", 1, long)].mean() / t[one].mean()), "<=", 1.05))
+        if ("kv", 1, long) in t:
+            out.append((f"batch 1 @ {long}: KV-cache step / BSBR step", ratio(("kv", 1, long), ("bsbr", 1, long)),
+                        ">=", 5.0))
+    ok = {"<=": lambda m, n: m <= n, ">=": lambda m, n: m >= n}
+    return [[name, f"{m:.2f}", f"{op} {need}", "met" if ok[op](m, need) else "MISSED"] for name, m, op, need in out]
 
 
 def main(argv=None) -> None:
@@ -93,14 +160,23 @@ def main(argv=None) -> None:
     ap.add_argument("--conversion", default=None, help="conversion options of the export (bench_decode_batch's)")
     ap.add_argument("--floor", action="store_true",
                     help="also the dense floor's one-token step of 1 and --rows rows, in the same rounds")
+    ap.add_argument("--kv", action="store_true",
+                    help="also GPT-2 with a KV cache (bench_decode_batch's kv-ort export) in the same rounds: 1 and "
+                         "--rows rows at --context, its empty-cache step, and 1 row at --long; and the targets table")
+    ap.add_argument("--long", type=int, default=None, help="also BSBR's (and with --kv the KV cache's) 1-row step "
+                                                          "at this context, in the same rounds")
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-rows-paired.md"), help="Markdown to write")
     a = ap.parse_args(argv)
     if a.rows < 2 or a.context < 1 or a.steps < 1 or a.warmup < 0 or a.threads < 1:
         ap.error("--rows must be >= 2; --context, --steps and --threads >= 1; --warmup >= 0")
-    if a.context + a.warmup + a.steps > a.max_len:
-        ap.error(f"--context + --warmup + --steps must fit the export's {a.max_len} tokens")
-    path = prepare(a.work, a.max_len, ["bsbr"], None, lambda m: print(m, flush=True), a.conversion or "")["bsbr"]
-    r = measure(str(path), a.rows, a.context, a.steps, a.warmup, a.threads, floor_graph(a.work) if a.floor else None)
+    if max(a.context, a.long or 0) + a.warmup + a.steps > a.max_len:
+        ap.error(f"--context (and --long) + --warmup + --steps must fit the export's {a.max_len} tokens")
+    if a.long is not None and a.long <= a.context:
+        ap.error(f"--long must be more than --context ({a.context}), got {a.long}")
+    paths = prepare(a.work, a.max_len, ["bsbr"] + ["kv-ort"] * a.kv, None, lambda m: print(m, flush=True),
+                    a.conversion or "")
+    r = measure(str(paths["bsbr"]), a.rows, a.context, a.steps, a.warmup, a.threads,
+                floor_graph(a.work) if a.floor else None, paths["kv-ort"] if a.kv else None, a.long)
     rows = [["median step", f"{r['one_median']:.1f}", f"{r['many_median']:.1f}",
              f"{r['ratio_median']:.2f}x (median of the rounds' ratios)"],
             ["mean step (closes included)", f"{r['one_mean']:.1f}", f"{r['many_mean']:.1f}",
@@ -117,7 +193,8 @@ def main(argv=None) -> None:
 
     cmd = " ".join(["python scripts/decode_rows_paired.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
-        f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs", "",
+        (f"## Decode targets: BSBR, the dense floor and a KV cache, timed in pairs" if a.kv else
+         f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs"), "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the BSBR export of `bench_decode_batch.py` (its "
         f"conversion: {a.conversion or 'the default'}); one engine, a 1-row and a {a.rows}-row state of "
         f"{a.context} tokens each, stepped alternately, {a.steps} rounds after {a.warmup}"
@@ -126,6 +203,18 @@ def main(argv=None) -> None:
            "otherwise spin through each other's runs)" if a.floor else "")
         + f"; onnxruntime {ort.__version__}, {a.threads} threads; {machine_line()}.", "",
         markdown_table(["", "1 row ms", f"{a.rows} rows ms", f"{a.rows} rows / 1 row"], rows), ""])
+    if a.kv or a.long:
+        name = {"bsbr": "BSBR", "floor": "dense floor", "kv": "KV cache"}
+        each = [[name[b], str(B), "empty" if c is None else ("" if b == "floor" else str(c)),
+                 f"{np.median(t):.1f}", f"{t.mean():.1f}", f"{B / t.mean() * 1e3:.1f}"]
+                for (b, B, c), t in r["cases"].items()]
+        text += "\n".join([
+            "Every case of the same rounds (the KV cache: GPT-2 exported with past by `kvcache.py`, positions "
+            "clamped at 1023 as in `bench_decode_batch.py`, its cache growing by one token per step; "
+            "ORT thread spinning off in every session):", "",
+            markdown_table(["case", "rows", "context", "ms/step (median)", "ms/step (mean)", "tokens/s"], each), "",
+            "Targets (issue: decode at the dense floor), judged on these paired steps:", "",
+            markdown_table(["target", "measured", "need", "status"], targets(r, a.rows, a.context, a.long)), ""])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, text)
     print(text)

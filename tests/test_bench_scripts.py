@@ -60,3 +60,45 @@ def test_memory_case_and_report(exports, tmp_path):
     targets = {d: (v, cmp, thr) for d, v, cmp, thr in bdb.targets(res)}
     assert targets["@ 256: BSBR 16-row step / 1-row step"][0] == pytest.approx(1.9)
     assert targets["batch 1 @ 8192: KV-cache step / BSBR step"][0] is None  # not measured: n/a, not a pass
+
+
+def test_paired_decode_steps_every_case_and_judges_the_targets(exports):
+    """decode_rows_paired: BSBR at 1 and 3 rows and at a longer context, the KV cache beside it
+    (1 and 3 rows, empty, long) all stepped in the same rounds (across a chunk close, chunk 32); the
+    targets table judges the paired steps (a synthetic set of times checks each comparison's side)."""
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import decode_rows_paired as drp
+
+    r = drp.measure(str(exports[0]), 3, 40, 33, 1, 1, kv=str(exports[1]), long=200)
+    cases = r["cases"]
+    assert set(cases) == {("bsbr", 1, 40), ("bsbr", 3, 40), ("bsbr", 1, 200), ("kv", 1, 40), ("kv", 3, 40),
+                          ("kv", 1, None), ("kv", 1, 200)}
+    assert all(len(t) == 33 and (t > 0).all() for t in cases.values())
+    assert r["one_median"] > 0 and r["ratio_median"] > 0
+    ones = np.ones(5)
+    fake = {"cases": {("bsbr", 1, 40): 10 * ones, ("bsbr", 3, 40): 25 * ones, ("bsbr", 1, 200): 10.2 * ones,
+                      ("kv", 1, 40): 9 * ones, ("kv", 3, 40): 40 * ones, ("kv", 1, None): 9 * ones,
+                      ("kv", 1, 200): 60 * ones}}
+    got = {row[0].split(":")[0] + row[2]: (row[1], row[3]) for row in drp.targets(fake, 3, 40, 200)}
+    assert got["3-row step / 1-row step @ 40<= 2.0"] == ("2.50", "MISSED")
+    assert got["batch 1 @ 40<= 1.0"] == ("1.11", "MISSED")
+    assert got["batch 1 @ 40<= 1.15"] == ("1.11", "met")
+    assert got["3 rows @ 40>= 1.5"] == ("1.60", "met")
+    assert got["batch 1<= 1.05"] == ("1.02", "met")
+    assert got["batch 1 @ 200>= 5.0"] == ("5.88", "met")
+
+
+def test_decode_profile_reads_the_state_bytes(exports):
+    """decode_profile's op table averages the profiled runs (control flow left out) and counts the
+    K/V window and S bytes the attention reads."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import decode_profile as dp
+    from bsbr_export.runtime.engine import Engine
+
+    runs = [{"op_types_ms": {"If": 9.0, "Gemm": 2.0, "MatMul": 1.0}}, {"op_types_ms": {"If": 9.0, "Gemm": 4.0}}]
+    assert dp.mean_ops(runs) == {"Gemm": 3.0, "MatMul": 0.5}
+    sp = Engine(str(exports[0]), threads=1).spec
+    one = sp.layer * (2 * sp.head * sp.window * sp.head_dim + sp.head * sp.state_dim * sp.state_cols) * 4
+    assert dp.state_read_bytes(sp, 1) == one and dp.state_read_bytes(sp, 4) == 4 * one
