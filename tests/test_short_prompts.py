@@ -154,7 +154,7 @@ def test_the_joined_session_equals_separate_sessions(exports, name):
     pieces of every length, then decode steps across chunk closes, give the logits of the
     engine with a session per graph, and torch's."""
     model, d, _ = exports[name]
-    joined, separate = Engine(d, max_len=MAX), Engine(d, max_len=MAX, join=False)
+    joined, separate = Engine(d, max_len=MAX, join=True), Engine(d, max_len=MAX)
     assert joined.sessions["extend"] is joined.sessions["decode"] is not joined.sessions["close"]
     assert FLAG in {i.name for i in joined.sessions["decode"].get_inputs()}
     assert separate.sessions["extend"] is not separate.sessions["decode"]
