@@ -162,9 +162,9 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
                    "request's bank of closed chunks, reserved when it is admitted (a request that does not fit "
                    "waits in the queue; one that could never fit gets 400) [half the memory free at start].")
 @click.option("--prepack", type=Choice(["decode", "all", "none"]), default="decode", show_default=True,
-              help="ONNX Runtime weight prepacking: for the prompt and per-token graphs (one session, one packed "
-                   "copy of the dense weights: prompts and batched decode at full speed), for the chunk close too, "
-                   "or none (least memory).")
+              help="ONNX Runtime weight prepacking: for the per-token graph (one packed copy of the dense weights: "
+                   "decode at full speed; a prompt repacks them on each call), for every graph (prompts at full "
+                   "speed too, for a packed copy each), or none (least memory).")
 @click.option("--prefix-cache", default="1GiB", metavar="SIZE", show_default=True,
               help="Memory for prompt states kept for reuse: a request whose prompt starts with a cached prefix "
                    "(a repeated prompt, a conversation's earlier turns, a shared system prompt) computes only the "

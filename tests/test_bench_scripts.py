@@ -82,12 +82,18 @@ def test_paired_decode_steps_every_case_and_judges_the_targets(exports):
                       ("kv", 1, 40): 9 * ones, ("kv", 3, 40): 40 * ones, ("kv", 1, None): 9 * ones,
                       ("kv", 1, 200): 60 * ones}}
     got = {row[0].split(":")[0] + row[2]: (row[1], row[3]) for row in drp.targets(fake, 3, 40, 200)}
-    assert got["3-row step / 1-row step @ 40<= 2.0"] == ("2.50", "MISSED")
-    assert got["batch 1 @ 40<= 1.0"] == ("1.11", "MISSED")
-    assert got["batch 1 @ 40<= 1.15"] == ("1.11", "met")
-    assert got["3 rows @ 40>= 1.5"] == ("1.60", "met")
-    assert got["batch 1<= 1.05"] == ("1.02", "met")
-    assert got["batch 1 @ 200>= 5.0"] == ("5.88", "met")
+    assert all(row[4] == "" for row in drp.targets(fake, 3, 40, 200))  # no floor ran: no bound
+    fake["cases"] |= {("floor", 1, 1): 8 * ones, ("floor", 3, 1): 15 * ones}
+    bounds = [row[4] for row in drp.targets(fake, 3, 40, 200)]
+    assert bounds == ["1.875", "0.889", "0.889", "2.667", "", "7.500"]
+    fake["cases"][("kv", 1, 200)] = 30 * ones  # no decoder at the floor reaches 5x: out of reach
+    assert drp.targets(fake, 3, 40, 200)[-1][4] == "3.750 (out of reach here)"
+    assert got["3-row step / 1-row step @ 40<= 2.0"] == ("2.500", "MISSED")
+    assert got["batch 1 @ 40<= 1.0"] == ("1.111", "MISSED")
+    assert got["batch 1 @ 40<= 1.15"] == ("1.111", "met")
+    assert got["3 rows @ 40>= 1.5"] == ("1.600", "met")
+    assert got["batch 1<= 1.05"] == ("1.020", "met")
+    assert got["batch 1 @ 200>= 5.0"] == ("5.882", "met")
 
 
 def test_decode_profile_reads_the_state_bytes(exports):
