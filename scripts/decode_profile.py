@@ -15,7 +15,6 @@ read the shares and the ratios, not the absolute times (``decode_rows_paired.py`
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import filled_state, prepare  # noqa: E402
-from decode_rows_paired import floor_graph  # noqa: E402
+from decode_rows_paired import floor_graph, step_arguments  # noqa: E402
 
 ATTENTION_PRODUCTS = ("MatMul", "FusedMatMul")  # q.K^T, p.V and q.S: the state the step reads
 
@@ -91,15 +90,7 @@ def state_read_bytes(spec, rows: int) -> int:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("work", type=Path, help="bench_decode_batch.py's working directory")
-    ap.add_argument("--rows", type=int, default=16, help="rows of the many-row state [16]")
-    ap.add_argument("--context", type=int, default=256, help="tokens each row holds at the start [256]")
-    ap.add_argument("--steps", type=int, default=30, help="profiled steps per state [30]")
-    ap.add_argument("--warmup", type=int, default=5, help="steps left out first [5]")
-    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
-    ap.add_argument("--max-len", type=int, default=8448, help="the BSBR export's maximum length [8448]")
+    ap = step_arguments(__doc__, 30, 5, 8448)
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-profile.md"), help="Markdown to write")
     a = ap.parse_args(argv)
     if a.rows < 2 or a.context < 1 or a.steps < 1 or a.warmup < 0 or a.threads < 1:

@@ -154,16 +154,23 @@ def targets(r: dict, rows: int, context: int, long: int | None) -> list[list[str
             for name, m, op, need, bound in out]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+def step_arguments(doc: str, steps: int, warmup: int, max_len: int) -> argparse.ArgumentParser:
+    """The options this script and ``decode_profile.py`` share: the work directory, the two states
+    (1 row and ``--rows``, ``--context`` tokens), the steps and the export."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", type=Path, help="bench_decode_batch.py's working directory")
     ap.add_argument("--rows", type=int, default=16, help="rows of the many-row state [16]")
     ap.add_argument("--context", type=int, default=256, help="tokens each row holds at the start [256]")
-    ap.add_argument("--steps", type=int, default=128, help="timed rounds [128]")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first [3]")
+    ap.add_argument("--steps", type=int, default=steps, help=f"timed rounds [{steps}]")
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"untimed rounds first [{warmup}]")
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
-    ap.add_argument("--max-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
+    ap.add_argument("--max-len", type=int, default=max_len, help=f"the BSBR export's maximum length [{max_len}]")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = step_arguments(__doc__, 128, 3, 8192)
     ap.add_argument("--conversion", default=None, help="conversion options of the export (bench_decode_batch's)")
     ap.add_argument("--floor", action="store_true",
                     help="also the dense floor's one-token step of 1 and --rows rows, in the same rounds")
