@@ -246,10 +246,11 @@ class Engine:
         # prompt graph repacks on each call (a 128-token prompt: 194 against 174 ms). ``join``
         # runs both graphs as one session that reads one packed copy (``joined``: prompts at full
         # speed, but its If costs every decode step about 3 ms, docs/results/decode-joined.md).
-        # ``True`` packs every graph (a packed copy each), ``False`` none.
-        if prepack not in (True, False, "decode"):
-            raise InputError(f"prepack must be True, False or 'decode', got {prepack!r}")
-        self.paths, self.joined = paths, bool(join)
+        # ``prepack="joined"`` is "decode" joined. ``True`` packs every graph (a copy each), ``False`` none.
+        if prepack not in (True, False, "decode", "joined"):
+            raise InputError(f"prepack must be True, False, 'decode' or 'joined', got {prepack!r}")
+        join, prepack = bool(join) or prepack == "joined", "decode" if prepack == "joined" else prepack
+        self.paths, self.joined = paths, join
         self._weights = shared_weights(paths.values())
         packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
         step = joined_model(paths["extend"], paths["decode"]) if join else None
