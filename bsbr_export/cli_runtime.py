@@ -161,12 +161,10 @@ def generate(model_dir, prompt, prompts_file, backend, precision, max_new_tokens
               help="Memory for the decode state of all rows, e.g. 4GiB or 512MiB: the rows' buffers and each "
                    "request's bank of closed chunks, reserved when it is admitted (a request that does not fit "
                    "waits in the queue; one that could never fit gets 400) [half the memory free at start].")
-@click.option("--prepack", type=Choice(["decode", "joined", "all", "none"]), default="decode", show_default=True,
-              help="ONNX Runtime weight prepacking: for the per-token graph (one packed copy of the dense weights: "
-                   "decode at full speed; a prompt repacks them on each call); joined: the prompt and per-token "
-                   "graphs as one session on that copy (prompts at full speed, each decode step 1-2 ms slower: for "
-                   "prompt-heavy loads such as scoring); for every graph (prompts at full speed too, for a packed "
-                   "copy each); or none (least memory).")
+@click.option("--prepack", type=Choice(["decode", "all", "none"]), default="decode", show_default=True,
+              help="ONNX Runtime weight prepacking: for the prompt and per-token graphs (one session, one packed "
+                   "copy of the dense weights: prompts and batched decode at full speed), for the chunk close too, "
+                   "or none (least memory).")
 @click.option("--prefix-cache", default="1GiB", metavar="SIZE", show_default=True,
               help="Memory for prompt states kept for reuse: a request whose prompt starts with a cached prefix "
                    "(a repeated prompt, a conversation's earlier turns, a shared system prompt) computes only the "
@@ -205,7 +203,7 @@ def serve(model_dir, host, port, max_batch, max_queue, threads, precision, prefi
                              request_timeout_s=request_timeout_s, receive_timeout_s=receive_timeout_s,
                              header_timeout_s=header_timeout_s, send_timeout_s=send_timeout_s, log_content=log_content,
                              state_memory=None if state_memory is None else parse_size(state_memory, "--state-memory"),
-                             prepack={"all": True, "none": False}.get(prepack, prepack),
+                             prepack={"all": True, "none": False}.get(prepack, "decode"),
                              prefix_cache=parse_size(prefix_cache, "--prefix-cache", zero=True),
                              chat_template=None if chat_template is None else str(chat_template))
         from .runtime.api import check_export

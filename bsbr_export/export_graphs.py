@@ -166,13 +166,11 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
     itself: a Gemm on (B*T, E) and a Reshape would hold the [B*T, V] logits twice (GPT-2 small,
     8192 tokens x batch 3: 4.9 GB more at the peak)."""
     x = g.layer_norm(x, W("ln_f.weight"), W("ln_f.bias"), cfg.layer_norm_epsilon)
-    if rows and not g.flat:
-        x = g.op("Reshape", x, g.const([-1, cfg.n_embd]))
     head = W.head()
     if head is not None:  # int8: x @ wte^T from the transposed, quantized copy (the embedding stays fp32)
-        return g.linear(x, head)
+        return g.linear(g.op("Reshape", x, g.const([-1, cfg.n_embd])) if rows else x, head)
     if rows:
-        return g.op("Gemm", x, W("wte.weight"), transB=1)
+        return g.op("Gemm", g.op("Reshape", x, g.const([-1, cfg.n_embd])), W("wte.weight"), transB=1)
     return g.op("MatMul", x, g.op("Transpose", W("wte.weight"), perm=[1, 0]))
 
 
@@ -328,10 +326,10 @@ def decode_graph(model, spec: ExportSpec, sink=None):
     g, W = _graph_for(model, spec, sink)
     zero, one = g.const([0]), g.const([1])
     pos = "position"  # (B,): tokens each row already holds
-    g.flat = True  # the activations are (B, E): no reshapes around the dense layers, none to split heads
+    g.lead = g.op("Shape", "input_ids")  # [B, 1]: the dense layers' rows
     slot = g.op("Unsqueeze", g.op("Mod", pos, g.const(L)), one)  # (B, 1)
-    ids = g.op("Reshape", "input_ids", g.const([-1]))  # (B,)
-    x = g.op("Add", g.op("Gather", W("wte.weight"), ids), g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)))
+    x = g.op("Add", g.op("Gather", W("wte.weight"), "input_ids"),
+             g.op("Unsqueeze", g.op("Gather", W("wpe.weight"), _positions(g, cfg, pos)), one))  # (B, 1, E)
     # K/V rows: the open chunk is the last L of the state's ``window`` (look-back: the previous
     # chunk first); row r holds the open chunk's slot r - (window - L). The token sees the rows
     # before its own slot (its own key is a term of its own), and the previous chunk once there is one.
@@ -353,7 +351,7 @@ def decode_graph(model, spec: ExportSpec, sink=None):
         x = g.op("Add", x, g.linear(g.merge_heads(o, E), W.dense(p + "attn.c_proj.weight"),
                                     W(p + "attn.c_proj.bias")))
         x = _mlp_and_residual(g, W, cfg, p, x)
-        for n, val in zip(state.DECODE_OUT, (k, v, g.op("Unsqueeze", xa, one))):  # xa: (B, 1, E)
+        for n, val in zip(state.DECODE_OUT, (k, v, xa)):
             out[n].append(val)
     g.output(_lm_head(g, W, cfg, x), "logits")  # (B, V)
     _state_outputs(g, out)

@@ -137,16 +137,11 @@ class Graph:
     # ``lead`` sees (Shape(input_ids) = [B, T] in the prefill graph), set by a graph that knows
     # them; None: each such layer takes them from its input.
     lead = None
-    # One token per row (the per-token graph): the activations are (rows, features) throughout, so a
-    # dense layer is a bare Gemm and heads split and merge by a Reshape (no Transpose for one token).
-    flat = False
 
     def gemm_rows(self, x, w_name, b_name, lead=None):
         """x (..., in) @ w (in, out) + b as one Gemm on (rows, in), bias inside the Gemm (ORT fuses no
         3-d MatMul + Add): Reshape -> Gemm -> Reshape, the reshapes free (no copy). ``lead``: the
         leading dims of x (default ``self.lead``, else Shape(x) without its last dim)."""
-        if self.flat:
-            return self.op("Gemm", x, w_name, b_name)
         n_in, n_out = self.inits[w_name].shape
         lead = lead if lead is not None else self.lead if self.lead is not None else self.op("Shape", x, end=-1)
         key = (lead, n_out)
@@ -218,13 +213,9 @@ class Graph:
         return self.op("Concat", *parts, axis=0)
 
     def split_heads(self, x, H, d):
-        """(B, N, E) -> (B, H, N, d); ``flat``: (B, E) -> (B, H, 1, d)."""
-        if self.flat:
-            return self.op("Reshape", x, self.const([0, H, 1, d]))
+        """(B, N, E) -> (B, H, N, d)."""
         return self.op("Transpose", self.op("Reshape", x, self.const([0, 0, H, d])), perm=[0, 2, 1, 3])
 
     def merge_heads(self, x, E):
-        """(B, H, N, d) -> (B, N, E); ``flat``: (B, H, 1, d) -> (B, E)."""
-        if self.flat:
-            return self.op("Reshape", x, self.const([0, E]))
+        """(B, H, N, d) -> (B, N, E)."""
         return self.op("Reshape", self.op("Transpose", x, perm=[0, 2, 1, 3]), self.const([0, 0, E]))

@@ -1,8 +1,6 @@
-"""What the joined session costs a decode step: ``Engine(join=True)`` (the prompt and per-token
-graphs as one ORT session, an If on a bool input: ``runtime.joined``) against ``Engine()`` (a
-session per graph, the default), in one process, stepped alternately (with ``--spin``, in blocks
-of ``--block`` steps: ORT's default spinning, which an engine stepped right after another would
-pay for the other's spinning threads).
+"""What the joined session costs a decode step: ``Engine()`` (the prompt and per-token graphs as
+one ORT session, an If on a bool input: ``runtime.joined``) against ``Engine(join=False)`` (a
+session per graph), in one process, stepped alternately.
 
 Both engines hold a state of ``--rows`` rows filled with random values of ``--context`` tokens
 (``bench_decode_batch.filled_state``). ORT's thread spinning is off in both
@@ -29,23 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 
-def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False,
-            block: int = 1) -> dict:
+def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
     from bsbr_export.runtime.engine import Engine
 
     so = {} if spin else {"session.intra_op.allow_spinning": "0"}
-    engines = {"joined": Engine(path, threads=threads, session_options=so, join=True),
-               "separate": Engine(path, threads=threads, session_options=so)}
+    engines = {"joined": Engine(path, threads=threads, session_options=so),
+               "separate": Engine(path, threads=threads, session_options=so, join=False)}
     rng = np.random.default_rng(0)
     states = {name: filled_state(eng, rows, context, rng, context + steps + 3) for name, eng in engines.items()}
     tok, times = np.ones(rows, np.int64), {n: [] for n in engines}
-    for i in range(0, steps + 3, block):  # a round: ``block`` steps of each engine in turn
+    for i in range(steps + 3):
         for name, eng in engines.items():
-            for k in range(i, min(i + block, steps + 3)):
-                t0 = time.perf_counter()
-                eng.decode(states[name], tok)
-                if k >= 3:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            eng.decode(states[name], tok)
+            if i >= 3:
+                times[name].append((time.perf_counter() - t0) * 1e3)
     j, s = np.array(times["joined"]), np.array(times["separate"])
     return {"rows": rows, "joined": float(np.median(j)), "separate": float(np.median(s)),
             "joined_mean": float(j.mean()), "separate_mean": float(s.mean()), "ratio": float(np.median(j / s))}
@@ -61,8 +57,6 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads [2]")
     ap.add_argument("--max-len", type=int, default=8192, help="the BSBR export's maximum length [8192]")
     ap.add_argument("--spin", action="store_true", help="leave ORT's thread spinning on (its default)")
-    ap.add_argument("--block", type=int, default=None,
-                    help="steps of one engine before the other's [1; with --spin 25]")
     ap.add_argument("--out", type=Path, default=Path("docs/results/decode-joined.md"), help="Markdown to write")
     a = ap.parse_args(argv)
     try:
@@ -72,10 +66,7 @@ def main(argv=None) -> None:
     if min(rows) < 1 or a.context < 1 or a.steps < 1 or a.threads < 1 or a.context + a.steps + 3 > a.max_len:
         ap.error("--rows, --context, --steps and --threads must be >= 1, and the run must fit --max-len")
     path = str(prepare(a.work, a.max_len, ["bsbr"], None, lambda m: print(m, flush=True))["bsbr"])
-    block = a.block or (25 if a.spin else 1)
-    if block < 1:
-        ap.error(f"--block must be >= 1, got {block}")
-    res = [measure(path, r, a.context, a.steps, a.threads, a.spin, block) for r in rows]
+    res = [measure(path, r, a.context, a.steps, a.threads, a.spin) for r in rows]
     import onnxruntime as ort
 
     from bsbr_export.util import atomic_write_text, machine_line, markdown_table
@@ -84,8 +75,7 @@ def main(argv=None) -> None:
     text = "\n".join([
         "## Decode step: the joined prompt + per-token session against a session per graph", "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion, exported by "
-        f"`bench_decode_batch.py`; two engines in one process stepped alternately ({block} step{'s' if block > 1 else ''} of each in turn), "
-        f"{a.steps} steps each after 3, "
+        f"`bench_decode_batch.py`; two engines in one process stepped alternately, {a.steps} rounds after 3, "
         f"{a.context} tokens of context, ORT thread spinning {'on' if a.spin else 'off'}; onnxruntime {ort.__version__}, {a.threads} "
         f"threads; {machine_line()}.", "",
         markdown_table(["rows", "joined ms (median)", "separate ms (median)", "joined ms (mean)",

@@ -5,9 +5,11 @@ one-row step then differs between processes by more than the target's margin (GP
 context 256 against 8192, same work: 25.1 against 20.4 ms in one run). Here one engine holds a
 state of 1 row and a state of ``--rows`` rows, both filled with random values of ``--context``
 tokens (``bench_decode_batch.filled_state``) and banks reserved for the whole run; each
-round steps the one-row state, then the many-row state, back to back. Reported: the median step
-of each, the mean (chunk closes included: any 128 consecutive steps hold one close per row), and
-the median and mean of the rounds' ratios. With ``--floor``, each round also runs the dense floor
+round steps every case once, back to back, round i starting at the i-th case. The whole run is
+made twice, in two fresh processes that make the sessions in opposite orders, and their rounds
+pooled (``measure_balanced``: the session made first in a process can run ~10% slower). Reported:
+the median step of each, the mean (chunk closes included: any 128 consecutive steps hold one close
+per row), and the median and mean of the rounds' ratios. With ``--floor``, each round also runs the dense floor
 (the same GPT-2 with attention removed: every dense weight read once per step, what no decode
 can undercut) on one token of 1 row and of ``--rows`` rows, so the floor's own ratio of rows
 stands beside BSBR's.
@@ -77,52 +79,81 @@ def kv_stepper(path: str, rows: int, context: int | None, threads: int, rng):
 
 
 def measure(path: str, rows: int, context: int, steps: int, warmup: int, threads: int, floor=None,
-            kv: str | None = None, long: int | None = None) -> dict:
-    """Median and mean step of every case, stepped in turn round after round in this process.
+            kv: str | None = None, long: int | None = None, reverse: bool = False) -> dict:
+    """Median and mean step of every case, stepped in turn round after round in this process
+    (round i starts at the i-th case, so that each case takes every place in a round alike).
 
     Cases: BSBR's 1-row and ``rows``-row states of ``context`` tokens; with ``floor``, the dense
-    floor's step of 1 and ``rows`` rows right after each; with ``long``, BSBR's 1-row state of
-    ``long`` tokens; with ``kv`` (a KV-cache graph), its 1-row and ``rows``-row steps at
-    ``context``, its empty-cache step, and (with ``long``) its 1-row step at ``long``."""
+    floor's step of 1 and ``rows`` rows; with ``long``, BSBR's 1-row state of ``long`` tokens;
+    with ``kv`` (a KV-cache graph), its 1-row and ``rows``-row steps at ``context``, its
+    empty-cache step, and (with ``long``) its 1-row step at ``long``. ``reverse``: the sessions
+    are made in the opposite order (KV caches, floor, BSBR: see ``measure_balanced``)."""
     from bsbr_export.runtime.engine import Engine
 
     # Several sessions stepped in turn: with ORT's thread spinning on, each one's idle threads spin through
     # the others' runs (a step then costs about twice as much), so with more than one session none spins.
-    several = bool(floor or kv)
-    eng = Engine(path, threads=threads, session_options=QUIET if several else None)
+    quiet = QUIET if (floor or kv) else None
     rng = np.random.default_rng(0)
     room = lambda c: c + warmup + steps  # noqa: E731
-    states = {("bsbr", B, context): filled_state(eng, B, context, rng, room(context)) for B in (1, rows)}
-    if long:
-        states[("bsbr", 1, long)] = filled_state(eng, 1, long, rng, room(long))
-    tok = {k: np.ones(k[1], np.int64) for k in states}
-    sess = None
-    if floor:
+    made, tok = {}, {}
+
+    def make_bsbr():
+        eng = Engine(path, threads=threads, session_options=quiet)
+        for B, c in ((1, context), (rows, context)) + (((1, long),) if long else ()):
+            st, key = filled_state(eng, B, c, rng, room(c)), ("bsbr", B, c)
+            tok[key] = np.ones(B, np.int64)
+
+            def step(key=key, st=st):
+                tok[key] = eng.decode(st, tok[key]).argmax(-1).astype(np.int64)
+            made[key] = step
+
+    def make_floor():
         from bsbr_export.runtime import session_from_onnx
 
         sess = session_from_onnx(str(floor), threads, ["CPUExecutionProvider"], config=QUIET)
-    cases = {}
-    for key, st in states.items():
-        def bsbr(key=key, st=st):
-            tok[key] = eng.decode(st, tok[key]).argmax(-1).astype(np.int64)
-        cases[key] = bsbr
-        if sess is not None and key[2] == context:  # the floor's step of the same rows, right after
-            cases[("floor", key[1], 1)] = lambda key=key: sess.run(["logits"], {"input_ids": tok[key][:, None]})
-    if kv:
+        for B in (1, rows):
+            made[("floor", B, 1)] = lambda B=B: sess.run(["logits"], {"input_ids": np.ones((B, 1), np.int64)})
+
+    def make_kv():
         for B, c in ((1, context), (rows, context), (1, None)) + (((1, long),) if long else ()):
-            cases[("kv", B, c)] = kv_stepper(kv, B, c, threads, rng)
-    times = {k: [] for k in cases}
+            made[("kv", B, c)] = kv_stepper(kv, B, c, threads, rng)
+
+    makers = [make_bsbr] + [make_floor] * bool(floor) + [make_kv] * bool(kv)
+    for make in reversed(makers) if reverse else makers:
+        make()
+    keys = sorted(made, key=lambda k: ("bsbr", "floor", "kv").index(k[0]))  # the report's order
+    times = {k: [] for k in keys}
     for i in range(warmup + steps):
-        for k, step in cases.items():
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
             t0 = time.perf_counter()
-            step()
+            made[k]()
             if i >= warmup:
                 times[k].append((time.perf_counter() - t0) * 1e3)
-    out = stats(times[("bsbr", 1, context)], times[("bsbr", rows, context)])
-    if floor:
-        out["floor"] = stats(times[("floor", 1, 1)], times[("floor", rows, 1)])
-    out["cases"] = {k: np.array(t) for k, t in times.items()}
-    return out
+    return summary({k: np.array(t) for k, t in times.items()}, rows, context)
+
+
+def summary(cases: dict, rows: int, context: int) -> dict:
+    """``measure``'s result from each case's step times (rounds aligned across cases)."""
+    out = stats(cases[("bsbr", 1, context)], cases[("bsbr", rows, context)])
+    if ("floor", 1, 1) in cases:
+        out["floor"] = stats(cases[("floor", 1, 1)], cases[("floor", rows, 1)])
+    return out | {"cases": cases}
+
+
+def measure_balanced(*args, **kw) -> dict:
+    """``measure`` in two fresh processes, one making the sessions in each order, their rounds
+    pooled. Made first in a process, a session stepped like the others can run up to ~10% slower
+    here (GPT-2 small, one row: the same export made twice in one process, stepped in turn, 0.88x
+    for the second), which would bias every ratio against whichever comes first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = []
+    for reverse in (False, True):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(measure, *args, **kw, reverse=reverse).result())
+    cases = {k: np.concatenate([r["cases"][k] for r in runs]) for k in runs[0]["cases"]}
+    return summary(cases, args[1], args[2])
 
 
 def targets(r: dict, rows: int, context: int, long: int | None) -> list[list[str]]:
@@ -189,8 +220,8 @@ def main(argv=None) -> None:
         ap.error(f"--long must be more than --context ({a.context}), got {a.long}")
     paths = prepare(a.work, a.max_len, ["bsbr"] + ["kv-ort"] * a.kv, None, lambda m: print(m, flush=True),
                     a.conversion or "")
-    r = measure(str(paths["bsbr"]), a.rows, a.context, a.steps, a.warmup, a.threads,
-                floor_graph(a.work) if a.floor else None, paths["kv-ort"] if a.kv else None, a.long)
+    r = measure_balanced(str(paths["bsbr"]), a.rows, a.context, a.steps, a.warmup, a.threads,
+                         floor_graph(a.work) if a.floor else None, paths["kv-ort"] if a.kv else None, a.long)
     rows = [["median step", f"{r['one_median']:.1f}", f"{r['many_median']:.1f}",
              f"{r['ratio_median']:.2f}x (median of the rounds' ratios)"],
             ["mean step (closes included)", f"{r['one_mean']:.1f}", f"{r['many_mean']:.1f}",
@@ -211,10 +242,11 @@ def main(argv=None) -> None:
          f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs"), "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the BSBR export of `bench_decode_batch.py` (its "
         f"conversion: {a.conversion or 'the default'}); one engine, a 1-row and a {a.rows}-row state of "
-        f"{a.context} tokens each, stepped alternately, {a.steps} rounds after {a.warmup}"
-        + (" (each step followed by the dense floor's step of the same rows: the same GPT-2 exported with "
-           "attention removed, one token per row; ORT thread spinning off in both sessions, whose idle threads would "
-           "otherwise spin through each other's runs)" if a.floor else "")
+        f"{a.context} tokens each, stepped in turn, {a.steps} rounds after {a.warmup}, in each of two fresh processes "
+        f"that make the sessions in opposite orders, the rounds pooled"
+        + (" (with the dense floor's step of 1 and of the same rows: the same GPT-2 exported with "
+           "attention removed, one token per row; ORT thread spinning off in every session, whose idle threads would "
+           "otherwise spin through the others' runs)" if a.floor else "")
         + f"; onnxruntime {ort.__version__}, {a.threads} threads; {machine_line()}.", "",
         markdown_table(["", "1 row ms", f"{a.rows} rows ms", f"{a.rows} rows / 1 row"], rows), ""])
     if a.kv or a.long:

@@ -71,7 +71,7 @@ def test_paired_decode_steps_every_case_and_judges_the_targets(exports):
     sys.path.insert(0, str(SCRIPT.parent))
     import decode_rows_paired as drp
 
-    r = drp.measure(str(exports[0]), 3, 40, 33, 1, 1, kv=str(exports[1]), long=200)
+    r = drp.measure(str(exports[0]), 3, 40, 33, 1, 1, kv=str(exports[1]), long=200, reverse=True)
     cases = r["cases"]
     assert set(cases) == {("bsbr", 1, 40), ("bsbr", 3, 40), ("bsbr", 1, 200), ("kv", 1, 40), ("kv", 3, 40),
                           ("kv", 1, None), ("kv", 1, 200)}

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from bsbr_export.convert import convert
-from bsbr_export.errors import InputError
 from bsbr_export.export import ExportSpec, export_onnx
 from bsbr_export.runtime.engine import Engine
 from bsbr_export.runtime.joined import FLAG, joined_model
@@ -151,15 +150,11 @@ def test_the_short_path_is_off_for_tensorrt_and_int8_graphs(exports, tmp_path):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_the_joined_session_equals_separate_sessions(exports, name):
-    """``prepack="joined"`` runs extend and decode in one session (an If on ``extend``); prompts in
+    """load(DIR)'s engine runs extend and decode in one session (an If on ``extend``); prompts in
     pieces of every length, then decode steps across chunk closes, give the logits of the
-    engine with a session per graph (load(DIR)'s default), and torch's. A prepack setting it
-    does not know is refused."""
+    engine with a session per graph, and torch's."""
     model, d, _ = exports[name]
-    joined, separate = Engine(d, max_len=MAX, prepack="joined"), Engine(d, max_len=MAX)
-    assert Engine(d, max_len=MAX, join=True).joined and not separate.joined
-    with pytest.raises(InputError, match="prepack must be"):
-        Engine(d, max_len=MAX, prepack="both")
+    joined, separate = Engine(d, max_len=MAX), Engine(d, max_len=MAX, join=False)
     assert joined.sessions["extend"] is joined.sessions["decode"] is not joined.sessions["close"]
     assert FLAG in {i.name for i in joined.sessions["decode"].get_inputs()}
     assert separate.sessions["extend"] is not separate.sessions["decode"]

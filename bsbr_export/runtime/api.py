@@ -178,11 +178,9 @@ def load(path, precision: str = "fp32", providers=None, threads: int | None = No
     present, then CPU); threads: intra-op threads [all cores]; optimization: graph optimisation
     level (none, basic, extended, all); session_options: ORT session configuration entries
     ({key: value}, as ``SessionOptions.add_session_config_entry``); prepack: ORT's weight prepacking
-    for the per-token graph ("decode", the default: batched decode steps at full speed, one packed
-    copy of the dense weights; a prompt repacks them on each call), "joined" (the prompt and
-    per-token graphs as one session on that one packed copy: prompts at full speed, every decode
-    step 1-2 ms slower), for every graph (True: prompts at full speed too, a packed copy per graph)
-    or none (False: least memory); state_memory: the most bytes of decode state one
+    for the prompt and per-token graphs, which run as one session ("decode", the default: prompts
+    and batched decode steps at full speed, one packed copy of the dense weights), for the chunk
+    close too (True) or none (False: least memory); state_memory: the most bytes of decode state one
     ``generate`` may hold (its rows' buffers and banks at their longest), checked before anything
     runs (default: no limit); prefix_cache: bytes of prompt states kept for later calls whose
     prompts start with the same tokens (``runtime.prefix``; default 0: off).

@@ -1,8 +1,8 @@
 """The ONNX Runtime engine under generation and serving: the graphs of one export, and the state.
 
 ``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths) and
-``decode`` (one token per row) graphs, a session each (or joined in one: ``join``, ``joined``),
-and its ``close`` graph (once a row fills a chunk). A ``State``
+``decode`` (one token per row) graphs, joined in one session (``joined``), and its ``close``
+graph (once a row fills a chunk). A ``State``
 holds a batch of sequences (``ops.state``, format 4: every tensor per layer, batch first):
 
 - the open chunk's K/V, S and xa per layer, one numpy buffer each for the whole batch, bound to
@@ -205,7 +205,7 @@ class Engine:
 
     def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
                  session_options: dict | None = None, optimization: str = "all", prepack: bool | str = "decode",
-                 max_len: int | None = None, join: bool = False):
+                 max_len: int | None = None, join: bool = True):
         from .runners import check_providers, provider_name, session_from_onnx
 
         if precision not in PRECISIONS:
@@ -240,17 +240,13 @@ class Engine:
         self.device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         # One copy of the weights for every session (ORT shared initializers; an int8 export
         # maps its own file and the fp32 file it shares with the fp32 graphs). ORT's prepacking
-        # gives a session a packed copy of its own of the dense weights. By default
-        # (``prepack="decode"``) the per-token graph holds the one packed copy (unpacked, a batched
-        # step repacks every weight: GPT-2 small, 16 rows, Gemm 63 ms per step against 28) and the
-        # prompt graph repacks on each call (a 128-token prompt: 194 against 174 ms). ``join``
-        # runs both graphs as one session that reads one packed copy (``joined``: prompts at full
-        # speed, but its If costs every decode step about 3 ms, docs/results/decode-joined.md).
-        # ``prepack="joined"`` is "decode" joined. ``True`` packs every graph (a copy each), ``False`` none.
-        if prepack not in (True, False, "decode", "joined"):
-            raise InputError(f"prepack must be True, False, 'decode' or 'joined', got {prepack!r}")
-        join, prepack = bool(join) or prepack == "joined", "decode" if prepack == "joined" else prepack
-        self.paths, self.joined = paths, join
+        # gives a session a packed copy of its own of the dense weights; the prompt and per-token
+        # graphs run as one session (``join``, see ``joined``), so by default (``prepack="decode"``)
+        # both read one packed copy (unpacked, a batched step repacks every weight: GPT-2 small,
+        # 16 rows, Gemm 63 ms per step against 28). ``True`` packs the close too, ``False`` nothing.
+        if prepack not in (True, False, "decode"):
+            raise InputError(f"prepack must be True, False or 'decode', got {prepack!r}")
+        self.paths, self.joined = paths, bool(join)
         self._weights = shared_weights(paths.values())
         packed = {g: prepack is True or (prepack == "decode" and g == "decode") for g in GRAPHS}
         step = joined_model(paths["extend"], paths["decode"]) if join else None

@@ -32,7 +32,7 @@ class ServeConfig:
     drain_s: float = 10.0
     providers: list | None = None
     state_memory: int | None = None  # bytes of decode state (rows' buffers and banks); None: half the free memory
-    prepack: bool | str = "decode"  # ORT weight prepacking: "decode" (the per-token graph), "joined", True, False
+    prepack: bool | str = "decode"  # ORT weight prepacking: "decode" (prompt + per-token session), True (all), False
     prefix_cache: int = 1 << 30  # bytes of prompt states kept for reuse (runtime.prefix); 0: off
     # who may call (security.Guard) and how much one request may take
     api_keys: tuple = ()
