@@ -1,6 +1,6 @@
 """What the joined session costs a decode step: ``Engine()`` (the prompt and per-token graphs as
 one ORT session, an If on a bool input: ``runtime.joined``) against ``Engine(join=False)`` (a
-session per graph), in one process, stepped alternately.
+session per graph), stepped alternately in one process, made in each order in two fresh processes.
 
 Both engines hold a state of ``--rows`` rows filled with random values of ``--context`` tokens
 (``bench_decode_batch.filled_state``). ORT's thread spinning is off in both
@@ -27,22 +27,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 
-def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
+def steps_of(path: str, rows: int, context: int, steps: int, threads: int, spin: bool, separate_first: bool) -> dict:
+    """{"joined": ms per step, "separate": ...}: the two engines made in the given order, stepped
+    alternately, each round starting with the other engine than the round before."""
     from bsbr_export.runtime.engine import Engine
 
     so = {} if spin else {"session.intra_op.allow_spinning": "0"}
-    engines = {"joined": Engine(path, threads=threads, session_options=so),
-               "separate": Engine(path, threads=threads, session_options=so, join=False)}
+    order = ["separate", "joined"] if separate_first else ["joined", "separate"]
+    engines = {n: Engine(path, threads=threads, session_options=so, join=n == "joined") for n in order}
     rng = np.random.default_rng(0)
     states = {name: filled_state(eng, rows, context, rng, context + steps + 3) for name, eng in engines.items()}
     tok, times = np.ones(rows, np.int64), {n: [] for n in engines}
     for i in range(steps + 3):
-        for name, eng in engines.items():
+        for name in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            eng.decode(states[name], tok)
+            engines[name].decode(states[name], tok)
             if i >= 3:
                 times[name].append((time.perf_counter() - t0) * 1e3)
-    j, s = np.array(times["joined"]), np.array(times["separate"])
+    return {n: np.array(t) for n, t in times.items()}
+
+
+def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
+    """``steps_of`` in two fresh processes that make the engines in opposite orders, pooled (made
+    first in a process, an engine can run ~10% slower: either order alone biases the ratio)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = []
+    for separate_first in (False, True):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(steps_of, path, rows, context, steps, threads, spin, separate_first).result())
+    j, s = (np.concatenate([r[n] for r in runs]) for n in ("joined", "separate"))
     return {"rows": rows, "joined": float(np.median(j)), "separate": float(np.median(s)),
             "joined_mean": float(j.mean()), "separate_mean": float(s.mean()), "ratio": float(np.median(j / s))}
 
@@ -75,7 +90,9 @@ def main(argv=None) -> None:
     text = "\n".join([
         "## Decode step: the joined prompt + per-token session against a session per graph", "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion, exported by "
-        f"`bench_decode_batch.py`; two engines in one process stepped alternately, {a.steps} rounds after 3, "
+        f"`bench_decode_batch.py`; two engines in one process stepped alternately (each round starting with "
+        f"the other), {a.steps} rounds after 3, "
+        f"in each of two fresh processes that make them in opposite orders, the rounds pooled; "
         f"{a.context} tokens of context, ORT thread spinning {'on' if a.spin else 'off'}; onnxruntime {ort.__version__}, {a.threads} "
         f"threads; {machine_line()}.", "",
         markdown_table(["rows", "joined ms (median)", "separate ms (median)", "joined ms (mean)",
