@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from bsbr_export.bench import BACKENDS, DECODE_BACKENDS, SCHEMA, THRESHOLDS, loglog_slope, schedule, BenchSpec
@@ -122,6 +123,9 @@ def test_quick_bench_schema(tmp_path, monkeypatch):
     # The shortest length timed in pairs; the prefill targets against the HF export read its ratio.
     (T, pair), = r["paired"]["lengths"].items()
     assert int(T) == min(r["spec"]["lengths"]) and pair["bsbr-ort"] > 0 and pair["hf-ort"] > 0
+    # Pooled from two children that made the two sessions in opposite orders (5 rounds each when quick).
+    assert pair["runs"] == 10 == len(pair["bsbr-ort_ms"]) == len(pair["hf-ort_ms"])
+    assert math.isclose(pair["ratio"], float(np.median(np.array(pair["bsbr-ort_ms"]) / np.array(pair["hf-ort_ms"]))))
     short = [t for t in r["targets"] if t["name"].startswith("prefill vs HF export") and f"T={T}," in t["description"]]
     assert short and all(math.isclose(t["measured"], pair["ratio"]) for t in short)
     # Markdown, fragment and plots.

@@ -54,17 +54,23 @@ def per_run_op_totals(events: list) -> list[dict]:
 
 
 def alternating_wall(paths: dict, feeds: dict, threads: int, runs: int, warmup: int,
-                     outputs=("logits",)) -> dict:
+                     outputs=("logits",), reverse: bool = False) -> dict:
     """Wall times of several ORT graphs on the same feeds, the graphs alternating call by call:
-    {name: [ms of each timed round]} (round i of every graph ran back to back)."""
+    {name: [ms of each timed round]} (round i of every graph ran back to back, starting at the
+    i-th graph, so that each takes every place in a round alike). ``reverse``: the sessions are
+    made in the opposite order (a session made first in a process can run ~10% slower: a caller
+    that compares pools a run in each order, as ``run_paired`` does)."""
     import time
 
     from ..runtime import session_from_onnx
 
-    sessions = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"]) for n, p in paths.items()}
+    names = list(paths)[::-1] if reverse else list(paths)
+    sessions = {n: session_from_onnx(paths[n], threads, ["CPUExecutionProvider"]) for n in names}
     wall = {n: [] for n in paths}
     for i in range(warmup + runs):
-        for n, sess in sessions.items():
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            sess = sessions[n]
             t0 = time.perf_counter()
             sess.run(list(outputs), feeds)
             if i >= warmup:
@@ -80,20 +86,32 @@ def paired_case(job: dict) -> dict:
     out = {}
     for T in job["lengths"]:
         ids = np.random.default_rng(job["seed"] + T).integers(0, job["vocab_size"], size=(1, T), dtype=np.int64)
-        wall = alternating_wall(paths, {"input_ids": ids}, job["threads"], job["runs"], job["warmup"])
-        out[str(T)] = {b: float(np.median(v)) for b, v in wall.items()} | {
-            "ratio": float(np.median(np.array(wall["bsbr-ort"]) / np.array(wall["hf-ort"]))), "runs": job["runs"]}
+        wall = alternating_wall(paths, {"input_ids": ids}, job["threads"], job["runs"], job["warmup"],
+                                reverse=job.get("reverse", False))
+        out[str(T)] = paired_stats(wall)
     return {"status": "ok", "lengths": out}
 
 
+def paired_stats(wall: dict) -> dict:
+    """Per backend its median and its calls; the median of the rounds' ratios (BSBR / HF export)."""
+    return {b: float(np.median(v)) for b, v in wall.items()} | {f"{b}_ms": list(v) for b, v in wall.items()} | {
+        "ratio": float(np.median(np.array(wall["bsbr-ort"]) / np.array(wall["hf-ort"]))), "runs": len(wall["hf-ort"])}
+
+
 def run_paired(spec: BenchSpec, work, prep: dict, threads: int, log) -> dict:
-    """Parent: ``paired_case`` in one child over the short lengths the run has (``PAIRED_LENGTHS``)."""
+    """Parent: ``paired_case`` over the short lengths the run has (``PAIRED_LENGTHS``), in two children."""
     # The smoke test (--quick) pairs its shortest length.
     lengths = sorted(spec.lengths)[:1] if spec.quick else [T for T in PAIRED_LENGTHS if T in spec.lengths]
     if not lengths or any(prep["parity"][b]["status"] != "pass" for b in ("bsbr-ort", "hf-ort")):
         return {"status": "skipped", "reason": "no short length in the run, or a graph failed its parity gate"}
-    res = run_child(make_job("paired", spec, work, prep, threads, lengths=lengths, runs=5 if spec.quick else 21,
-                             warmup=2), work, spec.case_timeout_s)
+    # Two children, one making the sessions in each order, their rounds pooled (see ``alternating_wall``).
+    runs = [run_child(make_job("paired", spec, work, prep, threads, lengths=lengths, runs=5 if spec.quick else 21,
+                               warmup=2, reverse=reverse), work, spec.case_timeout_s) for reverse in (False, True)]
+    if any(r.get("status") != "ok" for r in runs):
+        return next(r for r in runs if r.get("status") != "ok")
+    pooled = lambda T, b: runs[0]["lengths"][T][f"{b}_ms"] + runs[1]["lengths"][T][f"{b}_ms"]  # noqa: E731
+    res = {"status": "ok", "lengths": {T: paired_stats({b: pooled(T, b) for b in ("bsbr-ort", "hf-ort")})
+                                       for T in runs[0]["lengths"]}}
     for T, r in res.get("lengths", {}).items():
         log(f"  paired T {T:>5}: BSBR ORT {fmt_ms(r['bsbr-ort'])} ms, HF export {fmt_ms(r['hf-ort'])} ms, "
             f"median ratio {r['ratio']:.2f}")

@@ -66,7 +66,8 @@ def paired_table(result: dict) -> str:
         return ""
     rows = [[T, fmt_ms(r["bsbr-ort"]), fmt_ms(r["hf-ort"]), f"{r['ratio']:.2f}x", r["runs"]] for T, r in lengths.items()]
     return ("\n### Short prompts timed in pairs (batch 1, median ms)\n\nBSBR ORT and the HF export alternating call by "
-            "call in one process: each round times both back to back, and the median of the rounds' ratios is what "
+            "call, each round starting with the other, in each of two processes that make the two sessions in "
+            "opposite orders (made first, a session can run ~10% slower), the rounds pooled: the median of their ratios is what "
             "the prefill targets against the HF export read (the separate processes of the prefill table differ "
             "from each other by more than those targets' margins).\n\n"
             + table(["T", "BSBR, ORT", "HF export, ORT", "median of the rounds' ratios", "rounds"], rows))
