@@ -50,13 +50,9 @@ def steps_of(path: str, rows: int, context: int, steps: int, threads: int, spin:
 def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
     """``steps_of`` in two fresh processes that make the engines in opposite orders, pooled (made
     first in a process, an engine can run ~10% slower: either order alone biases the ratio)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from bsbr_export.bench.jobs import in_fresh_process
 
-    runs = []
-    for separate_first in (False, True):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs.append(pool.submit(steps_of, path, rows, context, steps, threads, spin, separate_first).result())
+    runs = [in_fresh_process(steps_of, path, rows, context, steps, threads, spin, first) for first in (False, True)]
     j, s = (np.concatenate([r[n] for r in runs]) for n in ("joined", "separate"))
     return {"rows": rows, "joined": float(np.median(j)), "separate": float(np.median(s)),
             "joined_mean": float(j.mean()), "separate_mean": float(s.mean()), "ratio": float(np.median(j / s))}

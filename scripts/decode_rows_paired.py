@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode_batch import filled_state, prepare  # noqa: E402
+from bench_decode_batch import filled_state, kv_fill, kv_step, prepare  # noqa: E402
 
 
 def floor_graph(work: Path) -> Path:
@@ -65,16 +65,14 @@ def kv_stepper(path: str, rows: int, context: int | None, threads: int, rng):
 
     m = KVCacheDecoder(path, threads=threads, session_options=QUIET)
     if context:
-        m.fill([tuple(rng.standard_normal((rows, m.n_head, context, m.head_dim), dtype=np.float32)
-                      for _ in range(2)) for _ in range(m.n_layer)])
+        kv_fill(m, rows, context, rng)
     tok = np.ones(rows, np.int64)
 
     def step():
         nonlocal tok
         if not context:
             m.start(rows)
-        pos = np.full((rows, 1), min(m.length, 1023), np.int64)  # as bench_decode_batch: positions clamp at 1023
-        tok = m.step(tok[:, None], position_ids=pos)[:, -1].argmax(-1).astype(np.int64)
+        tok = kv_step(m, tok).argmax(-1).astype(np.int64)
     return step
 
 
@@ -145,13 +143,9 @@ def measure_balanced(*args, **kw) -> dict:
     pooled. Made first in a process, a session stepped like the others can run up to ~10% slower
     here (GPT-2 small, one row: the same export made twice in one process, stepped in turn, 0.88x
     for the second), which would bias every ratio against whichever comes first."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from bsbr_export.bench.jobs import in_fresh_process
 
-    runs = []
-    for reverse in (False, True):
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs.append(pool.submit(measure, *args, **kw, reverse=reverse).result())
+    runs = [in_fresh_process(measure, *args, **kw, reverse=reverse) for reverse in (False, True)]
     cases = {k: np.concatenate([r["cases"][k] for r in runs]) for k in runs[0]["cases"]}
     return summary(cases, args[1], args[2])
 

@@ -108,3 +108,13 @@ def test_decode_profile_reads_the_state_bytes(exports):
     sp = Engine(str(exports[0]), threads=1).spec
     one = sp.layer * (2 * sp.head * sp.window * sp.head_dim + sp.head * sp.state_dim * sp.state_cols) * 4
     assert dp.state_read_bytes(sp, 1) == one and dp.state_read_bytes(sp, 4) == 4 * one
+
+
+def test_in_fresh_process_runs_elsewhere_and_returns():
+    """bench.jobs.in_fresh_process: the function runs in another process and its result comes back."""
+    import os
+
+    from bsbr_export.bench.jobs import in_fresh_process
+
+    assert in_fresh_process(os.getpid) != os.getpid()
+    assert in_fresh_process(divmod, 17, 5) == (3, 2)

@@ -49,6 +49,17 @@ def run_child(job: dict, work: Path, timeout_s: int) -> dict:
     return out | {"child_wall_s": wall}
 
 
+def in_fresh_process(fn, *args, **kw):
+    """``fn(*args, **kw)`` in a fresh Python process (spawned: nothing of this one's sessions or
+    memory), its result returned: for measurements where what a process made first matters.
+    ``fn`` must be importable by name (a module-level function)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kw).result()
+
+
 def set_torch_threads(threads: int) -> None:
     import torch
 
