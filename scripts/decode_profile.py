@@ -41,22 +41,10 @@ def mean_ops(runs: list) -> dict:
 
 def profile_engine(path: str, rows: int, context: int, steps: int, warmup: int, threads: int, prefix: str) -> dict:
     """Mean op-type times per step of the per-token graph at 1 row and at ``rows`` rows."""
-    import bsbr_export.runtime.runners as runners
     from bsbr_export.bench.profile import per_run_op_totals
     from bsbr_export.runtime.engine import Engine
 
-    plain = runners.session_from_onnx
-
-    def profiled(p, *args, **kw):  # the per-token session only (the joined one, or decode.onnx unjoined)
-        if kw.get("model") is not None or Path(p).name == "decode.onnx":
-            kw["profile_prefix"] = prefix
-        return plain(p, *args, **kw)
-
-    runners.session_from_onnx = profiled
-    try:
-        eng = Engine(path, threads=threads)
-    finally:
-        runners.session_from_onnx = plain
+    eng = Engine(path, threads=threads, profile=prefix)
     rng, spans, n = np.random.default_rng(0), {}, 0
     for B in (1, rows):
         st = filled_state(eng, B, context, rng, context + warmup + steps)

@@ -96,7 +96,7 @@ def test_paired_decode_steps_every_case_and_judges_the_targets(exports):
     assert got["batch 1 @ 200>= 5.0"] == ("5.882", "met")
 
 
-def test_decode_profile_reads_the_state_bytes(exports):
+def test_decode_profile_reads_the_state_bytes(exports, tmp_path):
     """decode_profile's op table averages the profiled runs (control flow left out) and counts the
     K/V window and S bytes the attention reads."""
     sys.path.insert(0, str(SCRIPT.parent))
@@ -106,6 +106,9 @@ def test_decode_profile_reads_the_state_bytes(exports):
     runs = [{"op_types_ms": {"If": 9.0, "Gemm": 2.0, "MatMul": 1.0}}, {"op_types_ms": {"If": 9.0, "Gemm": 4.0}}]
     assert dp.mean_ops(runs) == {"Gemm": 3.0, "MatMul": 0.5}
     sp = Engine(str(exports[0]), threads=1).spec
+    # The engine's own per-token profile (``Engine(profile=)``): node times at 1 and 3 rows.
+    prof = dp.profile_engine(str(exports[0]), 3, 40, 3, 1, 1, str(tmp_path / "p"))
+    assert prof["spec"] == sp and all(prof[B].get("Gemm", 0) > 0 and "If" not in prof[B] for B in (1, 3))
     one = sp.layer * (2 * sp.head * sp.window * sp.head_dim + sp.head * sp.state_dim * sp.state_cols) * 4
     assert dp.state_read_bytes(sp, 1) == one and dp.state_read_bytes(sp, 4) == 4 * one
 

@@ -201,11 +201,12 @@ class State:
 
 
 class Engine:
-    """The graphs of one export in ONNX Runtime (see the module docstring)."""
+    """The graphs of one export in ONNX Runtime (see the module docstring). ``profile``: ORT's
+    profile of the per-token session, written to ``<profile>_<date>.json`` (``end_profiling``)."""
 
     def __init__(self, export_dir, precision: str = "fp32", providers=None, threads: int | None = None,
                  session_options: dict | None = None, optimization: str = "all", prepack: bool | str = "decode",
-                 max_len: int | None = None, join: bool = True):
+                 max_len: int | None = None, join: bool = True, profile: str | None = None):
         from .runners import check_providers, provider_name, session_from_onnx
 
         if precision not in PRECISIONS:
@@ -261,7 +262,8 @@ class Engine:
         self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.sessions = {g: session_from_onnx(p, threads, self.providers, optimization, config=config[g],
                                               initializers=self._weights, arena=g != "close",
-                                              model=step if g == "decode" else None)
+                                              model=step if g == "decode" else None,
+                                              profile_prefix=profile if g == "decode" else None)
                          for g, p in paths.items() if not (join and g == "extend")}
         self.sessions.setdefault("extend", self.sessions["decode"])
 
