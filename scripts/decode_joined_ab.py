@@ -17,6 +17,7 @@ WORK: ``bench_decode_batch.py``'s working directory (its BSBR export is made the
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
 
     from bsbr_export.util import atomic_write_text, machine_line, markdown_table
 
-    cmd = " ".join(["python scripts/decode_joined_ab.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = shlex.join(["python", "scripts/decode_joined_ab.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         "## Decode step: the joined prompt + per-token session against a session per graph", "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion, exported by "

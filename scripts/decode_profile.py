@@ -16,6 +16,7 @@ read the shares and the ratios, not the absolute times (``decode_rows_paired.py`
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     read = {B: state_read_bytes(bsbr["spec"], B) for B in (1, R)}
     rate = [[f"{B} row{'s' if B > 1 else ''}", f"{read[B] / 2**20:.1f}", f"{att[B]:.2f}",
              f"{read[B] / (att[B] * 1e-3) / 1e9:.1f}"] for B in (1, R)]
-    cmd = " ".join(["python scripts/decode_profile.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = shlex.join(["python", "scripts/decode_profile.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         f"## Decode profile: where a step of 1 row and of {R} rows goes", "",
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the default conversion; the per-token graph "

@@ -29,6 +29,7 @@ made there when missing).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
 
     from bsbr_export.util import atomic_write_text, machine_line, markdown_table
 
-    cmd = " ".join(["python scripts/decode_rows_paired.py", *(argv if argv is not None else sys.argv[1:])])
+    cmd = shlex.join(["python", "scripts/decode_rows_paired.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         ("## Decode targets: BSBR, the dense floor and a KV cache, timed in pairs" if a.kv else
          f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs"), "",
