@@ -22,7 +22,7 @@ The decode state's names, dims and layout are those of ``ops.state`` (batch firs
     state_S_out.i (the next chunk's), state_new_h.i, state_new_F.i (the closed chunk, for the
     caller to bank). Keeping the banks out of the per-token graph reads them once per chunk.
 
-Every state tensor is per layer (``ops.state``, format 4: ``NAME.LAYER``), so a runtime binds
+Every state tensor is per layer (``ops.state``, format 5: ``NAME.LAYER``), so a runtime binds
 each layer's buffer as it is. With the look-back local window (``local_window="lookback"``)
 state_k/state_v hold the previous chunk's rows before the open chunk's (``StateSpec.window``),
 the attention nodes are ``bsbr::ChunkAttention[Normalised]Lookback``, and the caller slides
@@ -174,12 +174,17 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
     return g.op("MatMul", x, g.op("Transpose", W("wte.weight"), perm=[1, 0]))
 
 
-def _state_infos(spec: state.StateSpec, names, out: bool = False):
-    """Value infos of the state tensors ``names``, one per layer (``state_k.0`` ...: format 4)."""
+def _state_infos(spec: state.StateSpec, names, out: bool = False, seq=None):
+    """Value infos of the state tensors ``names``, one per layer (``state_k.0`` ...: format 5);
+    ``seq``: the k/v rows' length (the extend graph's piece: ``"seq"``), else one."""
     from onnx import TensorProto, helper
 
+    def shape(n):
+        sh = spec.layer_shape(n)
+        return sh[:2] + [seq] + sh[3:] if seq is not None and n in (state.ROW_K, state.ROW_V) else sh
+
     return [helper.make_tensor_value_info(state.layer_name(state.out_name(n) if out else n, i), TensorProto.FLOAT,
-                                          spec.layer_shape(n)) for n in names for i in range(spec.layer)]
+                                          shape(n)) for n in names for i in range(spec.layer)]
 
 
 def _state_inputs(g: Graph, names, n_layer: int) -> dict:
@@ -268,7 +273,9 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     row, 0 leaves a row as it is), position int64 [batch], logit_rows int64 [rows] (flat
     indices b x seq + t of the positions whose logits are returned: each row's last new token
     for generation, every position for prompt log-probabilities), the carried state at a fixed
-    capacity; outputs: logits [rows, vocab], the carried state.
+    capacity; outputs: logits [rows, vocab], per layer state_row_k.i, state_row_v.i [batch, head,
+    seq, head_dim] (the piece's k/v: the caller writes row b's first lengths[b] into its window,
+    ``runtime.slots``), state_S_out.i, state_new_h.i, state_new_F.i (the chunks the piece closed).
     """
     from onnx import TensorProto, helper
 
@@ -301,7 +308,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
               helper.make_tensor_value_info(state.LOGIT_ROWS, TensorProto.INT64, ["rows"])]
     inputs += _state_infos(st, state.CARRIED)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
-    return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True)
+    return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True, seq="seq")
 
 
 def _full_attention(g: Graph, q, k, v, T, d):

@@ -41,14 +41,16 @@ def prepare(work: Path, max_len: int, log) -> tuple[Path, Path]:
 
 
 def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack) -> list[dict]:
+    from bsbr_export.bench.profile import QUIET
     from bsbr_export.runtime.engine import Engine
     from bsbr_export.runtime.runners import session_from_onnx
 
     # The engine as load(DIR) makes it (the prompt and per-token graphs in one session), and with
-    # the two in sessions of their own (``join=False``: the prompt graph then runs unpacked).
-    engines = {"bsbr": Engine(bsbr, threads=threads, prepack=prepack),
-               "separate": Engine(bsbr, threads=threads, prepack=prepack, join=False)}
-    hf = session_from_onnx(hf_onnx, threads)
+    # the two in sessions of their own (``join=False``: the prompt graph then runs unpacked); three
+    # sessions timed in turn, so none spins (``QUIET``).
+    engines = {"bsbr": Engine(bsbr, threads=threads, prepack=prepack, session_options=QUIET),
+               "separate": Engine(bsbr, threads=threads, prepack=prepack, join=False, session_options=QUIET)}
+    hf = session_from_onnx(hf_onnx, threads, config=QUIET)
     rng = np.random.default_rng(0)
     rows = []
     for T in lengths:

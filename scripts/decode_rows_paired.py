@@ -39,6 +39,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import filled_state, kv_fill, kv_step, prepare  # noqa: E402
 
+from bsbr_export.bench.profile import QUIET  # noqa: E402  several sessions stepped in turn (see ``measure``)
+
 
 def floor_graph(work: Path) -> Path:
     """The dense floor of ``work``'s random GPT-2 (attention removed, no state), exported once."""
@@ -55,7 +57,6 @@ def stats(one, many) -> dict:
             "ratio_of_means": float(many.mean() / one.mean())}
 
 
-QUIET = {"session.intra_op.allow_spinning": "0"}  # several sessions stepped in turn (see ``measure``)
 
 
 def kv_stepper(path: str, rows: int, context: int | None, threads: int, rng):

@@ -77,7 +77,7 @@ def test_graphs_carry_the_window(exports, name):
         m = onnx.load(d / f"{g}.onnx", load_external_data=False)
         assert [f.name for f in m.functions] == [fn]
         meta = read_metadata(d / f"{g}.onnx")
-        assert meta["state"]["format"] == S.FORMAT == 4
+        assert meta["state"]["format"] == S.FORMAT == 5
         assert meta["state"]["sizes"]["window"] == 2 * L and meta["config"]["local_window"] == "lookback"
         assert meta["state"]["dims"][S.K][3] == "window"
         for vi in list(m.graph.input) + list(m.graph.output):

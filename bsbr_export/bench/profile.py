@@ -53,19 +53,25 @@ def per_run_op_totals(events: list) -> list[dict]:
     return out
 
 
+# Sessions stepped in turn in one process: with ORT's thread spinning on (its default), the idle
+# sessions' threads spin through the running one's calls and take its cores (on 2 cores a T = 1
+# prompt then costs ~2x: 33 against 14 ms), so no session of an alternation spins.
+QUIET = {"session.intra_op.allow_spinning": "0"}
+
+
 def alternating_wall(paths: dict, feeds: dict, threads: int, runs: int, warmup: int,
                      outputs=("logits",), reverse: bool = False) -> dict:
     """Wall times of several ORT graphs on the same feeds, the graphs alternating call by call:
     {name: [ms of each timed round]} (round i of every graph ran back to back, starting at the
     i-th graph, so that each takes every place in a round alike). ``reverse``: the sessions are
     made in the opposite order (a session made first in a process can run ~10% slower: a caller
-    that compares pools a run in each order, as ``run_paired`` does)."""
+    that compares pools a run in each order, as ``run_paired`` does). No session spins (``QUIET``)."""
     import time
 
     from ..runtime import session_from_onnx
 
     names = list(paths)[::-1] if reverse else list(paths)
-    sessions = {n: session_from_onnx(paths[n], threads, ["CPUExecutionProvider"]) for n in names}
+    sessions = {n: session_from_onnx(paths[n], threads, ["CPUExecutionProvider"], config=QUIET) for n in names}
     wall = {n: [] for n in paths}
     for i in range(warmup + runs):
         k = i % len(names)
@@ -128,7 +134,7 @@ def profile_alternating(paths: dict, feeds: dict, threads: int, runs: int, warmu
 
     out = {}
     wall = alternating_wall(paths, feeds, threads, runs, warmup, outputs)
-    prof = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"], profile_prefix=f"{prefix}-{n}")
+    prof = {n: session_from_onnx(p, threads, ["CPUExecutionProvider"], profile_prefix=f"{prefix}-{n}", config=QUIET)
             for n, p in paths.items()}
     for _ in range(warmup + runs):
         for sess in prof.values():

@@ -67,7 +67,8 @@ def paired_table(result: dict) -> str:
     rows = [[T, fmt_ms(r["bsbr-ort"]), fmt_ms(r["hf-ort"]), f"{r['ratio']:.2f}x", r["runs"]] for T, r in lengths.items()]
     return ("\n### Short prompts timed in pairs (batch 1, median ms)\n\nBSBR ORT and the HF export alternating call by "
             "call, each round starting with the other, in each of two processes that make the two sessions in "
-            "opposite orders (made first, a session can run ~10% slower), the rounds pooled: the median of their ratios is what "
+            "opposite orders (made first, a session can run ~10% slower), ORT's thread spinning off in both sessions (the "
+            "idle one's spinning threads would take the running one's cores), the rounds pooled: the median of their ratios is what "
             "the prefill targets against the HF export read (the separate processes of the prefill table differ "
             "from each other by more than those targets' margins).\n\n"
             + table(["T", "BSBR, ORT", "HF export, ORT", "median of the rounds' ratios", "rounds"], rows))

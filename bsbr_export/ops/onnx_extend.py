@@ -2,8 +2,9 @@
 
 ``extend_context`` builds the index tensors every layer shares (the combined, chunk-aligned
 sequence of each row: the open chunk from the state, then the row's new tokens); ``extend_layer``
-is one layer's attention over it and the state after the piece. State inputs are one layer's
-tensors (``ops.state``, format 4).
+is one layer's attention over it and the state after the piece: S, the chunks it closed, and the
+piece's own k/v rows, which the caller writes into the row's K/V window (``runtime.slots``; the
+graph never returns the window). State inputs are one layer's tensors (``ops.state``, format 5).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from ..graph import Graph
 from .onnx_graph import _meta, chunk_states, fused_chunk_attention, phi, retrieval_weights
 from .onnx_short import causal_attention, causal_bias
-from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, S, V, StateSpec
+from .state import BANK_F, BANK_H, CARRIED as CARRIED_NAMES, K, NEW_F, NEW_H, ROW_K, ROW_V, S, V, StateSpec
 
 
 def gather_rows(g: Graph, x, idx, heads: bool = False, rank: int = 4):
@@ -95,11 +96,8 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
         SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
         SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
         o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
-        # The state after the piece: the new open chunk, and S of the new open chunk (retrieved from
-        # the bank with the closed chunks written in, built here for this retrieval only).
-        kv_out = [g.op("Where", ctx["open_valid"], gather_rows(g, t_, ctx["open_rows"], heads=True), g.fconst(0.0))
-                  for t_ in (k, v)]  # (B, H, window, d)
-        # S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
+        # S of the new open chunk (retrieved from the bank with the closed chunks written in, built
+        # here for this retrieval only). S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
         # piece closed before it, again as two terms (the bank read in place).
         r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
         sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
@@ -112,11 +110,12 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
             h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
             F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
         # h, F: (B, H, Cc, ...): chunks m .. m_new - 1 are the closed ones; o: the new tokens' rows (B, H, T, d)
-        return [gather_rows(g, o, ctx["dst"], heads=True), *kv_out, S_out, h_new, F_new]
+        return [gather_rows(g, o, ctx["dst"], heads=True), S_out, h_new, F_new]
 
     fresh = lambda: _fresh_prompt(g, W, cfg, p, xa, q, k, v, ctx, own, U5)  # noqa: E731
     outs = g.if_else(ctx["fresh"], fresh, general) if "fresh" in ctx else general()
-    for n, val in zip((K, V, S, NEW_H, NEW_F), outs[1:]):
+    # The piece's own k/v rows: the caller writes them into the row's window (``runtime.slots``).
+    for n, val in zip((ROW_K, ROW_V, S, NEW_H, NEW_F), [k, v, *outs[1:]]):
         states[n].append(val)
     return outs[0]
 
@@ -124,17 +123,14 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
 def _fresh_prompt(g: Graph, W, cfg, p, xa, q, k, v, ctx, own, U5):
     """``extend_layer``'s outputs when every row is fresh (position 0) and the piece fits the exact
     span with nothing to retrieve after it (``ctx["fresh"]``): plain causal attention over the
-    piece; the K/V rows of the state after it; S as it was (zeros); h and F of the piece's first
-    chunk, the one it can close."""
+    piece; S as it was (zeros); h and F of the piece's first chunk, the one it can close."""
     H, d, L = cfg.n_head, cfg.head_dim, cfg.chunk_size
     o = causal_attention(g, q, k, v, ctx["causal_bias"], g.fconst(1.0 / math.sqrt(d)))
-    kv_out = [g.op("Where", ctx["open_valid"], gather_rows(g, t_, ctx["fresh_rows"], heads=True), g.fconst(0.0))
-              for t_ in (k, v)]  # (B, H, window, d)
     first = lambda t_: g.op("Slice", t_, g.const([0]), g.const([L]), g.const([2]))  # noqa: E731  (B, H, <= L, d)
     U4 = None if U5 is None else g.op("Squeeze", U5, g.const([2]))  # (1, H, d, d')
     F0 = chunk_states(g, phi(g, W, cfg, p, first(k)), first(v), U4, cfg.retrieval == "normalised", rank=4)
     h0 = _meta(g, W, p, g.op("Gather", xa, ctx["fresh_last"], axis=1), "meta_k", H, d)  # (B, H, 1, d)
-    return [o, *kv_out, g.op("Identity", own[S]), h0, g.op("Unsqueeze", F0, g.const([2]))]
+    return [o, g.op("Identity", own[S]), h0, g.op("Unsqueeze", F0, g.const([2]))]
 
 
 def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts: bool = False):
@@ -166,7 +162,7 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
     tc = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", Tc, zero), g.const(1)), zero)  # (1, Tc)
     base = g.op("Sub", m, s_b) if n else m
     end = g.op("Add", position, lengths)
-    c_new, m_new = g.op("Mod", end, g.const(L)), g.op("Div", end, g.const(L))
+    m_new = g.op("Div", end, g.const(L))
     heads4 = lambda t: g.op("Unsqueeze", t, g.const([1, 3]))  # noqa: E731  (B, N) -> (B, 1, N, 1)
     jc = g.op("Range", g.const(0), g.op("Squeeze", Cc, zero), g.const(1))  # (Cc,)
     cap = g.dim(bank_h, 2)
@@ -205,16 +201,6 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
                                   g.op("Expand", g.op("Unsqueeze", earlier, zero), B1), axis=-1)  # (B, 1, Cc, cap+Cc)
         ctx["first_chunk"] = g.op("Unsqueeze", g.op("Equal", jc, g.const(0)), g.const([0, 1, 3, 4]))  # (1,1,Cc,1,1)
     o_new = g.op("Sub", m_new, m)  # (B,): chunks that close inside the piece
-    r = g.op("Unsqueeze", g.op("Range", g.const(0), g.const((n + 1) * L), g.const(1)), zero)  # (1, (n + 1) L)
-    if n:  # the state's rows after the piece: chunks m_new - n .. m_new, as far as they exist
-        first = g.op("Mul", g.op("Sub", g.op("Sub", m_new, base), g.const(n)), g.const(L))  # (B,)
-        ctx["open_rows"] = g.op("Min", g.op("Max", g.op("Add", col(first), r), g.const(0)), g.op("Sub", Tc, one))
-        ctx["open_valid"] = heads4(g.op("And", g.op("Less", g.op("Sub", r, g.const(n * L)), col(c_new)),
-                                        g.op("GreaterOrEqual", r, col(g.op("Mul", g.op("Sub", g.const(n), m_new),
-                                                                           g.const(L))))))
-    else:
-        ctx["open_rows"] = g.op("Min", g.op("Add", g.op("Mul", col(o_new), g.const(L)), r), g.op("Sub", Tc, one))
-        ctx["open_valid"] = heads4(g.op("Less", r, col(c_new)))  # (B, 1, L, 1)
     closing = g.op("Sub", o_new, one) if not n else g.op("Add", g.op("Sub", o_new, one), s_b)
     ctx["closing_chunk"] = col(g.op("Max", closing, g.const(0)))  # (B, 1): the last closed chunk
     # The next chunk retrieves from the bank's chunks before its window: j < m_new - n.
@@ -244,6 +230,5 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
                      g.op("LessOrEqual", g.op("Squeeze", span, zero), g.const(n * L + L - 1)))
         ctx["fresh"] = fresh
         ctx["causal_bias"] = causal_bias(g, T, fresh)
-        ctx["fresh_rows"] = g.op("Min", ctx["open_rows"], Tm1)  # the state's rows, from the piece's tokens
         ctx["fresh_last"] = g.op("Sub", g.op("Min", T, g.const([L])), one)  # (1,): the first chunk's last token
     return ctx

@@ -13,7 +13,10 @@ and, between the per-token graph and the chunk-closing graph only,
 
 The per-token graph reads k, v and S and returns the token's own k/v row per layer
 (``state_row_k``/``state_row_v`` [batch, head, 1, head_dim]), which the caller writes at the
-row's slot: nothing else of the state moves. The chunk-closing graph runs for the closing rows
+row's slot: nothing else of the state moves. The extend graph (prompts, pieces) likewise returns
+the piece's k/v rows (``state_row_k``/``state_row_v`` [batch, head, seq, head_dim]) and not the
+window: the caller writes them at their slots, moving the window on where the piece closes
+chunks (``runtime.slots``). The chunk-closing graph runs for the closing rows
 only and returns the next S and the closed chunk (``state_new_h``, ``state_new_F``) for the
 caller to bank.
 
@@ -26,7 +29,7 @@ the config its ``local_window``), from which loaders size state_k/state_v.
 Batch is the first axis of every tensor, so a server slices or replaces one sequence's state
 along axis 0. The shapes above are the *stacked* form (torch's recurrent state, the prefill
 comparison in tests, ``State.rows``/``set_rows``); the ONNX graphs read and write every tensor
-per layer (format 4): ``state_k.3`` is layer 3's (batch, head, chunk, head_dim), so the engine
+per layer (since format 4): ``state_k.3`` is layer 3's (batch, head, chunk, head_dim), so the engine
 binds each layer's buffer directly, with no split of a layer axis on the way in and no Concat on
 the way out (``layer_name``, ``StateSpec.layer_shape``, ``stack``). ``state_cols`` is ``head_dim`` for the plain retrieval; the normalised retrieval
 carries its normaliser z (resp. Z) as one extra, last column of every F (resp. S), so both
@@ -51,7 +54,9 @@ import numpy as np
 #    token's k/v row (state_row_k/v) for the caller to write at its slot, and no longer returns
 #    the open chunk; the chunk-closing graph reads K/V, xa and the banks and returns the next S and
 #    the closed chunk (the caller slides a look-back window).
-FORMAT = 4
+# 5: the extend graph returns the piece's k/v rows (state_row_k/v, [batch, head, seq, head_dim])
+#    in place of the K/V window after the piece; the caller writes them into the window.
+FORMAT = 5
 
 K, V, S, BANK_H, BANK_F, XA = "state_k", "state_v", "state_S", "state_bank_h", "state_bank_F", "state_xa"
 NEW_H, NEW_F = "state_new_h", "state_new_F"  # chunks a graph closed, for the caller to bank
@@ -63,8 +68,8 @@ DECODE_IN, DECODE_OUT = (K, V, S), (ROW_K, ROW_V, XA)
 # Chunk-closing graph, once per chunk and only for the rows that close: reads the full chunk, the
 # closing token's xa and the bank; returns the next S and the finished chunk's (h, F).
 CLOSE_IN, CLOSE_OUT = (K, V, XA, BANK_H, BANK_F), (S, NEW_H, NEW_F)
-# Prefill in pieces: reads the whole state, returns the open chunk, S and the chunks it closed.
-EXTEND_OUT = (K, V, S, NEW_H, NEW_F)
+# Prefill in pieces: reads the whole state, returns the piece's k/v rows, S and the chunks it closed.
+EXTEND_OUT = (ROW_K, ROW_V, S, NEW_H, NEW_F)
 BANKED = {NEW_H: BANK_H, NEW_F: BANK_F}  # where the caller writes each returned chunk
 # The extend graph's flat indices (row x piece position, row-major) whose logits it returns: each
 # row's last new token for generation, every position of a piece for prompt log-probabilities.
@@ -155,7 +160,7 @@ class StateSpec:
         return [self.size(dim, batch, capacity) for dim in self.dims(name)]
 
     def layer_shape(self, name: str, batch: int | None = None, capacity: int | None = None) -> list:
-        """One layer's shape of tensor ``name``: the graphs' inputs and outputs (format 4)."""
+        """One layer's shape of tensor ``name``: the graphs' inputs and outputs (since format 4)."""
         shape = self.shape(name, batch, capacity)
         return shape[:LAYER_AXIS] + shape[LAYER_AXIS + 1:]
 

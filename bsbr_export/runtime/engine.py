@@ -3,13 +3,14 @@
 ``Engine`` runs an export's ``extend`` (prefill in pieces, prompts of any lengths) and
 ``decode`` (one token per row) graphs, joined in one session (``joined``), and its ``close``
 graph (once a row fills a chunk). A ``State``
-holds a batch of sequences (``ops.state``, format 4: every tensor per layer, batch first):
+holds a batch of sequences (``ops.state``, format 5: every tensor per layer, batch first):
 
 - the open chunk's K/V, S and xa per layer, one numpy buffer each for the whole batch, bound to
   the per-token graph once (a persistent ``IOBinding``). The per-token graph only reads them and
   returns each row's new k/v row, which the engine writes at the row's slot (a few hundred bytes
   per row and layer): the state is never copied through a graph, and rows a step does not touch
-  keep their bytes. (An input is never bound as an output: ORT documents no aliasing between
+  keep their bytes. A prompt piece (the extend graph) returns its tokens' k/v rows the same way
+  (``slots.write_piece`` puts them in the window). (An input is never bound as an output: ORT documents no aliasing between
   them, so the one write the step needs is the engine's.)
 - each row's bank of closed chunks, one array per row that grows with the chunks it closes
   (to a power of two of chunks, at most the export's capacity), so memory follows what the rows hold, not
@@ -37,6 +38,7 @@ from ..ops import state as S
 from ..util import release_free_memory
 from .joined import FLAG, idle_inputs, joined_model, shared_weights
 from .prefix import PREFILL_TOKENS, next_pieces
+from .slots import slide, write_piece, write_rows
 from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
@@ -104,19 +106,6 @@ def _grown(cap: int, need: int, capacity: int) -> int:
     """A bank's next capacity: the smallest power of two >= ``need`` (so a bank is copied
     log2(capacity) times over a row's life, whichever way it was filled), at most ``capacity``."""
     return min(1 << max(need - 1, 1).bit_length(), max(capacity, need))
-
-
-def write_rows(buffers, rows, act, slot) -> None:
-    """buffer[b, :, slot[i]] = row[b, :, 0] for b = act[i], for each (buffer (B, H, N, d), row
-    (B, H, 1, d)) pair: the decode step's only write into the state. One index over the
-    flattened (batch x head) axis per step, shared by every tensor."""
-    if not len(act):
-        return
-    B, H, N, d = buffers[0].shape
-    bh = (act[:, None] * H + np.arange(H)[None]).ravel()  # (rows x H,)
-    at = np.repeat(slot, H)
-    for buf, row in zip(buffers, rows):
-        buf.reshape(B * H, N, d)[bh, at] = row.reshape(B * H, d)[bh]
 
 
 class State:
@@ -362,13 +351,15 @@ class Engine:
                 for n in banks if kept_held[i] else ():
                     banks[n][:, i, :, :kept_held[i]] = st.banks[r][n][:, 0, :, :kept_held[i]]
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
-        kept = (S.K, S.V, S.S)
-        outs = {n: [np.empty(sp.layer_shape(n, B), dtype=np.float32) for _ in range(sp.layer)] for n in kept}
+        # S after the piece, and the piece's own k/v rows (the engine writes them into the window).
+        outs = {S.S: [np.empty(sp.layer_shape(S.S, B), dtype=np.float32) for _ in range(sp.layer)]}
+        outs |= {n: [np.empty((B, sp.head, ids.shape[1], sp.head_dim), np.float32) for _ in range(sp.layer)]
+                 for n in (S.ROW_K, S.ROW_V)}
         feed, logits, counts = scoring.logit_rows(self, lengths, ids.shape[1], every)
         io = self.sessions["extend"].io_binding()
         flag = {FLAG: np.array(True)} if self.joined else {}
         self._bind(io, ins | {"input_ids": ids, "lengths": lengths, "position": pos} | feed | flag,
-                   self._layers(kept, outs.__getitem__, out=True) | {"logits": logits})
+                   self._layers(outs, outs.__getitem__, out=True) | {"logits": logits})
         # The closed chunks: as many as the piece's combined sequence spans, so ORT sizes them
         # (outputs are returned in the order they were bound: these last).
         new_names = list(self._layers(S.BANKED, lambda n: range(sp.layer), out=True))
@@ -378,9 +369,9 @@ class Engine:
         values = io.get_outputs()[-len(new_names):]
         for n in S.BANKED:
             outs[n] = [values[new_names.index(S.layer_name(n, i))].numpy() for i in range(sp.layer)]
-        for n in (S.K, S.V, S.S):
-            for b, a in zip(st.buf[n], outs[n]):
-                b[rows] = a
+        for b, a in zip(st.buf[S.S], outs[S.S]):
+            b[rows] = a
+        write_piece([*st.buf[S.K], *st.buf[S.V]], [*outs[S.ROW_K], *outs[S.ROW_V]], rows, pos, lengths, L, sp.lookback)
         # The chunks the piece closed, into their slots (those within the bank's slots).
         count = np.minimum((pos + lengths) // L, self.capacity) - kept_held
         for i, r in enumerate(rows):
@@ -472,10 +463,7 @@ class Engine:
         for n, b in S.BANKED.items() if j < self.capacity else ():
             for layer, a in enumerate(new[n]):
                 bank[b][layer, 0, :, j] = a[0, :, 0]
-        if sp.lookback:  # the closed chunk becomes the previous one
-            for n in (S.K, S.V):
-                for b in st.buf[n]:
-                    b[r, :, :sp.window - L] = b[r, :, L:].copy()
+        slide([*st.buf[S.K], *st.buf[S.V]], r, L, sp.lookback)  # look-back: the closed chunk becomes the previous one
 
     def _check_ids(self, ids, what: str = "prompt") -> np.ndarray:
         a = np.asarray(ids)
