@@ -43,6 +43,14 @@ BACKENDS = ("bsbr", "kv-ort", "optimum", "bsbr-int8", "optimum-int8")
 
 # --------------------------------------------------------------------------- preparing the models
 
+def stale_format(graph: Path) -> bool:
+    """Whether an export kept in a work directory has another state format than this runtime reads."""
+    from bsbr_export.ops.state import FORMAT
+    from bsbr_export.runtime.engine import read_metadata
+
+    return read_metadata(graph).get("state", {}).get("format") != FORMAT
+
+
 def prepare(work: Path, max_len: int, backends, optimum_python: str | None, log, conversion: str = "") -> dict:
     """Every model a backend needs, made once in ``work``: {backend: path or a reason string}.
     ``conversion``: conversion options of the BSBR export (e.g. "--local-window lookback")."""
@@ -53,7 +61,8 @@ def prepare(work: Path, max_len: int, backends, optimum_python: str | None, log,
     for b, flag in (("bsbr", []), ("bsbr-int8", ["--int8"])):
         tag = "".join(f"-{w.lstrip('-')}" for w in conversion.split())
         d = work / f"bsbr-{max_len}{tag}"
-        if b in backends and not (d / ("decode_int8.onnx" if flag else "decode.onnx")).is_file():
+        graph = d / ("decode_int8.onnx" if flag else "decode.onnx")
+        if b in backends and (not graph.is_file() or stale_format(graph)):
             log(f"exporting BSBR {' '.join(flag) or 'fp32'} to {d}")
             subprocess.run([sys.executable, "-m", "bsbr_export.cli", "export", str(hf), "--out", str(d),
                             "--max-seq-len", str(max_len), *flag, *conversion.split()], check=True)

@@ -111,7 +111,8 @@ def main(argv=None) -> None:
              f"per-token graphs in one ORT session); BSBR, separate sessions: the same with `Engine(join=False)`, "
              f"the prompt graph in a session of its own; HF: HF GPT-2 "
              f"exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, alternating, median "
-             f"of {a.runs}; Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
+             f"of {a.runs}, ORT thread spinning off in every session (the idle sessions' threads would spin through "
+             f"the running one's calls); Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
              f"{machine_line()}.", "",
              markdown_table(["prompt tokens", "BSBR ms", "BSBR, separate sessions ms", "HF export ms", "BSBR / HF",
                              "BSBR / HF, median of the rounds' ratios", "separate / HF"],
