@@ -169,13 +169,14 @@ def test_ort_decode_step_by_step_equals_torch(exports, name, prompt):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_extend_in_pieces_equals_prefill(exports, name):
     """Rows fed ragged pieces (together, and one row alone) end where a prefill of the whole
-    sequence does, at every piece's last token."""
+    sequence does, at every piece's last token; pieces of a few tokens on held rows (per-token
+    steps, ``engine.STEP_PIECES``) among them, one of them closing a chunk."""
     model, d = exports[name]
     ids = ids_np(MAX, 3)
     full = full_logits(model, ids)
     eng = Engine(d, max_len=MAX)
     st = eng.new_state(2)
-    pieces = [(3, 8), (7, 2), (1, 9), (12, 1), (2, 13)]  # tokens per row and call
+    pieces = [(3, 8), (7, 2), (2, 1), (1, 9), (12, 1), (1, 3), (2, 9)]  # tokens per row and call
     for a, b in pieces:
         pos = st.positions.copy()
         logits = eng.extend(st, [0, 1], [ids[0, pos[0]:pos[0] + a], ids[1, pos[1]:pos[1] + b]])
