@@ -44,7 +44,7 @@ from . import scoring
 GRAPHS = ("extend", "decode", "close")
 # Pieces of at most this many tokens on rows that hold tokens run as per-token steps: the extend
 # graph attends over each row's combined sequence (the held look-back window and open chunk, then
-# the piece), ~90 ms at GPT-2 small whatever the piece, against ~21 ms per step.
+# the piece), 90-150 ms at GPT-2 small whatever the piece, against ~20 ms per step.
 STEP_PIECES = 4
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
