@@ -176,7 +176,7 @@ def _lm_head(g: Graph, W, cfg: BSBRConfig, x, rows: bool = True):
 
 def _state_infos(spec: state.StateSpec, names, out: bool = False, seq=None):
     """Value infos of the state tensors ``names``, one per layer (``state_k.0`` ...: format 5);
-    ``seq``: the k/v rows' length (the extend graph's piece: ``"seq"``), else one."""
+    ``seq``: the k/v rows' length (the extend graph's piece: ``"piece_rows"``), else one."""
     from onnx import TensorProto, helper
 
     def shape(n):
@@ -274,8 +274,8 @@ def extend_graph(model, spec: ExportSpec, sink=None):
     indices b x seq + t of the positions whose logits are returned: each row's last new token
     for generation, every position for prompt log-probabilities), the carried state at a fixed
     capacity; outputs: logits [rows, vocab], per layer state_row_k.i, state_row_v.i [batch, head,
-    seq, head_dim] (the piece's k/v: the caller writes row b's first lengths[b] into its window,
-    ``runtime.slots``), state_S_out.i, state_new_h.i, state_new_F.i (the chunks the piece closed).
+    piece_rows, head_dim] (the piece's k/v from row s = max(0, min(lengths) - window) on, the rows a
+    window can still hold: the caller writes them into the rows' windows, ``runtime.slots``), state_S_out.i, state_new_h.i, state_new_F.i (the chunks the piece closed).
     """
     from onnx import TensorProto, helper
 
@@ -308,7 +308,7 @@ def extend_graph(model, spec: ExportSpec, sink=None):
               helper.make_tensor_value_info(state.LOGIT_ROWS, TensorProto.INT64, ["rows"])]
     inputs += _state_infos(st, state.CARRIED)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["rows", cfg.vocab_size])]
-    return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True, seq="seq")
+    return g, inputs, outputs + _state_infos(st, state.EXTEND_OUT, out=True, seq="piece_rows")
 
 
 def _full_attention(g: Graph, q, k, v, T, d):

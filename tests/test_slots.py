@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bsbr_export.runtime.slots import slide, write_piece, write_rows
+from bsbr_export.runtime.slots import piece_rows_from, slide, write_piece, write_rows
 
 H, D = 2, 3
 
@@ -22,8 +22,9 @@ def expected_window(X, held: int, chunk: int, lookback: int) -> np.ndarray:
 @pytest.mark.parametrize("chunk", [4, 5])
 def test_pieces_of_every_size_fill_the_window_as_one_prompt_would(chunk, lookback):
     """Two rows take random pieces (0 to 3 chunks and a bit, lengths not multiples of the chunk)
-    side by side; after every piece each row's window equals the one its tokens so far define,
-    including zeros in the slots of tokens it does not hold yet."""
+    side by side, given only the piece's rows a window can hold (``piece_rows_from``, as the
+    extend graph returns them); after every piece each row's window equals the one its tokens so
+    far define, including zeros in the slots of tokens it does not hold yet."""
     rng = np.random.default_rng(chunk * 10 + lookback)
     n = 60
     X = rng.standard_normal((2, H, n, D)).astype(np.float32)  # each row's tokens' k (or v) rows
@@ -36,7 +37,8 @@ def test_pieces_of_every_size_fill_the_window_as_one_prompt_would(chunk, lookbac
         piece = np.full((2, H, T, D), np.nan, np.float32)  # padding past a row's length must never be read
         for i in range(2):
             piece[i, :, :lengths[i]] = X[i, :, held[i]:held[i] + lengths[i]]
-        write_piece(bufs, [piece], np.array([0, 1]), held, lengths, chunk, lookback)
+        s = piece_rows_from(lengths, W)  # the rows the extend graph returns
+        write_piece(bufs, [piece[:, :, s:]], np.array([0, 1]), held, lengths, chunk, lookback)
         held += lengths
         for i in range(2):
             np.testing.assert_array_equal(bufs[0][i], expected_window(X[i], int(held[i]), chunk, lookback))
@@ -57,5 +59,13 @@ def test_token_by_token_with_slides_equals_pieces(lookback):
         if p % chunk == chunk - 1:
             slide(by_token, 0, chunk, lookback)
         at_once = [np.zeros((1, H, W, D), np.float32)]
-        write_piece(at_once, [X[None, :, :p + 1]], np.array([0]), np.array([0]), np.array([p + 1]), chunk, lookback)
+        s = piece_rows_from(np.array([p + 1]), W)
+        write_piece(at_once, [X[None, :, s:p + 1]], np.array([0]), np.array([0]), np.array([p + 1]), chunk, lookback)
         np.testing.assert_array_equal(by_token[0], at_once[0], err_msg=f"after token {p}")
+
+
+def test_piece_rows_from_keeps_every_row_a_window_holds():
+    """The first returned row is the shortest row's length less the window, never negative."""
+    assert piece_rows_from(np.array([5, 3]), 8) == 0
+    assert piece_rows_from(np.array([30, 12]), 8) == 4
+    assert piece_rows_from(np.array([9]), 8) == 1

@@ -114,8 +114,10 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
 
     fresh = lambda: _fresh_prompt(g, W, cfg, p, xa, q, k, v, ctx, own, U5)  # noqa: E731
     outs = g.if_else(ctx["fresh"], fresh, general) if "fresh" in ctx else general()
-    # The piece's own k/v rows: the caller writes them into the row's window (``runtime.slots``).
-    for n, val in zip((ROW_K, ROW_V, S, NEW_H, NEW_F), [k, v, *outs[1:]]):
+    # The piece's own k/v rows from ``rows_from`` on (those a window can still hold): the caller
+    # writes them into the row's window (``runtime.slots``).
+    rows = [g.op("Slice", t_, ctx["rows_from"], g.const([2 ** 62]), g.const([2])) for t_ in (k, v)]
+    for n, val in zip((ROW_K, ROW_V, S, NEW_H, NEW_F), [*rows, *outs[1:]]):
         states[n].append(val)
     return outs[0]
 
@@ -169,6 +171,10 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
     jcap = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", cap, zero), g.const(1)), zero)  # (1, cap)
     Tm1 = g.op("Sub", T, one)
     ctx = dict(T=T, Cc=Cc, Tc=Tc, Lc=Lc, c=c, m=m)
+    # The first of the piece's rows that a row's window can hold after it: its last (n + 1) L
+    # rows lie at or after the shortest row's length - (n + 1) L (``runtime.slots.piece_rows_from``).
+    ctx["rows_from"] = g.op("Max", g.op("Sub", g.op("ReduceMin", lengths, keepdims=1), g.const([(n + 1) * L])),
+                            g.const([0]))  # (1,)
     ctx["src"] = g.op("Min", g.op("Max", g.op("Sub", tc, col(pre)), g.const(0)), Tm1)  # (B, Tc): token of each slot
     t = g.op("Unsqueeze", g.op("Range", g.const(0), g.op("Squeeze", T, zero), g.const(1)), zero)  # (1, T)
     ctx["positions"] = g.op("Add", col(position), t)  # (B, T): the new tokens'

@@ -14,8 +14,8 @@ and, between the per-token graph and the chunk-closing graph only,
 The per-token graph reads k, v and S and returns the token's own k/v row per layer
 (``state_row_k``/``state_row_v`` [batch, head, 1, head_dim]), which the caller writes at the
 row's slot: nothing else of the state moves. The extend graph (prompts, pieces) likewise returns
-the piece's k/v rows (``state_row_k``/``state_row_v`` [batch, head, seq, head_dim]) and not the
-window: the caller writes them at their slots, moving the window on where the piece closes
+the piece's k/v rows (``state_row_k``/``state_row_v`` [batch, head, piece_rows, head_dim]: those
+from ``runtime.slots.piece_rows_from`` on, which a window can still hold) and not the window: the caller writes them at their slots, moving the window on where the piece closes
 chunks (``runtime.slots``). The chunk-closing graph runs for the closing rows
 only and returns the next S and the closed chunk (``state_new_h``, ``state_new_F``) for the
 caller to bank.
@@ -54,7 +54,7 @@ import numpy as np
 #    token's k/v row (state_row_k/v) for the caller to write at its slot, and no longer returns
 #    the open chunk; the chunk-closing graph reads K/V, xa and the banks and returns the next S and
 #    the closed chunk (the caller slides a look-back window).
-# 5: the extend graph returns the piece's k/v rows (state_row_k/v, [batch, head, seq, head_dim])
+# 5: the extend graph returns the piece's k/v rows (state_row_k/v, [batch, head, piece_rows, head_dim])
 #    in place of the K/V window after the piece; the caller writes them into the window.
 FORMAT = 5
 

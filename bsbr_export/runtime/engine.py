@@ -38,7 +38,7 @@ from ..ops import state as S
 from ..util import release_free_memory
 from .joined import FLAG, idle_inputs, joined_model, shared_weights
 from .prefix import PREFILL_TOKENS, next_pieces
-from .slots import slide, write_piece, write_rows
+from .slots import piece_rows_from, slide, write_piece, write_rows
 from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
@@ -359,7 +359,8 @@ class Engine:
         ins |= self._layers(S.BANKED.values(), lambda n: banks[n])
         # S after the piece, and the piece's own k/v rows (the engine writes them into the window).
         outs = {S.S: [np.empty(sp.layer_shape(S.S, B), dtype=np.float32) for _ in range(sp.layer)]}
-        outs |= {n: [np.empty((B, sp.head, ids.shape[1], sp.head_dim), np.float32) for _ in range(sp.layer)]
+        n_rows = ids.shape[1] - piece_rows_from(lengths, sp.window)  # those a window can hold
+        outs |= {n: [np.empty((B, sp.head, n_rows, sp.head_dim), np.float32) for _ in range(sp.layer)]
                  for n in (S.ROW_K, S.ROW_V)}
         feed, logits, counts = scoring.logit_rows(self, lengths, ids.shape[1], every)
         io = self.sessions["extend"].io_binding()

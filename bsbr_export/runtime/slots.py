@@ -28,17 +28,26 @@ def write_rows(buffers, rows, act, slot) -> None:
         buf.reshape(B * H, N, d)[bh, at] = row.reshape(B * H, d)[bh]
 
 
+def piece_rows_from(lengths, window: int) -> int:
+    """The first row of a piece (rows ``lengths``, padded to the longest) that any row's window
+    can hold after it: a row keeps at most its last ``window`` tokens, and the shortest row's
+    last ``window`` start earliest. The extend graph returns its k/v rows from there on."""
+    return max(0, int(np.min(lengths)) - window)
+
+
 def write_piece(buffers, pieces, rows, position, lengths, chunk: int, lookback: int) -> None:
-    """Each (buffer (batch, H, window, d), piece (len(rows), H, T, d)) pair: row ``rows[i]``,
-    which held ``position[i]`` tokens, takes the piece's first ``lengths[i]`` rows as its next
-    tokens. Where the piece closes chunks the window moves on: it then holds the last chunks of
-    what the row held and the piece, and zeros after them."""
+    """Each (buffer (batch, H, window, d), piece (len(rows), H, T - s, d)) pair, where the piece
+    holds rows s = ``piece_rows_from`` on: row ``rows[i]``, which held ``position[i]`` tokens,
+    takes the piece's first ``lengths[i]`` rows as its next tokens. Where the piece closes
+    chunks the window moves on: it then holds the last chunks of what the row held and the
+    piece, and zeros after them."""
+    s = piece_rows_from(lengths, (lookback + 1) * chunk)
     for i, r in enumerate(np.asarray(rows).tolist()):
         p, t = int(position[i]), int(lengths[i])
         e = p + t
         lo_old, lo_new = (p // chunk - lookback) * chunk, (e // chunk - lookback) * chunk
         for buf, piece in zip(buffers, pieces):
-            if lo_new == lo_old:  # no chunk closes: the piece's rows at their slots
+            if lo_new == lo_old:  # no chunk closes: the piece's rows at their slots (then t <= window: s = 0)
                 buf[r, :, p - lo_old:e - lo_old] = piece[i, :, :t]
                 continue
             win = np.zeros(buf.shape[1:], buf.dtype)
@@ -46,7 +55,7 @@ def write_piece(buffers, pieces, rows, position, lengths, chunk: int, lookback: 
             if keep < p:
                 win[:, keep - lo_new:p - lo_new] = buf[r, :, keep - lo_old:p - lo_old]
             first = max(p, lo_new)
-            win[:, first - lo_new:e - lo_new] = piece[i, :, first - p:t]
+            win[:, first - lo_new:e - lo_new] = piece[i, :, first - p - s:t - s]
             buf[r] = win
 
 
