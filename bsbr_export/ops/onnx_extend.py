@@ -149,13 +149,16 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
     # starts at the row's chunk base = m - s, and its first ``pre`` slots come from the state.
     s_b = g.op("Min", m, g.const(n)) if n else None
     pre = g.op("Add", c, g.op("Mul", s_b, g.const(L))) if n else c  # (B,)
-    # Chunks of the combined sequence: as many as its longest row fills (a fresh prompt of L
-    # tokens is one chunk), and with look-back, once a row holds a closed chunk (e = 1), n more,
-    # so that Cc - n e chunks from each row's open chunk on hold every chunk the piece closes.
     span = g.op("ReduceMax", g.op("Add", pre, lengths), keepdims=1)  # (1,)
     e = g.op("Min", g.op("ReduceMax", m, keepdims=1), g.const([1])) if n else g.const([0])  # (1,)
     ne = g.op("Mul", e, g.const([n]))
-    Cc = g.op("Add", g.op("Div", g.op("Add", span, g.const([L - 1])), g.const([L])), ne)
+    ceil_div = lambda t: g.op("Div", g.op("Add", t, g.const([L - 1])), g.const([L]))  # noqa: E731
+    # Chunks of the combined sequence: as many as its longest row fills (a fresh prompt of L
+    # tokens is one chunk), and with look-back, once a row holds a closed chunk (e = 1), at least
+    # n more than the longest run from a row's open chunk on, so that Cc - n e chunks from each
+    # row's open chunk on hold every chunk the piece closes (a held row whose piece stays in its
+    # open chunk: its previous chunk and the open one).
+    Cc = g.op("Max", ceil_div(span), g.op("Add", ceil_div(g.op("ReduceMax", g.op("Add", c, lengths), keepdims=1)), ne))
     # The combined chunk length: L, or, when the piece and the open chunks fit in one chunk (no row
     # closes one, none holds a previous chunk), just the span, so a short prompt attends over its
     # own tokens and not L (look-back: 2 L) slots.
