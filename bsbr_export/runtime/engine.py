@@ -44,7 +44,8 @@ from . import scoring
 GRAPHS = ("extend", "decode", "close")
 # Pieces of at most this many tokens on rows that hold tokens run as per-token steps: the extend
 # graph attends over each row's combined sequence (the held look-back window and open chunk, then
-# the piece), 90-150 ms at GPT-2 small whatever the piece, against ~20 ms per step.
+# the piece), 90-150 ms at GPT-2 small whatever the piece, against ~20 ms per step. (A fresh
+# one-token prompt too: one step, ~15% less than the graph's short-prompt path.)
 STEP_PIECES = 4
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
@@ -335,7 +336,7 @@ class Engine:
         seqs = [self._check_ids(x) for x in ids_list]
         lengths = np.array([len(x) for x in seqs], dtype=np.int64)
         self._check_room(st, rows, lengths)
-        if lengths.max() <= STEP_PIECES and (st.positions[rows] > 0).any() and not np.any(every):
+        if lengths.max() <= (STEP_PIECES if st.positions[rows].any() else 1) and not np.any(every):
             return self._extend_by_steps(st, rows, seqs, every)
         B, L, sp = len(rows), self.chunk, self.spec
         ids = np.zeros((B, int(lengths.max())), dtype=np.int64)
