@@ -4,8 +4,9 @@ What a user of ``load(DIR)`` or ``serve DIR`` waits for before the first token o
 prompt: ``Engine.extend`` of the prompt into an empty row, then the argmax of its logits.
 The baseline is what the user would run instead: HF ``GPT2LMHeadModel`` exported by
 ``torch.onnx.export(..., dynamo=True)`` (``bsbr_export.bench.hf_export``), its prefill of the
-same prompt in ONNX Runtime with the same threads, then the same argmax. Both run in one
-process, alternating call by call (median of ``--runs``), on a GPT-2-small-shaped model with
+same prompt in ONNX Runtime with the same threads, then the same argmax. They run alternating
+call by call in each of two fresh processes that make them in opposite orders (median of
+2 x ``--runs``), on a GPT-2-small-shaped model with
 random weights (``scripts/make_random_gpt2.py``) exported for ``--max-seq-len`` tokens.
 
     python scripts/bench_ttft.py WORKDIR [--lengths 1,32,128] [--max-seq-len 8192] [--runs 9]
@@ -40,7 +41,13 @@ def prepare(work: Path, max_len: int, log) -> tuple[Path, Path]:
     return bsbr, base / "model.onnx"
 
 
-def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack) -> list[dict]:
+NAMES = ("bsbr", "separate", "hf")
+
+
+def timed_calls(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack, reverse: bool) -> dict:
+    """{T: {name: [ms of each timed call]}} for the three in one process, made in the order of
+    ``NAMES`` (``reverse``: the opposite order; a session made first can run ~10% slower), each
+    round starting at the next one."""
     from bsbr_export.bench.profile import QUIET
     from bsbr_export.runtime.engine import Engine
     from bsbr_export.runtime.runners import session_from_onnx
@@ -48,28 +55,43 @@ def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack
     # The engine as load(DIR) makes it (the prompt and per-token graphs in one session), and with
     # the two in sessions of their own (``join=False``: the prompt graph then runs unpacked); three
     # sessions timed in turn, so none spins (``QUIET``).
-    engines = {"bsbr": Engine(bsbr, threads=threads, prepack=prepack, session_options=QUIET),
-               "separate": Engine(bsbr, threads=threads, prepack=prepack, join=False, session_options=QUIET)}
-    hf = session_from_onnx(hf_onnx, threads, config=QUIET)
+    make = {"bsbr": lambda: Engine(bsbr, threads=threads, prepack=prepack, session_options=QUIET),
+            "separate": lambda: Engine(bsbr, threads=threads, prepack=prepack, join=False, session_options=QUIET),
+            "hf": lambda: session_from_onnx(hf_onnx, threads, config=QUIET)}
+    names = list(NAMES[::-1] if reverse else NAMES)
+    made = {n: make[n]() for n in names}
     rng = np.random.default_rng(0)
-    rows = []
+    out = {}
     for T in lengths:
-        ids = rng.integers(0, engines["bsbr"].vocab_size, T)
+        ids = rng.integers(0, made["bsbr"].vocab_size, T)
 
         def first(eng):
             return lambda: int(eng.extend(eng.new_state(1), [0], [ids])[0].argmax())
 
         def hf_first():
-            return int(hf.run(["logits"], {"input_ids": ids[None]})[0][0, -1].argmax())
+            return int(made["hf"].run(["logits"], {"input_ids": ids[None]})[0][0, -1].argmax())
 
-        fns = {name: first(eng) for name, eng in engines.items()} | {"hf": hf_first}
+        fns = {"bsbr": first(made["bsbr"]), "separate": first(made["separate"]), "hf": hf_first}
         times = {name: [] for name in fns}
         for i in range(runs + 2):
-            for name, fn in fns.items():
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
                 t0 = time.perf_counter()
-                fn()
+                fns[name]()
                 if i >= 2:
                     times[name].append((time.perf_counter() - t0) * 1e3)
+        out[T] = times
+    return out
+
+
+def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack) -> list[dict]:
+    """``timed_calls`` in two fresh processes, one per construction order, their rounds pooled."""
+    from bsbr_export.bench.jobs import in_fresh_process
+
+    both = [in_fresh_process(timed_calls, bsbr, hf_onnx, lengths, runs, threads, prepack, rev) for rev in (False, True)]
+    rows = []
+    for T in lengths:
+        times = {n: both[0][T][n] + both[1][T][n] for n in NAMES}
         rows.append({"T": T} | {k: float(np.median(v)) for k, v in times.items()}
                     | {"paired": float(np.median(np.array(times["bsbr"]) / np.array(times["hf"])))})
         print(f"T={T}: BSBR {rows[-1]['bsbr']:.1f} ms (separate sessions {rows[-1]['separate']:.1f}), HF export "
@@ -110,8 +132,9 @@ def main(argv=None) -> None:
              f"`Engine.extend` into an empty row + argmax (what `load(DIR)` and `serve` do first: the prompt and "
              f"per-token graphs in one ORT session); BSBR, separate sessions: the same with `Engine(join=False)`, "
              f"the prompt graph in a session of its own; HF: HF GPT-2 "
-             f"exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; one process, alternating, median "
-             f"of {a.runs}, ORT thread spinning off in every session (the idle sessions' threads would spin through "
+             f"exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; the three alternating call by call, "
+             f"each round starting at the next, in each of two fresh processes that make them in opposite orders (a "
+             f"session made first can run ~10% slower), rounds pooled: median of {2 * a.runs}, ORT thread spinning off in every session (the idle sessions' threads would spin through "
              f"the running one's calls); Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
              f"{machine_line()}.", "",
              markdown_table(["prompt tokens", "BSBR ms", "BSBR, separate sessions ms", "HF export ms", "BSBR / HF",
