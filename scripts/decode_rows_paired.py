@@ -235,7 +235,8 @@ def main(argv=None) -> None:
     cmd = shlex.join(["python", "scripts/decode_rows_paired.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
         ("## Decode targets: BSBR, the dense floor and a KV cache, timed in pairs" if a.kv else
-         f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs"), "",
+         f"## Decode: a step of {a.rows} rows against a step of one row, timed in pairs")
+        + (f" (conversion {a.conversion})" if a.conversion else ""), "",  # its own heading: RESULTS.md's anchors
         f"`{cmd}`: GPT-2 small shape, random weights, fp32, the BSBR export of `bench_decode_batch.py` (its "
         f"conversion: {a.conversion or 'the default'}); one engine, a 1-row and a {a.rows}-row state of "
         f"{a.context} tokens each, stepped in turn, {a.steps} rounds after {a.warmup}, in each of two fresh processes "

@@ -135,17 +135,28 @@ def fragments(results: Path) -> list[Path]:
     return ordered + list(have.values()) + last
 
 
+def plain_headings(paths) -> dict[str, str]:
+    """{heading: the fragment that keeps it as it is}: of fragments under one heading, the one
+    with the shortest name (the document: "decode-memory", not "decode-memory-chunk"), whose
+    anchor the summary reads; the others are named by their fragment."""
+    keeps = {}
+    for p in paths:
+        heading = p.read_text().strip().partition("\n")[0]
+        if heading not in keeps or len(p.stem) < len(keeps[heading]):
+            keeps[heading] = p.stem
+    return keeps
+
+
 def assemble(results: Path, out: Path) -> Path:
     title, _, rest = INTRO.partition("\n\n")
-    parts, seen = [rest], set()
+    parts, keeps = [rest], plain_headings(fragments(results))
     for p in fragments(results):
         text = p.read_text().strip()
-        # A later run of the same benchmark (a recheck) is named by its fragment, so that two
-        # sections never share a title.
+        # Another run of the same script (a recheck, other options) is named by its fragment, so
+        # that two sections never share a title.
         heading, _, body = text.partition("\n")
-        if heading in seen:
+        if keeps.get(heading) != p.stem:
             text = f"{heading} ({p.stem})\n{body}"
-        seen.add(heading)
         # Fragments link figures relative to docs/; RESULTS.md lives in docs/ too.
         parts.append(text)
     body = "\n\n".join(parts)

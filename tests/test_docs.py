@@ -89,6 +89,26 @@ def test_results_summary_is_filled_from_the_sections_below_it():
     assert "{{" not in summary and summary == fill(template, doc).strip()  # the figures are the tables'
 
 
+def test_fragments_under_one_heading_leave_it_to_the_document():
+    """Fragments under one heading (a script run again with other options): the one with the
+    shortest name keeps the plain heading, whose anchor the summary reads; RESULTS.md names the
+    others by their fragment."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_results import fragments, plain_headings
+
+    paths = fragments(ROOT / "docs" / "results")
+    keeps = plain_headings(paths)
+    shared = {}
+    for p in paths:
+        shared.setdefault(p.read_text().strip().partition("\n")[0], []).append(p.stem)
+    shared = {h: stems for h, stems in shared.items() if len(stems) > 1}
+    assert shared  # the benchmark and its recheck, decode-memory and its chunk variant, ...
+    doc = (ROOT / "docs" / "RESULTS.md").read_text().splitlines()
+    for heading, stems in shared.items():
+        assert keeps[heading] == min(stems, key=len)
+        assert doc.count(heading) == 1 and all(f"{heading} ({s})" in doc for s in stems if s != keeps[heading])
+
+
 def test_each_summary_number_stands_in_its_section():
     doc = (ROOT / "docs" / "RESULTS.md").read_text()
     secs = sections(doc)
