@@ -327,3 +327,23 @@ def test_bad_input_fails_before_ort(engine):
     assert (st.positions == 0).all()  # nothing ran
     with pytest.raises(InputError, match="not available"):
         check_providers(["NoSuchExecutionProvider"])
+
+
+def test_a_few_tokens_on_held_rows_run_as_steps_only_in_a_small_state(engine, heldout_ids, monkeypatch):
+    """A piece of a few tokens on a held row runs as per-token steps while the state is small (a
+    step computes every row of it), through the extend graph in a large state; both give the
+    logits of the same tokens fed whole."""
+    from bsbr_export.runtime import engine as eng_mod
+
+    ids = np.asarray(heldout_ids[:L + 7], dtype=np.int64)
+    whole = engine.extend(engine.new_state(1), [0], [ids])[0]
+    steps = []
+    real = Engine.decode
+    monkeypatch.setattr(Engine, "decode", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+    for batch, expect in ((1, 3), (eng_mod.STEP_ROWS, 0)):
+        st = engine.new_state(batch)
+        engine.extend(st, [0], [ids[:L + 4]])
+        steps.clear()
+        out = engine.extend(st, [0], [ids[L + 4:]])[0]  # 3 tokens on a held row
+        assert len(steps) == expect, (batch, steps)
+        np.testing.assert_allclose(out, whole, atol=2e-4, rtol=0)

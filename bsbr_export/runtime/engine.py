@@ -10,8 +10,8 @@ holds a batch of sequences (``ops.state``, format 5: every tensor per layer, bat
   returns each row's new k/v row, which the engine writes at the row's slot (a few hundred bytes
   per row and layer): the state is never copied through a graph, and rows a step does not touch
   keep their bytes. A prompt piece (the extend graph) returns its tokens' k/v rows the same way
-  (``slots.write_piece`` puts them in the window). (An input is never bound as an output: ORT documents no aliasing between
-  them, so the one write the step needs is the engine's.)
+  (``slots.write_piece`` puts them in the window). (An input is never bound as an output: ORT
+  documents no aliasing between them, so the one write the step needs is the engine's.)
 - each row's bank of closed chunks, one array per row that grows with the chunks it closes
   (to a power of two of chunks, at most the export's capacity), so memory follows what the rows hold, not
   ``batch x capacity``. Where the retrieval stops (``retrieval_until``), the bank keeps only the
@@ -42,11 +42,12 @@ from .slots import piece_rows_from, slide, write_piece, write_rows
 from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
-# Pieces of at most this many tokens on rows that hold tokens run as per-token steps: the extend
-# graph attends over each row's combined sequence (the held look-back window and open chunk, then
-# the piece), 90-150 ms at GPT-2 small whatever the piece, against ~20 ms per step. (A fresh
-# one-token prompt too: one step, ~15% less than the graph's short-prompt path.)
-STEP_PIECES = 4
+# Pieces of at most STEP_PIECES tokens on held rows run as per-token steps: the extend graph
+# attends over each row's combined sequence (held look-back window, open chunk, piece), 90-150 ms
+# at GPT-2 small whatever the piece, against ~20 ms for a one-row step; a step computes every row
+# of the state (~1.7 ms more per row), so only while tokens x rows <= STEP_ROWS. (A fresh
+# one-token prompt in a one-row state too: ~15% less than the graph's short-prompt path.)
+STEP_PIECES, STEP_ROWS = 4, 16
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
 PRECISION_ENGINE = {"fp32": "the main command", "fp16": "--engine fp16", "int8": "--engine int8"}
@@ -336,7 +337,8 @@ class Engine:
         seqs = [self._check_ids(x) for x in ids_list]
         lengths = np.array([len(x) for x in seqs], dtype=np.int64)
         self._check_room(st, rows, lengths)
-        if lengths.max() <= (STEP_PIECES if st.positions[rows].any() else 1) and not np.any(every):
+        steps = int(lengths.max()) * st.batch <= (STEP_ROWS if st.positions[rows].any() else 1)
+        if steps and lengths.max() <= STEP_PIECES and not np.any(every):
             return self._extend_by_steps(st, rows, seqs, every)
         B, L, sp = len(rows), self.chunk, self.spec
         ids = np.zeros((B, int(lengths.max())), dtype=np.int64)
@@ -393,7 +395,7 @@ class Engine:
         return logits if every is None else scoring.split_rows(logits, counts, every)
 
     def _extend_by_steps(self, st: State, rows, seqs, every):
-        """``extend`` of a few tokens per row as per-token steps (``STEP_PIECES``)."""
+        """``extend`` of a few tokens per row as per-token steps (``STEP_PIECES``, ``STEP_ROWS``)."""
         tokens, last = np.zeros(st.batch, np.int64), np.empty((len(rows), self.vocab_size), np.float32)
         for j in range(max(len(x) for x in seqs)):
             now = [(i, r) for i, r in enumerate(rows) if j < len(seqs[i])]
