@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import json
+import os
 import shutil
 import signal
 import socket
@@ -311,7 +312,8 @@ def main(argv=None) -> dict:
               "requests_per_stream": a.requests, "export": str(export_dir), "long_export": str(long_dir),
               "max_seq_len": int(read_metadata(Path(export_dir) / "extend.onnx")["max_seq_len"]),
               "levels": [], "long_prompt": [], "engine_costs": [], "memory": memory_rows(long_dir),
-              "note": "2 shared CPU cores, other jobs running: timings are noisy; compare within one run."}
+              "note": f"load average {os.getloadavg()[0]:.2f} at the start (what else ran on the machine); timings on "
+                      f"shared cores vary from run to run: compare within one run."}
     t_all = time.monotonic()
     for length in lengths:
         prompts = prompts_of(length, 64, vocab, seed=length)
