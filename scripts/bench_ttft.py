@@ -134,8 +134,9 @@ def main(argv=None) -> None:
              f"the prompt graph in a session of its own; HF: HF GPT-2 "
              f"exported by `torch.onnx.export(dynamo=True)`, its prefill + argmax; the three alternating call by call, "
              f"each round starting at the next, in each of two fresh processes that make them in opposite orders (a "
-             f"session made first can run ~10% slower), rounds pooled: median of {2 * a.runs}, ORT thread spinning off in every session (the idle sessions' threads would spin through "
-             f"the running one's calls); Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
+             f"session made first can run ~10% slower), rounds pooled: median of {2 * a.runs}, ORT thread "
+             f"spinning off in every session (the idle sessions' threads would spin through the running one's "
+             f"calls); Engine prepack `{a.prepack}`; onnxruntime {ort.__version__}, {a.threads} threads; "
              f"{machine_line()}.", "",
              markdown_table(["prompt tokens", "BSBR ms", "BSBR, separate sessions ms", "HF export ms", "BSBR / HF",
                              "BSBR / HF, median of the rounds' ratios", "separate / HF"],

@@ -96,9 +96,9 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
         SZ = g.op("Reshape", SZ, g.const([0, H, -1, dp, dc]))  # (B, H, Cc, d', dc)
         SZ = g.op("Where", ctx["first_chunk"], g.op("Unsqueeze", own[S], g.const([2])), SZ)
         o = fused_chunk_attention(g, W, cfg, p, q, k, v, SZ, U5)
-        # S of the new open chunk (retrieved from the bank with the closed chunks written in, built
-        # here for this retrieval only). S of the next chunk: retrieval from the bank's chunks before its window and the chunks the
-        # piece closed before it, again as two terms (the bank read in place).
+        # S of the new open chunk, retrieved from the bank with the closed chunks written in (built
+        # here for this retrieval only): from the bank's chunks before its window and the chunks
+        # the piece closed before it, again as two terms (the bank read in place).
         r_last = gather_rows(g, rp, ctx["closing_chunk"], heads=True)  # (B, H, 1, d)
         sc = g.op("Mul", g.op("Concat", g.op("MatMul", r_last, g.op("Transpose", own[BANK_H], perm=[0, 1, 3, 2])),
                               g.op("MatMul", r_last, g.op("Transpose", h_new, perm=[0, 1, 3, 2])), axis=-1),
@@ -158,7 +158,8 @@ def extend_context(g: Graph, cfg, ids, lengths, position, bank_h, short_prompts:
     # n more than the longest run from a row's open chunk on, so that Cc - n e chunks from each
     # row's open chunk on hold every chunk the piece closes (a held row whose piece stays in its
     # open chunk: its previous chunk and the open one).
-    Cc = g.op("Max", ceil_div(span), g.op("Add", ceil_div(g.op("ReduceMax", g.op("Add", c, lengths), keepdims=1)), ne))
+    run = g.op("ReduceMax", g.op("Add", c, lengths), keepdims=1)  # (1,): the longest from an open chunk's start
+    Cc = g.op("Max", ceil_div(span), g.op("Add", ceil_div(run), ne))
     # The combined chunk length: L, or, when the piece and the open chunks fit in one chunk (no row
     # closes one, none holds a previous chunk), just the span, so a short prompt attends over its
     # own tokens and not L (look-back: 2 L) slots.

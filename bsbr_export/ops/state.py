@@ -15,10 +15,10 @@ The per-token graph reads k, v and S and returns the token's own k/v row per lay
 (``state_row_k``/``state_row_v`` [batch, head, 1, head_dim]), which the caller writes at the
 row's slot: nothing else of the state moves. The extend graph (prompts, pieces) likewise returns
 the piece's k/v rows (``state_row_k``/``state_row_v`` [batch, head, piece_rows, head_dim]: those
-from ``runtime.slots.piece_rows_from`` on, which a window can still hold) and not the window: the caller writes them at their slots, moving the window on where the piece closes
-chunks (``runtime.slots``). The chunk-closing graph runs for the closing rows
-only and returns the next S and the closed chunk (``state_new_h``, ``state_new_F``) for the
-caller to bank.
+from ``runtime.slots.piece_rows_from`` on, which a window can still hold) and not the window:
+the caller writes them at their slots, moving the window on where the piece closes chunks
+(``runtime.slots``). The chunk-closing graph runs for the closing rows only and returns the
+next S and the closed chunk (``state_new_h``, ``state_new_F``) for the caller to bank.
 
 With the look-back local window (``BSBRConfig.local_window == "lookback"``) ``state_k``/``state_v``
 hold ``window`` = (1 + lookback) x chunk rows instead of ``chunk``: the previous chunk's
