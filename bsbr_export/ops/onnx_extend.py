@@ -61,7 +61,14 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
     own = {n: state_in[n][ctx["layer"]] for n in CARRIED_NAMES}  # this layer's inputs
     U5 = None if cfg.compression is None else g.op("Unsqueeze", W(p + "attn.U"), g.const([0, 2]))  # (1,H,1,d,d')
 
+    # The piece's own k/v rows from ``rows_from`` on (those a window can still hold), for the caller
+    # to write into the row's window (``runtime.slots``): taken inside each branch, so that the
+    # layer's k and v are not kept alive past it (ORT may run a node that only feeds an output late).
+    piece_rows = lambda: [g.op("Slice", t_, ctx["rows_from"], g.const([2 ** 62]), g.const([2]))  # noqa: E731
+                          for t_ in (k, v)]
+
     def general(q=q, k=k, v=v):
+        rows = piece_rows()
         q, k, v = (gather_rows(g, t_, ctx["src"], heads=True) for t_ in (q, k, v))  # (B, H, Tc, d): combined
         # The open chunk's keys and values (look-back: and the previous chunk's) come from the state.
         if cfg.lookback:
@@ -110,14 +117,14 @@ def extend_layer(g: Graph, W, cfg, p, xa, q, k, v, ctx, state_in, states):
             h_new = gather_rows(g, h_new, ctx["new_out"], heads=True)
             F_new = gather_rows(g, F_new, ctx["new_out"], heads=True, rank=5)
         # h, F: (B, H, Cc, ...): chunks m .. m_new - 1 are the closed ones; o: the new tokens' rows (B, H, T, d)
-        return [gather_rows(g, o, ctx["dst"], heads=True), S_out, h_new, F_new]
+        return [gather_rows(g, o, ctx["dst"], heads=True), *rows, S_out, h_new, F_new]
 
-    fresh = lambda: _fresh_prompt(g, W, cfg, p, xa, q, k, v, ctx, own, U5)  # noqa: E731
+    def fresh():
+        o, *rest = _fresh_prompt(g, W, cfg, p, xa, q, k, v, ctx, own, U5)
+        return [o, *piece_rows(), *rest]
+
     outs = g.if_else(ctx["fresh"], fresh, general) if "fresh" in ctx else general()
-    # The piece's own k/v rows from ``rows_from`` on (those a window can still hold): the caller
-    # writes them into the row's window (``runtime.slots``).
-    rows = [g.op("Slice", t_, ctx["rows_from"], g.const([2 ** 62]), g.const([2])) for t_ in (k, v)]
-    for n, val in zip((ROW_K, ROW_V, S, NEW_H, NEW_F), [*rows, *outs[1:]]):
+    for n, val in zip((ROW_K, ROW_V, S, NEW_H, NEW_F), outs[1:]):
         states[n].append(val)
     return outs[0]
 
