@@ -20,7 +20,7 @@ tensors, and a run feeds empty tensors for the inputs its branch does not read
 (``idle_inputs``). Optimum's merged decoders take the same If over shared initializers. The If
 costs a decode step about 1 ms (GPT-2 small, 256 tokens of context: 20.3 against 19.5 ms at one
 row, 44.5 against 43.9 at 16 rows; docs/results/decode-joined.md), where the prompt graph in a
-session of its own, unpacked, runs a fresh prompt of 32 or 128 tokens 25-36% slower (docs/results/ttft.md).
+session of its own, unpacked, runs a fresh prompt of 32 or 128 tokens 15-40% slower (docs/results/ttft.md).
 """
 
 from __future__ import annotations
