@@ -85,10 +85,10 @@ def timed_calls(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, pre
 
 
 def measure(bsbr: Path, hf_onnx: Path, lengths, runs: int, threads: int, prepack) -> list[dict]:
-    """``timed_calls`` in two fresh processes, one per construction order, their rounds pooled."""
-    from bsbr_export.bench.jobs import in_fresh_process
+    """``timed_calls`` in both construction orders (``bench.jobs.in_both_orders``), rounds pooled."""
+    from bsbr_export.bench.jobs import in_both_orders
 
-    both = [in_fresh_process(timed_calls, bsbr, hf_onnx, lengths, runs, threads, prepack, rev) for rev in (False, True)]
+    both = in_both_orders(timed_calls, bsbr, hf_onnx, lengths, runs, threads, prepack)
     rows = []
     for T in lengths:
         times = {n: both[0][T][n] + both[1][T][n] for n in NAMES}

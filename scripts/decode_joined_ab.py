@@ -28,13 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_batch import filled_state, prepare  # noqa: E402
 
 
-def steps_of(path: str, rows: int, context: int, steps: int, threads: int, spin: bool, separate_first: bool) -> dict:
-    """{"joined": ms per step, "separate": ...}: the two engines made in the given order, stepped
-    alternately, each round starting with the other engine than the round before."""
+def steps_of(path: str, rows: int, context: int, steps: int, threads: int, spin: bool, reverse: bool = False) -> dict:
+    """{"joined": ms per step, "separate": ...}: the two engines made in the given order (the
+    joined one first; ``reverse``: the separate one), stepped alternately, each round starting
+    with the other engine than the round before."""
+    from bsbr_export.bench.profile import QUIET
     from bsbr_export.runtime.engine import Engine
 
-    so = {} if spin else {"session.intra_op.allow_spinning": "0"}
-    order = ["separate", "joined"] if separate_first else ["joined", "separate"]
+    so = {} if spin else QUIET
+    order = ["separate", "joined"] if reverse else ["joined", "separate"]
     engines = {n: Engine(path, threads=threads, session_options=so, join=n == "joined") for n in order}
     rng = np.random.default_rng(0)
     states = {name: filled_state(eng, rows, context, rng, context + steps + 3) for name, eng in engines.items()}
@@ -49,11 +51,10 @@ def steps_of(path: str, rows: int, context: int, steps: int, threads: int, spin:
 
 
 def measure(path: str, rows: int, context: int, steps: int, threads: int, spin: bool = False) -> dict:
-    """``steps_of`` in two fresh processes that make the engines in opposite orders, pooled (made
-    first in a process, an engine can run ~10% slower: either order alone biases the ratio)."""
-    from bsbr_export.bench.jobs import in_fresh_process
+    """``steps_of`` in both construction orders (``bench.jobs.in_both_orders``), steps pooled."""
+    from bsbr_export.bench.jobs import in_both_orders
 
-    runs = [in_fresh_process(steps_of, path, rows, context, steps, threads, spin, first) for first in (False, True)]
+    runs = in_both_orders(steps_of, path, rows, context, steps, threads, spin)
     j, s = (np.concatenate([r[n] for r in runs]) for n in ("joined", "separate"))
     return {"rows": rows, "joined": float(np.median(j)), "separate": float(np.median(s)),
             "joined_mean": float(j.mean()), "separate_mean": float(s.mean()), "ratio": float(np.median(j / s))}

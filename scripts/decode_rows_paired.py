@@ -141,13 +141,10 @@ def summary(cases: dict, rows: int, context: int) -> dict:
 
 
 def measure_balanced(*args, **kw) -> dict:
-    """``measure`` in two fresh processes, one making the sessions in each order, their rounds
-    pooled. Made first in a process, a session stepped like the others can run up to ~10% slower
-    here (GPT-2 small, one row: the same export made twice in one process, stepped in turn, 0.88x
-    for the second), which would bias every ratio against whichever comes first."""
-    from bsbr_export.bench.jobs import in_fresh_process
+    """``measure`` in both construction orders (``bench.jobs.in_both_orders``), rounds pooled."""
+    from bsbr_export.bench.jobs import in_both_orders
 
-    runs = [in_fresh_process(measure, *args, **kw, reverse=reverse) for reverse in (False, True)]
+    runs = in_both_orders(measure, *args, **kw)
     cases = {k: np.concatenate([r["cases"][k] for r in runs]) for k in runs[0]["cases"]}
     return summary(cases, args[1], args[2])
 

@@ -60,6 +60,15 @@ def in_fresh_process(fn, *args, **kw):
         return pool.submit(fn, *args, **kw).result()
 
 
+def in_both_orders(fn, *args, **kw) -> list:
+    """[``fn(..., reverse=False)``, ``fn(..., reverse=True)``], each in a fresh process
+    (``in_fresh_process``): ``fn`` makes the sessions it compares in one order, or with
+    ``reverse`` in the other. A session made first in a process can run ~10% slower than one made
+    after it (GPT-2 small, one row: the same export made twice and stepped in turn, 0.88x for the
+    second), so a comparison pools the two runs."""
+    return [in_fresh_process(fn, *args, **kw, reverse=reverse) for reverse in (False, True)]
+
+
 def set_torch_threads(threads: int) -> None:
     import torch
 
