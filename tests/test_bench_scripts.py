@@ -121,3 +121,23 @@ def test_in_fresh_process_runs_elsewhere_and_returns():
 
     assert in_fresh_process(os.getpid) != os.getpid()
     assert in_fresh_process(divmod, 17, 5) == (3, 2)
+    from bsbr_export.bench.jobs import in_both_orders
+
+    assert in_both_orders(sorted, [3, 1, 2]) == [[1, 2, 3], [3, 2, 1]]  # reverse=False, then True
+
+
+def test_extend_pieces_reports_both_routes(exports):
+    """bench_extend_pieces: a held row takes pieces; a short piece in a small state goes by
+    per-token steps, a longer one (or one in a larger state) through the graph, and every time is
+    measured; the route switch is restored after the graph column."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_extend_pieces as bep
+
+    from bsbr_export.runtime import engine as eng_mod
+
+    rows = bep.measure(str(exports[0]), [40], [1, 5], [1, 16], 1, 1)
+    routes = {(r["rows"], r["piece"]): r["route"] for r in rows}
+    assert routes == {(1, 1): "per-token steps", (1, 5): "extend graph", (16, 1): "per-token steps",
+                      (16, 5): "extend graph"}
+    assert all(r[k] > 0 for r in rows for k in ("extend_ms", "graph_ms", "step_ms"))
+    assert eng_mod.STEP_PIECES == 3

@@ -43,11 +43,11 @@ from . import scoring
 
 GRAPHS = ("extend", "decode", "close")
 # Pieces of at most STEP_PIECES tokens on held rows run as per-token steps: the extend graph
-# attends over each row's combined sequence (held look-back window, open chunk, piece), 90-150 ms
-# at GPT-2 small whatever the piece, against ~20 ms for a one-row step; a step computes every row
-# of the state (~1.7 ms more per row), so only while tokens x rows <= STEP_ROWS. (A fresh
-# one-token prompt in a one-row state too: ~15% less than the graph's short-prompt path.)
-STEP_PIECES, STEP_ROWS = 4, 16
+# attends over each row's combined sequence (held look-back window, open chunk, piece), ~70 ms
+# at GPT-2 small for a piece of a few tokens, against ~20 ms for a one-row step; a step computes
+# every row of the state (~43 ms at 16 rows), so only while tokens x rows <= STEP_ROWS
+# (docs/results/extend-pieces.md). A fresh one-token prompt in a one-row state too (one step).
+STEP_PIECES, STEP_ROWS = 3, 16
 PRECISIONS = ("fp32", "fp16", "int8")
 # The command that writes a precision's graphs.
 PRECISION_ENGINE = {"fp32": "the main command", "fp16": "--engine fp16", "int8": "--engine int8"}
